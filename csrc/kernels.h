@@ -1,0 +1,35 @@
+// CPU kernels of the fused two-layer perceptron (README, "Math").
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+
+#include "problem.h"
+
+namespace fusedgrad {
+
+// Gradients in the order of the loss op's tensor arguments.
+enum LossInput { kX = 0, kW1, kB1, kW2, kB2, kTarget, kNumLossInputs };
+using LossGradMask = std::array<bool, kNumLossInputs>;
+
+struct LossAndGrads {
+  at::Tensor loss;                        // 0-dim
+  std::array<at::Tensor, kNumLossInputs> grads;  // empty (numel 0) where not requested
+};
+
+// L = c · Σ (s w2ᵀ + b2 − t)², s = act(x w1ᵀ + b1), and, in the same pass,
+// dL/d(input) for every input whose mask entry is true.
+LossAndGrads mlp_loss_and_grads_cpu(const Problem& p, Reduction reduction, const LossGradMask& need);
+
+// Prediction (shape (*, O)) and the saved activations s (N, H).
+std::array<at::Tensor, 2> mlp_forward_cpu(const Problem& p);
+
+// Gradients of Σ grad_out ⊙ pred for (x, w1, b1, w2, b2), given the saved s.
+enum MlpInput { kMx = 0, kMw1, kMb1, kMw2, kMb2, kNumMlpInputs };
+using MlpGradMask = std::array<bool, kNumMlpInputs>;
+std::array<at::Tensor, kNumMlpInputs> mlp_backward_cpu(
+    const Problem& p, const at::Tensor& grad_out, const at::Tensor& activations,
+    const MlpGradMask& need);
+
+}  // namespace fusedgrad

@@ -1,0 +1,13 @@
+// The Python extension module fusedgrad._C. Importing it runs the static
+// TORCH_LIBRARY registrations of the other translation units; the ops are then
+// reached through torch.ops.fusedgrad.
+#include <torch/extension.h>
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fusedgrad C++ core: registers the torch.ops.fusedgrad operators";
+#ifdef FUSEDGRAD_WITH_CUDA
+  m.attr("backends") = pybind11::make_tuple("cpu", "cuda");
+#else
+  m.attr("backends") = pybind11::make_tuple("cpu");
+#endif
+}

@@ -1,0 +1,20 @@
+"""fusedgrad: Linear → Sigmoid → Linear → squared loss, forward and hand-derived
+backward in one fused C++ pass.
+
+Three entry points:
+
+* :func:`mlp_loss` / :func:`mlp` — functional calls; ``loss.backward()`` works
+  through a C++ autograd node.
+* :class:`FusedMLP` — a drop-in ``nn.Module`` whose ``state_dict`` matches
+  ``Linear → Sigmoid → Linear``.
+* ``torch.ops.fusedgrad.*`` — the registered operators themselves.
+"""
+from . import _C  # noqa: F401  (loading the library registers torch.ops.fusedgrad)
+from .functional import mlp, mlp_loss
+from .module import FusedMLP
+
+#: Devices this build has kernels for, e.g. ("cpu",) or ("cpu", "cuda").
+backends = tuple(_C.backends)
+
+__all__ = ["mlp_loss", "mlp", "FusedMLP", "backends"]
+__version__ = "0.1.0"
