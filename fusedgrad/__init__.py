@@ -9,6 +9,8 @@ Three entry points:
   ``Linear → Sigmoid → Linear``.
 * ``torch.ops.fusedgrad.*`` — the registered operators themselves.
 """
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
 from . import _C  # noqa: F401  (loading the library registers torch.ops.fusedgrad)
 from .functional import mlp, mlp_loss
 from .module import FusedMLP

@@ -1,0 +1,34 @@
+# Two commands for a fresh machine (see README):
+#   make demo   — set everything up, then run the main job (python -m fusedgrad demo)
+#   make test   — set everything up, then run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fusedgrad-setup
+
+.PHONY: setup demo test bench build
+
+setup: $(STAMP)
+
+# torch is installed first and pinned, so no later step can make pip resolve
+# an unpinned (CUDA, multi-GB) torch; the extension is then built against it
+# without build isolation.
+$(STAMP): pyproject.toml setup.py requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+# Incremental rebuild of the C++ extension after editing csrc/.
+build: setup
+	$(BIN)/python setup.py --quiet build_ext --inplace
+
+demo: setup build
+	$(BIN)/python -m fusedgrad demo
+
+test: setup build
+	$(BIN)/python -m pytest -m "not slow" -q
+
+bench: setup build
+	$(BIN)/python -m fusedgrad bench
