@@ -1,0 +1,52 @@
+"""Native-autograd reference for fusedgrad, written the way a user would write it
+(F.linear, torch.sigmoid, F.linear, squared error), so every fused result has an
+independent counterpart computed by plain torch ops."""
+import torch
+import torch.nn.functional as F
+
+LOSS_ARGS = ("x", "w1", "b1", "w2", "b2", "target")
+
+
+def ref_mlp(x, w1, b1=None, w2=None, b2=None, *, activation="sigmoid"):
+    # x @ w1ᵀ then "+ b1" so any broadcastable bias shape works (F.linear wants (H,)).
+    h = torch.matmul(x, w1.t())
+    if b1 is not None:
+        h = h + b1
+    s = torch.sigmoid(h) if activation == "sigmoid" else h
+    if w2 is None:
+        return s
+    p = torch.matmul(s, w2.t())
+    if b2 is not None:
+        p = p + b2
+    return p
+
+
+def ref_mlp_loss(x, w1, b1=None, w2=None, b2=None, target=None, *, reduction="mean", activation="sigmoid"):
+    p = ref_mlp(x, w1, b1, w2, b2, activation=activation)
+    r = p if target is None else p - target
+    sq = r * r
+    return sq.sum() if reduction == "sum" else sq.mean()
+
+
+def grads_of(fn, tensors):
+    """Calls fn() → scalar, backpropagates, returns (value, [grad or None per tensor]), leaving .grad clean."""
+    for t in tensors:
+        if t is not None:
+            t.grad = None
+    out = fn()
+    out.backward()
+    grads = [None if t is None or t.grad is None else t.grad.clone() for t in tensors]
+    for t in tensors:
+        if t is not None:
+            t.grad = None
+    return out.detach(), grads
+
+
+def assert_close_rel(actual, expected, rtol, name=""):
+    """max|a − e| ≤ rtol · max(max|e|, tiny): a relative bound on the whole tensor."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= rtol * max(scale, 1e-300), f"{name}: max abs err {err:.3e} > {rtol:.0e} × scale {scale:.3e}"
+    return err / scale if scale else 0.0
