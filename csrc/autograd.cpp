@@ -38,9 +38,28 @@ void refuse_double_backward(const char* op) {
       "is not supported; use native autograd for higher-order derivatives");
 }
 
-// Reads a 0-dim CPU gradient; NaN when it lives elsewhere (no device sync).
+// ctx->needs_input_grad(k) counts only tensor arguments that were given
+// (a None optional has no edge); map it back to argument positions.
+template <size_t K>
+std::array<bool, K> needs_grad_by_position(AutogradContext* ctx, const std::array<bool, K>& present) {
+  std::array<bool, K> needs{};
+  size_t edge = 0;
+  for (size_t k = 0; k < K; ++k) {
+    if (present[k]) needs[k] = ctx->needs_input_grad(edge++);
+  }
+  return needs;
+}
+
+// Reads a 0-dim CPU gradient; NaN when it lives elsewhere (no device sync) or
+// has no memory to read: under torch.compile / export / opcheck the backward is
+// traced with FakeTensors and FunctionalTensors (Python / Functionalize keys),
+// whose data cannot be read — and a traced graph must not branch on a value.
 double cpu_scalar_or_nan(const Tensor& t) {
-  if (!t.device().is_cpu() || t.numel() != 1) return std::numeric_limits<double>::quiet_NaN();
+  const c10::DispatchKeySet keys = t.key_set();
+  if (!t.device().is_cpu() || t.numel() != 1 || keys.has_any(c10::python_ks) ||
+      keys.has(c10::DispatchKey::Functionalize)) {
+    return std::numeric_limits<double>::quiet_NaN();
+  }
   switch (t.scalar_type()) {
     case at::kFloat: return *t.const_data_ptr<float>();
     case at::kDouble: return *t.const_data_ptr<double>();
@@ -65,6 +84,12 @@ class MlpLossFunction : public torch::autograd::Function<MlpLossFunction> {
       if (need[k]) to_save[k] = grads[k];
     }
     ctx->save_for_backward(to_save);
+    const std::array<bool, 6> present = {true, true, b1.has_value() && b1->defined(),
+                                         w2.has_value() && w2->defined(), b2.has_value() && b2->defined(),
+                                         target.has_value() && target->defined()};
+    int64_t present_bits = 0;
+    for (size_t k = 0; k < 6; ++k) present_bits |= int64_t(present[k]) << k;
+    ctx->saved_data["present"] = present_bits;  // which optional arguments were given
     return loss;
   }
 
@@ -73,9 +98,13 @@ class MlpLossFunction : public torch::autograd::Function<MlpLossFunction> {
     const Tensor& grad_loss = grad_outputs[0];
     const bool unit = cpu_scalar_or_nan(grad_loss) == 1.0;
     variable_list saved = ctx->get_saved_variables();
+    const int64_t present_bits = ctx->saved_data["present"].toInt();
+    std::array<bool, 6> present;
+    for (size_t k = 0; k < 6; ++k) present[k] = (present_bits >> k) & 1;
+    const auto needs = needs_grad_by_position(ctx, present);
     variable_list grads(8);  // 6 tensors + reduction + activation
     for (size_t k = 0; k < 6; ++k) {
-      if (!saved[k].defined() || !ctx->needs_input_grad(k)) continue;
+      if (!saved[k].defined() || !needs[k]) continue;
       grads[k] = unit ? saved[k] : saved[k] * grad_loss;
     }
     return grads;
@@ -106,9 +135,8 @@ class MlpFunction : public torch::autograd::Function<MlpFunction> {
     const OptTensor b1 = ctx->saved_data["b1"].toOptional<Tensor>();
     const OptTensor b2 = ctx->saved_data["b2"].toOptional<Tensor>();
     const OptTensor w2 = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
-    const std::array<bool, 5> need = {
-        ctx->needs_input_grad(0), ctx->needs_input_grad(1), b1.has_value() && ctx->needs_input_grad(2),
-        w2.has_value() && ctx->needs_input_grad(3), b2.has_value() && ctx->needs_input_grad(4)};
+    const auto need = needs_grad_by_position<5>(
+        ctx, {true, true, b1.has_value(), w2.has_value(), b2.has_value()});
     auto [dx, dw1, db1, dw2, db2] = ops::mlp_backward().call(
         grad_outputs[0], saved[0], saved[1], b1, w2, b2, saved[3],
         ctx->saved_data["activation"].toInt(), need);

@@ -22,6 +22,11 @@ struct LossAndGrads {
 // dL/d(input) for every input whose mask entry is true.
 LossAndGrads mlp_loss_and_grads_cpu(const Problem& p, Reduction reduction, const LossGradMask& need);
 
+// The direct-loop path for problems too small for BLAS to pay
+// (kernels_cpu_small.cpp); mlp_loss_and_grads_cpu takes it when it applies.
+bool small_path_applies(const Problem& p);
+LossAndGrads mlp_loss_and_grads_cpu_small(const Problem& p, Reduction reduction, const LossGradMask& need);
+
 // Prediction (shape (*, O)) and the saved activations s (N, H).
 std::array<at::Tensor, 2> mlp_forward_cpu(const Problem& p);
 

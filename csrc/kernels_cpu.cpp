@@ -234,6 +234,7 @@ at::Tensor empty_like_unrequested(const at::Tensor& like) {
 }  // namespace
 
 LossAndGrads mlp_loss_and_grads_cpu(const Problem& p, Reduction reduction, const LossGradMask& need) {
+  if (small_path_applies(p)) return mlp_loss_and_grads_cpu_small(p, reduction, need);
   const auto opts = p.x2.options();
   const bool need_hidden = need[kX] || need[kW1] || need[kB1];
   const bool need_g = need_hidden || need[kW2] || need[kB2] || need[kTarget];

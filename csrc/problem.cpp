@@ -102,29 +102,26 @@ Broadcast2d make_operand(
       cols, ",) or ", shape_str(full_shape), ")");
 
   op.source = t;
+  // Read through the user's tensor wherever strides can express the
+  // broadcast; only the "Other" kind may materialise a copy.
   if (t.sizes().equals(full_shape)) {
     op.kind = Broadcast2d::Kind::Full;
-    if (t.dim() == 2) {
+    if (t.dim() <= 2) {
       op.view = t;
-    } else if (t.dim() == 1) {  // x was 1-D: a single row
-      op.view = t.unsqueeze(0);
     } else {
       op.view = t.reshape({n_rows, cols});
     }
-  } else if (t.dim() >= 1 && t.size(-1) == cols && t.numel() == cols) {
-    op.kind = Broadcast2d::Kind::PerColumn;
-    op.view = t.reshape({1, cols});
-  } else if (t.numel() == 1 && cols == 1) {
-    op.kind = Broadcast2d::Kind::PerColumn;
-    op.view = t.reshape({1, 1});
+  } else if (t.numel() == cols && (t.dim() == 0 ? cols == 1 : t.size(-1) == cols)) {
+    op.kind = Broadcast2d::Kind::PerColumn;  // (cols,), (1, cols), (1, 1, cols), ...
+    op.view = t;
   } else {
     op.kind = Broadcast2d::Kind::Other;
     op.view = t.expand(full_shape).reshape({n_rows, cols});
   }
-  // A single row (or a broadcast one) is read with row stride 0.
-  op.row_stride = (op.kind == Broadcast2d::Kind::PerColumn || op.view.size(0) == 1)
-      ? 0 : op.view.stride(0);
-  op.col_stride = op.view.size(1) == 1 ? 0 : op.view.stride(1);
+  const at::Tensor& v = op.view;
+  const bool one_row = op.kind == Broadcast2d::Kind::PerColumn || v.dim() < 2 || v.size(0) == 1;
+  op.row_stride = one_row ? 0 : v.stride(0);
+  op.col_stride = (v.dim() == 0 || v.size(-1) == 1) ? 0 : v.stride(-1);
   return op;
 }
 

@@ -1,0 +1,198 @@
+// The small-problem path of the loss op: one pass over the rows, every step of
+// the README's "Math" done for row i before row i+1, no BLAS call and no
+// intermediate tensor (scratch is H + O values). For the tiny networks of
+// curve fits and surrogates a BLAS call, and the tensors between calls, cost
+// more than the arithmetic; past the measured crossover (kSmallPathMaxMacs)
+// the GEMM path of kernels_cpu.cpp is faster.
+//
+// Per row i (x_i, t_i rows; s, p, g, ds, dh vectors):
+//   s   = act(W1 x_i + b1_i)             (computed as Σ_d x_id · W1ᵀ[d,:])
+//   p   = W2 s + b2_i;   r = p − t_i;   L += r·r;   g = 2c r
+//   dw2 += g sᵀ;   db2 += g;   dt_i = −g
+//   ds  = W2ᵀ g;   dh = ds ⊙ act'(s)
+//   dw1 += dh x_iᵀ;   db1 += dh;   dx_i = W1ᵀ dh
+// Accumulation runs over rows in order, so results are deterministic.
+#include "kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <vector>
+
+namespace fusedgrad {
+namespace {
+
+// Multiply-adds of one forward pass, N·(D·H + H·O), below which the direct
+// loops beat BLAS here (measured: see benchmarks/ and the README).
+constexpr int64_t kSmallPathMaxMacs = 1 << 17;
+
+bool kind_supported(const Broadcast2d& op) {
+  return op.kind != Broadcast2d::Kind::Other;
+}
+
+// dst[k] += a · src[k]
+template <typename T>
+inline void axpy(T* dst, T a, const T* src, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k] += a * src[k];
+}
+
+template <typename T>
+void small_loss_and_grads(const Problem& p, double c, const LossGradMask& need, LossAndGrads& out) {
+  const int64_t N = p.N, D = p.D, H = p.H, O = p.O;
+  const bool has_w2 = p.has_w2();
+  const Activation act = p.activation;
+  const bool need_hidden = need[kX] || need[kW1] || need[kB1];
+  const bool need_g = need_hidden || need[kW2] || need[kB2] || need[kTarget];
+  const T two_c = static_cast<T>(2.0 * c);
+
+  // Contiguous copies of the (tiny) weights in the orientation the loops
+  // stream through: W1ᵀ (D, H) rows for the forward, W1 (H, D) rows for dx,
+  // W2 (O, H) rows for both p and ds. Costs D·H + O·H, not N·(…).
+  std::vector<T> w1t(D * H), w1c(need[kX] ? H * D : 0), w2c(has_w2 ? O * H : 0);
+  {
+    const T* w = p.w1.const_data_ptr<T>();
+    const int64_t rs = p.w1.stride(0), cs = p.w1.stride(1);
+    for (int64_t j = 0; j < H; ++j) {
+      for (int64_t d = 0; d < D; ++d) {
+        const T v = w[j * rs + d * cs];
+        w1t[d * H + j] = v;
+        if (need[kX]) w1c[j * D + d] = v;
+      }
+    }
+    if (has_w2) {
+      const T* w2 = p.w2.const_data_ptr<T>();
+      const int64_t rs2 = p.w2.stride(0), cs2 = p.w2.stride(1);
+      for (int64_t o = 0; o < O; ++o) {
+        for (int64_t j = 0; j < H; ++j) w2c[o * H + j] = w2[o * rs2 + j * cs2];
+      }
+    }
+  }
+  const T* x = p.x2.const_data_ptr<T>();
+  const int64_t x_rs = p.x2.stride(0), x_cs = p.x2.stride(1);
+
+  // Outputs written in place as the rows stream by.
+  auto& g_out = out.grads;
+  T* dx = need[kX] ? g_out[kX].data_ptr<T>() : nullptr;  // contiguous (N, D)
+  T* dw1 = need[kW1] ? g_out[kW1].data_ptr<T>() : nullptr;
+  T* dw2 = need[kW2] ? g_out[kW2].data_ptr<T>() : nullptr;
+  T* db1_full = need[kB1] && p.b1.kind == Broadcast2d::Kind::Full ? g_out[kB1].data_ptr<T>() : nullptr;
+  T* db2_full = need[kB2] && p.b2.kind == Broadcast2d::Kind::Full ? g_out[kB2].data_ptr<T>() : nullptr;
+  T* dt_full = need[kTarget] && p.target.kind == Broadcast2d::Kind::Full ? g_out[kTarget].data_ptr<T>() : nullptr;
+  if (dw1) std::fill(dw1, dw1 + H * D, T(0));
+  if (dw2) std::fill(dw2, dw2 + O * H, T(0));
+
+  using Acc = at::opmath_type<T>;
+  std::vector<Acc> db1_sum(H, Acc(0)), g_sum(O, Acc(0));
+  std::vector<T> s(H), r(O), dh(H);
+  double sum_sq = 0;
+
+  const T* b1 = p.b1.present() ? p.b1.data<T>() : nullptr;
+  const T* b2 = p.b2.present() ? p.b2.data<T>() : nullptr;
+  const T* t = p.target.present() ? p.target.data<T>() : nullptr;
+
+  for (int64_t i = 0; i < N; ++i) {
+    const T* xi = x + i * x_rs;
+    // s = act(W1 x_i + b1_i)
+    if (b1) {
+      const T* bi = b1 + i * p.b1.row_stride;
+      for (int64_t j = 0; j < H; ++j) s[j] = bi[j * p.b1.col_stride];
+    } else {
+      std::fill(s.begin(), s.end(), T(0));
+    }
+    for (int64_t d = 0; d < D; ++d) axpy(s.data(), xi[d * x_cs], w1t.data() + d * H, H);
+    if (act == Activation::Sigmoid) {
+      for (int64_t j = 0; j < H; ++j) s[j] = math::sigmoid(s[j]);
+    }
+    // r = W2 s + b2_i − t_i   (or s − t_i without a second layer)
+    for (int64_t o = 0; o < O; ++o) {
+      T v;
+      if (has_w2) {
+        const T* w2o = w2c.data() + o * H;
+        v = T(0);
+        for (int64_t j = 0; j < H; ++j) v += w2o[j] * s[j];
+      } else {
+        v = s[o];
+      }
+      if (b2) v += b2[i * p.b2.row_stride + o * p.b2.col_stride];
+      if (t) v -= t[i * p.target.row_stride + o * p.target.col_stride];
+      r[o] = v;
+      sum_sq += static_cast<double>(v) * static_cast<double>(v);
+    }
+    if (!need_g) continue;
+    for (int64_t o = 0; o < O; ++o) r[o] *= two_c;  // r becomes g
+    for (int64_t o = 0; o < O; ++o) g_sum[o] += static_cast<Acc>(r[o]);
+    if (db2_full) std::copy(r.begin(), r.end(), db2_full + i * O);
+    if (dt_full) {
+      for (int64_t o = 0; o < O; ++o) dt_full[i * O + o] = -r[o];
+    }
+    if (dw2) {
+      for (int64_t o = 0; o < O; ++o) axpy(dw2 + o * H, r[o], s.data(), H);
+    }
+    if (!need_hidden) continue;
+    // ds = W2ᵀ g (= g without a second layer), dh = ds ⊙ act'(s)
+    if (has_w2) {
+      std::fill(dh.begin(), dh.end(), T(0));
+      for (int64_t o = 0; o < O; ++o) axpy(dh.data(), r[o], w2c.data() + o * H, H);
+    } else {
+      std::copy(r.begin(), r.end(), dh.begin());
+    }
+    if (act == Activation::Sigmoid) {
+      for (int64_t j = 0; j < H; ++j) dh[j] = math::activation_backward(dh[j], s[j], act);
+    }
+    for (int64_t j = 0; j < H; ++j) db1_sum[j] += static_cast<Acc>(dh[j]);
+    if (db1_full) std::copy(dh.begin(), dh.end(), db1_full + i * H);
+    if (dw1) {
+      if (x_cs == 1) {
+        for (int64_t j = 0; j < H; ++j) axpy(dw1 + j * D, dh[j], xi, D);
+      } else {
+        for (int64_t j = 0; j < H; ++j) {
+          for (int64_t d = 0; d < D; ++d) dw1[j * D + d] += dh[j] * xi[d * x_cs];
+        }
+      }
+    }
+    if (dx) {
+      T* dxi = dx + i * D;
+      std::fill(dxi, dxi + D, T(0));
+      for (int64_t j = 0; j < H; ++j) axpy(dxi, dh[j], w1c.data() + j * D, D);
+    }
+  }
+
+  *out.loss.data_ptr<T>() = static_cast<T>(c * sum_sq);
+  auto write_column_sums = [](at::Tensor& dst, const std::vector<Acc>& sums, Acc sign) {
+    T* d = dst.data_ptr<T>();
+    for (size_t k = 0; k < sums.size(); ++k) d[k] = static_cast<T>(sign * sums[k]);
+  };
+  if (need[kB1] && !db1_full) write_column_sums(g_out[kB1], db1_sum, Acc(1));
+  if (need[kB2] && !db2_full) write_column_sums(g_out[kB2], g_sum, Acc(1));
+  if (need[kTarget] && !dt_full) write_column_sums(g_out[kTarget], g_sum, Acc(-1));
+}
+
+}  // namespace
+
+bool small_path_applies(const Problem& p) {
+  const int64_t macs = p.N * (p.D * p.H + p.H * p.O);
+  return macs <= kSmallPathMaxMacs && kind_supported(p.b1) && kind_supported(p.b2) &&
+      kind_supported(p.target);
+}
+
+LossAndGrads mlp_loss_and_grads_cpu_small(const Problem& p, Reduction reduction, const LossGradMask& need) {
+  const auto opts = p.x2.options();
+  LossAndGrads out;
+  out.loss = at::empty({}, opts);
+  auto& g = out.grads;
+  // Each gradient is allocated in its argument's shape (contiguous) and
+  // written in place by the row loop; the rest stay empty placeholders.
+  g[kX] = at::empty(need[kX] ? at::IntArrayRef(p.x_shape) : at::IntArrayRef({0}), opts);
+  g[kW1] = at::empty(need[kW1] ? at::IntArrayRef({p.H, p.D}) : at::IntArrayRef({0}), opts);
+  g[kB1] = at::empty(need[kB1] ? p.b1.source.sizes() : at::IntArrayRef({0}), opts);
+  g[kW2] = at::empty(need[kW2] ? at::IntArrayRef({p.O, p.H}) : at::IntArrayRef({0}), opts);
+  g[kB2] = at::empty(need[kB2] ? p.b2.source.sizes() : at::IntArrayRef({0}), opts);
+  g[kTarget] = at::empty(need[kTarget] ? p.target.source.sizes() : at::IntArrayRef({0}), opts);
+  const double c = math::loss_scale(reduction, p.N * p.O);
+  AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "fusedgrad_small_loss", [&] {
+    small_loss_and_grads<scalar_t>(p, c, need, out);
+  });
+  return out;
+}
+
+}  // namespace fusedgrad
