@@ -10,6 +10,7 @@
 // mlp: a classic pair, forward saves s, backward runs the fused backward op.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include "kernels.h"
@@ -103,9 +104,17 @@ class MlpLossFunction : public torch::autograd::Function<MlpLossFunction> {
     for (size_t k = 0; k < 6; ++k) present[k] = (present_bits >> k) & 1;
     const auto needs = needs_grad_by_position(ctx, present);
     variable_list grads(8);  // 6 tensors + reduction + activation
+    // The saved gradients can be handed over as they are only when this
+    // graph is freed after this backward; with retain_graph=True a later
+    // backward needs them again, and the caller may modify what it receives.
+    const bool hand_over = unit && !torch::autograd::get_current_graph_task_keep_graph();
     for (size_t k = 0; k < 6; ++k) {
       if (!saved[k].defined() || !needs[k]) continue;
-      grads[k] = unit ? saved[k] : saved[k] * grad_loss;
+      if (hand_over) {
+        grads[k] = saved[k];
+      } else {
+        grads[k] = unit ? saved[k].clone() : saved[k] * grad_loss;
+      }
     }
     return grads;
   }

@@ -46,17 +46,15 @@ void small_loss_and_grads(const Problem& p, double c, const LossGradMask& need, 
   const T two_c = static_cast<T>(2.0 * c);
 
   // Contiguous copies of the (tiny) weights in the orientation the loops
-  // stream through: W1ᵀ (D, H) rows for the forward, W1 (H, D) rows for dx,
-  // W2 (O, H) rows for both p and ds. Costs D·H + O·H, not N·(…).
-  std::vector<T> w1t(D * H), w1c(need[kX] ? H * D : 0), w2c(has_w2 ? O * H : 0);
+  // stream through: W1ᵀ (D, H) rows for the forward and dx, W2 (O, H) rows
+  // for both p and ds. Costs D·H + O·H, not N·(…).
+  std::vector<T> w1t(D * H), w2c(has_w2 ? O * H : 0);
   {
     const T* w = p.w1.const_data_ptr<T>();
     const int64_t rs = p.w1.stride(0), cs = p.w1.stride(1);
     for (int64_t j = 0; j < H; ++j) {
       for (int64_t d = 0; d < D; ++d) {
-        const T v = w[j * rs + d * cs];
-        w1t[d * H + j] = v;
-        if (need[kX]) w1c[j * D + d] = v;
+        w1t[d * H + j] = w[j * rs + d * cs];
       }
     }
     if (has_w2) {
@@ -75,10 +73,18 @@ void small_loss_and_grads(const Problem& p, double c, const LossGradMask& need, 
   T* dx = need[kX] ? g_out[kX].data_ptr<T>() : nullptr;  // contiguous (N, D)
   T* dw1 = need[kW1] ? g_out[kW1].data_ptr<T>() : nullptr;
   T* dw2 = need[kW2] ? g_out[kW2].data_ptr<T>() : nullptr;
-  T* db1_full = need[kB1] && p.b1.kind == Broadcast2d::Kind::Full ? g_out[kB1].data_ptr<T>() : nullptr;
-  T* db2_full = need[kB2] && p.b2.kind == Broadcast2d::Kind::Full ? g_out[kB2].data_ptr<T>() : nullptr;
-  T* dt_full = need[kTarget] && p.target.kind == Broadcast2d::Kind::Full ? g_out[kTarget].data_ptr<T>() : nullptr;
-  if (dw1) std::fill(dw1, dw1 + H * D, T(0));
+  // Full-shape bias/target gradients are written row by row; the others are
+  // column sums written at the end. (Kinds, not pointers, decide: an empty
+  // tensor's data pointer may be null.)
+  const bool db1_rows = need[kB1] && p.b1.kind == Broadcast2d::Kind::Full;
+  const bool db2_rows = need[kB2] && p.b2.kind == Broadcast2d::Kind::Full;
+  const bool dt_rows = need[kTarget] && p.target.kind == Broadcast2d::Kind::Full;
+  T* db1_full = db1_rows ? g_out[kB1].data_ptr<T>() : nullptr;
+  T* db2_full = db2_rows ? g_out[kB2].data_ptr<T>() : nullptr;
+  T* dt_full = dt_rows ? g_out[kTarget].data_ptr<T>() : nullptr;
+  // dw1 is accumulated transposed, (D, H), so each row update is one
+  // contiguous axpy of length H (D is often 1..4 here); transposed once at the end.
+  std::vector<T> dw1t(dw1 ? D * H : 0, T(0));
   if (dw2) std::fill(dw2, dw2 + O * H, T(0));
 
   using Acc = at::opmath_type<T>;
@@ -141,30 +147,33 @@ void small_loss_and_grads(const Problem& p, double c, const LossGradMask& need, 
     }
     for (int64_t j = 0; j < H; ++j) db1_sum[j] += static_cast<Acc>(dh[j]);
     if (db1_full) std::copy(dh.begin(), dh.end(), db1_full + i * H);
-    if (dw1) {
-      if (x_cs == 1) {
-        for (int64_t j = 0; j < H; ++j) axpy(dw1 + j * D, dh[j], xi, D);
-      } else {
-        for (int64_t j = 0; j < H; ++j) {
-          for (int64_t d = 0; d < D; ++d) dw1[j * D + d] += dh[j] * xi[d * x_cs];
-        }
-      }
+    if (dw1) {  // dw1ᵀ[d, :] += x_id · dh: contiguous rows of length H, whatever x's strides
+      for (int64_t d = 0; d < D; ++d) axpy(dw1t.data() + d * H, xi[d * x_cs], dh.data(), H);
     }
-    if (dx) {
+    if (dx) {  // dx_i[d] = W1ᵀ[d, :] · dh
       T* dxi = dx + i * D;
-      std::fill(dxi, dxi + D, T(0));
-      for (int64_t j = 0; j < H; ++j) axpy(dxi, dh[j], w1c.data() + j * D, D);
+      for (int64_t d = 0; d < D; ++d) {
+        const T* w1t_d = w1t.data() + d * H;
+        T v = T(0);
+        for (int64_t j = 0; j < H; ++j) v += w1t_d[j] * dh[j];
+        dxi[d] = v;
+      }
     }
   }
 
+  if (dw1) {
+    for (int64_t j = 0; j < H; ++j) {
+      for (int64_t d = 0; d < D; ++d) dw1[j * D + d] = dw1t[d * H + j];
+    }
+  }
   *out.loss.data_ptr<T>() = static_cast<T>(c * sum_sq);
   auto write_column_sums = [](at::Tensor& dst, const std::vector<Acc>& sums, Acc sign) {
     T* d = dst.data_ptr<T>();
     for (size_t k = 0; k < sums.size(); ++k) d[k] = static_cast<T>(sign * sums[k]);
   };
-  if (need[kB1] && !db1_full) write_column_sums(g_out[kB1], db1_sum, Acc(1));
-  if (need[kB2] && !db2_full) write_column_sums(g_out[kB2], g_sum, Acc(1));
-  if (need[kTarget] && !dt_full) write_column_sums(g_out[kTarget], g_sum, Acc(-1));
+  if (need[kB1] && !db1_rows) write_column_sums(g_out[kB1], db1_sum, Acc(1));
+  if (need[kB2] && !db2_rows) write_column_sums(g_out[kB2], g_sum, Acc(1));
+  if (need[kTarget] && !dt_rows) write_column_sums(g_out[kTarget], g_sum, Acc(-1));
 }
 
 }  // namespace

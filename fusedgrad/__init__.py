@@ -1,10 +1,12 @@
 """fusedgrad: Linear → Sigmoid → Linear → squared loss, forward and hand-derived
 backward in one fused C++ pass.
 
-Three entry points:
+Entry points:
 
 * :func:`mlp_loss` / :func:`mlp` — functional calls; ``loss.backward()`` works
   through a C++ autograd node.
+* :func:`mlp_loss_and_grads` — the loss and its gradients in one call, no
+  autograd engine, for hand-written training loops.
 * :class:`FusedMLP` — a drop-in ``nn.Module`` whose ``state_dict`` matches
   ``Linear → Sigmoid → Linear``.
 * ``torch.ops.fusedgrad.*`` — the registered operators themselves.
@@ -12,11 +14,12 @@ Three entry points:
 import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.fusedgrad)
-from .functional import mlp, mlp_loss
+from . import _fake  # noqa: F401  (fake kernels: torch.compile / export / opcheck)
+from .functional import mlp, mlp_loss, mlp_loss_and_grads
 from .module import FusedMLP
 
 #: Devices this build has kernels for, e.g. ("cpu",) or ("cpu", "cuda").
 backends = tuple(_C.backends)
 
-__all__ = ["mlp_loss", "mlp", "FusedMLP", "backends"]
+__all__ = ["mlp_loss", "mlp", "mlp_loss_and_grads", "FusedMLP", "backends"]
 __version__ = "0.1.0"

@@ -51,3 +51,43 @@ def mlp(x, w1, b1=None, w2=None, b2=None, *, activation="sigmoid"):
     check_tensors("mlp", _MLP_ARGS, (x, w1, b1, w2, b2), 2)
     act = option("mlp", "activation", activation, ACTIVATIONS)
     return _mlp_op(x, w1, b1, w2, b2, act)
+
+
+_mlp_loss_and_grads_op = torch.ops.fusedgrad.mlp_loss_and_grads.default
+
+
+def mlp_loss_and_grads(
+    x, w1, b1=None, w2=None, b2=None, target=None, *, reduction="mean", activation="sigmoid", wrt=None
+):
+    """Loss and gradients in one fused call, without the autograd engine.
+
+    For hand-written training loops: no graph is recorded and no ``backward()``
+    is needed. Arguments as in :func:`mlp_loss`, plus
+
+    Args:
+        wrt: names of the arguments to differentiate, a subset of
+            ``("x", "w1", "b1", "w2", "b2", "target")``; default: every given
+            argument that ``requires_grad``.
+
+    Returns:
+        ``(loss, (dx, dw1, db1, dw2, db2, dtarget))`` — each gradient in its
+        argument's shape, ``None`` where it was not requested or the argument
+        is None. The tensors do not require grad.
+    """
+    args = (x, w1, b1, w2, b2, target)
+    check_tensors("mlp_loss_and_grads", _LOSS_ARGS, args, 2)
+    red = option("mlp_loss_and_grads", "reduction", reduction, REDUCTIONS)
+    act = option("mlp_loss_and_grads", "activation", activation, ACTIVATIONS)
+    if wrt is None:
+        mask = [a is not None and a.requires_grad for a in args]
+    else:
+        wanted = (wrt,) if isinstance(wrt, str) else tuple(wrt)
+        unknown = [w for w in wanted if w not in _LOSS_ARGS]
+        if unknown:
+            raise ValueError(
+                f"fusedgrad.mlp_loss_and_grads: argument 'wrt' names unknown arguments {unknown}; "
+                f"expected names from {_LOSS_ARGS}"
+            )
+        mask = [a is not None and name in wanted for name, a in zip(_LOSS_ARGS, args)]
+    loss, *grads = _mlp_loss_and_grads_op(x, w1, b1, w2, b2, target, red, act, mask)
+    return loss, tuple(g if m else None for g, m in zip(grads, mask))

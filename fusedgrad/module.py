@@ -1,8 +1,10 @@
 """FusedMLP: a drop-in Linear → Sigmoid → Linear module with fused kernels."""
+import copy as _copy
+
 import torch
 from torch import nn
 
-from .functional import mlp, mlp_loss
+from .functional import mlp, mlp_loss, mlp_loss_and_grads
 
 
 class FusedMLP(nn.Module):
@@ -35,5 +37,114 @@ class FusedMLP(nn.Module):
         l1, l2 = self.linear1, self.linear2
         return mlp_loss(x, l1.weight, l1.bias, l2.weight, l2.bias, target, reduction=reduction)
 
+    def loss_backward(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """``self.loss(x, target, reduction).backward()`` without the autograd engine.
+
+        Computes the loss and accumulates each parameter's gradient into its
+        ``.grad`` exactly as ``backward()`` would (assigned when ``.grad`` is
+        None, added otherwise), for parameters that require grad. Returns the
+        loss, detached. For hand-written loops::
+
+            opt.zero_grad(); net.loss_backward(x, y); opt.step()
+        """
+        l1, l2 = self.linear1, self.linear2
+        params = (l1.weight, l1.bias, l2.weight, l2.bias)
+        loss, grads = mlp_loss_and_grads(x, *params, target, reduction=reduction, wrt=self._wrt(params))
+        for param, grad in zip(params, grads[1:5]):
+            if grad is None:
+                continue
+            if param.grad is None:
+                param.grad = grad
+            else:
+                param.grad += grad
+        return loss
+
+    @staticmethod
+    def _wrt(params):
+        names = ("w1", "b1", "w2", "b2")
+        return tuple(n for n, p in zip(names, params) if p is not None and p.requires_grad)
+
+    @classmethod
+    def from_module(cls, model: nn.Module, copy: bool = False) -> "FusedMLP":
+        """A FusedMLP computing an existing ``Linear → Sigmoid → Linear`` model.
+
+        ``model`` is an ``nn.Sequential(nn.Linear, nn.Sigmoid, nn.Linear)``, or any
+        module whose only children are a Linear, a Sigmoid and a Linear, registered
+        in that order (e.g. the ``Net`` of the notebooks, ``linear2(sigmoid(linear1(x)))``).
+        Such a module's forward is checked on a small probe input on the CPU: it must
+        compute ``linear2(sigmoid(linear1(x)))``.
+
+        Args:
+            model: the module to convert.
+            copy: False (default) shares the model's two ``nn.Linear`` layers — the
+                same Parameters, so training either trains both; True deep-copies them.
+
+        Either layer may have a bias or not. Raises TypeError for a non-module or
+        a dtype fusedgrad has no kernel for, ValueError (naming what is wrong) for
+        any other structure, mismatched widths, or a forward that computes
+        something else.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"FusedMLP.from_module: expected an nn.Module, got {type(model).__name__}")
+        children = list(model.named_children())
+        expected = (nn.Linear, nn.Sigmoid, nn.Linear)
+        described = ", ".join(f"{name}: {type(child).__name__}" for name, child in children) or "none"
+        if len(children) != 3 or not all(type(c) is t for (_, c), t in zip(children, expected)):
+            # Exact types: a subclass (LoRA, quantised, ...) may compute something else.
+            raise ValueError(
+                "FusedMLP.from_module: the model must consist of exactly nn.Linear, nn.Sigmoid, nn.Linear "
+                f"(in that order, e.g. nn.Sequential(nn.Linear(D, H), nn.Sigmoid(), nn.Linear(H, O))); "
+                f"{type(model).__name__} has children ({described})")
+        (name1, lin1), _, (name2, lin2) = children
+        if lin1.out_features != lin2.in_features:
+            raise ValueError(
+                f"FusedMLP.from_module: the first layer '{name1}' has out_features={lin1.out_features} but the "
+                f"second layer '{name2}' has in_features={lin2.in_features}; they must be equal (the hidden width)")
+        w1, w2 = lin1.weight, lin2.weight
+        if w1.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"FusedMLP.from_module: fusedgrad supports float32 and float64, the model has {w1.dtype}")
+        tensors = [t for t in (w1, lin1.bias, w2, lin2.bias) if t is not None]
+        if any(t.dtype != w1.dtype for t in tensors):
+            raise TypeError("FusedMLP.from_module: all the model's parameters must share one dtype, got "
+                            + ", ".join(str(t.dtype) for t in tensors))
+        if any(t.device != w1.device for t in tensors):
+            raise ValueError("FusedMLP.from_module: all the model's parameters must be on one device, got "
+                             + ", ".join(str(t.device) for t in tensors))
+
+        # Build on the meta device (no initialisation work), then put the layers in.
+        net = cls(lin1.in_features, lin1.out_features, lin2.out_features, device="meta", dtype=w1.dtype)
+        net.linear1 = _copy.deepcopy(lin1) if copy else lin1
+        net.linear2 = _copy.deepcopy(lin2) if copy else lin2
+        net.train(model.training)
+        if type(model).forward is not nn.Sequential.forward:
+            _check_same_forward(model, net)
+        return net
+
     def extra_repr(self) -> str:
         return "activation=sigmoid (fused)"
+
+
+def _check_same_forward(model, net):
+    """A custom forward may use its children differently (another activation, another
+    order, a residual...): compare it with the fused one on a small probe input."""
+    w = net.linear1.weight
+    if w.device.type != "cpu":
+        return  # a probe on another device could sync or lack a kernel; the structure was checked
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn(4, net.linear1.in_features, generator=gen, dtype=torch.float64).to(w.dtype)
+    with torch.no_grad():
+        try:
+            theirs = model(probe)
+        except Exception as exc:  # noqa: BLE001  (any failure means the forward is not the plain chain)
+            raise ValueError(
+                f"FusedMLP.from_module: could not check that {type(model).__name__}.forward computes "
+                f"linear2(sigmoid(linear1(x))): calling it on a ({tuple(probe.shape)}) input raised "
+                f"{type(exc).__name__}: {exc}") from exc
+        ours = net(probe)
+    rtol = 1e-4 if w.dtype == torch.float32 else 1e-10
+    same = (isinstance(theirs, torch.Tensor) and theirs.shape == ours.shape
+            and (theirs - ours).abs().max() <= rtol * max(ours.abs().max().item(), 1.0))
+    if not same:
+        raise ValueError(
+            f"FusedMLP.from_module: {type(model).__name__} has Linear, Sigmoid, Linear children but its forward "
+            "does not compute linear2(sigmoid(linear1(x))) (checked on a probe input); convert only models that do")

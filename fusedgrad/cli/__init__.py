@@ -1,4 +1,4 @@
 """Command-line tools. Each module defines HELP, add_arguments(parser) and run(args) -> exit code."""
-from . import demo
+from . import bench, demo, verify
 
-COMMANDS = {"demo": demo}
+COMMANDS = {"demo": demo, "bench": bench, "verify": verify}

@@ -3,6 +3,7 @@ twice from the same initial weights — once with fusedgrad, once with native
 autograd (nn.Linear → nn.Sigmoid → nn.Linear + nn.MSELoss) — and show that the
 losses agree and what one step costs on each path."""
 import statistics
+import sys
 import time
 
 import torch
@@ -86,9 +87,52 @@ def add_arguments(parser):
     parser.add_argument("--lr", type=float, default=0.2, help="Adam learning rate (default 0.2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--plot", metavar="PATH", default=None,
+                        help="also save a figure (PNG, PDF, SVG, ... by extension): the fitted curve over the "
+                             "data and the loss curves of both paths; needs matplotlib "
+                             "(pip install 'fusedgrad[plot]')")
+
+
+def plot_fit(r, path):
+    """Saves the fitted curves over the data points and both loss curves to ``path``.
+
+    ``r`` is what :func:`compare` returns. Raises ImportError without matplotlib.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    x, y = r["x"], r["y"]
+    grid = torch.linspace(x.min().item(), x.max().item(), 400, dtype=x.dtype).unsqueeze(1)
+    with torch.no_grad():
+        fused_fit, native_fit = r["fused"](grid), r["native"](grid)
+    fig, (ax_fit, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax_fit.scatter(x.squeeze(1).numpy(), y.squeeze(1).numpy(), s=12, color="0.55", label="data")
+    ax_fit.plot(grid.squeeze(1).numpy(), native_fit.squeeze(1).numpy(), lw=4, alpha=0.45, color="tab:blue",
+                label="native autograd")
+    ax_fit.plot(grid.squeeze(1).numpy(), fused_fit.squeeze(1).numpy(), lw=1.5, ls="--", color="tab:red",
+                label="fusedgrad")
+    ax_fit.set(title="fitted curve after training", xlabel="x", ylabel="y")
+    ax_fit.legend()
+    steps = range(len(r["native_losses"]))
+    ax_loss.plot(steps, r["native_losses"], lw=4, alpha=0.45, color="tab:blue", label="native autograd")
+    ax_loss.plot(steps, r["fused_losses"], lw=1.5, ls="--", color="tab:red", label="fusedgrad")
+    ax_loss.set(title="training loss (MSE)", xlabel="Adam step", ylabel="loss", yscale="log")
+    ax_loss.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def run(args):
+    if args.plot:  # fail before training, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("fusedgrad demo: --plot needs matplotlib, which is not installed; install it with\n"
+                  "    pip install matplotlib        (or: pip install 'fusedgrad[plot]')", file=sys.stderr)
+            return 2
     dtype = getattr(torch, args.dtype)
     r = compare(steps=args.steps, hidden=args.hidden, lr=args.lr, seed=args.seed, dtype=dtype)
     nl, fl = r["native_losses"], r["fused_losses"]
@@ -112,4 +156,7 @@ def run(args):
     for label, key in (("forward + loss + backward", "grad_s"), ("whole step incl. Adam update", "step_s")):
         n, f = us(r[f"native_{key}"]), us(r[f"fused_{key}"])
         print(f"{label:<34} {n:>10.1f} {f:>10.1f} {n / f:>8.2f}×")
+    if args.plot:
+        plot_fit(r, args.plot)
+        print(f"\nsaved the fitted curve and the loss curves to {args.plot}")
     return 0 if agree else 1

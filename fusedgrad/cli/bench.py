@@ -1,0 +1,190 @@
+"""Time a training step (forward + MSE + backward, gradients into .grad) of
+fusedgrad against native autograd and torch.compile over the N×D→H→O grid, at
+1 and 2 threads, float32 and float64. Prints a table (µs per step, speed-ups,
+GFLOP/s, % of the GEMM peak measured in the same run, peak memory of a step),
+writes JSON and a PNG of speed-up against problem size. Every case first checks
+that all paths give the same gradients. `--quick` is a seconds-long smoke run
+that never fails on speed."""
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from .. import _bench as B
+
+HELP = "benchmark fusedgrad against native autograd and torch.compile"
+
+
+def parse_shape(text):
+    parts = text.lower().replace("→", "x").replace("×", "x").split("x")
+    if len(parts) != 4:
+        raise ValueError(f"shape {text!r} must be NxDxHxO, e.g. 256x32x64x8")
+    return tuple(int(p) for p in parts)
+
+
+def add_arguments(parser):
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (one tiny shape, no compile)")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, help="NxDxHxO shapes (default: the full grid)")
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "float64"], default=["float32", "float64"])
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile path")
+    parser.add_argument("--x-grad", action="store_true", help="also time the variant where x requires grad")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", default="bench-results", help="folder for results.json and speedup.png")
+
+
+class Progress:
+    def __init__(self, total):
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+
+    def show(self, label):
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        elapsed = time.perf_counter() - self.start
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                         f"{elapsed:6.0f}s  {label:<48}")
+        sys.stderr.flush()
+
+    def step(self, label):
+        self.done += 1
+        self.show(label)
+
+    def close(self):
+        sys.stderr.write("\n")
+
+
+def run_grid(shapes, threads, dtypes, paths, x_grad_variants, repeats, device, quick):
+    cases = [(t, B.Case(*shape, dtype=getattr(torch, dt), x_grad=xg, device=device))
+             for t in threads for dt in dtypes for shape in shapes for xg in x_grad_variants]
+    progress = Progress(len(cases))
+    peaks, rows = {}, []
+    saved_threads = torch.get_num_threads()
+    try:
+        for threads_now, case in cases:
+            torch.set_num_threads(threads_now)
+            progress.show(f"{case.label} {str(case.dtype)[6:]} {threads_now} thr")
+            key = (threads_now, case.dtype)
+            if key not in peaks:
+                peaks[key] = B.gemm_peak_gflops(case.dtype, n=256 if quick else 1024, device=device)
+            problem = B.Problem(case)
+            B.assert_paths_agree(problem, paths)  # compiles the compile path, too
+            seconds = B.time_paths(problem, paths, repeats=repeats,
+                                   min_repeat_s=0.002 if quick else 0.02,
+                                   max_total_s=2.0 if quick else 30.0)
+            row = {"shape": case.label, "N": case.N, "D": case.D, "H": case.H, "O": case.O,
+                   "dtype": str(case.dtype).replace("torch.", ""), "threads": threads_now,
+                   "x_requires_grad": case.x_grad, "flops_per_step": case.flops(),
+                   "gemm_peak_gflops": peaks[key],
+                   "us_per_step": {p: s * 1e6 for p, s in seconds.items()},
+                   "compile_seconds": problem.compile_seconds}
+            rows.append(row)
+            progress.step(f"{case.label} done")
+    finally:
+        torch.set_num_threads(saved_threads)
+        progress.close()
+    return rows
+
+
+def measure_memory(rows, paths, device):
+    if device != "cpu" or not B.memory_measurement_available():
+        print("(peak memory not measured: needs /proc/self/clear_refs on CPU)")
+        return
+    B.force_mmap_for_large_allocations()
+    for row in rows:
+        case = B.Case(row["N"], row["D"], row["H"], row["O"], dtype=getattr(torch, row["dtype"]),
+                      x_grad=row["x_requires_grad"], device=device)
+        problem = B.Problem(case)
+        row["peak_mib"] = {p: B.peak_step_memory_mib(problem, p) for p in paths}
+
+
+def print_table(rows, paths):
+    has = set(paths)
+    head = (f"{'N×D→H→O':<20}{'dtype':>8}{'thr':>4}{'xg':>3}{'native':>10}"
+            + (f"{'compile':>10}" if "compile" in has else "") + f"{'fused':>10}{'no-AG':>10}"
+            + f"{'fused/nat':>10}" + (f"{'fused/cmp':>10}" if "compile" in has else "")
+            + f"{'noAG/nat':>9}{'GFLOP/s':>9}{'%peak':>7}{'MiB nat/fused':>15}")
+    print("\nµs per step (median); speed-ups are ratios of the same run; GFLOP/s and % of the "
+          "GEMM peak are for the fused path")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        us = r["us_per_step"]
+        gflops = r["flops_per_step"] / (us["fused"] * 1e-6) / 1e9
+        mem = r.get("peak_mib")
+        mem_s = f"{mem['native']:.1f}/{mem['fused']:.1f}" if mem else "-"
+        line = (f"{r['shape']:<20}{r['dtype']:>8}{r['threads']:>4}{'y' if r['x_requires_grad'] else 'n':>3}"
+                f"{us['native']:>10.1f}" + (f"{us['compile']:>10.1f}" if "compile" in has else "")
+                + f"{us['fused']:>10.1f}{us['no_autograd']:>10.1f}"
+                + f"{us['native'] / us['fused']:>9.2f}×"
+                + (f"{us['compile'] / us['fused']:>9.2f}×" if "compile" in has else "")
+                + f"{us['native'] / us['no_autograd']:>8.2f}×{gflops:>9.2f}"
+                + f"{100 * gflops / r['gemm_peak_gflops']:>6.0f}%{mem_s:>15}")
+        print(line)
+    compile_times = [(r["shape"], r["dtype"], r["compile_seconds"]) for r in rows if r.get("compile_seconds")]
+    if compile_times:
+        print("\ntorch.compile time (first call, forward+backward; excluded from the step times): "
+              + ", ".join(f"{s} {d}: {c:.1f}s" for s, d, c in compile_times))
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(speed-up plot skipped: matplotlib is not installed; pip install matplotlib)")
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, dtype in zip(axes, ("float32", "float64")):
+        for threads in sorted({r["threads"] for r in rows}):
+            sel = [r for r in rows if r["dtype"] == dtype and r["threads"] == threads and not r["x_requires_grad"]]
+            if not sel:
+                continue
+            sel.sort(key=lambda r: r["flops_per_step"])
+            xs = [r["flops_per_step"] for r in sel]
+            for path, style in (("fused", "-o"), ("no_autograd", "--s"), ("compile", ":^")):
+                if path in sel[0]["us_per_step"]:
+                    ys = [r["us_per_step"]["native"] / r["us_per_step"][path] for r in sel]
+                    ax.plot(xs, ys, style, label=f"{path}, {threads} thr")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{dtype}: speed-up over native autograd")
+        ax.set_xlabel("FLOPs per training step")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("× faster than native (same run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def run(args):
+    if args.quick:
+        shapes, threads, dtypes = [(10, 4, 4, 4)], [1], ["float32"]
+        paths = ["native", "fused", "no_autograd"]
+        repeats = 3
+    else:
+        shapes = args.shapes or list(B.GRID)
+        threads, dtypes, repeats = args.threads, args.dtypes, args.repeats
+        paths = [p for p in B.PATHS if not (p == "compile" and args.no_compile)]
+    x_grad_variants = [False, True] if args.x_grad else [False]
+    rows = run_grid(shapes, threads, dtypes, paths, x_grad_variants, repeats, args.device, args.quick)
+    measure_memory(rows, paths, args.device)
+    print_table(rows, paths)
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "processor": platform.processor(), "cpu_count": os.cpu_count(), "device": args.device,
+            "quick": args.quick, "paths": paths}
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    png = os.path.join(args.out, "speedup.png")
+    if plot(rows, png):
+        print(f"\nwrote {os.path.join(args.out, 'results.json')} and {png}")
+    else:
+        print(f"\nwrote {os.path.join(args.out, 'results.json')}")
+    return 0
