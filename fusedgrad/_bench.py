@@ -95,8 +95,9 @@ class Problem:
             loss = self.native_loss(self.x, self.y)
             loss.backward()
         elif path == "compile":
+            compiled = self.compiled()  # the first call compiles (and runs a step of its own)
             self._zero(self.native)
-            loss = self.compiled()(self.x, self.y)
+            loss = compiled(self.x, self.y)
             loss.backward()
         elif path == "fused":
             self._zero(self.fused)

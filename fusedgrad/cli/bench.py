@@ -5,6 +5,7 @@ GFLOP/s, % of the GEMM peak measured in the same run, peak memory of a step),
 writes JSON and a PNG of speed-up against problem size. Every case first checks
 that all paths give the same gradients. `--quick` is a seconds-long smoke run
 that never fails on speed."""
+import argparse
 import json
 import os
 import platform
@@ -20,8 +21,8 @@ HELP = "benchmark fusedgrad against native autograd and torch.compile"
 
 def parse_shape(text):
     parts = text.lower().replace("→", "x").replace("×", "x").split("x")
-    if len(parts) != 4:
-        raise ValueError(f"shape {text!r} must be NxDxHxO, e.g. 256x32x64x8")
+    if len(parts) != 4 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"shape {text!r} must be NxDxHxO, e.g. 256x32x64x8")
     return tuple(int(p) for p in parts)
 
 
@@ -156,7 +157,8 @@ def plot(rows, path):
         ax.set_title(f"{dtype}: speed-up over native autograd")
         ax.set_xlabel("FLOPs per training step")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     axes[0].set_ylabel("× faster than native (same run)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
