@@ -47,16 +47,6 @@ struct OperandReader {
   const T* row(int64_t i) const { return data + i * row_stride; }
 };
 
-// dst[j] += sign · src[j · stride]; the stride-1 loop is kept apart so it vectorises.
-template <typename T>
-inline void accumulate_row(T* dst, const T* src, int64_t stride, int64_t n, T sign) {
-  if (stride == 1) {
-    for (int64_t j = 0; j < n; ++j) dst[j] += sign * src[j];
-  } else {
-    for (int64_t j = 0; j < n; ++j) dst[j] += sign * src[j * stride];
-  }
-}
-
 // Runs block_fn(row_begin, row_end, partial) over fixed blocks of rows (their
 // size depends only on `cols`, never on the thread count), then sums the
 // blocks' `width` partial results into out in block order: deterministic.
@@ -87,9 +77,11 @@ void bias_activation_pass(T* s, int64_t N, int64_t H, const OperandReader<T>& b1
   at::parallel_for(0, N, rows_per_task(H), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       T* row = s + i * H;
-      if (b1.present()) accumulate_row(row, b1.row(i), b1.col_stride, H, T(1));
-      if (act == Activation::Sigmoid) {
-        for (int64_t j = 0; j < H; ++j) row[j] = math::sigmoid(row[j]);
+      if (b1.present()) {
+        const T* b = b1.row(i);
+        for (int64_t j = 0; j < H; ++j) row[j] = math::bias_activate(row[j], b[j * b1.col_stride], act);
+      } else if (act == Activation::Sigmoid) {
+        for (int64_t j = 0; j < H; ++j) row[j] = math::activate(row[j], act);
       }
     }
   });
@@ -117,14 +109,16 @@ double residual_pass(
     for (int64_t i = i0; i < i1; ++i) {
       T* r = out.g ? out.g + i * O : scratch.data();
       const T* p = pred + i * O;
-      if (r != p) std::copy(p, p + O, r);
-      if (b2.present()) accumulate_row(r, b2.row(i), b2.col_stride, O, T(1));
-      if (target.present()) accumulate_row(r, target.row(i), target.col_stride, O, T(-1));
+      const T* b = b2.present() ? b2.row(i) : nullptr;
+      const T* t = target.present() ? target.row(i) : nullptr;
+      for (int64_t j = 0; j < O; ++j) {
+        r[j] = math::residual(p[j], b ? b[j * b2.col_stride] : T(0), t ? t[j * target.col_stride] : T(0));
+      }
       double sq = 0;
       for (int64_t j = 0; j < O; ++j) sq += static_cast<double>(r[j]) * static_cast<double>(r[j]);
       acc[O] += sq;
       if (!out.g) continue;
-      for (int64_t j = 0; j < O; ++j) r[j] *= two_c;  // r becomes g
+      for (int64_t j = 0; j < O; ++j) r[j] = math::loss_grad(r[j], two_c);  // r becomes g
       if (out.column_sums) {
         for (int64_t j = 0; j < O; ++j) acc[j] += static_cast<double>(r[j]);
       }

@@ -99,15 +99,13 @@ void small_loss_and_grads(const Problem& p, double c, const LossGradMask& need, 
   for (int64_t i = 0; i < N; ++i) {
     const T* xi = x + i * x_rs;
     // s = act(W1 x_i + b1_i)
+    std::fill(s.begin(), s.end(), T(0));
+    for (int64_t d = 0; d < D; ++d) axpy(s.data(), xi[d * x_cs], w1t.data() + d * H, H);
     if (b1) {
       const T* bi = b1 + i * p.b1.row_stride;
-      for (int64_t j = 0; j < H; ++j) s[j] = bi[j * p.b1.col_stride];
-    } else {
-      std::fill(s.begin(), s.end(), T(0));
-    }
-    for (int64_t d = 0; d < D; ++d) axpy(s.data(), xi[d * x_cs], w1t.data() + d * H, H);
-    if (act == Activation::Sigmoid) {
-      for (int64_t j = 0; j < H; ++j) s[j] = math::sigmoid(s[j]);
+      for (int64_t j = 0; j < H; ++j) s[j] = math::bias_activate(s[j], bi[j * p.b1.col_stride], act);
+    } else if (act == Activation::Sigmoid) {
+      for (int64_t j = 0; j < H; ++j) s[j] = math::activate(s[j], act);
     }
     // r = W2 s + b2_i − t_i   (or s − t_i without a second layer)
     for (int64_t o = 0; o < O; ++o) {
@@ -119,13 +117,12 @@ void small_loss_and_grads(const Problem& p, double c, const LossGradMask& need, 
       } else {
         v = s[o];
       }
-      if (b2) v += b2[i * p.b2.row_stride + o * p.b2.col_stride];
-      if (t) v -= t[i * p.target.row_stride + o * p.target.col_stride];
-      r[o] = v;
+      r[o] = v = math::residual(v, b2 ? b2[i * p.b2.row_stride + o * p.b2.col_stride] : T(0),
+                                t ? t[i * p.target.row_stride + o * p.target.col_stride] : T(0));
       sum_sq += static_cast<double>(v) * static_cast<double>(v);
     }
     if (!need_g) continue;
-    for (int64_t o = 0; o < O; ++o) r[o] *= two_c;  // r becomes g
+    for (int64_t o = 0; o < O; ++o) r[o] = math::loss_grad(r[o], two_c);  // r becomes g
     for (int64_t o = 0; o < O; ++o) g_sum[o] += static_cast<Acc>(r[o]);
     if (db2_full) std::copy(r.begin(), r.end(), db2_full + i * O);
     if (dt_full) {

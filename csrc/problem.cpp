@@ -54,10 +54,13 @@ void check_tensor(const char* name, const at::Tensor& t, const at::Tensor& x) {
       "fusedgrad: argument '", name, "' must be a dense (torch.strided) tensor, got layout ",
       layout_name(t.layout()));
   if (&t == &x) {
+    // float16 / bfloat16 only where kernels exist for them: CUDA (csrc/cuda).
+    const bool reduced = t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
     TORCH_CHECK_TYPE(
-        t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+        t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || (reduced && t.is_cuda()),
         "fusedgrad: argument 'x' must have dtype torch.float32 or torch.float64, got ",
-        dtype_name(t.scalar_type()));
+        dtype_name(t.scalar_type()),
+        reduced ? " (torch.float16 and torch.bfloat16 are supported on CUDA only)" : "");
     return;
   }
   TORCH_CHECK_TYPE(
