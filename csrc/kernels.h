@@ -27,6 +27,11 @@ LossAndGrads mlp_loss_and_grads_cpu(const Problem& p, Reduction reduction, const
 bool small_path_applies(const Problem& p);
 LossAndGrads mlp_loss_and_grads_cpu_small(const Problem& p, Reduction reduction, const LossGradMask& need);
 
+// s = act(s) in place. σ is ATen's vectorised torch.sigmoid — the very
+// function native autograd evaluates (math::sigmoid is the same formula,
+// written for device kernels); a scalar std::exp loop costs several times more.
+void apply_activation_(at::Tensor& s, Activation act);
+
 // Prediction (shape (*, O)) and the saved activations s (N, H).
 std::array<at::Tensor, 2> mlp_forward_cpu(const Problem& p);
 

@@ -1,6 +1,6 @@
 // CPU kernels. Each step is one line of the README's "Math" section:
 //
-//   h  = x w1ᵀ + b1      s  = act(h)                 forward_hidden
+//   h  = x w1ᵀ + b1      s  = act(h)                 forward_hidden (σ: apply_activation_)
 //   p  = s w2ᵀ + b2      r  = p − t                  residual_pass
 //   L  = c Σ r²          g  = 2c r                   residual_pass
 //   dw2 = gᵀ s           db2 = Σ_rows g               backprop_output_grad
@@ -71,17 +71,18 @@ void reduce_over_row_blocks(int64_t rows, int64_t cols, int64_t width, Acc* out,
   }
 }
 
-// s = act(h + b1), in place over the (N, H) GEMM output h = x w1ᵀ.
+// h += b1, in place over the (N, H) GEMM output h = x w1ᵀ (also p += b2).
 template <typename T>
-void bias_activation_pass(T* s, int64_t N, int64_t H, const OperandReader<T>& b1, Activation act) {
+void bias_pass(T* h, int64_t N, int64_t H, const OperandReader<T>& b) {
+  if (!b.present()) return;
   at::parallel_for(0, N, rows_per_task(H), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      T* row = s + i * H;
-      if (b1.present()) {
-        const T* b = b1.row(i);
-        for (int64_t j = 0; j < H; ++j) row[j] = math::bias_activate(row[j], b[j * b1.col_stride], act);
-      } else if (act == Activation::Sigmoid) {
-        for (int64_t j = 0; j < H; ++j) row[j] = math::activate(row[j], act);
+      T* row = h + i * H;
+      const T* bi = b.row(i);
+      if (b.col_stride == 1) {
+        for (int64_t j = 0; j < H; ++j) row[j] += bi[j];
+      } else {
+        for (int64_t j = 0; j < H; ++j) row[j] += bi[j * b.col_stride];
       }
     }
   });
@@ -168,14 +169,22 @@ at::Tensor column_sums_as_operand(const std::vector<Acc>& sums, const Broadcast2
   return out;
 }
 
+}  // namespace
+
+void apply_activation_(at::Tensor& s, Activation act) {
+  if (act == Activation::Sigmoid) at::sigmoid_(s);
+}
+
+namespace {
+
 // s = act(x w1ᵀ + b1), (N, H), contiguous.
 at::Tensor forward_hidden(const Problem& p) {
   at::Tensor s = at::empty({p.N, p.H}, p.x2.options());
   at::mm_out(s, p.x2, p.w1.t());
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "fusedgrad_forward_hidden", [&] {
-    bias_activation_pass<scalar_t>(
-        s.data_ptr<scalar_t>(), p.N, p.H, OperandReader<scalar_t>(p.b1), p.activation);
+    bias_pass<scalar_t>(s.data_ptr<scalar_t>(), p.N, p.H, OperandReader<scalar_t>(p.b1));
   });
+  apply_activation_(s, p.activation);
   return s;
 }
 
@@ -298,8 +307,7 @@ std::array<at::Tensor, 2> mlp_forward_cpu(const Problem& p) {
   at::Tensor pred = at::empty({p.N, p.O}, s.options());
   at::mm_out(pred, s, p.w2.t());
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "fusedgrad_mlp_forward", [&] {
-    bias_activation_pass<scalar_t>(
-        pred.data_ptr<scalar_t>(), p.N, p.O, OperandReader<scalar_t>(p.b2), Activation::Identity);
+    bias_pass<scalar_t>(pred.data_ptr<scalar_t>(), p.N, p.O, OperandReader<scalar_t>(p.b2));
   });
   return {pred.view(p.out_shape), s};
 }

@@ -1,9 +1,11 @@
-// The small-problem path of the loss op: one pass over the rows, every step of
-// the README's "Math" done for row i before row i+1, no BLAS call and no
-// intermediate tensor (scratch is H + O values). For the tiny networks of
-// curve fits and surrogates a BLAS call, and the tensors between calls, cost
-// more than the arithmetic; past the measured crossover (kSmallPathMaxMacs)
-// the GEMM path of kernels_cpu.cpp is faster.
+// The small-problem path of the loss op: direct loops, no BLAS call, and no
+// intermediate tensor but s itself. A first pass computes s = act(x W1ᵀ + b1)
+// for all rows (σ over the whole block by ATen's vectorised sigmoid); a second
+// does every other step of the README's "Math" for row i before row i+1
+// (scratch: H + O values). For the tiny networks of curve fits and surrogates
+// a BLAS call, and the tensors between calls, cost more than the arithmetic;
+// past the measured crossover (kSmallPathMaxMacs) the GEMM path of
+// kernels_cpu.cpp is faster.
 //
 // Per row i (x_i, t_i rows; s, p, g, ds, dh vectors):
 //   s   = act(W1 x_i + b1_i)             (computed as Σ_d x_id · W1ᵀ[d,:])
@@ -17,14 +19,24 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <cstdlib>
 #include <vector>
 
 namespace fusedgrad {
 namespace {
 
-// Multiply-adds of one forward pass, N·(D·H + H·O), below which the direct
-// loops beat BLAS here (measured: see benchmarks/ and the README).
-constexpr int64_t kSmallPathMaxMacs = 1 << 17;
+// Multiply-adds of one forward pass, N·(D·H + H·O), up to which the direct
+// loops beat BLAS (measured: README, "Performance"). FUSEDGRAD_SMALL_PATH_MAX_MACS
+// overrides it, read once, for measuring the crossover on another machine.
+constexpr int64_t kSmallPathMaxMacsDefault = 1 << 16;  // measured: direct wins at 41k MACs, GEMM at 98k
+
+int64_t small_path_max_macs() {
+  static const int64_t limit = [] {
+    const char* env = std::getenv("FUSEDGRAD_SMALL_PATH_MAX_MACS");
+    return env ? std::atoll(env) : kSmallPathMaxMacsDefault;
+  }();
+  return limit;
+}
 
 bool kind_supported(const Broadcast2d& op) {
   return op.kind != Broadcast2d::Kind::Other;
@@ -89,24 +101,34 @@ void small_loss_and_grads(const Problem& p, double c, const LossGradMask& need, 
 
   using Acc = at::opmath_type<T>;
   std::vector<Acc> db1_sum(H, Acc(0)), g_sum(O, Acc(0));
-  std::vector<T> s(H), r(O), dh(H);
+  std::vector<T> r(O), dh(H);
   double sum_sq = 0;
 
   const T* b1 = p.b1.present() ? p.b1.data<T>() : nullptr;
   const T* b2 = p.b2.present() ? p.b2.data<T>() : nullptr;
   const T* t = p.target.present() ? p.target.data<T>() : nullptr;
 
+  // First pass, all rows: s = act(x W1ᵀ + b1), then σ over the whole (N, H)
+  // block at once with ATen's vectorised sigmoid (per-element std::exp would
+  // cost several times the rest of the step).
+  at::Tensor s_tensor = at::empty({N, H}, p.x2.options());
+  T* s_all = s_tensor.data_ptr<T>();
   for (int64_t i = 0; i < N; ++i) {
     const T* xi = x + i * x_rs;
-    // s = act(W1 x_i + b1_i)
-    std::fill(s.begin(), s.end(), T(0));
-    for (int64_t d = 0; d < D; ++d) axpy(s.data(), xi[d * x_cs], w1t.data() + d * H, H);
+    T* si = s_all + i * H;
+    std::fill(si, si + H, T(0));
+    for (int64_t d = 0; d < D; ++d) axpy(si, xi[d * x_cs], w1t.data() + d * H, H);
     if (b1) {
       const T* bi = b1 + i * p.b1.row_stride;
-      for (int64_t j = 0; j < H; ++j) s[j] = math::bias_activate(s[j], bi[j * p.b1.col_stride], act);
-    } else if (act == Activation::Sigmoid) {
-      for (int64_t j = 0; j < H; ++j) s[j] = math::activate(s[j], act);
+      for (int64_t j = 0; j < H; ++j) si[j] += bi[j * p.b1.col_stride];
     }
+  }
+  apply_activation_(s_tensor, act);
+
+  // Second pass, row by row: everything else.
+  for (int64_t i = 0; i < N; ++i) {
+    const T* xi = x + i * x_rs;
+    const T* s = s_all + i * H;  // act(W1 x_i + b1_i), from the first pass
     // r = W2 s + b2_i − t_i   (or s − t_i without a second layer)
     for (int64_t o = 0; o < O; ++o) {
       T v;
@@ -129,7 +151,7 @@ void small_loss_and_grads(const Problem& p, double c, const LossGradMask& need, 
       for (int64_t o = 0; o < O; ++o) dt_full[i * O + o] = -r[o];
     }
     if (dw2) {
-      for (int64_t o = 0; o < O; ++o) axpy(dw2 + o * H, r[o], s.data(), H);
+      for (int64_t o = 0; o < O; ++o) axpy(dw2 + o * H, r[o], s, H);
     }
     if (!need_hidden) continue;
     // ds = W2ᵀ g (= g without a second layer), dh = ds ⊙ act'(s)
@@ -177,7 +199,7 @@ void small_loss_and_grads(const Problem& p, double c, const LossGradMask& need, 
 
 bool small_path_applies(const Problem& p) {
   const int64_t macs = p.N * (p.D * p.H + p.H * p.O);
-  return macs <= kSmallPathMaxMacs && kind_supported(p.b1) && kind_supported(p.b2) &&
+  return macs <= small_path_max_macs() && kind_supported(p.b1) && kind_supported(p.b2) &&
       kind_supported(p.target);
 }
 

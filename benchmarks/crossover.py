@@ -1,0 +1,62 @@
+"""Where the direct-loop path stops beating the GEMM path (csrc/kernels_cpu_small.cpp).
+
+    python benchmarks/crossover.py [--threads 1 2]
+
+Times the fused loss-and-gradients op on shapes around the threshold twice, in
+subprocesses forced onto each path (FUSEDGRAD_SMALL_PATH_MAX_MACS=0 / huge),
+and prints µs per call and the MACs N·(D·H + H·O) of each shape."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+SHAPES = [(10, 4, 4, 4), (100, 1, 20, 1), (64, 16, 32, 4), (128, 16, 32, 8), (256, 16, 32, 8),
+          (128, 32, 64, 8), (256, 32, 64, 8), (512, 32, 64, 8), (1024, 32, 64, 8)]
+
+CHILD = r"""
+import json, sys, time, torch, fusedgrad
+torch.set_num_threads(int(sys.argv[1]))
+op = torch.ops.fusedgrad.mlp_loss_and_grads.default
+out = {}
+for N, D, H, O in json.loads(sys.argv[2]):
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(N, D, generator=g), torch.randn(N, O, generator=g)
+    ws = [torch.randn(H, D, generator=g), torch.randn(H, generator=g), torch.randn(O, H, generator=g), torch.randn(O, generator=g)]
+    call = lambda: op(x, *ws, t, 1, 0, [False, True, True, True, True, False])
+    for _ in range(20): call()
+    reps = max(5, int(2e5 / (N * (D * H + H * O) + 1000)))
+    best = float("inf")
+    for _ in range(7):
+        start = time.perf_counter()
+        for _ in range(reps): call()
+        best = min(best, (time.perf_counter() - start) / reps)
+    out[f"{N}x{D}x{H}x{O}"] = best * 1e6
+print(json.dumps(out))
+"""
+
+
+def run(threads, limit):
+    env = {**os.environ, "FUSEDGRAD_SMALL_PATH_MAX_MACS": str(limit)}
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(threads), json.dumps(SHAPES)],
+                          env=env, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    args = parser.parse_args()
+    for threads in args.threads:
+        small, gemm = run(threads, 1 << 62), run(threads, 0)
+        print(f"\n{threads} thread(s): µs per fused loss+gradients call (best of 7)")
+        print(f"{'N×D×H×O':<16}{'MACs':>10}{'direct':>10}{'GEMM':>10}  faster")
+        for (N, D, H, O) in SHAPES:
+            key = f"{N}x{D}x{H}x{O}"
+            macs = N * (D * H + H * O)
+            print(f"{key:<16}{macs:>10}{small[key]:>10.1f}{gemm[key]:>10.1f}  "
+                  f"{'direct' if small[key] < gemm[key] else 'GEMM'}")
+
+
+if __name__ == "__main__":
+    main()
