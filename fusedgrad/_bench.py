@@ -159,6 +159,12 @@ def assert_paths_agree(problem: Problem, paths):
                     f"native autograd by {err:.3e} (scale {scale:.3e}, rtol {rtol:.0e})")
 
 
+def synchronize(device):
+    """Waits for queued device work, so wall-clock timings of CUDA steps are honest."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def time_paths(problem: Problem, paths, repeats=7, min_repeat_s=0.02, max_total_s=20.0):
     """Median seconds per step for each path, measured round-robin in one run.
 
@@ -166,10 +172,13 @@ def time_paths(problem: Problem, paths, repeats=7, min_repeat_s=0.02, max_total_
     paths alternate repeat by repeat, so machine noise hits all of them alike.
     """
     loops = {}
+    device = problem.case.device
     for path in paths:
         problem.step(path)  # warm-up (first-call allocations, compile already done)
+        synchronize(device)
         start = time.perf_counter()
         problem.step(path)
+        synchronize(device)
         one = max(time.perf_counter() - start, 1e-7)
         loops[path] = max(1, int(min_repeat_s / one))
     samples = {p: [] for p in paths}
@@ -180,6 +189,7 @@ def time_paths(problem: Problem, paths, repeats=7, min_repeat_s=0.02, max_total_
             start = time.perf_counter()
             for _ in range(k):
                 problem.step(path)
+            synchronize(device)
             samples[path].append((time.perf_counter() - start) / k)
         if r >= 2 and time.perf_counter() - started > max_total_s:
             break
@@ -192,10 +202,12 @@ def gemm_peak_gflops(dtype=torch.float32, n=1024, device="cpu", repeats=5):
     b = torch.rand(n, n, dtype=dtype, device=device)
     out = torch.empty(n, n, dtype=dtype, device=device)
     torch.mm(a, b, out=out)
+    synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         torch.mm(a, b, out=out)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best / 1e9
 
