@@ -11,16 +11,18 @@ STAMP  := $(VENV)/.fusedgrad-setup
 setup: $(STAMP)
 
 # torch is installed first and pinned, so no later step can make pip resolve
-# an unpinned (CUDA, multi-GB) torch; the extension is then built against it
-# without build isolation.
-$(STAMP): pyproject.toml setup.py requirements-dev.txt
+# an unpinned (CUDA, multi-GB) torch.
+$(STAMP): requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -r requirements-dev.txt
-	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
-# Incremental rebuild of the C++ extension after editing csrc/.
+# Builds fusedgrad/_C*.so in place against the venv's torch (no build
+# isolation, so nothing fetches a torch of its own); ninja makes rebuilds after
+# editing csrc/ incremental. The commands run from the repository root, where
+# the package is importable. (To install it elsewhere:
+# pip install --no-build-isolation -e .)
 build: setup
 	$(BIN)/python setup.py --quiet build_ext --inplace
 
