@@ -10,7 +10,6 @@ unless ``x_grad``). The paths compared, all from identical weights:
 * ``no_autograd`` — ``FusedMLP.loss_backward(x, y)``: the fused gradients written into
   ``.grad`` without the autograd engine (for hand-written loops)
 """
-import ctypes
 import gc
 import re
 import statistics
@@ -196,7 +195,7 @@ def time_paths(problem: Problem, paths, repeats=7, min_repeat_s=0.02, max_total_
     return {p: statistics.median(s) for p, s in samples.items()}
 
 
-def gemm_peak_gflops(dtype=torch.float32, n=1024, device="cpu", repeats=5):
+def gemm_peak_gflops(dtype=torch.float32, n=1024, device="cpu", repeats=10):
     """GFLOP/s of a square torch.mm at the current thread count: the roof for the large shapes."""
     a = torch.rand(n, n, dtype=dtype, device=device)
     b = torch.rand(n, n, dtype=dtype, device=device)
@@ -224,19 +223,6 @@ def memory_measurement_available():
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         _status_kib("VmHWM")
-        return True
-    except OSError:
-        return False
-
-
-def force_mmap_for_large_allocations(threshold=64 * 1024):
-    """Makes glibc hand every block ≥ threshold straight to/from the OS, so the
-    resident-set high-water mark sees each step's allocations (freed memory is
-    not silently reused). Call only after timing: it changes allocation costs."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_MMAP_THRESHOLD = -3
-        libc.mallopt(M_MMAP_THRESHOLD, threshold)
         return True
     except OSError:
         return False
