@@ -23,6 +23,12 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     assert set(row["us_per_step"]) == {"native", "fused", "no_autograd"}
     assert all(v > 0 for v in row["us_per_step"].values())
     assert data["meta"]["torch"].startswith("2.")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    png = out / "speedup.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_rejects_a_malformed_shape():

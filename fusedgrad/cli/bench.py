@@ -171,10 +171,10 @@ def plot(rows, path):
                 continue
             sel.sort(key=lambda r: r["flops_per_step"])
             xs = [r["flops_per_step"] for r in sel]
-            for path, style in (("fused", "-o"), ("no_autograd", "--s"), ("compile", ":^")):
-                if path in sel[0]["us_per_step"]:
-                    ys = [r["us_per_step"]["native"] / r["us_per_step"][path] for r in sel]
-                    ax.plot(xs, ys, style, label=f"{path}, {threads} thr")
+            for step_path, style in (("fused", "-o"), ("no_autograd", "--s"), ("compile", ":^")):
+                if step_path in sel[0]["us_per_step"]:
+                    ys = [r["us_per_step"]["native"] / r["us_per_step"][step_path] for r in sel]
+                    ax.plot(xs, ys, style, label=f"{step_path}, {threads} thr")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
