@@ -136,8 +136,11 @@ double residual_pass(
 // dh = ds ⊙ act'(s), in place over ds; optionally Σ_rows dh into colsum_dh.
 template <typename T>
 void hidden_backward_pass(
-    T* ds, const T* s, int64_t N, int64_t H, Activation act, at::opmath_type<T>* colsum_dh) {
-  using Acc = at::opmath_type<T>;
+    T* ds, const T* s, int64_t N, int64_t H, Activation act, double* colsum_dh) {
+  // Column sums run over up to N rows: accumulated in double, so float32 bias
+  // gradients keep float32 accuracy (a float accumulator loses ~1e-4 relative
+  // over thousands of rows, where autograd's pairwise sum does not).
+  using Acc = double;
   auto rows = [&](int64_t i0, int64_t i1, Acc* acc) {
     for (int64_t i = i0; i < i1; ++i) {
       T* d = ds + i * H;
@@ -211,7 +214,7 @@ void backprop_output_grad(
   }
   const bool fused_db1 = need_b1 && p.b1.kind == Broadcast2d::Kind::PerColumn;
   AT_DISPATCH_FLOATING_TYPES(dh.scalar_type(), "fusedgrad_hidden_backward", [&] {
-    using Acc = at::opmath_type<scalar_t>;
+    using Acc = double;
     std::vector<Acc> colsum(fused_db1 ? p.H : 0);
     hidden_backward_pass<scalar_t>(
         dh.data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), p.N, p.H, p.activation,

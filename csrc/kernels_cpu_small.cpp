@@ -99,7 +99,7 @@ void small_loss_and_grads(const Problem& p, double c, const LossGradMask& need, 
   std::vector<T> dw1t(dw1 ? D * H : 0, T(0));
   if (dw2) std::fill(dw2, dw2 + O * H, T(0));
 
-  using Acc = at::opmath_type<T>;
+  using Acc = double;  // bias / target gradients are sums over N rows: keep them accurate in float32
   std::vector<Acc> db1_sum(H, Acc(0)), g_sum(O, Acc(0));
   std::vector<T> r(O), dh(H);
   double sum_sq = 0;

@@ -7,10 +7,10 @@ computing anything. Every output of the CPU kernels is a fresh contiguous
 tensor, so ``new_empty`` describes each one exactly. Shapes may be symbolic
 (``dynamic=True``): only products and indexing of sizes are used here.
 
-Argument *checking* stays in C++ (csrc/problem.cpp): under compile, a bad call
-raises the same ValueError/TypeError when the compiled code first runs it. The
-checks below (ValueError, like the C++ ones) are only those without which no
-output shape can be computed.
+Argument checking lives in C++ (csrc/problem.cpp). The fake kernels repeat the
+device, dtype and shape rules (ValueError/TypeError naming the argument, like
+the C++ ones), so that meta tensors and tracing refuse what the real kernels
+refuse instead of returning a result.
 """
 import torch
 
@@ -53,10 +53,29 @@ def _shapes(name, x, w1, w2):
                        lambda: f"fusedgrad.{name}: argument 'w1' must be 2-D (H, D), got {tuple(w1.shape)}")
     torch._check_value(w2 is None or w2.dim() == 2,
                        lambda: f"fusedgrad.{name}: argument 'w2' must be 2-D (O, H), got {tuple(w2.shape)}")
+    torch._check_value(
+        w1.shape[1] == x.shape[-1],
+        lambda: f"fusedgrad.{name}: argument 'w1' must have shape (H, {x.shape[-1]}) to match the last "
+        f"dimension of x, got {tuple(w1.shape)}")
+    torch._check_value(
+        w2 is None or w2.shape[1] == w1.shape[0],
+        lambda: f"fusedgrad.{name}: argument 'w2' must have shape (O, {w1.shape[0]}) to match w1's "
+        f"hidden_features, got {tuple(w2.shape)}")
     hidden = w1.shape[0]
     out = hidden if w2 is None else w2.shape[0]
     lead = tuple(x.shape[:-1])
     return lead + (hidden,), lead + (out,), hidden, out
+
+
+def _check_broadcasts(name, arg_name, t, full_shape):
+    """t must broadcast to full_shape without enlarging it (as csrc/problem.cpp demands)."""
+    if t is None:
+        return
+    ok = t.dim() <= len(full_shape) and all(
+        t.shape[-k] == full_shape[-k] or t.shape[-k] == 1 for k in range(1, t.dim() + 1))
+    torch._check_value(
+        ok, lambda: f"fusedgrad.{name}: argument '{arg_name}' has shape {tuple(t.shape)}, which does not "
+        f"broadcast to {tuple(full_shape)}")
 
 
 def _grad_or_empty(needed, arg, like):
@@ -66,17 +85,28 @@ def _grad_or_empty(needed, arg, like):
     return like.new_empty((0,))
 
 
+def _check_operands(name, hidden_shape, out_shape, b1=None, w2=None, b2=None, target=None):
+    torch._check_value(
+        b2 is None or w2 is not None,
+        lambda: f"fusedgrad.{name}: argument 'b2' was given without 'w2'; b2 is the second layer's bias and needs w2")
+    _check_broadcasts(name, "b1", b1, hidden_shape)
+    _check_broadcasts(name, "b2", b2, out_shape)
+    _check_broadcasts(name, "target", target, out_shape)
+
+
 @torch.library.register_fake(f"{_LIB}::mlp_loss")
 def _mlp_loss_fake(x, w1, b1, w2, b2, target, reduction, activation):
     _check_same_device_and_dtype("mlp_loss", x, w1=w1, b1=b1, w2=w2, b2=b2, target=target)
-    _shapes("mlp_loss", x, w1, w2)
+    hidden_shape, out_shape, _, _ = _shapes("mlp_loss", x, w1, w2)
+    _check_operands("mlp_loss", hidden_shape, out_shape, b1=b1, w2=w2, b2=b2, target=target)
     return x.new_empty(())
 
 
 @torch.library.register_fake(f"{_LIB}::mlp_loss_and_grads")
 def _mlp_loss_and_grads_fake(x, w1, b1, w2, b2, target, reduction, activation, output_mask):
     _check_same_device_and_dtype("mlp_loss_and_grads", x, w1=w1, b1=b1, w2=w2, b2=b2, target=target)
-    _shapes("mlp_loss_and_grads", x, w1, w2)
+    hidden_shape, out_shape, _, _ = _shapes("mlp_loss_and_grads", x, w1, w2)
+    _check_operands("mlp_loss_and_grads", hidden_shape, out_shape, b1=b1, w2=w2, b2=b2, target=target)
     args = (x, w1, b1, w2, b2, target)
     grads = tuple(_grad_or_empty(need, arg, x) for need, arg in zip(output_mask, args))
     return (x.new_empty(()),) + grads
@@ -85,14 +115,16 @@ def _mlp_loss_and_grads_fake(x, w1, b1, w2, b2, target, reduction, activation, o
 @torch.library.register_fake(f"{_LIB}::mlp")
 def _mlp_fake(x, w1, b1, w2, b2, activation):
     _check_same_device_and_dtype("mlp", x, w1=w1, b1=b1, w2=w2, b2=b2)
-    _, out_shape, _, _ = _shapes("mlp", x, w1, w2)
+    hidden_shape, out_shape, _, _ = _shapes("mlp", x, w1, w2)
+    _check_operands("mlp", hidden_shape, out_shape, b1=b1, w2=w2, b2=b2)
     return x.new_empty(out_shape)
 
 
 @torch.library.register_fake(f"{_LIB}::mlp_forward")
 def _mlp_forward_fake(x, w1, b1, w2, b2, activation):
     _check_same_device_and_dtype("mlp_forward", x, w1=w1, b1=b1, w2=w2, b2=b2)
-    _, out_shape, hidden, _ = _shapes("mlp_forward", x, w1, w2)
+    hidden_shape, out_shape, hidden, _ = _shapes("mlp_forward", x, w1, w2)
+    _check_operands("mlp_forward", hidden_shape, out_shape, b1=b1, w2=w2, b2=b2)
     prediction = x.new_empty(out_shape)
     # Without w2 the prediction is the activations themselves: the slot is empty.
     activations = x.new_empty((0,)) if w2 is None else x.new_empty((_rows(x), hidden))

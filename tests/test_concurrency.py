@@ -1,0 +1,172 @@
+"""Thread safety and determinism.
+
+* Many Python threads calling the ops at once (with and without backward) get
+  exactly — bitwise, torch.equal — the answers of sequential calls.
+* Repeated calls are bitwise identical.
+* Results are bitwise identical under torch.set_num_threads(1) and (2), for
+  shapes large enough that the row-blocked reductions (loss, per-column bias
+  and target gradients) run several blocks in parallel.
+"""
+import threading
+
+import pytest
+import torch
+
+import fusedgrad
+
+F64, F32 = torch.float64, torch.float32
+
+
+def problem(N, D, H, O, dtype=F32, seed=0, bias="vec", lead=None):
+    g = torch.Generator().manual_seed(seed)
+    lead = (N,) if lead is None else lead
+
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=F64).to(dtype)
+
+    b_shape = {"vec": lambda c: (c,), "row": lambda c: (1, c), "full": lambda c: lead + (c,),
+               "col": lambda c: lead + (1,)}[bias]
+    return {
+        "x": r(*lead, D), "w1": r(H, D) / D**0.5, "b1": r(*b_shape(H)),
+        "w2": r(O, H) / H**0.5, "b2": r(*b_shape(O)), "target": r(*lead, O),
+    }
+
+
+ARGS = ("x", "w1", "b1", "w2", "b2", "target")
+
+
+def step(p, kind, backward, reduction="mean"):
+    """One call; returns every resulting tensor (value, then gradients) as plain tensors."""
+    leaves = {k: v.clone().requires_grad_(backward) for k, v in p.items()}
+    if kind == "loss":
+        out = fusedgrad.mlp_loss(*(leaves[a] for a in ARGS), reduction=reduction)
+        scalar = out
+    elif kind == "mlp":
+        out = fusedgrad.mlp(*(leaves[a] for a in ARGS[:5]))
+        scalar = (out * p["target"]).sum()
+    else:  # the raw op, all gradients
+        res = torch.ops.fusedgrad.mlp_loss_and_grads(
+            *(p[a] for a in ARGS), 1 if reduction == "mean" else 2, 0, [True] * 6)
+        return list(res)
+    results = [out.detach().clone()]
+    if backward:
+        scalar.backward()
+        results += [leaves[a].grad for a in (ARGS if kind == "loss" else ARGS[:5])]
+    return results
+
+
+def assert_bitwise(a, b, label):
+    assert len(a) == len(b), label
+    for k, (x, y) in enumerate(zip(a, b)):
+        assert x.shape == y.shape and x.dtype == y.dtype, (label, k)
+        assert torch.equal(x, y), f"{label}: result {k} differs (max diff {(x - y).abs().max().item():.3e})"
+
+
+SHAPES = {  # the small direct-loop path and the GEMM path (N·(DH + HO) = 1.3M multiply-adds,
+    # far above the crossover, kSmallPathMaxMacs = 2^17 when written)
+    "small": dict(N=10, D=4, H=4, O=4),
+    "gemm": dict(N=1031, D=32, H=32, O=8),
+}
+CASES = [(s, kind, bw) for s in SHAPES for kind, bw in
+         (("loss", True), ("loss", False), ("mlp", True), ("mlp", False), ("op", False))]
+
+
+@pytest.mark.parametrize("shape,kind,backward", CASES, ids=[f"{s}-{k}-{'bw' if b else 'fw'}" for s, k, b in CASES])
+def test_threads_match_sequential_bitwise(shape, kind, backward):
+    n_threads, calls = 8, 50
+    problems = [problem(**SHAPES[shape], seed=s, bias=("vec", "full", "col", "row")[s % 4])
+                for s in range(n_threads)]
+    expected = [step(p, kind, backward) for p in problems]
+    errors, mismatches = [], []
+    barrier = threading.Barrier(n_threads)
+
+    def worker(k):
+        try:
+            barrier.wait()
+            for i in range(calls):
+                p = problems[(k + i) % n_threads]  # every thread visits every problem
+                got = step(p, kind, backward)
+                try:
+                    assert_bitwise(got, expected[(k + i) % n_threads], f"thread {k} call {i}")
+                except AssertionError as e:
+                    mismatches.append(str(e))
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not errors, errors[:3]
+    assert not mismatches, f"{len(mismatches)} mismatches, e.g. {mismatches[:3]}"
+
+
+def test_threads_mixed_ops_and_dtypes():
+    """Different ops, dtypes and shapes interleaved in 6 threads."""
+    jobs = []
+    for s, (shape, dtype, kind) in enumerate(
+            [("small", F32, "loss"), ("gemm", F64, "loss"), ("small", F64, "mlp"),
+             ("gemm", F32, "mlp"), ("small", F32, "op"), ("gemm", F64, "op")]):
+        p = problem(**SHAPES[shape], dtype=dtype, seed=100 + s, bias=("vec", "col", "full")[s % 3])
+        jobs.append((p, kind, kind != "op", step(p, kind, kind != "op")))
+    failures = []
+
+    def worker(k):
+        try:
+            p, kind, bw, want = jobs[k]
+            for i in range(30):
+                assert_bitwise(step(p, kind, bw), want, f"job {k} call {i}")
+        except BaseException as e:  # noqa: BLE001
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not failures, failures[:3]
+
+
+@pytest.mark.parametrize("bias", ["vec", "row", "full", "col"])
+@pytest.mark.parametrize("kind", ["loss", "mlp", "op"])
+def test_repeated_calls_bitwise_identical(kind, bias):
+    p = problem(N=700, D=16, H=32, O=8, dtype=F32, bias=bias)
+    first = step(p, kind, kind != "op")
+    for _ in range(5):
+        assert_bitwise(step(p, kind, kind != "op"), first, "repeat")
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+THREAD_CASES = [
+    # (N, D, H, O, bias): N·cols well above the 16384-element row block, so the
+    # per-column reductions run many blocks; per-column biases use the blocked sums.
+    (4096, 16, 64, 8, "vec"),
+    (4096, 16, 64, 8, "row"),
+    (8192, 8, 16, 3, "vec"),
+    (4096, 16, 64, 8, "full"),
+    (4096, 16, 64, 8, "col"),  # (N, 1) biases: gradients through a plain sum over columns
+    (300, 7, 5, 3, "vec"),  # small path
+]
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+@pytest.mark.parametrize("N,D,H,O,bias", THREAD_CASES, ids=[f"{c[0]}x{c[1]}-{c[2]}-{c[3]}-{c[4]}" for c in THREAD_CASES])
+def test_results_independent_of_thread_count(N, D, H, O, bias, dtype, restore_threads):
+    p = problem(N, D, H, O, dtype=dtype, bias=bias, seed=11)
+    results = {}
+    for n in (1, 2, 1):
+        torch.set_num_threads(n)
+        assert torch.get_num_threads() == n
+        got = step(p, "loss", True) + step(p, "mlp", True) + step(p, "op", False, reduction="sum")
+        if n in results:
+            assert_bitwise(got, results[n], f"{n} threads, repeated")
+        results[n] = got
+    assert_bitwise(results[1], results[2], "1 thread vs 2 threads")
