@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .cli.demo import Net  # the native Linear → Sigmoid → Linear reference
 from .functional import mlp_loss_and_grads
 from .module import FusedMLP
 
@@ -49,17 +50,6 @@ class Case:
         return fwd + bwd
 
 
-class NativeNet(nn.Module):
-    def __init__(self, d, h, o):
-        super().__init__()
-        self.linear1 = nn.Linear(d, h)
-        self.sigmoid = nn.Sigmoid()
-        self.linear2 = nn.Linear(h, o)
-
-    def forward(self, x):
-        return self.linear2(self.sigmoid(self.linear1(x)))
-
-
 class Problem:
     """Inputs and one model per path, all with the same weights."""
 
@@ -71,7 +61,7 @@ class Problem:
         self.y = torch.rand(case.N, case.O, generator=gen, **kw).to(case.device)
         self.x.requires_grad_(case.x_grad)
         torch.manual_seed(seed)
-        self.native = NativeNet(case.D, case.H, case.O).to(device=case.device, dtype=case.dtype)
+        self.native = Net(case.D, case.H, case.O).to(device=case.device, dtype=case.dtype)
         self.fused = FusedMLP(case.D, case.H, case.O, device=case.device, dtype=case.dtype)
         self.fused.load_state_dict(self.native.state_dict())
         self.mse = nn.MSELoss()
