@@ -144,7 +144,7 @@ def run(args):
         print(f"{i:>6} {nl[i]:>14.6f} {fl[i]:>15.6f} {abs(nl[i] - fl[i]) / max(abs(nl[i]), 1e-30):>10.1e}")
     worst = max(abs(a - b) / max(abs(a), 1e-30) for a, b in zip(nl, fl))
     # Tolerance: float noise compounded over the run by Adam's normalisation.
-    tol = 1e-3 if dtype == torch.float32 else 1e-9
+    tol = 1e-4 if dtype == torch.float32 else 1e-9  # measured worst over 8 seeds: 5e-6 (float32)
     agree = worst <= tol
     print(f"\nlargest relative loss difference over {len(nl)} steps: {worst:.2e} "
           f"({'agree' if agree else 'DISAGREE'}, tolerance {tol:.0e})")
