@@ -32,6 +32,10 @@ LossAndGrads mlp_loss_and_grads_cpu_small(const Problem& p, Reduction reduction,
 // written for device kernels); a scalar std::exp loop costs several times more.
 void apply_activation_(at::Tensor& s, Activation act);
 
+// dw1 = dhᵀ x and dx = dh w1 (x's shape), for the requested ones; any device.
+void first_layer_grads(const Problem& p, const at::Tensor& dh, bool need_w1, bool need_x,
+                       at::Tensor& dw1, at::Tensor& dx);
+
 // Prediction (shape (*, O)) and the saved activations s (N, H).
 std::array<at::Tensor, 2> mlp_forward_cpu(const Problem& p);
 

@@ -222,15 +222,7 @@ void backprop_output_grad(
     if (fused_db1) db1 = column_sums_as_operand<Acc>(colsum, p.b1, Acc(1));
   });
   if (need_b1 && !fused_db1) db1 = reduce_to_operand(dh, p.hidden_shape, p.b1);
-  if (need_w1) {
-    dw1 = at::empty({p.H, p.D}, s.options());
-    at::mm_out(dw1, dh.t(), p.x2);
-  }
-  if (need_x) {
-    dx = at::empty({p.N, p.D}, s.options());
-    at::mm_out(dx, dh, p.w1);
-    dx = dx.view(p.x_shape);
-  }
+  first_layer_grads(p, dh, need_w1, need_x, dw1, dx);
 }
 
 at::Tensor empty_like_unrequested(const at::Tensor& like) {

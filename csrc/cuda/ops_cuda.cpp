@@ -117,15 +117,7 @@ void backprop_output_grad(
       dh.scalar_type(), dh.data_ptr(), s.const_data_ptr(), p.N, p.H, p.activation,
       fused_db1 ? db1.data_ptr() : nullptr, fused_db1 ? ws.data_ptr() : nullptr, stream);
   if (need_b1 && !fused_db1) db1 = reduce_to_operand(dh, p.hidden_shape, p.b1);
-  if (need_w1) {
-    dw1 = at::empty({p.H, p.D}, s.options());
-    at::mm_out(dw1, dh.t(), p.x2);
-  }
-  if (need_x) {
-    dx = at::empty({p.N, p.D}, s.options());
-    at::mm_out(dx, dh, p.w1);
-    dx = dx.view(p.x_shape);
-  }
+  first_layer_grads(p, dh, need_w1, need_x, dw1, dx);
 }
 
 LossAndGrads mlp_loss_and_grads_cuda(const Problem& p, Reduction reduction, const LossGradMask& need) {
