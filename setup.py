@@ -32,6 +32,7 @@ def extension():
     debug = os.environ.get("FUSEDGRAD_DEBUG", "0") == "1"
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags += ["-fvisibility=hidden"]  # the C++ standard is the one torch's headers ask for
+    cxx_flags += ["-fopenmp-simd"]  # `omp simd` loops (csrc/kernels_cpu_small.cpp); no OpenMP runtime
     cxx_flags += os.environ.get("FUSEDGRAD_EXTRA_CFLAGS", "").split()
     link_flags = os.environ.get("FUSEDGRAD_EXTRA_LDFLAGS", "").split()
     if _build_cuda():

@@ -6,7 +6,7 @@ def _run(benchmark, problem, case, path):
     threads, c = case
     benchmark.group = f"{c.label} {str(c.dtype)[6:]} {threads}thr{' x-grad' if c.x_grad else ''}"
     benchmark.extra_info.update(flops=c.flops(), threads=threads)
-    benchmark(problem.step, path)
+    benchmark(problem.step_fn(path))
 
 
 def test_native(benchmark, problem, case):

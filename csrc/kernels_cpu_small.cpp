@@ -1,10 +1,10 @@
 // The small-problem path of the loss op: direct loops, no BLAS call, and no
-// intermediate tensor but s itself. A first pass computes s = act(x W1ᵀ + b1)
-// for all rows (σ over the whole block by ATen's vectorised sigmoid); a second
-// does every other step of the README's "Math" for row i before row i+1
-// (scratch: H + O values). For the tiny networks of curve fits and surrogates
-// a BLAS call, and the tensors between calls, cost more than the arithmetic;
-// past the measured crossover (kSmallPathMaxMacs) the GEMM path of
+// allocation but the outputs (intermediates live in per-thread scratch). A first pass
+// computes s = act(x W1ᵀ + b1) for all rows (σ over the whole block by ATen's
+// vectorised sigmoid); a second does every other step of the README's "Math"
+// for row i before row i+1. For the tiny networks of curve fits and
+// surrogates a BLAS call, and the tensors between calls, cost more than the
+// arithmetic; past the measured crossover (kSmallPathMaxMacs) the GEMM path of
 // kernels_cpu.cpp is faster.
 //
 // Per row i (x_i, t_i rows; s, p, g, ds, dh vectors):
@@ -13,11 +13,18 @@
 //   dw2 += g sᵀ;   db2 += g;   dt_i = −g
 //   ds  = W2ᵀ g;   dh = ds ⊙ act'(s)
 //   dw1 += dh x_iᵀ;   db1 += dh;   dx_i = W1ᵀ dh
-// Accumulation runs over rows in order, so results are deterministic.
+// The sums over rows (dw1, db1, dw2, db2, dt) run over rows in order, in
+// blocks of kBlockRows rows summed in T and blocks summed in double: results
+// are deterministic, and float32 sums stay accurate at any N.
+//
+// The loops over H are written for the vectoriser: restrict pointers, and
+// `omp simd` (-fopenmp-simd; no OpenMP runtime) on the dot products so that
+// their sums may be reassociated into vector lanes — the same reassociation a
+// BLAS dot product makes. With GCC on x86-64 the kernel is also compiled for
+// AVX2 + FMA (x86-64-v3), picked at load time on CPUs that have them
+// (target_clones), as ATen picks its own kernels by CPU capability.
 #include "kernels.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 
 #include <cstdlib>
 #include <vector>
@@ -42,14 +49,63 @@ bool kind_supported(const Broadcast2d& op) {
   return op.kind != Broadcast2d::Kind::Other;
 }
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FUSEDGRAD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define FUSEDGRAD_INLINE __attribute__((always_inline)) inline  // compiled into each clone
+#else
+#define FUSEDGRAD_CPU_CLONES
+#define FUSEDGRAD_INLINE inline
+#endif
+
+// Rows per block of the row sums (see the top of the file): error of order
+// (kBlockRows + N / kBlockRows) ε rather than N ε.
+constexpr int64_t kBlockRows = 64;
+
 // dst[k] += a · src[k]
 template <typename T>
-inline void axpy(T* dst, T a, const T* src, int64_t n) {
+FUSEDGRAD_INLINE void axpy(T* __restrict__ dst, T a, const T* __restrict__ src, int64_t n) {
+#pragma omp simd
   for (int64_t k = 0; k < n; ++k) dst[k] += a * src[k];
 }
 
+// Σ_k a[k] · b[k]
 template <typename T>
-void small_loss_and_grads(const Problem& p, double c, const LossGradMask& need, LossAndGrads& out) {
+FUSEDGRAD_INLINE T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < n; ++k) sum += a[k] * b[k];
+  return sum;
+}
+
+// totals[k] += block[k]; block[k] = 0 — the end of one block of rows.
+template <typename T>
+FUSEDGRAD_INLINE void flush_block(double* __restrict__ totals, T* __restrict__ block, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    totals[k] += static_cast<double>(block[k]);
+    block[k] = T(0);
+  }
+}
+
+// Per-thread scratch, grown on demand and kept: a step allocates nothing for
+// its intermediates (the small path's are at most a few hundred KiB).
+template <typename T>
+struct Scratch {
+  std::vector<T> values;
+  std::vector<double> sums;
+};
+
+template <typename T>
+Scratch<T>& thread_scratch(size_t n_values, size_t n_sums) {
+  thread_local Scratch<T> scratch;
+  if (scratch.values.size() < n_values) scratch.values.resize(n_values);
+  if (scratch.sums.size() < n_sums) scratch.sums.resize(n_sums);
+  return scratch;
+}
+
+template <typename T>
+FUSEDGRAD_INLINE void small_loss_and_grads(const Problem& p, double c, const LossGradMask& need,
+                                           LossAndGrads& out) {
   const int64_t N = p.N, D = p.D, H = p.H, O = p.O;
   const bool has_w2 = p.has_w2();
   const Activation act = p.activation;
@@ -57,17 +113,34 @@ void small_loss_and_grads(const Problem& p, double c, const LossGradMask& need, 
   const bool need_g = need_hidden || need[kW2] || need[kB2] || need[kTarget];
   const T two_c = static_cast<T>(2.0 * c);
 
-  // Contiguous copies of the (tiny) weights in the orientation the loops
-  // stream through: W1ᵀ (D, H) rows for the forward and dx, W2 (O, H) rows
-  // for both p and ds. Costs D·H + O·H, not N·(…).
-  std::vector<T> w1t(D * H), w2c(has_w2 ? O * H : 0);
+  // Scratch layout (T): s (N·H) | W1ᵀ (D·H) | W2 (O·H) | r/g (O) | dh (H) |
+  // block sums dw1ᵀ (D·H), dw2 (O·H), db1 (H), g (O). Sums (double): the same
+  // four, over all blocks.
+  const int64_t n_sums = D * H + O * H + H + O;
+  Scratch<T>& scratch = thread_scratch<T>(N * H + D * H + O * H + O + H + n_sums, n_sums);
+  T* s_all = scratch.values.data();
+  T* w1t = s_all + N * H;
+  T* w2c = w1t + D * H;
+  T* g = w2c + O * H;
+  T* dh = g + O;
+  T* blk_dw1t = dh + H;
+  T* blk_dw2 = blk_dw1t + D * H;
+  T* blk_db1 = blk_dw2 + O * H;
+  T* blk_g = blk_db1 + H;
+  std::fill(blk_dw1t, blk_dw1t + n_sums, T(0));
+  double* sum_dw1t = scratch.sums.data();
+  double* sum_dw2 = sum_dw1t + D * H;
+  double* sum_db1 = sum_dw2 + O * H;
+  double* sum_g = sum_db1 + H;
+  std::fill(sum_dw1t, sum_dw1t + n_sums, 0.0);
+
+  // The (tiny) weights in the orientation the loops stream through: W1ᵀ (D, H)
+  // rows for the forward and dx, W2 (O, H) rows for both p and ds.
   {
     const T* w = p.w1.const_data_ptr<T>();
     const int64_t rs = p.w1.stride(0), cs = p.w1.stride(1);
     for (int64_t j = 0; j < H; ++j) {
-      for (int64_t d = 0; d < D; ++d) {
-        w1t[d * H + j] = w[j * rs + d * cs];
-      }
+      for (int64_t d = 0; d < D; ++d) w1t[d * H + j] = w[j * rs + d * cs];
     }
     if (has_w2) {
       const T* w2 = p.w2.const_data_ptr<T>();
@@ -83,8 +156,6 @@ void small_loss_and_grads(const Problem& p, double c, const LossGradMask& need, 
   // Outputs written in place as the rows stream by.
   auto& g_out = out.grads;
   T* dx = need[kX] ? g_out[kX].data_ptr<T>() : nullptr;  // contiguous (N, D)
-  T* dw1 = need[kW1] ? g_out[kW1].data_ptr<T>() : nullptr;
-  T* dw2 = need[kW2] ? g_out[kW2].data_ptr<T>() : nullptr;
   // Full-shape bias/target gradients are written row by row; the others are
   // column sums written at the end. (Kinds, not pointers, decide: an empty
   // tensor's data pointer may be null.)
@@ -94,105 +165,101 @@ void small_loss_and_grads(const Problem& p, double c, const LossGradMask& need, 
   T* db1_full = db1_rows ? g_out[kB1].data_ptr<T>() : nullptr;
   T* db2_full = db2_rows ? g_out[kB2].data_ptr<T>() : nullptr;
   T* dt_full = dt_rows ? g_out[kTarget].data_ptr<T>() : nullptr;
-  // dw1 is accumulated transposed, (D, H), so each row update is one
-  // contiguous axpy of length H (D is often 1..4 here); transposed once at the end.
-  std::vector<T> dw1t(dw1 ? D * H : 0, T(0));
-  if (dw2) std::fill(dw2, dw2 + O * H, T(0));
-
-  using Acc = double;  // bias / target gradients are sums over N rows: keep them accurate in float32
-  std::vector<Acc> db1_sum(H, Acc(0)), g_sum(O, Acc(0));
-  std::vector<T> r(O), dh(H);
-  double sum_sq = 0;
 
   const T* b1 = p.b1.present() ? p.b1.data<T>() : nullptr;
   const T* b2 = p.b2.present() ? p.b2.data<T>() : nullptr;
   const T* t = p.target.present() ? p.target.data<T>() : nullptr;
 
-  // First pass, all rows: s = act(x W1ᵀ + b1), then σ over the whole (N, H)
-  // block at once with ATen's vectorised sigmoid (per-element std::exp would
+  // First pass, all rows: s = x W1ᵀ + b1, then act over the whole (N, H)
+  // block at once (σ: ATen's vectorised sigmoid; per-element std::exp would
   // cost several times the rest of the step).
-  at::Tensor s_tensor = at::empty({N, H}, p.x2.options());
-  T* s_all = s_tensor.data_ptr<T>();
   for (int64_t i = 0; i < N; ++i) {
     const T* xi = x + i * x_rs;
-    T* si = s_all + i * H;
-    std::fill(si, si + H, T(0));
-    for (int64_t d = 0; d < D; ++d) axpy(si, xi[d * x_cs], w1t.data() + d * H, H);
+    T* __restrict__ si = s_all + i * H;
     if (b1) {
       const T* bi = b1 + i * p.b1.row_stride;
-      for (int64_t j = 0; j < H; ++j) si[j] += bi[j * p.b1.col_stride];
+      const int64_t bs = p.b1.col_stride;
+      for (int64_t j = 0; j < H; ++j) si[j] = bi[j * bs];
+    } else {
+      std::fill(si, si + H, T(0));
     }
+    for (int64_t d = 0; d < D; ++d) axpy(si, xi[d * x_cs], w1t + d * H, H);
   }
-  apply_activation_(s_tensor, act);
+  at::Tensor s_view = at::from_blob(s_all, {N, H}, p.x2.options());
+  apply_activation_(s_view, act);
 
   // Second pass, row by row: everything else.
+  double sum_sq = 0;
   for (int64_t i = 0; i < N; ++i) {
     const T* xi = x + i * x_rs;
     const T* s = s_all + i * H;  // act(W1 x_i + b1_i), from the first pass
     // r = W2 s + b2_i − t_i   (or s − t_i without a second layer)
     for (int64_t o = 0; o < O; ++o) {
-      T v;
+      const T pred = has_w2 ? dot(w2c + o * H, s, H) : s[o];
+      const T r = math::residual(pred, b2 ? b2[i * p.b2.row_stride + o * p.b2.col_stride] : T(0),
+                                 t ? t[i * p.target.row_stride + o * p.target.col_stride] : T(0));
+      sum_sq += static_cast<double>(r) * static_cast<double>(r);
+      g[o] = math::loss_grad(r, two_c);
+    }
+    if (need_g) {
+      for (int64_t o = 0; o < O; ++o) blk_g[o] += g[o];
+      if (db2_full) std::copy(g, g + O, db2_full + i * O);
+      if (dt_full) {
+        for (int64_t o = 0; o < O; ++o) dt_full[i * O + o] = -g[o];
+      }
+      if (need[kW2]) {
+        for (int64_t o = 0; o < O; ++o) axpy(blk_dw2 + o * H, g[o], s, H);
+      }
+    }
+    if (need_hidden) {
+      // ds = W2ᵀ g (= g without a second layer), dh = ds ⊙ act'(s)
       if (has_w2) {
-        const T* w2o = w2c.data() + o * H;
-        v = T(0);
-        for (int64_t j = 0; j < H; ++j) v += w2o[j] * s[j];
+        std::fill(dh, dh + H, T(0));
+        for (int64_t o = 0; o < O; ++o) axpy(dh, g[o], w2c + o * H, H);
       } else {
-        v = s[o];
+        std::copy(g, g + O, dh);
       }
-      r[o] = v = math::residual(v, b2 ? b2[i * p.b2.row_stride + o * p.b2.col_stride] : T(0),
-                                t ? t[i * p.target.row_stride + o * p.target.col_stride] : T(0));
-      sum_sq += static_cast<double>(v) * static_cast<double>(v);
-    }
-    if (!need_g) continue;
-    for (int64_t o = 0; o < O; ++o) r[o] = math::loss_grad(r[o], two_c);  // r becomes g
-    for (int64_t o = 0; o < O; ++o) g_sum[o] += static_cast<Acc>(r[o]);
-    if (db2_full) std::copy(r.begin(), r.end(), db2_full + i * O);
-    if (dt_full) {
-      for (int64_t o = 0; o < O; ++o) dt_full[i * O + o] = -r[o];
-    }
-    if (dw2) {
-      for (int64_t o = 0; o < O; ++o) axpy(dw2 + o * H, r[o], s, H);
-    }
-    if (!need_hidden) continue;
-    // ds = W2ᵀ g (= g without a second layer), dh = ds ⊙ act'(s)
-    if (has_w2) {
-      std::fill(dh.begin(), dh.end(), T(0));
-      for (int64_t o = 0; o < O; ++o) axpy(dh.data(), r[o], w2c.data() + o * H, H);
-    } else {
-      std::copy(r.begin(), r.end(), dh.begin());
-    }
-    if (act == Activation::Sigmoid) {
-      for (int64_t j = 0; j < H; ++j) dh[j] = math::activation_backward(dh[j], s[j], act);
-    }
-    for (int64_t j = 0; j < H; ++j) db1_sum[j] += static_cast<Acc>(dh[j]);
-    if (db1_full) std::copy(dh.begin(), dh.end(), db1_full + i * H);
-    if (dw1) {  // dw1ᵀ[d, :] += x_id · dh: contiguous rows of length H, whatever x's strides
-      for (int64_t d = 0; d < D; ++d) axpy(dw1t.data() + d * H, xi[d * x_cs], dh.data(), H);
-    }
-    if (dx) {  // dx_i[d] = W1ᵀ[d, :] · dh
-      T* dxi = dx + i * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const T* w1t_d = w1t.data() + d * H;
-        T v = T(0);
-        for (int64_t j = 0; j < H; ++j) v += w1t_d[j] * dh[j];
-        dxi[d] = v;
+      if (act == Activation::Sigmoid) {
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) dh[j] = math::activation_backward(dh[j], s[j], Activation::Sigmoid);
+      }
+      axpy(blk_db1, T(1), dh, H);
+      if (db1_full) std::copy(dh, dh + H, db1_full + i * H);
+      if (need[kW1]) {  // dw1ᵀ[d, :] += x_id · dh: contiguous rows of length H, whatever x's strides
+        for (int64_t d = 0; d < D; ++d) axpy(blk_dw1t + d * H, xi[d * x_cs], dh, H);
+      }
+      if (dx) {  // dx_i[d] = W1ᵀ[d, :] · dh
+        for (int64_t d = 0; d < D; ++d) dx[i * D + d] = dot(w1t + d * H, dh, H);
       }
     }
+    if ((i + 1) % kBlockRows == 0 || i + 1 == N) flush_block(sum_dw1t, blk_dw1t, n_sums);
   }
 
-  if (dw1) {
+  *out.loss.data_ptr<T>() = static_cast<T>(c * sum_sq);
+  if (need[kW1]) {  // dw1 = (dw1ᵀ)ᵀ
+    T* dw1 = g_out[kW1].data_ptr<T>();
     for (int64_t j = 0; j < H; ++j) {
-      for (int64_t d = 0; d < D; ++d) dw1[j * D + d] = dw1t[d * H + j];
+      for (int64_t d = 0; d < D; ++d) dw1[j * D + d] = static_cast<T>(sum_dw1t[d * H + j]);
     }
   }
-  *out.loss.data_ptr<T>() = static_cast<T>(c * sum_sq);
-  auto write_column_sums = [](at::Tensor& dst, const std::vector<Acc>& sums, Acc sign) {
+  auto write_sums = [](at::Tensor& dst, const double* sums, int64_t n, double sign) {
     T* d = dst.data_ptr<T>();
-    for (size_t k = 0; k < sums.size(); ++k) d[k] = static_cast<T>(sign * sums[k]);
+    for (int64_t k = 0; k < n; ++k) d[k] = static_cast<T>(sign * sums[k]);
   };
-  if (need[kB1] && !db1_rows) write_column_sums(g_out[kB1], db1_sum, Acc(1));
-  if (need[kB2] && !db2_rows) write_column_sums(g_out[kB2], g_sum, Acc(1));
-  if (need[kTarget] && !dt_rows) write_column_sums(g_out[kTarget], g_sum, Acc(-1));
+  if (need[kW2]) write_sums(g_out[kW2], sum_dw2, O * H, 1.0);
+  if (need[kB1] && !db1_rows) write_sums(g_out[kB1], sum_db1, H, 1.0);
+  if (need[kB2] && !db2_rows) write_sums(g_out[kB2], sum_g, O, 1.0);
+  if (need[kTarget] && !dt_rows) write_sums(g_out[kTarget], sum_g, O, -1.0);
+}
+
+// One function per dtype, so that each can be cloned per CPU capability.
+FUSEDGRAD_CPU_CLONES void small_loss_and_grads_float(const Problem& p, double c, const LossGradMask& need,
+                                                     LossAndGrads& out) {
+  small_loss_and_grads<float>(p, c, need, out);
+}
+FUSEDGRAD_CPU_CLONES void small_loss_and_grads_double(const Problem& p, double c, const LossGradMask& need,
+                                                      LossAndGrads& out) {
+  small_loss_and_grads<double>(p, c, need, out);
 }
 
 }  // namespace
@@ -207,19 +274,24 @@ LossAndGrads mlp_loss_and_grads_cpu_small(const Problem& p, Reduction reduction,
   const auto opts = p.x2.options();
   LossAndGrads out;
   out.loss = at::empty({}, opts);
+  // Each requested gradient in its argument's shape (contiguous), written in
+  // place by the row loops; the others are (0,) placeholders. Each has its own
+  // storage: the outputs of a registered op must not alias each other.
   auto& g = out.grads;
-  // Each gradient is allocated in its argument's shape (contiguous) and
-  // written in place by the row loop; the rest stay empty placeholders.
-  g[kX] = at::empty(need[kX] ? at::IntArrayRef(p.x_shape) : at::IntArrayRef({0}), opts);
-  g[kW1] = at::empty(need[kW1] ? at::IntArrayRef({p.H, p.D}) : at::IntArrayRef({0}), opts);
-  g[kB1] = at::empty(need[kB1] ? p.b1.source.sizes() : at::IntArrayRef({0}), opts);
-  g[kW2] = at::empty(need[kW2] ? at::IntArrayRef({p.O, p.H}) : at::IntArrayRef({0}), opts);
-  g[kB2] = at::empty(need[kB2] ? p.b2.source.sizes() : at::IntArrayRef({0}), opts);
-  g[kTarget] = at::empty(need[kTarget] ? p.target.source.sizes() : at::IntArrayRef({0}), opts);
+  auto alloc = [&](LossInput k, at::IntArrayRef shape) { return at::empty(need[k] ? shape : at::IntArrayRef({0}), opts); };
+  g[kX] = alloc(kX, p.x_shape);
+  g[kW1] = alloc(kW1, {p.H, p.D});
+  g[kB1] = alloc(kB1, need[kB1] ? p.b1.source.sizes() : at::IntArrayRef());
+  g[kW2] = alloc(kW2, {p.O, p.H});
+  g[kB2] = alloc(kB2, need[kB2] ? p.b2.source.sizes() : at::IntArrayRef());
+  g[kTarget] = alloc(kTarget, need[kTarget] ? p.target.source.sizes() : at::IntArrayRef());
   const double c = math::loss_scale(reduction, p.N * p.O);
-  AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "fusedgrad_small_loss", [&] {
-    small_loss_and_grads<scalar_t>(p, c, need, out);
-  });
+  if (opts.dtype() == at::kFloat) {
+    small_loss_and_grads_float(p, c, need, out);
+  } else {
+    TORCH_INTERNAL_ASSERT(opts.dtype() == at::kDouble, "make_problem admits float32/float64 on the CPU");
+    small_loss_and_grads_double(p, c, need, out);
+  }
   return out;
 }
 

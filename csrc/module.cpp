@@ -1,7 +1,10 @@
 // The Python extension module fusedgrad._C. Importing it runs the static
 // TORCH_LIBRARY registrations of the other translation units; the ops are then
-// reached through torch.ops.fusedgrad.
+// reached through torch.ops.fusedgrad, or from fusedgrad.functional through
+// the direct entry points of python_entry.cpp.
 #include <torch/extension.h>
+
+#include "python_entry.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedgrad C++ core: registers the torch.ops.fusedgrad operators";
@@ -10,4 +13,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("backends") = pybind11::make_tuple("cpu");
 #endif
+  fusedgrad::register_python_entry_points(m);
 }

@@ -79,32 +79,65 @@ class Problem:
 
     def step(self, path):
         """Runs one step of `path`; returns the loss."""
+        return self.step_fn(path)()
+
+    def step_fn(self, path):
+        """One step of `path` as a closure, everything looked up once; returns the loss.
+
+        Every path clears its gradients the same way (a precomputed list set to
+        None, as ``zero_grad()`` does), so what differs between them is the step.
+        """
+        x, y = self.x, self.y
+        model = self.native if path in ("native", "compile") else self.fused
+        to_clear = list(model.parameters()) + ([x] if self.case.x_grad else [])
+
+        def clear():
+            for t in to_clear:
+                t.grad = None
+
         if path == "native":
-            self._zero(self.native)
-            loss = self.native_loss(self.x, self.y)
-            loss.backward()
+            native_loss = self.native_loss
+
+            def step():
+                clear()
+                loss = native_loss(x, y)
+                loss.backward()
+                return loss
         elif path == "compile":
-            compiled = self.compiled()  # the first call compiles (and runs a step of its own)
-            self._zero(self.native)
-            loss = compiled(self.x, self.y)
-            loss.backward()
+            compiled = self.compiled()  # compiles (and runs a step of its own) on first use
+
+            def step():
+                clear()
+                loss = compiled(x, y)
+                loss.backward()
+                return loss
         elif path == "fused":
-            self._zero(self.fused)
-            loss = self.fused.loss(self.x, self.y)
-            loss.backward()
-        elif path == "no_autograd":
-            self._zero(self.fused)
-            if not self.case.x_grad:
-                loss = self.fused.loss_backward(self.x, self.y)
-            else:  # one call for the parameters' gradients and x's
-                l1, l2 = self.fused.linear1, self.fused.linear2
-                params = (self.x, l1.weight, l1.bias, l2.weight, l2.bias)
-                loss, grads = mlp_loss_and_grads(*params, self.y, wrt=("x", "w1", "b1", "w2", "b2"))
-                for tensor, grad in zip(params, grads):
+            fused = self.fused
+
+            def step():
+                clear()
+                loss = fused.loss(x, y)
+                loss.backward()
+                return loss
+        elif path == "no_autograd" and not self.case.x_grad:
+            fused = self.fused
+
+            def step():
+                clear()
+                return fused.loss_backward(x, y)
+        elif path == "no_autograd":  # one call for the parameters' gradients and x's
+            l1, l2 = self.fused.linear1, self.fused.linear2
+
+            def step():
+                clear()
+                inputs = (x, l1.weight, l1.bias, l2.weight, l2.bias)
+                loss, grads = mlp_loss_and_grads(*inputs, y, wrt=("x", "w1", "b1", "w2", "b2"))
+                for tensor, grad in zip(inputs, grads):
                     tensor.grad = grad
+                return loss
         else:
             raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
-        return loss
+        return step
 
     def compiled(self):
         if self._compiled is None:
@@ -162,11 +195,12 @@ def time_paths(problem: Problem, paths, repeats=7, min_repeat_s=0.02, max_total_
     """
     loops = {}
     device = problem.case.device
+    steps = {path: problem.step_fn(path) for path in paths}
     for path in paths:
-        problem.step(path)  # warm-up (first-call allocations, compile already done)
+        steps[path]()  # warm-up (first-call allocations, compile already done)
         synchronize(device)
         start = time.perf_counter()
-        problem.step(path)
+        steps[path]()
         synchronize(device)
         one = max(time.perf_counter() - start, 1e-7)
         loops[path] = max(1, int(min_repeat_s / one))
@@ -174,10 +208,10 @@ def time_paths(problem: Problem, paths, repeats=7, min_repeat_s=0.02, max_total_
     started = time.perf_counter()
     for r in range(repeats):
         for path in paths:
-            k = loops[path]
+            k, step = loops[path], steps[path]
             start = time.perf_counter()
             for _ in range(k):
-                problem.step(path)
+                step()
             synchronize(device)
             samples[path].append((time.perf_counter() - start) / k)
         if r >= 2 and time.perf_counter() - started > max_total_s:

@@ -1,6 +1,16 @@
-"""Functional entry points. Both go straight to the registered C++ ops, whose
-Autograd kernels are C++ nodes (no Python autograd.Function in the way)."""
+"""Functional entry points. All reach the registered C++ ops, whose Autograd
+kernels are C++ nodes (no Python autograd.Function in the way).
+
+Each first tries the direct entry point of ``fusedgrad._C`` (csrc/python_entry.cpp):
+the same dispatcher op without torch.ops' boxed argument parsing. It returns
+None for any call it does not take (tensor subclasses, TorchFunctionModes, bad
+arguments); those, and calls traced by torch.compile, go through torch.ops,
+where the argument errors are raised.
+"""
 import torch
+from torch.compiler import is_compiling
+
+from . import _C
 
 from ._checks import ACTIVATIONS, REDUCTIONS, check_tensors, option
 
@@ -36,6 +46,10 @@ def mlp_loss(x, w1, b1=None, w2=None, b2=None, target=None, *, reduction="mean",
         0-dim tensor. Every argument may require grad; ``backward()`` fills each
         ``.grad`` as native autograd would, bias gradients in the bias's own shape.
     """
+    if not is_compiling():
+        loss = _C.mlp_loss(x, w1, b1, w2, b2, target, reduction, activation)
+        if loss is not None:
+            return loss
     check_tensors("mlp_loss", _LOSS_ARGS, (x, w1, b1, w2, b2, target), 2)
     red = option("mlp_loss", "reduction", reduction, REDUCTIONS)
     act = option("mlp_loss", "activation", activation, ACTIVATIONS)
@@ -48,6 +62,10 @@ def mlp(x, w1, b1=None, w2=None, b2=None, *, activation="sigmoid"):
     Arguments as in :func:`mlp_loss`. Use this when the loss is not the
     squared error; use :func:`mlp_loss` when it is (one pass instead of two).
     """
+    if not is_compiling():
+        pred = _C.mlp(x, w1, b1, w2, b2, activation)
+        if pred is not None:
+            return pred
     check_tensors("mlp", _MLP_ARGS, (x, w1, b1, w2, b2), 2)
     act = option("mlp", "activation", activation, ACTIVATIONS)
     return _mlp_op(x, w1, b1, w2, b2, act)
@@ -76,8 +94,6 @@ def mlp_loss_and_grads(
     """
     args = (x, w1, b1, w2, b2, target)
     check_tensors("mlp_loss_and_grads", _LOSS_ARGS, args, 2)
-    red = option("mlp_loss_and_grads", "reduction", reduction, REDUCTIONS)
-    act = option("mlp_loss_and_grads", "activation", activation, ACTIVATIONS)
     if wrt is None:
         mask = [a is not None and a.requires_grad for a in args]
     else:
@@ -89,5 +105,11 @@ def mlp_loss_and_grads(
                 f"expected names from {_LOSS_ARGS}"
             )
         mask = [a is not None and name in wanted for name, a in zip(_LOSS_ARGS, args)]
+    if not is_compiling():
+        result = _C.mlp_loss_and_grads(x, w1, b1, w2, b2, target, reduction, activation, mask)
+        if result is not None:
+            return result
+    red = option("mlp_loss_and_grads", "reduction", reduction, REDUCTIONS)
+    act = option("mlp_loss_and_grads", "activation", activation, ACTIVATIONS)
     loss, *grads = _mlp_loss_and_grads_op(x, w1, b1, w2, b2, target, red, act, mask)
     return loss, tuple(g if m else None for g, m in zip(grads, mask))

@@ -4,6 +4,9 @@ import copy as _copy
 import torch
 from torch import nn
 
+from torch.compiler import is_compiling
+
+from . import _C
 from .functional import mlp, mlp_loss, mlp_loss_and_grads
 
 
@@ -27,15 +30,28 @@ class FusedMLP(nn.Module):
         self.linear1 = nn.Linear(in_features, hidden_features, bias=bias, **factory)
         self.linear2 = nn.Linear(hidden_features, out_features, bias=bias, **factory)
 
+    def _params(self):
+        """``(w1, b1, w2, b2)``, read from the layers' parameter dicts.
+
+        ``self.linear1.weight`` runs ``nn.Module.__getattr__`` (Python) twice, and
+        six such lookups cost more than a small step's whole kernel. A layer whose
+        weight or bias is not a registered parameter (e.g. a parametrization) is
+        read through its attributes.
+        """
+        l1, l2 = self._modules["linear1"], self._modules["linear2"]
+        p1, p2 = l1._parameters, l2._parameters
+        try:
+            return p1["weight"], p1["bias"], p2["weight"], p2["bias"]
+        except KeyError:
+            return l1.weight, l1.bias, l2.weight, l2.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Prediction of shape ``(*, out_features)``; backward is fused too."""
-        l1, l2 = self.linear1, self.linear2
-        return mlp(x, l1.weight, l1.bias, l2.weight, l2.bias)
+        return mlp(x, *self._params())
 
     def loss(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """``MSELoss(reduction)(self(x), target)`` in one fused forward+backward pass."""
-        l1, l2 = self.linear1, self.linear2
-        return mlp_loss(x, l1.weight, l1.bias, l2.weight, l2.bias, target, reduction=reduction)
+        return mlp_loss(x, *self._params(), target, reduction=reduction)
 
     def loss_backward(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """``self.loss(x, target, reduction).backward()`` without the autograd engine.
@@ -47,8 +63,17 @@ class FusedMLP(nn.Module):
 
             opt.zero_grad(); net.loss_backward(x, y); opt.step()
         """
-        l1, l2 = self.linear1, self.linear2
-        params = (l1.weight, l1.bias, l2.weight, l2.bias)
+        params = self._params()
+        if not is_compiling():  # one C++ call: gradients computed and accumulated (csrc/python_entry.cpp)
+            loss = _C.loss_backward(x, *params, target, reduction)
+            if loss is not None:
+                return loss
+        for name, param in zip(("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"), params):
+            if param is not None and param.requires_grad and not param.is_leaf:
+                raise ValueError(
+                    f"FusedMLP.loss_backward: parameter '{name}' is computed (not a leaf, e.g. a "
+                    "parametrization), so it has no .grad of its own to accumulate into; use "
+                    "loss(x, target).backward() instead")
         loss, grads = mlp_loss_and_grads(x, *params, target, reduction=reduction, wrt=self._wrt(params))
         for param, grad in zip(params, grads[1:5]):
             if grad is None:

@@ -1,0 +1,195 @@
+// Direct Python entry points: fusedgrad._C.{mlp_loss, mlp, mlp_loss_and_grads,
+// loss_backward}.
+//
+// Calling torch.ops.fusedgrad.<op> from Python parses every argument against
+// the schema into a boxed stack (isinstance checks, IValue conversions): about
+// a third of the whole small-shape op. These functions unpack the arguments
+// themselves and call the *same* dispatcher ops through their typed handles,
+// so autograd, dispatch modes (FakeTensorMode, FlopCounterMode, ...) and every
+// backend behave exactly as through torch.ops.
+//
+// They take a call only when it needs nothing that only the Python path does,
+// and otherwise return None so that fusedgrad.functional takes torch.ops
+// (which also raises the argument errors): every tensor must be an exact
+// torch.Tensor or nn.Parameter (a subclass may override __torch_function__),
+// dense, with no TorchFunctionMode active, and the options must be known strings.
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/extension.h>
+
+#include <array>
+#include <optional>
+
+#include "kernels.h"
+#include "ops.h"
+#include "python_entry.h"
+
+namespace fusedgrad {
+namespace {
+
+namespace py = pybind11;
+using at::Tensor;
+using ops::OptTensor;
+
+// An exact Tensor or Parameter, dense: the only objects taken here.
+bool plain_tensor(PyObject* obj) {
+  PyTypeObject* type = Py_TYPE(obj);
+  if (type != reinterpret_cast<PyTypeObject*>(THPVariableClass) &&
+      type != reinterpret_cast<PyTypeObject*>(ParameterClass)) {
+    return false;
+  }
+  return THPVariable_Unpack(obj).layout() == at::kStrided;
+}
+
+// The tensor arguments of one call, unpacked; `ok` is false when the call must
+// go through torch.ops instead.
+struct TensorArgs {
+  Tensor x, w1;
+  OptTensor b1, w2, b2, target;
+  bool ok = false;
+};
+
+bool unpack_optional(py::handle obj, OptTensor& out) {
+  if (obj.is_none()) return true;
+  if (!plain_tensor(obj.ptr())) return false;
+  out = THPVariable_Unpack(obj.ptr());
+  return true;
+}
+
+TensorArgs unpack(py::handle x, py::handle w1, py::handle b1, py::handle w2, py::handle b2,
+                  py::handle target) {
+  TensorArgs a;
+  if (at::impl::torch_function_mode_enabled()) return a;
+  if (!plain_tensor(x.ptr()) || !plain_tensor(w1.ptr())) return a;
+  a.x = THPVariable_Unpack(x.ptr());
+  a.w1 = THPVariable_Unpack(w1.ptr());
+  a.ok = unpack_optional(b1, a.b1) && unpack_optional(w2, a.w2) && unpack_optional(b2, a.b2) &&
+      unpack_optional(target, a.target);
+  return a;
+}
+
+// The codes of fusedgrad/_checks.py (REDUCTIONS, ACTIVATIONS); nullopt for
+// anything else, so that the Python path raises the error.
+std::optional<int64_t> reduction_code(py::handle obj) {
+  if (!PyUnicode_Check(obj.ptr())) return std::nullopt;
+  if (PyUnicode_CompareWithASCIIString(obj.ptr(), "mean") == 0) return int64_t(Reduction::Mean);
+  if (PyUnicode_CompareWithASCIIString(obj.ptr(), "sum") == 0) return int64_t(Reduction::Sum);
+  return std::nullopt;
+}
+
+std::optional<int64_t> activation_code(py::handle obj) {
+  if (!PyUnicode_Check(obj.ptr())) return std::nullopt;
+  if (PyUnicode_CompareWithASCIIString(obj.ptr(), "sigmoid") == 0) return int64_t(Activation::Sigmoid);
+  if (PyUnicode_CompareWithASCIIString(obj.ptr(), "identity") == 0) return int64_t(Activation::Identity);
+  return std::nullopt;
+}
+
+py::object wrap(Tensor t) {
+  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t)));
+}
+
+py::object mlp_loss(py::handle x, py::handle w1, py::handle b1, py::handle w2, py::handle b2,
+                    py::handle target, py::handle reduction, py::handle activation) {
+  const TensorArgs a = unpack(x, w1, b1, w2, b2, target);
+  const auto red = reduction_code(reduction);
+  const auto act = activation_code(activation);
+  if (!a.ok || !red || !act) return py::none();
+  Tensor loss;
+  {
+    py::gil_scoped_release no_gil;
+    loss = ops::mlp_loss().call(a.x, a.w1, a.b1, a.w2, a.b2, a.target, *red, *act);
+  }
+  return wrap(std::move(loss));
+}
+
+py::object mlp(py::handle x, py::handle w1, py::handle b1, py::handle w2, py::handle b2,
+               py::handle activation) {
+  const TensorArgs a = unpack(x, w1, b1, w2, b2, py::none());
+  const auto act = activation_code(activation);
+  if (!a.ok || !act) return py::none();
+  Tensor pred;
+  {
+    py::gil_scoped_release no_gil;
+    pred = ops::mlp().call(a.x, a.w1, a.b1, a.w2, a.b2, *act);
+  }
+  return wrap(std::move(pred));
+}
+
+using LossAndGradTuple = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+LossAndGradTuple call_loss_and_grads(const TensorArgs& a, int64_t red, int64_t act,
+                                     const std::array<bool, 6>& mask) {
+  py::gil_scoped_release no_gil;
+  return ops::mlp_loss_and_grads().call(a.x, a.w1, a.b1, a.w2, a.b2, a.target, red, act, mask);
+}
+
+// (loss, (dx, dw1, db1, dw2, db2, dtarget)) with None where mask is false, as
+// fusedgrad.mlp_loss_and_grads returns; `mask` comes from the Python wrapper,
+// which resolves its `wrt` argument.
+py::object mlp_loss_and_grads(py::handle x, py::handle w1, py::handle b1, py::handle w2, py::handle b2,
+                              py::handle target, py::handle reduction, py::handle activation,
+                              std::array<bool, 6> mask) {
+  const TensorArgs a = unpack(x, w1, b1, w2, b2, target);
+  const auto red = reduction_code(reduction);
+  const auto act = activation_code(activation);
+  if (!a.ok || !red || !act) return py::none();
+  auto [loss, dx, dw1, db1, dw2, db2, dt] = call_loss_and_grads(a, *red, *act, mask);
+  std::array<Tensor, 6> grads = {dx, dw1, db1, dw2, db2, dt};
+  py::tuple grads_out(6);
+  for (size_t k = 0; k < 6; ++k) {
+    grads_out[k] = mask[k] ? wrap(std::move(grads[k])) : py::none();
+  }
+  return py::make_tuple(wrap(std::move(loss)), grads_out);
+}
+
+// param.grad = grad if it has none, else param.grad += grad — what backward()
+// does to a leaf (AccumulateGrad), without the engine.
+void accumulate_grad(const Tensor& param, Tensor&& grad) {
+  Tensor& slot = param.mutable_grad();
+  if (!slot.defined()) {
+    slot = std::move(grad);
+  } else {
+    at::NoGradGuard no_grad;
+    slot.add_(grad);
+  }
+}
+
+// FusedMLP.loss_backward: the loss, and each parameter that requires grad
+// accumulates its gradient in .grad. x and target get no gradient.
+py::object loss_backward(py::handle x, py::handle w1, py::handle b1, py::handle w2, py::handle b2,
+                         py::handle target, py::handle reduction) {
+  const TensorArgs a = unpack(x, w1, b1, w2, b2, target);
+  const auto red = reduction_code(reduction);
+  if (!a.ok || !red) return py::none();
+  // Parameters in the op's argument order (x and target take no gradient).
+  const std::array<const Tensor*, 6> params = {nullptr, &a.w1, a.b1 ? &*a.b1 : nullptr,
+                                               a.w2 ? &*a.w2 : nullptr, a.b2 ? &*a.b2 : nullptr, nullptr};
+  std::array<bool, 6> mask{};
+  for (size_t k = 0; k < 6; ++k) {
+    mask[k] = params[k] != nullptr && params[k]->requires_grad();
+    // Gradients go to leaves; a computed weight (e.g. a parametrization) has
+    // no .grad of its own to fill: the Python path explains.
+    if (mask[k] && !params[k]->is_leaf()) return py::none();
+  }
+  auto [loss, dx, dw1, db1, dw2, db2, dt] =
+      call_loss_and_grads(a, *red, int64_t(Activation::Sigmoid), mask);
+  std::array<Tensor, 6> grads = {dx, dw1, db1, dw2, db2, dt};
+  for (size_t k = 0; k < 6; ++k) {
+    if (mask[k]) accumulate_grad(*params[k], std::move(grads[k]));
+  }
+  return wrap(std::move(loss));
+}
+
+}  // namespace
+
+void register_python_entry_points(py::module_& m) {
+  const char* declined = " Returns None when the call must go through torch.ops instead.";
+  m.def("mlp_loss", &mlp_loss, (std::string("fusedgrad.mlp_loss without torch.ops' argument boxing.") + declined).c_str());
+  m.def("mlp", &mlp, (std::string("fusedgrad.mlp without torch.ops' argument boxing.") + declined).c_str());
+  m.def("mlp_loss_and_grads", &mlp_loss_and_grads,
+        (std::string("fusedgrad.mlp_loss_and_grads with a resolved mask.") + declined).c_str());
+  m.def("loss_backward", &loss_backward,
+        (std::string("FusedMLP.loss_backward: loss, gradients accumulated into .grad.") + declined).c_str());
+}
+
+}  // namespace fusedgrad
