@@ -23,6 +23,8 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     assert set(row["us_per_step"]) == {"native", "fused", "no_autograd"}
     assert all(v > 0 for v in row["us_per_step"].values())
     assert data["meta"]["torch"].startswith("2.")
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0].startswith("| N×D→H→O |") and table[2].startswith("| 10×4→4→4 | float32 | 1 | no |")
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -155,6 +155,32 @@ def print_table(rows, paths):
               + ", ".join(f"{s} {d}: {c:.1f}s" for s, d, c in compile_times))
 
 
+def markdown_table(rows, paths):
+    """The table of print_table as Markdown (the README's Performance table)."""
+    has_compile = "compile" in paths
+    cols = ["N×D→H→O", "dtype", "threads", "x grad", "native µs"] + (["compile µs"] if has_compile else []) + [
+        "fused µs", "no-autograd µs", "fused ×native"] + (["fused ×compile"] if has_compile else []) + [
+        "no-autograd ×native", "fused GFLOP/s", "% GEMM peak", "peak MiB native / fused"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * 4 + "---:|" * (len(cols) - 4)]
+    for r in rows:
+        us = r["us_per_step"]
+        gflops = r["flops_per_step"] / (us["fused"] * 1e-6) / 1e9
+        mem = r.get("peak_mib")
+        cells = [r["shape"], r["dtype"], str(r["threads"]), "yes" if r["x_requires_grad"] else "no",
+                 f"{us['native']:.0f}"] + ([f"{us['compile']:.0f}"] if has_compile else []) + [
+                 f"{us['fused']:.0f}", f"{us['no_autograd']:.0f}", f"{us['native'] / us['fused']:.2f}×"] + (
+                 [f"{us['compile'] / us['fused']:.2f}×"] if has_compile else []) + [
+                 f"{us['native'] / us['no_autograd']:.2f}×", f"{gflops:.1f}",
+                 f"{100 * gflops / r['gemm_peak_gflops']:.0f} %",
+                 f"{mem['native']:.1f} / {mem['fused']:.1f}" if mem else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    peaks = sorted({(r["dtype"], r["threads"], r["gemm_peak_gflops"]) for r in rows})
+    lines.append("")
+    lines.append("GEMM peak measured in the same run (1024² torch.mm, GFLOP/s): "
+                 + ", ".join(f"{d} {t} thr {g:.1f}" for d, t, g in peaks) + ".")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows, path):
     try:
         import matplotlib
@@ -208,9 +234,11 @@ def run(args):
             "quick": args.quick, "paths": paths}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(markdown_table(rows, paths))
     png = os.path.join(args.out, "speedup.png")
     if plot(rows, png):
-        print(f"\nwrote {os.path.join(args.out, 'results.json')} and {png}")
+        print(f"\nwrote {os.path.join(args.out, 'results.json')}, results.md and {png}")
     else:
-        print(f"\nwrote {os.path.join(args.out, 'results.json')}")
+        print(f"\nwrote {os.path.join(args.out, 'results.json')} and results.md")
     return 0
