@@ -32,7 +32,13 @@ LossAndGrads mlp_loss_and_grads_cpu_small(const Problem& p, Reduction reduction,
 // written for device kernels); a scalar std::exp loop costs several times more.
 void apply_activation_(at::Tensor& s, Activation act);
 
-// dw1 = dhᵀ x and dx = dh w1 (x's shape), for the requested ones; any device.
+// The backward's GEMMs, any device (backward_gemms.cpp). output_layer_grads:
+// dw2 = gᵀ s if requested and, when the hidden layer needs gradients, ds = g w2
+// (g itself without a second layer; g's buffer only when `g_owned`) in a
+// buffer the caller turns into dh in place; undefined otherwise.
+at::Tensor output_layer_grads(const Problem& p, const at::Tensor& g, bool g_owned, const at::Tensor& s,
+                              bool need_w2, bool need_hidden, at::Tensor& dw2);
+// first_layer_grads: dw1 = dhᵀ x and dx = dh w1 (x's shape), for the requested ones.
 void first_layer_grads(const Problem& p, const at::Tensor& dh, bool need_w1, bool need_x,
                        at::Tensor& dw1, at::Tensor& dx);
 

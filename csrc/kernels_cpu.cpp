@@ -198,20 +198,9 @@ void backprop_output_grad(
     const Problem& p, const at::Tensor& g, bool g_owned, const at::Tensor& s,
     bool need_x, bool need_w1, bool need_b1, bool need_w2,
     at::Tensor& dx, at::Tensor& dw1, at::Tensor& db1, at::Tensor& dw2) {
-  if (need_w2) {
-    dw2 = at::empty({p.O, p.H}, s.options());
-    at::mm_out(dw2, g.t(), s);
-  }
-  if (!(need_x || need_w1 || need_b1)) return;
-
-  at::Tensor dh;  // starts as ds, becomes dh in place
-  if (p.has_w2()) {
-    dh = at::empty({p.N, p.H}, s.options());
-    at::mm_out(dh, g, p.w2);
-  } else {
-    // Without a second layer ds = g; reuse g's buffer only when it is ours.
-    dh = g_owned ? g : g.clone(at::MemoryFormat::Contiguous);
-  }
+  // dh starts as ds and becomes dh in place.
+  at::Tensor dh = output_layer_grads(p, g, g_owned, s, need_w2, need_x || need_w1 || need_b1, dw2);
+  if (!dh.defined()) return;
   const bool fused_db1 = need_b1 && p.b1.kind == Broadcast2d::Kind::PerColumn;
   AT_DISPATCH_FLOATING_TYPES(dh.scalar_type(), "fusedgrad_hidden_backward", [&] {
     using Acc = double;

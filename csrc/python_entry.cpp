@@ -115,12 +115,19 @@ py::object mlp(py::handle x, py::handle w1, py::handle b1, py::handle w2, py::ha
   return wrap(std::move(pred));
 }
 
-using LossAndGradTuple = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+// The loss and the six gradients in argument order, moved out of the op's tuple.
+struct LossAndGradList {
+  Tensor loss;
+  std::array<Tensor, 6> grads;
+};
 
-LossAndGradTuple call_loss_and_grads(const TensorArgs& a, int64_t red, int64_t act,
-                                     const std::array<bool, 6>& mask) {
+LossAndGradList call_loss_and_grads(const TensorArgs& a, int64_t red, int64_t act,
+                                    const std::array<bool, 6>& mask) {
   py::gil_scoped_release no_gil;
-  return ops::mlp_loss_and_grads().call(a.x, a.w1, a.b1, a.w2, a.b2, a.target, red, act, mask);
+  auto [loss, dx, dw1, db1, dw2, db2, dt] =
+      ops::mlp_loss_and_grads().call(a.x, a.w1, a.b1, a.w2, a.b2, a.target, red, act, mask);
+  return {std::move(loss),
+          {std::move(dx), std::move(dw1), std::move(db1), std::move(dw2), std::move(db2), std::move(dt)}};
 }
 
 // (loss, (dx, dw1, db1, dw2, db2, dtarget)) with None where mask is false, as
@@ -133,13 +140,12 @@ py::object mlp_loss_and_grads(py::handle x, py::handle w1, py::handle b1, py::ha
   const auto red = reduction_code(reduction);
   const auto act = activation_code(activation);
   if (!a.ok || !red || !act) return py::none();
-  auto [loss, dx, dw1, db1, dw2, db2, dt] = call_loss_and_grads(a, *red, *act, mask);
-  std::array<Tensor, 6> grads = {dx, dw1, db1, dw2, db2, dt};
+  LossAndGradList r = call_loss_and_grads(a, *red, *act, mask);
   py::tuple grads_out(6);
   for (size_t k = 0; k < 6; ++k) {
-    grads_out[k] = mask[k] ? wrap(std::move(grads[k])) : py::none();
+    grads_out[k] = mask[k] ? wrap(std::move(r.grads[k])) : py::none();
   }
-  return py::make_tuple(wrap(std::move(loss)), grads_out);
+  return py::make_tuple(wrap(std::move(r.loss)), grads_out);
 }
 
 // param.grad = grad if it has none, else param.grad += grad — what backward()
@@ -171,13 +177,11 @@ py::object loss_backward(py::handle x, py::handle w1, py::handle b1, py::handle 
     // no .grad of its own to fill: the Python path explains.
     if (mask[k] && !params[k]->is_leaf()) return py::none();
   }
-  auto [loss, dx, dw1, db1, dw2, db2, dt] =
-      call_loss_and_grads(a, *red, int64_t(Activation::Sigmoid), mask);
-  std::array<Tensor, 6> grads = {dx, dw1, db1, dw2, db2, dt};
+  LossAndGradList r = call_loss_and_grads(a, *red, int64_t(Activation::Sigmoid), mask);
   for (size_t k = 0; k < 6; ++k) {
-    if (mask[k]) accumulate_grad(*params[k], std::move(grads[k]));
+    if (mask[k]) accumulate_grad(*params[k], std::move(r.grads[k]));
   }
-  return wrap(std::move(loss));
+  return wrap(std::move(r.loss));
 }
 
 }  // namespace
