@@ -28,11 +28,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def extension():
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    # Every C++ source under csrc/ except the CUDA folder (added below when CUDA is built).
+    sources = sorted(
+        path for path in glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
+        if not path.startswith(os.path.join("csrc", "cuda", ""))
+    )
     debug = os.environ.get("FUSEDGRAD_DEBUG", "0") == "1"
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags += ["-fvisibility=hidden"]  # the C++ standard is the one torch's headers ask for
     cxx_flags += ["-fopenmp-simd"]  # `omp simd` loops (csrc/kernels_cpu_small.cpp); no OpenMP runtime
+    # Floating-point exceptions are never inspected (by torch either): without
+    # this, GCC keeps branches for the compare-and-select of the trainer's
+    # vectorised exp (csrc/trainer/sigmoid_simd.h) and the loop stays scalar.
+    # It changes no computed value.
+    cxx_flags += ["-fno-trapping-math"]
     cxx_flags += os.environ.get("FUSEDGRAD_EXTRA_CFLAGS", "").split()
     link_flags = os.environ.get("FUSEDGRAD_EXTRA_LDFLAGS", "").split()
     if _build_cuda():

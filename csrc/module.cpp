@@ -6,6 +6,10 @@
 
 #include "python_entry.h"
 
+namespace fusedgrad::trainer {
+void register_trainer(pybind11::module& m);  // csrc/trainer/train_bindings.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedgrad C++ core: registers the torch.ops.fusedgrad operators";
 #ifdef FUSEDGRAD_WITH_CUDA
@@ -14,4 +18,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("backends") = pybind11::make_tuple("cpu");
 #endif
   fusedgrad::register_python_entry_points(m);
+  fusedgrad::trainer::register_trainer(m);
 }

@@ -17,9 +17,10 @@ from . import _C  # noqa: F401  (loading the library registers torch.ops.fusedgr
 from . import _fake  # noqa: F401  (fake kernels: torch.compile / export / opcheck)
 from .functional import mlp, mlp_loss, mlp_loss_and_grads
 from .module import FusedMLP
+from .trainer import Trainer
 
 #: Devices this build has kernels for, e.g. ("cpu",) or ("cpu", "cuda").
 backends = tuple(_C.backends)
 
-__all__ = ["mlp_loss", "mlp", "mlp_loss_and_grads", "FusedMLP", "backends"]
+__all__ = ["mlp_loss", "mlp", "mlp_loss_and_grads", "FusedMLP", "Trainer", "backends"]
 __version__ = "0.1.0"

@@ -1,0 +1,118 @@
+// The element-wise update of torch.optim's SGD, Adam and AdamW, written as
+// torch/optim/sgd.py and adam.py write them (single-tensor form; the foreach
+// and fused forms compute the same formulas). One parameter tensor — or one
+// model's slice of it — at a time, in place, right after its gradient is known.
+//
+// SGD (lr, momentum μ, dampening τ, weight_decay λ, nesterov, maximize):
+//   g ← −g if maximize;   g ← g + λ p
+//   b ← g at the first step, else b ← μ b + (1 − τ) g
+//   g ← g + μ b if nesterov, else g ← b
+//   p ← p − lr g
+// Adam / AdamW (lr, β1, β2, eps, weight_decay λ, amsgrad, maximize), step t:
+//   g ← −g if maximize
+//   AdamW: p ← p (1 − lr λ)          Adam: g ← g + λ p
+//   m ← lerp(m, g, 1 − β1)           v ← β2 v + (1 − β2) g g
+//   v̂ ← max(v̂, v) if amsgrad (and v̂ is used below instead of v)
+//   p ← p − (lr / (1 − β1^t)) · m / (√v / √(1 − β2^t) + eps)
+// Python floats (the hyper-parameters and the bias corrections) are computed
+// in double, as Python does, and rounded to the parameter's dtype where
+// ATen's tensor-scalar ops round them.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "simd.h"
+
+namespace fusedgrad::trainer {
+
+enum class OptimizerKind { SGD, Adam };
+
+// One parameter tensor's optimizer: its param group's options and its state.
+struct UpdateRule {
+  OptimizerKind kind = OptimizerKind::SGD;
+  double lr = 0, weight_decay = 0;
+  bool maximize = false;
+  // SGD
+  double momentum = 0, dampening = 0;
+  bool nesterov = false;
+  // Adam / AdamW
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  bool amsgrad = false, decoupled_weight_decay = false;
+};
+
+// Per-step scalars of the Adam update (step t counted from 1).
+struct AdamStepScalars {
+  double step_size;             // lr / (1 − β1^t)
+  double bias_correction2_sqrt;  // √(1 − β2^t)
+};
+
+inline AdamStepScalars adam_step_scalars(const UpdateRule& u, double lr, double t) {
+  const double bc1 = 1.0 - std::pow(u.beta1, t);
+  const double bc2 = 1.0 - std::pow(u.beta2, t);
+  return {lr / bc1, std::pow(bc2, 0.5)};
+}
+
+// ATen's lerp: self + w (end − self) for |w| < 0.5, else end − (end − self)(1 − w).
+template <typename T>
+FUSEDGRAD_TRAIN_INLINE T lerp(T self, T end, T w) {
+  return std::abs(w) < T(0.5) ? self + w * (end - self) : end - (end - self) * (T(1) - w);
+}
+
+// SGD over n elements. `buf` is the momentum buffer (null when momentum is 0);
+// `first` means it holds nothing yet (torch creates it as a copy of g).
+template <typename T>
+FUSEDGRAD_TRAIN_INLINE void sgd_update(const UpdateRule& u, double lr, T* FUSEDGRAD_RESTRICT p,
+                                       const T* FUSEDGRAD_RESTRICT grad, T* FUSEDGRAD_RESTRICT buf,
+                                       bool first, int64_t n) {
+  const T wd = static_cast<T>(u.weight_decay), mu = static_cast<T>(u.momentum);
+  const T one_minus_damp = static_cast<T>(1.0 - u.dampening), neg_lr = static_cast<T>(-lr);
+  const bool has_wd = u.weight_decay != 0, has_mom = u.momentum != 0;
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    T g = u.maximize ? -grad[k] : grad[k];
+    if (has_wd) g = g + wd * p[k];
+    if (has_mom) {
+      const T b = first ? g : buf[k] * mu + one_minus_damp * g;
+      buf[k] = b;
+      g = u.nesterov ? g + mu * b : b;
+    }
+    p[k] = p[k] + neg_lr * g;
+  }
+}
+
+// Adam / AdamW over n elements; vmax is null unless amsgrad.
+template <typename T>
+FUSEDGRAD_TRAIN_INLINE void adam_update(const UpdateRule& u, double lr, const AdamStepScalars& s,
+                                        T* FUSEDGRAD_RESTRICT p, const T* FUSEDGRAD_RESTRICT grad,
+                                        T* FUSEDGRAD_RESTRICT m, T* FUSEDGRAD_RESTRICT v,
+                                        T* FUSEDGRAD_RESTRICT vmax, int64_t n) {
+  const T wd = static_cast<T>(u.weight_decay);
+  const T decay = static_cast<T>(1.0 - lr * u.weight_decay);
+  const T w1 = static_cast<T>(1.0 - u.beta1), b2 = static_cast<T>(u.beta2), w2 = static_cast<T>(1.0 - u.beta2);
+  const T bc2_sqrt = static_cast<T>(s.bias_correction2_sqrt), eps = static_cast<T>(u.eps);
+  const T neg_step = static_cast<T>(-s.step_size);
+  const bool coupled_wd = u.weight_decay != 0 && !u.decoupled_weight_decay;
+  const bool decoupled_wd = u.weight_decay != 0 && u.decoupled_weight_decay;
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    T g = u.maximize ? -grad[k] : grad[k];
+    T pk = p[k];
+    if (decoupled_wd) pk = pk * decay;
+    if (coupled_wd) g = g + wd * pk;
+    const T mk = lerp(m[k], g, w1);
+    const T vk = v[k] * b2 + w2 * g * g;
+    m[k] = mk;
+    v[k] = vk;
+    T vu = vk;
+    if (vmax) {
+      vu = std::max(vmax[k], vk);
+      vmax[k] = vu;
+    }
+    const T denom = std::sqrt(vu) / bc2_sqrt + eps;
+    p[k] = pk + neg_step * mk / denom;
+  }
+}
+
+}  // namespace fusedgrad::trainer

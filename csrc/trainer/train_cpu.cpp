@@ -1,0 +1,534 @@
+// CPU kernels of the fused training step (train_step.h).
+//
+// Each step of each model runs the README's "Math" over its rows, in blocks of
+// at most kBlockRows rows, with every per-row quantity stored transposed —
+// one contiguous row of a block per hidden / output unit — so that every inner
+// loop runs over rows and vectorises, whatever the (often tiny) widths:
+//
+//   for each hidden unit j:   h_j = Σ_d w1[j,d] x_d + b1[j],   s_j = σ(h_j)
+//   for each output o:        p_o = Σ_j w2[o,j] s_j,   r_o = (p_o + b2[o]) − t_o
+//                             L += c Σ r_o²,   g_o = 2c r_o
+//                             dw2[o,j] += g_o · s_j,   db2[o] += Σ g_o
+//   for each hidden unit j:   ds_j = Σ_o w2[o,j] g_o,   dh_j = ds_j ⊙ (s_j ⊙ (1 − s_j))
+//                             dw1[j,d] += dh_j · x_d,   db1[j] += Σ dh_j
+//
+// (x_d, t_o, s_j, g_o, dh_j: one value per row of the block). Nothing of
+// size N is ever materialised, so a step over 10⁶ rows needs the memory of
+// one block. The sums over rows are taken in T within a block and in double
+// across blocks; blocks are grouped into a number of chunks that depends only
+// on the number of rows, chunk sums are added in chunk order, so the result
+// is the same bit for bit whatever the number of threads, and a model of an
+// ensemble gets exactly the numbers it would get trained alone.
+//
+// Then the optimizer updates the model's parameters (optimizer_update.h) and
+// the next step begins. For one model, the chunks of a step run in parallel
+// when the step is large enough to pay for it; for several, whole models
+// (all their steps) run in parallel, one model per task.
+#include "train_step.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "sigmoid_simd.h"
+#include "simd.h"
+
+namespace fusedgrad::trainer {
+namespace {
+
+constexpr int64_t kBlockRows = 256;    // rows per block (scratch of a block stays in L1/L2)
+constexpr int64_t kMaxChunks = 16;     // row chunks of a step: fixed, not the thread count
+constexpr int64_t kMinTaskMacs = 1 << 15;  // multiply-adds below which a parallel task does not pay
+
+struct Dims {
+  int64_t K, N, D, H, O;
+  bool has_b1, has_b2;
+  int64_t grad_size() const { return H * D + H + O * H + O; }
+  int64_t macs_per_row() const { return D * H + H * O; }
+};
+
+// Offsets of one model's gradient sums (double): dw1 | db1 | dw2 | db2 | Σ r².
+struct SumLayout {
+  int64_t dw1, db1, dw2, db2, loss, size;
+  explicit SumLayout(const Dims& d)
+      : dw1(0), db1(d.H * d.D), dw2(db1 + d.H), db2(dw2 + d.O * d.H), loss(db2 + d.O), size(loss + 1) {}
+};
+
+// The rows of one step.
+struct StepRows {
+  const int64_t* index = nullptr;  // null: rows first .. first + count − 1
+  int64_t first = 0, count = 0;
+  int64_t row(int64_t r) const { return index ? index[r] : first + r; }
+};
+
+// ---------------------------------------------------------------------------
+// Vector helpers (inlined into each CPU clone).
+
+template <typename T>
+FUSEDGRAD_TRAIN_INLINE void axpy(T* FUSEDGRAD_RESTRICT y, T a, const T* FUSEDGRAD_RESTRICT x, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
+}
+
+template <typename T>
+FUSEDGRAD_TRAIN_INLINE T dot(const T* FUSEDGRAD_RESTRICT a, const T* FUSEDGRAD_RESTRICT b, int64_t n) {
+  T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < n; ++k) sum += a[k] * b[k];
+  return sum;
+}
+
+template <typename T>
+FUSEDGRAD_TRAIN_INLINE T total(const T* FUSEDGRAD_RESTRICT a, int64_t n) {
+  T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < n; ++k) sum += a[k];
+  return sum;
+}
+
+// One model's tensors, as raw pointers.
+template <typename T>
+struct ModelPtrs {
+  const T* w1;
+  const T* b1;
+  const T* w2;
+  const T* b2;
+  const T* x;  // (N, D)
+  const T* t;  // (N, O)
+};
+
+// Per-thread scratch: one block's transposed inputs and activations.
+template <typename T>
+struct BlockScratch {
+  std::vector<T> values;
+  T* get(size_t n) {
+    if (values.size() < n) values.resize(n);
+    return values.data();
+  }
+};
+
+template <typename T>
+BlockScratch<T>& thread_block_scratch() {
+  thread_local BlockScratch<T> scratch;
+  return scratch;
+}
+
+// Adds one block's Σ r² and gradient sums into `sums` (SumLayout).
+template <typename T>
+FUSEDGRAD_TRAIN_INLINE void block_loss_and_grads(const Dims& d, const SumLayout& lay, const ModelPtrs<T>& m,
+                                                 const StepRows& rows, int64_t r0, int64_t nb, T two_c,
+                                                 T* scratch, double* FUSEDGRAD_RESTRICT sums) {
+  const int64_t D = d.D, H = d.H, O = d.O;
+  T* xT = scratch;        // (D, nb)
+  T* tT = xT + D * nb;    // (O, nb)
+  T* S = tT + O * nb;     // (H, nb): s_j
+  T* G = S + H * nb;      // (O, nb): p_o, then r_o, then g_o
+  T* DH = G + O * nb;     // (H, nb): ds_j, then dh_j
+
+  // Gather the block's rows, transposed (x_d and t_o become contiguous).
+  for (int64_t r = 0; r < nb; ++r) {
+    const int64_t i = rows.row(r0 + r);
+    const T* xi = m.x + i * D;
+    const T* ti = m.t + i * O;
+    for (int64_t k = 0; k < D; ++k) xT[k * nb + r] = xi[k];
+    for (int64_t o = 0; o < O; ++o) tT[o * nb + r] = ti[o];
+  }
+
+  // s_j = σ(Σ_d w1[j,d] x_d + b1[j])
+  for (int64_t j = 0; j < H; ++j) {
+    T* FUSEDGRAD_RESTRICT sj = S + j * nb;
+    const T* wj = m.w1 + j * D;
+    std::fill(sj, sj + nb, T(0));
+    for (int64_t k = 0; k < D; ++k) axpy(sj, wj[k], xT + k * nb, nb);
+    if (m.b1) {
+      const T b = m.b1[j];
+#pragma omp simd
+      for (int64_t r = 0; r < nb; ++r) sj[r] = sj[r] + b;
+    }
+  }
+  sigmoid_inplace(S, H * nb);
+
+  // p_o = Σ_j w2[o,j] s_j;  r_o = (p_o + b2[o]) − t_o;  L += Σ r_o²;  g_o = 2c r_o
+  double sq = 0;
+  for (int64_t o = 0; o < O; ++o) {
+    T* FUSEDGRAD_RESTRICT go = G + o * nb;
+    const T* wo = m.w2 + o * H;
+    std::fill(go, go + nb, T(0));
+    for (int64_t j = 0; j < H; ++j) axpy(go, wo[j], S + j * nb, nb);
+    const T b = m.b2 ? m.b2[o] : T(0);
+    const T* FUSEDGRAD_RESTRICT to = tT + o * nb;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t r = 0; r < nb; ++r) {
+      const T res = (go[r] + b) - to[r];
+      sq += static_cast<double>(res) * static_cast<double>(res);
+      go[r] = res * two_c;
+    }
+    // dw2[o,j] += g_o · s_j;  db2[o] += Σ g_o
+    for (int64_t j = 0; j < H; ++j) sums[lay.dw2 + o * H + j] += static_cast<double>(dot(go, S + j * nb, nb));
+    sums[lay.db2 + o] += static_cast<double>(total(go, nb));
+  }
+  sums[lay.loss] += sq;
+
+  // ds_j = Σ_o w2[o,j] g_o;  dh_j = ds_j ⊙ (s_j ⊙ (1 − s_j));  dw1[j,d] += dh_j · x_d;  db1[j] += Σ dh_j
+  for (int64_t j = 0; j < H; ++j) {
+    T* FUSEDGRAD_RESTRICT dh = DH + j * nb;
+    std::fill(dh, dh + nb, T(0));
+    for (int64_t o = 0; o < O; ++o) axpy(dh, m.w2[o * H + j], G + o * nb, nb);
+    const T* FUSEDGRAD_RESTRICT sj = S + j * nb;
+#pragma omp simd
+    for (int64_t r = 0; r < nb; ++r) dh[r] = dh[r] * (sj[r] * (T(1) - sj[r]));
+    for (int64_t k = 0; k < D; ++k) sums[lay.dw1 + j * D + k] += static_cast<double>(dot(dh, xT + k * nb, nb));
+    sums[lay.db1 + j] += static_cast<double>(total(dh, nb));
+  }
+}
+
+// The blocks and chunks of a step of `count` rows.
+struct Partition {
+  int64_t blocks, chunks;
+  explicit Partition(int64_t count)
+      : blocks((count + kBlockRows - 1) / kBlockRows), chunks(std::min(blocks, kMaxChunks)) {}
+  int64_t chunk_first_block(int64_t c) const { return c * blocks / chunks; }
+};
+
+// Σ over the blocks of chunk c into `sums` (zeroed first).
+template <typename T>
+FUSEDGRAD_TRAIN_INLINE void chunk_sums(const Dims& d, const SumLayout& lay, const ModelPtrs<T>& m,
+                                       const StepRows& rows, const Partition& part, int64_t c, T two_c,
+                                       double* sums) {
+  std::fill(sums, sums + lay.size, 0.0);
+  const int64_t per_row = d.D + 2 * d.O + 2 * d.H;
+  T* scratch = thread_block_scratch<T>().get(static_cast<size_t>(per_row * kBlockRows));
+  for (int64_t b = part.chunk_first_block(c); b < part.chunk_first_block(c + 1); ++b) {
+    const int64_t r0 = b * kBlockRows;
+    const int64_t nb = std::min(kBlockRows, rows.count - r0);
+    block_loss_and_grads(d, lay, m, rows, r0, nb, two_c, scratch, sums);
+  }
+}
+
+// Gradient sums (double) → the model's .grad slices (T), then the optimizer
+// update of each parameter slice.
+struct SliceUpdate {
+  const UpdateRule* rule;
+  double lr;
+  AdamStepScalars adam;
+  bool fresh_buffer;
+  int64_t n;
+};
+
+template <typename T>
+FUSEDGRAD_TRAIN_INLINE void write_grads_and_update(const double* sums, T* grad, T* param, T* s1, T* s2, T* s3,
+                                                   const SliceUpdate& u) {
+  for (int64_t e = 0; e < u.n; ++e) grad[e] = static_cast<T>(sums[e]);
+  if (u.rule->kind == OptimizerKind::SGD) {
+    sgd_update<T>(*u.rule, u.lr, param, grad, s1, u.fresh_buffer, u.n);
+  } else {
+    adam_update<T>(*u.rule, u.lr, u.adam, param, grad, s1, s2, s3, u.n);
+  }
+}
+
+// The two functions that do the arithmetic, compiled per CPU capability
+// (simd.h). Everything around them only orchestrates: their bodies are
+// inlined here, so each clone carries its own vector code.
+FUSEDGRAD_TRAIN_CLONES void chunk_sums_kernel(const Dims& d, const SumLayout& lay, const ModelPtrs<float>& m,
+                                              const StepRows& rows, const Partition& part, int64_t c, float two_c,
+                                              double* sums) {
+  chunk_sums<float>(d, lay, m, rows, part, c, two_c, sums);
+}
+FUSEDGRAD_TRAIN_CLONES void chunk_sums_kernel(const Dims& d, const SumLayout& lay, const ModelPtrs<double>& m,
+                                              const StepRows& rows, const Partition& part, int64_t c, double two_c,
+                                              double* sums) {
+  chunk_sums<double>(d, lay, m, rows, part, c, two_c, sums);
+}
+FUSEDGRAD_TRAIN_CLONES void update_kernel(const double* sums, float* grad, float* param, float* s1, float* s2,
+                                          float* s3, const SliceUpdate& u) {
+  write_grads_and_update<float>(sums, grad, param, s1, s2, s3, u);
+}
+FUSEDGRAD_TRAIN_CLONES void update_kernel(const double* sums, double* grad, double* param, double* s1, double* s2,
+                                          double* s3, const SliceUpdate& u) {
+  write_grads_and_update<double>(sums, grad, param, s1, s2, s3, u);
+}
+
+// ---------------------------------------------------------------------------
+// The whole run.
+
+template <typename T>
+struct Run {
+  const TrainCall& call;
+  Dims d;
+  SumLayout lay;
+  std::array<T*, kNumParams> param{}, grad{};
+  std::array<T*, kNumParams> s1{}, s2{}, s3{};  // state: m | buffer, v, v̂
+  std::array<int64_t, kNumParams> per_model{};   // elements of one model's slice
+  std::array<double, kNumParams> step0{};        // Adam step count before this call
+  const T* x;
+  const T* t;
+  int64_t x_model_stride, t_model_stride;
+  const int64_t* order;
+  T* losses;
+
+  Run(const TrainCall& c, const Dims& dims) : call(c), d(dims), lay(dims) {
+    for (int p = 0; p < kNumParams; ++p) {
+      if (!c.params[p].defined()) continue;
+      param[p] = c.params[p].data_ptr<T>();
+      grad[p] = c.grads[p].data_ptr<T>();
+      per_model[p] = c.params[p].numel() / d.K;
+      const ParamState& st = c.state[p];
+      if (st.exp_avg.defined()) s1[p] = st.exp_avg.data_ptr<T>();
+      if (st.exp_avg_sq.defined()) s2[p] = st.exp_avg_sq.data_ptr<T>();
+      if (st.max_exp_avg_sq.defined()) s3[p] = st.max_exp_avg_sq.data_ptr<T>();
+      if (st.step.defined()) step0[p] = st.step.item<double>();
+    }
+    x = c.x.data_ptr<T>();
+    t = c.target.data_ptr<T>();
+    x_model_stride = c.x.dim() == 3 ? d.N * d.D : 0;
+    t_model_stride = c.target.dim() == 3 ? d.N * d.O : 0;
+    order = c.order.defined() ? c.order.data_ptr<int64_t>() : nullptr;
+    losses = c.losses.data_ptr<T>();
+  }
+
+  ModelPtrs<T> model(int64_t k) const {
+    auto at = [&](int p, const T* base) -> const T* { return base ? base + k * per_model[p] : nullptr; };
+    return {at(kW1, param[kW1]), at(kB1, param[kB1]), at(kW2, param[kW2]), at(kB2, param[kB2]),
+            x + k * x_model_stride, t + k * t_model_stride};
+  }
+
+  StepRows rows_of(int64_t step) const {
+    const int64_t s = call.first_step + step;
+    if (call.batch_size <= 0) return {nullptr, 0, d.N};
+    const int64_t bs = call.batch_size;
+    const int64_t per_epoch = (d.N + bs - 1) / bs;
+    const int64_t epoch = s / per_epoch, b = s % per_epoch;
+    const int64_t first = b * bs, count = std::min(bs, d.N - first);
+    if (order) return {order + epoch * d.N + first, 0, count};
+    return {nullptr, first, count};
+  }
+
+  // Writes model k's loss and gradients (from the double sums), then updates
+  // its parameters.
+  void finish_step(int64_t k, int64_t step, double c, const double* sums) const {
+    losses[step * d.K + k] = static_cast<T>(c * sums[lay.loss]);
+    const double scale = call.lr_scale.defined() ? call.lr_scale.data_ptr<double>()[k] : 1.0;
+    const int64_t offsets[kNumParams] = {lay.dw1, lay.db1, lay.dw2, lay.db2};
+    for (int p = 0; p < kNumParams; ++p) {
+      if (!param[p]) continue;
+      const ParamState& st = call.state[p];
+      const int64_t n = per_model[p], off = k * n;
+      SliceUpdate u{&st.rule, st.rule.lr * scale, {0, 1}, st.buffer_fresh && step == 0, n};
+      if (st.rule.kind == OptimizerKind::Adam) {
+        u.adam = adam_step_scalars(st.rule, u.lr, step0[p] + static_cast<double>(step + 1));
+      }
+      auto at = [&](T* base) { return base ? base + off : nullptr; };
+      update_kernel(sums + offsets[p], grad[p] + off, param[p] + off, at(s1[p]), at(s2[p]), at(s3[p]), u);
+    }
+  }
+
+  double loss_scale(const StepRows& rows) const { return call.mean ? 1.0 / static_cast<double>(rows.count * d.O) : 1.0; }
+
+  // Every step of model k, chunks one after another (used when models run in parallel).
+  void run_model(int64_t k, std::vector<double>& sums, std::vector<double>& chunk) const {
+    const ModelPtrs<T> m = model(k);
+    for (int64_t step = 0; step < call.num_steps; ++step) {
+      const StepRows rows = rows_of(step);
+      const double c = loss_scale(rows);
+      const Partition part(rows.count);
+      std::fill(sums.begin(), sums.end(), 0.0);
+      for (int64_t ch = 0; ch < part.chunks; ++ch) {
+        chunk_sums_kernel(d, lay, m, rows, part, ch, static_cast<T>(2.0 * c), chunk.data());
+        for (int64_t e = 0; e < lay.size; ++e) sums[e] += chunk[e];
+      }
+      finish_step(k, step, c, sums.data());
+    }
+  }
+
+  // Every step of the single model, the chunks of each step in parallel.
+  void run_single(std::vector<double>& sums, std::vector<double>& chunks) const {
+    const ModelPtrs<T> m = model(0);
+    for (int64_t step = 0; step < call.num_steps; ++step) {
+      const StepRows rows = rows_of(step);
+      const double c = loss_scale(rows);
+      const Partition part(rows.count);
+      const int64_t chunk_macs = std::max<int64_t>(1, rows.count / std::max<int64_t>(part.chunks, 1)) * d.macs_per_row();
+      const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / chunk_macs);
+      at::parallel_for(0, part.chunks, grain, [&](int64_t c0, int64_t c1) {
+        for (int64_t ch = c0; ch < c1; ++ch) {
+          chunk_sums_kernel(d, lay, m, rows, part, ch, static_cast<T>(2.0 * c), chunks.data() + ch * lay.size);
+        }
+      });
+      std::fill(sums.begin(), sums.end(), 0.0);
+      for (int64_t ch = 0; ch < part.chunks; ++ch) {
+        const double* cs = chunks.data() + ch * lay.size;
+        for (int64_t e = 0; e < lay.size; ++e) sums[e] += cs[e];
+      }
+      finish_step(0, step, c, sums.data());
+      if (call.steps_done.defined()) call.steps_done.data_ptr<int64_t>()[0] += 1;
+    }
+  }
+};
+
+template <typename T>
+void run_all(const TrainCall& call, const Dims& d) {
+  Run<T> run(call, d);
+  const size_t n = static_cast<size_t>(run.lay.size);
+  if (d.K == 1) {
+    // Kept across calls: a step allocates nothing once these have grown.
+    thread_local std::vector<double> total, chunks;
+    if (total.size() != n) total.assign(n, 0.0);
+    if (chunks.size() < n * kMaxChunks) chunks.resize(n * kMaxChunks);
+    run.run_single(total, chunks);
+  } else {
+    const int64_t model_macs = std::max<int64_t>(1, call.num_steps * d.N * d.macs_per_row());
+    const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / model_macs);
+    at::parallel_for(0, d.K, grain, [&](int64_t k0, int64_t k1) {
+      thread_local std::vector<double> sums, chunk;
+      if (sums.size() != n) sums.assign(n, 0.0);
+      if (chunk.size() != n) chunk.assign(n, 0.0);
+      for (int64_t k = k0; k < k1; ++k) run.run_model(k, sums, chunk);
+    });
+    if (call.steps_done.defined()) call.steps_done.data_ptr<int64_t>()[0] += call.num_steps;
+  }
+  // Adam's step count, once per parameter tensor (all models share it).
+  for (int p = 0; p < kNumParams; ++p) {
+    const at::Tensor& st = call.state[p].step;
+    if (!call.params[p].defined() || !st.defined()) continue;
+    const double v = run.step0[p] + static_cast<double>(call.num_steps);
+    if (st.scalar_type() == at::kFloat) {
+      *st.data_ptr<float>() = static_cast<float>(v);
+    } else {
+      *st.data_ptr<double>() = v;
+    }
+  }
+}
+
+
+// ---------------------------------------------------------------------------
+// Validation: everything the kernels rely on, with messages naming `fn`.
+
+const char* kParamNames[kNumParams] = {"w1", "b1", "w2", "b2"};
+
+std::string shape_of(const at::Tensor& t) {
+  std::string s = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + (t.dim() == 1 ? ",)" : ")");
+}
+
+void check_like(const char* fn, const std::string& what, const at::Tensor& t, const at::Tensor& param) {
+  TORCH_CHECK_VALUE(t.defined(), fn, ": ", what, " is missing");
+  TORCH_CHECK_TYPE(t.scalar_type() == param.scalar_type(), fn, ": ", what, " has dtype ", t.scalar_type(),
+                   " but its parameter has ", param.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == param.device(), fn, ": ", what, " is on ", t.device(),
+                    " but its parameter is on ", param.device());
+  TORCH_CHECK_VALUE(t.sizes().equals(param.sizes()), fn, ": ", what, " has shape ", shape_of(t),
+                    " but its parameter has shape ", shape_of(param));
+  TORCH_CHECK_VALUE(t.is_contiguous(), fn, ": ", what, " must be contiguous");
+}
+
+Dims check_call(const char* fn, const TrainCall& c) {
+  const at::Tensor& w1 = c.params[kW1];
+  const at::Tensor& w2 = c.params[kW2];
+  TORCH_CHECK_VALUE(w1.defined() && w2.defined(), fn, ": the model needs both weights");
+  TORCH_CHECK_VALUE(w1.device().is_cpu(), fn, ": the fused trainer runs on the CPU; the parameters are on ",
+                    w1.device());
+  TORCH_CHECK_TYPE(w1.scalar_type() == at::kFloat || w1.scalar_type() == at::kDouble, fn,
+                   ": parameters must be float32 or float64, got ", w1.scalar_type());
+  Dims d{};
+  const bool stacked = w1.dim() == 3;
+  TORCH_CHECK_VALUE(w1.dim() == 2 || stacked, fn, ": w1 must be (H, D) or (K, H, D), got ", shape_of(w1));
+  d.K = stacked ? w1.size(0) : 1;
+  d.H = w1.size(-2);
+  d.D = w1.size(-1);
+  TORCH_CHECK_VALUE(w2.dim() == w1.dim() && w2.size(-1) == d.H && (!stacked || w2.size(0) == d.K), fn,
+                    ": w2 must be ", stacked ? "(K, O, H)" : "(O, H)", " with K and H of w1, got ", shape_of(w2));
+  d.O = w2.size(-2);
+  d.has_b1 = c.params[kB1].defined();
+  d.has_b2 = c.params[kB2].defined();
+  for (int p = 0; p < kNumParams; ++p) {
+    const at::Tensor& t = c.params[p];
+    if (!t.defined()) continue;
+    TORCH_CHECK_TYPE(t.scalar_type() == w1.scalar_type(), fn, ": parameter ", kParamNames[p], " has dtype ",
+                     t.scalar_type(), " but w1 has ", w1.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == w1.device(), fn, ": parameter ", kParamNames[p], " is on ", t.device(),
+                      " but w1 is on ", w1.device());
+    TORCH_CHECK_VALUE(t.is_contiguous(), fn, ": parameter ", kParamNames[p], " must be contiguous");
+    check_like(fn, std::string("the gradient buffer of ") + kParamNames[p], c.grads[p], t);
+    const ParamState& st = c.state[p];
+    const std::string name = std::string("optimizer state of ") + kParamNames[p];
+    if (st.rule.kind == OptimizerKind::Adam) {
+      check_like(fn, name + " 'exp_avg'", st.exp_avg, t);
+      check_like(fn, name + " 'exp_avg_sq'", st.exp_avg_sq, t);
+      if (st.rule.amsgrad) check_like(fn, name + " 'max_exp_avg_sq'", st.max_exp_avg_sq, t);
+      TORCH_CHECK_VALUE(st.step.defined() && st.step.numel() == 1 && st.step.device().is_cpu() &&
+                            (st.step.scalar_type() == at::kFloat || st.step.scalar_type() == at::kDouble),
+                        fn, ": ", name, " 'step' must be a one-element float tensor on the CPU");
+    } else if (st.rule.momentum != 0) {
+      check_like(fn, name + " 'momentum_buffer'", st.exp_avg, t);
+    }
+  }
+  auto check_bias = [&](int p, int64_t width) {
+    const at::Tensor& b = c.params[p];
+    if (!b.defined()) return;
+    const bool ok = stacked ? (b.dim() == 2 && b.size(0) == d.K && b.size(1) == width)
+                            : (b.dim() == 1 && b.size(0) == width);
+    TORCH_CHECK_VALUE(ok, fn, ": parameter ", kParamNames[p], " must have shape ",
+                      stacked ? "(K, " : "(", width, stacked ? ")" : ",)", ", got ", shape_of(b));
+  };
+  check_bias(kB1, d.H);
+  check_bias(kB2, d.O);
+
+  auto check_data = [&](const char* name, const at::Tensor& t, int64_t width) -> int64_t {
+    TORCH_CHECK_TYPE(t.scalar_type() == w1.scalar_type(), fn, ": argument '", name, "' has dtype ",
+                     t.scalar_type(), " but the parameters have ", w1.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == w1.device(), fn, ": argument '", name, "' is on ", t.device(),
+                      " but the parameters are on ", w1.device());
+    TORCH_CHECK_VALUE(t.is_contiguous(), fn, ": argument '", name, "' must be contiguous");
+    const bool per_model = t.dim() == 3;
+    TORCH_CHECK_VALUE(
+        (t.dim() == 2 || (per_model && stacked && t.size(0) == d.K)) && t.size(-1) == width, fn, ": argument '",
+        name, "' must have shape (N, ", width, ")", stacked ? " or (K, N, " + std::to_string(width) + ")" : "",
+        ", got ", shape_of(t));
+    return t.size(-2);
+  };
+  d.N = check_data("x", c.x, d.D);
+  const int64_t nt = check_data("target", c.target, d.O);
+  TORCH_CHECK_VALUE(nt == d.N, fn, ": 'x' has ", d.N, " rows but 'target' has ", nt);
+  TORCH_CHECK_VALUE(d.N > 0, fn, ": 'x' has no rows");
+  TORCH_CHECK_VALUE(c.num_steps >= 0, fn, ": the number of steps must be >= 0");
+  TORCH_CHECK_VALUE(c.losses.is_contiguous() && c.losses.scalar_type() == w1.scalar_type() &&
+                        c.losses.numel() >= c.num_steps * d.K,
+                    fn, ": internal: the loss buffer is too small");
+  if (c.batch_size > 0 && c.order.defined()) {
+    const int64_t per_epoch = (d.N + c.batch_size - 1) / c.batch_size;
+    const int64_t last_epoch = (c.first_step + std::max<int64_t>(c.num_steps, 1) - 1) / per_epoch;
+    TORCH_CHECK_VALUE(c.order.scalar_type() == at::kLong && c.order.is_contiguous() &&
+                          c.order.numel() >= (last_epoch + 1) * d.N,
+                      fn, ": internal: the batch order covers too few epochs");
+    // Every index is read as a row of x: none may point outside it.
+    const int64_t* idx = c.order.data_ptr<int64_t>();
+    const bool in_range = std::all_of(idx, idx + c.order.numel(), [&](int64_t i) { return i >= 0 && i < d.N; });
+    TORCH_CHECK_VALUE(in_range, fn, ": internal: the batch order holds a row index outside [0, ", d.N, ")");
+  }
+  if (c.lr_scale.defined()) {
+    TORCH_CHECK_VALUE(c.lr_scale.scalar_type() == at::kDouble && c.lr_scale.is_contiguous() &&
+                          c.lr_scale.numel() == d.K,
+                      fn, ": the per-model learning-rate factors must be a float64 tensor of shape (K,) = (", d.K,
+                      ",)");
+  }
+  return d;
+}
+
+}  // namespace
+
+void train_steps(const char* fn, TrainCall& call) {
+  const Dims d = check_call(fn, call);
+  if (call.num_steps == 0) return;
+  if (call.params[kW1].scalar_type() == at::kFloat) {
+    run_all<float>(call, d);
+  } else {
+    run_all<double>(call, d);
+  }
+}
+
+}  // namespace fusedgrad::trainer

@@ -1,0 +1,57 @@
+// The fused training step: forward, squared loss, every parameter gradient
+// and the optimizer update of K independent two-layer perceptrons, for any
+// number of steps, in one call (fusedgrad.Trainer; K = 1 for a FusedMLP).
+//
+// Parameters are stacked with a leading model dimension: w1 (K, H, D),
+// b1 (K, H), w2 (K, O, H), b2 (K, O) — a FusedMLP's (H, D) weight is K = 1 —
+// each contiguous. Their gradients are written into `grads` (the parameters'
+// .grad, same shapes), which after the call hold the last step's gradients,
+// as after `opt.zero_grad(); loss.backward(); opt.step()`.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+
+#include "optimizer_update.h"
+
+namespace fusedgrad::trainer {
+
+enum ParamIndex { kW1 = 0, kB1, kW2, kB2, kNumParams };
+
+// One parameter tensor's optimizer state, as torch.optim keeps it.
+struct ParamState {
+  UpdateRule rule;
+  at::Tensor step;        // Adam: 0-dim float step count (incremented per step)
+  at::Tensor exp_avg;     // Adam: m;   SGD: the momentum buffer
+  at::Tensor exp_avg_sq;  // Adam: v
+  at::Tensor max_exp_avg_sq;  // Adam with amsgrad: v̂
+  bool buffer_fresh = false;  // SGD: the momentum buffer holds nothing yet
+};
+
+struct TrainCall {
+  std::array<at::Tensor, kNumParams> params;  // undefined where the model has no such parameter
+  std::array<at::Tensor, kNumParams> grads;
+  std::array<ParamState, kNumParams> state;
+  at::Tensor x;       // (N, D) shared by every model, or (K, N, D)
+  at::Tensor target;  // (N, O) or (K, N, O)
+  // Rows of each step: full batch (all N rows in order) when batch_size is 0;
+  // otherwise step s of the run takes batch b = s mod B of epoch e = s div B
+  // (B = ceil(N / batch_size)): rows order[e·N + b·bs ...] (or b·bs ... in
+  // order when `order` is undefined), the last batch of an epoch partial.
+  int64_t batch_size = 0;
+  at::Tensor order;          // int64 (epochs·N,), or undefined
+  int64_t first_step = 0;    // index of this call's first step within the run
+  int64_t num_steps = 0;
+  bool mean = true;          // reduction "mean" (else "sum")
+  at::Tensor lr_scale;       // (K,) per-model factor on every group's lr, or undefined
+  at::Tensor losses;         // (num_steps, K) written step by step
+  at::Tensor steps_done;     // int64 (1,): steps completed so far (for interruption)
+};
+
+// Validates the call (shapes, dtypes, contiguity, state) and raises
+// ValueError / TypeError naming `fn` and the argument; then runs the steps.
+void train_steps(const char* fn, TrainCall& call);
+
+}  // namespace fusedgrad::trainer

@@ -1,0 +1,408 @@
+"""Fused training: forward, loss, backward and the optimizer update in one C++ call.
+
+:class:`Trainer` drives a :class:`~fusedgrad.FusedMLP` (or a
+:class:`~fusedgrad.FusedMLPEnsemble`) with the user's own ``torch.optim``
+optimizer. ``trainer.step(x, y)`` does exactly what ::
+
+    opt.zero_grad(); net.loss(x, y).backward(); opt.step()
+
+does, and ``trainer.fit(x, y, steps)`` runs many such steps in C++ with the
+GIL released. The optimizer stays the single source of truth: its
+``param_groups`` (lr, betas, ...) and ``state`` (step, exp_avg, exp_avg_sq,
+max_exp_avg_sq, momentum_buffer) are read at every call and updated in place,
+so plain ``opt.step()``, ``opt.state_dict()`` / ``load_state_dict()`` and LR
+schedulers keep working between calls. The kernels are in csrc/trainer/.
+"""
+import math
+import time
+
+import torch
+from torch import nn
+
+from . import _C
+from ._hooks import grad_hooks
+
+_PARAM_NAMES = ("w1", "b1", "w2", "b2")
+# Groups options each optimizer class has, and what the fused update supports.
+_REFUSED_TRUE = ("capturable", "differentiable")
+# Seconds of work per C++ call in fit(): small enough that Ctrl-C, progress and
+# callbacks respond promptly, large enough that the Python between calls is noise.
+_CALL_SECONDS = 0.05
+
+
+def _kind_of(optimizer):
+    # Exact classes: a subclass may override step() with another update.
+    if type(optimizer) is torch.optim.SGD:
+        return "sgd"
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+        return "adam"
+    raise TypeError(
+        "fusedgrad.Trainer: argument 'optimizer' must be a torch.optim.SGD, Adam or AdamW, "
+        f"got {type(optimizer).__module__}.{type(optimizer).__qualname__}")
+
+
+def _scalar(fn, group_index, key, value):
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{fn}: param_groups[{group_index}]['{key}'] must be a number or a one-element "
+                             f"tensor, got a tensor of shape {tuple(value.shape)}")
+        if value.requires_grad:
+            raise ValueError(f"{fn}: param_groups[{group_index}]['{key}'] requires grad (differentiable "
+                             "optimizer options are not supported)")
+        return float(value.item())
+    return float(value)
+
+
+class Trainer:
+    """Trains ``net`` with ``optimizer``, each step forward + loss + backward + update in one C++ call.
+
+    Args:
+        net: a :class:`~fusedgrad.FusedMLP`, or a :class:`~fusedgrad.FusedMLPEnsemble` of K models
+            (its stacked parameters, one optimizer over them: Adam, AdamW and SGD are element-wise,
+            so this is exactly K independent optimizers).
+        optimizer: ``torch.optim.SGD``, ``Adam`` or ``AdamW`` built on ``net``'s parameters, with any
+            options those classes take (``foreach`` / ``fused`` settings are accepted: they compute
+            the same formulas) except ``capturable=True`` and ``differentiable=True``. Several param
+            groups with different options are fine. Each of ``net``'s parameters must be in it
+            exactly once, require grad and have no gradient hooks, and it must hold no other
+            parameter.
+        reduction: ``"mean"`` (as ``nn.MSELoss``) or ``"sum"``.
+        model_lr_scale: ensembles only, optional ``(K,)`` tensor: model k is updated with learning
+            rate ``group['lr'] * model_lr_scale[k]`` (for every param group, and every lr an LR
+            scheduler sets), which turns one ensemble into a learning-rate sweep. It applies to the
+            trainer's own steps only; a plain ``optimizer.step()`` uses ``group['lr']``.
+
+    After :meth:`step` or :meth:`fit`, each parameter's ``.grad`` holds the gradient of the last
+    step and the optimizer state is that of the reference loop, so training may continue with
+    either. Float32 and float64 on the CPU.
+    """
+
+    def __init__(self, net, optimizer, reduction="mean", *, model_lr_scale=None):
+        fn = "fusedgrad.Trainer"
+        from .module import FusedMLP
+
+        if not isinstance(net, FusedMLP) and not is_ensemble(net):
+            raise TypeError(f"{fn}: argument 'net' must be a fusedgrad.FusedMLP or fusedgrad.FusedMLPEnsemble, "
+                            f"got {type(net).__qualname__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"{fn}: argument 'optimizer' must be a torch.optim optimizer, got "
+                            f"{type(optimizer).__qualname__}")
+        _kind_of(optimizer)
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"{fn}: argument 'reduction' must be 'mean' or 'sum', got {reduction!r}")
+        self.net = net
+        self.optimizer = optimizer
+        self.reduction = reduction
+        self.num_models = net.num_models if is_ensemble(net) else 1
+        self._ensemble = is_ensemble(net)
+        self.model_lr_scale = None
+        if model_lr_scale is not None:
+            if not self._ensemble:
+                raise ValueError(f"{fn}: argument 'model_lr_scale' is for ensembles (FusedMLPEnsemble); "
+                                 "for one model, set the optimizer's lr")
+            scale = torch.as_tensor(model_lr_scale)
+            if scale.shape != (self.num_models,) or not scale.is_floating_point():
+                raise ValueError(f"{fn}: argument 'model_lr_scale' must be a floating-point tensor of shape "
+                                 f"(K,) = ({self.num_models},), got {tuple(scale.shape)} {scale.dtype}")
+            if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+                raise ValueError(f"{fn}: argument 'model_lr_scale' must hold finite, non-negative factors")
+            self.model_lr_scale = scale.detach().to(dtype=torch.float64, device="cpu").contiguous()
+        self._prepare("fusedgrad.Trainer")  # refuse a bad setup now, not at the first step
+
+    # ------------------------------------------------------------------ setup, read at every call
+    def _params(self):
+        params = self.net._params()
+        return [p if p is not None else None for p in params]
+
+    def _prepare(self, fn):
+        """The parameters, their .grad buffers and update rules, read from the optimizer now."""
+        opt = self.optimizer
+        kind = _kind_of(opt)
+        params = self._params()
+        where = {}
+        for gi, group in enumerate(opt.param_groups):
+            for p in group["params"]:
+                where[id(p)] = gi
+        wanted = {id(p) for p in params if p is not None}
+        strangers = [p for group in opt.param_groups for p in group["params"] if id(p) not in wanted]
+        if strangers:
+            raise ValueError(f"{fn}: the optimizer holds {len(strangers)} parameter(s) that are not part of the "
+                             "network; build it on net.parameters() only")
+        grads, rules = [], []
+        for name, p in zip(_PARAM_NAMES, params):
+            if p is None:
+                grads.append(None)
+                rules.append(None)
+                continue
+            if id(p) not in where:
+                raise ValueError(f"{fn}: parameter '{self._pname(name)}' is not in the optimizer; build the "
+                                 "optimizer on net.parameters()")
+            if not p.requires_grad:
+                raise ValueError(f"{fn}: parameter '{self._pname(name)}' does not require grad (frozen); the "
+                                 "fused trainer updates every parameter — unfreeze it or train with "
+                                 "loss.backward() and opt.step()")
+            if not p.is_leaf:
+                raise ValueError(f"{fn}: parameter '{self._pname(name)}' is computed (not a leaf, e.g. a "
+                                 "parametrization), so it cannot be updated in place")
+            hooks = grad_hooks(p)
+            if hooks:
+                raise ValueError(f"{fn}: parameter '{self._pname(name)}' has {', '.join(hooks)}; the fused "
+                                 "trainer writes .grad directly and would skip them — train with "
+                                 "loss.backward() and opt.step() instead")
+            if p.device.type != "cpu":
+                raise ValueError(f"{fn}: the fused trainer runs on the CPU; parameter '{self._pname(name)}' is "
+                                 f"on {p.device}")
+            if p.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"{fn}: parameters must be float32 or float64; '{self._pname(name)}' is {p.dtype}")
+            if not p.is_contiguous():
+                raise ValueError(f"{fn}: parameter '{self._pname(name)}' must be contiguous")
+            g = p.grad
+            if g is None or g.shape != p.shape or g.dtype != p.dtype or not g.is_contiguous() or g.device != p.device:
+                # What backward() would leave after zero_grad(): a fresh gradient of p's layout.
+                g = torch.empty_like(p, memory_format=torch.contiguous_format)
+            grads.append(g)
+            gi = where[id(p)]
+            rules.append(self._rule(fn, kind, gi, opt.param_groups[gi], p))
+        return params, grads, rules
+
+    def _pname(self, name):
+        if self._ensemble:
+            return {"w1": "weight1", "b1": "bias1", "w2": "weight2", "b2": "bias2"}[name]
+        return {"w1": "linear1.weight", "b1": "linear1.bias", "w2": "linear2.weight", "b2": "linear2.bias"}[name]
+
+    def _rule(self, fn, kind, gi, group, p):
+        for key in _REFUSED_TRUE:
+            if group.get(key, False):
+                raise ValueError(f"{fn}: param_groups[{gi}] has {key}=True, which the fused trainer does not "
+                                 "support; train with opt.step()")
+        lr = _scalar(fn, gi, "lr", group["lr"])
+        wd = _scalar(fn, gi, "weight_decay", group.get("weight_decay", 0.0))
+        maximize = bool(group.get("maximize", False))
+        state = self.optimizer.state[p]
+        if kind == "sgd":
+            momentum = _scalar(fn, gi, "momentum", group.get("momentum", 0.0))
+            dampening = _scalar(fn, gi, "dampening", group.get("dampening", 0.0))
+            nesterov = bool(group.get("nesterov", False))
+            buf, fresh = None, False
+            if momentum != 0:
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf, fresh = torch.zeros_like(p, memory_format=torch.contiguous_format), True
+                elif not (buf.is_contiguous() and buf.shape == p.shape and buf.dtype == p.dtype):
+                    raise ValueError(f"{fn}: the optimizer's momentum_buffer of '{self._pname(_name_of(self, p))}' "
+                                     f"must be a contiguous {p.dtype} tensor of shape {tuple(p.shape)}")
+            return ("sgd", lr, wd, maximize, momentum, dampening, nesterov, 0.0, 0.0, 0.0, False, False,
+                    None, buf, None, None, fresh)
+        beta1 = _scalar(fn, gi, "betas[0]", group["betas"][0])
+        beta2 = _scalar(fn, gi, "betas[1]", group["betas"][1])
+        eps = _scalar(fn, gi, "eps", group["eps"])
+        amsgrad = bool(group.get("amsgrad", False))
+        decoupled = bool(group.get("decoupled_weight_decay", type(self.optimizer) is torch.optim.AdamW))
+        if len(state) == 0:
+            _init_adam_state(state, p, group, amsgrad)
+        step = state.get("step")
+        if step is None or not isinstance(step, torch.Tensor):
+            # torch.optim converts a float step (old state dicts) to a tensor the same way.
+            state["step"] = step = torch.tensor(float(step or 0.0), dtype=_scalar_dtype(group))
+        if amsgrad and "max_exp_avg_sq" not in state:
+            raise ValueError(f"{fn}: amsgrad=True but the optimizer state of '{self._pname(_name_of(self, p))}' "
+                             "has no 'max_exp_avg_sq' (it was created with amsgrad=False)")
+        return ("adam", lr, wd, maximize, 0.0, 0.0, False, beta1, beta2, eps, amsgrad, decoupled,
+                step, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq") if amsgrad else None, False)
+
+    def _data(self, fn, x, target):
+        """x and target as the contiguous 2-D (or per-model 3-D) matrices the kernels read."""
+        for name, t in (("x", x), ("target", target)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{fn}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
+            if t.layout is not torch.strided:
+                raise ValueError(f"{fn}: argument '{name}' must be a dense (torch.strided) tensor, got {t.layout}")
+        w1 = self._params()[0]
+        D, O = w1.shape[-1], self._params()[2].shape[-2]
+        if self._ensemble:
+            K = self.num_models
+            if x.dim() not in (2, 3) or x.shape[-1] != D or (x.dim() == 3 and x.shape[0] != K):
+                raise ValueError(f"{fn}: argument 'x' must have shape (N, {D}) (shared by all models) or "
+                                 f"(K, N, {D}) = ({K}, N, {D}), got {tuple(x.shape)}")
+            expected = x.shape[:-1] + (O,)
+            ok = target.shape == expected or (target.dim() == 2 and target.shape == x.shape[-2:-1] + (O,)) \
+                or (target.dim() == 3 and target.shape == (K,) + x.shape[-2:-1] + (O,))
+            if not ok:
+                raise ValueError(f"{fn}: argument 'target' must have shape (N, {O}) or (K, N, {O}) with x's N, got "
+                                 f"{tuple(target.shape)} for x of shape {tuple(x.shape)}")
+        else:
+            if x.dim() < 1 or x.shape[-1] != D:
+                raise ValueError(f"{fn}: argument 'x' must have shape (*, in_features) = (*, {D}), got "
+                                 f"{tuple(x.shape)}")
+            expected = x.shape[:-1] + (O,)
+            if target.shape != expected:
+                raise ValueError(f"{fn}: argument 'target' must have the prediction's shape x.shape[:-1] + "
+                                 f"(out_features,) = {tuple(expected)}, got {tuple(target.shape)}")
+            x = x.reshape(-1, D)
+            target = target.reshape(-1, O)
+        if x.dtype != w1.dtype or target.dtype != w1.dtype:
+            raise TypeError(f"{fn}: arguments 'x' and 'target' must have the parameters' dtype {w1.dtype}, got "
+                            f"{x.dtype} and {target.dtype}")
+        if x.device != w1.device or target.device != w1.device:
+            raise ValueError(f"{fn}: arguments 'x' and 'target' must be on the parameters' device {w1.device}, "
+                             f"got {x.device} and {target.device}")
+        if x.shape[-2] == 0:
+            raise ValueError(f"{fn}: argument 'x' has no rows")
+        return x.detach().contiguous(), target.detach().contiguous()
+
+    def _run(self, fn, x, target, steps, first_step=0, batch_size=0, order=None, losses=None, done=None):
+        params, grads, rules = self._prepare(fn)
+        _C.train_steps(fn, params, grads, rules, x, target, batch_size, order, first_step, steps,
+                       self.reduction == "mean", self.model_lr_scale, losses, done)
+        # The gradients are the parameters' own .grad; a momentum buffer created
+        # for this call becomes the optimizer's (as torch.optim.SGD stores it).
+        for p, g, rule in zip(params, grads, rules):
+            if p is None:
+                continue
+            if p.grad is not g:
+                p.grad = g
+            if rule[0] == "sgd" and rule[4] != 0 and rule[16]:
+                self.optimizer.state[p]["momentum_buffer"] = rule[13]
+
+    # ------------------------------------------------------------------ public
+    def step(self, x, target):
+        """One optimizer step: ``opt.zero_grad(); net.loss(x, target).backward(); opt.step()``.
+
+        Args:
+            x: ``(*, in_features)`` input (for an ensemble ``(N, D)`` shared or ``(K, N, D)``).
+            target: the prediction's shape, ``x.shape[:-1] + (out_features,)`` (ensembles: ``(N, O)``
+                or ``(K, N, O)``).
+
+        Returns:
+            The loss before the update, detached: 0-dim, or ``(K,)`` for an ensemble.
+        """
+        fn = "fusedgrad.Trainer.step"
+        x, target = self._data(fn, x, target)
+        losses = torch.empty((1, self.num_models), dtype=x.dtype)
+        self._run(fn, x, target, 1, losses=losses)
+        return losses[0] if self._ensemble else losses[0, 0]
+
+    def fit(self, x, target, steps, batch_size=None, shuffle=True, generator=None, progress=False,
+            callback=None, callback_every=1):
+        """``steps`` optimizer steps in C++ (GIL released); returns the loss history.
+
+        Full batch when ``batch_size`` is None. Otherwise mini-batches of ``batch_size`` rows (the
+        last batch of an epoch keeps the remainder, as ``DataLoader(drop_last=False)``), in the
+        order of ``torch.randperm(N, generator=generator)`` drawn at the start of each epoch — as a
+        reference loop drawing one permutation per epoch gets them — or in order when
+        ``shuffle=False``. Each ``fit`` call starts a new epoch.
+
+        Args:
+            x, target: as for :meth:`step`.
+            steps: number of optimizer steps (>= 0).
+            batch_size: rows per step, or None for the full batch.
+            shuffle, generator: the batch order (see above).
+            progress: show a progress bar (tqdm) with the running loss.
+            callback: ``callback(step, loss)`` after every ``callback_every`` steps (step counts from 1;
+                loss is that step's loss, 0-dim or ``(K,)``); returning ``False`` stops training.
+            callback_every: steps between callbacks.
+
+        Returns:
+            The losses of the steps taken, ``(steps,)`` (ensembles: ``(steps, K)``). Fewer than
+            ``steps`` when a callback stopped training or on Ctrl-C (KeyboardInterrupt), which stops
+            at a step boundary with the parameters, gradients and optimizer state of the last step
+            taken.
+        """
+        fn = "fusedgrad.Trainer.fit"
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"{fn}: argument 'steps' must be an int >= 0, got {steps!r}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"{fn}: argument 'callback' must be callable, got {type(callback).__name__}")
+        if isinstance(callback_every, bool) or not isinstance(callback_every, int) or callback_every < 1:
+            raise ValueError(f"{fn}: argument 'callback_every' must be an int >= 1, got {callback_every!r}")
+        x, target = self._data(fn, x, target)
+        N = x.shape[-2]
+        bs, order = 0, None
+        if batch_size is not None:
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise ValueError(f"{fn}: argument 'batch_size' must be an int >= 1 or None, got {batch_size!r}")
+            if generator is not None and not isinstance(generator, torch.Generator):
+                raise TypeError(f"{fn}: argument 'generator' must be a torch.Generator or None, got "
+                                f"{type(generator).__name__}")
+            bs = batch_size
+            if shuffle and steps > 0:
+                per_epoch = math.ceil(N / bs)
+                epochs = math.ceil(steps / per_epoch)
+                order = torch.cat([torch.randperm(N, generator=generator) for _ in range(epochs)])
+        losses = torch.empty((steps, self.num_models), dtype=x.dtype)
+        done = torch.zeros(1, dtype=torch.int64)
+        bar = _progress_bar(steps) if progress else None
+        try:
+            per_call = callback_every if callback is not None else max(1, steps)
+            if callback is None and (bar is not None or steps > 1):
+                per_call = self._steps_per_call(fn, x, target, steps, bs, order, losses, done, bar)
+            while int(done) < steps:
+                first = int(done)
+                n = min(per_call, steps - first)
+                self._run(fn, x, target, n, first, bs, order, losses[first:first + n], done)
+                if bar is not None:
+                    bar.update(n)
+                    bar.set_postfix(loss=_loss_text(losses[first + n - 1]), refresh=False)
+                if callback is not None:
+                    last = first + n
+                    loss = losses[last - 1] if self._ensemble else losses[last - 1, 0]
+                    if callback(last, loss.clone()) is False:
+                        break
+        except KeyboardInterrupt:
+            pass  # the steps counted in `done` are complete and consistent
+        finally:
+            if bar is not None:
+                bar.close()
+        out = losses[: int(done)]
+        return out if self._ensemble else out[:, 0]
+
+    def _steps_per_call(self, fn, x, target, steps, bs, order, losses, done, bar):
+        """Runs one step alone, timed, and sizes the calls after it to ~_CALL_SECONDS each."""
+        start = time.perf_counter()
+        self._run(fn, x, target, 1, 0, bs, order, losses[0:1], done)
+        elapsed = max(time.perf_counter() - start, 1e-7)
+        if bar is not None:
+            bar.update(1)
+        return max(1, int(_CALL_SECONDS / elapsed))
+
+
+def is_ensemble(net):
+    try:
+        from .ensemble import FusedMLPEnsemble
+    except ImportError:  # built without the ensemble module
+        return False
+    return isinstance(net, FusedMLPEnsemble)
+
+
+def _name_of(trainer, p):
+    for name, q in zip(_PARAM_NAMES, trainer._params()):
+        if q is p:
+            return name
+    return "w1"
+
+
+def _scalar_dtype(group):
+    # torch.optim.optimizer._get_scalar_dtype: the fused kernels keep step in float32.
+    if group.get("fused"):
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _init_adam_state(state, p, group, amsgrad):
+    """The state torch.optim.Adam creates at a parameter's first step."""
+    device = p.device if group.get("capturable") or group.get("fused") else None
+    state["step"] = torch.zeros((), dtype=_scalar_dtype(group), device=device)
+    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    if amsgrad:
+        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _loss_text(loss):
+    return f"{loss.item():.4g}" if loss.numel() == 1 else f"{loss.mean().item():.4g} (mean of {loss.numel()})"
+
+
+def _progress_bar(total):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="step", desc="fusedgrad fit", leave=False)
