@@ -118,6 +118,10 @@ class Trainer:
         """The parameters, their .grad buffers and update rules, read from the optimizer now."""
         opt = self.optimizer
         kind = _kind_of(opt)
+        if _step_hooks(opt):
+            raise ValueError(f"{fn}: the optimizer has step hooks (register_step_pre_hook / "
+                             "register_step_post_hook, or global optimizer hooks), which opt.step() runs and the "
+                             "fused trainer would skip; train with opt.step() instead")
         params = self._params()
         where = {}
         for gi, group in enumerate(opt.param_groups):
@@ -176,6 +180,10 @@ class Trainer:
                 raise ValueError(f"{fn}: param_groups[{gi}] has {key}=True, which the fused trainer does not "
                                  "support; train with opt.step()")
         lr = _scalar(fn, gi, "lr", group["lr"])
+        # Adam's single-tensor update divides a float32 tensor lr by its bias correction in
+        # float32 (step size and decoupled decay then carry float32 rounding); emulate that.
+        lr_f32 = (isinstance(group["lr"], torch.Tensor) and group["lr"].dtype == torch.float32
+                  and not group.get("fused"))
         wd = _scalar(fn, gi, "weight_decay", group.get("weight_decay", 0.0))
         maximize = bool(group.get("maximize", False))
         state = self.optimizer.state[p]
@@ -192,7 +200,7 @@ class Trainer:
                     raise ValueError(f"{fn}: the optimizer's momentum_buffer of '{self._pname(_name_of(self, p))}' "
                                      f"must be a contiguous {p.dtype} tensor of shape {tuple(p.shape)}")
             return ("sgd", lr, wd, maximize, momentum, dampening, nesterov, 0.0, 0.0, 0.0, False, False,
-                    None, buf, None, None, fresh)
+                    None, buf, None, None, fresh, False)
         beta1 = _scalar(fn, gi, "betas[0]", group["betas"][0])
         beta2 = _scalar(fn, gi, "betas[1]", group["betas"][1])
         eps = _scalar(fn, gi, "eps", group["eps"])
@@ -208,7 +216,8 @@ class Trainer:
             raise ValueError(f"{fn}: amsgrad=True but the optimizer state of '{self._pname(_name_of(self, p))}' "
                              "has no 'max_exp_avg_sq' (it was created with amsgrad=False)")
         return ("adam", lr, wd, maximize, 0.0, 0.0, False, beta1, beta2, eps, amsgrad, decoupled,
-                step, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq") if amsgrad else None, False)
+                step, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq") if amsgrad else None, False,
+                lr_f32)
 
     def _data(self, fn, x, target):
         """x and target as the contiguous 2-D (or per-model 3-D) matrices the kernels read."""
@@ -263,6 +272,9 @@ class Trainer:
                 p.grad = g
             if rule[0] == "sgd" and rule[4] != 0 and rule[16]:
                 self.optimizer.state[p]["momentum_buffer"] = rule[13]
+        # What an LR scheduler's wrapper of optimizer.step() records; without it a scheduler
+        # stepped after fused steps would warn that the optimizer never stepped.
+        self.optimizer._opt_called = True
 
     # ------------------------------------------------------------------ public
     def step(self, x, target):
@@ -364,6 +376,16 @@ class Trainer:
         if bar is not None:
             bar.update(1)
         return max(1, int(_CALL_SECONDS / elapsed))
+
+
+def _step_hooks(optimizer):
+    """Whether opt.step() would run step hooks (torch.optim.Optimizer keeps them in these dicts)."""
+    from torch.optim import optimizer as _optimizer_module
+
+    return bool(getattr(optimizer, "_optimizer_step_pre_hooks", None)
+                or getattr(optimizer, "_optimizer_step_post_hooks", None)
+                or getattr(_optimizer_module, "_global_optimizer_pre_hooks", None)
+                or getattr(_optimizer_module, "_global_optimizer_post_hooks", None))
 
 
 def is_ensemble(net):

@@ -40,18 +40,27 @@ struct UpdateRule {
   // Adam / AdamW
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
   bool amsgrad = false, decoupled_weight_decay = false;
+  // lr is a float32 tensor: Adam's single-tensor code computes lr / (1 − β1^t)
+  // and 1 − lr λ as float32 tensors, so their values carry float32 rounding.
+  bool lr_float32_tensor = false;
 };
 
 // Per-step scalars of the Adam update (step t counted from 1).
 struct AdamStepScalars {
-  double step_size;             // lr / (1 − β1^t)
+  double step_size;              // lr / (1 − β1^t)
   double bias_correction2_sqrt;  // √(1 − β2^t)
+  double decay;                  // 1 − lr λ (AdamW)
 };
 
 inline AdamStepScalars adam_step_scalars(const UpdateRule& u, double lr, double t) {
   const double bc1 = 1.0 - std::pow(u.beta1, t);
   const double bc2 = 1.0 - std::pow(u.beta2, t);
-  return {lr / bc1, std::pow(bc2, 0.5)};
+  if (u.lr_float32_tensor) {
+    const float lr32 = static_cast<float>(lr);
+    return {static_cast<float>(lr32 / static_cast<float>(bc1)), std::pow(bc2, 0.5),
+            static_cast<float>(1.0f - lr32 * static_cast<float>(u.weight_decay))};
+  }
+  return {lr / bc1, std::pow(bc2, 0.5), 1.0 - lr * u.weight_decay};
 }
 
 // ATen's lerp: self + w (end − self) for |w| < 0.5, else end − (end − self)(1 − w).
@@ -84,12 +93,12 @@ FUSEDGRAD_TRAIN_INLINE void sgd_update(const UpdateRule& u, double lr, T* FUSEDG
 
 // Adam / AdamW over n elements; vmax is null unless amsgrad.
 template <typename T>
-FUSEDGRAD_TRAIN_INLINE void adam_update(const UpdateRule& u, double lr, const AdamStepScalars& s,
+FUSEDGRAD_TRAIN_INLINE void adam_update(const UpdateRule& u, const AdamStepScalars& s,
                                         T* FUSEDGRAD_RESTRICT p, const T* FUSEDGRAD_RESTRICT grad,
                                         T* FUSEDGRAD_RESTRICT m, T* FUSEDGRAD_RESTRICT v,
                                         T* FUSEDGRAD_RESTRICT vmax, int64_t n) {
   const T wd = static_cast<T>(u.weight_decay);
-  const T decay = static_cast<T>(1.0 - lr * u.weight_decay);
+  const T decay = static_cast<T>(s.decay);
   const T w1 = static_cast<T>(1.0 - u.beta1), b2 = static_cast<T>(u.beta2), w2 = static_cast<T>(1.0 - u.beta2);
   const T bc2_sqrt = static_cast<T>(s.bias_correction2_sqrt), eps = static_cast<T>(u.eps);
   const T neg_step = static_cast<T>(-s.step_size);

@@ -7,7 +7,8 @@
 //   rules           4-list of None or a tuple
 //                   (kind "sgd" | "adam", lr, weight_decay, maximize, momentum, dampening,
 //                    nesterov, beta1, beta2, eps, amsgrad, decoupled_weight_decay,
-//                    step, exp_avg_or_buffer, exp_avg_sq, max_exp_avg_sq, buffer_fresh)
+//                    step, exp_avg_or_buffer, exp_avg_sq, max_exp_avg_sq, buffer_fresh,
+//                    lr_is_float32_tensor)
 //   x, target, batch_size, order, first_step, num_steps, mean, lr_scale, losses, steps_done
 // The steps run with the GIL released.
 #include <torch/python.h>
@@ -28,7 +29,7 @@ at::Tensor optional_tensor(py::handle h) {
 
 ParamState parse_rule(py::handle obj) {
   auto t = obj.cast<py::tuple>();
-  TORCH_CHECK_VALUE(t.size() == 17, "fusedgrad: internal: an update rule has 17 fields, got ", t.size());
+  TORCH_CHECK_VALUE(t.size() == 18, "fusedgrad: internal: an update rule has 18 fields, got ", t.size());
   ParamState st;
   UpdateRule& u = st.rule;
   const std::string kind = t[0].cast<std::string>();
@@ -50,6 +51,7 @@ ParamState parse_rule(py::handle obj) {
   st.exp_avg_sq = optional_tensor(t[14]);
   st.max_exp_avg_sq = optional_tensor(t[15]);
   st.buffer_fresh = t[16].cast<bool>();
+  u.lr_float32_tensor = t[17].cast<bool>();
   return st;
 }
 

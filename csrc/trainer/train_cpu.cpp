@@ -226,7 +226,7 @@ FUSEDGRAD_TRAIN_INLINE void write_grads_and_update(const double* sums, T* grad, 
   if (u.rule->kind == OptimizerKind::SGD) {
     sgd_update<T>(*u.rule, u.lr, param, grad, s1, u.fresh_buffer, u.n);
   } else {
-    adam_update<T>(*u.rule, u.lr, u.adam, param, grad, s1, s2, s3, u.n);
+    adam_update<T>(*u.rule, u.adam, param, grad, s1, s2, s3, u.n);
   }
 }
 
@@ -317,7 +317,7 @@ struct Run {
       if (!param[p]) continue;
       const ParamState& st = call.state[p];
       const int64_t n = per_model[p], off = k * n;
-      SliceUpdate u{&st.rule, st.rule.lr * scale, {0, 1}, st.buffer_fresh && step == 0, n};
+      SliceUpdate u{&st.rule, st.rule.lr * scale, {0, 1, 1}, st.buffer_fresh && step == 0, n};
       if (st.rule.kind == OptimizerKind::Adam) {
         u.adam = adam_step_scalars(st.rule, u.lr, step0[p] + static_cast<double>(step + 1));
       }
