@@ -1,6 +1,7 @@
 """python -m fusedgrad COMMAND: the command-line tools of fusedgrad (see fusedgrad.cli)."""
 import argparse
 import sys
+import textwrap
 
 from .cli import COMMANDS, HelpFormatter, plain
 
@@ -10,7 +11,7 @@ DESCRIPTION = ("fusedgrad's command-line tools: train the demo network with fuse
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fusedgrad", description=DESCRIPTION,
+    parser = argparse.ArgumentParser(prog="python -m fusedgrad", description=textwrap.fill(DESCRIPTION, 79),
                                      formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():

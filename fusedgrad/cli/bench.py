@@ -33,7 +33,7 @@ def add_arguments(parser):
                         help="a seconds-long smoke run (one tiny shape, 1 thread, float32, no compile; "
                              "ignores --shapes, --threads, --dtypes, --repeats)")
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
-                        help="NxDxHxO shapes, e.g. 256x32x64x8 (default None: the full grid)")
+                        help="NxDxHxO shapes, e.g. 256x32x64x8; None: the full grid")
     parser.add_argument("--threads", nargs="+", type=positive_int, default=[1, 2],
                         help="torch thread counts to time each shape at")
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "float64"], default=["float32", "float64"],
