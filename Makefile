@@ -1,12 +1,14 @@
 # Two commands for a fresh machine (see README):
 #   make demo   — set everything up, then run the main job (python -m fusedgrad demo)
-#   make test   — set everything up, then run the test suite
+#   make test   — set everything up, run the test suite (without the slow tests),
+#                 then build a wheel and check it in a fresh venv (scripts/check_install.sh)
+# Also: make test-slow (only the slow tests), make check-install, make bench.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fusedgrad-setup
 
-.PHONY: setup demo test bench build
+.PHONY: setup demo test test-slow check-install bench build
 
 setup: $(STAMP)
 
@@ -20,9 +22,9 @@ $(STAMP): requirements-dev.txt
 
 # Builds fusedgrad/_C*.so in place against the venv's torch (no build
 # isolation, so nothing fetches a torch of its own); ninja makes rebuilds after
-# editing csrc/ incremental. The commands run from the repository root, where
-# the package is importable. (To install it elsewhere:
-# pip install --no-build-isolation -e .)
+# editing csrc/ incremental, and one line is printed per compiled file. The
+# commands run from the repository root, where the package is importable. (To
+# install it elsewhere: pip install --no-build-isolation .)
 build: setup
 	$(BIN)/python setup.py --quiet build_ext --inplace
 
@@ -31,6 +33,13 @@ demo: setup build
 
 test: setup build
 	$(BIN)/python -m pytest -m "not slow" -q
+	PYTHON=$(BIN)/python bash scripts/check_install.sh
+
+test-slow: setup build
+	$(BIN)/python -m pytest -m slow -q
+
+check-install: setup build
+	PYTHON=$(BIN)/python bash scripts/check_install.sh
 
 bench: setup build
 	$(BIN)/python -m fusedgrad bench

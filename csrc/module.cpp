@@ -2,7 +2,7 @@
 // TORCH_LIBRARY registrations of the other translation units; the ops are then
 // reached through torch.ops.fusedgrad, or from fusedgrad.functional through
 // the direct entry points of python_entry.cpp.
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
 
 #include "python_entry.h"
 

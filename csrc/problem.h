@@ -12,7 +12,7 @@
 #include <optional>
 #include <vector>
 
-#include "math.h"
+#include "formulas.h"
 
 namespace fusedgrad {
 

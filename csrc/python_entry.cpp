@@ -14,12 +14,18 @@
 // torch.Tensor or nn.Parameter (a subclass may override __torch_function__),
 // dense, with no TorchFunctionMode active, and the options must be known strings.
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <torch/csrc/autograd/anomaly_mode.h>
+#include <torch/csrc/autograd/python_hook.h>
 #include <torch/csrc/autograd/python_variable.h>
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <array>
+#include <cstring>
 #include <optional>
+#include <typeinfo>
 
+#include "grad_hooks.h"
 #include "kernels.h"
 #include "ops.h"
 #include "python_entry.h"
@@ -160,6 +166,56 @@ void accumulate_grad(const Tensor& param, Tensor&& grad) {
   }
 }
 
+// Whether a Python hook dictionary (None or a dict) holds any hook.
+bool has_entries(PyObject* dict) {
+  return dict != nullptr && dict != Py_None && PyDict_Check(dict) && PyDict_Size(dict) > 0;
+}
+
+// The hook objects torch makes for hooks registered from Python are not
+// exported from libtorch_python (no dynamic_cast across the library
+// boundary), so they are recognised by their type's name (Itanium C++ ABI:
+// GCC, Clang). Under another ABI nothing matches, and every hook counts as a
+// C++ hook: callers then refuse or take the autograd route, never skip one.
+template <typename Hook>
+bool is_type(const Hook& hook, const char* mangled) {
+  return std::strcmp(typeid(hook).name(), mangled) == 0;
+}
+
+}  // namespace
+
+unsigned grad_hook_flags(PyObject* obj) {
+  namespace ag = torch::autograd;
+  const auto* var = reinterpret_cast<const THPVariable*>(obj);
+  const Tensor& t = THPVariable_Unpack(obj);
+  unsigned flags = 0;
+  if (has_entries(var->backward_hooks)) flags |= kTensorHook;
+  if (has_entries(var->post_accumulate_grad_hooks)) flags |= kPostAccumulateGradHook;
+  if (!t.requires_grad() || !t.is_leaf()) return flags;
+  for (const auto& hook : ag::impl::hooks(t)) {
+    if (!is_type(*hook, "N5torch8autograd23PyFunctionTensorPreHookE")) flags |= kCppTensorHook;
+  }
+  // An accumulator exists only while something holds it (DDP's reducer does).
+  const c10::intrusive_ptr<ag::Node> acc = ag::impl::try_get_grad_accumulator(t);
+  if (!acc) return flags;
+  for (const auto& hook : acc->pre_hooks()) {
+    if (!is_type(*hook, "N5torch8autograd17PyFunctionPreHookE")) {
+      flags |= kAccumulatorCppHook;
+    } else if (has_entries(static_cast<const ag::PyFunctionPreHook&>(*hook).dict)) {
+      flags |= kAccumulatorPyHook;
+    }
+  }
+  for (const auto& hook : acc->post_hooks()) {
+    if (!is_type(*hook, "N5torch8autograd18PyFunctionPostHookE")) {
+      flags |= kAccumulatorCppHook;
+    } else if (has_entries(static_cast<const ag::PyFunctionPostHook&>(*hook).dict)) {
+      flags |= kAccumulatorPyHook;
+    }
+  }
+  return flags;
+}
+
+namespace {
+
 // FusedMLP.loss_backward: the loss, and each parameter that requires grad
 // accumulates its gradient in .grad. x and target get no gradient.
 py::object loss_backward(py::handle x, py::handle w1, py::handle b1, py::handle w2, py::handle b2,
@@ -167,6 +223,12 @@ py::object loss_backward(py::handle x, py::handle w1, py::handle b1, py::handle 
   const TensorArgs a = unpack(x, w1, b1, w2, b2, target);
   const auto red = reduction_code(reduction);
   if (!a.ok || !red) return py::none();
+  // backward() would run hooks (or anomaly mode's checks) that a direct .grad
+  // write skips: the Python path takes the autograd route or explains.
+  if (torch::autograd::AnomalyMode::is_enabled()) return py::none();
+  for (py::handle p : {w1, b1, w2, b2}) {
+    if (!p.is_none() && grad_hook_flags(p.ptr()) != 0) return py::none();
+  }
   // Parameters in the op's argument order (x and target take no gradient).
   const std::array<const Tensor*, 6> params = {nullptr, &a.w1, a.b1 ? &*a.b1 : nullptr,
                                                a.w2 ? &*a.w2 : nullptr, a.b2 ? &*a.b2 : nullptr, nullptr};
@@ -194,6 +256,12 @@ void register_python_entry_points(py::module_& m) {
         (std::string("fusedgrad.mlp_loss_and_grads with a resolved mask.") + declined).c_str());
   m.def("loss_backward", &loss_backward,
         (std::string("FusedMLP.loss_backward: loss, gradients accumulated into .grad.") + declined).c_str());
+  m.def("grad_hook_flags", [](py::handle param) -> unsigned {
+        if (!THPVariable_Check(param.ptr())) throw py::type_error("grad_hook_flags: expected a torch.Tensor");
+        return grad_hook_flags(param.ptr());
+      },
+      "The GradHook bits (csrc/grad_hooks.h) of a tensor: hooks backward() would run that a direct "
+      ".grad write skips. fusedgrad._hooks describes them.");
 }
 
 }  // namespace fusedgrad

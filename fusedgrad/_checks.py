@@ -6,6 +6,8 @@ called. Here: what the dispatcher would otherwise reject with an unhelpful
 message — non-tensors, non-strided layouts (they dispatch to backends that
 have no kernel) — and the string options.
 """
+import re
+
 import torch
 
 REDUCTIONS = {"mean": 1, "sum": 2}
@@ -36,3 +38,48 @@ def option(fn_name, name, value, choices):
         allowed = " or ".join(repr(c) for c in choices)
         raise ValueError(f"fusedgrad.{fn_name}: argument '{name}' must be {allowed}, got {value!r}")
     return code
+
+
+# The prefix of every argument error fusedgrad raises: "fusedgrad: " (C++,
+# csrc/problem.cpp) or "fusedgrad.<op>: " (the fake kernels, which may be those
+# of an op the called one dispatches to).
+_PREFIX = re.compile(r"^fusedgrad(?:\.\w+)*: ")
+_DEVICE = re.compile(r"^argument '(\w+)' is on device (\S+) but x is on device (\S+);")
+_DTYPE = re.compile(r"^argument '(\w+)' has dtype (\S+) but x has dtype (\S+);")
+
+
+def attributed(exc, fn_name, names, values, renames=None):
+    """``exc`` (an argument error from the ops) as the error of ``fn_name``, the
+    function the user called; ``exc`` itself when it is not one of fusedgrad's
+    messages. Raise the result ``from None`` and bind it to no local name: a
+    local of the raising frame would make a reference cycle through the
+    traceback, keeping the call's tensors alive until the cycle collector runs.
+
+    The ops compare every argument with ``x``; where ``x`` is the odd one out (the
+    weights and biases share one device or dtype that ``x`` lacks), ``x`` is the
+    argument blamed. ``renames`` maps argument names to the caller's own
+    (e.g. ``w1`` → ``linear1.weight``).
+    """
+    message = str(exc)
+    if not _PREFIX.match(message):
+        return exc
+    body = _PREFIX.sub("", message, count=1)
+    tensors = {n: v for n, v in zip(names, values) if isinstance(v, torch.Tensor)}
+    x = tensors.get("x")
+    weights = {n: t for n, t in tensors.items() if n in ("w1", "b1", "w2", "b2")}
+    for pattern, attr in ((_DEVICE, "device"), (_DTYPE, "dtype")):
+        if pattern.match(body) is None or x is None or not weights:
+            continue
+        theirs = {getattr(t, attr) for t in weights.values()}
+        if len(theirs) == 1 and getattr(x, attr) not in theirs:
+            (other,) = theirs
+            listed = ", ".join(f"'{(renames or {}).get(n, n)}'" for n in weights)
+            if attr == "device":
+                body = (f"argument 'x' is on device {x.device} but the weights ({listed}) are on device {other}; "
+                        "all tensor arguments must be on one device")
+            else:
+                body = (f"argument 'x' has dtype {x.dtype} but the weights ({listed}) have dtype {other}; "
+                        "all tensor arguments must share one dtype")
+    for old, new in (renames or {}).items():
+        body = body.replace(f"argument '{old}'", f"parameter '{new}'").replace(f"'{old}'", f"'{new}'")
+    return type(exc)(f"{fn_name}: {body}")

@@ -12,7 +12,7 @@ from torch.compiler import is_compiling
 
 from . import _C
 
-from ._checks import ACTIVATIONS, REDUCTIONS, check_tensors, option
+from ._checks import ACTIVATIONS, REDUCTIONS, attributed, check_tensors, option
 
 _LOSS_ARGS = ("x", "w1", "b1", "w2", "b2", "target")
 _MLP_ARGS = ("x", "w1", "b1", "w2", "b2")
@@ -46,14 +46,17 @@ def mlp_loss(x, w1, b1=None, w2=None, b2=None, target=None, *, reduction="mean",
         0-dim tensor. Every argument may require grad; ``backward()`` fills each
         ``.grad`` as native autograd would, bias gradients in the bias's own shape.
     """
-    if not is_compiling():
-        loss = _C.mlp_loss(x, w1, b1, w2, b2, target, reduction, activation)
-        if loss is not None:
-            return loss
-    check_tensors("mlp_loss", _LOSS_ARGS, (x, w1, b1, w2, b2, target), 2)
-    red = option("mlp_loss", "reduction", reduction, REDUCTIONS)
-    act = option("mlp_loss", "activation", activation, ACTIVATIONS)
-    return _mlp_loss_op(x, w1, b1, w2, b2, target, red, act)
+    try:
+        if not is_compiling():
+            loss = _C.mlp_loss(x, w1, b1, w2, b2, target, reduction, activation)
+            if loss is not None:
+                return loss
+        check_tensors("mlp_loss", _LOSS_ARGS, (x, w1, b1, w2, b2, target), 2)
+        red = option("mlp_loss", "reduction", reduction, REDUCTIONS)
+        act = option("mlp_loss", "activation", activation, ACTIVATIONS)
+        return _mlp_loss_op(x, w1, b1, w2, b2, target, red, act)
+    except (ValueError, TypeError) as exc:
+        raise attributed(exc, "fusedgrad.mlp_loss", _LOSS_ARGS, (x, w1, b1, w2, b2, target)) from None
 
 
 def mlp(x, w1, b1=None, w2=None, b2=None, *, activation="sigmoid"):
@@ -62,13 +65,16 @@ def mlp(x, w1, b1=None, w2=None, b2=None, *, activation="sigmoid"):
     Arguments as in :func:`mlp_loss`. Use this when the loss is not the
     squared error; use :func:`mlp_loss` when it is (one pass instead of two).
     """
-    if not is_compiling():
-        pred = _C.mlp(x, w1, b1, w2, b2, activation)
-        if pred is not None:
-            return pred
-    check_tensors("mlp", _MLP_ARGS, (x, w1, b1, w2, b2), 2)
-    act = option("mlp", "activation", activation, ACTIVATIONS)
-    return _mlp_op(x, w1, b1, w2, b2, act)
+    try:
+        if not is_compiling():
+            pred = _C.mlp(x, w1, b1, w2, b2, activation)
+            if pred is not None:
+                return pred
+        check_tensors("mlp", _MLP_ARGS, (x, w1, b1, w2, b2), 2)
+        act = option("mlp", "activation", activation, ACTIVATIONS)
+        return _mlp_op(x, w1, b1, w2, b2, act)
+    except (ValueError, TypeError) as exc:
+        raise attributed(exc, "fusedgrad.mlp", _MLP_ARGS, (x, w1, b1, w2, b2)) from None
 
 
 _mlp_loss_and_grads_op = torch.ops.fusedgrad.mlp_loss_and_grads.default
@@ -93,6 +99,14 @@ def mlp_loss_and_grads(
         is None. The tensors do not require grad.
     """
     args = (x, w1, b1, w2, b2, target)
+    try:
+        return _mlp_loss_and_grads(args, reduction, activation, wrt)
+    except (ValueError, TypeError) as exc:
+        raise attributed(exc, "fusedgrad.mlp_loss_and_grads", _LOSS_ARGS, args) from None
+
+
+def _mlp_loss_and_grads(args, reduction, activation, wrt):
+    x, w1, b1, w2, b2, target = args
     check_tensors("mlp_loss_and_grads", _LOSS_ARGS, args, 2)
     if wrt is None:
         mask = [a is not None and a.requires_grad for a in args]

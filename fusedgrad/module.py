@@ -7,7 +7,13 @@ from torch import nn
 from torch.compiler import is_compiling
 
 from . import _C
+from ._checks import attributed
+from ._hooks import direct_grad_write_ok
 from .functional import mlp, mlp_loss, mlp_loss_and_grads
+
+_PARAM_NAMES = ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias")
+# The functional argument names of the parameters, as the module calls them.
+_RENAMES = dict(zip(("w1", "b1", "w2", "b2"), _PARAM_NAMES))
 
 
 class FusedMLP(nn.Module):
@@ -47,11 +53,17 @@ class FusedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Prediction of shape ``(*, out_features)``; backward is fused too."""
-        return mlp(x, *self._params())
+        try:
+            return mlp(x, *self._params())
+        except (ValueError, TypeError) as exc:
+            raise self._error(exc, "FusedMLP.forward", x, None) from None
 
     def loss(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """``MSELoss(reduction)(self(x), target)`` in one fused forward+backward pass."""
-        return mlp_loss(x, *self._params(), target, reduction=reduction)
+        try:
+            return mlp_loss(x, *self._params(), target, reduction=reduction)
+        except (ValueError, TypeError) as exc:
+            raise self._error(exc, "FusedMLP.loss", x, target) from None
 
     def loss_backward(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """``self.loss(x, target, reduction).backward()`` without the autograd engine.
@@ -62,19 +74,42 @@ class FusedMLP(nn.Module):
         loss, detached. For hand-written loops::
 
             opt.zero_grad(); net.loss_backward(x, y); opt.step()
+
+        Hooks: where ``backward()`` would run hooks for a parameter (tensor hooks,
+        post-accumulate-grad hooks, Python hooks on its gradient accumulator) or
+        anomaly mode is on, this *is* ``self.loss(x, target, reduction).backward()``,
+        so every hook runs as it would there. A C++ hook on a gradient accumulator —
+        ``DistributedDataParallel``'s gradient all-reduce — raises RuntimeError: DDP
+        synchronises only in a backward that follows the DDP module's forward, so
+        train through the DDP module (see fusedgrad._hooks).
         """
         params = self._params()
         if not is_compiling():  # one C++ call: gradients computed and accumulated (csrc/python_entry.cpp)
-            loss = _C.loss_backward(x, *params, target, reduction)
+            try:
+                loss = _C.loss_backward(x, *params, target, reduction)
+            except (ValueError, TypeError) as exc:
+                raise self._error(exc, "FusedMLP.loss_backward", x, target) from None
             if loss is not None:
                 return loss
-        for name, param in zip(("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"), params):
+            # Declined: hooks, anomaly mode, tensor subclasses, modes, a bad option, a computed weight.
+        for name, param in zip(_PARAM_NAMES, params):
             if param is not None and param.requires_grad and not param.is_leaf:
                 raise ValueError(
                     f"FusedMLP.loss_backward: parameter '{name}' is computed (not a leaf, e.g. a "
                     "parametrization), so it has no .grad of its own to accumulate into; use "
                     "loss(x, target).backward() instead")
-        loss, grads = mlp_loss_and_grads(x, *params, target, reduction=reduction, wrt=self._wrt(params))
+        if not direct_grad_write_ok("FusedMLP.loss_backward", zip(_PARAM_NAMES, params)):
+            # backward() runs hooks a direct .grad write would skip: be backward().
+            try:
+                loss = mlp_loss(x, *params, target, reduction=reduction)
+            except (ValueError, TypeError) as exc:
+                raise self._error(exc, "FusedMLP.loss_backward", x, target) from None
+            loss.backward()
+            return loss.detach()
+        try:
+            loss, grads = mlp_loss_and_grads(x, *params, target, reduction=reduction, wrt=self._wrt(params))
+        except (ValueError, TypeError) as exc:
+            raise self._error(exc, "FusedMLP.loss_backward", x, target) from None
         for param, grad in zip(params, grads[1:5]):
             if grad is None:
                 continue
@@ -83,6 +118,22 @@ class FusedMLP(nn.Module):
             else:
                 param.grad += grad
         return loss
+
+    def _error(self, exc, fn_name, x, target):
+        """An argument error of the ops, as the error of the method the user called.
+
+        The module's weights fix D, H and O, so a shape mismatch with ``x`` is ``x``'s."""
+        in_features = self._modules["linear1"].in_features
+        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] != in_features and "'w1'" in str(exc):
+            hint = ""
+            if x.dim() == 1 and in_features == 1:
+                hint = (f" (a 1-D x is one sample with {x.shape[-1]} features; for {x.shape[-1]} samples of one "
+                        "feature pass x.unsqueeze(-1))")
+            return type(exc)(
+                f"{fn_name}: argument 'x' has shape {tuple(x.shape)}, but this FusedMLP has in_features="
+                f"{in_features}: x must have shape (*, {in_features}){hint}")
+        names = ("x", "w1", "b1", "w2", "b2", "target")
+        return attributed(exc, fn_name, names, (x, *self._params(), target), renames=_RENAMES)
 
     @staticmethod
     def _wrt(params):

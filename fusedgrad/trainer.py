@@ -122,6 +122,10 @@ class Trainer:
             raise ValueError(f"{fn}: the optimizer has step hooks (register_step_pre_hook / "
                              "register_step_post_hook, or global optimizer hooks), which opt.step() runs and the "
                              "fused trainer would skip; train with opt.step() instead")
+        if torch.is_anomaly_enabled():
+            raise ValueError(f"{fn}: anomaly detection is on (torch.autograd.detect_anomaly); it checks what "
+                             "backward() computes, which the fused trainer does not run — train with "
+                             "loss.backward() and opt.step() while it is on")
         params = self._params()
         where = {}
         for gi, group in enumerate(opt.param_groups):

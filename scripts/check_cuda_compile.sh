@@ -90,6 +90,9 @@ CXX_STD="${FUSEDGRAD_CXX_STD:-${SETUP_STD:-${TORCH_INFO[6]}}}"
 INCLUDE_FLAGS=()
 for d in "${TORCH_INCLUDES[@]}"; do INCLUDE_FLAGS+=("-I$d"); done
 INCLUDE_FLAGS+=("-I$PY_INCLUDE")
+# csrc/ on the include path, as a CMake or Bazel build of these sources would
+# put it: no header there may shadow a system one (csrc/math.h once did).
+INCLUDE_FLAGS+=("-I$ROOT/csrc")
 
 DEFINES=(
   -DTORCH_EXTENSION_NAME=_C

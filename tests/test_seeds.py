@@ -370,7 +370,7 @@ def test_nb3_saturated_row_float64():
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "DECIDE: in float32 sigmoid(22) rounds to 1.0, so σ' = s(1 − s) from the saved s (the "
+    "expected, not a bug: in float32 sigmoid(22) rounds to 1.0, so σ' = s(1 − s) from the saved s (the "
     "documented formula, also what torch.sigmoid's backward does) is exactly 0 and ws.grad[0] "
     "is 0, not the printed 5.5789e-10 the notebook got from its hand-written 1/(1 + exp(-y))"))
 def test_nb3_saturated_row_float32():

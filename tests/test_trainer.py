@@ -417,14 +417,18 @@ def test_refused_parameters():
             torch.optim.SGD(net.parameters(), lr=0.1))
     net = fusedgrad.FusedMLP(1, 4, 1)
     net.linear2.weight.register_hook(lambda g: g)
-    _expect(ValueError, r"parameter 'linear2.weight' has tensor hooks", fusedgrad.Trainer, net,
+    _expect(ValueError, r"parameter 'linear2.weight' has a tensor hook \(Tensor.register_hook\)", fusedgrad.Trainer, net,
             torch.optim.SGD(net.parameters(), lr=0.1))
     net = fusedgrad.FusedMLP(1, 4, 1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     trainer = fusedgrad.Trainer(net, opt)
     net.linear1.weight.register_post_accumulate_grad_hook(lambda p: None)  # added after construction
     x, y = torch.zeros(3, 1), torch.zeros(3, 1)
-    _expect(ValueError, r"'linear1.weight' has post-accumulate-grad hooks", trainer.step, x, y)
+    _expect(ValueError, r"'linear1.weight' has a post-accumulate-grad hook", trainer.step, x, y)
+    net = fusedgrad.FusedMLP(1, 4, 1)
+    trainer = fusedgrad.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    with torch.autograd.detect_anomaly():
+        _expect(ValueError, r"Trainer.step: anomaly detection is on", trainer.step, x, y)
 
 
 def test_refused_data():

@@ -67,8 +67,10 @@ def test_float32_per_sample_sum_in_process(capsys):
 
 
 def test_bad_shape_is_refused(capsys):
-    assert main(["verify", "--shape", "4", "0", "3", "1"]) == 2
-    assert "at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error: exit status 2
+        main(["verify", "--shape", "4", "0", "3", "1"])
+    assert exit_info.value.code == 2
+    assert "--shape: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_command_default_problem():

@@ -4,7 +4,7 @@
 //   r  = p − t,  L = c Σ r²,  g = 2c r,  Σ_rows g   residual
 //   dh = ds ⊙ act'(s),  Σ_rows dh                hidden_backward
 //
-// The scalar formulas are the ones in ../math.h, shared with the CPU kernels.
+// The scalar formulas are the ones in ../formulas.h, shared with the CPU kernels.
 // float16 / bfloat16 values are loaded, computed in float (at::opmath_type)
 // and stored back in their own type; float32 and float64 compute in their own
 // type, exactly as the CPU pass does.

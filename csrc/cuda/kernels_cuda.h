@@ -15,7 +15,7 @@
 
 #include <cstdint>
 
-#include "../math.h"
+#include "../formulas.h"
 
 namespace fusedgrad::cuda {
 

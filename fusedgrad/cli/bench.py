@@ -16,6 +16,7 @@ import time
 import torch
 
 from .. import _bench as B
+from . import positive_int
 
 HELP = "benchmark fusedgrad against native autograd and torch.compile"
 
@@ -28,15 +29,21 @@ def parse_shape(text):
 
 
 def add_arguments(parser):
-    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (one tiny shape, no compile)")
-    parser.add_argument("--shapes", nargs="+", type=parse_shape, help="NxDxHxO shapes (default: the full grid)")
-    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--dtypes", nargs="+", choices=["float32", "float64"], default=["float32", "float64"])
+    parser.add_argument("--quick", action="store_true",
+                        help="a seconds-long smoke run (one tiny shape, 1 thread, float32, no compile; "
+                             "ignores --shapes, --threads, --dtypes, --repeats)")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
+                        help="NxDxHxO shapes, e.g. 256x32x64x8; None: the full grid")
+    parser.add_argument("--threads", nargs="+", type=positive_int, default=[1, 2],
+                        help="torch thread counts to time each shape at")
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "float64"], default=["float32", "float64"],
+                        help="dtypes to time each shape in")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile path")
     parser.add_argument("--x-grad", action="store_true", help="also time the variant where x requires grad")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--out", default="bench-results", help="folder for results.json and speedup.png")
+    parser.add_argument("--repeats", type=positive_int, default=7,
+                        help="timed repeats per path and shape (the median is reported)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to run on")
+    parser.add_argument("--out", default="bench-results", help="folder for results.json, results.md and speedup.png")
 
 
 class Progress:

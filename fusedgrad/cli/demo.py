@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from ..module import FusedMLP
+from . import positive_float, positive_int
 
 HELP = "train the 1→20→1 curve fit with fusedgrad and native autograd side by side"
 
 
 class Net(nn.Module):
-    """The reference model of the notebooks: Linear → Sigmoid → Linear."""
+    """The reference model: Linear → Sigmoid → Linear in plain PyTorch."""
 
     def __init__(self, n_feature, n_hidden, n_output):
         super().__init__()
@@ -82,11 +83,12 @@ def compare(steps=201, hidden=20, lr=0.2, seed=0, dtype=torch.float32):
 
 
 def add_arguments(parser):
-    parser.add_argument("--steps", type=int, default=201, help="Adam steps (default 201)")
-    parser.add_argument("--hidden", type=int, default=20, help="hidden width (default 20)")
-    parser.add_argument("--lr", type=float, default=0.2, help="Adam learning rate (default 0.2)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--steps", type=positive_int, default=201, help="Adam steps (at least 1)")
+    parser.add_argument("--hidden", type=positive_int, default=20, help="hidden width H of the 1→H→1 network")
+    parser.add_argument("--lr", type=positive_float, default=0.2, help="Adam learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data's noise and of the initial weights")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="dtype of the data and both networks")
     parser.add_argument("--plot", metavar="PATH", default=None,
                         help="also save a figure (PNG, PDF, SVG, ... by extension): the fitted curve over the "
                              "data and the loss curves of both paths; needs matplotlib "
