@@ -286,6 +286,23 @@ def test_many_rows_against_reference():
     assert rel_err(list(net.parameters()), list(ref.parameters())) < 1e-10
 
 
+@pytest.mark.parametrize("batch", [None, 100])
+@pytest.mark.parametrize("bias", [True, False])
+def test_wide_layers_gemm_path(batch, bias):
+    """D·H + H·O >= 2048: the products go to BLAS (csrc/trainer/train_cpu.cpp, GEMM path)."""
+    x, y, net, ref = problem(n=300, d=32, h=64, o=8, bias=bias)
+    opt, ropt = torch.optim.AdamW(net.parameters(), lr=0.01), torch.optim.AdamW(ref.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(3)
+    losses = fusedgrad.Trainer(net, opt).fit(x, y, 6, batch_size=batch, generator=g)
+    model = native(ref)
+    rows = batches(300, batch, 6, True, torch.Generator().manual_seed(3)) if batch else [slice(None)] * 6
+    ref_losses = torch.stack([reference_step(model, ropt, x[r], y[r]) for r in rows])
+    assert rel_err(list(net.parameters()), list(ref.parameters())) < 1e-10
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-10, atol=0)
+    for a, b in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-13)
+
+
 def test_zero_steps_and_callbacks():
     x, y, net, ref = problem()
     trainer = fusedgrad.Trainer(net, torch.optim.Adam(net.parameters(), lr=0.05))

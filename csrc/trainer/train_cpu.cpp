@@ -43,6 +43,7 @@ namespace {
 constexpr int64_t kBlockRows = 256;    // rows per block (scratch of a block stays in L1/L2)
 constexpr int64_t kMaxChunks = 16;     // row chunks of a step: fixed, not the thread count
 constexpr int64_t kMinTaskMacs = 1 << 15;  // multiply-adds below which a parallel task does not pay
+constexpr int64_t kGemmMinMacsPerRow = 2048;  // D·H + H·O from which BLAS wins (use_gemm_path)
 
 struct Dims {
   int64_t K, N, D, H, O;
@@ -222,7 +223,9 @@ struct SliceUpdate {
 template <typename T>
 FUSEDGRAD_TRAIN_INLINE void write_grads_and_update(const double* sums, T* grad, T* param, T* s1, T* s2, T* s3,
                                                    const SliceUpdate& u) {
-  for (int64_t e = 0; e < u.n; ++e) grad[e] = static_cast<T>(sums[e]);
+  if (sums) {  // null: the GEMM path wrote this gradient already
+    for (int64_t e = 0; e < u.n; ++e) grad[e] = static_cast<T>(sums[e]);
+  }
   if (u.rule->kind == OptimizerKind::SGD) {
     sgd_update<T>(*u.rule, u.lr, param, grad, s1, u.fresh_buffer, u.n);
   } else {
@@ -309,7 +312,7 @@ struct Run {
 
   // Writes model k's loss and gradients (from the double sums), then updates
   // its parameters.
-  void finish_step(int64_t k, int64_t step, double c, const double* sums) const {
+  void finish_step(int64_t k, int64_t step, double c, const double* sums, bool weights_written = false) const {
     losses[step * d.K + k] = static_cast<T>(c * sums[lay.loss]);
     const double scale = call.lr_scale.defined() ? call.lr_scale.data_ptr<double>()[k] : 1.0;
     const int64_t offsets[kNumParams] = {lay.dw1, lay.db1, lay.dw2, lay.db2};
@@ -322,7 +325,9 @@ struct Run {
         u.adam = adam_step_scalars(st.rule, u.lr, step0[p] + static_cast<double>(step + 1));
       }
       auto at = [&](T* base) { return base ? base + off : nullptr; };
-      update_kernel(sums + offsets[p], grad[p] + off, param[p] + off, at(s1[p]), at(s2[p]), at(s3[p]), u);
+      const bool written = weights_written && (p == kW1 || p == kW2);
+      update_kernel(written ? nullptr : sums + offsets[p], grad[p] + off, param[p] + off, at(s1[p]), at(s2[p]),
+                    at(s3[p]), u);
     }
   }
 
@@ -369,9 +374,205 @@ struct Run {
   }
 };
 
+// Adam's step count, once per parameter tensor (all models share it).
+void write_step_counts(const TrainCall& call, const std::array<double, kNumParams>& step0) {
+  for (int p = 0; p < kNumParams; ++p) {
+    const at::Tensor& st = call.state[p].step;
+    if (!call.params[p].defined() || !st.defined()) continue;
+    const double v = step0[p] + static_cast<double>(call.num_steps);
+    if (st.scalar_type() == at::kFloat) {
+      *st.data_ptr<float>() = static_cast<float>(v);
+    } else {
+      *st.data_ptr<double>() = v;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The GEMM path, for wide layers: the same step with its four products done
+// by BLAS (at::mm_out) into buffers that live across steps, and the element-
+// wise work between them in fused, row-parallel passes:
+//
+//   h = x w1ᵀ (BLAS);  s = σ(h + b1)                       (pass 1, in place)
+//   p = s w2ᵀ (BLAS);  r = (p + b2) − t, L, g = 2c r, Σ g  (pass 2, in place)
+//   dw2 = gᵀ s, ds = g w2 (BLAS, dw2 straight into .grad)
+//   dh = ds ⊙ (s ⊙ (1 − s)), Σ dh                         (pass 3, in place)
+//   dw1 = dhᵀ x (BLAS, into .grad)
+//
+// Row sums go over fixed blocks of rows combined in block order (the passes
+// are deterministic; the GEMMs are BLAS's, as native autograd's are).
+
+struct GemmBuffers {
+  at::Tensor xb, tb, s, p, ds;  // (rows, D), (rows, O), (rows, H), (rows, O), (rows, H)
+  std::vector<double> partials;
+  void reserve(int64_t rows, const Dims& d, const at::TensorOptions& opts) {
+    if (!s.defined() || s.size(0) < rows || s.size(1) != d.H || p.size(1) != d.O || xb.size(1) != d.D ||
+        s.scalar_type() != opts.dtype().toScalarType()) {
+      xb = at::empty({rows, d.D}, opts);
+      tb = at::empty({rows, d.O}, opts);
+      s = at::empty({rows, d.H}, opts);
+      p = at::empty({rows, d.O}, opts);
+      ds = at::empty({rows, d.H}, opts);
+    }
+  }
+};
+
+GemmBuffers& thread_gemm_buffers() {
+  thread_local GemmBuffers buffers;
+  return buffers;
+}
+
+// Runs fn(block, row0, row1, partial) over fixed blocks of kBlockRows rows in
+// parallel, then sums the blocks' `width` partials into out (double) in order.
+template <typename Fn>
+void blocked_row_sums(int64_t rows, int64_t width, int64_t macs_per_row, std::vector<double>& partials,
+                      double* out, const Fn& fn) {
+  const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
+  if (partials.size() < static_cast<size_t>(blocks * width)) partials.resize(static_cast<size_t>(blocks * width));
+  std::fill(partials.begin(), partials.begin() + blocks * width, 0.0);
+  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, kBlockRows * macs_per_row));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      fn(b * kBlockRows, std::min(rows, (b + 1) * kBlockRows), partials.data() + b * width);
+    }
+  });
+  std::fill(out, out + width, 0.0);
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t e = 0; e < width; ++e) out[e] += partials[b * width + e];
+  }
+}
+
+template <typename T>
+FUSEDGRAD_TRAIN_INLINE void bias_sigmoid_rows(T* s, const T* b1, int64_t r0, int64_t r1, int64_t H) {
+  for (int64_t i = r0; i < r1; ++i) {
+    T* FUSEDGRAD_RESTRICT row = s + i * H;
+    if (b1) {
+#pragma omp simd
+      for (int64_t j = 0; j < H; ++j) row[j] = row[j] + b1[j];
+    }
+    sigmoid_inplace(row, H);
+  }
+}
+
+// r = (p + b2) − t, Σ r² → acc[O], g = 2c r in place, Σ g → acc[0..O)
+template <typename T>
+FUSEDGRAD_TRAIN_INLINE void residual_rows(T* p, const T* t, const T* b2, T two_c, int64_t r0, int64_t r1, int64_t O,
+                                          double* acc) {
+  for (int64_t i = r0; i < r1; ++i) {
+    T* row = p + i * O;
+    const T* ti = t + i * O;
+    for (int64_t o = 0; o < O; ++o) {
+      const T r = (row[o] + (b2 ? b2[o] : T(0))) - ti[o];
+      acc[O] += static_cast<double>(r) * static_cast<double>(r);
+      row[o] = r * two_c;
+      acc[o] += static_cast<double>(row[o]);
+    }
+  }
+}
+
+// dh = ds ⊙ (s ⊙ (1 − s)) in place, Σ dh → acc (per column, block partial in T)
+template <typename T>
+FUSEDGRAD_TRAIN_INLINE void hidden_grad_rows(T* ds, const T* s, int64_t r0, int64_t r1, int64_t H, double* acc,
+                                             T* col) {
+  for (int64_t j = 0; j < H; ++j) col[j] = T(0);
+  for (int64_t i = r0; i < r1; ++i) {
+    T* FUSEDGRAD_RESTRICT d = ds + i * H;
+    const T* FUSEDGRAD_RESTRICT si = s + i * H;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      d[j] = d[j] * (si[j] * (T(1) - si[j]));
+      col[j] += d[j];
+    }
+  }
+  for (int64_t j = 0; j < H; ++j) acc[j] += static_cast<double>(col[j]);
+}
+
+FUSEDGRAD_TRAIN_CLONES void bias_sigmoid_kernel(float* s, const float* b1, int64_t r0, int64_t r1, int64_t H) {
+  bias_sigmoid_rows(s, b1, r0, r1, H);
+}
+FUSEDGRAD_TRAIN_CLONES void bias_sigmoid_kernel(double* s, const double* b1, int64_t r0, int64_t r1, int64_t H) {
+  bias_sigmoid_rows(s, b1, r0, r1, H);
+}
+FUSEDGRAD_TRAIN_CLONES void hidden_grad_kernel(float* ds, const float* s, int64_t r0, int64_t r1, int64_t H,
+                                               double* acc, float* col) {
+  hidden_grad_rows(ds, s, r0, r1, H, acc, col);
+}
+FUSEDGRAD_TRAIN_CLONES void hidden_grad_kernel(double* ds, const double* s, int64_t r0, int64_t r1, int64_t H,
+                                               double* acc, double* col) {
+  hidden_grad_rows(ds, s, r0, r1, H, acc, col);
+}
+
+// One step of model k on the GEMM path; sums gets db1 | db2 | Σ r² at the
+// SumLayout offsets (the weight gradients go straight into .grad).
+template <typename T>
+void gemm_step(const Run<T>& run, int64_t k, int64_t step, GemmBuffers& B, std::vector<double>& sums) {
+  const TrainCall& call = run.call;
+  const Dims& d = run.d;
+  const StepRows rows = run.rows_of(step);
+  const int64_t n = rows.count;
+  const double c = run.loss_scale(rows);
+  auto slice = [&](const at::Tensor& t) { return t.dim() == 3 || (d.K > 1 && t.defined()) ? t.select(0, k) : t; };
+  const at::Tensor xk = call.x.dim() == 3 ? call.x.select(0, k) : call.x;
+  const at::Tensor tk = call.target.dim() == 3 ? call.target.select(0, k) : call.target;
+  const at::Tensor w1 = slice(call.params[kW1]), w2 = slice(call.params[kW2]);
+  B.reserve(call.batch_size > 0 ? std::min(call.batch_size, d.N) : d.N, d, xk.options());
+  at::Tensor xb, tb;
+  if (rows.index) {
+    const at::Tensor idx = at::from_blob(const_cast<int64_t*>(rows.index), {n}, at::TensorOptions().dtype(at::kLong));
+    xb = B.xb.narrow(0, 0, n);
+    tb = B.tb.narrow(0, 0, n);
+    at::index_select_out(xb, xk, 0, idx);
+    at::index_select_out(tb, tk, 0, idx);
+  } else {
+    xb = xk.narrow(0, rows.first, n);
+    tb = tk.narrow(0, rows.first, n);
+  }
+  at::Tensor s = B.s.narrow(0, 0, n), p = B.p.narrow(0, 0, n), ds = B.ds.narrow(0, 0, n);
+  const ModelPtrs<T> m = run.model(k);
+  const SumLayout& lay = run.lay;
+
+  at::mm_out(s, xb, w1.t());
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(d.H, 1)), [&](int64_t r0, int64_t r1) {
+    bias_sigmoid_kernel(s.data_ptr<T>(), m.b1, r0, r1, d.H);
+  });
+  at::mm_out(p, s, w2.t());
+  double* out = sums.data();
+  // Σ g (O) then Σ r² at lay.db2 .. lay.loss: contiguous in SumLayout.
+  blocked_row_sums(n, d.O + 1, d.O, B.partials, out + lay.db2, [&](int64_t r0, int64_t r1, double* acc) {
+    residual_rows(p.data_ptr<T>(), tb.data_ptr<T>(), m.b2, static_cast<T>(2.0 * c), r0, r1, d.O, acc);
+  });
+  at::Tensor gw2 = slice(call.grads[kW2]), gw1 = slice(call.grads[kW1]);
+  at::mm_out(gw2, p.t(), s);
+  at::mm_out(ds, p, w2);
+  blocked_row_sums(n, d.H, d.H, B.partials, out + lay.db1, [&](int64_t r0, int64_t r1, double* acc) {
+    thread_local std::vector<T> col;
+    if (col.size() < static_cast<size_t>(d.H)) col.resize(static_cast<size_t>(d.H));
+    hidden_grad_kernel(ds.data_ptr<T>(), s.data_ptr<T>(), r0, r1, d.H, acc, col.data());
+  });
+  at::mm_out(gw1, ds.t(), xb);
+  run.finish_step(k, step, c, out, /*weights_written=*/true);
+}
+
+// Wide layers go to BLAS: the direct loops stream every hidden unit's row of
+// a block once per input and output unit, which loses to a GEMM's register
+// blocking once a row holds ~2 000 multiply-adds (measured: benchmarks/
+// trainer_crossover.py).
+bool use_gemm_path(const Dims& d) { return d.macs_per_row() >= kGemmMinMacsPerRow; }
+
 template <typename T>
 void run_all(const TrainCall& call, const Dims& d) {
   Run<T> run(call, d);
+  if (use_gemm_path(d)) {
+    thread_local std::vector<double> sums;
+    if (sums.size() != static_cast<size_t>(run.lay.size)) sums.assign(static_cast<size_t>(run.lay.size), 0.0);
+    GemmBuffers& buffers = thread_gemm_buffers();
+    for (int64_t step = 0; step < call.num_steps; ++step) {
+      for (int64_t k = 0; k < d.K; ++k) gemm_step(run, k, step, buffers, sums);
+      if (call.steps_done.defined()) call.steps_done.data_ptr<int64_t>()[0] += 1;
+    }
+    write_step_counts(call, run.step0);
+    return;
+  }
   const size_t n = static_cast<size_t>(run.lay.size);
   if (d.K == 1) {
     // Kept across calls: a step allocates nothing once these have grown.
@@ -390,17 +591,7 @@ void run_all(const TrainCall& call, const Dims& d) {
     });
     if (call.steps_done.defined()) call.steps_done.data_ptr<int64_t>()[0] += call.num_steps;
   }
-  // Adam's step count, once per parameter tensor (all models share it).
-  for (int p = 0; p < kNumParams; ++p) {
-    const at::Tensor& st = call.state[p].step;
-    if (!call.params[p].defined() || !st.defined()) continue;
-    const double v = run.step0[p] + static_cast<double>(call.num_steps);
-    if (st.scalar_type() == at::kFloat) {
-      *st.data_ptr<float>() = static_cast<float>(v);
-    } else {
-      *st.data_ptr<double>() = v;
-    }
-  }
+  write_step_counts(call, run.step0);
 }
 
 
@@ -524,10 +715,22 @@ Dims check_call(const char* fn, const TrainCall& c) {
 void train_steps(const char* fn, TrainCall& call) {
   const Dims d = check_call(fn, call);
   if (call.num_steps == 0) return;
+  // The parameters are updated in place, as torch.optim does under no_grad;
+  // the GEMM path's out= products must not be recorded by autograd.
+  at::NoGradGuard no_grad;
   if (call.params[kW1].scalar_type() == at::kFloat) {
     run_all<float>(call, d);
   } else {
     run_all<double>(call, d);
+  }
+  // In-place updates bump the version counters (as optimizer.step()'s in-place
+  // ops do), so a graph that saved a parameter before the step refuses to use it.
+  for (int p = 0; p < kNumParams; ++p) {
+    if (!call.params[p].defined()) continue;
+    for (const at::Tensor* t : {&call.params[p], &call.grads[p], &call.state[p].exp_avg, &call.state[p].exp_avg_sq,
+                                &call.state[p].max_exp_avg_sq}) {
+      if (t->defined()) t->unsafeGetTensorImpl()->bump_version();
+    }
   }
 }
 
