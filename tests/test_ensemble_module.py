@@ -180,3 +180,15 @@ def test_constructor_errors_and_meta():
 
 def test_exported():
     assert fusedgrad.FusedMLPEnsemble is FusedMLPEnsemble and "FusedMLPEnsemble" in fusedgrad.__all__
+
+
+def test_ensemble_bench_quick_runs():
+    """The --ensemble benchmark end to end on a tiny case (routes agree; nothing about speed)."""
+    from fusedgrad import _bench_ensemble as E
+
+    rows, routes = E.run_ensemble_bench(quick=True, progress=lambda _: None)
+    assert {"loop", "func", "fused"} <= set(routes)
+    (row,) = rows
+    assert row["K"] == 4 and all(v > 0 for v in row["us_per_model_step"].values())
+    table = E.markdown(rows, routes).splitlines()
+    assert table[0].startswith("| problem | K |") and table[2].startswith("| 100×1→20→1 | 4 |")
