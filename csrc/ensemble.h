@@ -25,6 +25,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <array>
@@ -150,7 +151,14 @@ struct Ensemble {
       for (int64_t k = k0; k < k1; ++k) body(k);
     };
     if (PerModel::kParallel) {
-      at::parallel_for(0, e.K, models_per_task(e), run);
+      // at::parallel_for does not carry thread-local state to its workers:
+      // the ops run below autograd (the caller's dispatch-key TLS), and the
+      // per-model slices and kernels must run there too, on every thread.
+      const at::ThreadLocalState caller_state;
+      at::parallel_for(0, e.K, models_per_task(e), [&](int64_t k0, int64_t k1) {
+        at::ThreadLocalStateGuard guard(caller_state);
+        run(k0, k1);
+      });
     } else {
       run(0, e.K);
     }

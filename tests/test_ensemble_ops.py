@@ -200,6 +200,27 @@ def test_bitwise_identical_with_one_and_two_threads():
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
+@pytest.mark.parametrize("shape", [(4, 256, 32, 64, 8), (64, 100, 1, 20, 1)], ids=["gemm_path", "small_path"])
+def test_models_on_two_threads_under_autograd(shape):
+    """Models spread over threads, arguments requiring grad: the worker threads run below
+    autograd like the calling thread (no autograd views of the slices, no out= errors)."""
+    K, N, D, H, O = shape
+    args = make_args(K, N, D, H, O, "shared", "per_model", True, "per_model", "per_model", seed=9)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fused = grads_of(args, lambda: fusedgrad.mlp_loss(*args).sum().backward())
+        fused_mlp = grads_of(args[:5], lambda: fusedgrad.mlp(*args[:5]).sum().backward())
+    finally:
+        torch.set_num_threads(saved)
+    native = grads_of(args, lambda: native_losses(*args, "mean", "sigmoid").sum().backward())
+    native_mlp = grads_of(args[:5], lambda: native_preds(*args[:5], "sigmoid").sum().backward())
+    for name, gf, gn in zip(("x", "w1", "b1", "w2", "b2", "target"), fused, native):
+        assert_rel(gf, gn, name)
+    for name, gf, gn in zip(("x", "w1", "b1", "w2", "b2"), fused_mlp, native_mlp):
+        assert_rel(gf, gn, "mlp " + name)
+
+
 def test_no_grad_and_unit_gradient_hand_over():
     args = make_args(3, 5, 2, 4, 2, "shared", "per_model", True, "per_model", "per_model", seed=1)
     with torch.no_grad():
