@@ -135,7 +135,10 @@ EnsembleProblem make_ensemble_problem(
     check.tensor("w2", *w2);
     TORCH_CHECK_VALUE(w2->dim() == 3 && w2->size(2) == e.H, "fusedgrad.", fn,
                       ": argument 'w2' must have shape (K, out_features, hidden_features) = (K, O, ", e.H,
-                      ") to match w1's hidden_features, got ", shape_str(w2->sizes()));
+                      ") to match w1's hidden_features, got ", shape_str(w2->sizes()),
+                      w2->dim() == 2 ? " (w1 is 3-D, (K, H, D): an ensemble of K models, whose weights are all "
+                                       "stacked; for one model pass w1 as (H, D))"
+                                     : "");
     TORCH_CHECK_VALUE(w2->size(0) == e.K, "fusedgrad.", fn, ": argument 'w2' has shape ",
                       shape_str(w2->sizes()), ", which holds ", w2->size(0), " models but w1 holds K = ", e.K,
                       " models; every per-model argument must have the same K");

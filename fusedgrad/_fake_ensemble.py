@@ -81,7 +81,9 @@ def _problem(fn, x, w1, b1, w2, b2, target, activation):
         torch._check_value(
             w2.dim() == 3 and w2.shape[2] == e.H,
             lambda: f"fusedgrad.{fn}: argument 'w2' must have shape (K, out_features, hidden_features) = "
-            f"(K, O, {e.H}) to match w1's hidden_features, got {_shape(w2.shape)}")
+            f"(K, O, {e.H}) to match w1's hidden_features, got {_shape(w2.shape)}"
+            + (" (w1 is 3-D, (K, H, D): an ensemble of K models, whose weights are all stacked; for one model "
+               "pass w1 as (H, D))" if w2.dim() == 2 else ""))
         torch._check_value(
             w2.shape[0] == e.K,
             lambda: f"fusedgrad.{fn}: argument 'w2' has shape {_shape(w2.shape)}, which holds {w2.shape[0]} models "

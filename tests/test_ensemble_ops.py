@@ -375,6 +375,10 @@ ERRORS = [
     ("w2 against w1", dict(w2=(3, 2, 5)), ValueError,
      "argument 'w2' must have shape (K, out_features, hidden_features) = (K, O, 4) to match w1's "
      "hidden_features, got (3, 2, 5)"),
+    ("single-model w2 with 3-D w1", dict(w2=(2, 4)), ValueError,
+     "argument 'w2' must have shape (K, out_features, hidden_features) = (K, O, 4) to match w1's "
+     "hidden_features, got (2, 4) (w1 is 3-D, (K, H, D): an ensemble of K models, whose weights are all "
+     "stacked; for one model pass w1 as (H, D))"),
     ("1-D bias", dict(b1=(4,)), ValueError,
      "argument 'b1' of an ensemble must have shape (K, 4), one bias per model, or be 3-D, broadcasting to "
      "(K, N, 4) (per-sample biases); got (4,)"),
