@@ -12,6 +12,7 @@ from torch.compiler import is_compiling
 
 from . import _C
 
+from . import _ensemble_functional as _ensemble
 from ._checks import ACTIVATIONS, REDUCTIONS, attributed, check_tensors, option
 
 _LOSS_ARGS = ("x", "w1", "b1", "w2", "b2", "target")
@@ -45,7 +46,13 @@ def mlp_loss(x, w1, b1=None, w2=None, b2=None, target=None, *, reduction="mean",
     Returns:
         0-dim tensor. Every argument may require grad; ``backward()`` fills each
         ``.grad`` as native autograd would, bias gradients in the bias's own shape.
+
+    Ensembles: with ``w1`` of shape ``(K, H, D)`` (and ``w2`` ``(K, O, H)``) this
+    is K independent models in one op; the loss has shape ``(K,)``, each model's
+    own ``reduction``. Shape rules in docs/ensembles.md.
     """
+    if isinstance(w1, torch.Tensor) and w1.dim() == 3:
+        return _ensemble.mlp_loss(x, w1, b1, w2, b2, target, reduction, activation)
     try:
         if not is_compiling():
             loss = _C.mlp_loss(x, w1, b1, w2, b2, target, reduction, activation)
@@ -64,7 +71,10 @@ def mlp(x, w1, b1=None, w2=None, b2=None, *, activation="sigmoid"):
 
     Arguments as in :func:`mlp_loss`. Use this when the loss is not the
     squared error; use :func:`mlp_loss` when it is (one pass instead of two).
+    With ``w1`` of shape ``(K, H, D)``: K models, prediction ``(K, N, O)``.
     """
+    if isinstance(w1, torch.Tensor) and w1.dim() == 3:
+        return _ensemble.mlp(x, w1, b1, w2, b2, activation)
     try:
         if not is_compiling():
             pred = _C.mlp(x, w1, b1, w2, b2, activation)
@@ -97,6 +107,10 @@ def mlp_loss_and_grads(
         ``(loss, (dx, dw1, db1, dw2, db2, dtarget))`` — each gradient in its
         argument's shape, ``None`` where it was not requested or the argument
         is None. The tensors do not require grad.
+
+    With ``w1`` of shape ``(K, H, D)`` (an ensemble) the loss has shape ``(K,)``
+    and the gradients are those of ``loss.sum()``: each model's own in the
+    stacked arguments, summed over models in shared ones.
     """
     args = (x, w1, b1, w2, b2, target)
     try:
@@ -119,6 +133,8 @@ def _mlp_loss_and_grads(args, reduction, activation, wrt):
                 f"expected names from {_LOSS_ARGS}"
             )
         mask = [a is not None and name in wanted for name, a in zip(_LOSS_ARGS, args)]
+    if w1.dim() == 3:  # an ensemble: (K,) losses, gradients of their sum
+        return _ensemble.mlp_loss_and_grads(x, w1, b1, w2, b2, target, reduction, activation, mask)
     if not is_compiling():
         result = _C.mlp_loss_and_grads(x, w1, b1, w2, b2, target, reduction, activation, mask)
         if result is not None:

@@ -89,7 +89,8 @@ def test_optional_argument_not_a_tensor(op, name, value, type_name):
 # ---------------------------------------------------------------------------
 # Ranks and widths
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("shape", [(D,), (1, H, D), (H, D + 1), (H, 1), (D, H)], ids=str)
+# (3-D w1 is an ensemble of K models: tests/test_ensemble_ops.py)
+@pytest.mark.parametrize("shape", [(D,), (1, 1, H, D), (H, D + 1), (H, 1), (D, H)], ids=str)
 def test_w1_bad_shape(op, shape):
     w1 = torch.randn(*shape)
     with pytest.raises(ValueError, match=q("w1")) as info:

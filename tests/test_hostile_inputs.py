@@ -294,7 +294,7 @@ def test_meta_shape_mismatch_names_argument(name, shape):
 SHAPE_ERRORS = [
     ("x", lambda a: a["x"][0, 0]),  # 0-dim
     ("w1", lambda a: a["w1"][0]),  # 1-D
-    ("w1", lambda a: a["w1"].unsqueeze(0)),  # 3-D
+    ("w1", lambda a: a["w1"][None, None]),  # 4-D (3-D is an ensemble: tests/test_ensemble_ops.py)
     ("w1", lambda a: a["w1"][:, :2]),  # wrong D
     ("w1", lambda a: a["w1"].t()),  # (D, H)
     ("w2", lambda a: a["w2"][:, :3]),  # wrong H

@@ -83,7 +83,8 @@ def test_every_registered_op_is_covered():
     registered = {
         name.split("::", 1)[1].split(".", 1)[0]
         for name in torch._C._dispatch_get_all_op_names()
-        if name.startswith("fusedgrad::")
+        # The ensemble ops have their own samples in tests/test_ensemble_ops.py.
+        if name.startswith("fusedgrad::") and not name.startswith("fusedgrad::ensemble_")
     }
     assert registered == set(OP_NAMES)
 

@@ -44,6 +44,8 @@ def add_arguments(parser):
                         help="timed repeats per path and shape (the median is reported)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to run on")
     parser.add_argument("--out", default="bench-results", help="folder for results.json, results.md and speedup.png")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="instead: training K models at once (µs per model-step by route; ensemble.json/.md)")
 
 
 class Progress:
@@ -222,7 +224,32 @@ def plot(rows, path):
     return True
 
 
+def run_ensemble(args):
+    """--ensemble: fusedgrad/_bench_ensemble.py, at the largest of --threads."""
+    from .. import _bench_ensemble as E
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(max(args.threads))
+    try:
+        rows, routes = E.run_ensemble_bench(quick=args.quick, repeats=args.repeats)
+    finally:
+        torch.set_num_threads(saved)
+    table = E.markdown(rows, routes)
+    print("\nµs per model-step of one Adam step (best of the timed blocks; ratios from the same run)\n" + table)
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "threads": max(args.threads), "quick": args.quick, "routes": routes}
+    with open(os.path.join(args.out, "ensemble.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "ensemble.md"), "w") as f:
+        f.write(table)
+    print(f"wrote {os.path.join(args.out, 'ensemble.json')} and ensemble.md")
+    return 0
+
+
 def run(args):
+    if args.ensemble:
+        return run_ensemble(args)
     if args.quick:
         shapes, threads, dtypes = [(10, 4, 4, 4)], [1], ["float32"]
         paths = ["native", "fused", "no_autograd"]
