@@ -17,14 +17,15 @@ import math
 import time
 
 import torch
-from torch import nn
+from torch.optim import optimizer as _optimizer_module
 
 from . import _C
-from ._hooks import grad_hooks
+from ._hooks import grad_hook_flags, grad_hooks
 
 _PARAM_NAMES = ("w1", "b1", "w2", "b2")
 # Groups options each optimizer class has, and what the fused update supports.
 _REFUSED_TRUE = ("capturable", "differentiable")
+_DTYPES = (torch.float32, torch.float64)
 # Seconds of work per C++ call in fit(): small enough that Ctrl-C, progress and
 # callbacks respond promptly, large enough that the Python between calls is noise.
 _CALL_SECONDS = 0.05
@@ -95,6 +96,7 @@ class Trainer:
         self.reduction = reduction
         self.num_models = net.num_models if is_ensemble(net) else 1
         self._ensemble = is_ensemble(net)
+        self._membership_key, self._membership_value = None, None
         self.model_lr_scale = None
         if model_lr_scale is not None:
             if not self._ensemble:
@@ -111,8 +113,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup, read at every call
     def _params(self):
-        params = self.net._params()
-        return [p if p is not None else None for p in params]
+        return self.net._params()
+
+    def _membership(self, fn, params, groups):
+        """Group index of each parameter (None where the model has none); the optimizer must
+        hold exactly the model's parameters. Cached on the ids involved, re-checked when they change."""
+        key = (tuple(id(p) for p in params), tuple(tuple(id(p) for p in g["params"]) for g in groups))
+        if key == self._membership_key:
+            return self._membership_value
+        where = {}
+        for gi, group in enumerate(groups):
+            for p in group["params"]:
+                where[id(p)] = gi
+        wanted = {id(p) for p in params if p is not None}
+        strangers = sum(1 for group in groups for p in group["params"] if id(p) not in wanted)
+        if strangers:
+            raise ValueError(f"{fn}: the optimizer holds {strangers} parameter(s) that are not part of the "
+                             "network; build it on net.parameters() only")
+        value = []
+        for name, p in zip(_PARAM_NAMES, params):
+            if p is not None and id(p) not in where:
+                raise ValueError(f"{fn}: parameter '{self._pname(name)}' is not in the optimizer; build the "
+                                 "optimizer on net.parameters()")
+            value.append(None if p is None else where[id(p)])
+        self._membership_key, self._membership_value = key, value
+        return value
 
     def _prepare(self, fn):
         """The parameters, their .grad buffers and update rules, read from the optimizer now."""
@@ -127,101 +152,102 @@ class Trainer:
                              "backward() computes, which the fused trainer does not run — train with "
                              "loss.backward() and opt.step() while it is on")
         params = self._params()
-        where = {}
-        for gi, group in enumerate(opt.param_groups):
-            for p in group["params"]:
-                where[id(p)] = gi
-        wanted = {id(p) for p in params if p is not None}
-        strangers = [p for group in opt.param_groups for p in group["params"] if id(p) not in wanted]
-        if strangers:
-            raise ValueError(f"{fn}: the optimizer holds {len(strangers)} parameter(s) that are not part of the "
-                             "network; build it on net.parameters() only")
+        groups = opt.param_groups
+        membership = self._membership(fn, params, groups)
+        group_rules = {}
         grads, rules = [], []
-        for name, p in zip(_PARAM_NAMES, params):
+        for name, p, gi in zip(_PARAM_NAMES, params, membership):
             if p is None:
                 grads.append(None)
                 rules.append(None)
                 continue
-            if id(p) not in where:
-                raise ValueError(f"{fn}: parameter '{self._pname(name)}' is not in the optimizer; build the "
-                                 "optimizer on net.parameters()")
-            if not p.requires_grad:
-                raise ValueError(f"{fn}: parameter '{self._pname(name)}' does not require grad (frozen); the "
-                                 "fused trainer updates every parameter — unfreeze it or train with "
-                                 "loss.backward() and opt.step()")
-            if not p.is_leaf:
-                raise ValueError(f"{fn}: parameter '{self._pname(name)}' is computed (not a leaf, e.g. a "
-                                 "parametrization), so it cannot be updated in place")
-            hooks = grad_hooks(p)
-            if hooks:
-                raise ValueError(f"{fn}: parameter '{self._pname(name)}' has {', '.join(hooks)}; the fused "
-                                 "trainer writes .grad directly and would skip them — train with "
-                                 "loss.backward() and opt.step() instead")
-            if p.device.type != "cpu":
-                raise ValueError(f"{fn}: the fused trainer runs on the CPU; parameter '{self._pname(name)}' is "
-                                 f"on {p.device}")
-            if p.dtype not in (torch.float32, torch.float64):
-                raise TypeError(f"{fn}: parameters must be float32 or float64; '{self._pname(name)}' is {p.dtype}")
-            if not p.is_contiguous():
-                raise ValueError(f"{fn}: parameter '{self._pname(name)}' must be contiguous")
+            if not p.requires_grad or not p.is_leaf or p.dtype not in _DTYPES or p.device.type != "cpu" \
+                    or not p.is_contiguous() or grad_hook_flags(p):
+                self._refuse_param(fn, name, p)
             g = p.grad
             if g is None or g.shape != p.shape or g.dtype != p.dtype or not g.is_contiguous() or g.device != p.device:
                 # What backward() would leave after zero_grad(): a fresh gradient of p's layout.
                 g = torch.empty_like(p, memory_format=torch.contiguous_format)
             grads.append(g)
-            gi = where[id(p)]
-            rules.append(self._rule(fn, kind, gi, opt.param_groups[gi], p))
+            rule = group_rules.get(gi)
+            if rule is None:
+                rule = group_rules[gi] = self._group_rule(fn, kind, gi, groups[gi])
+            rules.append(self._param_rule(fn, kind, rule, groups[gi], name, p))
         return params, grads, rules
+
+    def _refuse_param(self, fn, name, p):
+        pname = self._pname(name)
+        if not p.requires_grad:
+            raise ValueError(f"{fn}: parameter '{pname}' does not require grad (frozen); the fused trainer updates "
+                             "every parameter — unfreeze it or train with loss.backward() and opt.step()")
+        if not p.is_leaf:
+            raise ValueError(f"{fn}: parameter '{pname}' is computed (not a leaf, e.g. a parametrization), so it "
+                             "cannot be updated in place")
+        hooks = grad_hooks(p)
+        if hooks:
+            raise ValueError(f"{fn}: parameter '{pname}' has {', '.join(hooks)}; the fused trainer writes .grad "
+                             "directly and would skip it — train with loss.backward() and opt.step() instead")
+        if p.device.type != "cpu":
+            raise ValueError(f"{fn}: the fused trainer runs on the CPU; parameter '{pname}' is on {p.device}")
+        if p.dtype not in _DTYPES:
+            raise TypeError(f"{fn}: parameters must be float32 or float64; '{pname}' is {p.dtype}")
+        raise ValueError(f"{fn}: parameter '{pname}' must be contiguous")
 
     def _pname(self, name):
         if self._ensemble:
             return {"w1": "weight1", "b1": "bias1", "w2": "weight2", "b2": "bias2"}[name]
         return {"w1": "linear1.weight", "b1": "linear1.bias", "w2": "linear2.weight", "b2": "linear2.bias"}[name]
 
-    def _rule(self, fn, kind, gi, group, p):
+    def _group_rule(self, fn, kind, gi, group):
+        """The update rule's options from param_groups[gi]: the first 12 fields of csrc/trainer's tuple."""
         for key in _REFUSED_TRUE:
             if group.get(key, False):
                 raise ValueError(f"{fn}: param_groups[{gi}] has {key}=True, which the fused trainer does not "
                                  "support; train with opt.step()")
         lr = _scalar(fn, gi, "lr", group["lr"])
-        # Adam's single-tensor update divides a float32 tensor lr by its bias correction in
-        # float32 (step size and decoupled decay then carry float32 rounding); emulate that.
-        lr_f32 = (isinstance(group["lr"], torch.Tensor) and group["lr"].dtype == torch.float32
-                  and not group.get("fused"))
         wd = _scalar(fn, gi, "weight_decay", group.get("weight_decay", 0.0))
         maximize = bool(group.get("maximize", False))
-        state = self.optimizer.state[p]
         if kind == "sgd":
             momentum = _scalar(fn, gi, "momentum", group.get("momentum", 0.0))
             dampening = _scalar(fn, gi, "dampening", group.get("dampening", 0.0))
             nesterov = bool(group.get("nesterov", False))
-            buf, fresh = None, False
-            if momentum != 0:
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf, fresh = torch.zeros_like(p, memory_format=torch.contiguous_format), True
-                elif not (buf.is_contiguous() and buf.shape == p.shape and buf.dtype == p.dtype):
-                    raise ValueError(f"{fn}: the optimizer's momentum_buffer of '{self._pname(_name_of(self, p))}' "
-                                     f"must be a contiguous {p.dtype} tensor of shape {tuple(p.shape)}")
-            return ("sgd", lr, wd, maximize, momentum, dampening, nesterov, 0.0, 0.0, 0.0, False, False,
-                    None, buf, None, None, fresh, False)
+            return ("sgd", lr, wd, maximize, momentum, dampening, nesterov, 0.0, 0.0, 0.0, False, False)
         beta1 = _scalar(fn, gi, "betas[0]", group["betas"][0])
         beta2 = _scalar(fn, gi, "betas[1]", group["betas"][1])
         eps = _scalar(fn, gi, "eps", group["eps"])
         amsgrad = bool(group.get("amsgrad", False))
         decoupled = bool(group.get("decoupled_weight_decay", type(self.optimizer) is torch.optim.AdamW))
+        return ("adam", lr, wd, maximize, 0.0, 0.0, False, beta1, beta2, eps, amsgrad, decoupled)
+
+    def _param_rule(self, fn, kind, rule, group, name, p):
+        """The group's rule plus this parameter's optimizer state (created as torch.optim would)."""
+        state = self.optimizer.state[p]
+        if kind == "sgd":
+            buf, fresh = None, False
+            if rule[4] != 0:  # momentum
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf, fresh = torch.zeros_like(p, memory_format=torch.contiguous_format), True
+                elif not (buf.is_contiguous() and buf.shape == p.shape and buf.dtype == p.dtype):
+                    raise ValueError(f"{fn}: the optimizer's momentum_buffer of '{self._pname(name)}' must be a "
+                                     f"contiguous {p.dtype} tensor of shape {tuple(p.shape)}")
+            return rule + (None, buf, None, None, fresh, False)
+        amsgrad = rule[10]
         if len(state) == 0:
             _init_adam_state(state, p, group, amsgrad)
         step = state.get("step")
-        if step is None or not isinstance(step, torch.Tensor):
+        if not isinstance(step, torch.Tensor):
             # torch.optim converts a float step (old state dicts) to a tensor the same way.
             state["step"] = step = torch.tensor(float(step or 0.0), dtype=_scalar_dtype(group))
         if amsgrad and "max_exp_avg_sq" not in state:
-            raise ValueError(f"{fn}: amsgrad=True but the optimizer state of '{self._pname(_name_of(self, p))}' "
-                             "has no 'max_exp_avg_sq' (it was created with amsgrad=False)")
-        return ("adam", lr, wd, maximize, 0.0, 0.0, False, beta1, beta2, eps, amsgrad, decoupled,
-                step, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq") if amsgrad else None, False,
-                lr_f32)
+            raise ValueError(f"{fn}: amsgrad=True but the optimizer state of '{self._pname(name)}' has no "
+                             "'max_exp_avg_sq' (it was created with amsgrad=False)")
+        # Adam's single-tensor update divides a float32 tensor lr by its bias correction in
+        # float32 (step size and decoupled decay then carry float32 rounding); emulate that.
+        lr = group["lr"]
+        lr_f32 = isinstance(lr, torch.Tensor) and lr.dtype == torch.float32 and not group.get("fused")
+        return rule + (step, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq") if amsgrad else None,
+                       False, lr_f32)
 
     def _data(self, fn, x, target):
         """x and target as the contiguous 2-D (or per-model 3-D) matrices the kernels read."""
@@ -230,8 +256,8 @@ class Trainer:
                 raise TypeError(f"{fn}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
             if t.layout is not torch.strided:
                 raise ValueError(f"{fn}: argument '{name}' must be a dense (torch.strided) tensor, got {t.layout}")
-        w1 = self._params()[0]
-        D, O = w1.shape[-1], self._params()[2].shape[-2]
+        w1, _, w2, _ = self._params()
+        D, O = w1.shape[-1], w2.shape[-2]
         if self._ensemble:
             K = self.num_models
             if x.dim() not in (2, 3) or x.shape[-1] != D or (x.dim() == 3 and x.shape[0] != K):
@@ -373,19 +399,22 @@ class Trainer:
         return out if self._ensemble else out[:, 0]
 
     def _steps_per_call(self, fn, x, target, steps, bs, order, losses, done, bar):
-        """Runs one step alone, timed, and sizes the calls after it to ~_CALL_SECONDS each."""
+        """Runs a first call sized from the arithmetic (~1 ns per multiply-add, which is
+        pessimistic here), times it, and sizes the calls after it to ~_CALL_SECONDS each."""
+        w1, _, w2, _ = self._params()
+        rows = bs if bs else x.shape[-2]
+        macs = 3 * rows * (w1[..., 0].numel() * w1.shape[-1] + w2.numel()) + 1
+        first = max(1, min(steps, int(_CALL_SECONDS / (macs * 1e-9))))
         start = time.perf_counter()
-        self._run(fn, x, target, 1, 0, bs, order, losses[0:1], done)
+        self._run(fn, x, target, first, 0, bs, order, losses[0:first], done)
         elapsed = max(time.perf_counter() - start, 1e-7)
         if bar is not None:
-            bar.update(1)
-        return max(1, int(_CALL_SECONDS / elapsed))
+            bar.update(first)
+        return max(1, int(_CALL_SECONDS * first / elapsed))
 
 
 def _step_hooks(optimizer):
     """Whether opt.step() would run step hooks (torch.optim.Optimizer keeps them in these dicts)."""
-    from torch.optim import optimizer as _optimizer_module
-
     return bool(getattr(optimizer, "_optimizer_step_pre_hooks", None)
                 or getattr(optimizer, "_optimizer_step_post_hooks", None)
                 or getattr(_optimizer_module, "_global_optimizer_pre_hooks", None)
@@ -398,13 +427,6 @@ def is_ensemble(net):
     except ImportError:  # built without the ensemble module
         return False
     return isinstance(net, FusedMLPEnsemble)
-
-
-def _name_of(trainer, p):
-    for name, q in zip(_PARAM_NAMES, trainer._params()):
-        if q is p:
-            return name
-    return "w1"
 
 
 def _scalar_dtype(group):

@@ -55,7 +55,7 @@ ParamState parse_rule(py::handle obj) {
   return st;
 }
 
-void train_steps_py(const std::string& fn, py::list params, py::list grads, py::list rules, const at::Tensor& x,
+void train_steps_py(const std::string& fn, py::sequence params, py::sequence grads, py::sequence rules, const at::Tensor& x,
                     const at::Tensor& target, int64_t batch_size, py::handle order, int64_t first_step,
                     int64_t num_steps, bool mean, py::handle lr_scale, const at::Tensor& losses,
                     py::handle steps_done) {
@@ -102,7 +102,7 @@ auto translating_errors(F f) {
 void register_trainer(py::module& m) {
   m.def(
       "train_steps",
-      [](const std::string& fn, py::list params, py::list grads, py::list rules, const at::Tensor& x,
+      [](const std::string& fn, py::sequence params, py::sequence grads, py::sequence rules, const at::Tensor& x,
          const at::Tensor& target, int64_t batch_size, py::handle order, int64_t first_step, int64_t num_steps,
          bool mean, py::handle lr_scale, const at::Tensor& losses, py::handle steps_done) {
         translating_errors(train_steps_py)(fn, params, grads, rules, x, target, batch_size, order, first_step,
