@@ -44,6 +44,9 @@ def add_arguments(parser):
                         help="timed repeats per path and shape (the median is reported)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to run on")
     parser.add_argument("--out", default="bench-results", help="folder for results.json, results.md and speedup.png")
+    parser.add_argument("--training", action="store_true",
+                        help="instead: whole training loops (seed-004 problem and the grid) by route, native, "
+                             "torch.compile, fusedgrad.Trainer and JAX when installed; training.json/.md/.png")
     parser.add_argument("--ensemble", action="store_true",
                         help="instead: training K models at once (µs per model-step by route; ensemble.json/.md)")
 
@@ -247,7 +250,40 @@ def run_ensemble(args):
     return 0
 
 
+def run_training(args):
+    """--training: fusedgrad/_bench_training.py, at the largest of --threads."""
+    from .. import _bench_training as T
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(max(args.threads))
+    try:
+        result = T.run_training_bench(quick=args.quick, compile=not args.no_compile, repeats=args.repeats)
+    finally:
+        torch.set_num_threads(saved)
+    table = T.markdown(result)
+    print("\n" + table)
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "threads": max(args.threads), "quick": args.quick}
+    try:
+        import jax
+        meta["jax"] = jax.__version__
+    except ImportError:
+        meta["jax"] = None
+    with open(os.path.join(args.out, "training.json"), "w") as f:
+        json.dump({"meta": meta, **result}, f, indent=1)
+    with open(os.path.join(args.out, "training.md"), "w") as f:
+        f.write(table)
+    wrote = ["training.json", "training.md"]
+    if T.plot(result, os.path.join(args.out, "training.png")):
+        wrote.append("training.png")
+    print(f"wrote {', '.join(os.path.join(args.out, w) for w in wrote)}")
+    return 0
+
+
 def run(args):
+    if args.training:
+        return run_training(args)
     if args.ensemble:
         return run_ensemble(args)
     if args.quick:
