@@ -1,7 +1,8 @@
 """Train the 1→20→1 curve-fit network (y = x² + noise, 100 points, Adam lr=0.2)
-twice from the same initial weights — once with fusedgrad, once with native
-autograd (nn.Linear → nn.Sigmoid → nn.Linear + nn.MSELoss) — and show that the
-losses agree and what one step costs on each path."""
+from the same initial weights four ways — native autograd (nn.Linear → nn.Sigmoid
+→ nn.Linear + nn.MSELoss), FusedMLP.loss(...).backward(), fusedgrad.Trainer.step
+per step and one fusedgrad.Trainer.fit call — and show that the losses agree and
+what each costs."""
 import statistics
 import sys
 import time
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from ..module import FusedMLP
+from ..trainer import Trainer
 from . import positive_float, positive_int
 
 HELP = "train the 1→20→1 curve fit with fusedgrad and native autograd side by side"
@@ -72,13 +74,37 @@ def compare(steps=201, hidden=20, lr=0.2, seed=0, dtype=torch.float32):
     # Warm both paths up (first-call allocations, thread pool start) on copies.
     for model, fn in ((Net(1, hidden, 1).to(dtype), native_loss), (FusedMLP(1, hidden, 1, dtype=dtype), fused_loss)):
         train(model, fn, x, y, 20, lr)
+    by_step, by_fit = (FusedMLP(1, hidden, 1, dtype=dtype) for _ in range(2))
+    by_step.load_state_dict(native.state_dict())
+    by_fit.load_state_dict(native.state_dict())
+    warm = FusedMLP(1, hidden, 1, dtype=dtype)
+    Trainer(warm, torch.optim.Adam(warm.parameters(), lr=lr)).fit(x, y, 20)
+    start = time.perf_counter()
     native_run = train(native, native_loss, x, y, steps, lr)
+    native_total = time.perf_counter() - start
+    start = time.perf_counter()
     fused_run = train(fused, fused_loss, x, y, steps, lr)
+    fused_total = time.perf_counter() - start
+    trainer = Trainer(by_step, torch.optim.Adam(by_step.parameters(), lr=lr))
+    step_losses, step_s = [], []
+    start = time.perf_counter()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = trainer.step(x, y)
+        step_s.append(time.perf_counter() - t0)
+        step_losses.append(loss.item())
+    step_total = time.perf_counter() - start
+    trainer = Trainer(by_fit, torch.optim.Adam(by_fit.parameters(), lr=lr))
+    start = time.perf_counter()
+    fit_losses = trainer.fit(x, y, steps)
+    fit_total = time.perf_counter() - start
     return {
-        "x": x, "y": y, "native": native, "fused": fused,
+        "x": x, "y": y, "native": native, "fused": fused, "trainer_step": by_step, "trainer_fit": by_fit,
         "native_losses": native_run[0], "fused_losses": fused_run[0],
+        "step_losses": step_losses, "fit_losses": fit_losses.tolist(),
         "native_grad_s": native_run[1], "fused_grad_s": fused_run[1],
-        "native_step_s": native_run[2], "fused_step_s": fused_run[2],
+        "native_step_s": native_run[2], "fused_step_s": fused_run[2], "trainer_step_s": step_s,
+        "total_s": {"native": native_total, "fused": fused_total, "step": step_total, "fit": fit_total},
     }
 
 
@@ -137,18 +163,22 @@ def run(args):
             return 2
     dtype = getattr(torch, args.dtype)
     r = compare(steps=args.steps, hidden=args.hidden, lr=args.lr, seed=args.seed, dtype=dtype)
-    nl, fl = r["native_losses"], r["fused_losses"]
+    nl, fl, sl, tl = r["native_losses"], r["fused_losses"], r["step_losses"], r["fit_losses"]
     print(f"1→{args.hidden}→1 curve fit, y = x² + noise, 100 points, Adam(lr={args.lr}), {args.dtype}, "
-          f"{torch.get_num_threads()} thread(s)\n")
-    print(f"{'step':>6} {'native loss':>14} {'fusedgrad loss':>15} {'rel. diff':>10}")
+          f"{torch.get_num_threads()} thread(s), from the same initial weights\n")
+    print(f"{'step':>6} {'native loss':>13} {'net.loss()':>13} {'Trainer.step':>13} {'Trainer.fit':>13}")
     shown = sorted(set(range(0, len(nl), 25)) | {len(nl) - 1})
     for i in shown:
-        print(f"{i:>6} {nl[i]:>14.6f} {fl[i]:>15.6f} {abs(nl[i] - fl[i]) / max(abs(nl[i]), 1e-30):>10.1e}")
-    worst = max(abs(a - b) / max(abs(a), 1e-30) for a, b in zip(nl, fl))
+        print(f"{i:>6} {nl[i]:>13.6f} {fl[i]:>13.6f} {sl[i]:>13.6f} {tl[i]:>13.6f}")
+
+    def rel(a, b):
+        return max(abs(p - q) / max(abs(p), 1e-30) for p, q in zip(a, b))
+
+    worst = max(rel(nl, fl), rel(nl, sl), rel(nl, tl))
     # Tolerance: float noise compounded over the run by Adam's normalisation.
     tol = 1e-4 if dtype == torch.float32 else 1e-9  # measured worst over 8 seeds: 5e-6 (float32)
     agree = worst <= tol
-    print(f"\nlargest relative loss difference over {len(nl)} steps: {worst:.2e} "
+    print(f"\nlargest relative loss difference from native over {len(nl)} steps: {worst:.2e} "
           f"({'agree' if agree else 'DISAGREE'}, tolerance {tol:.0e})")
 
     def us(seconds):
@@ -158,6 +188,12 @@ def run(args):
     for label, key in (("forward + loss + backward", "grad_s"), ("whole step incl. Adam update", "step_s")):
         n, f = us(r[f"native_{key}"]), us(r[f"fused_{key}"])
         print(f"{label:<34} {n:>10.1f} {f:>10.1f} {n / f:>8.2f}×")
+    total = r["total_s"]
+    print(f"\n{'whole training (' + str(len(nl)) + ' steps)':<40} {'wall ms':>9} {'µs/step':>9} {'× native':>9}")
+    for label, key in (("native autograd + Adam", "native"), ("net.loss(x, y).backward() + Adam", "fused"),
+                       ("fusedgrad.Trainer.step per step", "step"), ("fusedgrad.Trainer.fit, one call", "fit")):
+        print(f"{label:<40} {total[key] * 1e3:>9.2f} {total[key] / len(nl) * 1e6:>9.1f} "
+              f"{total['native'] / total[key]:>8.1f}×")
     if args.plot:
         plot_fit(r, args.plot)
         print(f"\nsaved the fitted curve and the loss curves to {args.plot}")
