@@ -1,0 +1,697 @@
+// The streaming path: tall data through narrow networks (curve fits,
+// surrogates, collocation sets: N ≫ D, H, O). The GEMM path of kernels_cpu.cpp
+// materialises (N, H) buffers and runs skinny GEMMs (K = D = 1, or O = 1) that
+// BLAS does poorly, and past the caches every step streams and page-faults
+// those buffers, so its cost per row grows with N. A row never needs another
+// row, so here rows go through forward, loss and backward in blocks of
+// `block_rows` rows that stay in the L1/L2 cache, and nothing grows with N but
+// the outputs the caller asked for (the prediction, s for the mlp op's
+// backward, dx, per-sample bias and target gradients).
+//
+// Layout. Inside a block every per-row quantity is stored transposed, one
+// contiguous row of `block_rows` values per feature: xT (D, B), sT (H, B),
+// gT (O, B). Every step of the README's "Math" then is a loop over rows that
+// vectorises, whatever D, H, O are:
+//
+//   hT = W1 xT (+ b1)     sT = act(hT)           tile_product, then σ over the block
+//   pT = W2 sT            rT = pT + b2 − tT      tile_product, residual loop
+//   L += c Σ r²           gT = 2c rT             residual loop (Σ r² in double)
+//   dw2 += gT sTᵀ         db2 += Σ_rows g        dots over the block's rows
+//   dsT = W2ᵀ gT          dhT = dsT ⊙ act'(sT)   tile_product, in place over sT
+//   dw1 += dhT xTᵀ        db1 += Σ_rows dh       dots over the block's rows
+//   dxT = W1ᵀ dhT         dt = −g                tile_product, written back as rows
+//
+// Determinism. Rows are split into a number of chunks that depends only on N
+// and the block size (never on the thread count); at::parallel_for hands out
+// whole chunks; each chunk sums its blocks in block order into its own double
+// partials (each block's contribution is a sum over ≤ block_rows rows in T,
+// as the small path does over 64 rows), and the partials are added in chunk
+// order. Results are bitwise identical for any number of threads, and float32
+// row sums keep float32 accuracy at any N.
+//
+// σ is ATen's vectorised sigmoid (apply_activation_) over a from_blob view of
+// the block: the very function native autograd evaluates. Blocks are sized so
+// one call covers ~16k values and its fixed cost stays a small fraction.
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace fusedgrad {
+namespace {
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FUSEDGRAD_STREAM_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define FUSEDGRAD_STREAM_INLINE __attribute__((always_inline)) inline  // compiled into each clone
+#else
+#define FUSEDGRAD_STREAM_CLONES
+#define FUSEDGRAD_STREAM_INLINE inline
+#endif
+
+// Rows of a block are processed in tiles of kTile lanes held in registers
+// (4 AVX2 vectors of float); block_rows is a multiple of it, and the
+// transposed buffers are padded to whole tiles. Lanes past a block's last row
+// hold stale (finite or not) values that no sum and no output ever reads.
+constexpr int64_t kTile = 32;
+// Values of the widest transposed block buffer: 16k (64 KiB in float32) keeps
+// the working set of a block in L2 and makes the one σ call per block long.
+constexpr int64_t kBlockValues = 16384;
+constexpr int64_t kMinBlockRows = 64;
+constexpr int64_t kMaxBlockRows = 1024;
+// Row chunks: the unit of parallel work and of the partial sums. Fixed, so
+// that the summation order (and hence every bit of the result) does not
+// depend on the thread count; 16 balances two (or four) threads well.
+constexpr int64_t kMaxChunks = 16;
+
+// Where the streaming path pays (measured by benchmarks/stream_crossover.py,
+// README-section docs/streaming.md): every width at most these. Past them the
+// per-row work is a real GEMM and the GEMM path's BLAS wins.
+constexpr int64_t kMaxStreamIn = 32;
+constexpr int64_t kMaxStreamHidden = 128;
+constexpr int64_t kMaxStreamOut = 16;
+// Below this many rows a single chunk's worth of rows... see stream_path_applies.
+constexpr int64_t kMinStreamRows = 1;
+
+int64_t block_rows_for(const Problem& p) {
+  const int64_t widest = std::max<int64_t>({p.D, p.H, p.O, 1});
+  int64_t rows = kBlockValues / widest;
+  rows = std::clamp<int64_t>(rows, kMinBlockRows, kMaxBlockRows);
+  return rows / kTile * kTile;
+}
+
+int64_t round_up(int64_t n, int64_t k) { return (n + k - 1) / k * k; }
+
+bool kind_streams(const Broadcast2d& op) { return op.kind != Broadcast2d::Kind::Other; }
+
+// out[r, i] = Σ_k a[r·K + k] · in[k, i] for i in [0, lanes) (lanes a multiple
+// of kTile): a (R × K) · (K × lanes) product whose K loop runs over a tile of
+// kTile accumulators held in registers, so each loaded value of `in` feeds one
+// multiply-add and nothing is stored until the tile is done.
+template <typename T>
+FUSEDGRAD_STREAM_INLINE void tile_product(T* __restrict__ out, int64_t ld_out, const T* __restrict__ a,
+                                          int64_t R, int64_t K, const T* __restrict__ in, int64_t ld_in,
+                                          int64_t lanes) {
+  for (int64_t r = 0; r < R; ++r) {
+    const T* ar = a + r * K;
+    T* o = out + r * ld_out;
+    for (int64_t i0 = 0; i0 < lanes; i0 += kTile) {
+      T acc[kTile];
+#pragma omp simd
+      for (int64_t l = 0; l < kTile; ++l) acc[l] = T(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const T w = ar[k];
+        const T* src = in + k * ld_in + i0;
+#pragma omp simd
+        for (int64_t l = 0; l < kTile; ++l) acc[l] += w * src[l];
+      }
+#pragma omp simd
+      for (int64_t l = 0; l < kTile; ++l) o[i0 + l] = acc[l];
+    }
+  }
+}
+
+// Σ_i a[i] · b[i] over a block's rows, vectorised (reassociated into lanes,
+// as a BLAS dot is).
+template <typename T>
+FUSEDGRAD_STREAM_INLINE T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// Four dots sharing `a`: one load of a[i] feeds four multiply-adds.
+template <typename T>
+FUSEDGRAD_STREAM_INLINE void dot4(const T* __restrict__ a, const T* __restrict__ b0, const T* __restrict__ b1,
+                                  const T* __restrict__ b2, const T* __restrict__ b3, int64_t n, T* out) {
+  T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t i = 0; i < n; ++i) {
+    s0 += a[i] * b0[i];
+    s1 += a[i] * b1[i];
+    s2 += a[i] * b2[i];
+    s3 += a[i] * b3[i];
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+}
+
+template <typename T>
+FUSEDGRAD_STREAM_INLINE T row_sum(const T* __restrict__ a, int64_t n) {
+  T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += a[i];
+  return sum;
+}
+
+// acc[r·ld_acc + c] += Σ_i a[r, i] · b[c, i]: the (R × C) sums over a block's
+// rows of two transposed buffers (dw2 += gT sTᵀ, dw1 += dhT xTᵀ), each block
+// sum in T added to the double partial.
+template <typename T>
+FUSEDGRAD_STREAM_INLINE void add_outer_sums(double* __restrict__ acc, const T* a, int64_t R, const T* b, int64_t C,
+                                            int64_t ld, int64_t n) {
+  for (int64_t r = 0; r < R; ++r) {
+    const T* ar = a + r * ld;
+    double* accr = acc + r * C;
+    int64_t c = 0;
+    T s[4];
+    for (; c + 4 <= C; c += 4) {
+      dot4(ar, b + c * ld, b + (c + 1) * ld, b + (c + 2) * ld, b + (c + 3) * ld, n, s);
+      for (int q = 0; q < 4; ++q) accr[c + q] += static_cast<double>(s[q]);
+    }
+    for (; c < C; ++c) accr[c] += static_cast<double>(dot(ar, b + c * ld, n));
+  }
+}
+
+// The per-call constants every block reads.
+template <typename T>
+struct StreamPlan {
+  using value_type = T;
+  int64_t N = 0, D = 0, H = 0, O = 0;
+  int64_t B = 0;       // rows per block
+  int64_t ld = 0;      // stride of the transposed buffers: B rounded up to kTile
+  bool has_w2 = false;
+  Activation act = Activation::Sigmoid;
+  at::TensorOptions opts;
+  // Weights in the orientation the tile products read (contiguous copies:
+  // the caller's may be any strided view).
+  std::vector<T> w1;   // (H, D)
+  std::vector<T> w1t;  // (D, H), for dx
+  std::vector<T> w2;   // (O, H)
+  std::vector<T> w2t;  // (H, O), for ds
+  // x rows.
+  const T* x = nullptr;
+  int64_t x_rs = 0, x_cs = 0;
+
+  // Partial sums per chunk (double): [Σ r² | dw1 (H·D) | db1 (H) | dw2 (O·H) | Σ g (O)].
+  int64_t off_dw1 = 1, off_db1 = 0, off_dw2 = 0, off_g = 0, width = 0;
+
+  void init(const Problem& p) {
+    N = p.N, D = p.D, H = p.H, O = p.O;
+    B = block_rows_for(p);
+    ld = round_up(B, kTile);
+    has_w2 = p.has_w2();
+    act = p.activation;
+    opts = p.x2.options();
+    w1.resize(H * D);
+    w1t.resize(D * H);
+    const T* w = p.w1.const_data_ptr<T>();
+    for (int64_t j = 0; j < H; ++j) {
+      for (int64_t d = 0; d < D; ++d) {
+        const T v = w[j * p.w1.stride(0) + d * p.w1.stride(1)];
+        w1[j * D + d] = v;
+        w1t[d * H + j] = v;
+      }
+    }
+    if (has_w2) {
+      w2.resize(O * H);
+      w2t.resize(H * O);
+      const T* v2 = p.w2.const_data_ptr<T>();
+      for (int64_t o = 0; o < O; ++o) {
+        for (int64_t j = 0; j < H; ++j) {
+          const T v = v2[o * p.w2.stride(0) + j * p.w2.stride(1)];
+          w2[o * H + j] = v;
+          w2t[j * O + o] = v;
+        }
+      }
+    }
+    x = p.x2.const_data_ptr<T>();
+    x_rs = p.x2.stride(0);
+    x_cs = p.x2.stride(1);
+    off_db1 = off_dw1 + H * D;
+    off_dw2 = off_db1 + H;
+    off_g = off_dw2 + O * H;
+    width = off_g + O;
+  }
+};
+
+// One chunk's block buffers, per thread and kept across calls: a step
+// allocates (and page-faults) nothing that grows with its rows.
+template <typename T>
+struct BlockBuffers {
+  std::vector<T> storage;
+  T* xT = nullptr;   // (D, ld)
+  T* sT = nullptr;   // (H, ld): h, then s, then dh
+  T* gT = nullptr;   // (O, ld): p, then r, then g (sT itself when there is no w2)
+  T* dxT = nullptr;  // (D, ld)
+};
+
+template <typename T>
+BlockBuffers<T>& thread_buffers(const StreamPlan<T>& plan) {
+  thread_local BlockBuffers<T> buf;
+  const int64_t D = plan.D, H = plan.H, O = plan.O, ld = plan.ld;
+  const size_t need = static_cast<size_t>((2 * D + H + O) * ld);
+  if (buf.storage.size() < need) buf.storage.resize(need);  // zero-filled: finite padding lanes
+  buf.xT = buf.storage.data();
+  buf.sT = buf.xT + D * ld;
+  buf.gT = buf.sT + H * ld;
+  buf.dxT = buf.gT + O * ld;
+  return buf;
+}
+
+// Fixed row chunks (see the top of the file): blocks per chunk depend on N and
+// the block size only.
+struct Chunks {
+  int64_t count = 0, blocks_per_chunk = 0, blocks = 0;
+  Chunks(int64_t N, int64_t B) {
+    blocks = (N + B - 1) / B;
+    count = std::min(blocks, kMaxChunks);
+    blocks_per_chunk = count ? (blocks + count - 1) / count : 0;
+    if (blocks_per_chunk) count = (blocks + blocks_per_chunk - 1) / blocks_per_chunk;
+  }
+};
+
+// Runs chunk_fn(first_row, end_row, partial) over the chunks in parallel,
+// then sums the partials into totals in chunk order.
+template <typename ChunkFn>
+void over_chunks(int64_t N, int64_t B, int64_t width, std::vector<double>& totals, const ChunkFn& chunk_fn) {
+  totals.assign(static_cast<size_t>(width), 0.0);
+  const Chunks chunks(N, B);
+  if (chunks.count == 0) return;
+  std::vector<double> partial(static_cast<size_t>(chunks.count * width), 0.0);
+  const int64_t rows_per_chunk = chunks.blocks_per_chunk * B;
+  at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      chunk_fn(c * rows_per_chunk, std::min(N, (c + 1) * rows_per_chunk), partial.data() + c * width);
+    }
+  });
+  for (int64_t c = 0; c < chunks.count; ++c) {
+    const double* pc = partial.data() + c * width;
+    for (int64_t k = 0; k < width; ++k) totals[k] += pc[k];
+  }
+}
+
+// xT[d, i] = x[i0 + i, d] for the block's n rows.
+template <typename T>
+FUSEDGRAD_STREAM_INLINE void load_x(const StreamPlan<T>& plan, int64_t i0, int64_t n, T* __restrict__ xT) {
+  const T* x = plan.x + i0 * plan.x_rs;
+  for (int64_t d = 0; d < plan.D; ++d) {
+    T* dst = xT + d * plan.ld;
+    const T* src = x + d * plan.x_cs;
+    if (plan.x_rs == 1) {
+      std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
+    } else {
+      for (int64_t i = 0; i < n; ++i) dst[i] = src[i * plan.x_rs];
+    }
+  }
+}
+
+// dst[c, i] = src[(i0 + i)·rs + c·cs] for c < cols, i < n: a broadcast operand
+// (per-sample bias, target, the mlp op's grad_out / saved s) read as a
+// transposed block. Per-column operands (rs = 0) give rows of one value.
+template <typename T>
+FUSEDGRAD_STREAM_INLINE void load_transposed(const T* src, int64_t rs, int64_t cs, int64_t i0, int64_t n,
+                                             int64_t cols, T* __restrict__ dst, int64_t ld) {
+  const T* base = src + i0 * rs;
+  for (int64_t c = 0; c < cols; ++c) {
+    T* out = dst + c * ld;
+    const T* in = base + c * cs;
+    if (rs == 0) {
+      std::fill(out, out + n, in[0]);
+    } else if (rs == 1) {
+      std::memcpy(out, in, static_cast<size_t>(n) * sizeof(T));
+    } else {
+      for (int64_t i = 0; i < n; ++i) out[i] = in[i * rs];
+    }
+  }
+}
+
+// dst[(i0 + i)·cols + c] = sign · src[c, i]: a transposed block written back as
+// rows of a contiguous (N, cols) output.
+template <typename T>
+FUSEDGRAD_STREAM_INLINE void store_rows(const T* __restrict__ src, int64_t ld, int64_t i0, int64_t n,
+                                        int64_t cols, T* __restrict__ dst, T sign) {
+  T* base = dst + i0 * cols;
+  if (cols == 1) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) base[i] = sign * src[i];
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t c = 0; c < cols; ++c) base[i * cols + c] = sign * src[c * ld + i];
+  }
+}
+
+// The forward of one block: sT = act(W1 xT + b1) (h, then s in place) and,
+// with a second layer, the bare products gT = W2 sT (b2 is added by the
+// caller, as math::residual orders it).
+template <typename T>
+FUSEDGRAD_STREAM_INLINE void block_forward(const StreamPlan<T>& plan, const Broadcast2d& b1, int64_t i0, int64_t n,
+                                           BlockBuffers<T>& buf) {
+  const int64_t D = plan.D, H = plan.H, ld = plan.ld, lanes = round_up(n, kTile);
+  load_x(plan, i0, n, buf.xT);
+  tile_product(buf.sT, ld, plan.w1.data(), H, D, buf.xT, ld, lanes);
+  if (b1.present()) {  // h = (x w1ᵀ) + b1
+    const T* b = b1.data<T>() + i0 * b1.row_stride;
+    for (int64_t j = 0; j < H; ++j) {
+      T* hj = buf.sT + j * ld;
+      const T* bj = b + j * b1.col_stride;
+      if (b1.row_stride == 0) {
+        const T v = bj[0];
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) hj[i] += v;
+      } else {
+        for (int64_t i = 0; i < n; ++i) hj[i] += bj[i * b1.row_stride];
+      }
+    }
+  }
+  if (plan.act == Activation::Sigmoid) {
+    // σ over the whole (H, ld) buffer, one vectorised ATen call per block
+    // (padding lanes included: cheaper than H calls of n values).
+    at::Tensor view = at::from_blob(buf.sT, {H * ld}, plan.opts);
+    apply_activation_(view, plan.act);
+  }
+  if (plan.has_w2) tile_product(buf.gT, ld, plan.w2.data(), plan.O, H, buf.sT, ld, lanes);
+}
+
+// What the backward of a block writes besides the partial sums.
+template <typename T>
+struct BackwardOutputs {
+  bool w1 = false, b1_sums = false, w2 = false, g_sums = false;
+  T* dx = nullptr;       // (N, D) contiguous
+  T* db1_rows = nullptr; // (N, H) contiguous: per-sample b1
+};
+
+// Everything below the output, for one block, from gT (g = dL/dp) and sT:
+// dw2, Σ g, ds, dh (in place over sT), db1, dw1, dx.
+template <typename T>
+FUSEDGRAD_STREAM_INLINE void block_backward(const StreamPlan<T>& plan, const BackwardOutputs<T>& out, int64_t i0,
+                                            int64_t n, BlockBuffers<T>& buf, double* __restrict__ partial) {
+  const int64_t D = plan.D, H = plan.H, O = plan.O, ld = plan.ld, lanes = round_up(n, kTile);
+  T* sT = buf.sT;
+  const T* gT = buf.gT;
+  if (out.g_sums) {
+    for (int64_t o = 0; o < O; ++o) partial[plan.off_g + o] += static_cast<double>(row_sum(gT + o * ld, n));
+  }
+  if (out.w2) add_outer_sums(partial + plan.off_dw2, gT, O, sT, H, ld, n);  // dw2 = gᵀ s
+  const bool need_hidden = out.w1 || out.b1_sums || out.dx || out.db1_rows;
+  if (!need_hidden) return;
+  // dh = (W2ᵀ g) ⊙ act'(s) into sT, one tile of ds at a time (ds = g without w2).
+  for (int64_t j = 0; j < H; ++j) {
+    T* sj = sT + j * ld;
+    const T* w = plan.has_w2 ? plan.w2t.data() + j * O : nullptr;
+    for (int64_t i0t = 0; i0t < lanes; i0t += kTile) {
+      T ds[kTile];
+      if (w) {
+#pragma omp simd
+        for (int64_t l = 0; l < kTile; ++l) ds[l] = T(0);
+        for (int64_t o = 0; o < O; ++o) {
+          const T wo = w[o];
+          const T* go = gT + o * ld + i0t;
+#pragma omp simd
+          for (int64_t l = 0; l < kTile; ++l) ds[l] += wo * go[l];
+        }
+      } else {
+        const T* gj = gT + j * ld + i0t;
+#pragma omp simd
+        for (int64_t l = 0; l < kTile; ++l) ds[l] = gj[l];
+      }
+      T* s = sj + i0t;
+      if (plan.act == Activation::Sigmoid) {
+#pragma omp simd
+        for (int64_t l = 0; l < kTile; ++l) s[l] = math::activation_backward(ds[l], s[l], Activation::Sigmoid);
+      } else {
+#pragma omp simd
+        for (int64_t l = 0; l < kTile; ++l) s[l] = ds[l];
+      }
+    }
+  }
+  const T* dhT = sT;
+  if (out.b1_sums) {
+    for (int64_t j = 0; j < H; ++j) partial[plan.off_db1 + j] += static_cast<double>(row_sum(dhT + j * ld, n));
+  }
+  if (out.db1_rows) store_rows(dhT, ld, i0, n, H, out.db1_rows, T(1));
+  if (out.w1) add_outer_sums(partial + plan.off_dw1, dhT, H, buf.xT, D, ld, n);  // dw1 = dhᵀ x
+  if (out.dx) {  // dx = dh w1: dxT = W1ᵀ dhT, written back as rows
+    tile_product(buf.dxT, ld, plan.w1t.data(), D, H, dhT, ld, lanes);
+    store_rows(buf.dxT, ld, i0, n, D, out.dx, T(1));
+  }
+}
+
+// The loss op over all rows (see the top of the file).
+template <typename T>
+FUSEDGRAD_STREAM_INLINE void stream_loss(const Problem& p, double c, const LossGradMask& need, LossAndGrads& res) {
+  StreamPlan<T> plan;
+  plan.init(p);
+  const int64_t O = plan.O, ld = plan.ld;
+  const bool need_hidden = need[kX] || need[kW1] || need[kB1];
+  const bool need_g = need_hidden || need[kW2] || need[kB2] || need[kTarget];
+  const T two_c = static_cast<T>(2.0 * c);
+  auto& g = res.grads;
+  using Kind = Broadcast2d::Kind;
+
+  BackwardOutputs<T> bo;
+  bo.w1 = need[kW1];
+  bo.w2 = need[kW2];
+  bo.b1_sums = need[kB1] && p.b1.kind == Kind::PerColumn;
+  bo.g_sums = (need[kB2] && p.b2.kind == Kind::PerColumn) || (need[kTarget] && p.target.kind == Kind::PerColumn);
+  bo.dx = need[kX] ? g[kX].data_ptr<T>() : nullptr;
+  bo.db1_rows = need[kB1] && p.b1.kind == Kind::Full ? g[kB1].data_ptr<T>() : nullptr;
+  T* db2_rows = need[kB2] && p.b2.kind == Kind::Full ? g[kB2].data_ptr<T>() : nullptr;
+  T* dt_rows = need[kTarget] && p.target.kind == Kind::Full ? g[kTarget].data_ptr<T>() : nullptr;
+
+  const T* b2 = p.b2.present() ? p.b2.data<T>() : nullptr;
+  const T* t = p.target.present() ? p.target.data<T>() : nullptr;
+
+  std::vector<double> totals;
+  over_chunks(plan.N, plan.B, plan.width, totals, [&](int64_t r0, int64_t r1, double* partial) {
+    BlockBuffers<T>& buf = thread_buffers(plan);
+    // Without a second layer the prediction is s itself: g lives in its own buffer.
+    for (int64_t i0 = r0; i0 < r1; i0 += plan.B) {
+      const int64_t n = std::min(plan.B, r1 - i0);
+      block_forward(plan, p.b1, i0, n, buf);
+      // r = (p + b2) − t, L += Σ r², g = 2c r, in gT.
+      double sq = 0;
+      for (int64_t o = 0; o < O; ++o) {
+        const T* pr = plan.has_w2 ? buf.gT + o * ld : buf.sT + o * ld;
+        T* go = buf.gT + o * ld;
+        const T* bo2 = b2 ? b2 + i0 * p.b2.row_stride + o * p.b2.col_stride : nullptr;
+        const T* to = t ? t + i0 * p.target.row_stride + o * p.target.col_stride : nullptr;
+        const int64_t brs = p.b2.row_stride, trs = p.target.row_stride;
+        double sq_o = 0;
+#pragma omp simd reduction(+ : sq_o)
+        for (int64_t i = 0; i < n; ++i) {
+          const T r = math::residual(pr[i], bo2 ? bo2[i * brs] : T(0), to ? to[i * trs] : T(0));
+          sq_o += static_cast<double>(r) * static_cast<double>(r);
+          go[i] = math::loss_grad(r, two_c);
+        }
+        sq += sq_o;
+      }
+      partial[0] += sq;
+      if (!need_g) continue;
+      if (db2_rows) store_rows(buf.gT, ld, i0, n, O, db2_rows, T(1));
+      if (dt_rows) store_rows(buf.gT, ld, i0, n, O, dt_rows, T(-1));
+      block_backward(plan, bo, i0, n, buf, partial);
+    }
+  });
+
+  *res.loss.data_ptr<T>() = static_cast<T>(c * totals[0]);
+  auto write = [&](at::Tensor& dst, int64_t off, int64_t count, double sign) {
+    T* d = dst.data_ptr<T>();
+    for (int64_t k = 0; k < count; ++k) d[k] = static_cast<T>(sign * totals[off + k]);
+  };
+  if (need[kW1]) write(g[kW1], plan.off_dw1, plan.H * plan.D, 1.0);
+  if (bo.b1_sums) write(g[kB1], plan.off_db1, plan.H, 1.0);
+  if (need[kW2]) write(g[kW2], plan.off_dw2, O * plan.H, 1.0);
+  if (need[kB2] && !db2_rows) write(g[kB2], plan.off_g, O, 1.0);
+  if (need[kTarget] && !dt_rows) write(g[kTarget], plan.off_g, O, -1.0);
+}
+
+FUSEDGRAD_STREAM_CLONES void stream_loss_float(const Problem& p, double c, const LossGradMask& need,
+                                               LossAndGrads& res) {
+  stream_loss<float>(p, c, need, res);
+}
+FUSEDGRAD_STREAM_CLONES void stream_loss_double(const Problem& p, double c, const LossGradMask& need,
+                                                LossAndGrads& res) {
+  stream_loss<double>(p, c, need, res);
+}
+
+// The mlp op's forward: prediction (N, O) and the saved s (N, H), both written
+// back as rows block by block.
+template <typename T>
+FUSEDGRAD_STREAM_INLINE void stream_forward(const Problem& p, T* pred, T* s_rows) {
+  StreamPlan<T> plan;
+  plan.init(p);
+  const int64_t O = plan.O, H = plan.H, ld = plan.ld;
+  const T* b2 = p.b2.present() ? p.b2.data<T>() : nullptr;
+  std::vector<double> unused;
+  over_chunks(plan.N, plan.B, 0, unused, [&](int64_t r0, int64_t r1, double*) {
+    BlockBuffers<T>& buf = thread_buffers(plan);
+    for (int64_t i0 = r0; i0 < r1; i0 += plan.B) {
+      const int64_t n = std::min(plan.B, r1 - i0);
+      block_forward(plan, p.b1, i0, n, buf);
+      if (s_rows) store_rows(buf.sT, ld, i0, n, H, s_rows, T(1));
+      if (!plan.has_w2) continue;
+      if (b2) {
+        for (int64_t o = 0; o < O; ++o) {
+          T* po = buf.gT + o * ld;
+          const T* bo = b2 + i0 * p.b2.row_stride + o * p.b2.col_stride;
+          const int64_t rs = p.b2.row_stride;
+          for (int64_t i = 0; i < n; ++i) po[i] += bo[i * rs];
+        }
+      }
+      store_rows(buf.gT, ld, i0, n, O, pred, T(1));
+    }
+  });
+}
+
+FUSEDGRAD_STREAM_CLONES void stream_forward_float(const Problem& p, float* pred, float* s) {
+  stream_forward<float>(p, pred, s);
+}
+FUSEDGRAD_STREAM_CLONES void stream_forward_double(const Problem& p, double* pred, double* s) {
+  stream_forward<double>(p, pred, s);
+}
+
+// The mlp op's backward from grad_out (N, O) and the saved s (N, H), both
+// read as transposed blocks.
+template <typename T>
+FUSEDGRAD_STREAM_INLINE void stream_backward(const Problem& p, const at::Tensor& g2, const at::Tensor& s2,
+                                             const MlpGradMask& need, std::array<at::Tensor, kNumMlpInputs>& grads,
+                                             std::vector<double>& totals, StreamPlan<T>& plan) {
+  plan.init(p);
+  const int64_t O = plan.O, H = plan.H, ld = plan.ld;
+  using Kind = Broadcast2d::Kind;
+  BackwardOutputs<T> bo;
+  bo.w1 = need[kMw1];
+  bo.w2 = need[kMw2];
+  bo.b1_sums = need[kMb1] && p.b1.kind == Kind::PerColumn;
+  bo.g_sums = need[kMb2] && p.b2.kind == Kind::PerColumn;
+  bo.dx = need[kMx] ? grads[kMx].data_ptr<T>() : nullptr;
+  bo.db1_rows = need[kMb1] && p.b1.kind == Kind::Full ? grads[kMb1].data_ptr<T>() : nullptr;
+  const T* g = g2.const_data_ptr<T>();
+  const T* s = s2.const_data_ptr<T>();
+  const int64_t g_rs = g2.stride(0), g_cs = g2.stride(1), s_rs = s2.stride(0), s_cs = s2.stride(1);
+  over_chunks(plan.N, plan.B, plan.width, totals, [&](int64_t r0, int64_t r1, double* partial) {
+    BlockBuffers<T>& buf = thread_buffers(plan);
+    for (int64_t i0 = r0; i0 < r1; i0 += plan.B) {
+      const int64_t n = std::min(plan.B, r1 - i0);
+      load_transposed(g, g_rs, g_cs, i0, n, O, buf.gT, ld);
+      load_transposed(s, s_rs, s_cs, i0, n, H, buf.sT, ld);
+      if (bo.w1 || bo.dx) {
+        // only dw1 reads x; load_x is part of block_forward elsewhere
+        load_x(plan, i0, n, buf.xT);
+      }
+      block_backward(plan, bo, i0, n, buf, partial);
+    }
+  });
+}
+
+FUSEDGRAD_STREAM_CLONES void stream_backward_float(const Problem& p, const at::Tensor& g, const at::Tensor& s,
+                                                   const MlpGradMask& need,
+                                                   std::array<at::Tensor, kNumMlpInputs>& grads,
+                                                   std::vector<double>& totals, StreamPlan<float>& plan) {
+  stream_backward<float>(p, g, s, need, grads, totals, plan);
+}
+FUSEDGRAD_STREAM_CLONES void stream_backward_double(const Problem& p, const at::Tensor& g, const at::Tensor& s,
+                                                    const MlpGradMask& need,
+                                                    std::array<at::Tensor, kNumMlpInputs>& grads,
+                                                    std::vector<double>& totals, StreamPlan<double>& plan) {
+  stream_backward<double>(p, g, s, need, grads, totals, plan);
+}
+
+}  // namespace
+
+bool stream_path_applies(const Problem& p) {
+  return p.N >= kMinStreamRows && p.D <= kMaxStreamIn && p.H <= kMaxStreamHidden && p.O <= kMaxStreamOut &&
+      kind_streams(p.b1) && kind_streams(p.b2) && kind_streams(p.target);
+}
+
+LossAndGrads mlp_loss_and_grads_cpu_stream(const Problem& p, Reduction reduction, const LossGradMask& need) {
+  const auto opts = p.x2.options();
+  LossAndGrads out;
+  out.loss = at::empty({}, opts);
+  // Requested gradients in their argument's shape, each with its own storage
+  // (a registered op's outputs must not alias); (0,) placeholders otherwise.
+  auto& g = out.grads;
+  auto alloc = [&](LossInput k, at::IntArrayRef shape) {
+    return at::empty(need[k] ? shape : at::IntArrayRef({0}), opts);
+  };
+  g[kX] = alloc(kX, p.x_shape);
+  g[kW1] = alloc(kW1, {p.H, p.D});
+  g[kB1] = alloc(kB1, need[kB1] ? p.b1.source.sizes() : at::IntArrayRef());
+  g[kW2] = alloc(kW2, {p.O, p.H});
+  g[kB2] = alloc(kB2, need[kB2] ? p.b2.source.sizes() : at::IntArrayRef());
+  g[kTarget] = alloc(kTarget, need[kTarget] ? p.target.source.sizes() : at::IntArrayRef());
+  const double c = math::loss_scale(reduction, p.N * p.O);
+  if (opts.dtype() == at::kFloat) {
+    stream_loss_float(p, c, need, out);
+  } else {
+    TORCH_INTERNAL_ASSERT(opts.dtype() == at::kDouble, "make_problem admits float32/float64 on the CPU");
+    stream_loss_double(p, c, need, out);
+  }
+  return out;
+}
+
+std::array<at::Tensor, 2> mlp_forward_cpu_stream(const Problem& p) {
+  const auto opts = p.x2.options();
+  at::Tensor s = at::empty({p.N, p.H}, opts);
+  if (!p.has_w2()) {  // the prediction is s (the autograd node saves it as the output)
+    if (opts.dtype() == at::kFloat) {
+      stream_forward_float(p, nullptr, s.data_ptr<float>());
+    } else {
+      stream_forward_double(p, nullptr, s.data_ptr<double>());
+    }
+    return {s.view(p.out_shape), at::empty({0}, opts)};
+  }
+  at::Tensor pred = at::empty({p.N, p.O}, opts);
+  if (opts.dtype() == at::kFloat) {
+    stream_forward_float(p, pred.data_ptr<float>(), s.data_ptr<float>());
+  } else {
+    stream_forward_double(p, pred.data_ptr<double>(), s.data_ptr<double>());
+  }
+  return {pred.view(p.out_shape), s};
+}
+
+std::array<at::Tensor, kNumMlpInputs> mlp_backward_cpu_stream(
+    const Problem& p, const at::Tensor& grad_out, const at::Tensor& activations, const MlpGradMask& need) {
+  const auto opts = p.x2.options();
+  std::array<at::Tensor, kNumMlpInputs> grads;
+  const at::Tensor g = grad_out.reshape({p.N, p.O});
+  const at::Tensor s = activations.reshape({p.N, p.H});
+  auto alloc = [&](MlpInput k, at::IntArrayRef shape) {
+    return at::empty(need[k] ? shape : at::IntArrayRef({0}), opts);
+  };
+  grads[kMx] = alloc(kMx, p.x_shape);
+  grads[kMw1] = alloc(kMw1, {p.H, p.D});
+  grads[kMb1] = alloc(kMb1, need[kMb1] ? p.b1.source.sizes() : at::IntArrayRef());
+  grads[kMw2] = alloc(kMw2, {p.O, p.H});
+  std::vector<double> totals;
+  auto finish = [&](auto& plan) {
+    using T = typename std::remove_reference_t<decltype(plan)>::value_type;
+    auto write = [&](at::Tensor& dst, int64_t off, int64_t count) {
+      T* d = dst.data_ptr<T>();
+      for (int64_t k = 0; k < count; ++k) d[k] = static_cast<T>(totals[off + k]);
+    };
+    if (need[kMw1]) write(grads[kMw1], plan.off_dw1, p.H * p.D);
+    if (need[kMb1] && p.b1.kind == Broadcast2d::Kind::PerColumn) write(grads[kMb1], plan.off_db1, p.H);
+    if (need[kMw2]) write(grads[kMw2], plan.off_dw2, p.O * p.H);
+    if (need[kMb2]) {
+      if (p.b2.kind == Broadcast2d::Kind::PerColumn) {
+        grads[kMb2] = at::empty(p.b2.source.sizes(), opts);
+        write(grads[kMb2], plan.off_g, p.O);
+      } else {  // Full: g itself, copied (an op's output must not alias its input)
+        grads[kMb2] = g.clone(at::MemoryFormat::Contiguous).view(p.b2.source.sizes());
+      }
+    } else {
+      grads[kMb2] = at::empty({0}, opts);
+    }
+  };
+  if (opts.dtype() == at::kFloat) {
+    StreamPlan<float> plan;
+    stream_backward_float(p, g, s, need, grads, totals, plan);
+    finish(plan);
+  } else {
+    StreamPlan<double> plan;
+    stream_backward_double(p, g, s, need, grads, totals, plan);
+    finish(plan);
+  }
+  return grads;
+}
+
+}  // namespace fusedgrad
