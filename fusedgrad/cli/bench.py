@@ -37,6 +37,9 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default="bench-results", help="folder for results.json and speedup.png")
+    parser.add_argument("--rows", action="store_true",
+                        help="instead of the grid, the N-scaling suite (N = 1e2..1e6; 1→20→1, 16→64→4, 256→256→1): "
+                             "rows.json, rows.md, rows.png (float32 = first --dtypes, threads = largest --threads)")
 
 
 class Progress:
@@ -216,6 +219,9 @@ def plot(rows, path):
 
 
 def run(args):
+    if getattr(args, "rows", False):
+        from .. import _bench_rows
+        return _bench_rows.run(args)
     if args.quick:
         shapes, threads, dtypes = [(10, 4, 4, 4)], [1], ["float32"]
         paths = ["native", "fused", "no_autograd"]
