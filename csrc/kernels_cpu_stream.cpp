@@ -81,14 +81,23 @@ constexpr int64_t kMaxBlockRows = 1024;
 // depend on the thread count; 16 balances two (or four) threads well.
 constexpr int64_t kMaxChunks = 16;
 
-// Where the streaming path pays (measured by benchmarks/stream_crossover.py,
-// README-section docs/streaming.md): every width at most these. Past them the
-// per-row work is a real GEMM and the GEMM path's BLAS wins.
+// Where the streaming path pays, measured against the small-loop and GEMM
+// paths by benchmarks/stream_crossover.py (docs/streaming.md has the run).
+// Its loops reach ~25 GFLOP/s a core against BLAS's ~80, so it wins where BLAS
+// cannot reach its speed: skinny products (a width of 1–4), and the (N, H)
+// buffers of tall data that the GEMM path streams through memory.
+//  - Every width small: past D = 32, H = 128, O = 16 it lost at every N.
+//  - Work per row w = D·H + H·O (MACs of the forward): up to kNarrowRowMacs
+//    (1→20→1: 40, 4→32→4: 256, 1→64→1: 128) it won at every N from 100 on
+//    (1.2–6× on one thread); up to kMediumRowMacs (16→64→4: 1280) it lost
+//    below ~10⁴ rows on one thread (0.7–0.9×) and won from 10⁴ rows on two
+//    (3–8×), so it is taken from kMediumMinRows rows.
 constexpr int64_t kMaxStreamIn = 32;
 constexpr int64_t kMaxStreamHidden = 128;
 constexpr int64_t kMaxStreamOut = 16;
-// Below this many rows a single chunk's worth of rows... see stream_path_applies.
-constexpr int64_t kMinStreamRows = 1;
+constexpr int64_t kNarrowRowMacs = 512;
+constexpr int64_t kMediumRowMacs = 2048;
+constexpr int64_t kMediumMinRows = 8192;
 
 int64_t block_rows_for(const Problem& p) {
   const int64_t widest = std::max<int64_t>({p.D, p.H, p.O, 1});
@@ -777,8 +786,10 @@ void stream_backward(const Problem& p, const at::Tensor& g2, const at::Tensor& s
 }  // namespace
 
 bool stream_path_applies(const Problem& p) {
-  return p.N >= kMinStreamRows && p.D <= kMaxStreamIn && p.H <= kMaxStreamHidden && p.O <= kMaxStreamOut &&
-      kind_streams(p.b1) && kind_streams(p.b2) && kind_streams(p.target);
+  if (!(kind_streams(p.b1) && kind_streams(p.b2) && kind_streams(p.target))) return false;
+  if (p.D > kMaxStreamIn || p.H > kMaxStreamHidden || p.O > kMaxStreamOut) return false;
+  const int64_t row_macs = p.D * p.H + (p.has_w2() ? p.H * p.O : 0);
+  return row_macs <= kNarrowRowMacs || (row_macs <= kMediumRowMacs && p.N >= kMediumMinRows);
 }
 
 LossAndGrads mlp_loss_and_grads_cpu_stream(const Problem& p, Reduction reduction, const LossGradMask& need) {

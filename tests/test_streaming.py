@@ -1,8 +1,9 @@
 """The streaming path (csrc/kernels_cpu_stream.cpp): tall data through narrow networks.
 
-Shapes here are inside the path's rule (widths D ≤ 32, H ≤ 128, O ≤ 16, no
-"Other" broadcast kind; csrc/kernels_cpu_stream.cpp, stream_path_applies), so
-every call below runs it. Rows go in blocks of BLOCK[(D, H, O)] rows and the
+Shapes here are inside the path's rule (csrc/kernels_cpu_stream.cpp,
+stream_path_applies: widths D ≤ 32, H ≤ 128, O ≤ 16, no "Other" broadcast
+kind, and D·H + H·O ≤ 512 at any N or ≤ 2048 from 8192 rows on), so every
+call below runs it, except the "Other" kinds, checked on their fallback. Rows go in blocks of BLOCK[(D, H, O)] rows and the
 blocks in up to 16 fixed chunks; N is chosen around both boundaries.
 
 Everything is compared with native autograd (tests/reference.py) on the same
@@ -29,7 +30,8 @@ def block_rows(D, H, O):
 
 
 NARROW = (1, 20, 1)
-MEDIUM = (16, 64, 4)
+MEDIUM = (8, 32, 4)      # D·H + H·O = 384: streamed at any N
+WIDER = (16, 64, 4)      # 1280: streamed from 8192 rows on
 CHUNKS = 16
 
 
@@ -93,6 +95,12 @@ def test_block_and_chunk_boundaries(shape):
         check_loss(make(N, *shape, seed=N), label=f"N={N} {shape}")
 
 
+def test_wider_shape_from_its_row_threshold():
+    B = block_rows(*WIDER)  # 256: 32 blocks = 2 per chunk, 33 = 3 per chunk (the last chunk short)
+    for N in (8191, 8192, 32 * B + 1, 33 * B - 1, 33 * B + 1):
+        check_loss(make(N, *WIDER, b1="full", seed=N), label=f"N={N} {WIDER}")
+
+
 @pytest.mark.parametrize("b1", ["none", "vec", "row", "full", "col"])
 @pytest.mark.parametrize("b2", ["none", "vec", "row", "full", "col"])
 @pytest.mark.parametrize("target", ["none", "vec", "full", "col"])
@@ -119,7 +127,7 @@ def test_no_second_layer_activation_reduction(activation, reduction):
     kinds=st.tuples(st.sampled_from(["none", "vec", "full"]), st.sampled_from(["none", "vec", "full"]),
                     st.sampled_from(["none", "vec", "full"])),
     n_extra=st.integers(min_value=-2, max_value=2),
-    shape=st.sampled_from([NARROW, MEDIUM, (5, 9, 3)]),
+    shape=st.sampled_from([NARROW, MEDIUM, (5, 9, 3), (2, 100, 1)]),
     activation=st.sampled_from(["sigmoid", "identity"]),
 )
 def test_requested_gradient_subsets(mask, kinds, n_extra, shape, activation):
@@ -247,7 +255,7 @@ def test_deterministic_across_thread_counts():
             torch.set_num_threads(threads)
             out = []
             for dtype in (torch.float32, torch.float64):
-                for shape in (NARROW, MEDIUM):
+                for shape in (NARROW, WIDER):
                     args = make(CHUNKS * block_rows(*shape) * 3 + 11, *shape, b1="vec", dtype=dtype, seed=11)
                     loss, grads = fusedgrad.mlp_loss_and_grads(*args, wrt=LOSS_ARGS)
                     out.append([loss] + list(grads))
