@@ -661,8 +661,9 @@ void stream_loss(const Problem& p, double c, const LossGradMask& need, LossAndGr
   if (need[kW1]) write(g[kW1], plan.off_dw1, plan.H * plan.D, 1.0);
   if (bo.b1_sums) write(g[kB1], plan.off_db1, plan.H, 1.0);
   if (need[kW2]) write(g[kW2], plan.off_dw2, plan.O * plan.H, 1.0);
-  if (need[kB2] && !job.db2_rows) write(g[kB2], plan.off_g, plan.O, 1.0);
-  if (need[kTarget] && !job.dt_rows) write(g[kTarget], plan.off_g, plan.O, -1.0);
+  // (Kinds, not pointers, decide: an empty tensor's data pointer may be null.)
+  if (need[kB2] && p.b2.kind == Kind::PerColumn) write(g[kB2], plan.off_g, plan.O, 1.0);
+  if (need[kTarget] && p.target.kind == Kind::PerColumn) write(g[kTarget], plan.off_g, plan.O, -1.0);
 }
 
 // The mlp op's forward: prediction (N, O) and the saved s (N, H), both written
@@ -788,6 +789,7 @@ void stream_backward(const Problem& p, const at::Tensor& g2, const at::Tensor& s
 bool stream_path_applies(const Problem& p) {
   if (!(kind_streams(p.b1) && kind_streams(p.b2) && kind_streams(p.target))) return false;
   if (p.D > kMaxStreamIn || p.H > kMaxStreamHidden || p.O > kMaxStreamOut) return false;
+  if (p.D == 0 || p.H == 0 || p.O == 0) return false;  // empty layers: the general path's zeros
   const int64_t row_macs = p.D * p.H + (p.has_w2() ? p.H * p.O : 0);
   return row_macs <= kNarrowRowMacs || (row_macs <= kMediumRowMacs && p.N >= kMediumMinRows);
 }

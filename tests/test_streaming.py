@@ -268,3 +268,15 @@ def test_deterministic_across_thread_counts():
                 assert torch.equal(a, b), "results differ between 1 and 2 threads"
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("target", ["full", "vec"])
+def test_empty_batch(target):
+    """N = 0: the mean is NaN (as nn.MSELoss), the sums zero, every gradient of the right shape."""
+    args = make(0, *NARROW, b1="full", b2="vec", target=target)
+    loss, grads = fusedgrad.mlp_loss_and_grads(*args, wrt=LOSS_ARGS, reduction="sum")
+    ref_loss, ref_grads = native_loss_grads(args, [True] * 6, reduction="sum")
+    assert loss.item() == 0.0
+    for name, g, r in zip(LOSS_ARGS, grads, ref_grads):
+        assert g.shape == r.shape and torch.equal(g, r), name
+    assert torch.isnan(fusedgrad.mlp_loss(*args))
