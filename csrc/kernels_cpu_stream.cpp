@@ -67,7 +67,7 @@ namespace {
 #endif
 
 // Rows of a block are processed in tiles of kTile lanes held in registers
-// (4 AVX2 vectors of float); block_rows is a multiple of it, and the
+// (two AVX-512 or four AVX2 vectors of float); block_rows is a multiple of it, and the
 // transposed buffers are padded to whole tiles. Lanes past a block's last row
 // hold stale (finite or not) values that no sum and no output ever reads.
 constexpr int64_t kTile = 32;
@@ -90,14 +90,15 @@ constexpr int64_t kMaxChunks = 16;
 //  - Work per row w = D·H + H·O (MACs of the forward): up to kNarrowRowMacs
 //    (1→20→1: 40, 4→32→4: 256, 1→64→1: 128) it won at every N from 100 on
 //    (1.2–6× on one thread); up to kMediumRowMacs (16→64→4: 1280) it lost
-//    below ~10⁴ rows on one thread (0.7–0.9×) and won from 10⁴ rows on two
-//    (3–8×), so it is taken from kMediumMinRows rows.
+//    at 10⁴ rows (2 threads: 1558 µs against 1285 µs for a whole step) and
+//    won from 10⁵ (15.6 ms against 21.8 ms; 155 ms against 492 ms at 10⁶),
+//    so it is taken from kMediumMinRows rows, between the two.
 constexpr int64_t kMaxStreamIn = 32;
 constexpr int64_t kMaxStreamHidden = 128;
 constexpr int64_t kMaxStreamOut = 16;
 constexpr int64_t kNarrowRowMacs = 512;
 constexpr int64_t kMediumRowMacs = 2048;
-constexpr int64_t kMediumMinRows = 8192;
+constexpr int64_t kMediumMinRows = 32768;
 
 int64_t block_rows_for(const Problem& p) {
   const int64_t widest = std::max<int64_t>({p.D, p.H, p.O, 1});

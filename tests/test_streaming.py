@@ -2,7 +2,7 @@
 
 Shapes here are inside the path's rule (csrc/kernels_cpu_stream.cpp,
 stream_path_applies: widths D ≤ 32, H ≤ 128, O ≤ 16, no "Other" broadcast
-kind, and D·H + H·O ≤ 512 at any N or ≤ 2048 from 8192 rows on), so every
+kind, and D·H + H·O ≤ 512 at any N or ≤ 2048 from 32768 rows on), so every
 call below runs it, except the "Other" kinds, checked on their fallback. Rows go in blocks of BLOCK[(D, H, O)] rows and the
 blocks in up to 16 fixed chunks; N is chosen around both boundaries.
 
@@ -31,7 +31,7 @@ def block_rows(D, H, O):
 
 NARROW = (1, 20, 1)
 MEDIUM = (8, 32, 4)      # D·H + H·O = 384: streamed at any N
-WIDER = (16, 64, 4)      # 1280: streamed from 8192 rows on
+WIDER = (16, 64, 4)      # 1280: streamed from 32768 rows on
 CHUNKS = 16
 
 
@@ -96,8 +96,8 @@ def test_block_and_chunk_boundaries(shape):
 
 
 def test_wider_shape_from_its_row_threshold():
-    B = block_rows(*WIDER)  # 256: 32 blocks = 2 per chunk, 33 = 3 per chunk (the last chunk short)
-    for N in (8191, 8192, 32 * B + 1, 33 * B - 1, 33 * B + 1):
+    B = block_rows(*WIDER)  # 256: 128 blocks = 8 per chunk, 129 = 9 per chunk (15 chunks, the last short)
+    for N in (32767, 32768, 128 * B + 1, 129 * B - 1, 129 * B + 1):
         check_loss(make(N, *WIDER, b1="full", seed=N), label=f"N={N} {WIDER}")
 
 
@@ -256,7 +256,8 @@ def test_deterministic_across_thread_counts():
             out = []
             for dtype in (torch.float32, torch.float64):
                 for shape in (NARROW, WIDER):
-                    args = make(CHUNKS * block_rows(*shape) * 3 + 11, *shape, b1="vec", dtype=dtype, seed=11)
+                    N = max(CHUNKS * block_rows(*shape) * 3 + 11, 40_000)  # several blocks per chunk
+                    args = make(N, *shape, b1="vec", dtype=dtype, seed=11)
                     loss, grads = fusedgrad.mlp_loss_and_grads(*args, wrt=LOSS_ARGS)
                     out.append([loss] + list(grads))
                     pred = fusedgrad.mlp(*args[:5])
