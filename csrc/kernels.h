@@ -27,6 +27,16 @@ LossAndGrads mlp_loss_and_grads_cpu(const Problem& p, Reduction reduction, const
 bool small_path_applies(const Problem& p);
 LossAndGrads mlp_loss_and_grads_cpu_small(const Problem& p, Reduction reduction, const LossGradMask& need);
 
+// The streaming path for tall data through narrow networks
+// (kernels_cpu_stream.cpp): rows in cache-sized blocks, nothing that grows
+// with N but the requested outputs. The loss op and the mlp op's forward and
+// backward take it when stream_path_applies (widths and rows, measured).
+bool stream_path_applies(const Problem& p);
+LossAndGrads mlp_loss_and_grads_cpu_stream(const Problem& p, Reduction reduction, const LossGradMask& need);
+std::array<at::Tensor, 2> mlp_forward_cpu_stream(const Problem& p);
+std::array<at::Tensor, 5> mlp_backward_cpu_stream(
+    const Problem& p, const at::Tensor& grad_out, const at::Tensor& activations, const std::array<bool, 5>& need);
+
 // s = act(s) in place. σ is ATen's vectorised torch.sigmoid — the very
 // function native autograd evaluates (math::sigmoid is the same formula,
 // written for device kernels); a scalar std::exp loop costs several times more.

@@ -221,6 +221,7 @@ at::Tensor empty_like_unrequested(const at::Tensor& like) {
 }  // namespace
 
 LossAndGrads mlp_loss_and_grads_cpu(const Problem& p, Reduction reduction, const LossGradMask& need) {
+  if (stream_path_applies(p)) return mlp_loss_and_grads_cpu_stream(p, reduction, need);
   if (small_path_applies(p)) return mlp_loss_and_grads_cpu_small(p, reduction, need);
   const auto opts = p.x2.options();
   const bool need_hidden = need[kX] || need[kW1] || need[kB1];
@@ -282,6 +283,7 @@ LossAndGrads mlp_loss_and_grads_cpu(const Problem& p, Reduction reduction, const
 }
 
 std::array<at::Tensor, 2> mlp_forward_cpu(const Problem& p) {
+  if (stream_path_applies(p)) return mlp_forward_cpu_stream(p);
   at::Tensor s = forward_hidden(p);
   if (!p.has_w2()) {
     // The prediction is s itself; the autograd kernel saves the output instead
@@ -299,6 +301,7 @@ std::array<at::Tensor, 2> mlp_forward_cpu(const Problem& p) {
 std::array<at::Tensor, kNumMlpInputs> mlp_backward_cpu(
     const Problem& p, const at::Tensor& grad_out, const at::Tensor& activations,
     const MlpGradMask& need) {
+  if (stream_path_applies(p)) return mlp_backward_cpu_stream(p, grad_out, activations, need);
   std::array<at::Tensor, kNumMlpInputs> grads;
   const at::Tensor g = grad_out.reshape({p.N, p.O});
   const at::Tensor s = activations.reshape({p.N, p.H}).contiguous();

@@ -49,6 +49,9 @@ def add_arguments(parser):
                              "torch.compile, fusedgrad.Trainer and JAX when installed; training.json/.md/.png")
     parser.add_argument("--ensemble", action="store_true",
                         help="instead: training K models at once (µs per model-step by route; ensemble.json/.md)")
+    parser.add_argument("--rows", action="store_true",
+                        help="instead of the grid, the N-scaling suite (N = 1e2..1e6; 1→20→1, 16→64→4, 256→256→1): "
+                             "rows.json, rows.md, rows.png (float32 = first --dtypes, threads = largest --threads)")
 
 
 class Progress:
@@ -286,6 +289,9 @@ def run(args):
         return run_training(args)
     if args.ensemble:
         return run_ensemble(args)
+    if getattr(args, "rows", False):
+        from .. import _bench_rows
+        return _bench_rows.run(args)
     if args.quick:
         shapes, threads, dtypes = [(10, 4, 4, 4)], [1], ["float32"]
         paths = ["native", "fused", "no_autograd"]
