@@ -23,6 +23,7 @@
 // BLAS dot product makes. With GCC on x86-64 the kernel is also compiled for
 // AVX2 + FMA (x86-64-v3), picked at load time on CPUs that have them
 // (target_clones), as ATen picks its own kernels by CPU capability.
+#include "cpu_vector.h"
 #include "kernels.h"
 
 
@@ -49,28 +50,20 @@ bool kind_supported(const Broadcast2d& op) {
   return op.kind != Broadcast2d::Kind::Other;
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FUSEDGRAD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#define FUSEDGRAD_INLINE __attribute__((always_inline)) inline  // compiled into each clone
-#else
-#define FUSEDGRAD_CPU_CLONES
-#define FUSEDGRAD_INLINE inline
-#endif
-
 // Rows per block of the row sums (see the top of the file): error of order
 // (kBlockRows + N / kBlockRows) ε rather than N ε.
 constexpr int64_t kBlockRows = 64;
 
 // dst[k] += a · src[k]
 template <typename T>
-FUSEDGRAD_INLINE void axpy(T* __restrict__ dst, T a, const T* __restrict__ src, int64_t n) {
+FUSEDGRAD_CPU_INLINE void axpy(T* __restrict__ dst, T a, const T* __restrict__ src, int64_t n) {
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) dst[k] += a * src[k];
 }
 
 // Σ_k a[k] · b[k]
 template <typename T>
-FUSEDGRAD_INLINE T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+FUSEDGRAD_CPU_INLINE T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
   T sum = T(0);
 #pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < n; ++k) sum += a[k] * b[k];
@@ -79,7 +72,7 @@ FUSEDGRAD_INLINE T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t
 
 // totals[k] += block[k]; block[k] = 0 — the end of one block of rows.
 template <typename T>
-FUSEDGRAD_INLINE void flush_block(double* __restrict__ totals, T* __restrict__ block, int64_t n) {
+FUSEDGRAD_CPU_INLINE void flush_block(double* __restrict__ totals, T* __restrict__ block, int64_t n) {
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) {
     totals[k] += static_cast<double>(block[k]);
@@ -104,7 +97,7 @@ Scratch<T>& thread_scratch(size_t n_values, size_t n_sums) {
 }
 
 template <typename T>
-FUSEDGRAD_INLINE void small_loss_and_grads(const Problem& p, double c, const LossGradMask& need,
+FUSEDGRAD_CPU_INLINE void small_loss_and_grads(const Problem& p, double c, const LossGradMask& need,
                                            LossAndGrads& out) {
   const int64_t N = p.N, D = p.D, H = p.H, O = p.O;
   const bool has_w2 = p.has_w2();

@@ -33,17 +33,7 @@
 // exp (vec_exp, within 1–2 ulp of std::exp): ATen's sigmoid over a from_blob
 // view of each block measured ~0.7 ns per value here, half the whole step of
 // 1→20→1, where vec_exp costs a few tenths.
-// The lane loops below select with ternaries (vec_exp's clamps); GCC
-// if-converts them into vector blends only when it may assume that FP
-// comparisons raise no trap that a program observes. Results are unchanged
-// (no value depends on it; NaN still propagates). It comes before the
-// includes so that every function of this file, the headers' inline ones
-// included, is compiled with the same options: GCC does not inline across
-// differing optimisation options.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
-
+#include "cpu_vector.h"
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -57,14 +47,6 @@
 
 namespace fusedgrad {
 namespace {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FUSEDGRAD_STREAM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define FUSEDGRAD_STREAM_INLINE __attribute__((always_inline)) inline  // compiled into each clone
-#else
-#define FUSEDGRAD_STREAM_CLONES
-#define FUSEDGRAD_STREAM_INLINE inline
-#endif
 
 // Rows of a block are processed in tiles of kTile lanes held in registers
 // (two AVX-512 or four AVX2 vectors of float); block_rows is a multiple of it, and the
@@ -116,7 +98,7 @@ bool kind_streams(const Broadcast2d& op) { return op.kind != Broadcast2d::Kind::
 // kTile accumulators held in registers, so each loaded value of `in` feeds one
 // multiply-add and nothing is stored until the tile is done.
 template <typename T>
-FUSEDGRAD_STREAM_INLINE void tile_product(T* __restrict__ out, int64_t ld_out, const T* __restrict__ a,
+FUSEDGRAD_CPU_INLINE void tile_product(T* __restrict__ out, int64_t ld_out, const T* __restrict__ a,
                                           int64_t R, int64_t K, const T* __restrict__ in, int64_t ld_in,
                                           int64_t lanes) {
   for (int64_t r = 0; r < R; ++r) {
@@ -141,7 +123,7 @@ FUSEDGRAD_STREAM_INLINE void tile_product(T* __restrict__ out, int64_t ld_out, c
 // Σ_i a[i] · b[i] over a block's rows, vectorised (reassociated into lanes,
 // as a BLAS dot is).
 template <typename T>
-FUSEDGRAD_STREAM_INLINE T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+FUSEDGRAD_CPU_INLINE T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
   T sum = T(0);
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
@@ -150,7 +132,7 @@ FUSEDGRAD_STREAM_INLINE T dot(const T* __restrict__ a, const T* __restrict__ b, 
 
 // Four dots sharing `a`: one load of a[i] feeds four multiply-adds.
 template <typename T>
-FUSEDGRAD_STREAM_INLINE void dot4(const T* __restrict__ a, const T* __restrict__ b0, const T* __restrict__ b1,
+FUSEDGRAD_CPU_INLINE void dot4(const T* __restrict__ a, const T* __restrict__ b0, const T* __restrict__ b1,
                                   const T* __restrict__ b2, const T* __restrict__ b3, int64_t n, T* out) {
   T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
@@ -167,7 +149,7 @@ FUSEDGRAD_STREAM_INLINE void dot4(const T* __restrict__ a, const T* __restrict__
 }
 
 template <typename T>
-FUSEDGRAD_STREAM_INLINE T row_sum(const T* __restrict__ a, int64_t n) {
+FUSEDGRAD_CPU_INLINE T row_sum(const T* __restrict__ a, int64_t n) {
   T sum = T(0);
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += a[i];
@@ -178,7 +160,7 @@ FUSEDGRAD_STREAM_INLINE T row_sum(const T* __restrict__ a, int64_t n) {
 // rows of two transposed buffers (dw2 += gT sTᵀ, dw1 += dhT xTᵀ), each block
 // sum in T added to the double partial.
 template <typename T>
-FUSEDGRAD_STREAM_INLINE void add_outer_sums(double* __restrict__ acc, const T* a, int64_t R, const T* b, int64_t C,
+FUSEDGRAD_CPU_INLINE void add_outer_sums(double* __restrict__ acc, const T* a, int64_t R, const T* b, int64_t C,
                                             int64_t ld, int64_t n) {
   for (int64_t r = 0; r < R; ++r) {
     const T* ar = a + r * ld;
@@ -315,7 +297,7 @@ void over_chunks(int64_t N, int64_t B, int64_t width, std::vector<double>& total
 
 // xT[d, i] = x[i0 + i, d] for the block's n rows.
 template <typename T>
-FUSEDGRAD_STREAM_INLINE void load_x(const StreamPlan<T>& plan, int64_t i0, int64_t n, T* __restrict__ xT) {
+FUSEDGRAD_CPU_INLINE void load_x(const StreamPlan<T>& plan, int64_t i0, int64_t n, T* __restrict__ xT) {
   const T* x = plan.x + i0 * plan.x_rs;
   for (int64_t d = 0; d < plan.D; ++d) {
     T* dst = xT + d * plan.ld;
@@ -332,7 +314,7 @@ FUSEDGRAD_STREAM_INLINE void load_x(const StreamPlan<T>& plan, int64_t i0, int64
 // (per-sample bias, target, the mlp op's grad_out / saved s) read as a
 // transposed block. Per-column operands (rs = 0) give rows of one value.
 template <typename T>
-FUSEDGRAD_STREAM_INLINE void load_transposed(const T* src, int64_t rs, int64_t cs, int64_t i0, int64_t n,
+FUSEDGRAD_CPU_INLINE void load_transposed(const T* src, int64_t rs, int64_t cs, int64_t i0, int64_t n,
                                              int64_t cols, T* __restrict__ dst, int64_t ld) {
   const T* base = src + i0 * rs;
   for (int64_t c = 0; c < cols; ++c) {
@@ -351,7 +333,7 @@ FUSEDGRAD_STREAM_INLINE void load_transposed(const T* src, int64_t rs, int64_t c
 // dst[(i0 + i)·cols + c] = sign · src[c, i]: a transposed block written back as
 // rows of a contiguous (N, cols) output.
 template <typename T>
-FUSEDGRAD_STREAM_INLINE void store_rows(const T* __restrict__ src, int64_t ld, int64_t i0, int64_t n,
+FUSEDGRAD_CPU_INLINE void store_rows(const T* __restrict__ src, int64_t ld, int64_t i0, int64_t n,
                                         int64_t cols, T* __restrict__ dst, T sign) {
   T* base = dst + i0 * cols;
   if (cols == 1) {
@@ -364,81 +346,12 @@ FUSEDGRAD_STREAM_INLINE void store_rows(const T* __restrict__ src, int64_t ld, i
   }
 }
 
-// e^z for a tile of lanes, vectorisable (no calls, no branches): z = n ln2 + r
-// with n = round(z / ln2) and |r| ≤ ln2/2, e^r by its Taylor polynomial (to
-// r⁷ in float, r¹³ in double: truncation below half an ulp), 2ⁿ built in the
-// exponent bits. Within 1–2 ulp of std::exp; NaN stays NaN. z is clamped so
-// that 2ⁿ stays representable: e^z = 0 below the clamp's lower end (where
-// 1 + e^z rounds to 1 anyway) and +inf above its upper end (σ = 1/(1 + inf)
-// = 0, as for std::exp's overflow).
-constexpr double inverse_factorial(int m) {
-  double f = 1.0;
-  for (int k = 2; k <= m; ++k) f *= k;
-  return 1.0 / f;
-}
-
-template <typename T>
-struct ExpConsts;
-template <>
-struct ExpConsts<float> {
-  using Bits = int32_t;
-  static constexpr float lo = -88.0f, hi = 89.0f;        // n ∈ [-127, 128]
-  static constexpr float round = 12582912.0f;             // 1.5·2²³: adding it rounds to an integer
-  static constexpr Bits round_bits = 0x4B400000;
-  static constexpr int mantissa = 23, bias = 127;
-  static constexpr int degree = 7;
-};
-template <>
-struct ExpConsts<double> {
-  using Bits = int64_t;
-  static constexpr double lo = -708.0, hi = 709.9;        // n ∈ [-1021, 1024]
-  static constexpr double round = 6755399441055744.0;     // 1.5·2⁵²
-  static constexpr Bits round_bits = 0x4338000000000000LL;
-  static constexpr int mantissa = 52, bias = 1023;
-  static constexpr int degree = 13;
-};
-
-// Σ_{m = M}^{Deg} r^(m−M) / m!, by Horner, unrolled at compile time (a loop
-// here would keep the caller's lane loop from vectorising).
-template <typename T, int M, int Deg>
-FUSEDGRAD_STREAM_INLINE T exp_taylor(T r) {
-  if constexpr (M == Deg) {
-    return T(inverse_factorial(Deg));
-  } else {
-    return exp_taylor<T, M + 1, Deg>(r) * r + T(inverse_factorial(M));
-  }
-}
-
-template <typename T>
-FUSEDGRAD_STREAM_INLINE T vec_exp(T z) {
-  using C = ExpConsts<T>;
-  using Bits = typename C::Bits;
-  constexpr T log2e = T(1.4426950408889634074);
-  constexpr T ln2_hi = T(0.693145751953125);              // ln 2 = ln2_hi + ln2_lo, ln2_hi exact in few bits
-  constexpr T ln2_lo = T(1.42860682030941723212e-6);
-  z = z < C::lo ? C::lo : z;
-  z = z > C::hi ? C::hi : z;
-  const T k = z * log2e + C::round;
-  const T n = k - C::round;
-  const T r = (z - n * ln2_hi) - n * ln2_lo;
-  const T poly = exp_taylor<T, 0, C::degree>(r);
-  const Bits e = std::bit_cast<Bits>(k) - C::round_bits;  // n as an integer
-  const T scale = std::bit_cast<T>(static_cast<Bits>((e + C::bias) << C::mantissa));
-  return poly * scale;
-}
-
-// σ(h) = 1 / (1 + e^(−h)), the formula of math::sigmoid, with vec_exp.
-template <typename T>
-FUSEDGRAD_STREAM_INLINE T vec_sigmoid(T h) {
-  return T(1) / (T(1) + vec_exp(-h));
-}
-
 // The forward of one block: sT = act(W1 xT + b1), each tile of h summed in
 // registers, the bias added and σ applied before it is stored; with a second
 // layer, the bare products gT = W2 sT (b2 is added by the caller, as
 // math::residual orders it).
 template <typename T>
-FUSEDGRAD_STREAM_INLINE void block_forward(const StreamPlan<T>& plan, const Broadcast2d& b1, int64_t i0, int64_t n,
+FUSEDGRAD_CPU_INLINE void block_forward(const StreamPlan<T>& plan, const Broadcast2d& b1, int64_t i0, int64_t n,
                                            BlockBuffers<T>& buf) {
   const int64_t D = plan.D, H = plan.H, ld = plan.ld, lanes = round_up(n, kTile);
   load_x(plan, i0, n, buf.xT);
@@ -491,7 +404,7 @@ struct BackwardOutputs {
 // Everything below the output, for one block, from gT (g = dL/dp) and sT:
 // dw2, Σ g, ds, dh (in place over sT), db1, dw1, dx.
 template <typename T>
-FUSEDGRAD_STREAM_INLINE void block_backward(const StreamPlan<T>& plan, const BackwardOutputs<T>& out, int64_t i0,
+FUSEDGRAD_CPU_INLINE void block_backward(const StreamPlan<T>& plan, const BackwardOutputs<T>& out, int64_t i0,
                                             int64_t n, BlockBuffers<T>& buf, double* __restrict__ partial) {
   const int64_t D = plan.D, H = plan.H, O = plan.O, ld = plan.ld, lanes = round_up(n, kTile);
   T* sT = buf.sT;
@@ -558,7 +471,7 @@ struct LossJob {
 
 // Rows [r0, r1) of the loss op, block by block (see the top of the file).
 template <typename T>
-FUSEDGRAD_STREAM_INLINE void loss_chunk(const LossJob<T>& job, int64_t r0, int64_t r1, double* partial) {
+FUSEDGRAD_CPU_INLINE void loss_chunk(const LossJob<T>& job, int64_t r0, int64_t r1, double* partial) {
   const Problem& p = *job.p;
   const StreamPlan<T>& plan = *job.plan;
   const int64_t O = plan.O, ld = plan.ld;
@@ -613,10 +526,10 @@ FUSEDGRAD_STREAM_INLINE void loss_chunk(const LossJob<T>& job, int64_t r0, int64
 // One function per dtype and CPU capability (target_clones, picked at load
 // time as ATen picks its kernels): the chunk bodies are where the time goes,
 // and a lambda would be compiled for the baseline ISA only.
-FUSEDGRAD_STREAM_CLONES void loss_chunk_float(const LossJob<float>& job, int64_t r0, int64_t r1, double* partial) {
+FUSEDGRAD_CPU_CLONES void loss_chunk_float(const LossJob<float>& job, int64_t r0, int64_t r1, double* partial) {
   loss_chunk<float>(job, r0, r1, partial);
 }
-FUSEDGRAD_STREAM_CLONES void loss_chunk_double(const LossJob<double>& job, int64_t r0, int64_t r1,
+FUSEDGRAD_CPU_CLONES void loss_chunk_double(const LossJob<double>& job, int64_t r0, int64_t r1,
                                                double* partial) {
   loss_chunk<double>(job, r0, r1, partial);
 }
@@ -678,7 +591,7 @@ struct ForwardJob {
 };
 
 template <typename T>
-FUSEDGRAD_STREAM_INLINE void forward_chunk(const ForwardJob<T>& job, int64_t r0, int64_t r1) {
+FUSEDGRAD_CPU_INLINE void forward_chunk(const ForwardJob<T>& job, int64_t r0, int64_t r1) {
   const Problem& p = *job.p;
   const StreamPlan<T>& plan = *job.plan;
   const int64_t O = plan.O, H = plan.H, ld = plan.ld;
@@ -701,10 +614,10 @@ FUSEDGRAD_STREAM_INLINE void forward_chunk(const ForwardJob<T>& job, int64_t r0,
   }
 }
 
-FUSEDGRAD_STREAM_CLONES void forward_chunk_float(const ForwardJob<float>& job, int64_t r0, int64_t r1) {
+FUSEDGRAD_CPU_CLONES void forward_chunk_float(const ForwardJob<float>& job, int64_t r0, int64_t r1) {
   forward_chunk<float>(job, r0, r1);
 }
-FUSEDGRAD_STREAM_CLONES void forward_chunk_double(const ForwardJob<double>& job, int64_t r0, int64_t r1) {
+FUSEDGRAD_CPU_CLONES void forward_chunk_double(const ForwardJob<double>& job, int64_t r0, int64_t r1) {
   forward_chunk<double>(job, r0, r1);
 }
 inline void run_forward_chunk(const ForwardJob<float>& job, int64_t r0, int64_t r1) {
@@ -735,7 +648,7 @@ struct BackwardJob {
 };
 
 template <typename T>
-FUSEDGRAD_STREAM_INLINE void backward_chunk(const BackwardJob<T>& job, int64_t r0, int64_t r1, double* partial) {
+FUSEDGRAD_CPU_INLINE void backward_chunk(const BackwardJob<T>& job, int64_t r0, int64_t r1, double* partial) {
   const StreamPlan<T>& plan = *job.plan;
   const int64_t ld = plan.ld;
   BlockBuffers<T>& buf = thread_buffers(plan);
@@ -748,11 +661,11 @@ FUSEDGRAD_STREAM_INLINE void backward_chunk(const BackwardJob<T>& job, int64_t r
   }
 }
 
-FUSEDGRAD_STREAM_CLONES void backward_chunk_float(const BackwardJob<float>& job, int64_t r0, int64_t r1,
+FUSEDGRAD_CPU_CLONES void backward_chunk_float(const BackwardJob<float>& job, int64_t r0, int64_t r1,
                                                   double* partial) {
   backward_chunk<float>(job, r0, r1, partial);
 }
-FUSEDGRAD_STREAM_CLONES void backward_chunk_double(const BackwardJob<double>& job, int64_t r0, int64_t r1,
+FUSEDGRAD_CPU_CLONES void backward_chunk_double(const BackwardJob<double>& job, int64_t r0, int64_t r1,
                                                    double* partial) {
   backward_chunk<double>(job, r0, r1, partial);
 }

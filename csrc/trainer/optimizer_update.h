@@ -23,7 +23,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "simd.h"
+#include "../cpu_vector.h"
 
 namespace fusedgrad::trainer {
 
@@ -65,14 +65,14 @@ inline AdamStepScalars adam_step_scalars(const UpdateRule& u, double lr, double 
 
 // ATen's lerp: self + w (end − self) for |w| < 0.5, else end − (end − self)(1 − w).
 template <typename T>
-FUSEDGRAD_TRAIN_INLINE T lerp(T self, T end, T w) {
+FUSEDGRAD_CPU_INLINE T lerp(T self, T end, T w) {
   return std::abs(w) < T(0.5) ? self + w * (end - self) : end - (end - self) * (T(1) - w);
 }
 
 // SGD over n elements. `buf` is the momentum buffer (null when momentum is 0);
 // `first` means it holds nothing yet (torch creates it as a copy of g).
 template <typename T>
-FUSEDGRAD_TRAIN_INLINE void sgd_update(const UpdateRule& u, double lr, T* FUSEDGRAD_RESTRICT p,
+FUSEDGRAD_CPU_INLINE void sgd_update(const UpdateRule& u, double lr, T* FUSEDGRAD_RESTRICT p,
                                        const T* FUSEDGRAD_RESTRICT grad, T* FUSEDGRAD_RESTRICT buf,
                                        bool first, int64_t n) {
   const T wd = static_cast<T>(u.weight_decay), mu = static_cast<T>(u.momentum);
@@ -93,7 +93,7 @@ FUSEDGRAD_TRAIN_INLINE void sgd_update(const UpdateRule& u, double lr, T* FUSEDG
 
 // Adam / AdamW over n elements; vmax is null unless amsgrad.
 template <typename T>
-FUSEDGRAD_TRAIN_INLINE void adam_update(const UpdateRule& u, const AdamStepScalars& s,
+FUSEDGRAD_CPU_INLINE void adam_update(const UpdateRule& u, const AdamStepScalars& s,
                                         T* FUSEDGRAD_RESTRICT p, const T* FUSEDGRAD_RESTRICT grad,
                                         T* FUSEDGRAD_RESTRICT m, T* FUSEDGRAD_RESTRICT v,
                                         T* FUSEDGRAD_RESTRICT vmax, int64_t n) {

@@ -35,8 +35,7 @@
 #include <string>
 #include <vector>
 
-#include "sigmoid_simd.h"
-#include "simd.h"
+#include "../cpu_vector.h"
 
 namespace fusedgrad::trainer {
 namespace {
@@ -71,13 +70,13 @@ struct StepRows {
 // Vector helpers (inlined into each CPU clone).
 
 template <typename T>
-FUSEDGRAD_TRAIN_INLINE void axpy(T* FUSEDGRAD_RESTRICT y, T a, const T* FUSEDGRAD_RESTRICT x, int64_t n) {
+FUSEDGRAD_CPU_INLINE void axpy(T* FUSEDGRAD_RESTRICT y, T a, const T* FUSEDGRAD_RESTRICT x, int64_t n) {
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
 }
 
 template <typename T>
-FUSEDGRAD_TRAIN_INLINE T dot(const T* FUSEDGRAD_RESTRICT a, const T* FUSEDGRAD_RESTRICT b, int64_t n) {
+FUSEDGRAD_CPU_INLINE T dot(const T* FUSEDGRAD_RESTRICT a, const T* FUSEDGRAD_RESTRICT b, int64_t n) {
   T sum = T(0);
 #pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < n; ++k) sum += a[k] * b[k];
@@ -85,7 +84,7 @@ FUSEDGRAD_TRAIN_INLINE T dot(const T* FUSEDGRAD_RESTRICT a, const T* FUSEDGRAD_R
 }
 
 template <typename T>
-FUSEDGRAD_TRAIN_INLINE T total(const T* FUSEDGRAD_RESTRICT a, int64_t n) {
+FUSEDGRAD_CPU_INLINE T total(const T* FUSEDGRAD_RESTRICT a, int64_t n) {
   T sum = T(0);
 #pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < n; ++k) sum += a[k];
@@ -121,7 +120,7 @@ BlockScratch<T>& thread_block_scratch() {
 
 // Adds one block's Σ r² and gradient sums into `sums` (SumLayout).
 template <typename T>
-FUSEDGRAD_TRAIN_INLINE void block_loss_and_grads(const Dims& d, const SumLayout& lay, const ModelPtrs<T>& m,
+FUSEDGRAD_CPU_INLINE void block_loss_and_grads(const Dims& d, const SumLayout& lay, const ModelPtrs<T>& m,
                                                  const StepRows& rows, int64_t r0, int64_t nb, T two_c,
                                                  T* scratch, double* FUSEDGRAD_RESTRICT sums) {
   const int64_t D = d.D, H = d.H, O = d.O;
@@ -198,7 +197,7 @@ struct Partition {
 
 // Σ over the blocks of chunk c into `sums` (zeroed first).
 template <typename T>
-FUSEDGRAD_TRAIN_INLINE void chunk_sums(const Dims& d, const SumLayout& lay, const ModelPtrs<T>& m,
+FUSEDGRAD_CPU_INLINE void chunk_sums(const Dims& d, const SumLayout& lay, const ModelPtrs<T>& m,
                                        const StepRows& rows, const Partition& part, int64_t c, T two_c,
                                        double* sums) {
   std::fill(sums, sums + lay.size, 0.0);
@@ -222,7 +221,7 @@ struct SliceUpdate {
 };
 
 template <typename T>
-FUSEDGRAD_TRAIN_INLINE void write_grads_and_update(const double* sums, T* grad, T* param, T* s1, T* s2, T* s3,
+FUSEDGRAD_CPU_INLINE void write_grads_and_update(const double* sums, T* grad, T* param, T* s1, T* s2, T* s3,
                                                    const SliceUpdate& u) {
   if (sums) {  // null: the GEMM path wrote this gradient already
     for (int64_t e = 0; e < u.n; ++e) grad[e] = static_cast<T>(sums[e]);
@@ -237,21 +236,21 @@ FUSEDGRAD_TRAIN_INLINE void write_grads_and_update(const double* sums, T* grad, 
 // The two functions that do the arithmetic, compiled per CPU capability
 // (simd.h). Everything around them only orchestrates: their bodies are
 // inlined here, so each clone carries its own vector code.
-FUSEDGRAD_TRAIN_CLONES void chunk_sums_kernel(const Dims& d, const SumLayout& lay, const ModelPtrs<float>& m,
+FUSEDGRAD_CPU_CLONES void chunk_sums_kernel(const Dims& d, const SumLayout& lay, const ModelPtrs<float>& m,
                                               const StepRows& rows, const Partition& part, int64_t c, float two_c,
                                               double* sums) {
   chunk_sums<float>(d, lay, m, rows, part, c, two_c, sums);
 }
-FUSEDGRAD_TRAIN_CLONES void chunk_sums_kernel(const Dims& d, const SumLayout& lay, const ModelPtrs<double>& m,
+FUSEDGRAD_CPU_CLONES void chunk_sums_kernel(const Dims& d, const SumLayout& lay, const ModelPtrs<double>& m,
                                               const StepRows& rows, const Partition& part, int64_t c, double two_c,
                                               double* sums) {
   chunk_sums<double>(d, lay, m, rows, part, c, two_c, sums);
 }
-FUSEDGRAD_TRAIN_CLONES void update_kernel(const double* sums, float* grad, float* param, float* s1, float* s2,
+FUSEDGRAD_CPU_CLONES void update_kernel(const double* sums, float* grad, float* param, float* s1, float* s2,
                                           float* s3, const SliceUpdate& u) {
   write_grads_and_update<float>(sums, grad, param, s1, s2, s3, u);
 }
-FUSEDGRAD_TRAIN_CLONES void update_kernel(const double* sums, double* grad, double* param, double* s1, double* s2,
+FUSEDGRAD_CPU_CLONES void update_kernel(const double* sums, double* grad, double* param, double* s1, double* s2,
                                           double* s3, const SliceUpdate& u) {
   write_grads_and_update<double>(sums, grad, param, s1, s2, s3, u);
 }
@@ -444,7 +443,7 @@ void blocked_row_sums(int64_t rows, int64_t width, int64_t macs_per_row, std::ve
 }
 
 template <typename T>
-FUSEDGRAD_TRAIN_INLINE void bias_sigmoid_rows(T* s, const T* b1, int64_t r0, int64_t r1, int64_t H) {
+FUSEDGRAD_CPU_INLINE void bias_sigmoid_rows(T* s, const T* b1, int64_t r0, int64_t r1, int64_t H) {
   for (int64_t i = r0; i < r1; ++i) {
     T* FUSEDGRAD_RESTRICT row = s + i * H;
     if (b1) {
@@ -457,7 +456,7 @@ FUSEDGRAD_TRAIN_INLINE void bias_sigmoid_rows(T* s, const T* b1, int64_t r0, int
 
 // r = (p + b2) − t, Σ r² → acc[O], g = 2c r in place, Σ g → acc[0..O)
 template <typename T>
-FUSEDGRAD_TRAIN_INLINE void residual_rows(T* p, const T* t, const T* b2, T two_c, int64_t r0, int64_t r1, int64_t O,
+FUSEDGRAD_CPU_INLINE void residual_rows(T* p, const T* t, const T* b2, T two_c, int64_t r0, int64_t r1, int64_t O,
                                           double* acc) {
   for (int64_t i = r0; i < r1; ++i) {
     T* row = p + i * O;
@@ -473,7 +472,7 @@ FUSEDGRAD_TRAIN_INLINE void residual_rows(T* p, const T* t, const T* b2, T two_c
 
 // dh = ds ⊙ (s ⊙ (1 − s)) in place, Σ dh → acc (per column, block partial in T)
 template <typename T>
-FUSEDGRAD_TRAIN_INLINE void hidden_grad_rows(T* ds, const T* s, int64_t r0, int64_t r1, int64_t H, double* acc,
+FUSEDGRAD_CPU_INLINE void hidden_grad_rows(T* ds, const T* s, int64_t r0, int64_t r1, int64_t H, double* acc,
                                              T* col) {
   for (int64_t j = 0; j < H; ++j) col[j] = T(0);
   for (int64_t i = r0; i < r1; ++i) {
@@ -488,17 +487,17 @@ FUSEDGRAD_TRAIN_INLINE void hidden_grad_rows(T* ds, const T* s, int64_t r0, int6
   for (int64_t j = 0; j < H; ++j) acc[j] += static_cast<double>(col[j]);
 }
 
-FUSEDGRAD_TRAIN_CLONES void bias_sigmoid_kernel(float* s, const float* b1, int64_t r0, int64_t r1, int64_t H) {
+FUSEDGRAD_CPU_CLONES void bias_sigmoid_kernel(float* s, const float* b1, int64_t r0, int64_t r1, int64_t H) {
   bias_sigmoid_rows(s, b1, r0, r1, H);
 }
-FUSEDGRAD_TRAIN_CLONES void bias_sigmoid_kernel(double* s, const double* b1, int64_t r0, int64_t r1, int64_t H) {
+FUSEDGRAD_CPU_CLONES void bias_sigmoid_kernel(double* s, const double* b1, int64_t r0, int64_t r1, int64_t H) {
   bias_sigmoid_rows(s, b1, r0, r1, H);
 }
-FUSEDGRAD_TRAIN_CLONES void hidden_grad_kernel(float* ds, const float* s, int64_t r0, int64_t r1, int64_t H,
+FUSEDGRAD_CPU_CLONES void hidden_grad_kernel(float* ds, const float* s, int64_t r0, int64_t r1, int64_t H,
                                                double* acc, float* col) {
   hidden_grad_rows(ds, s, r0, r1, H, acc, col);
 }
-FUSEDGRAD_TRAIN_CLONES void hidden_grad_kernel(double* ds, const double* s, int64_t r0, int64_t r1, int64_t H,
+FUSEDGRAD_CPU_CLONES void hidden_grad_kernel(double* ds, const double* s, int64_t r0, int64_t r1, int64_t H,
                                                double* acc, double* col) {
   hidden_grad_rows(ds, s, r0, r1, H, acc, col);
 }
