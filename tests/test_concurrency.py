@@ -5,7 +5,12 @@
 * Repeated calls are bitwise identical.
 * Results are bitwise identical under torch.set_num_threads(1) and (2), for
   shapes large enough that the row-blocked reductions (loss, per-column bias
-  and target gradients) run several blocks in parallel.
+  and target gradients) run several blocks in parallel — wherever the BLAS
+  library is: shapes on the GEMM path get their products from torch.mm, and
+  some BLAS builds (MKL on AVX-512 CPUs, seen here) split a product's
+  reduction by thread count, so that torch.mm itself differs in the last bits
+  between 1 and 2 threads. On such a machine those shapes are held to
+  float tolerance across thread counts (and still to bitwise repeatability).
 """
 import threading
 
@@ -157,6 +162,23 @@ THREAD_CASES = [
 ]
 
 
+def blas_thread_deterministic(N, D, H, O, dtype):
+    """Whether torch.mm gives bitwise the same products at 1 and 2 threads for this problem's
+    shapes (h = x w1ᵀ, dw1 = dhᵀ x, dw2 = gᵀ s)."""
+    g = torch.Generator().manual_seed(0)
+    pairs = [((N, D), (D, H)), ((H, N), (N, D)), ((O, N), (N, H))]
+    mats = [(torch.randn(*a, generator=g, dtype=dtype), torch.randn(*b, generator=g, dtype=dtype)) for a, b in pairs]
+    previous = torch.get_num_threads()
+    try:
+        out = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out.append([a @ b for a, b in mats])
+    finally:
+        torch.set_num_threads(previous)
+    return all(torch.equal(a, b) for a, b in zip(*out))
+
+
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
 @pytest.mark.parametrize("N,D,H,O,bias", THREAD_CASES, ids=[f"{c[0]}x{c[1]}-{c[2]}-{c[3]}-{c[4]}" for c in THREAD_CASES])
 def test_results_independent_of_thread_count(N, D, H, O, bias, dtype, restore_threads):
@@ -169,4 +191,13 @@ def test_results_independent_of_thread_count(N, D, H, O, bias, dtype, restore_th
         if n in results:
             assert_bitwise(got, results[n], f"{n} threads, repeated")
         results[n] = got
-    assert_bitwise(results[1], results[2], "1 thread vs 2 threads")
+    try:
+        assert_bitwise(results[1], results[2], "1 thread vs 2 threads")
+    except AssertionError:
+        if blas_thread_deterministic(N, D, H, O, dtype):
+            raise  # the difference is fusedgrad's own
+        # BLAS itself is thread-count dependent here: agreement to the dtype's rounding.
+        tol = 1e-4 if dtype == F32 else 1e-12
+        for k, (a, b) in enumerate(zip(results[1], results[2])):
+            scale = max(b.abs().max().item(), 1.0)
+            assert (a - b).abs().max().item() <= tol * scale, f"result {k}: 1 vs 2 threads beyond {tol}"
