@@ -59,14 +59,19 @@ def extension():
     # and adds compile time; FUSEDGRAD_DEBUG=1 puts it back.
     cxx_flags = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     cxx_flags += ["-fvisibility=hidden"]  # the C++ standard is the one torch's headers ask for
-    cxx_flags += ["-fopenmp-simd"]  # `omp simd` loops (csrc/kernels_cpu_small.cpp); no OpenMP runtime
+    # OpenMP: at::parallel_for is a header template whose `#pragma omp parallel` is
+    # compiled into *this* extension; without -fopenmp it silently runs on one
+    # thread. The runtime is torch's own libgomp.so.1 (already loaded by libtorch,
+    # same soname), so torch.set_num_threads governs these loops too. Also enables
+    # the `omp simd` loops of the kernels.
+    cxx_flags += ["-fopenmp"]
     # Floating-point exceptions are never inspected (by torch either): without
     # this, GCC keeps branches for the compare-and-select of the trainer's
     # vectorised exp (csrc/trainer/sigmoid_simd.h) and the loop stays scalar.
     # It changes no computed value.
     cxx_flags += ["-fno-trapping-math"]
     cxx_flags += os.environ.get("FUSEDGRAD_EXTRA_CFLAGS", "").split()
-    link_flags = os.environ.get("FUSEDGRAD_EXTRA_LDFLAGS", "").split()
+    link_flags = ["-fopenmp"] + os.environ.get("FUSEDGRAD_EXTRA_LDFLAGS", "").split()
     if _build_cuda():
         from torch.utils.cpp_extension import CUDAExtension
 

@@ -18,7 +18,7 @@
 // are deterministic, and float32 sums stay accurate at any N.
 //
 // The loops over H are written for the vectoriser: restrict pointers, and
-// `omp simd` (-fopenmp-simd; no OpenMP runtime) on the dot products so that
+// `omp simd` (enabled by -fopenmp, setup.py) on the dot products so that
 // their sums may be reassociated into vector lanes — the same reassociation a
 // BLAS dot product makes. With GCC on x86-64 the kernel is also compiled for
 // AVX2 + FMA (x86-64-v3), picked at load time on CPUs that have them

@@ -230,7 +230,12 @@ def check_agreement(problem, routes):
         for a, b in zip(got, ref):
             a = a[: b.shape[0]]
             err = (a - b).abs().max().item()
-            tol = (1e-3 if problem.dtype == torch.float32 else 1e-9) * max(1.0, b.abs().max().item())
+            # JAX sums its float32 products in another order; Adam's first steps turn such
+            # rounding-level differences in near-zero gradient entries into parameter differences of
+            # up to ~lr·(steps) there (measured 4e-3 at 256×32→64→8, lr 0.2). A route computing
+            # something else differs by O(lr) across the board, far above either bound.
+            base = 1e-2 if name == "jax" else 1e-3
+            tol = (base if problem.dtype == torch.float32 else 1e-9) * max(1.0, b.abs().max().item())
             if not err <= tol:
                 raise AssertionError(f"{problem.label} K={problem.K}: route {name!r} disagrees with the loop "
                                      f"after {CHECK_STEPS} steps (max error {err:.2e})")

@@ -403,7 +403,7 @@ class Trainer:
         pessimistic here), times it, and sizes the calls after it to ~_CALL_SECONDS each."""
         w1, _, w2, _ = self._params()
         rows = bs if bs else x.shape[-2]
-        macs = 3 * rows * (w1[..., 0].numel() * w1.shape[-1] + w2.numel()) + 1
+        macs = 3 * rows * (w1.numel() + w2.numel()) + 1  # every model's multiply-adds of a step
         first = max(1, min(steps, int(_CALL_SECONDS / (macs * 1e-9))))
         start = time.perf_counter()
         self._run(fn, x, target, first, 0, bs, order, losses[0:first], done)
