@@ -105,6 +105,31 @@ FUSEDGRAD_CPU_INLINE T vec_sigmoid(T h) {
   return T(1) / (T(1) + vec_exp(-h));
 }
 
+// y[k] += a · x[k]
+template <typename T>
+FUSEDGRAD_CPU_INLINE void axpy(T* FUSEDGRAD_RESTRICT y, T a, const T* FUSEDGRAD_RESTRICT x, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
+}
+
+// Σ_k a[k] · b[k], vectorised (reassociated into lanes, as a BLAS dot is).
+template <typename T>
+FUSEDGRAD_CPU_INLINE T dot(const T* FUSEDGRAD_RESTRICT a, const T* FUSEDGRAD_RESTRICT b, int64_t n) {
+  T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < n; ++k) sum += a[k] * b[k];
+  return sum;
+}
+
+// Σ_k a[k], vectorised.
+template <typename T>
+FUSEDGRAD_CPU_INLINE T row_sum(const T* FUSEDGRAD_RESTRICT a, int64_t n) {
+  T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < n; ++k) sum += a[k];
+  return sum;
+}
+
 // s[k] = σ(s[k]) over a contiguous array.
 template <typename T>
 FUSEDGRAD_CPU_INLINE void sigmoid_inplace(T* FUSEDGRAD_RESTRICT s, int64_t n) {

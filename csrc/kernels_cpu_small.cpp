@@ -54,22 +54,6 @@ bool kind_supported(const Broadcast2d& op) {
 // (kBlockRows + N / kBlockRows) ε rather than N ε.
 constexpr int64_t kBlockRows = 64;
 
-// dst[k] += a · src[k]
-template <typename T>
-FUSEDGRAD_CPU_INLINE void axpy(T* __restrict__ dst, T a, const T* __restrict__ src, int64_t n) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) dst[k] += a * src[k];
-}
-
-// Σ_k a[k] · b[k]
-template <typename T>
-FUSEDGRAD_CPU_INLINE T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
-  T sum = T(0);
-#pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < n; ++k) sum += a[k] * b[k];
-  return sum;
-}
-
 // totals[k] += block[k]; block[k] = 0 — the end of one block of rows.
 template <typename T>
 FUSEDGRAD_CPU_INLINE void flush_block(double* __restrict__ totals, T* __restrict__ block, int64_t n) {

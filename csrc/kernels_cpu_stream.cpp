@@ -120,16 +120,6 @@ FUSEDGRAD_CPU_INLINE void tile_product(T* __restrict__ out, int64_t ld_out, cons
   }
 }
 
-// Σ_i a[i] · b[i] over a block's rows, vectorised (reassociated into lanes,
-// as a BLAS dot is).
-template <typename T>
-FUSEDGRAD_CPU_INLINE T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
-  T sum = T(0);
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
-  return sum;
-}
-
 // Four dots sharing `a`: one load of a[i] feeds four multiply-adds.
 template <typename T>
 FUSEDGRAD_CPU_INLINE void dot4(const T* __restrict__ a, const T* __restrict__ b0, const T* __restrict__ b1,
@@ -146,14 +136,6 @@ FUSEDGRAD_CPU_INLINE void dot4(const T* __restrict__ a, const T* __restrict__ b0
   out[1] = s1;
   out[2] = s2;
   out[3] = s3;
-}
-
-template <typename T>
-FUSEDGRAD_CPU_INLINE T row_sum(const T* __restrict__ a, int64_t n) {
-  T sum = T(0);
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += a[i];
-  return sum;
 }
 
 // acc[r·ld_acc + c] += Σ_i a[r, i] · b[c, i]: the (R × C) sums over a block's

@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "formulas.h"
@@ -52,6 +53,11 @@ struct Problem {
 
   bool has_w2() const { return w2.defined(); }
 };
+
+// Names as a Python user writes them ("torch.float32", "(2, 3)"), for the
+// messages of every argument check (problem.cpp, ensemble_problem.cpp).
+std::string dtype_name(at::ScalarType t);
+std::string shape_str(at::IntArrayRef shape);
 
 Activation check_activation(int64_t activation);
 Reduction check_reduction(int64_t reduction);

@@ -26,6 +26,7 @@ import time
 import torch
 from torch import nn
 
+from .cli.demo import Net  # the notebooks' model, one definition
 from .module import FusedMLP
 from .trainer import Trainer
 
@@ -58,19 +59,6 @@ def jax_available():
     except ImportError:
         return False
     return True
-
-
-class Net(nn.Module):
-    """The notebooks' model."""
-
-    def __init__(self, n_feature, n_hidden, n_output):
-        super().__init__()
-        self.linear1 = nn.Linear(n_feature, n_hidden)
-        self.sigmoid = nn.Sigmoid()
-        self.linear2 = nn.Linear(n_hidden, n_output)
-
-    def forward(self, x):
-        return self.linear2(self.sigmoid(self.linear1(x)))
 
 
 class Problem:

@@ -66,31 +66,6 @@ struct StepRows {
   int64_t row(int64_t r) const { return index ? index[r] : first + r; }
 };
 
-// ---------------------------------------------------------------------------
-// Vector helpers (inlined into each CPU clone).
-
-template <typename T>
-FUSEDGRAD_CPU_INLINE void axpy(T* FUSEDGRAD_RESTRICT y, T a, const T* FUSEDGRAD_RESTRICT x, int64_t n) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
-}
-
-template <typename T>
-FUSEDGRAD_CPU_INLINE T dot(const T* FUSEDGRAD_RESTRICT a, const T* FUSEDGRAD_RESTRICT b, int64_t n) {
-  T sum = T(0);
-#pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < n; ++k) sum += a[k] * b[k];
-  return sum;
-}
-
-template <typename T>
-FUSEDGRAD_CPU_INLINE T total(const T* FUSEDGRAD_RESTRICT a, int64_t n) {
-  T sum = T(0);
-#pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < n; ++k) sum += a[k];
-  return sum;
-}
-
 // One model's tensors, as raw pointers.
 template <typename T>
 struct ModelPtrs {
@@ -170,7 +145,7 @@ FUSEDGRAD_CPU_INLINE void block_loss_and_grads(const Dims& d, const SumLayout& l
     }
     // dw2[o,j] += g_o · s_j;  db2[o] += Σ g_o
     for (int64_t j = 0; j < H; ++j) sums[lay.dw2 + o * H + j] += static_cast<double>(dot(go, S + j * nb, nb));
-    sums[lay.db2 + o] += static_cast<double>(total(go, nb));
+    sums[lay.db2 + o] += static_cast<double>(row_sum(go, nb));
   }
   sums[lay.loss] += sq;
 
@@ -183,7 +158,7 @@ FUSEDGRAD_CPU_INLINE void block_loss_and_grads(const Dims& d, const SumLayout& l
 #pragma omp simd
     for (int64_t r = 0; r < nb; ++r) dh[r] = dh[r] * (sj[r] * (T(1) - sj[r]));
     for (int64_t k = 0; k < D; ++k) sums[lay.dw1 + j * D + k] += static_cast<double>(dot(dh, xT + k * nb, nb));
-    sums[lay.db1 + j] += static_cast<double>(total(dh, nb));
+    sums[lay.db1 + j] += static_cast<double>(row_sum(dh, nb));
   }
 }
 
@@ -563,12 +538,27 @@ template <typename T>
 void run_all(const TrainCall& call, const Dims& d) {
   Run<T> run(call, d);
   if (use_gemm_path(d)) {
-    thread_local std::vector<double> sums;
-    if (sums.size() != static_cast<size_t>(run.lay.size)) sums.assign(static_cast<size_t>(run.lay.size), 0.0);
-    GemmBuffers& buffers = thread_gemm_buffers();
-    for (int64_t step = 0; step < call.num_steps; ++step) {
-      for (int64_t k = 0; k < d.K; ++k) gemm_step(run, k, step, buffers, sums);
-      if (call.steps_done.defined()) call.steps_done.data_ptr<int64_t>()[0] += 1;
+    auto model_steps = [&](int64_t k0, int64_t k1, bool count_steps) {
+      thread_local std::vector<double> sums;
+      if (sums.size() != static_cast<size_t>(run.lay.size)) sums.assign(static_cast<size_t>(run.lay.size), 0.0);
+      GemmBuffers& buffers = thread_gemm_buffers();
+      for (int64_t step = 0; step < call.num_steps; ++step) {
+        for (int64_t k = k0; k < k1; ++k) gemm_step(run, k, step, buffers, sums);
+        if (count_steps && call.steps_done.defined()) call.steps_done.data_ptr<int64_t>()[0] += 1;
+      }
+    };
+    if (d.K == 1) {
+      model_steps(0, 1, true);  // BLAS spreads each product over the cores
+    } else {
+      // Several models: whole models per thread, each running all its steps
+      // (small products gain more from a core each than from splitting them;
+      // inside the parallel region BLAS runs on the calling thread). Grad mode
+      // is thread-local: each worker needs its own guard for the out= products.
+      at::parallel_for(0, d.K, 1, [&](int64_t k0, int64_t k1) {
+        at::NoGradGuard no_grad;
+        model_steps(k0, k1, false);
+      });
+      if (call.steps_done.defined()) call.steps_done.data_ptr<int64_t>()[0] += call.num_steps;
     }
     write_step_counts(call, run.step0);
     return;
