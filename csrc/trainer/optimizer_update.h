@@ -63,6 +63,12 @@ inline AdamStepScalars adam_step_scalars(const UpdateRule& u, double lr, double 
   return {lr / bc1, std::pow(bc2, 0.5), 1.0 - lr * u.weight_decay};
 }
 
+// Whether two rules give the same AdamStepScalars at the same step.
+inline bool same_adam_options(const UpdateRule& a, const UpdateRule& b) {
+  return a.lr == b.lr && a.beta1 == b.beta1 && a.beta2 == b.beta2 && a.weight_decay == b.weight_decay &&
+      a.lr_float32_tensor == b.lr_float32_tensor;
+}
+
 // ATen's lerp: self + w (end − self) for |w| < 0.5, else end − (end − self)(1 − w).
 template <typename T>
 FUSEDGRAD_CPU_INLINE T lerp(T self, T end, T w) {

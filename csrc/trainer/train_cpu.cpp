@@ -291,13 +291,24 @@ struct Run {
     losses[step * d.K + k] = static_cast<T>(c * sums[lay.loss]);
     const double scale = call.lr_scale.defined() ? call.lr_scale.data_ptr<double>()[k] : 1.0;
     const int64_t offsets[kNumParams] = {lay.dw1, lay.db1, lay.dw2, lay.db2};
+    // Adam's per-step scalars (two pow each) once for the parameters that share
+    // their group's options and step count — usually all four.
+    const UpdateRule* last_rule = nullptr;
+    double last_t = 0;
+    AdamStepScalars last{0, 1, 1};
     for (int p = 0; p < kNumParams; ++p) {
       if (!param[p]) continue;
       const ParamState& st = call.state[p];
       const int64_t n = per_model[p], off = k * n;
       SliceUpdate u{&st.rule, st.rule.lr * scale, {0, 1, 1}, st.buffer_fresh && step == 0, n};
       if (st.rule.kind == OptimizerKind::Adam) {
-        u.adam = adam_step_scalars(st.rule, u.lr, step0[p] + static_cast<double>(step + 1));
+        const double t = step0[p] + static_cast<double>(step + 1);
+        if (!(last_rule && t == last_t && same_adam_options(*last_rule, st.rule))) {
+          last = adam_step_scalars(st.rule, u.lr, t);
+          last_rule = &st.rule;
+          last_t = t;
+        }
+        u.adam = last;
       }
       auto at = [&](T* base) { return base ? base + off : nullptr; };
       const bool written = weights_written && (p == kW1 || p == kW2);
