@@ -171,6 +171,22 @@ def test_step_is_one_reference_step():
     assert rel_err(list(net.parameters()), list(ref.parameters())) < 1e-12
 
 
+@pytest.mark.parametrize("name", ["adam-amsgrad-wd", "adamw", "sgd-dampening-wd", "sgd"])
+def test_step_fast_route_equals_python_route(name):
+    """Trainer.step reads the optimizer in C++ when it can (csrc/trainer/train_bindings.cpp) and
+    in Python otherwise: both routes give bitwise the same parameters, state and losses."""
+    x, y, net_a, _ = problem()
+    net_b = copy.deepcopy(net_a)
+    opt_a, opt_b = OPTIMIZERS[name](net_a.parameters()), OPTIMIZERS[name](net_b.parameters())
+    fast, slow = fusedgrad.Trainer(net_a, opt_a), fusedgrad.Trainer(net_b, opt_b)
+    slow._fast_step = False
+    for _ in range(6):
+        assert torch.equal(fast.step(x, y), slow.step(x, y))
+    for a, b in zip(net_a.parameters(), net_b.parameters()):
+        assert torch.equal(a, b) and torch.equal(a.grad, b.grad)
+    assert state_err(opt_a, opt_b, list(net_a.parameters()), list(net_b.parameters())) == 0
+
+
 def test_leading_dimensions_of_x_are_rows():
     x, y, net, ref = problem(n=60, d=3, o=2)
     opt, ropt = torch.optim.SGD(net.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
