@@ -13,6 +13,7 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
+#include "autograd_helpers.h"
 #include "kernels.h"
 #include "ops.h"
 
@@ -23,42 +24,12 @@ using at::Tensor;
 using ops::OptTensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+using namespace autograd_helpers;
 
-bool requires_grad(const OptTensor& t) {
-  return t.has_value() && t->defined() && t->requires_grad();
-}
-
-// The engine runs backward with grad mode on only for create_graph=True, i.e.
-// when a differentiable gradient is asked for. The saved gradients are not
-// functions of the inputs in any graph, so refuse rather than return a
-// gradient whose own derivative would silently be wrong.
-void refuse_double_backward(const char* op) {
-  TORCH_CHECK(
-      !at::GradMode::is_enabled(),
-      "fusedgrad.", op, ": double backward (create_graph=True, e.g. a gradient penalty or a Hessian) "
-      "is not supported; use native autograd for higher-order derivatives");
-}
-
-// ctx->needs_input_grad(k) counts only tensor arguments that were given
-// (a None optional has no edge); map it back to argument positions.
-template <size_t K>
-std::array<bool, K> needs_grad_by_position(AutogradContext* ctx, const std::array<bool, K>& present) {
-  std::array<bool, K> needs{};
-  size_t edge = 0;
-  for (size_t k = 0; k < K; ++k) {
-    if (present[k]) needs[k] = ctx->needs_input_grad(edge++);
-  }
-  return needs;
-}
-
-// Reads a 0-dim CPU gradient; NaN when it lives elsewhere (no device sync) or
-// has no memory to read: under torch.compile / export / opcheck the backward is
-// traced with FakeTensors and FunctionalTensors (Python / Functionalize keys),
-// whose data cannot be read — and a traced graph must not branch on a value.
+// Reads a 0-dim CPU gradient; NaN when it cannot be read (readable_on_host)
+// or is not a single value.
 double cpu_scalar_or_nan(const Tensor& t) {
-  const c10::DispatchKeySet keys = t.key_set();
-  if (!t.device().is_cpu() || t.numel() != 1 || keys.has_any(c10::python_ks) ||
-      keys.has(c10::DispatchKey::Functionalize)) {
+  if (!readable_on_host(t) || t.numel() != 1) {
     return std::numeric_limits<double>::quiet_NaN();
   }
   switch (t.scalar_type()) {
@@ -183,20 +154,6 @@ Tensor mlp_autograd(
   }
   return MlpFunction::apply(x, w1, b1, w2, b2, activation);
 }
-
-// The helper ops return gradients as plain values: they are not themselves
-// differentiable, so their Autograd kernel just computes below autograd and
-// returns tensors that do not require grad (like torch.argmax).
-template <class Sig, const c10::TypedOperatorHandle<Sig>& (*Handle)()>
-struct NonDifferentiable;
-
-template <class Ret, class... Args, const c10::TypedOperatorHandle<Ret(Args...)>& (*Handle)()>
-struct NonDifferentiable<Ret(Args...), Handle> {
-  static Ret call(Args... args) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return Handle().call(args...);
-  }
-};
 
 }  // namespace
 

@@ -12,6 +12,7 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
+#include "autograd_helpers.h"
 #include "ensemble_ops.h"
 #include "kernels.h"
 
@@ -22,34 +23,12 @@ using at::Tensor;
 using ops::OptTensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-bool requires_grad(const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); }
-bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
-
-void refuse_double_backward(const char* fn) {
-  TORCH_CHECK(!at::GradMode::is_enabled(), "fusedgrad.", fn,
-              ": double backward (create_graph=True, e.g. a gradient penalty or a Hessian) is not "
-              "supported for ensembles; use native autograd for higher-order derivatives");
-}
-
-template <size_t K>
-std::array<bool, K> needs_grad_by_position(AutogradContext* ctx, const std::array<bool, K>& given) {
-  std::array<bool, K> needs{};
-  size_t edge = 0;
-  for (size_t k = 0; k < K; ++k) {
-    if (given[k]) needs[k] = ctx->needs_input_grad(edge++);
-  }
-  return needs;
-}
+using namespace autograd_helpers;
 
 // True when `w` is a CPU tensor of ones that can be read (under tracing its
 // data cannot be read and a traced graph must not branch on a value: false).
 bool all_ones(const Tensor& w) {
-  const c10::DispatchKeySet keys = w.key_set();
-  if (!w.device().is_cpu() || keys.has_any(c10::python_ks) || keys.has(c10::DispatchKey::Functionalize) ||
-      w.dim() != 1) {
-    return false;
-  }
+  if (!readable_on_host(w) || w.dim() != 1) return false;
   bool ones = true;
   // loss.sum().backward() hands over ones expanded from a scalar (stride 0).
   const int64_t stride = w.stride(0);
@@ -98,7 +77,7 @@ class EnsembleMlpLossFunction : public torch::autograd::Function<EnsembleMlpLoss
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    refuse_double_backward("mlp_loss");
+    refuse_double_backward("mlp_loss", " for ensembles");
     const Tensor& w = grad_outputs[0];  // (K,): dℓ/dL_k
     const bool unit = all_ones(w);
     variable_list saved = ctx->get_saved_variables();
@@ -142,7 +121,7 @@ class EnsembleMlpFunction : public torch::autograd::Function<EnsembleMlpFunction
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    refuse_double_backward("mlp");
+    refuse_double_backward("mlp", " for ensembles");
     variable_list saved = ctx->get_saved_variables();
     const OptTensor b1 = ctx->saved_data["b1"].toOptional<Tensor>();
     const OptTensor b2 = ctx->saved_data["b2"].toOptional<Tensor>();
@@ -183,18 +162,6 @@ Tensor ensemble_mlp_autograd(const Tensor& x, const Tensor& w1, const OptTensor&
   }
   return EnsembleMlpFunction::apply(x, w1, b1, w2, b2, activation);
 }
-
-// The helper ops return plain values, not differentiable (see autograd.cpp).
-template <class Sig, const c10::TypedOperatorHandle<Sig>& (*Handle)()>
-struct NonDifferentiable;
-
-template <class Ret, class... Args, const c10::TypedOperatorHandle<Ret(Args...)>& (*Handle)()>
-struct NonDifferentiable<Ret(Args...), Handle> {
-  static Ret call(Args... args) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return Handle().call(args...);
-  }
-};
 
 }  // namespace
 
