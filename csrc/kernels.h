@@ -27,6 +27,11 @@ LossAndGrads mlp_loss_and_grads_cpu(const Problem& p, Reduction reduction, const
 bool small_path_applies(const Problem& p);
 LossAndGrads mlp_loss_and_grads_cpu_small(const Problem& p, Reduction reduction, const LossGradMask& need);
 
+// The outputs the direct-loop paths (small, streaming) write in place: the loss
+// and each requested gradient in its argument's shape, (0,) placeholders
+// for the others (kernels_cpu_small.cpp).
+LossAndGrads allocate_loss_and_grads(const Problem& p, const LossGradMask& need);
+
 // The streaming path for tall data through narrow networks
 // (kernels_cpu_stream.cpp): rows in cache-sized blocks, nothing that grows
 // with N but the requested outputs. The loss op and the mlp op's forward and

@@ -247,7 +247,7 @@ bool small_path_applies(const Problem& p) {
       kind_supported(p.target);
 }
 
-LossAndGrads mlp_loss_and_grads_cpu_small(const Problem& p, Reduction reduction, const LossGradMask& need) {
+LossAndGrads allocate_loss_and_grads(const Problem& p, const LossGradMask& need) {
   const auto opts = p.x2.options();
   LossAndGrads out;
   out.loss = at::empty({}, opts);
@@ -262,11 +262,16 @@ LossAndGrads mlp_loss_and_grads_cpu_small(const Problem& p, Reduction reduction,
   g[kW2] = alloc(kW2, {p.O, p.H});
   g[kB2] = alloc(kB2, need[kB2] ? p.b2.source.sizes() : at::IntArrayRef());
   g[kTarget] = alloc(kTarget, need[kTarget] ? p.target.source.sizes() : at::IntArrayRef());
+  return out;
+}
+
+LossAndGrads mlp_loss_and_grads_cpu_small(const Problem& p, Reduction reduction, const LossGradMask& need) {
+  LossAndGrads out = allocate_loss_and_grads(p, need);
   const double c = math::loss_scale(reduction, p.N * p.O);
-  if (opts.dtype() == at::kFloat) {
+  if (p.x2.scalar_type() == at::kFloat) {
     small_loss_and_grads_float(p, c, need, out);
   } else {
-    TORCH_INTERNAL_ASSERT(opts.dtype() == at::kDouble, "make_problem admits float32/float64 on the CPU");
+    TORCH_INTERNAL_ASSERT(p.x2.scalar_type() == at::kDouble, "make_problem admits float32/float64 on the CPU");
     small_loss_and_grads_double(p, c, need, out);
   }
   return out;

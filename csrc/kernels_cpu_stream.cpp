@@ -691,26 +691,12 @@ bool stream_path_applies(const Problem& p) {
 }
 
 LossAndGrads mlp_loss_and_grads_cpu_stream(const Problem& p, Reduction reduction, const LossGradMask& need) {
-  const auto opts = p.x2.options();
-  LossAndGrads out;
-  out.loss = at::empty({}, opts);
-  // Requested gradients in their argument's shape, each with its own storage
-  // (a registered op's outputs must not alias); (0,) placeholders otherwise.
-  auto& g = out.grads;
-  auto alloc = [&](LossInput k, at::IntArrayRef shape) {
-    return at::empty(need[k] ? shape : at::IntArrayRef({0}), opts);
-  };
-  g[kX] = alloc(kX, p.x_shape);
-  g[kW1] = alloc(kW1, {p.H, p.D});
-  g[kB1] = alloc(kB1, need[kB1] ? p.b1.source.sizes() : at::IntArrayRef());
-  g[kW2] = alloc(kW2, {p.O, p.H});
-  g[kB2] = alloc(kB2, need[kB2] ? p.b2.source.sizes() : at::IntArrayRef());
-  g[kTarget] = alloc(kTarget, need[kTarget] ? p.target.source.sizes() : at::IntArrayRef());
+  LossAndGrads out = allocate_loss_and_grads(p, need);
   const double c = math::loss_scale(reduction, p.N * p.O);
-  if (opts.dtype() == at::kFloat) {
+  if (p.x2.scalar_type() == at::kFloat) {
     stream_loss<float>(p, c, need, out);
   } else {
-    TORCH_INTERNAL_ASSERT(opts.dtype() == at::kDouble, "make_problem admits float32/float64 on the CPU");
+    TORCH_INTERNAL_ASSERT(p.x2.scalar_type() == at::kDouble, "make_problem admits float32/float64 on the CPU");
     stream_loss<double>(p, c, need, out);
   }
   return out;
