@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "../cpu_vector.h"
+#include "../problem.h"  // shape_str
 
 namespace fusedgrad::trainer {
 namespace {
@@ -47,8 +48,6 @@ constexpr int64_t kGemmMinMacsPerRow = 2048;  // D·H + H·O from which BLAS win
 
 struct Dims {
   int64_t K, N, D, H, O;
-  bool has_b1, has_b2;
-  int64_t grad_size() const { return H * D + H + O * H + O; }
   int64_t macs_per_row() const { return D * H + H * O; }
 };
 
@@ -208,8 +207,8 @@ FUSEDGRAD_CPU_INLINE void write_grads_and_update(const double* sums, T* grad, T*
   }
 }
 
-// The two functions that do the arithmetic, compiled per CPU capability
-// (simd.h). Everything around them only orchestrates: their bodies are
+// The functions that do the arithmetic, compiled per CPU capability
+// (cpu_vector.h). Everything around them only orchestrates: their bodies are
 // inlined here, so each clone carries its own vector code.
 FUSEDGRAD_CPU_CLONES void chunk_sums_kernel(const Dims& d, const SumLayout& lay, const ModelPtrs<float>& m,
                                               const StepRows& rows, const Partition& part, int64_t c, float two_c,
@@ -319,43 +318,37 @@ struct Run {
 
   double loss_scale(const StepRows& rows) const { return call.mean ? 1.0 / static_cast<double>(rows.count * d.O) : 1.0; }
 
-  // Every step of model k, chunks one after another (used when models run in parallel).
-  void run_model(int64_t k, std::vector<double>& sums, std::vector<double>& chunk) const {
+  // Every step of model k. The row chunks of a step each sum into their own
+  // slice of `chunks` — in parallel when `parallel_chunks` and the step is big
+  // enough to pay — and are added in chunk order: the same bits either way.
+  // `count_steps`: advance call.steps_done after each step (one model alone).
+  void run_model(int64_t k, bool parallel_chunks, bool count_steps, std::vector<double>& sums,
+                 std::vector<double>& chunks) const {
     const ModelPtrs<T> m = model(k);
     for (int64_t step = 0; step < call.num_steps; ++step) {
       const StepRows rows = rows_of(step);
       const double c = loss_scale(rows);
+      const T two_c = static_cast<T>(2.0 * c);
       const Partition part(rows.count);
-      std::fill(sums.begin(), sums.end(), 0.0);
-      for (int64_t ch = 0; ch < part.chunks; ++ch) {
-        chunk_sums_kernel(d, lay, m, rows, part, ch, static_cast<T>(2.0 * c), chunk.data());
-        for (int64_t e = 0; e < lay.size; ++e) sums[e] += chunk[e];
-      }
-      finish_step(k, step, c, sums.data());
-    }
-  }
-
-  // Every step of the single model, the chunks of each step in parallel.
-  void run_single(std::vector<double>& sums, std::vector<double>& chunks) const {
-    const ModelPtrs<T> m = model(0);
-    for (int64_t step = 0; step < call.num_steps; ++step) {
-      const StepRows rows = rows_of(step);
-      const double c = loss_scale(rows);
-      const Partition part(rows.count);
-      const int64_t chunk_macs = std::max<int64_t>(1, rows.count / std::max<int64_t>(part.chunks, 1)) * d.macs_per_row();
-      const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / chunk_macs);
-      at::parallel_for(0, part.chunks, grain, [&](int64_t c0, int64_t c1) {
+      auto chunk_range = [&](int64_t c0, int64_t c1) {
         for (int64_t ch = c0; ch < c1; ++ch) {
-          chunk_sums_kernel(d, lay, m, rows, part, ch, static_cast<T>(2.0 * c), chunks.data() + ch * lay.size);
+          chunk_sums_kernel(d, lay, m, rows, part, ch, two_c, chunks.data() + ch * lay.size);
         }
-      });
+      };
+      if (parallel_chunks) {
+        const int64_t chunk_macs =
+            std::max<int64_t>(1, rows.count / std::max<int64_t>(part.chunks, 1)) * d.macs_per_row();
+        at::parallel_for(0, part.chunks, std::max<int64_t>(1, kMinTaskMacs / chunk_macs), chunk_range);
+      } else {
+        chunk_range(0, part.chunks);
+      }
       std::fill(sums.begin(), sums.end(), 0.0);
       for (int64_t ch = 0; ch < part.chunks; ++ch) {
         const double* cs = chunks.data() + ch * lay.size;
         for (int64_t e = 0; e < lay.size; ++e) sums[e] += cs[e];
       }
-      finish_step(0, step, c, sums.data());
-      if (call.steps_done.defined()) call.steps_done.data_ptr<int64_t>()[0] += 1;
+      finish_step(k, step, c, sums.data());
+      if (count_steps && call.steps_done.defined()) call.steps_done.data_ptr<int64_t>()[0] += 1;
     }
   }
 };
@@ -541,8 +534,9 @@ void gemm_step(const Run<T>& run, int64_t k, int64_t step, GemmBuffers& B, std::
 
 // Wide layers go to BLAS: the direct loops stream every hidden unit's row of
 // a block once per input and output unit, which loses to a GEMM's register
-// blocking once a row holds ~2 000 multiply-adds (measured: benchmarks/
-// trainer_crossover.py).
+// blocking once a row holds ~2 000 multiply-adds (measured with fit on this
+// machine: 256×32→64→8, 2 560 per row, took 195 µs a step on the direct loops
+// and 73 µs on the GEMM path).
 bool use_gemm_path(const Dims& d) { return d.macs_per_row() >= kGemmMinMacsPerRow; }
 
 template <typename T>
@@ -574,21 +568,23 @@ void run_all(const TrainCall& call, const Dims& d) {
     write_step_counts(call, run.step0);
     return;
   }
+  // Per-thread buffers, kept across calls: a step allocates nothing once they have grown.
   const size_t n = static_cast<size_t>(run.lay.size);
-  if (d.K == 1) {
-    // Kept across calls: a step allocates nothing once these have grown.
-    thread_local std::vector<double> total, chunks;
-    if (total.size() != n) total.assign(n, 0.0);
+  auto buffers = [n]() -> std::pair<std::vector<double>&, std::vector<double>&> {
+    thread_local std::vector<double> sums, chunks;
+    if (sums.size() != n) sums.assign(n, 0.0);
     if (chunks.size() < n * kMaxChunks) chunks.resize(n * kMaxChunks);
-    run.run_single(total, chunks);
+    return {sums, chunks};
+  };
+  if (d.K == 1) {
+    auto [sums, chunks] = buffers();
+    run.run_model(0, /*parallel_chunks=*/true, /*count_steps=*/true, sums, chunks);
   } else {
     const int64_t model_macs = std::max<int64_t>(1, call.num_steps * d.N * d.macs_per_row());
     const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / model_macs);
     at::parallel_for(0, d.K, grain, [&](int64_t k0, int64_t k1) {
-      thread_local std::vector<double> sums, chunk;
-      if (sums.size() != n) sums.assign(n, 0.0);
-      if (chunk.size() != n) chunk.assign(n, 0.0);
-      for (int64_t k = k0; k < k1; ++k) run.run_model(k, sums, chunk);
+      auto [sums, chunks] = buffers();
+      for (int64_t k = k0; k < k1; ++k) run.run_model(k, /*parallel_chunks=*/false, /*count_steps=*/false, sums, chunks);
     });
     if (call.steps_done.defined()) call.steps_done.data_ptr<int64_t>()[0] += call.num_steps;
   }
@@ -601,20 +597,14 @@ void run_all(const TrainCall& call, const Dims& d) {
 
 const char* kParamNames[kNumParams] = {"w1", "b1", "w2", "b2"};
 
-std::string shape_of(const at::Tensor& t) {
-  std::string s = "(";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
-  return s + (t.dim() == 1 ? ",)" : ")");
-}
-
 void check_like(const char* fn, const std::string& what, const at::Tensor& t, const at::Tensor& param) {
   TORCH_CHECK_VALUE(t.defined(), fn, ": ", what, " is missing");
   TORCH_CHECK_TYPE(t.scalar_type() == param.scalar_type(), fn, ": ", what, " has dtype ", t.scalar_type(),
                    " but its parameter has ", param.scalar_type());
   TORCH_CHECK_VALUE(t.device() == param.device(), fn, ": ", what, " is on ", t.device(),
                     " but its parameter is on ", param.device());
-  TORCH_CHECK_VALUE(t.sizes().equals(param.sizes()), fn, ": ", what, " has shape ", shape_of(t),
-                    " but its parameter has shape ", shape_of(param));
+  TORCH_CHECK_VALUE(t.sizes().equals(param.sizes()), fn, ": ", what, " has shape ", shape_str(t.sizes()),
+                    " but its parameter has shape ", shape_str(param.sizes()));
   TORCH_CHECK_VALUE(t.is_contiguous(), fn, ": ", what, " must be contiguous");
 }
 
@@ -628,15 +618,13 @@ Dims check_call(const char* fn, const TrainCall& c) {
                    ": parameters must be float32 or float64, got ", w1.scalar_type());
   Dims d{};
   const bool stacked = w1.dim() == 3;
-  TORCH_CHECK_VALUE(w1.dim() == 2 || stacked, fn, ": w1 must be (H, D) or (K, H, D), got ", shape_of(w1));
+  TORCH_CHECK_VALUE(w1.dim() == 2 || stacked, fn, ": w1 must be (H, D) or (K, H, D), got ", shape_str(w1.sizes()));
   d.K = stacked ? w1.size(0) : 1;
   d.H = w1.size(-2);
   d.D = w1.size(-1);
   TORCH_CHECK_VALUE(w2.dim() == w1.dim() && w2.size(-1) == d.H && (!stacked || w2.size(0) == d.K), fn,
-                    ": w2 must be ", stacked ? "(K, O, H)" : "(O, H)", " with K and H of w1, got ", shape_of(w2));
+                    ": w2 must be ", stacked ? "(K, O, H)" : "(O, H)", " with K and H of w1, got ", shape_str(w2.sizes()));
   d.O = w2.size(-2);
-  d.has_b1 = c.params[kB1].defined();
-  d.has_b2 = c.params[kB2].defined();
   for (int p = 0; p < kNumParams; ++p) {
     const at::Tensor& t = c.params[p];
     if (!t.defined()) continue;
@@ -665,7 +653,7 @@ Dims check_call(const char* fn, const TrainCall& c) {
     const bool ok = stacked ? (b.dim() == 2 && b.size(0) == d.K && b.size(1) == width)
                             : (b.dim() == 1 && b.size(0) == width);
     TORCH_CHECK_VALUE(ok, fn, ": parameter ", kParamNames[p], " must have shape ",
-                      stacked ? "(K, " : "(", width, stacked ? ")" : ",)", ", got ", shape_of(b));
+                      stacked ? "(K, " : "(", width, stacked ? ")" : ",)", ", got ", shape_str(b.sizes()));
   };
   check_bias(kB1, d.H);
   check_bias(kB2, d.O);
@@ -680,7 +668,7 @@ Dims check_call(const char* fn, const TrainCall& c) {
     TORCH_CHECK_VALUE(
         (t.dim() == 2 || (per_model && stacked && t.size(0) == d.K)) && t.size(-1) == width, fn, ": argument '",
         name, "' must have shape (N, ", width, ")", stacked ? " or (K, N, " + std::to_string(width) + ")" : "",
-        ", got ", shape_of(t));
+        ", got ", shape_str(t.sizes()));
     return t.size(-2);
   };
   d.N = check_data("x", c.x, d.D);
