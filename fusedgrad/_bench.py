@@ -11,8 +11,12 @@ unless ``x_grad``). The paths compared, all from identical weights:
   ``.grad`` without the autograd engine (for hand-written loops)
 """
 import gc
+import json
+import os
 import re
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -265,3 +269,38 @@ def peak_step_memory_mib(problem: Problem, path):
     peak = _status_kib("VmHWM")
     del loss
     return (peak - before) / 1024.0
+
+
+def measure_memory(rows, paths, device="cpu"):
+    """Peak extra resident memory of one step, per path, for each row (keys N, D, H, O, dtype,
+    threads and optionally x_requires_grad), stored as row["peak_mib"]. Measured in a fresh
+    child process whose glibc hands every block ≥ 64 KiB straight to and from the OS
+    (MALLOC_MMAP_THRESHOLD_): a step's allocations then show in the resident-set high-water
+    mark instead of being served from memory the heap kept from earlier work."""
+    if device != "cpu" or not memory_measurement_available():
+        print("(peak memory not measured: needs /proc/self/clear_refs on CPU)")
+        return
+    cases = [{"N": r["N"], "D": r["D"], "H": r["H"], "O": r["O"], "dtype": r["dtype"],
+              "x_grad": r.get("x_requires_grad", False), "threads": r["threads"]} for r in rows]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = subprocess.run([sys.executable, "-c", "from fusedgrad._bench import memory_child; memory_child()"],
+                          input=json.dumps({"cases": cases, "paths": list(paths)}), capture_output=True, text=True,
+                          env=env, cwd=os.getcwd(), timeout=3600)
+    if proc.returncode != 0:
+        print(f"(peak memory not measured: the measuring process failed: {proc.stderr.strip()[-300:]})")
+        return
+    for row, mib in zip(rows, json.loads(proc.stdout)):
+        row["peak_mib"] = mib
+
+
+def memory_child():
+    """Runs in the child of measure_memory: reads cases on stdin, prints MiB per path as JSON."""
+    job = json.loads(sys.stdin.read())
+    out = []
+    for c in job["cases"]:
+        torch.set_num_threads(c["threads"])
+        case = Case(c["N"], c["D"], c["H"], c["O"], dtype=getattr(torch, c["dtype"]), x_grad=c["x_grad"])
+        problem = Problem(case)
+        out.append({p: peak_step_memory_mib(problem, p) for p in job["paths"]})
+        del problem
+    print(json.dumps(out))

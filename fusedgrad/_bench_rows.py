@@ -15,7 +15,6 @@ and rows.png into the output folder.
 import json
 import os
 import platform
-import subprocess
 import sys
 
 import torch
@@ -48,36 +47,6 @@ def run_rows(shapes=SHAPES, sizes=SIZES, threads=2, dtype="float32", repeats=5, 
     finally:
         torch.set_num_threads(saved)
     return rows
-
-
-def measure_memory(rows):
-    """Peak extra resident memory per path and row, in a fresh child process
-    (glibc handing every block ≥ 64 KiB straight to the OS, so a step's
-    allocations show in the high-water mark; see cli/bench.measure_memory)."""
-    if not B.memory_measurement_available():
-        print("(peak memory not measured: needs /proc/self/clear_refs)")
-        return
-    job = {"cases": [{k: r[k] for k in ("N", "D", "H", "O", "dtype", "threads")} for r in rows], "paths": PATHS}
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.run([sys.executable, "-c", "from fusedgrad._bench_rows import memory_child; memory_child()"],
-                          input=json.dumps(job), capture_output=True, text=True, env=env, cwd=os.getcwd(),
-                          timeout=3600)
-    if proc.returncode != 0:
-        print(f"(peak memory not measured: the measuring process failed: {proc.stderr.strip()[-300:]})")
-        return
-    for row, mib in zip(rows, json.loads(proc.stdout)):
-        row["peak_mib"] = mib
-
-
-def memory_child():
-    job = json.loads(sys.stdin.read())
-    out = []
-    for c in job["cases"]:
-        torch.set_num_threads(c["threads"])
-        problem = B.Problem(B.Case(c["N"], c["D"], c["H"], c["O"], dtype=getattr(torch, c["dtype"])))
-        out.append({p: B.peak_step_memory_mib(problem, p) for p in job["paths"]})
-        del problem
-    print(json.dumps(out))
 
 
 def markdown_table(rows):
@@ -153,7 +122,7 @@ def run(args):
     rows = run_rows(shapes, sizes, threads=threads, dtype=dtype, repeats=3 if quick else args.repeats,
                     quick=quick, progress=progress)
     sys.stderr.write("\n")
-    measure_memory(rows)
+    B.measure_memory(rows, PATHS)
     print_table(rows)
     os.makedirs(args.out, exist_ok=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),

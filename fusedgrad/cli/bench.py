@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -104,41 +103,6 @@ def run_grid(shapes, threads, dtypes, paths, x_grad_variants, repeats, device, q
         torch.set_num_threads(saved_threads)
         progress.close()
     return rows
-
-
-def measure_memory(rows, paths, device):
-    """Peak extra resident memory of one step, per path, measured in a fresh
-    child process whose glibc hands every block ≥ 64 KiB straight to and from
-    the OS (MALLOC_MMAP_THRESHOLD_): a step's allocations then show in the
-    resident-set high-water mark instead of being served from memory the heap
-    kept from earlier work."""
-    if device != "cpu" or not B.memory_measurement_available():
-        print("(peak memory not measured: needs /proc/self/clear_refs on CPU)")
-        return
-    cases = [{"N": r["N"], "D": r["D"], "H": r["H"], "O": r["O"], "dtype": r["dtype"],
-              "x_grad": r["x_requires_grad"], "threads": r["threads"]} for r in rows]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.run([sys.executable, "-c", "from fusedgrad.cli.bench import memory_child; memory_child()"],
-                          input=json.dumps({"cases": cases, "paths": paths}), capture_output=True, text=True,
-                          env=env, cwd=os.getcwd(), timeout=3600)
-    if proc.returncode != 0:
-        print(f"(peak memory not measured: the measuring process failed: {proc.stderr.strip()[-300:]})")
-        return
-    for row, mib in zip(rows, json.loads(proc.stdout)):
-        row["peak_mib"] = mib
-
-
-def memory_child():
-    """Runs in the child of measure_memory: reads cases on stdin, prints MiB per path as JSON."""
-    job = json.loads(sys.stdin.read())
-    out = []
-    for c in job["cases"]:
-        torch.set_num_threads(c["threads"])
-        case = B.Case(c["N"], c["D"], c["H"], c["O"], dtype=getattr(torch, c["dtype"]), x_grad=c["x_grad"])
-        problem = B.Problem(case)
-        out.append({p: B.peak_step_memory_mib(problem, p) for p in job["paths"]})
-        del problem
-    print(json.dumps(out))
 
 
 def print_table(rows, paths):
@@ -302,7 +266,7 @@ def run(args):
         paths = [p for p in B.PATHS if not (p == "compile" and args.no_compile)]
     x_grad_variants = [False, True] if args.x_grad else [False]
     rows = run_grid(shapes, threads, dtypes, paths, x_grad_variants, repeats, args.device, args.quick)
-    measure_memory(rows, paths, args.device)
+    B.measure_memory(rows, paths, args.device)
     print_table(rows, paths)
     os.makedirs(args.out, exist_ok=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
