@@ -304,3 +304,13 @@ def memory_child():
         out.append({p: peak_step_memory_mib(problem, p) for p in job["paths"]})
         del problem
     print(json.dumps(out))
+
+
+def jax_available():
+    """Whether the optional JAX routes can run (pip install jax optax)."""
+    try:
+        import jax  # noqa: F401
+        import optax  # noqa: F401
+    except ImportError:
+        return False
+    return True

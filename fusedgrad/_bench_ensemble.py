@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._bench import jax_available
 from .ensemble import FusedMLPEnsemble
 
 LR = 0.2
@@ -196,22 +197,13 @@ def prepare_jax(problem):
     return Run(models=problem.K, params=result, run_steps=run_steps)
 
 
-def _jax_available():
-    try:
-        import jax  # noqa: F401
-        import optax  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # name: (prepare, available?) — add a route here (e.g. the fused trainer's fit).
 ROUTES = {
     "loop": (prepare_loop, lambda: True),
     "func": (prepare_func, lambda: True),
     "fused": (prepare_fused, lambda: True),
     "fit": (prepare_fit, lambda: True),
-    "jax": (prepare_jax, _jax_available),
+    "jax": (prepare_jax, jax_available),
 }
 
 

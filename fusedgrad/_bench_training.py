@@ -26,6 +26,7 @@ import time
 import torch
 from torch import nn
 
+from ._bench import jax_available
 from .cli.demo import Net  # the notebooks' model, one definition
 from .module import FusedMLP
 from .trainer import Trainer
@@ -50,15 +51,6 @@ NAMES = {
     "jax_step": "JAX: jit(train_step) called per step",
     "jax_scan": "JAX: lax.scan of all steps under jit",
 }
-
-
-def jax_available():
-    try:
-        import jax  # noqa: F401
-        import optax  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class Problem:
