@@ -12,6 +12,7 @@ Every wait is bounded: the process group has a timeout, and the processes are
 killed if they have not finished by the deadline, so this can never hang CI.
 """
 import datetime
+import gc
 import os
 import socket
 import sys
@@ -87,21 +88,30 @@ def _worker(rank, port, out_dir):
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=PG_TIMEOUT)
     try:
-        x, t, _ = make_problem()
-        half = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
-        result = {}
-        for name, loss_of in (("forward", via_forward), ("fused_loss", via_fused_loss)):
-            _, _, net = make_problem()  # same initial weights on both ranks (DDP also broadcasts rank 0's)
-            module = net if name == "forward" else FusedLoss(net)
-            ddp = nn.parallel.DistributedDataParallel(module)
-            losses = train(ddp, loss_of, x[half], t[half])
-            # Each rank saw half the batch: the full-batch loss is the mean of the two.
-            dist.all_reduce(losses)
-            result[name] = {"state": {k: v.clone() for k, v in net.state_dict().items()},
-                            "losses": losses / WORLD}
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        _train_rank(rank, out_dir)
+        # Everything that held the process group (DDP's reducer) died with _train_rank's
+        # locals; collect any cycle too, so that the group is torn down here, while the
+        # interpreter is alive: gloo's worker threads outliving it into interpreter
+        # finalisation abort the process (std::terminate) now and then.
+        gc.collect()
     finally:
         dist.destroy_process_group()
+
+
+def _train_rank(rank, out_dir):
+    x, t, _ = make_problem()
+    half = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
+    result = {}
+    for name, loss_of in (("forward", via_forward), ("fused_loss", via_fused_loss)):
+        _, _, net = make_problem()  # same initial weights on both ranks (DDP also broadcasts rank 0's)
+        module = net if name == "forward" else FusedLoss(net)
+        ddp = nn.parallel.DistributedDataParallel(module)
+        losses = train(ddp, loss_of, x[half], t[half])
+        # Each rank saw half the batch: the full-batch loss is the mean of the two.
+        dist.all_reduce(losses)
+        result[name] = {"state": {k: v.clone() for k, v in net.state_dict().items()},
+                        "losses": losses / WORLD}
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def free_port():

@@ -17,6 +17,7 @@ Two ranks each train on one half of a batch. Per rank:
 Every wait is bounded (process-group timeout, a deadline after which workers are killed).
 """
 import datetime
+import gc
 import os
 import socket
 import sys
@@ -78,38 +79,47 @@ def _worker(rank, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=PG_TIMEOUT)
     try:
-        x, t, _ = make_problem()
-        half = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
-        x, t = x[half], t[half]
-        result = {}
-
-        def average(param):
-            dist.all_reduce(param.grad)
-            param.grad /= WORLD
-
-        for name in ("backward", "loss_backward"):
-            _, _, net = make_problem()
-            for p in net.parameters():
-                p.register_post_accumulate_grad_hook(average)
-            step = (lambda a, b: net.loss(a, b).backward()) if name == "backward" else net.loss_backward
-            result[f"post_hook/{name}"] = train(net, step, x, t)
-
-        _, _, net = make_problem()
-        ddp = nn.parallel.DistributedDataParallel(net)
-        try:
-            net.loss_backward(x, t)
-            result["ddp/loss_backward_error"] = None
-        except RuntimeError as exc:
-            result["ddp/loss_backward_error"] = str(exc)
-        result["ddp/grads_after_refusal"] = [p.grad for p in net.parameters()]
-        del ddp
-
-        _, _, net = make_problem()
-        ddp = nn.parallel.DistributedDataParallel(FusedLoss(net))
-        result["ddp/backward"] = train(net, lambda a, b: ddp(a, b).backward(), x, t)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        _train_rank(rank, out_dir)
+        # Everything that held the process group (DDP's reducer) died with _train_rank's
+        # locals; collect any cycle too, so that the group is torn down here, while the
+        # interpreter is alive: gloo's worker threads outliving it into interpreter
+        # finalisation abort the process (std::terminate) now and then.
+        gc.collect()
     finally:
         dist.destroy_process_group()
+
+
+def _train_rank(rank, out_dir):
+    x, t, _ = make_problem()
+    half = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
+    x, t = x[half], t[half]
+    result = {}
+
+    def average(param):
+        dist.all_reduce(param.grad)
+        param.grad /= WORLD
+
+    for name in ("backward", "loss_backward"):
+        _, _, net = make_problem()
+        for p in net.parameters():
+            p.register_post_accumulate_grad_hook(average)
+        step = (lambda a, b: net.loss(a, b).backward()) if name == "backward" else net.loss_backward
+        result[f"post_hook/{name}"] = train(net, step, x, t)
+
+    _, _, net = make_problem()
+    ddp = nn.parallel.DistributedDataParallel(net)
+    try:
+        net.loss_backward(x, t)
+        result["ddp/loss_backward_error"] = None
+    except RuntimeError as exc:
+        result["ddp/loss_backward_error"] = str(exc)
+    result["ddp/grads_after_refusal"] = [p.grad for p in net.parameters()]
+    del ddp
+
+    _, _, net = make_problem()
+    ddp = nn.parallel.DistributedDataParallel(FusedLoss(net))
+    result["ddp/backward"] = train(net, lambda a, b: ddp(a, b).backward(), x, t)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def free_port():
