@@ -32,16 +32,19 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "../cpu_vector.h"
+#include "lane_vector.h"
 #include "../problem.h"  // shape_str
 
 namespace fusedgrad::trainer {
 namespace {
 
 constexpr int64_t kBlockRows = 256;    // rows per block (scratch of a block stays in L1/L2)
+constexpr int64_t kHiddenGroup = 4;    // hidden units whose backward runs together
 constexpr int64_t kMaxChunks = 16;     // row chunks of a step: fixed, not the thread count
 constexpr int64_t kMinTaskMacs = 1 << 15;  // multiply-adds below which a parallel task does not pay
 constexpr int64_t kGemmMinMacsPerRow = 2048;  // D·H + H·O from which BLAS wins (use_gemm_path)
@@ -92,73 +95,184 @@ BlockScratch<T>& thread_block_scratch() {
   return scratch;
 }
 
-// Adds one block's Σ r² and gradient sums into `sums` (SumLayout).
+// Every sum over a block's rows is taken lane-wise — lane l of a LaneVec
+// sums rows l, l + kLanes, ... — in T, and the kLanes partials of all the
+// block's sums are folded and added to the double sums once, at its end. A
+// horizontal sum per gradient element (62 for 1→20→1) after each dot, as
+// `omp simd reduction` lowers it, cost as much as the rest of a 100-row step.
+
+// out[q] = lane partials of Σ_r a[r] · b_q[r] over n rows (a multiple of
+// kLanes), for q < Q: Q dots sharing the loads of `a`.
+template <int Q, typename T>
+FUSEDGRAD_CPU_INLINE void lane_dots(const T* a, const T* const* b, int64_t n, T* const* out) {
+  constexpr int64_t L = kLanes<T>;
+  LaneVec<T> acc[Q];
+  for (int q = 0; q < Q; ++q) acc[q] = lanes_splat(T(0));
+  for (int64_t r = 0; r < n; r += L) {
+    const LaneVec<T> av = lanes_load(a + r);
+    for (int q = 0; q < Q; ++q) acc[q] += av * lanes_load(b[q] + r);
+  }
+  for (int q = 0; q < Q; ++q) lanes_store(out[q], acc[q]);
+}
+
+// partials[(first + c·stride) · kLanes ...] = lane partials of Σ_r a[r] · b[c·ldb + r], for c < C,
+// four at a time (four independent chains of multiply-adds).
+template <typename T>
+FUSEDGRAD_CPU_INLINE void lane_dots_with(const T* a, const T* b, int64_t ldb, int64_t C, int64_t n, T* partials,
+                                           int64_t first, int64_t stride) {
+  constexpr int64_t L = kLanes<T>;
+  auto row = [&](int64_t c) { return b + c * ldb; };
+  auto out = [&](int64_t c) { return partials + (first + c * stride) * L; };
+  int64_t c = 0;
+  for (; c + 4 <= C; c += 4) {
+    const T* bs[4] = {row(c), row(c + 1), row(c + 2), row(c + 3)};
+    T* outs[4] = {out(c), out(c + 1), out(c + 2), out(c + 3)};
+    lane_dots<4>(a, bs, n, outs);
+  }
+  switch (C - c) {
+    case 3: {
+      const T* bs[3] = {row(c), row(c + 1), row(c + 2)};
+      T* outs[3] = {out(c), out(c + 1), out(c + 2)};
+      lane_dots<3>(a, bs, n, outs);
+      break;
+    }
+    case 2: {
+      const T* bs[2] = {row(c), row(c + 1)};
+      T* outs[2] = {out(c), out(c + 1)};
+      lane_dots<2>(a, bs, n, outs);
+      break;
+    }
+    case 1: {
+      const T* bs[1] = {row(c)};
+      T* outs[1] = {out(c)};
+      lane_dots<1>(a, bs, n, outs);
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+// sums[e] += Σ_l partials[e·kLanes + l] for e < count: each row's lanes summed
+// in T by a fixed tree (lane_sums, kLanes rows at a time), then added in double.
+template <typename T>
+FUSEDGRAD_CPU_INLINE void add_lane_sums(const T* FUSEDGRAD_RESTRICT partials, int64_t count,
+                                          double* FUSEDGRAD_RESTRICT sums) {
+  constexpr int64_t L = kLanes<T>;
+  for (int64_t e0 = 0; e0 < count; e0 += L) {
+    const int64_t n = std::min(L, count - e0);
+    LaneVec<T> rows[L];
+    for (int64_t i = 0; i < L; ++i) rows[i] = i < n ? lanes_load(partials + (e0 + i) * L) : lanes_splat(T(0));
+    T total[L];
+    lanes_store(total, lane_sums<T>(rows));
+    for (int64_t i = 0; i < n; ++i) sums[e0 + i] += static_cast<double>(total[i]);
+  }
+}
+
+// Adds one block's Σ r² and gradient sums into `sums` (SumLayout). The block's
+// rows are padded to whole lane vectors (ld): padding rows read x = t = 0 and
+// get r = g = 0, so they add nothing to any sum.
 template <typename T>
 FUSEDGRAD_CPU_INLINE void block_loss_and_grads(const Dims& d, const SumLayout& lay, const ModelPtrs<T>& m,
                                                  const StepRows& rows, int64_t r0, int64_t nb, T two_c,
                                                  T* scratch, double* FUSEDGRAD_RESTRICT sums) {
+  using V = LaneVec<T>;
+  constexpr int64_t L = kLanes<T>;
   const int64_t D = d.D, H = d.H, O = d.O;
-  T* xT = scratch;        // (D, nb)
-  T* tT = xT + D * nb;    // (O, nb)
-  T* S = tT + O * nb;     // (H, nb): s_j
-  T* G = S + H * nb;      // (O, nb): p_o, then r_o, then g_o
-  T* DH = G + O * nb;     // (H, nb): ds_j, then dh_j
+  const int64_t ld = (nb + L - 1) / L * L;
+  T* xT = scratch;        // (D, ld)
+  T* tT = xT + D * ld;    // (O, ld)
+  T* S = tT + O * ld;     // (H, ld): h_j, then s_j
+  T* G = S + H * ld;      // (O, ld): r_o, then g_o
+  T* DH = G + O * ld;     // (kHiddenGroup, ld): dh_j of a group of hidden units
+  T* P = DH + kHiddenGroup * ld;  // (lay.size, L): lane partials of every sum, in SumLayout order
 
-  // Gather the block's rows, transposed (x_d and t_o become contiguous).
-  for (int64_t r = 0; r < nb; ++r) {
-    const int64_t i = rows.row(r0 + r);
-    const T* xi = m.x + i * D;
-    const T* ti = m.t + i * O;
-    for (int64_t k = 0; k < D; ++k) xT[k * nb + r] = xi[k];
-    for (int64_t o = 0; o < O; ++o) tT[o * nb + r] = ti[o];
-  }
-
-  // s_j = σ(Σ_d w1[j,d] x_d + b1[j])
-  for (int64_t j = 0; j < H; ++j) {
-    T* FUSEDGRAD_RESTRICT sj = S + j * nb;
-    const T* wj = m.w1 + j * D;
-    std::fill(sj, sj + nb, T(0));
-    for (int64_t k = 0; k < D; ++k) axpy(sj, wj[k], xT + k * nb, nb);
-    if (m.b1) {
-      const T b = m.b1[j];
-#pragma omp simd
-      for (int64_t r = 0; r < nb; ++r) sj[r] = sj[r] + b;
-    }
-  }
-  sigmoid_inplace(S, H * nb);
-
-  // p_o = Σ_j w2[o,j] s_j;  r_o = (p_o + b2[o]) − t_o;  L += Σ r_o²;  g_o = 2c r_o
-  double sq = 0;
-  for (int64_t o = 0; o < O; ++o) {
-    T* FUSEDGRAD_RESTRICT go = G + o * nb;
-    const T* wo = m.w2 + o * H;
-    std::fill(go, go + nb, T(0));
-    for (int64_t j = 0; j < H; ++j) axpy(go, wo[j], S + j * nb, nb);
-    const T b = m.b2 ? m.b2[o] : T(0);
-    const T* FUSEDGRAD_RESTRICT to = tT + o * nb;
-#pragma omp simd reduction(+ : sq)
+  // Gather the block's rows, transposed (x_d and t_o become contiguous); a
+  // run of rows of one column (D or O = 1) is already a transposed row.
+  if (!rows.index && D == 1) {
+    std::memcpy(xT, m.x + rows.first + r0, static_cast<size_t>(nb) * sizeof(T));
+  } else {
     for (int64_t r = 0; r < nb; ++r) {
-      const T res = (go[r] + b) - to[r];
-      sq += static_cast<double>(res) * static_cast<double>(res);
-      go[r] = res * two_c;
+      const T* xi = m.x + rows.row(r0 + r) * D;
+      for (int64_t k = 0; k < D; ++k) xT[k * ld + r] = xi[k];
     }
-    // dw2[o,j] += g_o · s_j;  db2[o] += Σ g_o
-    for (int64_t j = 0; j < H; ++j) sums[lay.dw2 + o * H + j] += static_cast<double>(dot(go, S + j * nb, nb));
-    sums[lay.db2 + o] += static_cast<double>(row_sum(go, nb));
   }
-  sums[lay.loss] += sq;
+  if (!rows.index && O == 1) {
+    std::memcpy(tT, m.t + rows.first + r0, static_cast<size_t>(nb) * sizeof(T));
+  } else {
+    for (int64_t r = 0; r < nb; ++r) {
+      const T* ti = m.t + rows.row(r0 + r) * O;
+      for (int64_t o = 0; o < O; ++o) tT[o * ld + r] = ti[o];
+    }
+  }
+  for (int64_t r = nb; r < ld; ++r) {
+    for (int64_t k = 0; k < D; ++k) xT[k * ld + r] = T(0);
+    for (int64_t o = 0; o < O; ++o) tT[o * ld + r] = T(0);
+  }
 
-  // ds_j = Σ_o w2[o,j] g_o;  dh_j = ds_j ⊙ (s_j ⊙ (1 − s_j));  dw1[j,d] += dh_j · x_d;  db1[j] += Σ dh_j
+  // h_j = Σ_d w1[j,d] x_d + b1[j], a vector of rows at a time in registers; s_j = σ(h_j)
   for (int64_t j = 0; j < H; ++j) {
-    T* FUSEDGRAD_RESTRICT dh = DH + j * nb;
-    std::fill(dh, dh + nb, T(0));
-    for (int64_t o = 0; o < O; ++o) axpy(dh, m.w2[o * H + j], G + o * nb, nb);
-    const T* FUSEDGRAD_RESTRICT sj = S + j * nb;
-#pragma omp simd
-    for (int64_t r = 0; r < nb; ++r) dh[r] = dh[r] * (sj[r] * (T(1) - sj[r]));
-    for (int64_t k = 0; k < D; ++k) sums[lay.dw1 + j * D + k] += static_cast<double>(dot(dh, xT + k * nb, nb));
-    sums[lay.db1 + j] += static_cast<double>(row_sum(dh, nb));
+    const T* wj = m.w1 + j * D;
+    const T b = m.b1 ? m.b1[j] : T(0);
+    for (int64_t v = 0; v < ld; v += L) {
+      V h = lanes_splat(T(0));
+      for (int64_t k = 0; k < D; ++k) h += wj[k] * lanes_load(xT + k * ld + v);
+      lanes_store(S + j * ld + v, h + b);
+    }
   }
+  sigmoid_inplace(S, H * ld);
+
+  // p_o = Σ_j w2[o,j] s_j;  r_o = (p_o + b2[o]) − t_o (0 on padding rows)
+  for (int64_t o = 0; o < O; ++o) {
+    const T* wo = m.w2 + o * H;
+    const T b = m.b2 ? m.b2[o] : T(0);
+    T* go = G + o * ld;
+    for (int64_t v = 0; v < ld; v += L) {
+      V p = lanes_splat(T(0));
+      for (int64_t j = 0; j < H; ++j) p += wo[j] * lanes_load(S + j * ld + v);
+      lanes_store(go + v, (p + b) - lanes_load(tT + o * ld + v));
+    }
+    for (int64_t r = nb; r < ld; ++r) go[r] = T(0);
+  }
+  // L += Σ r_o²;  g_o = 2c r_o;  db2[o] += Σ g_o;  dw2[o,j] += g_o · s_j
+  V sq = lanes_splat(T(0));
+  for (int64_t o = 0; o < O; ++o) {
+    T* go = G + o * ld;
+    V gsum = lanes_splat(T(0));
+    for (int64_t v = 0; v < ld; v += L) {
+      const V res = lanes_load(go + v);
+      sq += res * res;
+      const V g = res * two_c;
+      lanes_store(go + v, g);
+      gsum += g;
+    }
+    lanes_store(P + (lay.db2 + o) * L, gsum);
+    lane_dots_with(go, S, ld, H, ld, P, lay.dw2 + o * H, 1);
+  }
+  lanes_store(P + lay.loss * L, sq);
+
+  // ds_j = Σ_o w2[o,j] g_o;  dh_j = ds_j ⊙ (s_j ⊙ (1 − s_j));  db1[j] += Σ dh_j;  dw1[j,d] += dh_j · x_d
+  // (hidden units four at a time, so that the dw1 sums of each input x_d run
+  // as four independent chains)
+  for (int64_t j0 = 0; j0 < H; j0 += kHiddenGroup) {
+    const int64_t nj = std::min(kHiddenGroup, H - j0);
+    for (int64_t q = 0; q < nj; ++q) {
+      const int64_t j = j0 + q;
+      V hsum = lanes_splat(T(0));
+      for (int64_t v = 0; v < ld; v += L) {
+        V ds = lanes_splat(T(0));
+        for (int64_t o = 0; o < O; ++o) ds += m.w2[o * H + j] * lanes_load(G + o * ld + v);
+        const V s = lanes_load(S + j * ld + v);
+        const V dh = ds * (s * (T(1) - s));
+        lanes_store(DH + q * ld + v, dh);
+        hsum += dh;
+      }
+      lanes_store(P + (lay.db1 + j) * L, hsum);
+    }
+    for (int64_t k = 0; k < D; ++k) lane_dots_with(xT + k * ld, DH, ld, nj, ld, P, lay.dw1 + j0 * D + k, D);
+  }
+
+  add_lane_sums(P, lay.size, sums);
 }
 
 // The blocks and chunks of a step of `count` rows.
@@ -175,8 +289,8 @@ FUSEDGRAD_CPU_INLINE void chunk_sums(const Dims& d, const SumLayout& lay, const 
                                        const StepRows& rows, const Partition& part, int64_t c, T two_c,
                                        double* sums) {
   std::fill(sums, sums + lay.size, 0.0);
-  const int64_t per_row = d.D + 2 * d.O + 2 * d.H;
-  T* scratch = thread_block_scratch<T>().get(static_cast<size_t>(per_row * kBlockRows));
+  const int64_t per_row = d.D + 2 * d.O + d.H + kHiddenGroup;
+  T* scratch = thread_block_scratch<T>().get(static_cast<size_t>(per_row * kBlockRows + lay.size * kLanes<T>));
   for (int64_t b = part.chunk_first_block(c); b < part.chunk_first_block(c + 1); ++b) {
     const int64_t r0 = b * kBlockRows;
     const int64_t nb = std::min(kBlockRows, rows.count - r0);
