@@ -98,6 +98,8 @@ class Trainer:
         self._ensemble = is_ensemble(net)
         self._membership_key, self._membership_value = None, None
         self._kind = _kind_of(optimizer)
+        self._adam = self._kind == "adam"
+        self._adamw = type(optimizer) is torch.optim.AdamW
         self._fast_step = True  # tests turn it off to compare the two routes
         self.model_lr_scale = None
         if model_lr_scale is not None:
@@ -292,6 +294,12 @@ class Trainer:
         return x.detach().contiguous(), target.detach().contiguous()
 
     def _run(self, fn, x, target, steps, first_step=0, batch_size=0, order=None, losses=None, done=None):
+        # fit()'s calls in the common case read the optimizer in C++ (as step() does); anything
+        # else (e.g. a first step, before the optimizer has state) takes the route below.
+        if self._fast_step and done is not None and _C.train_steps_fast(
+                self.optimizer, self.net._params(), x, target, batch_size, order, first_step, steps,
+                self.reduction == "mean", self.model_lr_scale, self._adam, self._adamw, losses, done):
+            return
         params, grads, rules = self._prepare(fn)
         _C.train_steps(fn, params, grads, rules, x, target, batch_size, order, first_step, steps,
                        self.reduction == "mean", self.model_lr_scale, losses, done)
@@ -320,14 +328,14 @@ class Trainer:
         Returns:
             The loss before the update, detached: 0-dim, or ``(K,)`` for an ensemble.
         """
-        fn = "fusedgrad.Trainer.step"
         # The common case, read straight from the optimizer in C++ (csrc/trainer/train_bindings.cpp);
         # it declines (None) anything else, which the route below handles or refuses.
-        loss = None if not self._fast_step else _C.train_step_fast(fn, self.optimizer, self.net._params(), x, target, self.reduction == "mean",
-                                  self.model_lr_scale, self._kind == "adam",
-                                  type(self.optimizer) is torch.optim.AdamW)
-        if loss is not None:
-            return loss
+        if self._fast_step:
+            loss = _C.train_step_fast(self.optimizer, self.net._params(), x, target, self.reduction == "mean",
+                                      self.model_lr_scale, self._adam, self._adamw)
+            if loss is not None:
+                return loss
+        fn = "fusedgrad.Trainer.step"
         x, target = self._data(fn, x, target)
         losses = torch.empty((1, self.num_models), dtype=x.dtype)
         self._run(fn, x, target, 1, losses=losses)
@@ -380,46 +388,47 @@ class Trainer:
                 per_epoch = math.ceil(N / bs)
                 epochs = math.ceil(steps / per_epoch)
                 order = torch.cat([torch.randperm(N, generator=generator) for _ in range(epochs)])
-        losses = torch.empty((steps, self.num_models), dtype=x.dtype)
-        done = torch.zeros(1, dtype=torch.int64)
+        # The C++ side writes step s of model k at s·K + k: a (steps,) history for one model,
+        # (steps, K) for an ensemble, returned as it is.
+        losses = torch.empty((steps, self.num_models) if self._ensemble else (steps,), dtype=x.dtype)
+        done = torch.zeros(1, dtype=torch.int64)  # steps completed, counted by the C++ side
+        taken = 0  # the same, read back only where a step may have been cut short (Ctrl-C)
         bar = _progress_bar(steps) if progress else None
         try:
             per_call = callback_every if callback is not None else max(1, steps)
             if callback is None and (bar is not None or steps > 1):
-                per_call = self._steps_per_call(fn, x, target, steps, bs, order, losses, done, bar)
-            while int(done) < steps:
-                first = int(done)
-                n = min(per_call, steps - first)
-                self._run(fn, x, target, n, first, bs, order, losses[first:first + n], done)
+                per_call, taken = self._steps_per_call(fn, x, target, steps, bs, order, losses, done, bar)
+            while taken < steps:
+                n = min(per_call, steps - taken)
+                chunk = losses if n == steps else losses[taken:taken + n]
+                self._run(fn, x, target, n, taken, bs, order, chunk, done)
+                taken += n
                 if bar is not None:
                     bar.update(n)
-                    bar.set_postfix(loss=_loss_text(losses[first + n - 1]), refresh=False)
-                if callback is not None:
-                    last = first + n
-                    loss = losses[last - 1] if self._ensemble else losses[last - 1, 0]
-                    if callback(last, loss.clone()) is False:
-                        break
+                    bar.set_postfix(loss=_loss_text(losses[taken - 1]), refresh=False)
+                if callback is not None and callback(taken, losses[taken - 1].clone()) is False:
+                    break
         except KeyboardInterrupt:
-            pass  # the steps counted in `done` are complete and consistent
+            taken = int(done)  # the steps counted there are complete and consistent
         finally:
             if bar is not None:
                 bar.close()
-        out = losses[: int(done)]
-        return out if self._ensemble else out[:, 0]
+        return losses if taken == steps else losses[:taken]
 
     def _steps_per_call(self, fn, x, target, steps, bs, order, losses, done, bar):
         """Runs a first call sized from the arithmetic (~1 ns per multiply-add, which is
-        pessimistic here), times it, and sizes the calls after it to ~_CALL_SECONDS each."""
+        pessimistic here), times it, and sizes the calls after it to ~_CALL_SECONDS each.
+        Returns (steps per later call, steps taken by the first)."""
         w1, _, w2, _ = self._params()
         rows = bs if bs else x.shape[-2]
         macs = 3 * rows * (w1.numel() + w2.numel()) + 1  # every model's multiply-adds of a step
         first = max(1, min(steps, int(_CALL_SECONDS / (macs * 1e-9))))
         start = time.perf_counter()
-        self._run(fn, x, target, first, 0, bs, order, losses[0:first], done)
+        self._run(fn, x, target, first, 0, bs, order, losses if first == steps else losses[0:first], done)
         elapsed = max(time.perf_counter() - start, 1e-7)
         if bar is not None:
             bar.update(first)
-        return max(1, int(_CALL_SECONDS * first / elapsed))
+        return max(1, int(_CALL_SECONDS * first / elapsed)), first
 
 
 def _step_hooks(optimizer):

@@ -15,8 +15,8 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/python.h>
 
+#include <algorithm>
 #include <string>
-#include <unordered_map>
 
 #include "../grad_hooks.h"
 #include "train_step.h"
@@ -96,21 +96,33 @@ void train_steps_py(const std::string& fn, py::sequence params, py::sequence gra
 // tensors, a bad argument) returns None, and fusedgrad/trainer.py runs the
 // Python route, which handles it or raises the error that names it.
 
-// dict[key] with the key an interned Python string made once (PyDict_GetItemString
-// would build and hash a new str at every lookup: a third of this function's time).
-PyObject* item(PyObject* dict, const char* key) {
-  static std::unordered_map<const char*, PyObject*> keys;  // keyed by the literal's address
-  auto it = keys.find(key);
-  if (it == keys.end()) it = keys.emplace(key, PyUnicode_InternFromString(key)).first;
-  return PyDict_GetItem(dict, it->second);  // borrowed
+// A Python string made (and interned) once per key: item<"lr">(group) costs
+// one dict lookup, where PyDict_GetItemString would build and hash a new str
+// at every call (a third of this function's time when it did).
+template <size_t N>
+struct Key {
+  char text[N];
+  constexpr Key(const char (&literal)[N]) { std::copy_n(literal, N, text); }
+};
+
+template <Key K>
+PyObject* interned() {
+  static PyObject* const name = PyUnicode_InternFromString(K.text);  // held for the life of the process
+  return name;
 }
 
-// The global optimizer hook dicts of torch.optim.optimizer, looked up once.
-// Held for the life of the process (a static py::object would be released after
-// the interpreter has finalised).
-PyObject* global_hooks(const char* name) {
+template <Key K>
+PyObject* item(PyObject* dict) {
+  return PyDict_GetItem(dict, interned<K>());  // borrowed
+}
+
+// A global optimizer hook dict of torch.optim.optimizer (the module is looked
+// up once and held for the life of the process: a static py::object would be
+// released after the interpreter has finalised).
+template <Key K>
+PyObject* global_hooks() {
   static PyObject* module = py::module_::import("torch.optim.optimizer").release().ptr();
-  PyObject* d = PyObject_GetAttrString(module, name);  // new reference
+  PyObject* d = PyObject_GetAttr(module, interned<K>());  // new reference
   if (!d) {
     PyErr_Clear();
     return nullptr;
@@ -122,8 +134,9 @@ PyObject* global_hooks(const char* name) {
 // Unknown objects count as hooks (the Python route then looks closer).
 bool nonempty_dict(PyObject* d) { return !d || !PyDict_Check(d) || PyDict_Size(d) > 0; }
 
-bool nonempty_dict_attr(PyObject* obj, const char* name) {
-  PyObject* d = PyObject_GetAttrString(obj, name);
+template <Key K>
+bool nonempty_dict_attr(PyObject* obj) {
+  PyObject* d = PyObject_GetAttr(obj, interned<K>());
   if (!d) {
     PyErr_Clear();
     return false;
@@ -140,8 +153,7 @@ bool number(PyObject* obj, double& out) {
   return !PyErr_Occurred();
 }
 
-bool flag(PyObject* dict, const char* key, bool fallback, bool& out) {
-  PyObject* v = item(dict, key);  // borrowed
+bool flag(PyObject* v, bool fallback, bool& out) {  // v: a borrowed dict item or null
   if (!v || v == Py_None) {
     out = fallback;
     return true;
@@ -157,46 +169,60 @@ bool exact_tensor(PyObject* obj) {
       type == reinterpret_cast<PyTypeObject*>(ParameterClass);
 }
 
-at::Tensor state_tensor(PyObject* state, const char* key) {
-  PyObject* v = item(state, key);
+at::Tensor state_tensor(PyObject* v) {  // v: a borrowed dict item or null
   if (!v || !exact_tensor(v)) return at::Tensor();
   return THPVariable_Unpack(v);
 }
 
-py::object train_step_fast(const std::string& fn, py::handle optimizer, py::tuple params, py::handle x,
-                           py::handle target, bool mean, py::handle lr_scale, bool adam, bool decoupled_default) {
-  if (torch::autograd::AnomalyMode::is_enabled()) return py::none();
-  if (!exact_tensor(x.ptr()) || !exact_tensor(target.ptr()) || params.size() != kNumParams) return py::none();
-  PyObject* opt = optimizer.ptr();
-  if (nonempty_dict_attr(opt, "_optimizer_step_pre_hooks") || nonempty_dict_attr(opt, "_optimizer_step_post_hooks") ||
-      nonempty_dict(global_hooks("_global_optimizer_pre_hooks")) ||
-      nonempty_dict(global_hooks("_global_optimizer_post_hooks"))) {
-    return py::none();
+// optimizer.state[param] without inserting (state is a defaultdict) and without
+// hashing: a tensor's __hash__ is a Python method (id(self)), a call per lookup;
+// the few entries are compared by identity instead.
+PyObject* state_of(PyObject* state, PyObject* param) {
+  if (PyDict_Size(state) > 2 * kNumParams) return PyDict_GetItem(state, param);  // borrowed
+  Py_ssize_t pos = 0;
+  PyObject *key, *value;
+  while (PyDict_Next(state, &pos, &key, &value)) {
+    if (key == param) return value;  // borrowed
   }
-  py::object groups_obj = optimizer.attr("param_groups");
-  py::object state_obj = optimizer.attr("state");
+  return nullptr;
+}
+
+// Fills call's parameters, gradients and optimizer rules and state from the
+// optimizer's Python objects; false: not the plain case (nothing is changed).
+bool read_optimizer(PyObject* opt, py::tuple params, bool adam, bool decoupled_default, TrainCall& call) {
+  if (torch::autograd::AnomalyMode::is_enabled() || params.size() != kNumParams) return false;
+  if (nonempty_dict_attr<"_optimizer_step_pre_hooks">(opt) || nonempty_dict_attr<"_optimizer_step_post_hooks">(opt) ||
+      nonempty_dict(global_hooks<"_global_optimizer_pre_hooks">()) ||
+      nonempty_dict(global_hooks<"_global_optimizer_post_hooks">())) {
+    return false;
+  }
+  py::object groups_obj = py::reinterpret_steal<py::object>(PyObject_GetAttr(opt, interned<"param_groups">()));
+  py::object state_obj = py::reinterpret_steal<py::object>(PyObject_GetAttr(opt, interned<"state">()));
+  if (!groups_obj || !state_obj) {
+    PyErr_Clear();
+    return false;
+  }
   PyObject* groups = groups_obj.ptr();
   PyObject* state = state_obj.ptr();
-  if (!PyList_Check(groups) || !PyDict_Check(state)) return py::none();
+  if (!PyList_Check(groups) || !PyDict_Check(state)) return false;
   // The optimizer holds exactly the model's parameters (each once).
   Py_ssize_t held = 0;
   for (Py_ssize_t gi = 0; gi < PyList_GET_SIZE(groups); ++gi) {
     PyObject* group = PyList_GET_ITEM(groups, gi);
-    PyObject* plist = PyDict_Check(group) ? item(group, "params") : nullptr;
-    if (!plist || !PyList_Check(plist)) return py::none();
+    PyObject* plist = PyDict_Check(group) ? item<"params">(group) : nullptr;
+    if (!plist || !PyList_Check(plist)) return false;
     held += PyList_GET_SIZE(plist);
   }
-  TrainCall call;
   Py_ssize_t present = 0;
   for (int p = 0; p < kNumParams; ++p) {
     PyObject* obj = params[p].ptr();
     if (obj == Py_None) continue;
     ++present;
-    if (!exact_tensor(obj)) return py::none();
+    if (!exact_tensor(obj)) return false;
     PyObject* group = nullptr;
     for (Py_ssize_t gi = 0; gi < PyList_GET_SIZE(groups) && !group; ++gi) {
       PyObject* g = PyList_GET_ITEM(groups, gi);
-      PyObject* plist = item(g, "params");
+      PyObject* plist = item<"params">(g);
       for (Py_ssize_t i = 0; i < PyList_GET_SIZE(plist); ++i) {
         if (PyList_GET_ITEM(plist, i) == obj) {
           group = g;
@@ -204,83 +230,122 @@ py::object train_step_fast(const std::string& fn, py::handle optimizer, py::tupl
         }
       }
     }
-    if (!group) return py::none();
+    if (!group) return false;
     const at::Tensor& t = THPVariable_Unpack(obj);
-    if (!t.requires_grad() || !t.is_leaf() || grad_hook_flags(obj) != 0) return py::none();
+    if (!t.requires_grad() || !t.is_leaf() || grad_hook_flags(obj) != 0) return false;
     at::Tensor g = t.grad();
-    if (!g.defined()) return py::none();
+    if (!g.defined()) return false;
     call.params[p] = t;
     call.grads[p] = g;
     ParamState& st = call.state[p];
     UpdateRule& u = st.rule;
     bool capturable = false, differentiable = false;
-    if (!flag(group, "capturable", false, capturable) || !flag(group, "differentiable", false, differentiable) ||
+    if (!flag(item<"capturable">(group), false, capturable) || !flag(item<"differentiable">(group), false, differentiable) ||
         capturable || differentiable) {
-      return py::none();
+      return false;
     }
-    if (!number(item(group, "lr"), u.lr)) return py::none();
-    PyObject* wd = item(group, "weight_decay");
+    if (!number(item<"lr">(group), u.lr)) return false;
+    PyObject* wd = item<"weight_decay">(group);
     u.weight_decay = 0;
-    if (wd && !number(wd, u.weight_decay)) return py::none();
-    if (!flag(group, "maximize", false, u.maximize)) return py::none();
-    PyObject* pstate = PyDict_GetItem(state, obj);  // borrowed; state is a defaultdict: no insertion here
+    if (wd && !number(wd, u.weight_decay)) return false;
+    if (!flag(item<"maximize">(group), false, u.maximize)) return false;
+    PyObject* pstate = state_of(state, obj);
     if (!adam) {
       u.kind = OptimizerKind::SGD;
-      PyObject* mom = item(group, "momentum");
-      PyObject* damp = item(group, "dampening");
-      if ((mom && !number(mom, u.momentum)) || (damp && !number(damp, u.dampening))) return py::none();
-      if (!flag(group, "nesterov", false, u.nesterov)) return py::none();
+      PyObject* mom = item<"momentum">(group);
+      PyObject* damp = item<"dampening">(group);
+      if ((mom && !number(mom, u.momentum)) || (damp && !number(damp, u.dampening))) return false;
+      if (!flag(item<"nesterov">(group), false, u.nesterov)) return false;
       if (u.momentum != 0) {
-        if (!pstate || !PyDict_Check(pstate)) return py::none();
-        st.exp_avg = state_tensor(pstate, "momentum_buffer");
-        if (!st.exp_avg.defined()) return py::none();  // the first step creates it: the Python route
+        if (!pstate || !PyDict_Check(pstate)) return false;
+        st.exp_avg = state_tensor(item<"momentum_buffer">(pstate));
+        if (!st.exp_avg.defined()) return false;  // the first step creates it: the Python route
       }
     } else {
       u.kind = OptimizerKind::Adam;
-      PyObject* betas = item(group, "betas");
+      PyObject* betas = item<"betas">(group);
       if (!betas || !PyTuple_Check(betas) || PyTuple_GET_SIZE(betas) != 2 ||
           !number(PyTuple_GET_ITEM(betas, 0), u.beta1) || !number(PyTuple_GET_ITEM(betas, 1), u.beta2) ||
-          !number(item(group, "eps"), u.eps) || !flag(group, "amsgrad", false, u.amsgrad) ||
-          !flag(group, "decoupled_weight_decay", decoupled_default, u.decoupled_weight_decay)) {
-        return py::none();
+          !number(item<"eps">(group), u.eps) || !flag(item<"amsgrad">(group), false, u.amsgrad) ||
+          !flag(item<"decoupled_weight_decay">(group), decoupled_default, u.decoupled_weight_decay)) {
+        return false;
       }
-      if (!pstate || !PyDict_Check(pstate)) return py::none();
-      st.step = state_tensor(pstate, "step");
-      st.exp_avg = state_tensor(pstate, "exp_avg");
-      st.exp_avg_sq = state_tensor(pstate, "exp_avg_sq");
-      if (u.amsgrad) st.max_exp_avg_sq = state_tensor(pstate, "max_exp_avg_sq");
+      if (!pstate || !PyDict_Check(pstate)) return false;
+      st.step = state_tensor(item<"step">(pstate));
+      st.exp_avg = state_tensor(item<"exp_avg">(pstate));
+      st.exp_avg_sq = state_tensor(item<"exp_avg_sq">(pstate));
+      if (u.amsgrad) st.max_exp_avg_sq = state_tensor(item<"max_exp_avg_sq">(pstate));
       if (!st.step.defined() || !st.exp_avg.defined() || !st.exp_avg_sq.defined() ||
           (u.amsgrad && !st.max_exp_avg_sq.defined())) {
-        return py::none();
+        return false;
       }
     }
   }
-  if (held != present) return py::none();
+  return held == present && call.params[kW1].defined();
+}
+
+// Runs the call's steps with the GIL released; false if it was refused (the
+// checks run before anything is written: the Python route then raises the
+// error that names the problem).
+bool run_released(const char* fn, TrainCall& call) {
+  py::gil_scoped_release no_gil;
+  try {
+    train_steps(fn, call);
+  } catch (const c10::Error&) {
+    return false;
+  }
+  return true;
+}
+
+// What an LR scheduler's wrapper of optimizer.step() records (see trainer.py).
+void mark_stepped(PyObject* opt) {
+  if (PyObject_SetAttr(opt, interned<"_opt_called">(), Py_True) != 0) throw py::error_already_set();
+}
+
+py::object train_step_fast(py::handle optimizer, py::tuple params, py::handle x, py::handle target, bool mean,
+                           py::handle lr_scale, bool adam, bool decoupled_default) {
+  if (!exact_tensor(x.ptr()) || !exact_tensor(target.ptr())) return py::none();
+  TrainCall call;
+  if (!read_optimizer(optimizer.ptr(), params, adam, decoupled_default, call)) return py::none();
   const at::Tensor& xt = THPVariable_Unpack(x.ptr());
   const at::Tensor& tt = THPVariable_Unpack(target.ptr());
-  const bool ensemble = call.params[kW1].defined() && call.params[kW1].dim() == 3;
+  const bool ensemble = call.params[kW1].dim() == 3;
   const int64_t K = ensemble ? call.params[kW1].size(0) : 1;
   if (!ensemble && (xt.dim() != 2 || tt.dim() != 2)) return py::none();  // (*, D) inputs: the Python route
+  if (xt.requires_grad() || tt.requires_grad()) return py::none();
   call.x = xt;
   call.target = tt;
   call.num_steps = 1;
   call.mean = mean;
   call.lr_scale = optional_tensor(lr_scale);
-  if (!call.params[kW1].defined() || (xt.requires_grad() || tt.requires_grad())) return py::none();
-  call.losses = at::empty({1, K}, call.params[kW1].options().requires_grad(false));
-  bool ran = true;
-  {
-    py::gil_scoped_release no_gil;
-    try {
-      train_steps(fn.c_str(), call);
-    } catch (const c10::Error&) {
-      ran = false;  // checked before anything is written: the Python route raises the error itself
-    }
-  }
-  if (!ran) return py::none();
-  // What an LR scheduler's wrapper of optimizer.step() records (see trainer.py).
-  optimizer.attr("_opt_called") = true;
-  return py::cast(ensemble ? call.losses.select(0, 0) : call.losses.view(at::IntArrayRef{}));  // view({}) would pick view(ScalarType)
+  // The loss of the one step, allocated in the shape returned (K,) or () — no view to make after.
+  call.losses = ensemble ? at::empty({K}, call.params[kW1].options()) : at::empty({}, call.params[kW1].options());
+  if (!run_released("fusedgrad.Trainer.step", call)) return py::none();
+  mark_stepped(optimizer.ptr());
+  return py::cast(std::move(call.losses));
+}
+
+// Trainer.fit's calls, the same way: x and target come prepared by fit();
+// false sends the call to the Python route.
+bool train_steps_fast(py::handle optimizer, py::tuple params, const at::Tensor& x, const at::Tensor& target,
+                      int64_t batch_size, py::handle order, int64_t first_step, int64_t num_steps, bool mean,
+                      py::handle lr_scale, bool adam, bool decoupled_default, const at::Tensor& losses,
+                      const at::Tensor& steps_done) {
+  TrainCall call;
+  if (!read_optimizer(optimizer.ptr(), params, adam, decoupled_default, call)) return false;
+  call.x = x;
+  call.target = target;
+  call.batch_size = batch_size;
+  call.order = optional_tensor(order);
+  call.first_step = first_step;
+  call.num_steps = num_steps;
+  call.mean = mean;
+  call.lr_scale = optional_tensor(lr_scale);
+  call.losses = losses;
+  call.steps_done = steps_done;
+  if (!run_released("fusedgrad.Trainer.fit", call)) return false;
+  mark_stepped(optimizer.ptr());
+  return true;
 }
 
 // c10's errors as the Python exceptions torch raises for them.
@@ -313,6 +378,8 @@ void register_trainer(py::module& m) {
       "Fused training steps of fusedgrad.Trainer (see csrc/trainer/train_bindings.cpp).");
   m.def("train_step_fast", &train_step_fast,
         "Trainer.step's common case, read straight from the optimizer; None: take the Python route.");
+  m.def("train_steps_fast", &train_steps_fast,
+        "Trainer.fit's calls in the common case, read straight from the optimizer; False: take the Python route.");
 }
 
 }  // namespace fusedgrad::trainer

@@ -371,7 +371,10 @@ struct Run {
       if (st.exp_avg.defined()) s1[p] = st.exp_avg.data_ptr<T>();
       if (st.exp_avg_sq.defined()) s2[p] = st.exp_avg_sq.data_ptr<T>();
       if (st.max_exp_avg_sq.defined()) s3[p] = st.max_exp_avg_sq.data_ptr<T>();
-      if (st.step.defined()) step0[p] = st.step.item<double>();
+      if (st.step.defined()) {  // a one-element float tensor on the CPU (check_call)
+        step0[p] = st.step.scalar_type() == at::kFloat ? static_cast<double>(*st.step.data_ptr<float>())
+                                                       : *st.step.data_ptr<double>();
+      }
     }
     x = c.x.data_ptr<T>();
     t = c.target.data_ptr<T>();
@@ -711,15 +714,18 @@ void run_all(const TrainCall& call, const Dims& d) {
 
 const char* kParamNames[kNumParams] = {"w1", "b1", "w2", "b2"};
 
-void check_like(const char* fn, const std::string& what, const at::Tensor& t, const at::Tensor& param) {
-  TORCH_CHECK_VALUE(t.defined(), fn, ": ", what, " is missing");
-  TORCH_CHECK_TYPE(t.scalar_type() == param.scalar_type(), fn, ": ", what, " has dtype ", t.scalar_type(),
-                   " but its parameter has ", param.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == param.device(), fn, ": ", what, " is on ", t.device(),
+// `what` names the tensor in pieces (e.g. "optimizer state of ", "w1", " 'exp_avg'"),
+// joined only when a check fails: this runs at every step.
+void check_like(const char* fn, const char* what0, const char* what1, const char* what2, const at::Tensor& t,
+                const at::Tensor& param) {
+  TORCH_CHECK_VALUE(t.defined(), fn, ": ", what0, what1, what2, " is missing");
+  TORCH_CHECK_TYPE(t.scalar_type() == param.scalar_type(), fn, ": ", what0, what1, what2, " has dtype ",
+                   t.scalar_type(), " but its parameter has ", param.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == param.device(), fn, ": ", what0, what1, what2, " is on ", t.device(),
                     " but its parameter is on ", param.device());
-  TORCH_CHECK_VALUE(t.sizes().equals(param.sizes()), fn, ": ", what, " has shape ", shape_str(t.sizes()),
-                    " but its parameter has shape ", shape_str(param.sizes()));
-  TORCH_CHECK_VALUE(t.is_contiguous(), fn, ": ", what, " must be contiguous");
+  TORCH_CHECK_VALUE(t.sizes().equals(param.sizes()), fn, ": ", what0, what1, what2, " has shape ",
+                    shape_str(t.sizes()), " but its parameter has shape ", shape_str(param.sizes()));
+  TORCH_CHECK_VALUE(t.is_contiguous(), fn, ": ", what0, what1, what2, " must be contiguous");
 }
 
 Dims check_call(const char* fn, const TrainCall& c) {
@@ -747,18 +753,19 @@ Dims check_call(const char* fn, const TrainCall& c) {
     TORCH_CHECK_VALUE(t.device() == w1.device(), fn, ": parameter ", kParamNames[p], " is on ", t.device(),
                       " but w1 is on ", w1.device());
     TORCH_CHECK_VALUE(t.is_contiguous(), fn, ": parameter ", kParamNames[p], " must be contiguous");
-    check_like(fn, std::string("the gradient buffer of ") + kParamNames[p], c.grads[p], t);
+    const char* pname = kParamNames[p];
+    check_like(fn, "the gradient buffer of ", pname, "", c.grads[p], t);
     const ParamState& st = c.state[p];
-    const std::string name = std::string("optimizer state of ") + kParamNames[p];
+    const char* state_of = "optimizer state of ";
     if (st.rule.kind == OptimizerKind::Adam) {
-      check_like(fn, name + " 'exp_avg'", st.exp_avg, t);
-      check_like(fn, name + " 'exp_avg_sq'", st.exp_avg_sq, t);
-      if (st.rule.amsgrad) check_like(fn, name + " 'max_exp_avg_sq'", st.max_exp_avg_sq, t);
+      check_like(fn, state_of, pname, " 'exp_avg'", st.exp_avg, t);
+      check_like(fn, state_of, pname, " 'exp_avg_sq'", st.exp_avg_sq, t);
+      if (st.rule.amsgrad) check_like(fn, state_of, pname, " 'max_exp_avg_sq'", st.max_exp_avg_sq, t);
       TORCH_CHECK_VALUE(st.step.defined() && st.step.numel() == 1 && st.step.device().is_cpu() &&
                             (st.step.scalar_type() == at::kFloat || st.step.scalar_type() == at::kDouble),
-                        fn, ": ", name, " 'step' must be a one-element float tensor on the CPU");
+                        fn, ": ", state_of, pname, " 'step' must be a one-element float tensor on the CPU");
     } else if (st.rule.momentum != 0) {
-      check_like(fn, name + " 'momentum_buffer'", st.exp_avg, t);
+      check_like(fn, state_of, pname, " 'momentum_buffer'", st.exp_avg, t);
     }
   }
   auto check_bias = [&](int p, int64_t width) {
