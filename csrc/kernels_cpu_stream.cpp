@@ -82,14 +82,20 @@ constexpr int64_t kNarrowRowMacs = 512;
 constexpr int64_t kMediumRowMacs = 2048;
 constexpr int64_t kMediumMinRows = 32768;
 
+int64_t round_up(int64_t n, int64_t k) { return (n + k - 1) / k * k; }
+
+// Rows per block: as many as keep the block in cache, but no more than make
+// kMaxChunks blocks of N, so that from a few thousand rows on every chunk
+// holds about the same work and two (or four) threads finish together (10⁴
+// rows of 1→20→1 made 13 blocks of 800: 7 against 6, ~15% of the step lost).
+// Like the chunks, this depends on N and the shape only, never on the threads.
 int64_t block_rows_for(const Problem& p) {
   const int64_t widest = std::max<int64_t>({p.D, p.H, p.O, 1});
   int64_t rows = kBlockValues / widest;
+  rows = std::min(rows, round_up((p.N + kMaxChunks - 1) / kMaxChunks, kTile));
   rows = std::clamp<int64_t>(rows, kMinBlockRows, kMaxBlockRows);
   return rows / kTile * kTile;
 }
-
-int64_t round_up(int64_t n, int64_t k) { return (n + k - 1) / k * k; }
 
 bool kind_streams(const Broadcast2d& op) { return op.kind != Broadcast2d::Kind::Other; }
 
