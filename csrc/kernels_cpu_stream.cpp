@@ -35,6 +35,7 @@
 // 1→20→1, where vec_exp costs a few tenths.
 #include "cpu_vector.h"
 #include "kernels.h"
+#include "lane_vector.h"
 
 #include <ATen/Parallel.h>
 
@@ -126,40 +127,32 @@ FUSEDGRAD_CPU_INLINE void tile_product(T* __restrict__ out, int64_t ld_out, cons
   }
 }
 
-// Four dots sharing `a`: one load of a[i] feeds four multiply-adds.
-template <typename T>
-FUSEDGRAD_CPU_INLINE void dot4(const T* __restrict__ a, const T* __restrict__ b0, const T* __restrict__ b1,
-                                  const T* __restrict__ b2, const T* __restrict__ b3, int64_t n, T* out) {
-  T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t i = 0; i < n; ++i) {
-    s0 += a[i] * b0[i];
-    s1 += a[i] * b1[i];
-    s2 += a[i] * b2[i];
-    s3 += a[i] * b3[i];
-  }
-  out[0] = s0;
-  out[1] = s1;
-  out[2] = s2;
-  out[3] = s3;
-}
+// Lane partials gathered before one fold (lane_vector.h): 256 vectors, 16 KiB.
+constexpr int64_t kFoldPartials = 256;
 
-// acc[r·ld_acc + c] += Σ_i a[r, i] · b[c, i]: the (R × C) sums over a block's
-// rows of two transposed buffers (dw2 += gT sTᵀ, dw1 += dhT xTᵀ), each block
-// sum in T added to the double partial.
+// acc[r·C + c] += Σ_i a[r·ld + i] · b[c·ld + i] over the block's n rows: the
+// (R × C) sums of two transposed buffers (dw2 += gT sTᵀ, dw1 += dhT xTᵀ),
+// taken as lane partials in T (`lanes`: kFoldPartials vectors of scratch),
+// folded and added to the double partials.
 template <typename T>
 FUSEDGRAD_CPU_INLINE void add_outer_sums(double* __restrict__ acc, const T* a, int64_t R, const T* b, int64_t C,
-                                            int64_t ld, int64_t n) {
-  for (int64_t r = 0; r < R; ++r) {
-    const T* ar = a + r * ld;
-    double* accr = acc + r * C;
-    int64_t c = 0;
-    T s[4];
-    for (; c + 4 <= C; c += 4) {
-      dot4(ar, b + c * ld, b + (c + 1) * ld, b + (c + 2) * ld, b + (c + 3) * ld, n, s);
-      for (int q = 0; q < 4; ++q) accr[c + q] += static_cast<double>(s[q]);
-    }
-    for (; c < C; ++c) accr[c] += static_cast<double>(dot(ar, b + c * ld, n));
+                                            int64_t ld, int64_t n, T* lanes) {
+  const int64_t per_fold = std::max<int64_t>(1, kFoldPartials / C);  // whole rows of C sums per fold
+  for (int64_t r0 = 0; r0 < R; r0 += per_fold) {
+    const int64_t r1 = std::min(R, r0 + per_fold);
+    for (int64_t r = r0; r < r1; ++r) lane_dots_with(a + r * ld, b, ld, C, n, lanes, (r - r0) * C, 1);
+    add_lane_sums(lanes, (r1 - r0) * C, acc + r0 * C);
+  }
+}
+
+// acc[r] += Σ_i a[r·ld + i] over the block's n rows, for r < R (db1, Σ g).
+template <typename T>
+FUSEDGRAD_CPU_INLINE void add_row_sums(double* __restrict__ acc, const T* a, int64_t R, int64_t ld, int64_t n,
+                                          T* lanes) {
+  for (int64_t r0 = 0; r0 < R; r0 += kFoldPartials) {
+    const int64_t r1 = std::min(R, r0 + kFoldPartials);
+    for (int64_t r = r0; r < r1; ++r) lane_row_sum(a + r * ld, n, lanes + (r - r0) * kLanes<T>);
+    add_lane_sums(lanes, r1 - r0, acc + r0);
   }
 }
 
@@ -235,19 +228,21 @@ struct BlockBuffers {
   T* gT = nullptr;   // (O, ld): p, then r, then g (sT itself when there is no w2)
   T* dxT = nullptr;  // (D, ld)
   T* bT = nullptr;   // (H, ld): a per-sample b1, transposed
+  T* lanes = nullptr;  // (kFoldPartials, kLanes): lane partials of the block's sums
 };
 
 template <typename T>
 BlockBuffers<T>& thread_buffers(const StreamPlan<T>& plan) {
   thread_local BlockBuffers<T> buf;
   const int64_t D = plan.D, H = plan.H, O = plan.O, ld = plan.ld;
-  const size_t need = static_cast<size_t>((2 * D + 2 * H + O) * ld);
+  const size_t need = static_cast<size_t>((2 * D + 2 * H + O) * ld + kFoldPartials * kLanes<T>);
   if (buf.storage.size() < need) buf.storage.resize(need);  // zero-filled: finite padding lanes
   buf.xT = buf.storage.data();
   buf.sT = buf.xT + D * ld;
   buf.gT = buf.sT + H * ld;
   buf.dxT = buf.gT + O * ld;
   buf.bT = buf.dxT + D * ld;
+  buf.lanes = buf.bT + H * ld;
   return buf;
 }
 
@@ -397,10 +392,8 @@ FUSEDGRAD_CPU_INLINE void block_backward(const StreamPlan<T>& plan, const Backwa
   const int64_t D = plan.D, H = plan.H, O = plan.O, ld = plan.ld, lanes = round_up(n, kTile);
   T* sT = buf.sT;
   const T* gT = buf.gT;
-  if (out.g_sums) {
-    for (int64_t o = 0; o < O; ++o) partial[plan.off_g + o] += static_cast<double>(row_sum(gT + o * ld, n));
-  }
-  if (out.w2) add_outer_sums(partial + plan.off_dw2, gT, O, sT, H, ld, n);  // dw2 = gᵀ s
+  if (out.g_sums) add_row_sums(partial + plan.off_g, gT, O, ld, n, buf.lanes);
+  if (out.w2) add_outer_sums(partial + plan.off_dw2, gT, O, sT, H, ld, n, buf.lanes);  // dw2 = gᵀ s
   const bool need_hidden = out.w1 || out.b1_sums || out.dx || out.db1_rows;
   if (!need_hidden) return;
   // dh = (W2ᵀ g) ⊙ act'(s) into sT, one tile of ds at a time (ds = g without w2).
@@ -434,11 +427,9 @@ FUSEDGRAD_CPU_INLINE void block_backward(const StreamPlan<T>& plan, const Backwa
     }
   }
   const T* dhT = sT;
-  if (out.b1_sums) {
-    for (int64_t j = 0; j < H; ++j) partial[plan.off_db1 + j] += static_cast<double>(row_sum(dhT + j * ld, n));
-  }
+  if (out.b1_sums) add_row_sums(partial + plan.off_db1, dhT, H, ld, n, buf.lanes);
   if (out.db1_rows) store_rows(dhT, ld, i0, n, H, out.db1_rows, T(1));
-  if (out.w1) add_outer_sums(partial + plan.off_dw1, dhT, H, buf.xT, D, ld, n);  // dw1 = dhᵀ x
+  if (out.w1) add_outer_sums(partial + plan.off_dw1, dhT, H, buf.xT, D, ld, n, buf.lanes);  // dw1 = dhᵀ x
   if (out.dx) {  // dx = dh w1: dxT = W1ᵀ dhT, written back as rows
     tile_product(buf.dxT, ld, plan.w1t.data(), D, H, dhT, ld, lanes);
     store_rows(buf.dxT, ld, i0, n, D, out.dx, T(1));

@@ -37,7 +37,7 @@
 #include <vector>
 
 #include "../cpu_vector.h"
-#include "lane_vector.h"
+#include "../lane_vector.h"  // lane-wise row sums: LaneVec, lane_dots_with, add_lane_sums
 #include "../problem.h"  // shape_str
 
 namespace fusedgrad::trainer {
@@ -93,80 +93,6 @@ template <typename T>
 BlockScratch<T>& thread_block_scratch() {
   thread_local BlockScratch<T> scratch;
   return scratch;
-}
-
-// Every sum over a block's rows is taken lane-wise — lane l of a LaneVec
-// sums rows l, l + kLanes, ... — in T, and the kLanes partials of all the
-// block's sums are folded and added to the double sums once, at its end. A
-// horizontal sum per gradient element (62 for 1→20→1) after each dot, as
-// `omp simd reduction` lowers it, cost as much as the rest of a 100-row step.
-
-// out[q] = lane partials of Σ_r a[r] · b_q[r] over n rows (a multiple of
-// kLanes), for q < Q: Q dots sharing the loads of `a`.
-template <int Q, typename T>
-FUSEDGRAD_CPU_INLINE void lane_dots(const T* a, const T* const* b, int64_t n, T* const* out) {
-  constexpr int64_t L = kLanes<T>;
-  LaneVec<T> acc[Q];
-  for (int q = 0; q < Q; ++q) acc[q] = lanes_splat(T(0));
-  for (int64_t r = 0; r < n; r += L) {
-    const LaneVec<T> av = lanes_load(a + r);
-    for (int q = 0; q < Q; ++q) acc[q] += av * lanes_load(b[q] + r);
-  }
-  for (int q = 0; q < Q; ++q) lanes_store(out[q], acc[q]);
-}
-
-// partials[(first + c·stride) · kLanes ...] = lane partials of Σ_r a[r] · b[c·ldb + r], for c < C,
-// four at a time (four independent chains of multiply-adds).
-template <typename T>
-FUSEDGRAD_CPU_INLINE void lane_dots_with(const T* a, const T* b, int64_t ldb, int64_t C, int64_t n, T* partials,
-                                           int64_t first, int64_t stride) {
-  constexpr int64_t L = kLanes<T>;
-  auto row = [&](int64_t c) { return b + c * ldb; };
-  auto out = [&](int64_t c) { return partials + (first + c * stride) * L; };
-  int64_t c = 0;
-  for (; c + 4 <= C; c += 4) {
-    const T* bs[4] = {row(c), row(c + 1), row(c + 2), row(c + 3)};
-    T* outs[4] = {out(c), out(c + 1), out(c + 2), out(c + 3)};
-    lane_dots<4>(a, bs, n, outs);
-  }
-  switch (C - c) {
-    case 3: {
-      const T* bs[3] = {row(c), row(c + 1), row(c + 2)};
-      T* outs[3] = {out(c), out(c + 1), out(c + 2)};
-      lane_dots<3>(a, bs, n, outs);
-      break;
-    }
-    case 2: {
-      const T* bs[2] = {row(c), row(c + 1)};
-      T* outs[2] = {out(c), out(c + 1)};
-      lane_dots<2>(a, bs, n, outs);
-      break;
-    }
-    case 1: {
-      const T* bs[1] = {row(c)};
-      T* outs[1] = {out(c)};
-      lane_dots<1>(a, bs, n, outs);
-      break;
-    }
-    default:
-      break;
-  }
-}
-
-// sums[e] += Σ_l partials[e·kLanes + l] for e < count: each row's lanes summed
-// in T by a fixed tree (lane_sums, kLanes rows at a time), then added in double.
-template <typename T>
-FUSEDGRAD_CPU_INLINE void add_lane_sums(const T* FUSEDGRAD_RESTRICT partials, int64_t count,
-                                          double* FUSEDGRAD_RESTRICT sums) {
-  constexpr int64_t L = kLanes<T>;
-  for (int64_t e0 = 0; e0 < count; e0 += L) {
-    const int64_t n = std::min(L, count - e0);
-    LaneVec<T> rows[L];
-    for (int64_t i = 0; i < L; ++i) rows[i] = i < n ? lanes_load(partials + (e0 + i) * L) : lanes_splat(T(0));
-    T total[L];
-    lanes_store(total, lane_sums<T>(rows));
-    for (int64_t i = 0; i < n; ++i) sums[e0 + i] += static_cast<double>(total[i]);
-  }
 }
 
 // Adds one block's Σ r² and gradient sums into `sums` (SumLayout). The block's
