@@ -52,15 +52,27 @@ struct AdamStepScalars {
   double decay;                  // 1 − lr λ (AdamW)
 };
 
-inline AdamStepScalars adam_step_scalars(const UpdateRule& u, double lr, double t) {
-  const double bc1 = 1.0 - std::pow(u.beta1, t);
-  const double bc2 = 1.0 - std::pow(u.beta2, t);
+// The bias corrections of step t: 1 − β1^t and √(1 − β2^t) (two pow: worth
+// computing once per step, not once per model of an ensemble).
+struct AdamBiasCorrections {
+  double bc1, bc2_sqrt;
+};
+
+inline AdamBiasCorrections adam_bias_corrections(const UpdateRule& u, double t) {
+  return {1.0 - std::pow(u.beta1, t), std::pow(1.0 - std::pow(u.beta2, t), 0.5)};
+}
+
+inline AdamStepScalars adam_step_scalars(const UpdateRule& u, double lr, const AdamBiasCorrections& bc) {
   if (u.lr_float32_tensor) {
     const float lr32 = static_cast<float>(lr);
-    return {static_cast<float>(lr32 / static_cast<float>(bc1)), std::pow(bc2, 0.5),
+    return {static_cast<float>(lr32 / static_cast<float>(bc.bc1)), bc.bc2_sqrt,
             static_cast<float>(1.0f - lr32 * static_cast<float>(u.weight_decay))};
   }
-  return {lr / bc1, std::pow(bc2, 0.5), 1.0 - lr * u.weight_decay};
+  return {lr / bc.bc1, bc.bc2_sqrt, 1.0 - lr * u.weight_decay};
+}
+
+inline AdamStepScalars adam_step_scalars(const UpdateRule& u, double lr, double t) {
+  return adam_step_scalars(u, lr, adam_bias_corrections(u, t));
 }
 
 // Whether two rules give the same AdamStepScalars at the same step.

@@ -286,6 +286,7 @@ struct Run {
   int64_t x_model_stride, t_model_stride;
   const int64_t* order;
   T* losses;
+  std::vector<AdamBiasCorrections> bias_corrections;  // [step · kNumParams + p], for ensembles
 
   Run(const TrainCall& c, const Dims& dims) : call(c), d(dims), lay(dims) {
     for (int p = 0; p < kNumParams; ++p) {
@@ -308,6 +309,17 @@ struct Run {
     t_model_stride = c.target.dim() == 3 ? d.N * d.O : 0;
     order = c.order.defined() ? c.order.data_ptr<int64_t>() : nullptr;
     losses = c.losses.data_ptr<T>();
+    if (d.K > 1) {  // every model takes the same steps: their bias corrections once
+      bias_corrections.resize(static_cast<size_t>(c.num_steps * kNumParams));
+      for (int64_t step = 0; step < c.num_steps; ++step) {
+        for (int p = 0; p < kNumParams; ++p) {
+          const ParamState& st = c.state[p];
+          if (!param[p] || st.rule.kind != OptimizerKind::Adam) continue;
+          bias_corrections[step * kNumParams + p] =
+              adam_bias_corrections(st.rule, step0[p] + static_cast<double>(step + 1));
+        }
+      }
+    }
   }
 
   ModelPtrs<T> model(int64_t k) const {
@@ -334,7 +346,8 @@ struct Run {
     const double scale = call.lr_scale.defined() ? call.lr_scale.data_ptr<double>()[k] : 1.0;
     const int64_t offsets[kNumParams] = {lay.dw1, lay.db1, lay.dw2, lay.db2};
     // Adam's per-step scalars (two pow each) once for the parameters that share
-    // their group's options and step count — usually all four.
+    // their group's options and step count — usually all four; an ensemble's
+    // models read the bias corrections computed once per step (bias_corrections).
     const UpdateRule* last_rule = nullptr;
     double last_t = 0;
     AdamStepScalars last{0, 1, 1};
@@ -346,7 +359,9 @@ struct Run {
       if (st.rule.kind == OptimizerKind::Adam) {
         const double t = step0[p] + static_cast<double>(step + 1);
         if (!(last_rule && t == last_t && same_adam_options(*last_rule, st.rule))) {
-          last = adam_step_scalars(st.rule, u.lr, t);
+          last = bias_corrections.empty()
+              ? adam_step_scalars(st.rule, u.lr, t)
+              : adam_step_scalars(st.rule, u.lr, bias_corrections[step * kNumParams + p]);
           last_rule = &st.rule;
           last_t = t;
         }
