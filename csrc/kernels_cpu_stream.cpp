@@ -16,9 +16,9 @@
 //   hT = W1 xT (+ b1)     sT = act(hT)           tile_product, then σ over the block
 //   pT = W2 sT            rT = pT + b2 − tT      tile_product, residual loop
 //   L += c Σ r²           gT = 2c rT             residual loop (Σ r² in double)
-//   dw2 += gT sTᵀ         db2 += Σ_rows g        dots over the block's rows
+//   dw2 += gT sTᵀ         db2 += Σ_rows g        lane-wise dots over the block's rows
 //   dsT = W2ᵀ gT          dhT = dsT ⊙ act'(sT)   tile_product, in place over sT
-//   dw1 += dhT xTᵀ        db1 += Σ_rows dh       dots over the block's rows
+//   dw1 += dhT xTᵀ        db1 += Σ_rows dh       lane-wise dots over the block's rows
 //   dxT = W1ᵀ dhT         dt = −g                tile_product, written back as rows
 //
 // Determinism. Rows are split into a number of chunks that depends only on N
