@@ -85,15 +85,18 @@ constexpr int64_t kMediumMinRows = 32768;
 
 int64_t round_up(int64_t n, int64_t k) { return (n + k - 1) / k * k; }
 
-// Rows per block: as many as keep the block in cache, but no more than make
-// kMaxChunks blocks of N, so that from a few thousand rows on every chunk
-// holds about the same work and two (or four) threads finish together (10⁴
-// rows of 1→20→1 made 13 blocks of 800: 7 against 6, ~15% of the step lost).
+// Rows per block: as many as keep the block in cache, but from a few thousand
+// rows on no more than make kMaxChunks blocks of N, so that every chunk holds
+// about the same work and two (or four) threads finish together (10⁴ rows of
+// 1→20→1 made 13 blocks of 800: 7 against 6, ~15% of the step lost). Small N
+// keeps whole blocks (splitting 100 rows would only wake a second thread).
 // Like the chunks, this depends on N and the shape only, never on the threads.
+constexpr int64_t kMinBalancedBlockRows = 512;
+
 int64_t block_rows_for(const Problem& p) {
   const int64_t widest = std::max<int64_t>({p.D, p.H, p.O, 1});
   int64_t rows = kBlockValues / widest;
-  rows = std::min(rows, round_up((p.N + kMaxChunks - 1) / kMaxChunks, kTile));
+  rows = std::min(rows, std::max(kMinBalancedBlockRows, round_up((p.N + kMaxChunks - 1) / kMaxChunks, kTile)));
   rows = std::clamp<int64_t>(rows, kMinBlockRows, kMaxBlockRows);
   return rows / kTile * kTile;
 }

@@ -22,10 +22,14 @@ from reference import LOSS_ARGS, assert_close_rel, ref_mlp, ref_mlp_loss
 
 RTOL64 = 1e-12
 
-# Rows per block, as block_rows_for computes it: 16384 // max(D, H, O),
-# clamped to [64, 1024], rounded down to a multiple of 32.
-def block_rows(D, H, O):
-    rows = min(max(16384 // max(D, H, O, 1), 64), 1024)
+# Rows per block, as block_rows_for computes it: 16384 // max(D, H, O), at most
+# max(512, ⌈N / 16⌉ rounded up to 32) so that the chunks balance, clamped to
+# [64, 1024], rounded down to a multiple of 32. N=None: the block of a large N.
+def block_rows(D, H, O, N=None):
+    rows = 16384 // max(D, H, O, 1)
+    if N is not None:
+        rows = min(rows, max(512, (-(-N // 16) + 31) // 32 * 32))
+    rows = min(max(rows, 64), 1024)
     return rows // 32 * 32
 
 
@@ -84,9 +88,11 @@ def check_loss(args, wrt=None, reduction="mean", activation="sigmoid", rtol=RTOL
 
 
 def boundary_sizes(D, H, O):
-    B = block_rows(D, H, O)
-    return sorted({1, 2, B - 1, B, B + 1, 2 * B + 1, CHUNKS * B - 1, CHUNKS * B, CHUNKS * B + 1,
-                   (2 * CHUNKS + 1) * B + 7, 7919})
+    """N around the block and chunk boundaries, for the block of small N and of large N."""
+    sizes = {1, 2, 7919}
+    for B in {block_rows(D, H, O, 1), block_rows(D, H, O)}:
+        sizes |= {B - 1, B, B + 1, 2 * B + 1, CHUNKS * B - 1, CHUNKS * B, CHUNKS * B + 1, (2 * CHUNKS + 1) * B + 7}
+    return sorted(sizes)
 
 
 @pytest.mark.parametrize("shape", [NARROW, MEDIUM, (3, 7, 2)], ids=lambda s: "x".join(map(str, s)))
