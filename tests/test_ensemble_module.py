@@ -165,6 +165,9 @@ def test_from_modules_errors():
         FusedMLPEnsemble.from_modules([Net(3, 4, 2), meta])
     with pytest.raises(ValueError, match=r"^FusedMLPEnsemble\.from_modules: model 1: FusedMLP\.from_module: the "
                                          r"model must consist of exactly nn\.Linear, nn\.Sigmoid, nn\.Linear"):
+        FusedMLPEnsemble.from_modules([Net(3, 4, 2), nn.Sequential(nn.Linear(3, 4), nn.Softplus(), nn.Linear(4, 2))])
+    with pytest.raises(ValueError, match=r"^FusedMLPEnsemble\.from_modules: model 1 has activation 'relu'; "
+                                         r"FusedMLPEnsemble computes sigmoid models only"):
         FusedMLPEnsemble.from_modules([Net(3, 4, 2), nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))])
     with pytest.raises(TypeError, match=r"model 0: FusedMLP\.from_module: expected an nn\.Module, got int"):
         FusedMLPEnsemble.from_modules([3])

@@ -18,7 +18,7 @@
 #include <string>
 #include <unordered_map>
 
-#include "../grad_hooks.h"
+#include "../python/grad_hooks.h"
 #include "train_step.h"
 
 namespace fusedgrad::trainer {

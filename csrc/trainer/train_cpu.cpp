@@ -35,8 +35,8 @@
 #include <string>
 #include <vector>
 
-#include "../cpu_vector.h"
-#include "../problem.h"  // shape_str
+#include "../common/cpu_vector.h"
+#include "../common/problem.h"  // shape_str
 
 namespace fusedgrad::trainer {
 namespace {

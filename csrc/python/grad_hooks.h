@@ -9,7 +9,7 @@
 // C++ post-hook on that node. Writing .grad directly runs none of them, so a
 // caller that finds any must take the autograd route (or refuse).
 //
-// Implemented in python_entry.cpp (it reads the Python hook dictionaries).
+// Implemented in direct_calls.cpp (it reads the Python hook dictionaries).
 #pragma once
 
 typedef struct _object PyObject;  // as Python.h declares it

@@ -1,11 +1,11 @@
 // The small-problem path of the loss op: direct loops, no BLAS call, and no
 // allocation but the outputs (intermediates live in per-thread scratch). A first pass
-// computes s = act(x W1ᵀ + b1) for all rows (σ over the whole block by ATen's
-// vectorised sigmoid); a second does every other step of the README's "Math"
+// computes s = act(x W1ᵀ + b1) for all rows (the activation over the whole
+// block at once, vectorised: cpu/activation_cpu.h); a second does every other step of the README's "Math"
 // for row i before row i+1. For the tiny networks of curve fits and
 // surrogates a BLAS call, and the tensors between calls, cost more than the
 // arithmetic; past the measured crossover (kSmallPathMaxMacs) the GEMM path of
-// kernels_cpu.cpp is faster.
+// ops/gemm_path.cpp is faster.
 //
 // Per row i (x_i, t_i rows; s, p, g, ds, dh vectors):
 //   s   = act(W1 x_i + b1_i)             (computed as Σ_d x_id · W1ᵀ[d,:])
@@ -13,6 +13,8 @@
 //   dw2 += g sᵀ;   db2 += g;   dt_i = −g
 //   ds  = W2ᵀ g;   dh = ds ⊙ act'(s)
 //   dw1 += dh x_iᵀ;   db1 += dh;   dx_i = W1ᵀ dh
+// (act' is written from s, or from h for the activations that save their
+// input: then h is kept beside s.)
 // The sums over rows (dw1, db1, dw2, db2, dt) run over rows in order, in
 // blocks of kBlockRows rows summed in T and blocks summed in double: results
 // are deterministic, and float32 sums stay accurate at any N.
@@ -23,28 +25,21 @@
 // BLAS dot product makes. With GCC on x86-64 the kernel is also compiled for
 // AVX2 + FMA (x86-64-v3), picked at load time on CPUs that have them
 // (target_clones), as ATen picks its own kernels by CPU capability.
-#include "cpu_vector.h"
-#include "kernels.h"
-
-
-#include <cstdlib>
+#include <atomic>
 #include <vector>
+
+#include "activation_cpu.h"
+#include "cpu_paths.h"
 
 namespace fusedgrad {
 namespace {
 
 // Multiply-adds of one forward pass, N·(D·H + H·O), up to which the direct
-// loops beat BLAS (measured: README, "Performance"). FUSEDGRAD_SMALL_PATH_MAX_MACS
-// overrides it, read once, for measuring the crossover on another machine.
+// loops beat BLAS (measured: README, "Performance"; benchmarks/crossover.py
+// moves it through set_small_path_max_macs to measure the crossover again).
 constexpr int64_t kSmallPathMaxMacsDefault = 1 << 16;  // measured: direct wins at 41k MACs, GEMM at 98k
 
-int64_t small_path_max_macs() {
-  static const int64_t limit = [] {
-    const char* env = std::getenv("FUSEDGRAD_SMALL_PATH_MAX_MACS");
-    return env ? std::atoll(env) : kSmallPathMaxMacsDefault;
-  }();
-  return limit;
-}
+std::atomic<int64_t> small_path_max_macs{kSmallPathMaxMacsDefault};
 
 bool kind_supported(const Broadcast2d& op) {
   return op.kind != Broadcast2d::Kind::Other;
@@ -91,10 +86,12 @@ FUSEDGRAD_CPU_INLINE void small_loss_and_grads(const Problem& p, double c, const
   const T two_c = static_cast<T>(2.0 * c);
 
   // Scratch layout (T): s (N·H) | W1ᵀ (D·H) | W2 (O·H) | r/g (O) | dh (H) |
-  // block sums dw1ᵀ (D·H), dw2 (O·H), db1 (H), g (O). Sums (double): the same
-  // four, over all blocks.
+  // block sums dw1ᵀ (D·H), dw2 (O·H), db1 (H), g (O) | h (N·H, only for an
+  // activation that saves its input). Sums (double): the same four, over all blocks.
   const int64_t n_sums = D * H + O * H + H + O;
-  Scratch<T>& scratch = thread_scratch<T>(N * H + D * H + O * H + O + H + n_sums, n_sums);
+  const bool keep_h = activation_saves_input(act);
+  Scratch<T>& scratch =
+      thread_scratch<T>(N * H + D * H + O * H + O + H + n_sums + (keep_h ? N * H : 0), n_sums);
   T* s_all = scratch.values.data();
   T* w1t = s_all + N * H;
   T* w2c = w1t + D * H;
@@ -105,6 +102,8 @@ FUSEDGRAD_CPU_INLINE void small_loss_and_grads(const Problem& p, double c, const
   T* blk_db1 = blk_dw2 + O * H;
   T* blk_g = blk_db1 + H;
   std::fill(blk_dw1t, blk_dw1t + n_sums, T(0));
+  T* h_all = keep_h ? blk_g + O : s_all;  // h, where act' reads it; else h becomes s in place
+  const T* saved_all = keep_h ? h_all : s_all;  // what act' is written from
   double* sum_dw1t = scratch.sums.data();
   double* sum_dw2 = sum_dw1t + D * H;
   double* sum_db1 = sum_dw2 + O * H;
@@ -147,12 +146,12 @@ FUSEDGRAD_CPU_INLINE void small_loss_and_grads(const Problem& p, double c, const
   const T* b2 = p.b2.present() ? p.b2.data<T>() : nullptr;
   const T* t = p.target.present() ? p.target.data<T>() : nullptr;
 
-  // First pass, all rows: s = x W1ᵀ + b1, then act over the whole (N, H)
-  // block at once (σ: ATen's vectorised sigmoid; per-element std::exp would
-  // cost several times the rest of the step).
+  // First pass, all rows: h = x W1ᵀ + b1, then act over the whole (N, H)
+  // block at once (vectorised; per-element std::exp would cost several times
+  // the rest of the step).
   for (int64_t i = 0; i < N; ++i) {
     const T* xi = x + i * x_rs;
-    T* __restrict__ si = s_all + i * H;
+    T* __restrict__ si = h_all + i * H;
     if (b1) {
       const T* bi = b1 + i * p.b1.row_stride;
       const int64_t bs = p.b1.col_stride;
@@ -162,8 +161,7 @@ FUSEDGRAD_CPU_INLINE void small_loss_and_grads(const Problem& p, double c, const
     }
     for (int64_t d = 0; d < D; ++d) axpy(si, xi[d * x_cs], w1t + d * H, H);
   }
-  at::Tensor s_view = at::from_blob(s_all, {N, H}, p.x2.options());
-  apply_activation_(s_view, act);
+  if (act != Activation::Identity) activate_n(act, h_all, s_all, N * H);
 
   // Second pass, row by row: everything else.
   double sum_sq = 0;
@@ -196,10 +194,7 @@ FUSEDGRAD_CPU_INLINE void small_loss_and_grads(const Problem& p, double c, const
       } else {
         std::copy(g, g + O, dh);
       }
-      if (act == Activation::Sigmoid) {
-#pragma omp simd
-        for (int64_t j = 0; j < H; ++j) dh[j] = math::activation_backward(dh[j], s[j], Activation::Sigmoid);
-      }
+      if (act != Activation::Identity) activation_backward_n(act, dh, saved_all + i * H, H);
       axpy(blk_db1, T(1), dh, H);
       if (db1_full) std::copy(dh, dh + H, db1_full + i * H);
       if (need[kW1]) {  // dw1ᵀ[d, :] += x_id · dh: contiguous rows of length H, whatever x's strides
@@ -243,8 +238,12 @@ FUSEDGRAD_CPU_CLONES void small_loss_and_grads_double(const Problem& p, double c
 
 bool small_path_applies(const Problem& p) {
   const int64_t macs = p.N * (p.D * p.H + p.H * p.O);
-  return macs <= small_path_max_macs() && kind_supported(p.b1) && kind_supported(p.b2) &&
+  return macs <= small_path_max_macs.load(std::memory_order_relaxed) && kind_supported(p.b1) && kind_supported(p.b2) &&
       kind_supported(p.target);
+}
+
+int64_t set_small_path_max_macs(int64_t macs) {
+  return small_path_max_macs.exchange(macs < 0 ? kSmallPathMaxMacsDefault : macs);
 }
 
 LossAndGrads allocate_loss_and_grads(const Problem& p, const LossGradMask& need) {

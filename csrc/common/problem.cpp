@@ -129,22 +129,6 @@ std::string shape_str(at::IntArrayRef shape) {
   return out.str();
 }
 
-Activation check_activation(int64_t activation) {
-  TORCH_CHECK_VALUE(
-      activation == static_cast<int64_t>(Activation::Sigmoid) ||
-          activation == static_cast<int64_t>(Activation::Identity),
-      "fusedgrad: argument 'activation' must be 0 (sigmoid) or 1 (identity), got ", activation);
-  return static_cast<Activation>(activation);
-}
-
-Reduction check_reduction(int64_t reduction) {
-  TORCH_CHECK_VALUE(
-      reduction == static_cast<int64_t>(Reduction::Mean) ||
-          reduction == static_cast<int64_t>(Reduction::Sum),
-      "fusedgrad: argument 'reduction' must be 1 (mean) or 2 (sum), got ", reduction);
-  return static_cast<Reduction>(reduction);
-}
-
 Problem make_problem(
     const at::Tensor& x,
     const at::Tensor& w1,
@@ -152,9 +136,9 @@ Problem make_problem(
     const std::optional<at::Tensor>& w2,
     const std::optional<at::Tensor>& b2,
     const std::optional<at::Tensor>& target,
-    int64_t activation) {
+    Activation activation) {
   Problem p;
-  p.activation = check_activation(activation);
+  p.activation = activation;
 
   TORCH_CHECK_VALUE(x.defined(), "fusedgrad: argument 'x' must be a tensor, got None");
   check_tensor("x", x, x);

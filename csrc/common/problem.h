@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "formulas.h"
+#include "options.h"
 
 namespace fusedgrad {
 
@@ -59,9 +60,6 @@ struct Problem {
 std::string dtype_name(at::ScalarType t);
 std::string shape_str(at::IntArrayRef shape);
 
-Activation check_activation(int64_t activation);
-Reduction check_reduction(int64_t reduction);
-
 // Validates every argument (dtype, device, layout, rank, shape) and raises a
 // ValueError / TypeError naming the argument before any kernel runs.
 Problem make_problem(
@@ -71,7 +69,7 @@ Problem make_problem(
     const std::optional<at::Tensor>& w2,
     const std::optional<at::Tensor>& b2,
     const std::optional<at::Tensor>& target,
-    int64_t activation);
+    Activation activation);
 
 // Sums a (rows, cols) gradient down to the shape of the broadcast operand it
 // belongs to (the rule autograd applies to broadcast arguments).

@@ -1,5 +1,5 @@
 // The streaming path: tall data through narrow networks (curve fits,
-// surrogates, collocation sets: N ≫ D, H, O). The GEMM path of kernels_cpu.cpp
+// surrogates, collocation sets: N ≫ D, H, O). The GEMM path (ops/gemm_path.cpp)
 // materialises (N, H) buffers and runs skinny GEMMs (K = D = 1, or O = 1) that
 // BLAS does poorly, and past the caches every step streams and page-faults
 // those buffers, so its cost per row grows with N. A row never needs another
@@ -18,6 +18,7 @@
 //   L += c Σ r²           gT = 2c rT             residual loop (Σ r² in double)
 //   dw2 += gT sTᵀ         db2 += Σ_rows g        dots over the block's rows
 //   dsT = W2ᵀ gT          dhT = dsT ⊙ act'(sT)   tile_product, in place over sT
+//                         (act'(hT), from a kept hT, for activations that save their input)
 //   dw1 += dhT xTᵀ        db1 += Σ_rows dh       dots over the block's rows
 //   dxT = W1ᵀ dhT         dt = −g                tile_product, written back as rows
 //
@@ -29,12 +30,13 @@
 // order. Results are bitwise identical for any number of threads, and float32
 // row sums keep float32 accuracy at any N.
 //
-// σ is evaluated in registers, in the tile that computed h, by a vectorisable
-// exp (vec_exp, within 1–2 ulp of std::exp): ATen's sigmoid over a from_blob
-// view of each block measured ~0.7 ns per value here, half the whole step of
-// 1→20→1, where vec_exp costs a few tenths.
-#include "cpu_vector.h"
-#include "kernels.h"
+// The activation is evaluated in registers, in the tile that computed h, in its
+// vectorisable form (cpu/activation_cpu.h; σ by vec_exp, within 1–2 ulp of
+// std::exp): ATen's sigmoid over a from_blob view of each block measured
+// ~0.7 ns per value here, half the whole step of 1→20→1, where vec_exp costs a
+// few tenths.
+#include "activation_cpu.h"
+#include "cpu_paths.h"
 
 #include <ATen/Parallel.h>
 
@@ -166,6 +168,7 @@ struct StreamPlan {
   int64_t ld = 0;      // stride of the transposed buffers: B rounded up to kTile
   bool has_w2 = false;
   Activation act = Activation::Sigmoid;
+  bool keep_h = false;  // act' is written from h: blocks keep hT beside sT
   at::TensorOptions opts;
   // Weights in the orientation the tile products read (contiguous copies:
   // the caller's may be any strided view).
@@ -186,6 +189,7 @@ struct StreamPlan {
     ld = round_up(B, kTile);
     has_w2 = p.has_w2();
     act = p.activation;
+    keep_h = activation_saves_input(act);
     opts = p.x2.options();
     w1.resize(H * D);
     w1t.resize(D * H);
@@ -229,19 +233,21 @@ struct BlockBuffers {
   T* gT = nullptr;   // (O, ld): p, then r, then g (sT itself when there is no w2)
   T* dxT = nullptr;  // (D, ld)
   T* bT = nullptr;   // (H, ld): a per-sample b1, transposed
+  T* hT = nullptr;   // (H, ld): h, for an activation that saves its input
 };
 
 template <typename T>
 BlockBuffers<T>& thread_buffers(const StreamPlan<T>& plan) {
   thread_local BlockBuffers<T> buf;
   const int64_t D = plan.D, H = plan.H, O = plan.O, ld = plan.ld;
-  const size_t need = static_cast<size_t>((2 * D + 2 * H + O) * ld);
+  const size_t need = static_cast<size_t>((2 * D + 2 * H + O + (plan.keep_h ? H : 0)) * ld);
   if (buf.storage.size() < need) buf.storage.resize(need);  // zero-filled: finite padding lanes
   buf.xT = buf.storage.data();
   buf.sT = buf.xT + D * ld;
   buf.gT = buf.sT + H * ld;
   buf.dxT = buf.gT + O * ld;
   buf.bT = buf.dxT + D * ld;
+  buf.hT = plan.keep_h ? buf.bT + H * ld : nullptr;
   return buf;
 }
 
@@ -339,7 +345,6 @@ FUSEDGRAD_CPU_INLINE void block_forward(const StreamPlan<T>& plan, const Broadca
   load_x(plan, i0, n, buf.xT);
   const bool per_sample_b1 = b1.present() && b1.row_stride != 0;
   if (per_sample_b1) load_transposed(b1.data<T>(), b1.row_stride, b1.col_stride, i0, n, H, buf.bT, ld);
-  const bool sigmoid = plan.act == Activation::Sigmoid;
   for (int64_t j = 0; j < H; ++j) {
     const T* wj = plan.w1.data() + j * D;
     T* sj = buf.sT + j * ld;
@@ -363,13 +368,8 @@ FUSEDGRAD_CPU_INLINE void block_forward(const StreamPlan<T>& plan, const Broadca
 #pragma omp simd
         for (int64_t l = 0; l < kTile; ++l) acc[l] += bias;
       }
-      if (sigmoid) {
-#pragma omp simd
-        for (int64_t l = 0; l < kTile; ++l) sj[t0 + l] = vec_sigmoid(acc[l]);
-      } else {
-#pragma omp simd
-        for (int64_t l = 0; l < kTile; ++l) sj[t0 + l] = acc[l];
-      }
+      if (buf.hT) std::memcpy(buf.hT + j * ld + t0, acc, sizeof(acc));
+      activate_n(plan.act, acc, sj + t0, kTile);
     }
   }
   if (plan.has_w2) tile_product(buf.gT, ld, plan.w2.data(), plan.O, H, buf.sT, ld, lanes);
@@ -418,13 +418,10 @@ FUSEDGRAD_CPU_INLINE void block_backward(const StreamPlan<T>& plan, const Backwa
         for (int64_t l = 0; l < kTile; ++l) ds[l] = gj[l];
       }
       T* s = sj + i0t;
-      if (plan.act == Activation::Sigmoid) {
+      // ds ⊙ act'(s) (or act'(h)), then stored over s
+      if (plan.act != Activation::Identity) activation_backward_n(plan.act, ds, (buf.hT ? buf.hT + j * ld : sj) + i0t, kTile);
 #pragma omp simd
-        for (int64_t l = 0; l < kTile; ++l) s[l] = math::activation_backward(ds[l], s[l], Activation::Sigmoid);
-      } else {
-#pragma omp simd
-        for (int64_t l = 0; l < kTile; ++l) s[l] = ds[l];
-      }
+      for (int64_t l = 0; l < kTile; ++l) s[l] = ds[l];
     }
   }
   const T* dhT = sT;
@@ -569,7 +566,8 @@ struct ForwardJob {
   const Problem* p = nullptr;
   const StreamPlan<T>* plan = nullptr;
   T* pred = nullptr;
-  T* s_rows = nullptr;
+  T* s_rows = nullptr;  // s, as rows (null: not wanted)
+  T* h_rows = nullptr;  // h, as rows (null: not wanted)
 };
 
 template <typename T>
@@ -582,7 +580,8 @@ FUSEDGRAD_CPU_INLINE void forward_chunk(const ForwardJob<T>& job, int64_t r0, in
   for (int64_t i0 = r0; i0 < r1; i0 += plan.B) {
     const int64_t n = std::min(plan.B, r1 - i0);
     block_forward(plan, p.b1, i0, n, buf);
-    store_rows(buf.sT, ld, i0, n, H, job.s_rows, T(1));
+    if (job.s_rows) store_rows(buf.sT, ld, i0, n, H, job.s_rows, T(1));
+    if (job.h_rows) store_rows(buf.hT, ld, i0, n, H, job.h_rows, T(1));
     if (!plan.has_w2) continue;
     if (b2) {  // p = (s w2ᵀ) + b2
       const int64_t rs = p.b2.row_stride;
@@ -610,10 +609,10 @@ inline void run_forward_chunk(const ForwardJob<double>& job, int64_t r0, int64_t
 }
 
 template <typename T>
-void stream_forward(const Problem& p, T* pred, T* s_rows) {
+void stream_forward(const Problem& p, T* pred, T* s_rows, T* h_rows) {
   StreamPlan<T> plan;
   plan.init(p);
-  ForwardJob<T> job{&p, &plan, pred, s_rows};
+  ForwardJob<T> job{&p, &plan, pred, s_rows, h_rows};
   std::vector<double> unused;
   over_chunks(plan.N, plan.B, 0, unused, [&](int64_t r0, int64_t r1, double*) { run_forward_chunk(job, r0, r1); });
 }
@@ -637,7 +636,12 @@ FUSEDGRAD_CPU_INLINE void backward_chunk(const BackwardJob<T>& job, int64_t r0, 
   for (int64_t i0 = r0; i0 < r1; i0 += plan.B) {
     const int64_t n = std::min(plan.B, r1 - i0);
     load_transposed(job.g, job.g_rs, job.g_cs, i0, n, plan.O, buf.gT, ld);
-    load_transposed(job.s, job.s_rs, job.s_cs, i0, n, plan.H, buf.sT, ld);
+    if (buf.hT) {  // the saved h; s = act(h) only where dw2 = gᵀ s reads it
+      load_transposed(job.s, job.s_rs, job.s_cs, i0, n, plan.H, buf.hT, ld);
+      if (job.bo.w2) activate_n(plan.act, buf.hT, buf.sT, plan.H * ld);
+    } else {
+      load_transposed(job.s, job.s_rs, job.s_cs, i0, n, plan.H, buf.sT, ld);
+    }
     if (job.bo.w1) load_x(plan, i0, n, buf.xT);  // only dw1 reads x
     block_backward(plan, job.bo, i0, n, buf, partial);
   }
@@ -704,22 +708,23 @@ LossAndGrads mlp_loss_and_grads_cpu_stream(const Problem& p, Reduction reduction
 
 std::array<at::Tensor, 2> mlp_forward_cpu_stream(const Problem& p) {
   const auto opts = p.x2.options();
-  at::Tensor s = at::empty({p.N, p.H}, opts);
-  if (!p.has_w2()) {  // the prediction is s (the autograd node saves it as the output)
-    if (opts.dtype() == at::kFloat) {
-      stream_forward<float>(p, nullptr, s.data_ptr<float>());
-    } else {
-      stream_forward<double>(p, nullptr, s.data_ptr<double>());
-    }
-    return {s.view(p.out_shape), at::empty({0}, opts)};
-  }
-  at::Tensor pred = at::empty({p.N, p.O}, opts);
+  const bool keep_h = activation_saves_input(p.activation);
+  // The prediction, and what the backward differentiates act with (s, or h).
+  // Without w2 the prediction is s (the autograd node saves it as the
+  // output), and the second slot holds h or nothing.
+  at::Tensor pred = at::empty({p.N, p.has_w2() ? p.O : p.H}, opts);
+  at::Tensor saved = p.has_w2() || keep_h ? at::empty({p.N, p.H}, opts) : at::empty({0}, opts);
+  auto run = [&](auto* type_tag) {
+    using T = std::remove_pointer_t<decltype(type_tag)>;
+    T* s_rows = !p.has_w2() ? pred.data_ptr<T>() : keep_h ? nullptr : saved.data_ptr<T>();
+    stream_forward<T>(p, p.has_w2() ? pred.data_ptr<T>() : nullptr, s_rows, keep_h ? saved.data_ptr<T>() : nullptr);
+  };
   if (opts.dtype() == at::kFloat) {
-    stream_forward<float>(p, pred.data_ptr<float>(), s.data_ptr<float>());
+    run(static_cast<float*>(nullptr));
   } else {
-    stream_forward<double>(p, pred.data_ptr<double>(), s.data_ptr<double>());
+    run(static_cast<double*>(nullptr));
   }
-  return {pred.view(p.out_shape), s};
+  return {pred.view(p.out_shape), saved};
 }
 
 std::array<at::Tensor, kNumMlpInputs> mlp_backward_cpu_stream(

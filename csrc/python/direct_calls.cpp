@@ -1,5 +1,5 @@
-// Direct Python entry points: fusedgrad._C.{mlp_loss, mlp, mlp_loss_and_grads,
-// loss_backward}.
+// Direct Python calls of the ops: fusedgrad._C.{mlp_loss, mlp,
+// mlp_loss_and_grads, loss_backward}.
 //
 // Calling torch.ops.fusedgrad.<op> from Python parses every argument against
 // the schema into a boxed stack (isinstance checks, IValue conversions): about
@@ -25,10 +25,11 @@
 #include <optional>
 #include <typeinfo>
 
+#include "../common/options.h"
+#include "../ops/handles.h"
+#include "direct_calls.h"
 #include "grad_hooks.h"
-#include "kernels.h"
-#include "ops.h"
-#include "python_entry.h"
+#include "../cpu/cpu_paths.h"
 
 namespace fusedgrad {
 namespace {
@@ -74,21 +75,22 @@ TensorArgs unpack(py::handle x, py::handle w1, py::handle b1, py::handle w2, py:
   return a;
 }
 
-// The codes of fusedgrad/_checks.py (REDUCTIONS, ACTIVATIONS); nullopt for
-// anything else, so that the Python path raises the error.
-std::optional<int64_t> reduction_code(py::handle obj) {
+// A string option as the op takes it; nullopt for anything but a known name
+// (common/options.h), so that the Python path raises the error.
+std::optional<c10::string_view> option_str(py::handle obj, bool activation) {
   if (!PyUnicode_Check(obj.ptr())) return std::nullopt;
-  if (PyUnicode_CompareWithASCIIString(obj.ptr(), "mean") == 0) return int64_t(Reduction::Mean);
-  if (PyUnicode_CompareWithASCIIString(obj.ptr(), "sum") == 0) return int64_t(Reduction::Sum);
-  return std::nullopt;
+  Py_ssize_t size = 0;
+  const char* data = PyUnicode_AsUTF8AndSize(obj.ptr(), &size);
+  if (data == nullptr) {
+    PyErr_Clear();
+    return std::nullopt;
+  }
+  const c10::string_view name(data, static_cast<size_t>(size));
+  const bool known = activation ? find_activation(name).has_value() : find_reduction(name).has_value();
+  return known ? std::optional<c10::string_view>(name) : std::nullopt;
 }
-
-std::optional<int64_t> activation_code(py::handle obj) {
-  if (!PyUnicode_Check(obj.ptr())) return std::nullopt;
-  if (PyUnicode_CompareWithASCIIString(obj.ptr(), "sigmoid") == 0) return int64_t(Activation::Sigmoid);
-  if (PyUnicode_CompareWithASCIIString(obj.ptr(), "identity") == 0) return int64_t(Activation::Identity);
-  return std::nullopt;
-}
+std::optional<c10::string_view> reduction_code(py::handle obj) { return option_str(obj, false); }
+std::optional<c10::string_view> activation_code(py::handle obj) { return option_str(obj, true); }
 
 py::object wrap(Tensor t) {
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t)));
@@ -127,7 +129,7 @@ struct LossAndGradList {
   std::array<Tensor, 6> grads;
 };
 
-LossAndGradList call_loss_and_grads(const TensorArgs& a, int64_t red, int64_t act,
+LossAndGradList call_loss_and_grads(const TensorArgs& a, c10::string_view red, c10::string_view act,
                                     const std::array<bool, 6>& mask) {
   py::gil_scoped_release no_gil;
   auto [loss, dx, dw1, db1, dw2, db2, dt] =
@@ -219,10 +221,11 @@ namespace {
 // FusedMLP.loss_backward: the loss, and each parameter that requires grad
 // accumulates its gradient in .grad. x and target get no gradient.
 py::object loss_backward(py::handle x, py::handle w1, py::handle b1, py::handle w2, py::handle b2,
-                         py::handle target, py::handle reduction) {
+                         py::handle target, py::handle reduction, py::handle activation) {
   const TensorArgs a = unpack(x, w1, b1, w2, b2, target);
   const auto red = reduction_code(reduction);
-  if (!a.ok || !red) return py::none();
+  const auto act = activation_code(activation);
+  if (!a.ok || !red || !act) return py::none();
   // backward() would run hooks (or anomaly mode's checks) that a direct .grad
   // write skips: the Python path takes the autograd route or explains.
   if (torch::autograd::AnomalyMode::is_enabled()) return py::none();
@@ -239,7 +242,7 @@ py::object loss_backward(py::handle x, py::handle w1, py::handle b1, py::handle 
     // no .grad of its own to fill: the Python path explains.
     if (mask[k] && !params[k]->is_leaf()) return py::none();
   }
-  LossAndGradList r = call_loss_and_grads(a, *red, int64_t(Activation::Sigmoid), mask);
+  LossAndGradList r = call_loss_and_grads(a, *red, *act, mask);
   for (size_t k = 0; k < 6; ++k) {
     if (mask[k]) accumulate_grad(*params[k], std::move(r.grads[k]));
   }
@@ -248,7 +251,7 @@ py::object loss_backward(py::handle x, py::handle w1, py::handle b1, py::handle 
 
 }  // namespace
 
-void register_python_entry_points(py::module_& m) {
+void register_direct_calls(py::module_& m) {
   const char* declined = " Returns None when the call must go through torch.ops instead.";
   m.def("mlp_loss", &mlp_loss, (std::string("fusedgrad.mlp_loss without torch.ops' argument boxing.") + declined).c_str());
   m.def("mlp", &mlp, (std::string("fusedgrad.mlp without torch.ops' argument boxing.") + declined).c_str());
@@ -260,8 +263,20 @@ void register_python_entry_points(py::module_& m) {
         if (!THPVariable_Check(param.ptr())) throw py::type_error("grad_hook_flags: expected a torch.Tensor");
         return grad_hook_flags(param.ptr());
       },
-      "The GradHook bits (csrc/grad_hooks.h) of a tensor: hooks backward() would run that a direct "
+      "The GradHook bits (csrc/python/grad_hooks.h) of a tensor: hooks backward() would run that a direct "
       ".grad write skips. fusedgrad._hooks describes them.");
+  m.attr("activations") = py::cast(activation_names());
+  m.def("check_options",
+        [](const std::optional<std::string>& reduction, const std::string& activation) {
+          if (reduction) parse_reduction(*reduction);
+          return activation_saves_input(parse_activation(activation));
+        },
+        "The ops' string options checked as the kernels check them (ValueError for an unknown name; "
+        "reduction None: not checked), for the fake kernels. Returns whether the activation saves its input "
+        "h (then mlp_forward's activations output holds h, even without w2).");
+  m.def("_set_small_path_max_macs", &set_small_path_max_macs,
+        "Moves the CPU's direct-loop/GEMM crossover (multiply-adds of one forward pass; negative: the measured "
+        "default) and returns the previous value. For benchmarks/crossover.py only.");
 }
 
 }  // namespace fusedgrad

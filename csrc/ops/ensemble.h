@@ -34,13 +34,15 @@
 #include <tuple>
 #include <vector>
 
-#include "kernels.h"
-#include "problem.h"
+#include "../common/options.h"
+#include "../common/problem.h"
+#include "op_kernels.h"
 
 namespace fusedgrad::ensemble {
 
 using Tensor = at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
+using Str = c10::string_view;
 
 // One argument of the ensemble seen as a 3-D (Km, R, C) tensor, Km = K (one
 // slice per model) or 1 (one slice shared by all models).
@@ -58,7 +60,7 @@ struct Operand {
 struct EnsembleProblem {
   int64_t K = 0, N = 0, D = 0, H = 0, O = 0;
   Operand x, w1, b1, w2, b2, target;
-  int64_t activation = 0;
+  Activation activation = Activation::Sigmoid;
 
   bool has_w2() const { return w2.present(); }
   const Operand& operand(int i) const {
@@ -72,7 +74,7 @@ struct EnsembleProblem {
 // e.g. "mlp_loss") and the argument. ensemble_problem.cpp.
 EnsembleProblem make_ensemble_problem(
     const char* fn, const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2,
-    const OptTensor& b2, const OptTensor& target, int64_t activation);
+    const OptTensor& b2, const OptTensor& target, Activation activation);
 
 // The extra checks of the prediction's backward (grad_out, activations).
 void check_backward_args(const char* fn, const EnsembleProblem& e, const Tensor& grad_out,
@@ -140,9 +142,9 @@ enum class Shared {
 
 // The generic ensemble on top of a per-model backend. `PerModel` supplies
 //   static constexpr bool kParallel          (models on threads, or in order on one stream)
-//   LossAndGrads loss_and_grads(const ModelArgs&, Reduction, int64_t activation, const LossGradMask&)
-//   std::array<Tensor, 2> forward(const ModelArgs&, int64_t activation)
-//   std::array<Tensor, kNumMlpInputs> backward(const ModelArgs&, grad_out, activations, int64_t, const MlpGradMask&)
+//   LossAndGrads loss_and_grads(const ModelArgs&, Reduction, Activation, const LossGradMask&)
+//   std::array<Tensor, 2> forward(const ModelArgs&, Activation)
+//   std::array<Tensor, kNumMlpInputs> backward(const ModelArgs&, grad_out, activations, Activation, const MlpGradMask&)
 template <class PerModel>
 struct Ensemble {
   template <class Body>
@@ -245,18 +247,19 @@ struct Ensemble {
     return std::get<0>(loss_and_grads(e, reduction, {}, Shared::Sum));
   }
 
-  // (prediction (K, N, O), activations (K, N, H); empty without w2, where the
+  // (prediction (K, N, O), activations (K, N, H); empty without w2 where the
   // prediction is the activations themselves, as in the single-model op).
   static std::tuple<Tensor, Tensor> forward(const EnsembleProblem& e) {
     const auto opts = e.x.source.options().requires_grad(false);
+    const bool with_acts = e.has_w2() || activation_saves_input(e.activation);
     Tensor pred = at::empty({e.K, e.N * e.O}, opts);
-    Tensor acts = e.has_w2() ? at::empty({e.K, e.N * e.H}, opts) : at::empty({0}, opts);
+    Tensor acts = with_acts ? at::empty({e.K, e.N * e.H}, opts) : at::empty({0}, opts);
     for_each_model(e, [&](int64_t k) {
       auto out = PerModel::forward(model_args(e, k), e.activation);
       put_row(pred, k, out[0]);
-      if (e.has_w2()) put_row(acts, k, out[1]);
+      if (with_acts) put_row(acts, k, out[1]);
     });
-    return {pred.view({e.K, e.N, e.O}), e.has_w2() ? acts.view({e.K, e.N, e.H}) : acts};
+    return {pred.view({e.K, e.N, e.O}), with_acts ? acts.view({e.K, e.N, e.H}) : acts};
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
@@ -281,46 +284,46 @@ struct EnsembleEntryPoints {
   using E = Ensemble<PerModel>;
 
   static Tensor mlp_loss(const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2,
-                         const OptTensor& b2, const OptTensor& target, int64_t reduction, int64_t activation) {
-    const Reduction red = check_reduction(reduction);
-    const EnsembleProblem e = make_ensemble_problem("mlp_loss", x, w1, b1, w2, b2, target, activation);
+                         const OptTensor& b2, const OptTensor& target, Str reduction, Str activation) {
+    const Reduction red = parse_reduction(reduction);
+    const EnsembleProblem e = make_ensemble_problem("mlp_loss", x, w1, b1, w2, b2, target, parse_activation(activation));
     return E::loss(e, red);
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_loss_and_grads(
       const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
-      const OptTensor& target, int64_t reduction, int64_t activation, std::array<bool, 6> output_mask) {
-    const Reduction red = check_reduction(reduction);
+      const OptTensor& target, Str reduction, Str activation, std::array<bool, 6> output_mask) {
+    const Reduction red = parse_reduction(reduction);
     const EnsembleProblem e =
-        make_ensemble_problem("mlp_loss_and_grads", x, w1, b1, w2, b2, target, activation);
+        make_ensemble_problem("mlp_loss_and_grads", x, w1, b1, w2, b2, target, parse_activation(activation));
     return E::loss_and_grads(e, red, output_mask, Shared::Sum);
   }
 
   // The autograd node's forward: shared arguments' gradients per model.
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_loss_forward(
       const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
-      const OptTensor& target, int64_t reduction, int64_t activation, std::array<bool, 6> output_mask) {
-    const Reduction red = check_reduction(reduction);
-    const EnsembleProblem e = make_ensemble_problem("mlp_loss", x, w1, b1, w2, b2, target, activation);
+      const OptTensor& target, Str reduction, Str activation, std::array<bool, 6> output_mask) {
+    const Reduction red = parse_reduction(reduction);
+    const EnsembleProblem e = make_ensemble_problem("mlp_loss", x, w1, b1, w2, b2, target, parse_activation(activation));
     return E::loss_and_grads(e, red, output_mask, Shared::PerModel);
   }
 
   static Tensor mlp(const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2,
-                    const OptTensor& b2, int64_t activation) {
-    const EnsembleProblem e = make_ensemble_problem("mlp", x, w1, b1, w2, b2, std::nullopt, activation);
+                    const OptTensor& b2, Str activation) {
+    const EnsembleProblem e = make_ensemble_problem("mlp", x, w1, b1, w2, b2, std::nullopt, parse_activation(activation));
     return std::get<0>(E::forward(e));
   }
 
   static std::tuple<Tensor, Tensor> mlp_forward(const Tensor& x, const Tensor& w1, const OptTensor& b1,
-                                                const OptTensor& w2, const OptTensor& b2, int64_t activation) {
-    const EnsembleProblem e = make_ensemble_problem("mlp", x, w1, b1, w2, b2, std::nullopt, activation);
+                                                const OptTensor& w2, const OptTensor& b2, Str activation) {
+    const EnsembleProblem e = make_ensemble_problem("mlp", x, w1, b1, w2, b2, std::nullopt, parse_activation(activation));
     return E::forward(e);
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_backward(
       const Tensor& grad_out, const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2,
-      const OptTensor& b2, const Tensor& activations, int64_t activation, std::array<bool, 5> output_mask) {
-    const EnsembleProblem e = make_ensemble_problem("mlp", x, w1, b1, w2, b2, std::nullopt, activation);
+      const OptTensor& b2, const Tensor& activations, Str activation, std::array<bool, 5> output_mask) {
+    const EnsembleProblem e = make_ensemble_problem("mlp", x, w1, b1, w2, b2, std::nullopt, parse_activation(activation));
     check_backward_args("mlp", e, grad_out, activations);
     return E::backward(e, grad_out, activations, output_mask);
   }

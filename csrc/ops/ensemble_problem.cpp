@@ -72,11 +72,8 @@ Operand weight(const at::Tensor& w) {
 
 EnsembleProblem make_ensemble_problem(
     const char* fn, const at::Tensor& x, const at::Tensor& w1, const OptTensor& b1, const OptTensor& w2,
-    const OptTensor& b2, const OptTensor& target, int64_t activation) {
+    const OptTensor& b2, const OptTensor& target, Activation activation) {
   EnsembleProblem e;
-  // check_activation's message names the raw op's code; name the function too.
-  TORCH_CHECK_VALUE(activation == 0 || activation == 1, "fusedgrad.", fn,
-                    ": argument 'activation' must be 0 (sigmoid) or 1 (identity), got ", activation);
   e.activation = activation;
   Checker check{fn, &x};
 

@@ -1,10 +1,10 @@
 // The Python extension module fusedgrad._C. Importing it runs the static
 // TORCH_LIBRARY registrations of the other translation units; the ops are then
 // reached through torch.ops.fusedgrad, or from fusedgrad.functional through
-// the direct entry points of python_entry.cpp.
+// the direct calls of direct_calls.cpp.
 #include <pybind11/pybind11.h>
 
-#include "python_entry.h"
+#include "direct_calls.h"
 
 namespace fusedgrad::trainer {
 void register_trainer(pybind11::module& m);  // csrc/trainer/train_bindings.cpp
@@ -17,6 +17,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("backends") = pybind11::make_tuple("cpu");
 #endif
-  fusedgrad::register_python_entry_points(m);
+  fusedgrad::register_direct_calls(m);
   fusedgrad::trainer::register_trainer(m);
 }

@@ -13,15 +13,16 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
+#include "../common/options.h"
 #include "autograd_helpers.h"
-#include "kernels.h"
-#include "ops.h"
+#include "handles.h"
 
 namespace fusedgrad {
 namespace {
 
 using at::Tensor;
 using ops::OptTensor;
+using ops::Str;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using namespace autograd_helpers;
@@ -43,7 +44,7 @@ class MlpLossFunction : public torch::autograd::Function<MlpLossFunction> {
  public:
   static Tensor forward(
       AutogradContext* ctx, const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2,
-      const OptTensor& b2, const OptTensor& target, int64_t reduction, int64_t activation) {
+      const OptTensor& b2, const OptTensor& target, Str reduction, Str activation) {
     const std::array<bool, 6> need = {
         x.requires_grad(), w1.requires_grad(), requires_grad(b1),
         requires_grad(w2), requires_grad(b2), requires_grad(target)};
@@ -95,17 +96,19 @@ class MlpFunction : public torch::autograd::Function<MlpFunction> {
  public:
   static Tensor forward(
       AutogradContext* ctx, const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2,
-      const OptTensor& b2, int64_t activation) {
+      const OptTensor& b2, Str activation) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [pred, activations] = ops::mlp_forward().call(x, w1, b1, w2, b2, activation);
     const bool has_w2 = w2.has_value() && w2->defined();
-    // Without w2 the prediction is s itself: save the output, not a copy.
-    ctx->save_for_backward({x, w1, has_w2 ? *w2 : Tensor(), has_w2 ? activations : pred});
+    // Without w2 the prediction is s itself: save the output, not a copy
+    // (unless the activation's derivative reads h, which is then the second output).
+    const bool saved_is_output = !has_w2 && !activation_saves_input(parse_activation(activation));
+    ctx->save_for_backward({x, w1, has_w2 ? *w2 : Tensor(), saved_is_output ? pred : activations});
     // Only the biases' shapes matter to backward; keep them out of the
     // version-checked saved tensors.
     ctx->saved_data["b1"] = b1;
     ctx->saved_data["b2"] = b2;
-    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["activation"] = std::string(activation);
     return pred;
   }
 
@@ -119,7 +122,7 @@ class MlpFunction : public torch::autograd::Function<MlpFunction> {
         ctx, {true, true, b1.has_value(), w2.has_value(), b2.has_value()});
     auto [dx, dw1, db1, dw2, db2] = ops::mlp_backward().call(
         grad_outputs[0], saved[0], saved[1], b1, w2, b2, saved[3],
-        ctx->saved_data["activation"].toInt(), need);
+        ctx->saved_data["activation"].toStringRef(), need);
     std::array<Tensor, 5> grads = {dx, dw1, db1, dw2, db2};
     variable_list out(6);  // 5 tensors + activation
     for (size_t k = 0; k < 5; ++k) {
@@ -131,7 +134,7 @@ class MlpFunction : public torch::autograd::Function<MlpFunction> {
 
 Tensor mlp_loss_autograd(
     const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
-    const OptTensor& target, int64_t reduction, int64_t activation) {
+    const OptTensor& target, Str reduction, Str activation) {
   const bool any_grad = at::GradMode::is_enabled() &&
       (x.requires_grad() || w1.requires_grad() || requires_grad(b1) || requires_grad(w2) ||
        requires_grad(b2) || requires_grad(target));
@@ -144,7 +147,7 @@ Tensor mlp_loss_autograd(
 
 Tensor mlp_autograd(
     const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
-    int64_t activation) {
+    Str activation) {
   const bool any_grad = at::GradMode::is_enabled() &&
       (x.requires_grad() || w1.requires_grad() || requires_grad(b1) || requires_grad(w2) ||
        requires_grad(b2));

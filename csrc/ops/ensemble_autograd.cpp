@@ -12,9 +12,10 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
+#include "../common/options.h"
 #include "autograd_helpers.h"
-#include "ensemble_ops.h"
-#include "kernels.h"
+#include "handles.h"
+#include "op_kernels.h"
 
 namespace fusedgrad {
 namespace {
@@ -49,8 +50,8 @@ Tensor per_model_weights(const Tensor& w, int64_t dim) {
 class EnsembleMlpLossFunction : public torch::autograd::Function<EnsembleMlpLossFunction> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w1, const OptTensor& b1,
-                        const OptTensor& w2, const OptTensor& b2, const OptTensor& target, int64_t reduction,
-                        int64_t activation) {
+                        const OptTensor& w2, const OptTensor& b2, const OptTensor& target, ops::Str reduction,
+                        ops::Str activation) {
     const std::array<bool, 6> need = {x.requires_grad(), w1.requires_grad(), requires_grad(b1),
                                       requires_grad(w2),  requires_grad(b2), requires_grad(target)};
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -108,15 +109,16 @@ class EnsembleMlpLossFunction : public torch::autograd::Function<EnsembleMlpLoss
 class EnsembleMlpFunction : public torch::autograd::Function<EnsembleMlpFunction> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w1, const OptTensor& b1,
-                        const OptTensor& w2, const OptTensor& b2, int64_t activation) {
+                        const OptTensor& w2, const OptTensor& b2, ops::Str activation) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [pred, activations] = ops::ensemble_mlp_forward().call(x, w1, b1, w2, b2, activation);
     const bool has_w2 = present(w2);
     // Without w2 the prediction is s itself: save the output, not a copy.
-    ctx->save_for_backward({x, w1, has_w2 ? *w2 : Tensor(), has_w2 ? activations : pred});
+    const bool saved_is_output = !has_w2 && !activation_saves_input(parse_activation(activation));
+    ctx->save_for_backward({x, w1, has_w2 ? *w2 : Tensor(), saved_is_output ? pred : activations});
     ctx->saved_data["b1"] = b1;
     ctx->saved_data["b2"] = b2;
-    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["activation"] = std::string(activation);
     return pred;
   }
 
@@ -129,7 +131,7 @@ class EnsembleMlpFunction : public torch::autograd::Function<EnsembleMlpFunction
     const auto need = needs_grad_by_position<5>(ctx, {true, true, b1.has_value(), w2.has_value(), b2.has_value()});
     auto [dx, dw1, db1, dw2, db2] = ops::ensemble_mlp_backward().call(
         grad_outputs[0].contiguous(), saved[0], saved[1], b1, w2, b2, saved[3],
-        ctx->saved_data["activation"].toInt(), need);
+        ctx->saved_data["activation"].toStringRef(), need);
     const std::array<Tensor, 5> grads = {dx, dw1, db1, dw2, db2};
     variable_list out(6);  // 5 tensors + activation
     for (size_t k = 0; k < 5; ++k) {
@@ -140,8 +142,8 @@ class EnsembleMlpFunction : public torch::autograd::Function<EnsembleMlpFunction
 };
 
 Tensor ensemble_mlp_loss_autograd(const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2,
-                                  const OptTensor& b2, const OptTensor& target, int64_t reduction,
-                                  int64_t activation) {
+                                  const OptTensor& b2, const OptTensor& target, ops::Str reduction,
+                                  ops::Str activation) {
   const bool any_grad = at::GradMode::is_enabled() &&
       (x.requires_grad() || w1.requires_grad() || requires_grad(b1) || requires_grad(w2) ||
        requires_grad(b2) || requires_grad(target));
@@ -153,7 +155,7 @@ Tensor ensemble_mlp_loss_autograd(const Tensor& x, const Tensor& w1, const OptTe
 }
 
 Tensor ensemble_mlp_autograd(const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2,
-                             const OptTensor& b2, int64_t activation) {
+                             const OptTensor& b2, ops::Str activation) {
   const bool any_grad = at::GradMode::is_enabled() &&
       (x.requires_grad() || w1.requires_grad() || requires_grad(b1) || requires_grad(w2) || requires_grad(b2));
   if (!any_grad) {

@@ -1,5 +1,5 @@
 // Code generation for the CPU kernels' vector loops, shared by the small-shape
-// path (kernels_cpu_small.cpp), the streaming path (kernels_cpu_stream.cpp) and
+// path (cpu/small_path.cpp), the streaming path (cpu/stream_path.cpp) and
 // the fused trainer (trainer/train_cpu.cpp).
 //
 // FUSEDGRAD_CPU_CLONES compiles a function for AVX-512 (x86-64-v4), AVX2 + FMA
@@ -103,6 +103,23 @@ FUSEDGRAD_CPU_INLINE T vec_exp(T z) {
 template <typename T>
 FUSEDGRAD_CPU_INLINE T vec_sigmoid(T h) {
   return T(1) / (T(1) + vec_exp(-h));
+}
+
+// tanh(z), vectorisable: for |z| ≥ 1/8, sign(z) (1 − e^(−2|z|)) / (1 + e^(−2|z|))
+// with vec_exp (no overflow for any z; the cancellation in 1 − e costs at most
+// a few ulp there); below, its Taylor series to z¹⁵ (truncation < 1e-17
+// relative), which keeps tiny z exact. Within a few ulp of std::tanh.
+template <typename T>
+FUSEDGRAD_CPU_INLINE T vec_tanh(T z) {
+  const T a = z < T(0) ? -z : z;
+  const T e = vec_exp(T(-2) * a);
+  T t = (T(1) - e) / (T(1) + e);
+  t = z < T(0) ? -t : t;
+  const T z2 = z * z;
+  const T series =
+      z * (T(1) + z2 * (T(-1.0 / 3) + z2 * (T(2.0 / 15) + z2 * (T(-17.0 / 315) + z2 * (T(62.0 / 2835) +
+      z2 * (T(-1382.0 / 155925) + z2 * (T(21844.0 / 6081075) + z2 * T(-929569.0 / 638512875))))))));
+  return a < T(0.125) ? series : t;
 }
 
 // y[k] += a · x[k]
