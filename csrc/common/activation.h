@@ -75,6 +75,19 @@ struct Relu {
   static FUSEDGRAD_HOST_DEVICE T grad(T s) { return s <= T(0) ? T(0) : T(1); }
 };
 
+// h σ(h); silu' = σ (1 + h (1 − σ)).
+struct Silu {
+  static constexpr const char* name = "silu";
+  static constexpr bool saves_input = true;
+  template <class M, typename T>
+  static FUSEDGRAD_HOST_DEVICE T value(T h) { return h / (T(1) + M::exp(-h)); }
+  template <class M, typename T>
+  static FUSEDGRAD_HOST_DEVICE T grad(T h) {
+    const T sig = T(1) / (T(1) + M::exp(-h));
+    return sig * (T(1) + h * (T(1) - sig));
+  }
+};
+
 // F.gelu(approximate="none"): h Φ(h), Φ(h) = (1 + erf(h / √2)) / 2; gelu' = Φ(h) + h φ(h).
 struct Gelu {
   static constexpr const char* name = "gelu";
@@ -132,6 +145,7 @@ struct Identity {
   X(Sigmoid, act::Sigmoid)       \
   X(Tanh, act::Tanh)             \
   X(Relu, act::Relu)             \
+  X(Silu, act::Silu)             \
   X(Gelu, act::Gelu)             \
   X(GeluTanh, act::GeluTanh)     \
   X(Identity, act::Identity)
