@@ -23,7 +23,7 @@ SHAPES = [(n, d, h, o) for (d, h, o) in [(1, 20, 1), (1, 64, 1), (4, 32, 4), (16
                                          (64, 128, 16), (32, 256, 16), (16, 64, 64), (256, 256, 1),
                                          (64, 64, 8), (128, 128, 8)]
           for n in (100, 1_000, 10_000, 100_000)]
-# and the grid of the main benchmark (fusedgrad/_bench.py GRID), which must not get slower
+# and the grid of the main benchmark (fusedgrad/bench/steps.py GRID), which must not get slower
 SHAPES += [(10, 4, 4, 4), (256, 32, 64, 8), (1024, 64, 128, 16), (4096, 256, 256, 64)]
 
 CHILD = r"""

@@ -1,7 +1,7 @@
 """fusedgrad: Linear → activation (sigmoid by default) → Linear → squared loss,
 forward and hand-derived backward in one fused C++ pass.
 
-Entry points:
+The public API:
 
 * :func:`mlp_loss` / :func:`mlp` — functional calls; ``loss.backward()`` works
   through a C++ autograd node.

@@ -1,7 +1,7 @@
-"""Functional entry points. All reach the registered C++ ops, whose Autograd
+"""The functional API. All reach the registered C++ ops, whose Autograd
 kernels are C++ nodes (no Python autograd.Function in the way).
 
-Each first tries the direct entry point of ``fusedgrad._C`` (csrc/python/direct_calls.cpp):
+Each first tries the direct call of ``fusedgrad._C`` (csrc/python/direct_calls.cpp):
 the same dispatcher op without torch.ops' boxed argument parsing. It returns
 None for any call it does not take (tensor subclasses, TorchFunctionModes, bad
 arguments); those, and calls traced by torch.compile, go through torch.ops,

@@ -187,7 +187,7 @@ def test_exported():
 
 def test_ensemble_bench_quick_runs():
     """The --ensemble benchmark end to end on a tiny case (routes agree; nothing about speed)."""
-    from fusedgrad import _bench_ensemble as E
+    from fusedgrad.bench import ensemble as E
 
     rows, routes = E.run_ensemble_bench(quick=True, progress=lambda _: None)
     assert {"loop", "func", "fused"} <= set(routes)

@@ -52,7 +52,7 @@ struct OnXDevice<Fn> {
   }
 };
 
-using Cuda = EnsembleEntryPoints<CudaPerModel>;
+using Cuda = EnsembleOpKernels<CudaPerModel>;
 
 }  // namespace
 

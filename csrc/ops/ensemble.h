@@ -277,10 +277,10 @@ struct Ensemble {
   }
 };
 
-// The ops' entry points, the same for every backend: validate once, then run
+// The ensemble ops' kernels, the same for every backend: validate once, then run
 // the ensemble. The function names in messages are the ones the user called.
 template <class PerModel>
-struct EnsembleEntryPoints {
+struct EnsembleOpKernels {
   using E = Ensemble<PerModel>;
 
   static Tensor mlp_loss(const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2,

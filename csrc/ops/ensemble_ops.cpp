@@ -35,7 +35,7 @@ struct CpuPerModel {
                                activations, need);
   }
 };
-using Cpu = EnsembleEntryPoints<CpuPerModel>;
+using Cpu = EnsembleOpKernels<CpuPerModel>;
 
 }  // namespace
 

@@ -26,10 +26,10 @@ import time
 import torch
 from torch import nn
 
-from ._bench import jax_available
-from .cli.demo import Net  # the notebooks' model, one definition
-from .module import FusedMLP
-from .trainer import Trainer
+from ..module import FusedMLP
+from ..trainer import Trainer
+from .native import Net  # the notebooks' model, one definition
+from .steps import jax_available
 
 SEED_SHAPE = (100, 1, 20, 1)
 SEED_STEPS = 201

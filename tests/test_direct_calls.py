@@ -1,4 +1,4 @@
-"""The direct entry points of fusedgrad._C (csrc/python/direct_calls.cpp): they take plain
+"""The direct calls of fusedgrad._C (csrc/python/direct_calls.cpp): they take plain
 calls and must give exactly what torch.ops gives; everything else they decline
 (return None), so tensor subclasses and TorchFunctionModes still see the call."""
 import pytest

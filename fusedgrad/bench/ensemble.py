@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._bench import jax_available
-from .ensemble import FusedMLPEnsemble
+from ..ensemble import FusedMLPEnsemble
+from .steps import jax_available
 
 LR = 0.2
 LOOP_MODELS_CAP = 64
@@ -147,7 +147,7 @@ def prepare_fused(problem):
 
 def prepare_fit(problem):
     """fusedgrad.Trainer(ens, Adam).fit: every step of every model in C++ (csrc/trainer/)."""
-    from .trainer import Trainer
+    from ..trainer import Trainer
 
     ens = FusedMLPEnsemble(problem.K, problem.D, problem.H, problem.O, dtype=problem.dtype, device="meta")
     ens.weight1, ens.bias1, ens.weight2, ens.bias2 = (nn.Parameter(p.clone()) for p in problem.init)

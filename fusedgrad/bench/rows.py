@@ -1,7 +1,7 @@
 """The N-scaling suite of ``python -m fusedgrad bench --rows``: tall data through narrow networks.
 
 For each shape D→H→O and N = 10² … 10⁶ rows, one training step (forward, MSE,
-backward, gradients into ``.grad``; see fusedgrad/_bench.py) of
+backward, gradients into ``.grad``; see fusedgrad/bench/steps.py) of
 
 * ``native``      — nn.Linear → Sigmoid → nn.Linear + nn.MSELoss, ``loss.backward()``
 * ``fused``       — ``FusedMLP.loss(x, y).backward()``
@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from . import _bench as B
+from . import steps as B
 
 SHAPES = ((1, 20, 1), (16, 64, 4), (256, 256, 1))
 SIZES = (100, 1_000, 10_000, 100_000, 1_000_000)

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .cli.demo import Net  # the native Linear → Sigmoid → Linear reference
-from .functional import mlp_loss_and_grads
-from .module import FusedMLP
+from ..functional import mlp_loss_and_grads
+from ..module import FusedMLP
+from .native import Net  # the native Linear → Sigmoid → Linear reference
 
 # The grid of the speed issue: N×D→H→O.
 GRID = ((100, 1, 20, 1), (10, 4, 4, 4), (256, 32, 64, 8), (1024, 64, 128, 16),
@@ -283,7 +283,7 @@ def measure_memory(rows, paths, device="cpu"):
     cases = [{"N": r["N"], "D": r["D"], "H": r["H"], "O": r["O"], "dtype": r["dtype"],
               "x_grad": r.get("x_requires_grad", False), "threads": r["threads"]} for r in rows]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.run([sys.executable, "-c", "from fusedgrad._bench import memory_child; memory_child()"],
+    proc = subprocess.run([sys.executable, "-c", "from fusedgrad.bench.steps import memory_child; memory_child()"],
                           input=json.dumps({"cases": cases, "paths": list(paths)}), capture_output=True, text=True,
                           env=env, cwd=os.getcwd(), timeout=3600)
     if proc.returncode != 0:
