@@ -51,7 +51,7 @@ constexpr int64_t kBlockRows = 64;
 
 // totals[k] += block[k]; block[k] = 0 — the end of one block of rows.
 template <typename T>
-FUSEDGRAD_CPU_INLINE void flush_block(double* __restrict__ totals, T* __restrict__ block, int64_t n) {
+FUSEDGRAD_CPU_INLINE void flush_block(double* FUSEDGRAD_RESTRICT totals, T* FUSEDGRAD_RESTRICT block, int64_t n) {
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) {
     totals[k] += static_cast<double>(block[k]);
@@ -151,7 +151,7 @@ FUSEDGRAD_CPU_INLINE void small_loss_and_grads(const Problem& p, double c, const
   // the rest of the step).
   for (int64_t i = 0; i < N; ++i) {
     const T* xi = x + i * x_rs;
-    T* __restrict__ si = h_all + i * H;
+    T* FUSEDGRAD_RESTRICT si = h_all + i * H;
     if (b1) {
       const T* bi = b1 + i * p.b1.row_stride;
       const int64_t bs = p.b1.col_stride;

@@ -100,8 +100,8 @@ bool kind_streams(const Broadcast2d& op) { return op.kind != Broadcast2d::Kind::
 // kTile accumulators held in registers, so each loaded value of `in` feeds one
 // multiply-add and nothing is stored until the tile is done.
 template <typename T>
-FUSEDGRAD_CPU_INLINE void tile_product(T* __restrict__ out, int64_t ld_out, const T* __restrict__ a,
-                                          int64_t R, int64_t K, const T* __restrict__ in, int64_t ld_in,
+FUSEDGRAD_CPU_INLINE void tile_product(T* FUSEDGRAD_RESTRICT out, int64_t ld_out, const T* FUSEDGRAD_RESTRICT a,
+                                          int64_t R, int64_t K, const T* FUSEDGRAD_RESTRICT in, int64_t ld_in,
                                           int64_t lanes) {
   for (int64_t r = 0; r < R; ++r) {
     const T* ar = a + r * K;
@@ -124,8 +124,8 @@ FUSEDGRAD_CPU_INLINE void tile_product(T* __restrict__ out, int64_t ld_out, cons
 
 // Four dots sharing `a`: one load of a[i] feeds four multiply-adds.
 template <typename T>
-FUSEDGRAD_CPU_INLINE void dot4(const T* __restrict__ a, const T* __restrict__ b0, const T* __restrict__ b1,
-                                  const T* __restrict__ b2, const T* __restrict__ b3, int64_t n, T* out) {
+FUSEDGRAD_CPU_INLINE void dot4(const T* FUSEDGRAD_RESTRICT a, const T* FUSEDGRAD_RESTRICT b0, const T* FUSEDGRAD_RESTRICT b1,
+                                  const T* FUSEDGRAD_RESTRICT b2, const T* FUSEDGRAD_RESTRICT b3, int64_t n, T* out) {
   T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
   for (int64_t i = 0; i < n; ++i) {
@@ -144,7 +144,7 @@ FUSEDGRAD_CPU_INLINE void dot4(const T* __restrict__ a, const T* __restrict__ b0
 // rows of two transposed buffers (dw2 += gT sTᵀ, dw1 += dhT xTᵀ), each block
 // sum in T added to the double partial.
 template <typename T>
-FUSEDGRAD_CPU_INLINE void add_outer_sums(double* __restrict__ acc, const T* a, int64_t R, const T* b, int64_t C,
+FUSEDGRAD_CPU_INLINE void add_outer_sums(double* FUSEDGRAD_RESTRICT acc, const T* a, int64_t R, const T* b, int64_t C,
                                             int64_t ld, int64_t n) {
   for (int64_t r = 0; r < R; ++r) {
     const T* ar = a + r * ld;
@@ -285,7 +285,7 @@ void over_chunks(int64_t N, int64_t B, int64_t width, std::vector<double>& total
 
 // xT[d, i] = x[i0 + i, d] for the block's n rows.
 template <typename T>
-FUSEDGRAD_CPU_INLINE void load_x(const StreamPlan<T>& plan, int64_t i0, int64_t n, T* __restrict__ xT) {
+FUSEDGRAD_CPU_INLINE void load_x(const StreamPlan<T>& plan, int64_t i0, int64_t n, T* FUSEDGRAD_RESTRICT xT) {
   const T* x = plan.x + i0 * plan.x_rs;
   for (int64_t d = 0; d < plan.D; ++d) {
     T* dst = xT + d * plan.ld;
@@ -303,7 +303,7 @@ FUSEDGRAD_CPU_INLINE void load_x(const StreamPlan<T>& plan, int64_t i0, int64_t 
 // transposed block. Per-column operands (rs = 0) give rows of one value.
 template <typename T>
 FUSEDGRAD_CPU_INLINE void load_transposed(const T* src, int64_t rs, int64_t cs, int64_t i0, int64_t n,
-                                             int64_t cols, T* __restrict__ dst, int64_t ld) {
+                                             int64_t cols, T* FUSEDGRAD_RESTRICT dst, int64_t ld) {
   const T* base = src + i0 * rs;
   for (int64_t c = 0; c < cols; ++c) {
     T* out = dst + c * ld;
@@ -321,8 +321,8 @@ FUSEDGRAD_CPU_INLINE void load_transposed(const T* src, int64_t rs, int64_t cs, 
 // dst[(i0 + i)·cols + c] = sign · src[c, i]: a transposed block written back as
 // rows of a contiguous (N, cols) output.
 template <typename T>
-FUSEDGRAD_CPU_INLINE void store_rows(const T* __restrict__ src, int64_t ld, int64_t i0, int64_t n,
-                                        int64_t cols, T* __restrict__ dst, T sign) {
+FUSEDGRAD_CPU_INLINE void store_rows(const T* FUSEDGRAD_RESTRICT src, int64_t ld, int64_t i0, int64_t n,
+                                        int64_t cols, T* FUSEDGRAD_RESTRICT dst, T sign) {
   T* base = dst + i0 * cols;
   if (cols == 1) {
 #pragma omp simd
@@ -387,7 +387,7 @@ struct BackwardOutputs {
 // dw2, Σ g, ds, dh (in place over sT), db1, dw1, dx.
 template <typename T>
 FUSEDGRAD_CPU_INLINE void block_backward(const StreamPlan<T>& plan, const BackwardOutputs<T>& out, int64_t i0,
-                                            int64_t n, BlockBuffers<T>& buf, double* __restrict__ partial) {
+                                            int64_t n, BlockBuffers<T>& buf, double* FUSEDGRAD_RESTRICT partial) {
   const int64_t D = plan.D, H = plan.H, O = plan.O, ld = plan.ld, lanes = round_up(n, kTile);
   T* sT = buf.sT;
   const T* gT = buf.gT;
