@@ -6,7 +6,7 @@ resolve a torch of its own, and the extension only loads into the torch it was
 compiled against.
 
 Sources: every ``csrc/**/*.cpp`` except ``csrc/cuda/`` (compiled only for a
-CUDA build). The build is quiet, one line per compiled file; build options
+CUDA build); docs/architecture.md says which folder holds what. The build is quiet, one line per compiled file; build options
 (environment variables, read by this file only):
 
   FUSEDGRAD_NO_CUDA=1          CPU-only extension even where torch has CUDA and nvcc
@@ -66,9 +66,8 @@ def extension():
     # the `omp simd` loops of the kernels.
     cxx_flags += ["-fopenmp"]
     # Floating-point exceptions are never inspected (by torch either): without
-    # this, GCC keeps branches for the compare-and-select of the trainer's
-    # vectorised exp (csrc/trainer/sigmoid_simd.h) and the loop stays scalar.
-    # It changes no computed value.
+    # this, GCC keeps branches for the compare-and-select of the vectorised exp
+    # (csrc/common/cpu_vector.h) and the loops stay scalar. It changes no computed value.
     cxx_flags += ["-fno-trapping-math"]
     cxx_flags += os.environ.get("FUSEDGRAD_EXTRA_CFLAGS", "").split()
     link_flags = ["-fopenmp"] + os.environ.get("FUSEDGRAD_EXTRA_LDFLAGS", "").split()

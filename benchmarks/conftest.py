@@ -7,7 +7,7 @@ each path's speed-up over native autograd measured in this same run."""
 import pytest
 import torch
 
-from fusedgrad import _bench as B
+from fusedgrad.bench import steps as B
 
 
 def pytest_addoption(parser):

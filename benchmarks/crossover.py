@@ -1,13 +1,12 @@
-"""Where the direct-loop path stops beating the GEMM path (csrc/kernels_cpu_small.cpp).
+"""Where the direct-loop path stops beating the GEMM path (csrc/cpu/small_path.cpp).
 
     python benchmarks/crossover.py [--threads 1 2]
 
 Times the fused loss-and-gradients op on shapes around the threshold twice, in
-subprocesses forced onto each path (FUSEDGRAD_SMALL_PATH_MAX_MACS=0 / huge),
+subprocesses forced onto each path (fusedgrad._C._set_small_path_max_macs(0 / huge)),
 and prints µs per call and the MACs N·(D·H + H·O) of each shape."""
 import argparse
 import json
-import os
 import subprocess
 import sys
 
@@ -17,13 +16,14 @@ SHAPES = [(10, 4, 4, 4), (100, 1, 20, 1), (64, 16, 32, 4), (128, 16, 32, 8), (25
 CHILD = r"""
 import json, sys, time, torch, fusedgrad
 torch.set_num_threads(int(sys.argv[1]))
+fusedgrad._C._set_small_path_max_macs(int(sys.argv[3]))
 op = torch.ops.fusedgrad.mlp_loss_and_grads.default
 out = {}
 for N, D, H, O in json.loads(sys.argv[2]):
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(N, D, generator=g), torch.randn(N, O, generator=g)
     ws = [torch.randn(H, D, generator=g), torch.randn(H, generator=g), torch.randn(O, H, generator=g), torch.randn(O, generator=g)]
-    call = lambda: op(x, *ws, t, 1, 0, [False, True, True, True, True, False])
+    call = lambda: op(x, *ws, t, "mean", "sigmoid", [False, True, True, True, True, False])
     for _ in range(20): call()
     reps = max(5, int(2e5 / (N * (D * H + H * O) + 1000)))
     best = float("inf")
@@ -37,9 +37,8 @@ print(json.dumps(out))
 
 
 def run(threads, limit):
-    env = {**os.environ, "FUSEDGRAD_SMALL_PATH_MAX_MACS": str(limit)}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(threads), json.dumps(SHAPES)],
-                          env=env, capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(threads), json.dumps(SHAPES), str(limit)],
+                          capture_output=True, text=True, check=True)
     return json.loads(proc.stdout)
 
 

@@ -1,4 +1,4 @@
-"""Where the streaming path (csrc/kernels_cpu_stream.cpp) stops paying.
+"""Where the streaming path (csrc/cpu/stream_path.cpp) stops paying.
 
     python benchmarks/stream_crossover.py --baseline /path/to/built/checkout [--threads 2]
 
@@ -8,7 +8,7 @@ imports fusedgrad from one root: this checkout and --baseline, a built
 checkout of the commit before the streaming path (its small-loop / GEMM
 paths). The library has no switch between its paths, so to measure past the
 current rule, raise kMaxStreamIn / kMaxStreamHidden / kMaxStreamOut in
-csrc/kernels_cpu_stream.cpp, rebuild, run this, and set them back to where
+csrc/cpu/stream_path.cpp, rebuild, run this, and set them back to where
 the streaming column stops winning (docs/streaming.md has the last run).
 """
 import argparse
@@ -23,7 +23,7 @@ SHAPES = [(n, d, h, o) for (d, h, o) in [(1, 20, 1), (1, 64, 1), (4, 32, 4), (16
                                          (64, 128, 16), (32, 256, 16), (16, 64, 64), (256, 256, 1),
                                          (64, 64, 8), (128, 128, 8)]
           for n in (100, 1_000, 10_000, 100_000)]
-# and the grid of the main benchmark (fusedgrad/_bench.py GRID), which must not get slower
+# and the grid of the main benchmark (fusedgrad/bench/steps.py GRID), which must not get slower
 SHAPES += [(10, 4, 4, 4), (256, 32, 64, 8), (1024, 64, 128, 16), (4096, 256, 256, 64)]
 
 CHILD = r"""
@@ -36,7 +36,7 @@ for N, D, H, O in json.loads(sys.argv[2]):
     x, t = torch.randn(N, D, generator=g), torch.randn(N, O, generator=g)
     ws = [torch.randn(H, D, generator=g) / D ** 0.5, torch.randn(H, generator=g),
           torch.randn(O, H, generator=g) / H ** 0.5, torch.randn(O, generator=g)]
-    call = lambda: op(x, *ws, t, 1, 0, [False, True, True, True, True, False])
+    call = lambda: op(x, *ws, t, "mean", "sigmoid", [False, True, True, True, True, False])
     for _ in range(3): call()
     reps = max(3, int(3e6 / (N * (D * H + H * O) + 10000)))
     best = float("inf")

@@ -17,7 +17,7 @@ class PythonRoute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, target):
         mask = list(ctx.needs_input_grad)
-        loss, *grads = _op(x, w1, b1, w2, b2, target, 1, 0, mask)
+        loss, *grads = _op(x, w1, b1, w2, b2, target, "mean", "sigmoid", mask)
         ctx.save_for_backward(*[g if m else None for g, m in zip(grads, mask)])
         return loss
 
@@ -65,7 +65,7 @@ def test_autograd_route(benchmark, shape, route):
         PythonRoute.apply(x, *params, t).backward()
 
     def none():
-        _op(x, *params, t, 1, 0, [False, True, True, True, True, False])
+        _op(x, *params, t, "mean", "sigmoid", [False, True, True, True, True, False])
 
     benchmark.group = f"autograd route {shape}"
     benchmark({"cpp_autograd_function": cpp, "python_autograd_function": python, "no_autograd": none}[route])

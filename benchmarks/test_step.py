@@ -1,4 +1,4 @@
-"""One training step per path; see benchmarks/conftest.py and fusedgrad/_bench.py."""
+"""One training step per path; see benchmarks/conftest.py and fusedgrad/bench/steps.py."""
 import pytest
 
 

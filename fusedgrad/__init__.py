@@ -1,7 +1,7 @@
-"""fusedgrad: Linear → Sigmoid → Linear → squared loss, forward and hand-derived
-backward in one fused C++ pass.
+"""fusedgrad: Linear → activation (sigmoid by default) → Linear → squared loss,
+forward and hand-derived backward in one fused C++ pass.
 
-Entry points:
+The public API:
 
 * :func:`mlp_loss` / :func:`mlp` — functional calls; ``loss.backward()`` works
   through a C++ autograd node.
@@ -18,6 +18,7 @@ import torch  # noqa: F401  (loads libtorch, which _C links against)
 from . import _C  # noqa: F401  (loading the library registers torch.ops.fusedgrad)
 from . import _fake  # noqa: F401  (fake kernels: torch.compile / export / opcheck)
 from . import _fake_ensemble  # noqa: F401  (fake kernels of the ensemble ops)
+from ._checks import ACTIVATIONS  # the names activation= takes, from the C++ activation table
 from .functional import mlp, mlp_loss, mlp_loss_and_grads
 from .module import FusedMLP
 from .trainer import Trainer
@@ -26,5 +27,6 @@ from .ensemble import FusedMLPEnsemble
 #: Devices this build has kernels for, e.g. ("cpu",) or ("cpu", "cuda").
 backends = tuple(_C.backends)
 
-__all__ = ["mlp_loss", "mlp", "mlp_loss_and_grads", "FusedMLP", "FusedMLPEnsemble", "Trainer", "backends"]
+__all__ = ["mlp_loss", "mlp", "mlp_loss_and_grads", "FusedMLP", "FusedMLPEnsemble", "Trainer", "backends",
+           "ACTIVATIONS"]
 __version__ = "0.1.0"

@@ -1,17 +1,21 @@
 """Argument checks that must happen in Python, before the dispatcher sees the call.
 
 Everything about a tensor's dtype, device, rank and shape is checked once, in
-C++ (csrc/problem.cpp), so the ops give the same messages however they are
-called. Here: what the dispatcher would otherwise reject with an unhelpful
-message — non-tensors, non-strided layouts (they dispatch to backends that
-have no kernel) — and the string options.
+C++ (csrc/common/problem.cpp), and so are the values of the string options
+(csrc/common/options.cpp: the activation table's names), so the ops give the
+same messages however they are called. Here: what the dispatcher would
+otherwise reject with an unhelpful message — non-tensors, non-strided layouts
+(they dispatch to backends that have no kernel), options that are not strings.
 """
 import re
 
 import torch
 
-REDUCTIONS = {"mean": 1, "sum": 2}
-ACTIVATIONS = {"sigmoid": 0, "identity": 1}
+from . import _C
+
+#: The activations the ops take, in the order of the activation table (csrc/common/activation.h).
+ACTIVATIONS = tuple(_C.activations)
+REDUCTIONS = ("mean", "sum")
 
 
 def check_tensors(fn_name, names, values, n_required):
@@ -32,16 +36,17 @@ def check_tensors(fn_name, names, values, n_required):
         )
 
 
-def option(fn_name, name, value, choices):
-    code = choices.get(value) if isinstance(value, str) else None
-    if code is None:
-        allowed = " or ".join(repr(c) for c in choices)
-        raise ValueError(f"fusedgrad.{fn_name}: argument '{name}' must be {allowed}, got {value!r}")
-    return code
+def option(fn_name, name, value):
+    """A string option, passed to the ops as it is: its value is checked in C++."""
+    if not isinstance(value, str):
+        choices = REDUCTIONS if name == "reduction" else ACTIVATIONS
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"fusedgrad.{fn_name}: argument '{name}' must be one of {allowed}, got {value!r}")
+    return value
 
 
 # The prefix of every argument error fusedgrad raises: "fusedgrad: " (C++,
-# csrc/problem.cpp) or "fusedgrad.<op>: " (the fake kernels, which may be those
+# csrc/common/problem.cpp) or "fusedgrad.<op>: " (the fake kernels, which may be those
 # of an op the called one dispatches to).
 _PREFIX = re.compile(r"^fusedgrad(?:\.\w+)*: ")
 _DEVICE = re.compile(r"^argument '(\w+)' is on device (\S+) but x is on device (\S+);")

@@ -7,14 +7,18 @@ computing anything. Every output of the CPU kernels is a fresh contiguous
 tensor, so ``new_empty`` describes each one exactly. Shapes may be symbolic
 (``dynamic=True``): only products and indexing of sizes are used here.
 
-Argument checking lives in C++ (csrc/problem.cpp). The fake kernels repeat the
-device, dtype and shape rules (ValueError/TypeError naming the argument, like
-the C++ ones), so that meta tensors and tracing refuse what the real kernels
-refuse instead of returning a result.
+Argument checking lives in C++ (csrc/common/problem.cpp, options.cpp). The fake
+kernels repeat the device, dtype and shape rules (ValueError/TypeError naming
+the argument, like the C++ ones), so that meta tensors and tracing refuse what
+the real kernels refuse instead of returning a result; the string options are
+checked by the C++ parser itself (``_C.check_options``).
 """
 import torch
 
+from . import _C
+
 _LIB = "fusedgrad"
+check_options = _C.check_options
 
 
 def _rows(x):
@@ -68,7 +72,7 @@ def _shapes(name, x, w1, w2):
 
 
 def _check_broadcasts(name, arg_name, t, full_shape):
-    """t must broadcast to full_shape without enlarging it (as csrc/problem.cpp demands)."""
+    """t must broadcast to full_shape without enlarging it (as csrc/common/problem.cpp demands)."""
     if t is None:
         return
     ok = t.dim() <= len(full_shape) and all(
@@ -96,6 +100,7 @@ def _check_operands(name, hidden_shape, out_shape, b1=None, w2=None, b2=None, ta
 
 @torch.library.register_fake(f"{_LIB}::mlp_loss")
 def _mlp_loss_fake(x, w1, b1, w2, b2, target, reduction, activation):
+    check_options(reduction, activation)
     _check_same_device_and_dtype("mlp_loss", x, w1=w1, b1=b1, w2=w2, b2=b2, target=target)
     hidden_shape, out_shape, _, _ = _shapes("mlp_loss", x, w1, w2)
     _check_operands("mlp_loss", hidden_shape, out_shape, b1=b1, w2=w2, b2=b2, target=target)
@@ -104,6 +109,7 @@ def _mlp_loss_fake(x, w1, b1, w2, b2, target, reduction, activation):
 
 @torch.library.register_fake(f"{_LIB}::mlp_loss_and_grads")
 def _mlp_loss_and_grads_fake(x, w1, b1, w2, b2, target, reduction, activation, output_mask):
+    check_options(reduction, activation)
     _check_same_device_and_dtype("mlp_loss_and_grads", x, w1=w1, b1=b1, w2=w2, b2=b2, target=target)
     hidden_shape, out_shape, _, _ = _shapes("mlp_loss_and_grads", x, w1, w2)
     _check_operands("mlp_loss_and_grads", hidden_shape, out_shape, b1=b1, w2=w2, b2=b2, target=target)
@@ -114,6 +120,7 @@ def _mlp_loss_and_grads_fake(x, w1, b1, w2, b2, target, reduction, activation, o
 
 @torch.library.register_fake(f"{_LIB}::mlp")
 def _mlp_fake(x, w1, b1, w2, b2, activation):
+    check_options(None, activation)
     _check_same_device_and_dtype("mlp", x, w1=w1, b1=b1, w2=w2, b2=b2)
     hidden_shape, out_shape, _, _ = _shapes("mlp", x, w1, w2)
     _check_operands("mlp", hidden_shape, out_shape, b1=b1, w2=w2, b2=b2)
@@ -122,17 +129,20 @@ def _mlp_fake(x, w1, b1, w2, b2, activation):
 
 @torch.library.register_fake(f"{_LIB}::mlp_forward")
 def _mlp_forward_fake(x, w1, b1, w2, b2, activation):
+    saves_input = check_options(None, activation)
     _check_same_device_and_dtype("mlp_forward", x, w1=w1, b1=b1, w2=w2, b2=b2)
     hidden_shape, out_shape, hidden, _ = _shapes("mlp_forward", x, w1, w2)
     _check_operands("mlp_forward", hidden_shape, out_shape, b1=b1, w2=w2, b2=b2)
     prediction = x.new_empty(out_shape)
-    # Without w2 the prediction is the activations themselves: the slot is empty.
-    activations = x.new_empty((0,)) if w2 is None else x.new_empty((_rows(x), hidden))
+    # Without w2 the prediction is s itself: the slot is empty, unless the
+    # activation's derivative reads h.
+    activations = x.new_empty((_rows(x), hidden)) if w2 is not None or saves_input else x.new_empty((0,))
     return prediction, activations
 
 
 @torch.library.register_fake(f"{_LIB}::mlp_backward")
 def _mlp_backward_fake(grad_out, x, w1, b1, w2, b2, activations, activation, output_mask):
+    check_options(None, activation)
     _check_same_device_and_dtype("mlp_backward", x, grad_out=grad_out, w1=w1, b1=b1, w2=w2, b2=b2,
                                  activations=activations)
     _, out_shape, _, _ = _shapes("mlp_backward", x, w1, w2)

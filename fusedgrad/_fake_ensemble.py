@@ -1,14 +1,16 @@
 """Fake (meta) kernels of the ensemble ops ``torch.ops.fusedgrad.ensemble_*``.
 
-What the real kernels (csrc/ensemble_ops.cpp) return, shapes and dtypes only,
+What the real kernels (csrc/ops/ensemble_ops.cpp) return, shapes and dtypes only,
 after the same argument checks with the same messages as
-csrc/ensemble_problem.cpp, so that meta tensors and tracing refuse what the
-real kernels refuse. The shape rules are those of csrc/ensemble.h: w1
+csrc/ops/ensemble_problem.cpp, so that meta tensors and tracing refuse what the
+real kernels refuse. The shape rules are those of csrc/ops/ensemble.h: w1
 ``(K, H, D)``, w2 ``(K, O, H)``; a 2-D bias is ``(K, C)`` read as ``(K, 1, C)``,
 a 3-D one broadcasts to ``(K, N, C)``; x and target are 2-D (shared by all
 models) or 3-D (model dimension K, or 1 to share).
 """
 import torch
+
+from ._fake import check_options
 
 _LIB = "fusedgrad"
 
@@ -57,15 +59,15 @@ class _Problem:
     pass
 
 
-def _problem(fn, x, w1, b1, w2, b2, target, activation):
-    """The checks of csrc/ensemble_problem.cpp, in the same order."""
-    torch._check_value(activation in (0, 1), lambda: f"fusedgrad.{fn}: argument 'activation' must be 0 "
-                       f"(sigmoid) or 1 (identity), got {activation}")
+def _problem(fn, x, w1, b1, w2, b2, target, activation, reduction=None):
+    """The checks of csrc/ops/ensemble_problem.cpp, in the same order (the options first, by the C++ parser)."""
+    saves_input = check_options(reduction, activation)
     _check_tensor(fn, "x", x, x)
     _check_tensor(fn, "w1", w1, x)
     torch._check_value(w1.dim() == 3, lambda: f"fusedgrad.{fn}: argument 'w1' of an ensemble must have shape "
                        f"(K, hidden_features, in_features), got {_shape(w1.shape)}")
     e = _Problem()
+    e.saves_input = saves_input
     e.K, e.H = w1.shape[0], w1.shape[1]
     torch._check_value(x.dim() in (2, 3), lambda: f"fusedgrad.{fn}: argument 'x' of an ensemble must have shape "
                        f"(N, D), shared by all models, or (K, N, D), one per model; got {_shape(x.shape)}")
@@ -139,19 +141,19 @@ def _grads(e, mask, per_model_shared, n):
 
 @torch.library.register_fake(f"{_LIB}::ensemble_mlp_loss")
 def _loss_fake(x, w1, b1, w2, b2, target, reduction, activation):
-    e = _problem("mlp_loss", x, w1, b1, w2, b2, target, activation)
+    e = _problem("mlp_loss", x, w1, b1, w2, b2, target, activation, reduction)
     return x.new_empty((e.K,))
 
 
 @torch.library.register_fake(f"{_LIB}::ensemble_mlp_loss_and_grads")
 def _loss_and_grads_fake(x, w1, b1, w2, b2, target, reduction, activation, output_mask):
-    e = _problem("mlp_loss_and_grads", x, w1, b1, w2, b2, target, activation)
+    e = _problem("mlp_loss_and_grads", x, w1, b1, w2, b2, target, activation, reduction)
     return (x.new_empty((e.K,)),) + _grads(e, output_mask, False, 6)
 
 
 @torch.library.register_fake(f"{_LIB}::ensemble_mlp_loss_forward")
 def _loss_forward_fake(x, w1, b1, w2, b2, target, reduction, activation, output_mask):
-    e = _problem("mlp_loss", x, w1, b1, w2, b2, target, activation)
+    e = _problem("mlp_loss", x, w1, b1, w2, b2, target, activation, reduction)
     return (x.new_empty((e.K,)),) + _grads(e, output_mask, True, 6)
 
 
@@ -164,7 +166,7 @@ def _mlp_fake(x, w1, b1, w2, b2, activation):
 @torch.library.register_fake(f"{_LIB}::ensemble_mlp_forward")
 def _mlp_forward_fake(x, w1, b1, w2, b2, activation):
     e = _problem("mlp", x, w1, b1, w2, b2, None, activation)
-    acts = x.new_empty((e.K, e.N, e.H)) if w2 is not None else x.new_empty((0,))
+    acts = x.new_empty((e.K, e.N, e.H)) if w2 is not None or e.saves_input else x.new_empty((0,))
     return x.new_empty((e.K, e.N, e.O)), acts
 
 

@@ -19,7 +19,7 @@ its own: the caller should call ``loss.backward()``), or refuse (a C++ hook on t
 accumulator, such as DDP's: it only synchronises gradients in a backward that follows
 the DDP module's own forward, which a method called on the inner module never is).
 
-What is detected (``csrc/grad_hooks.h``, read in C++ from torch 2.13's autograd metadata):
+What is detected (``csrc/python/grad_hooks.h``, read in C++ from torch 2.13's autograd metadata):
 
 * Python tensor hooks and post-accumulate-grad hooks: the tensor's hook dictionaries,
   so hooks removed again through their handles do not count;
@@ -49,7 +49,7 @@ import torch
 
 from . import _C
 
-# The bits of csrc/grad_hooks.h.
+# The bits of csrc/python/grad_hooks.h.
 TENSOR_HOOK = 1 << 0
 CPP_TENSOR_HOOK = 1 << 1
 POST_ACCUMULATE_GRAD_HOOK = 1 << 2

@@ -108,6 +108,11 @@ class FusedMLPEnsemble(nn.Module):
                 nets.append(FusedMLP.from_module(model))
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"FusedMLPEnsemble.from_modules: model {k}: {exc}") from exc
+        for k, net in enumerate(nets):
+            if net.activation != "sigmoid":
+                raise ValueError(f"FusedMLPEnsemble.from_modules: model {k} has activation {net.activation!r}; "
+                                 "FusedMLPEnsemble computes sigmoid models only (the ensemble ops take any "
+                                 "activation: fusedgrad.mlp_loss with a 3-D w1)")
 
         def describe(net):
             w1, b1, w2, b2 = net._params()

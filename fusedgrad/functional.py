@@ -1,7 +1,7 @@
-"""Functional entry points. All reach the registered C++ ops, whose Autograd
+"""The functional API. All reach the registered C++ ops, whose Autograd
 kernels are C++ nodes (no Python autograd.Function in the way).
 
-Each first tries the direct entry point of ``fusedgrad._C`` (csrc/python_entry.cpp):
+Each first tries the direct call of ``fusedgrad._C`` (csrc/python/direct_calls.cpp):
 the same dispatcher op without torch.ops' boxed argument parsing. It returns
 None for any call it does not take (tensor subclasses, TorchFunctionModes, bad
 arguments); those, and calls traced by torch.compile, go through torch.ops,
@@ -13,7 +13,7 @@ from torch.compiler import is_compiling
 from . import _C
 
 from . import _ensemble_functional as _ensemble
-from ._checks import ACTIVATIONS, REDUCTIONS, attributed, check_tensors, option
+from ._checks import attributed, check_tensors, option
 
 _LOSS_ARGS = ("x", "w1", "b1", "w2", "b2", "target")
 _MLP_ARGS = ("x", "w1", "b1", "w2", "b2")
@@ -27,7 +27,7 @@ def mlp_loss(x, w1, b1=None, w2=None, b2=None, target=None, *, reduction="mean",
     r"""Squared loss of a two-layer perceptron, with its gradients from one fused pass.
 
     .. math::
-        h = x w_1^T + b_1,\quad s = \sigma(h),\quad p = s w_2^T + b_2,\quad
+        h = x w_1^T + b_1,\quad s = \mathrm{act}(h),\quad p = s w_2^T + b_2,\quad
         L = c \sum (p - t)^2
 
     with :math:`c = 1` for ``reduction="sum"`` and :math:`1/(N \cdot O)` for
@@ -37,11 +37,14 @@ def mlp_loss(x, w1, b1=None, w2=None, b2=None, target=None, *, reduction="mean",
         x: ``(*, D)`` input; leading dimensions are flattened to N rows.
         w1: ``(H, D)`` first weight (``nn.Linear`` layout).
         b1: bias broadcastable to ``(*, H)``: ``(H,)``, ``(1, H)``, per-sample ``(*, H)``, ... or None.
-        w2: ``(O, H)`` second weight, or None to end the chain at the activation (``p = σ(h)``).
+        w2: ``(O, H)`` second weight, or None to end the chain at the activation (``p = act(h)``).
         b2: bias broadcastable to ``(*, O)``, or None. Needs ``w2``.
         target: broadcastable to ``(*, O)``; None means zeros.
         reduction: ``"mean"`` or ``"sum"``.
-        activation: ``"sigmoid"`` or ``"identity"``.
+        activation: one of :data:`fusedgrad.ACTIVATIONS` (``"sigmoid"`` by default,
+            ``"tanh"``, ``"relu"``, ``"gelu"``, ...; ``"gelu_tanh"`` is
+            ``F.gelu(approximate="tanh")``), each as ``torch.nn.functional`` computes it
+            (the activation table, csrc/common/activation.h).
 
     Returns:
         0-dim tensor. Every argument may require grad; ``backward()`` fills each
@@ -59,15 +62,15 @@ def mlp_loss(x, w1, b1=None, w2=None, b2=None, target=None, *, reduction="mean",
             if loss is not None:
                 return loss
         check_tensors("mlp_loss", _LOSS_ARGS, (x, w1, b1, w2, b2, target), 2)
-        red = option("mlp_loss", "reduction", reduction, REDUCTIONS)
-        act = option("mlp_loss", "activation", activation, ACTIVATIONS)
+        red = option("mlp_loss", "reduction", reduction)
+        act = option("mlp_loss", "activation", activation)
         return _mlp_loss_op(x, w1, b1, w2, b2, target, red, act)
     except (ValueError, TypeError) as exc:
         raise attributed(exc, "fusedgrad.mlp_loss", _LOSS_ARGS, (x, w1, b1, w2, b2, target)) from None
 
 
 def mlp(x, w1, b1=None, w2=None, b2=None, *, activation="sigmoid"):
-    """Prediction ``σ(x w1ᵀ + b1) w2ᵀ + b2`` of shape ``(*, O)``, with a fused backward.
+    """Prediction ``act(x w1ᵀ + b1) w2ᵀ + b2`` of shape ``(*, O)``, with a fused backward.
 
     Arguments as in :func:`mlp_loss`. Use this when the loss is not the
     squared error; use :func:`mlp_loss` when it is (one pass instead of two).
@@ -81,7 +84,7 @@ def mlp(x, w1, b1=None, w2=None, b2=None, *, activation="sigmoid"):
             if pred is not None:
                 return pred
         check_tensors("mlp", _MLP_ARGS, (x, w1, b1, w2, b2), 2)
-        act = option("mlp", "activation", activation, ACTIVATIONS)
+        act = option("mlp", "activation", activation)
         return _mlp_op(x, w1, b1, w2, b2, act)
     except (ValueError, TypeError) as exc:
         raise attributed(exc, "fusedgrad.mlp", _MLP_ARGS, (x, w1, b1, w2, b2)) from None
@@ -139,7 +142,7 @@ def _mlp_loss_and_grads(args, reduction, activation, wrt):
         result = _C.mlp_loss_and_grads(x, w1, b1, w2, b2, target, reduction, activation, mask)
         if result is not None:
             return result
-    red = option("mlp_loss_and_grads", "reduction", reduction, REDUCTIONS)
-    act = option("mlp_loss_and_grads", "activation", activation, ACTIVATIONS)
+    red = option("mlp_loss_and_grads", "reduction", reduction)
+    act = option("mlp_loss_and_grads", "activation", activation)
     loss, *grads = _mlp_loss_and_grads_op(x, w1, b1, w2, b2, target, red, act, mask)
     return loss, tuple(g if m else None for g, m in zip(grads, mask))

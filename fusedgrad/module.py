@@ -1,4 +1,4 @@
-"""FusedMLP: a drop-in Linear → Sigmoid → Linear module with fused kernels."""
+"""FusedMLP: a drop-in Linear → activation → Linear module with fused kernels."""
 import copy as _copy
 
 import torch
@@ -7,7 +7,7 @@ from torch import nn
 from torch.compiler import is_compiling
 
 from . import _C
-from ._checks import attributed
+from ._checks import ACTIVATIONS, attributed
 from ._hooks import direct_grad_write_ok
 from .functional import mlp, mlp_loss, mlp_loss_and_grads
 
@@ -16,22 +16,56 @@ _PARAM_NAMES = ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bia
 _RENAMES = dict(zip(("w1", "b1", "w2", "b2"), _PARAM_NAMES))
 
 
+def _check_activation(fn_name, activation):
+    """``activation`` if it is one of ACTIVATIONS, else the ValueError the ops raise, naming ``fn_name``."""
+    if isinstance(activation, str) and activation in ACTIVATIONS:
+        return activation
+    allowed = ", ".join(repr(a) for a in ACTIVATIONS)
+    raise ValueError(f"{fn_name}: argument 'activation' must be one of {allowed}, got {activation!r}")
+
+
+def _activation_of(module):
+    """The name in ACTIVATIONS of a torch.nn activation module (nn.Sigmoid → "sigmoid",
+    nn.GELU(approximate="tanh") → "gelu_tanh", ...); None for anything else."""
+    cls = type(module)
+    if getattr(nn, cls.__name__, None) is not cls:  # exact torch.nn classes: a subclass may compute something else
+        return None
+    name = cls.__name__.lower()
+    approximate = getattr(module, "approximate", "none")
+    if approximate != "none":
+        name = f"{name}_{approximate}"
+    return name if name in ACTIVATIONS else None
+
+
+def activation_module(name):
+    """The torch.nn module computing the activation ``name`` of ACTIVATIONS (the inverse of _activation_of)."""
+    _check_activation("fusedgrad.activation_module", name)
+    base, _, approximate = name.partition("_")
+    classes = {cls.lower(): getattr(nn, cls) for cls in dir(nn) if isinstance(getattr(nn, cls), type)}
+    return classes[base](approximate=approximate) if approximate else classes[base]()
+
+
 class FusedMLP(nn.Module):
-    """``Linear(in, hidden) → Sigmoid → Linear(hidden, out)`` computed by fusedgrad.
+    """``Linear(in, hidden) → activation → Linear(hidden, out)`` computed by fusedgrad.
 
     The parameters live in two real ``nn.Linear`` children named ``linear1`` and
     ``linear2``, created (and so initialised) exactly as ``nn.Linear`` does: the
-    ``state_dict`` loads into and from a ``Net`` with ``linear1``, a sigmoid and
-    ``linear2`` unchanged.
+    ``state_dict`` loads into and from a ``Net`` with ``linear1``, an activation and
+    ``linear2`` unchanged (the activation has no parameters).
 
     Args:
         in_features, hidden_features, out_features: layer widths D, H, O.
         bias: if False, neither layer has a bias.
         device, dtype: as for ``nn.Linear``.
+        activation: one of :data:`fusedgrad.ACTIVATIONS` (default ``"sigmoid"``).
     """
 
-    def __init__(self, in_features, hidden_features, out_features, bias=True, device=None, dtype=None):
+    activation = "sigmoid"  # (a class default too: modules pickled before the argument existed)
+
+    def __init__(self, in_features, hidden_features, out_features, bias=True, device=None, dtype=None,
+                 activation="sigmoid"):
         super().__init__()
+        self.activation = _check_activation("FusedMLP", activation)
         factory = {"device": device, "dtype": dtype}
         self.linear1 = nn.Linear(in_features, hidden_features, bias=bias, **factory)
         self.linear2 = nn.Linear(hidden_features, out_features, bias=bias, **factory)
@@ -54,14 +88,14 @@ class FusedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Prediction of shape ``(*, out_features)``; backward is fused too."""
         try:
-            return mlp(x, *self._params())
+            return mlp(x, *self._params(), activation=self.activation)
         except (ValueError, TypeError) as exc:
             raise self._error(exc, "FusedMLP.forward", x, None) from None
 
     def loss(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """``MSELoss(reduction)(self(x), target)`` in one fused forward+backward pass."""
         try:
-            return mlp_loss(x, *self._params(), target, reduction=reduction)
+            return mlp_loss(x, *self._params(), target, reduction=reduction, activation=self.activation)
         except (ValueError, TypeError) as exc:
             raise self._error(exc, "FusedMLP.loss", x, target) from None
 
@@ -84,9 +118,9 @@ class FusedMLP(nn.Module):
         train through the DDP module (see fusedgrad._hooks).
         """
         params = self._params()
-        if not is_compiling():  # one C++ call: gradients computed and accumulated (csrc/python_entry.cpp)
+        if not is_compiling():  # one C++ call: gradients computed and accumulated (csrc/python/direct_calls.cpp)
             try:
-                loss = _C.loss_backward(x, *params, target, reduction)
+                loss = _C.loss_backward(x, *params, target, reduction, self.activation)
             except (ValueError, TypeError) as exc:
                 raise self._error(exc, "FusedMLP.loss_backward", x, target) from None
             if loss is not None:
@@ -101,13 +135,14 @@ class FusedMLP(nn.Module):
         if not direct_grad_write_ok("FusedMLP.loss_backward", zip(_PARAM_NAMES, params)):
             # backward() runs hooks a direct .grad write would skip: be backward().
             try:
-                loss = mlp_loss(x, *params, target, reduction=reduction)
+                loss = mlp_loss(x, *params, target, reduction=reduction, activation=self.activation)
             except (ValueError, TypeError) as exc:
                 raise self._error(exc, "FusedMLP.loss_backward", x, target) from None
             loss.backward()
             return loss.detach()
         try:
-            loss, grads = mlp_loss_and_grads(x, *params, target, reduction=reduction, wrt=self._wrt(params))
+            loss, grads = mlp_loss_and_grads(x, *params, target, reduction=reduction, activation=self.activation,
+                                             wrt=self._wrt(params))
         except (ValueError, TypeError) as exc:
             raise self._error(exc, "FusedMLP.loss_backward", x, target) from None
         for param, grad in zip(params, grads[1:5]):
@@ -142,13 +177,16 @@ class FusedMLP(nn.Module):
 
     @classmethod
     def from_module(cls, model: nn.Module, copy: bool = False) -> "FusedMLP":
-        """A FusedMLP computing an existing ``Linear → Sigmoid → Linear`` model.
+        """A FusedMLP computing an existing ``Linear → activation → Linear`` model.
 
-        ``model`` is an ``nn.Sequential(nn.Linear, nn.Sigmoid, nn.Linear)``, or any
-        module whose only children are a Linear, a Sigmoid and a Linear, registered
-        in that order (e.g. the ``Net`` of the notebooks, ``linear2(sigmoid(linear1(x)))``).
-        Such a module's forward is checked on a small probe input on the CPU: it must
-        compute ``linear2(sigmoid(linear1(x)))``.
+        ``model`` is an ``nn.Sequential(nn.Linear, act, nn.Linear)``, or any module
+        whose only children are a Linear, an activation and a Linear, registered in
+        that order (e.g. the ``Net`` of the notebooks, ``linear2(sigmoid(linear1(x)))``),
+        where ``act`` is the torch.nn module of one of :data:`fusedgrad.ACTIVATIONS`
+        (``nn.Sigmoid``, ``nn.Tanh``, ``nn.ReLU``, ``nn.GELU`` of either ``approximate``,
+        ``nn.Identity``, ...: the class named like the activation). Such a module's
+        forward is checked on a small probe input on the CPU: it must compute
+        ``linear2(act(linear1(x)))``.
 
         Args:
             model: the module to convert.
@@ -163,13 +201,15 @@ class FusedMLP(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"FusedMLP.from_module: expected an nn.Module, got {type(model).__name__}")
         children = list(model.named_children())
-        expected = (nn.Linear, nn.Sigmoid, nn.Linear)
         described = ", ".join(f"{name}: {type(child).__name__}" for name, child in children) or "none"
-        if len(children) != 3 or not all(type(c) is t for (_, c), t in zip(children, expected)):
-            # Exact types: a subclass (LoRA, quantised, ...) may compute something else.
+        # Exact types: a subclass (LoRA, quantised, ...) may compute something else.
+        activation = _activation_of(children[1][1]) if len(children) == 3 else None
+        if activation is None or not all(type(children[k][1]) is nn.Linear for k in (0, 2)):
             raise ValueError(
                 "FusedMLP.from_module: the model must consist of exactly nn.Linear, nn.Sigmoid, nn.Linear "
-                f"(in that order, e.g. nn.Sequential(nn.Linear(D, H), nn.Sigmoid(), nn.Linear(H, O))); "
+                "(in that order, e.g. nn.Sequential(nn.Linear(D, H), nn.Sigmoid(), nn.Linear(H, O))), or "
+                "another torch.nn activation module in place of nn.Sigmoid, one of fusedgrad.ACTIVATIONS "
+                f"({', '.join(ACTIVATIONS)}: nn.Tanh, nn.GELU(approximate='tanh'), ...); "
                 f"{type(model).__name__} has children ({described})")
         (name1, lin1), _, (name2, lin2) = children
         if lin1.out_features != lin2.in_features:
@@ -188,7 +228,8 @@ class FusedMLP(nn.Module):
                              + ", ".join(str(t.device) for t in tensors))
 
         # Build on the meta device (no initialisation work), then put the layers in.
-        net = cls(lin1.in_features, lin1.out_features, lin2.out_features, device="meta", dtype=w1.dtype)
+        net = cls(lin1.in_features, lin1.out_features, lin2.out_features, device="meta", dtype=w1.dtype,
+                  activation=activation)
         net.linear1 = _copy.deepcopy(lin1) if copy else lin1
         net.linear2 = _copy.deepcopy(lin2) if copy else lin2
         net.train(model.training)
@@ -197,13 +238,14 @@ class FusedMLP(nn.Module):
         return net
 
     def extra_repr(self) -> str:
-        return "activation=sigmoid (fused)"
+        return f"activation={self.activation} (fused)"
 
 
 def _check_same_forward(model, net):
     """A custom forward may use its children differently (another activation, another
     order, a residual...): compare it with the fused one on a small probe input."""
     w = net.linear1.weight
+    model_children = list(model.children())
     if w.device.type != "cpu":
         return  # a probe on another device could sync or lack a kernel; the structure was checked
     gen = torch.Generator().manual_seed(0)
@@ -214,7 +256,7 @@ def _check_same_forward(model, net):
         except Exception as exc:  # noqa: BLE001  (any failure means the forward is not the plain chain)
             raise ValueError(
                 f"FusedMLP.from_module: could not check that {type(model).__name__}.forward computes "
-                f"linear2(sigmoid(linear1(x))): calling it on a ({tuple(probe.shape)}) input raised "
+                f"linear2({net.activation}(linear1(x))): calling it on a ({tuple(probe.shape)}) input raised "
                 f"{type(exc).__name__}: {exc}") from exc
         ours = net(probe)
     rtol = 1e-4 if w.dtype == torch.float32 else 1e-10
@@ -222,5 +264,6 @@ def _check_same_forward(model, net):
             and (theirs - ours).abs().max() <= rtol * max(ours.abs().max().item(), 1.0))
     if not same:
         raise ValueError(
-            f"FusedMLP.from_module: {type(model).__name__} has Linear, Sigmoid, Linear children but its forward "
-            "does not compute linear2(sigmoid(linear1(x))) (checked on a probe input); convert only models that do")
+            f"FusedMLP.from_module: {type(model).__name__} has Linear, {type(model_children[1]).__name__}, Linear "
+            f"children but its forward does not compute linear2({net.activation}(linear1(x))) (checked on a probe "
+            "input); convert only models that do")

@@ -89,6 +89,10 @@ class Trainer:
             raise TypeError(f"{fn}: argument 'optimizer' must be a torch.optim optimizer, got "
                             f"{type(optimizer).__qualname__}")
         _kind_of(optimizer)
+        activation = getattr(net, "activation", "sigmoid")
+        if activation != "sigmoid":
+            raise ValueError(f"{fn}: the fused trainer computes sigmoid networks; 'net' has activation="
+                             f"{activation!r} — train it with net.loss(x, y).backward() and optimizer.step()")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"{fn}: argument 'reduction' must be 'mean' or 'sum', got {reduction!r}")
         self.net = net

@@ -22,8 +22,6 @@ from reference import ref_mlp, ref_mlp_loss
 
 ARGS = ("x", "w1", "b1", "w2", "b2", "target")
 LAYOUTS = ("contig", "transposed", "permuted", "strided", "offset", "expanded")
-REDUCTION_CODES = {"mean": 1, "sum": 2}
-ACTIVATION_CODES = {"sigmoid": 0, "identity": 1}
 
 # Bias / target kinds, against a full shape lead + (cols,):
 #   none, vec (cols,), row (1, cols), lead1 (1, 1, cols), full lead + (cols,),
@@ -151,7 +149,7 @@ def problem_specs(draw, allow_zero=True, large_weight=1):
         lead=lead, D=D, H=H, O=O, has_w2=has_w2, kinds=kinds, layouts=layouts,
         requires_grad=requires_grad,
         reduction=draw(st.sampled_from(("mean", "sum"))),
-        activation=draw(st.sampled_from(("sigmoid", "sigmoid", "identity"))),
+        activation=draw(st.sampled_from(("sigmoid",) + fusedgrad.ACTIVATIONS)),
         upstream=draw(st.sampled_from((None, None, None, 2.5, -0.75, 0.0))),
         use_autograd_grad=draw(st.booleans()),
         downstream=draw(st.sampled_from(("weighted", "weighted", "sum", "square", "slice"))),
@@ -397,7 +395,7 @@ def check_loss_and_grads_op(problem, dtype, rtol):
     args = problem.build(dtype, grad=False).args
     mask = [spec.requires_grad[a] for a in ARGS]  # may ask for absent arguments too
     res = torch.ops.fusedgrad.mlp_loss_and_grads(
-        *(args[a] for a in ARGS), REDUCTION_CODES[spec.reduction], ACTIVATION_CODES[spec.activation], mask)
+        *(args[a] for a in ARGS), spec.reduction, spec.activation, mask)
     loss, leaves = _arg_grads_native(spec, args, ref_mlp_loss, reduction=spec.reduction, activation=spec.activation)
     present = [a for a in ARGS if leaves[a] is not None]
     grads = torch.autograd.grad(loss, [leaves[a] for a in present], allow_unused=True)
@@ -418,12 +416,13 @@ def check_forward_backward_ops(problem, dtype, rtol):
     """torch.ops.fusedgrad.mlp_forward / mlp_backward against native, gradients in exact shapes."""
     spec = problem.spec
     args = problem.build(dtype, grad=False, names=ARGS[:5]).args
-    act = ACTIVATION_CODES[spec.activation]
+    act = spec.activation
     pred, activations = torch.ops.fusedgrad.mlp_forward(*(args[a] for a in ARGS[:5]), act)
     ref_pred, leaves = _arg_grads_native(spec, args, ref_mlp, activation=spec.activation)
     worst = compare(pred, ref_pred.detach(), rtol, "op prediction")
     grad_out = problem.downstream_weight.to(dtype)
-    saved = activations if spec.has_w2 else pred
+    # Without w2 the prediction is s, saved as the output, unless the activation saves its input h.
+    saved = activations if spec.has_w2 or fusedgrad._C.check_options(None, act) else pred
     mask = [spec.requires_grad[a] for a in ARGS[:5]]
     res = torch.ops.fusedgrad.mlp_backward(grad_out, *(args[a] for a in ARGS[:5]), saved, act, mask)
     present = [a for a in ARGS[:5] if leaves[a] is not None]

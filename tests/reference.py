@@ -1,10 +1,31 @@
 """Native-autograd reference for fusedgrad, written the way a user would write it
-(F.linear, torch.sigmoid, F.linear, squared error), so every fused result has an
-independent counterpart computed by plain torch ops."""
+(F.linear, torch.sigmoid or another activation, F.linear, squared error), so every
+fused result has an independent counterpart computed by plain torch ops."""
 import torch
 import torch.nn.functional as F
 
 LOSS_ARGS = ("x", "w1", "b1", "w2", "b2", "target")
+
+# Each activation fusedgrad offers (fusedgrad.ACTIVATIONS), as torch computes it.
+REF_ACTIVATIONS = {
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+    "identity": lambda h: h,
+}
+# The torch.nn module of each (FusedMLP.from_module's input).
+REF_MODULES = {
+    "sigmoid": torch.nn.Sigmoid,
+    "tanh": torch.nn.Tanh,
+    "relu": torch.nn.ReLU,
+    "silu": torch.nn.SiLU,
+    "gelu": torch.nn.GELU,
+    "gelu_tanh": lambda: torch.nn.GELU(approximate="tanh"),
+    "identity": torch.nn.Identity,
+}
 
 
 def ref_mlp(x, w1, b1=None, w2=None, b2=None, *, activation="sigmoid"):
@@ -12,7 +33,7 @@ def ref_mlp(x, w1, b1=None, w2=None, b2=None, *, activation="sigmoid"):
     h = torch.matmul(x, w1.t())
     if b1 is not None:
         h = h + b1
-    s = torch.sigmoid(h) if activation == "sigmoid" else h
+    s = REF_ACTIVATIONS[activation](h)
     if w2 is None:
         return s
     p = torch.matmul(s, w2.t())

@@ -43,7 +43,7 @@ def _forms():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("activation", ["sigmoid", "identity"])
+@pytest.mark.parametrize("activation", fusedgrad.ACTIVATIONS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("target", TARGET_KINDS)
 @pytest.mark.parametrize("w2b2", W2B2, ids=W2B2_IDS)
@@ -71,7 +71,7 @@ GO_STYLE = {"contig": "contig", "noncontig": "transposed", "wT": "sum", "expande
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("activation", ["sigmoid", "identity"])
+@pytest.mark.parametrize("activation", fusedgrad.ACTIVATIONS)
 @pytest.mark.parametrize("w2b2", W2B2, ids=W2B2_IDS)
 @pytest.mark.parametrize("b1", BIAS_KINDS)
 def test_mlp_matches_autograd(b1, w2b2, activation, dtype):

@@ -151,8 +151,21 @@ def run_module_loss(shape, batches):
         "fusedgrad.mlp_loss.default")
 
 
+def run_mlp_loss_gelu(shape, batches):
+    """An activation that saves its input h (the fake kernels give the activations output its shape)."""
+    (d, h, o) = shape
+    w1, b1, w2, b2 = leaves = _functional_leaves(d, h, o)
+
+    def fn(x, t):
+        return F.l1_loss(fusedgrad.mlp(x, w1, b1, w2, b2, activation="gelu"), t) + fusedgrad.mlp_loss(
+            x, w1, b1, w2, b2, t, activation="tanh")
+
+    check_against_eager(fn, leaves, lambda n, seed: make_data(n, d, o, seed), batches, "fusedgrad.mlp.default")
+
+
 CASES = {
     "mlp_loss": run_mlp_loss,
+    "mlp(gelu)+mlp_loss(tanh)": run_mlp_loss_gelu,
     "mlp+l1_loss": run_mlp_l1,
     "FusedMLP.forward+l1_loss": run_module_forward,
     "FusedMLP.loss": run_module_loss,

@@ -51,7 +51,7 @@ def step(p, kind, backward, reduction="mean"):
         scalar = (out * p["target"]).sum()
     else:  # the raw op, all gradients
         res = torch.ops.fusedgrad.mlp_loss_and_grads(
-            *(p[a] for a in ARGS), 1 if reduction == "mean" else 2, 0, [True] * 6)
+            *(p[a] for a in ARGS), reduction, "sigmoid", [True] * 6)
         return list(res)
     results = [out.detach().clone()]
     if backward:

@@ -270,7 +270,7 @@ def test_helper_op_conventions(device):
     x, w1, b1, w2, b2, t = case.args(case.leaves(device, torch.float32, requires_grad=False))
     ops = torch.ops.fusedgrad
     mask = [False, True, False, True, True, False]
-    out = ops.mlp_loss_and_grads(x, w1, b1, w2, b2, t, 1, 0, mask)
+    out = ops.mlp_loss_and_grads(x, w1, b1, w2, b2, t, "mean", "sigmoid", mask)
     assert out[0].dim() == 0 and out[0].device == x.device
     for wanted, g, like in zip(mask, out[1:], (x, w1, b1, w2, b2, t)):
         assert g.device == x.device and g.dtype == x.dtype
@@ -278,14 +278,14 @@ def test_helper_op_conventions(device):
             assert g.shape == like.shape
         else:
             assert g.numel() == 0, "a gradient that was not requested must be an empty tensor"
-    pred, s = ops.mlp_forward(x, w1, b1, w2, b2, 0)
+    pred, s = ops.mlp_forward(x, w1, b1, w2, b2, "sigmoid")
     assert pred.shape == (7, 3) and s.shape == (7, 6) and pred.device == x.device
-    grads = ops.mlp_backward(torch.ones_like(pred), x, w1, b1, w2, b2, s, 0, [True, False, True, False, True])
+    grads = ops.mlp_backward(torch.ones_like(pred), x, w1, b1, w2, b2, s, "sigmoid", [True, False, True, False, True])
     for wanted, g, like in zip([True, False, True, False, True], grads, (x, w1, b1, w2, b2)):
         assert g.device == x.device
         assert g.shape == like.shape if wanted else g.numel() == 0
     # Without w2 the prediction is s itself and the activations slot is empty.
-    pred1, s1 = ops.mlp_forward(x, w1, b1, None, None, 0)
+    pred1, s1 = ops.mlp_forward(x, w1, b1, None, None, "sigmoid")
     assert pred1.shape == (7, 6) and s1.numel() == 0
 
 
@@ -295,9 +295,9 @@ def test_reductions_are_deterministic(device, dtype):
     case = CASES[-1]
     args = case.args(case.leaves(device, dtype, requires_grad=False))
     mask = [True, True, True, True, True, False]
-    first = torch.ops.fusedgrad.mlp_loss_and_grads(*args, 1, 0, mask)
+    first = torch.ops.fusedgrad.mlp_loss_and_grads(*args, "mean", "sigmoid", mask)
     for _ in range(3):
-        again = torch.ops.fusedgrad.mlp_loss_and_grads(*args, 1, 0, mask)
+        again = torch.ops.fusedgrad.mlp_loss_and_grads(*args, "mean", "sigmoid", mask)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
 
@@ -372,9 +372,9 @@ def test_mixed_devices_refused(cuda_device, dtype):
         fusedgrad.mlp_loss(x, w1)
     x64 = torch.randn(3, 4, dtype=torch.float64, device=cuda_device)
     w = torch.randn(5, 4, dtype=torch.float64, device=cuda_device)
-    pred, s = torch.ops.fusedgrad.mlp_forward(x64, w, None, None, None, 0)
+    pred, s = torch.ops.fusedgrad.mlp_forward(x64, w, None, None, None, "sigmoid")
     with pytest.raises(ValueError, match="must be on x's device"):
-        torch.ops.fusedgrad.mlp_backward(pred.cpu(), x64, w, None, None, None, s, 0, [True] * 5)
+        torch.ops.fusedgrad.mlp_backward(pred.cpu(), x64, w, None, None, None, s, "sigmoid", [True] * 5)
 
 
 def test_runs_on_current_non_default_stream(cuda_device):
@@ -382,7 +382,7 @@ def test_runs_on_current_non_default_stream(cuda_device):
     than the current one would read them (and fusedgrad's own buffers) too early."""
     case = CASES[-1]
     ref = torch.ops.fusedgrad.mlp_loss_and_grads(
-        *case.args(case.leaves("cpu", torch.float64, requires_grad=False)), 1, 0, [True] * 5 + [False])
+        *case.args(case.leaves("cpu", torch.float64, requires_grad=False)), "mean", "sigmoid", [True] * 5 + [False])
     src = case.leaves(cuda_device, torch.float64, requires_grad=False)
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
@@ -390,18 +390,18 @@ def test_runs_on_current_non_default_stream(cuda_device):
     with torch.cuda.stream(side):
         torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the inputs exist
         leaves = {n: t.clone() for n, t in src.items()}
-        out = torch.ops.fusedgrad.mlp_loss_and_grads(*case.args(leaves), 1, 0, [True] * 5 + [False])
-        pred, s = torch.ops.fusedgrad.mlp_forward(*case.args(leaves, LOSS_ARGS[:5]), 0)
+        out = torch.ops.fusedgrad.mlp_loss_and_grads(*case.args(leaves), "mean", "sigmoid", [True] * 5 + [False])
+        pred, s = torch.ops.fusedgrad.mlp_forward(*case.args(leaves, LOSS_ARGS[:5]), "sigmoid")
         back = torch.ops.fusedgrad.mlp_backward(
-            torch.ones_like(pred), *case.args(leaves, LOSS_ARGS[:5]), s, 0, [True] * 5)
+            torch.ones_like(pred), *case.args(leaves, LOSS_ARGS[:5]), s, "sigmoid", [True] * 5)
     side.synchronize()
     for a, r, n in zip(out, ref, ("loss",) + LOSS_ARGS):
         if r.numel():
             assert_close_rel(a.cpu(), r, 1e-9, f"side stream: {n}")
     cpu_leaves = case.leaves("cpu", torch.float64, requires_grad=False)
-    cpu_pred, cpu_s = torch.ops.fusedgrad.mlp_forward(*case.args(cpu_leaves, LOSS_ARGS[:5]), 0)
+    cpu_pred, cpu_s = torch.ops.fusedgrad.mlp_forward(*case.args(cpu_leaves, LOSS_ARGS[:5]), "sigmoid")
     cpu_back = torch.ops.fusedgrad.mlp_backward(
-        torch.ones_like(cpu_pred), *case.args(cpu_leaves, LOSS_ARGS[:5]), cpu_s, 0, [True] * 5)
+        torch.ones_like(cpu_pred), *case.args(cpu_leaves, LOSS_ARGS[:5]), cpu_s, "sigmoid", [True] * 5)
     assert_close_rel(pred.cpu(), cpu_pred, 1e-9, "side stream: pred")
     for a, r in zip(back, cpu_back):
         assert_close_rel(a.cpu(), r, 1e-9, "side stream: mlp_backward")
@@ -416,7 +416,7 @@ def test_cuda_graph_capture(cuda_device):
     mask = [False, True, True, True, True, False]
 
     def step():
-        return torch.ops.fusedgrad.mlp_loss_and_grads(*case.args(static), 1, 0, mask)
+        return torch.ops.fusedgrad.mlp_loss_and_grads(*case.args(static), "mean", "sigmoid", mask)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -433,7 +433,7 @@ def test_cuda_graph_capture(cuda_device):
         for n in static:
             static[n].copy_(fresh[n])
         graph.replay()
-        expected = torch.ops.fusedgrad.mlp_loss_and_grads(*case.args(fresh), 1, 0, mask)
+        expected = torch.ops.fusedgrad.mlp_loss_and_grads(*case.args(fresh), "mean", "sigmoid", mask)
         torch.cuda.synchronize()
         for a, b, wanted in zip(captured, expected, [True] + mask):
             if wanted:
@@ -445,14 +445,14 @@ def test_device_1_while_device_0_is_current(cuda_device):
     """Tensors on cuda:1 while cuda:0 is current: the kernels follow the tensors (device guard)."""
     case = CASES[-1]
     ref = torch.ops.fusedgrad.mlp_loss_and_grads(
-        *case.args(case.leaves("cpu", torch.float64, requires_grad=False)), 1, 0, [True] * 5 + [False])
+        *case.args(case.leaves("cpu", torch.float64, requires_grad=False)), "mean", "sigmoid", [True] * 5 + [False])
     torch.cuda.set_device(0)
     leaves = case.leaves("cuda:1", torch.float64, requires_grad=False)
-    out = torch.ops.fusedgrad.mlp_loss_and_grads(*case.args(leaves), 1, 0, [True] * 5 + [False])
+    out = torch.ops.fusedgrad.mlp_loss_and_grads(*case.args(leaves), "mean", "sigmoid", [True] * 5 + [False])
     torch.cuda.synchronize(1)
     assert torch.cuda.current_device() == 0, "the device guard must restore the current device"
     with torch.cuda.stream(torch.cuda.Stream(device=1)):  # device 1's current stream a side stream
-        out_side = torch.ops.fusedgrad.mlp_loss_and_grads(*case.args(leaves), 1, 0, [True] * 5 + [False])
+        out_side = torch.ops.fusedgrad.mlp_loss_and_grads(*case.args(leaves), "mean", "sigmoid", [True] * 5 + [False])
     torch.cuda.synchronize(1)
     for a, b, r, n in zip(out, out_side, ref, ("loss",) + LOSS_ARGS):
         assert a.device == torch.device("cuda:1") and b.device == torch.device("cuda:1")

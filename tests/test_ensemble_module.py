@@ -165,6 +165,9 @@ def test_from_modules_errors():
         FusedMLPEnsemble.from_modules([Net(3, 4, 2), meta])
     with pytest.raises(ValueError, match=r"^FusedMLPEnsemble\.from_modules: model 1: FusedMLP\.from_module: the "
                                          r"model must consist of exactly nn\.Linear, nn\.Sigmoid, nn\.Linear"):
+        FusedMLPEnsemble.from_modules([Net(3, 4, 2), nn.Sequential(nn.Linear(3, 4), nn.Softplus(), nn.Linear(4, 2))])
+    with pytest.raises(ValueError, match=r"^FusedMLPEnsemble\.from_modules: model 1 has activation 'relu'; "
+                                         r"FusedMLPEnsemble computes sigmoid models only"):
         FusedMLPEnsemble.from_modules([Net(3, 4, 2), nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))])
     with pytest.raises(TypeError, match=r"model 0: FusedMLP\.from_module: expected an nn\.Module, got int"):
         FusedMLPEnsemble.from_modules([3])
@@ -184,7 +187,7 @@ def test_exported():
 
 def test_ensemble_bench_quick_runs():
     """The --ensemble benchmark end to end on a tiny case (routes agree; nothing about speed)."""
-    from fusedgrad import _bench_ensemble as E
+    from fusedgrad.bench import ensemble as E
 
     rows, routes = E.run_ensemble_bench(quick=True, progress=lambda _: None)
     assert {"loop", "func", "fused"} <= set(routes)

@@ -294,17 +294,17 @@ def opcheck_args(op_name, sample, dtype):
     x, w1, b1, w2, b2, t = make_args(3, 5, 2, 4, 2, x_kind, b1_kind, w2_on, b2_kind, t_kind, seed=len(sample),
                                      dtype=dtype, grad=grad)
     if op_name == "ensemble_mlp_loss":
-        return (x, w1, b1, w2, b2, t, 1, 0)
+        return (x, w1, b1, w2, b2, t, "mean", "sigmoid")
     if op_name in ("ensemble_mlp_loss_and_grads", "ensemble_mlp_loss_forward"):
-        return (x, w1, b1, w2, b2, t, 2, 0, [True, True, True, True, True, t is not None])
+        return (x, w1, b1, w2, b2, t, "sum", "sigmoid", [True, True, True, True, True, t is not None])
     if op_name in ("ensemble_mlp", "ensemble_mlp_forward"):
-        return (x, w1, b1, w2, b2, 1)
+        return (x, w1, b1, w2, b2, "identity")
     with torch.no_grad():
-        pred, acts = OPS.ensemble_mlp_forward(x, w1, b1, w2, b2, 0)
+        pred, acts = OPS.ensemble_mlp_forward(x, w1, b1, w2, b2, "sigmoid")
     if w2 is None:
         acts = pred
     grad_out = torch.randn(pred.shape, dtype=dtype)
-    return (grad_out, x, w1, b1, w2, b2, acts, 0, [True] * 5)
+    return (grad_out, x, w1, b1, w2, b2, acts, "sigmoid", [True] * 5)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=("f32", "f64"))

@@ -283,7 +283,7 @@ def test_unknown_reduction(value):
 
 
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("value", ["relu", "tanh", "Sigmoid", None, 0], ids=repr)
+@pytest.mark.parametrize("value", ["softplus", "gelu_none", "Sigmoid", None, 0], ids=repr)
 def test_unknown_activation(op, value):
     fn = getattr(fusedgrad, op)
     args = good()
@@ -292,7 +292,26 @@ def test_unknown_activation(op, value):
     with pytest.raises(ValueError, match=q("activation")) as info:
         fn(**args, activation=value)
     msg = str(info.value)
-    assert "'sigmoid'" in msg and "'identity'" in msg and repr(value) in msg, msg
+    assert all(f"'{name}'" in msg for name in fusedgrad.ACTIVATIONS) and repr(value) in msg, msg
+
+
+@pytest.mark.parametrize("value", ["softplus", "Tanh", None], ids=repr)
+def test_unknown_activation_of_the_module(value):
+    with pytest.raises(ValueError, match=r"^FusedMLP: argument 'activation' must be one of 'sigmoid', ") as info:
+        fusedgrad.FusedMLP(2, 3, 1, activation=value)
+    assert repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["softplus", 3])
+def test_unknown_activation_of_the_raw_op(value):
+    """The schema takes a string; the one C++ parser names the argument and lists every name."""
+    x, w1 = torch.randn(4, 2), torch.randn(3, 2)
+    error = ValueError if isinstance(value, str) else RuntimeError
+    with pytest.raises(error) as info:
+        torch.ops.fusedgrad.mlp_loss(x, w1, None, None, None, None, "mean", value)
+    if isinstance(value, str):
+        assert "argument 'activation' must be one of " in str(info.value)
+        assert all(f"'{name}'" in str(info.value) for name in fusedgrad.ACTIVATIONS)
 
 
 def test_options_are_keyword_only():

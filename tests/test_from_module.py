@@ -4,7 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fusedgrad
 from fusedgrad import FusedMLP
+from reference import REF_MODULES
 
 DTYPE = torch.float64
 RTOL = 1e-12
@@ -124,13 +126,14 @@ def test_float32_and_training_mode():
 
 
 @pytest.mark.parametrize("model,match", [
-    (nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)), r"children \(0: Linear, 1: ReLU, 2: Linear\)"),
+    (nn.Sequential(nn.Linear(3, 5), nn.Softplus(), nn.Linear(5, 2)), r"children \(0: Linear, 1: Softplus, 2: Linear\)"),
+        (nn.Sequential(nn.Linear(3, 5), nn.LeakyReLU(), nn.Linear(5, 2)), r"1: LeakyReLU"),
     (nn.Sequential(nn.Sigmoid(), nn.Linear(3, 5), nn.Linear(5, 2)), r"\(0: Sigmoid, 1: Linear, 2: Linear\)"),
     (nn.Sequential(nn.Linear(3, 5), nn.Sigmoid()), r"exactly nn.Linear, nn.Sigmoid, nn.Linear.*\(0: Linear, 1: Sigmoid\)"),
     (nn.Sequential(nn.Linear(3, 5), nn.Sigmoid(), nn.Linear(5, 2), nn.Sigmoid()), r"3: Sigmoid"),
     (nn.Linear(3, 5), r"has children \(none\)"),
     (nn.Sequential(nn.Linear(3, 5), nn.Sigmoid(), nn.Sequential(nn.Linear(5, 2))), r"2: Sequential"),
-], ids=["relu", "order", "two", "four", "leaf", "nested"])
+], ids=["softplus", "leaky_relu", "order", "two", "four", "leaf", "nested"])
 def test_wrong_structure_is_refused(model, match):
     with pytest.raises(ValueError, match=match):
         FusedMLP.from_module(model)
@@ -165,3 +168,57 @@ def test_not_a_module_or_unsupported_dtype():
     mixed[2].float()
     with pytest.raises(TypeError, match="share one dtype"):
         FusedMLP.from_module(mixed)
+
+
+# ---------------------------------------------------------------------------
+# Every activation of the table (fusedgrad.ACTIVATIONS), from its torch.nn module.
+@pytest.mark.parametrize("activation", fusedgrad.ACTIVATIONS)
+def test_round_trip_every_activation(activation):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), REF_MODULES[activation](), nn.Linear(5, 2)).to(DTYPE)
+    net = FusedMLP.from_module(model, copy=True)
+    assert net.activation == activation and f"activation={activation} (fused)" in repr(net)
+    x = torch.randn(7, 3, dtype=DTYPE)
+    t = torch.randn(7, 2, dtype=DTYPE)
+    torch.testing.assert_close(net(x), model(x), rtol=1e-12, atol=1e-12)
+    net.loss(x, t).backward()
+    nn.functional.mse_loss(model(x), t).backward()
+    for (name, fused), native in zip(net.named_parameters(), model.parameters()):
+        torch.testing.assert_close(fused.grad, native.grad, rtol=1e-12, atol=1e-12, msg=name)
+    # the state_dict is the plain two layers', whatever the activation
+    plain = FusedMLP(3, 5, 2, dtype=DTYPE, activation=activation)
+    plain.load_state_dict(net.state_dict())
+    assert set(net.state_dict()) == {"linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"}
+    torch.testing.assert_close(plain(x), net(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("activation", fusedgrad.ACTIVATIONS)
+def test_custom_forward_with_every_activation(activation):
+    class ActNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear1, self.act, self.linear2 = nn.Linear(3, 5), REF_MODULES[activation](), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.linear2(self.act(self.linear1(x)))
+
+    model = ActNet().to(DTYPE)
+    assert FusedMLP.from_module(model).activation == activation
+
+
+def test_gelu_forms_and_a_module_computing_another_activation():
+    assert FusedMLP.from_module(nn.Sequential(nn.Linear(2, 3), nn.GELU(), nn.Linear(3, 1))).activation == "gelu"
+    tanh_form = nn.Sequential(nn.Linear(2, 3), nn.GELU(approximate="tanh"), nn.Linear(3, 1))
+    assert FusedMLP.from_module(tanh_form).activation == "gelu_tanh"
+
+    class TanhNet(nn.Module):  # a Tanh child, but the forward applies sigmoid
+        def __init__(self):
+            super().__init__()
+            self.linear1, self.tanh, self.linear2 = nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.linear2(torch.sigmoid(self.linear1(x)))
+
+    with pytest.raises(ValueError, match=r"TanhNet has Linear, Tanh, Linear children but its forward does not "
+                                         r"compute linear2\(tanh\(linear1\(x\)\)\)"):
+        FusedMLP.from_module(TanhNet())

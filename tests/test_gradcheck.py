@@ -56,7 +56,7 @@ LOSS_NAMES = ("x", "w1", "b1", "w2", "b2", "target")
 MLP_NAMES = LOSS_NAMES[:5]
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "identity"])
+@pytest.mark.parametrize("activation", fusedgrad.ACTIVATIONS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_ids)
 def test_gradcheck_mlp_loss(cfg, reduction, activation):
@@ -89,7 +89,7 @@ def test_gradcheck_mlp_loss_scaled_output():
     assert gradcheck(fn, leaves, eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "identity"])
+@pytest.mark.parametrize("activation", fusedgrad.ACTIVATIONS)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_ids)
 def test_gradcheck_mlp(cfg, activation):
     lead, H, O, b1, b2, _ = cfg

@@ -114,13 +114,13 @@ def test_raw_op_non_tensor_argument_raises_naming_it(name):
     args = make()
     args[name] = args[name].tolist()
     with pytest.raises((TypeError, RuntimeError)) as info:
-        torch.ops.fusedgrad.mlp_loss(*(args[a] for a in LOSS_ARGS), 1, 0)
+        torch.ops.fusedgrad.mlp_loss(*(args[a] for a in LOSS_ARGS), "mean", "sigmoid")
     assert f"'{name}'" in str(info.value)
 
 
 def test_raw_op_none_for_x():
     args = make()
-    raises_naming(ValueError, "x", lambda: torch.ops.fusedgrad.mlp_loss(None, args["w1"], None, None, None, None, 1, 0))
+    raises_naming(ValueError, "x", lambda: torch.ops.fusedgrad.mlp_loss(None, args["w1"], None, None, None, None, "mean", "sigmoid"))
 
 
 @pytest.mark.parametrize("value", [None, 1, "MEAN", "none", b"mean", "elementwise_mean"])
@@ -128,7 +128,7 @@ def test_bad_reduction(value):
     raises_naming(ValueError, "reduction", lambda: call_loss(make(), reduction=value))
 
 
-@pytest.mark.parametrize("value", [None, 0, "relu", "Sigmoid", "tanh"])
+@pytest.mark.parametrize("value", [None, 0, "softplus", "Sigmoid", "gelu_erf"])
 @pytest.mark.parametrize("fn", [call_loss, call_mlp])
 def test_bad_activation(fn, value):
     raises_naming(ValueError, "activation", lambda: fn(make(), activation=value))
@@ -147,7 +147,7 @@ def test_unsupported_dtype_everywhere_names_x(dtype):
     err = raises_naming(TypeError, "x", lambda: call_loss(args))
     assert "float32" in str(err) and "float64" in str(err)
     raises_naming(TypeError, "x", lambda: call_mlp(args))
-    raises_naming(TypeError, "x", lambda: torch.ops.fusedgrad.mlp_loss(*(args[a] for a in LOSS_ARGS), 1, 0))
+    raises_naming(TypeError, "x", lambda: torch.ops.fusedgrad.mlp_loss(*(args[a] for a in LOSS_ARGS), "mean", "sigmoid"))
 
 
 @pytest.mark.parametrize("dtype", BAD_DTYPES + [torch.float32], ids=str)
@@ -192,7 +192,7 @@ def test_raw_op_sparse_is_refused(name):
     args = make()
     args[name] = args[name].to_sparse()
     with pytest.raises((ValueError, NotImplementedError, RuntimeError)):
-        torch.ops.fusedgrad.mlp_loss(*(args[a] for a in LOSS_ARGS), 1, 0)
+        torch.ops.fusedgrad.mlp_loss(*(args[a] for a in LOSS_ARGS), "mean", "sigmoid")
 
 
 # --------------------------------------------------------------------------- meta tensors (fake kernels)
@@ -224,13 +224,13 @@ def test_meta_inputs_give_meta_results(lead, b1_shape, has_w2, dtype):
 
     # raw ops
     present = [m[a] is not None for a in LOSS_ARGS]
-    res = torch.ops.fusedgrad.mlp_loss_and_grads(*(m[a] for a in LOSS_ARGS), 1, 0, [True] * 6)
+    res = torch.ops.fusedgrad.mlp_loss_and_grads(*(m[a] for a in LOSS_ARGS), "mean", "sigmoid", [True] * 6)
     assert res[0].shape == () and res[0].device.type == "meta"
     for k, a in enumerate(LOSS_ARGS):
         want = m[a].shape if present[k] else (0,)
         assert res[1 + k].shape == want, (a, res[1 + k].shape, want)
         assert res[1 + k].device.type == "meta" and res[1 + k].dtype == dtype
-    p, acts = torch.ops.fusedgrad.mlp_forward(*(m[a] for a in MLP_ARGS), 0)
+    p, acts = torch.ops.fusedgrad.mlp_forward(*(m[a] for a in MLP_ARGS), "sigmoid")
     assert p.shape == ref_pred.shape and p.device.type == "meta"
 
 
@@ -319,7 +319,7 @@ def test_bad_shape_names_argument(name, bad):
     raises_naming(ValueError, name, lambda: call_loss(args))
     if name != "target":
         raises_naming(ValueError, name, lambda: call_mlp(args))
-    raises_naming(ValueError, name, lambda: torch.ops.fusedgrad.mlp_loss(*(args[a] for a in LOSS_ARGS), 1, 0))
+    raises_naming(ValueError, name, lambda: torch.ops.fusedgrad.mlp_loss(*(args[a] for a in LOSS_ARGS), "mean", "sigmoid"))
 
 
 def test_b2_without_w2_names_b2():
@@ -338,14 +338,14 @@ def test_x_1d_refuses_row_bias():
 
 def test_raw_mlp_backward_bad_grad_out_and_activations():
     args = make()
-    pred, acts = torch.ops.fusedgrad.mlp_forward(*(args[a] for a in MLP_ARGS), 0)
+    pred, acts = torch.ops.fusedgrad.mlp_forward(*(args[a] for a in MLP_ARGS), "sigmoid")
     mask = [True] * 5
     raises_naming(ValueError, "grad_out", lambda: torch.ops.fusedgrad.mlp_backward(
-        torch.ones(5, 3, dtype=F64), *(args[a] for a in MLP_ARGS), acts, 0, mask))
+        torch.ones(5, 3, dtype=F64), *(args[a] for a in MLP_ARGS), acts, "sigmoid", mask))
     raises_naming(ValueError, "activations", lambda: torch.ops.fusedgrad.mlp_backward(
-        torch.ones_like(pred), *(args[a] for a in MLP_ARGS), acts[:2], 0, mask))
+        torch.ones_like(pred), *(args[a] for a in MLP_ARGS), acts[:2], "sigmoid", mask))
     with pytest.raises(TypeError):
-        torch.ops.fusedgrad.mlp_backward(torch.ones_like(pred).float(), *(args[a] for a in MLP_ARGS), acts, 0, mask)
+        torch.ops.fusedgrad.mlp_backward(torch.ones_like(pred).float(), *(args[a] for a in MLP_ARGS), acts, "sigmoid", mask)
 
 
 # --------------------------------------------------------------------------- zero-size dimensions
@@ -409,7 +409,7 @@ def test_zero_rows_full_shape_gradient_no_crash():
 
 def _sizes(path):
     # the small direct-loop path, and the GEMM path: N·(DH + HO) = 2.4M multiply-adds,
-    # far above the crossover (csrc/kernels_cpu_small.cpp: kSmallPathMaxMacs = 2^17 when written)
+    # far above the crossover (csrc/cpu/small_path.cpp: kSmallPathMaxMacs = 2^17 when written)
     return dict(N=5, D=3, H=4, O=2) if path == "small" else dict(N=1031, D=64, H=32, O=8)
 
 

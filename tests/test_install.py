@@ -44,7 +44,7 @@ def test_no_header_shadows_a_system_header():
 
 @pytest.mark.skipif(shutil.which(CXX) is None, reason=f"no {CXX}")
 def test_formulas_header_compiles_with_csrc_on_the_include_path():
-    src = '#include <cmath>\n#include <cstdlib>\n#include "formulas.h"\nint main() { return 0; }\n'
+    src = '#include <cmath>\n#include <cstdlib>\n#include "common/formulas.h"\nint main() { return 0; }\n'
     proc = subprocess.run([CXX, "-std=c++17", "-fsyntax-only", f"-I{os.path.join(ROOT, 'csrc')}", "-x", "c++", "-"],
                           input=src, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -79,7 +79,7 @@ def test_setup_compiles_every_cpu_source_recursively(tmp_path, monkeypatch):
     expected = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"),
                                                                    recursive=True)
                       if not os.path.relpath(p, ROOT).startswith(os.path.join("csrc", "cuda") + os.sep))
-    assert sources == expected and "csrc/module.cpp" in sources
+    assert sources == expected and "csrc/python/module.cpp" in sources
     assert not any(s.startswith("csrc/cuda/") for s in sources)
     # A new file in a subfolder is picked up without editing setup.py.
     fake = tmp_path / "csrc" / "trainer" / "new_file.cpp"

@@ -226,7 +226,7 @@ def _training_step_factory(kind):
         else:  # the raw op, as a no-autograd training loop would call it
             l1, l2 = net.linear1, net.linear2
             out = torch.ops.fusedgrad.mlp_loss_and_grads(
-                x, l1.weight, l1.bias, l2.weight, l2.bias, t, 1, 0, [False, True, True, True, True, False])
+                x, l1.weight, l1.bias, l2.weight, l2.bias, t, "mean", "sigmoid", [False, True, True, True, True, False])
             with torch.no_grad():
                 torch._foreach_add_(params, list(out[2:6]), alpha=-0.01)
             return
@@ -254,7 +254,7 @@ def test_rss_flat_over_failing_calls():
         lambda: fusedgrad.mlp_loss(x, w1.double()),  # C++ TypeError
         lambda: fusedgrad.mlp_loss(x.tolist(), w1),  # Python TypeError
         lambda: fusedgrad.mlp(x, w1, torch.randn(5), w2),  # C++ ValueError (mlp)
-        lambda: torch.ops.fusedgrad.mlp_loss(x, w1, None, None, None, None, 7, 0),  # bad reduction code
+        lambda: torch.ops.fusedgrad.mlp_loss(x, w1, None, None, None, None, "median", "sigmoid"),  # bad reduction
     ]
 
     def double_backward():

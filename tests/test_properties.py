@@ -61,7 +61,7 @@ def problems(draw, with_target=True):
     return p, requires_grad
 
 
-@given(problems(), st.sampled_from(["mean", "sum"]), st.sampled_from(["sigmoid", "identity"]))
+@given(problems(), st.sampled_from(["mean", "sum"]), st.sampled_from(fusedgrad.ACTIVATIONS))
 def test_mlp_loss_matches_autograd(problem, reduction, activation):
     p, requires_grad = problem
     loss = fusedgrad.mlp_loss(*p.loss_args(), reduction=reduction, activation=activation)
@@ -78,7 +78,7 @@ def test_mlp_loss_matches_autograd(problem, reduction, activation):
             assert leaf.grad is None
 
 
-@given(problems(with_target=False), st.sampled_from(["sigmoid", "identity"]),
+@given(problems(with_target=False), st.sampled_from(fusedgrad.ACTIVATIONS),
        st.sampled_from(["contig", "transposed", "sum"]))
 def test_mlp_matches_autograd(problem, activation, go_style):
     p, requires_grad = problem

@@ -1,6 +1,6 @@
-"""The streaming path (csrc/kernels_cpu_stream.cpp): tall data through narrow networks.
+"""The streaming path (csrc/cpu/stream_path.cpp): tall data through narrow networks.
 
-Shapes here are inside the path's rule (csrc/kernels_cpu_stream.cpp,
+Shapes here are inside the path's rule (csrc/cpu/stream_path.cpp,
 stream_path_applies: widths D ≤ 32, H ≤ 128, O ≤ 16, no "Other" broadcast
 kind, and D·H + H·O ≤ 512 at any N or ≤ 2048 from 32768 rows on), so every
 call below runs it, except the "Other" kinds, checked on their fallback. Rows go in blocks of BLOCK[(D, H, O)] rows and the
@@ -117,7 +117,7 @@ def test_bias_and_target_kinds(b1, b2, target):
     check_loss(args, label=f"b1={b1} b2={b2} t={target}")
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "identity"])
+@pytest.mark.parametrize("activation", fusedgrad.ACTIVATIONS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_no_second_layer_activation_reduction(activation, reduction):
     for b1 in ("none", "vec", "full"):
@@ -134,7 +134,7 @@ def test_no_second_layer_activation_reduction(activation, reduction):
                     st.sampled_from(["none", "vec", "full"])),
     n_extra=st.integers(min_value=-2, max_value=2),
     shape=st.sampled_from([NARROW, MEDIUM, (5, 9, 3), (2, 100, 1)]),
-    activation=st.sampled_from(["sigmoid", "identity"]),
+    activation=st.sampled_from(fusedgrad.ACTIVATIONS),
 )
 def test_requested_gradient_subsets(mask, kinds, n_extra, shape, activation):
     N = max(1, block_rows(*shape) + n_extra)
@@ -165,6 +165,21 @@ def test_loss_only_and_autograd_route():
     ref_mlp_loss(*args).backward()
     for name, f, a in zip(LOSS_ARGS, fused, args):
         assert_close_rel(f, a.grad, RTOL64, f"backward d{name}")
+
+
+@pytest.mark.parametrize("activation", fusedgrad.ACTIVATIONS)
+def test_mlp_op_every_activation(activation):
+    """The prediction op's streaming forward saves what act' reads (s, or h), with and without w2."""
+    for shape in (NARROW, (3, 10, None)):
+        args = make(block_rows(3, 10, 1) + 3, *shape, b1="vec", b2="vec" if shape[2] else "none", target="none",
+                    seed=8)[:5]
+        present = [a for a in args if a is not None]
+        pred = fusedgrad.mlp(*args, activation=activation)
+        ref = ref_mlp(*args, activation=activation)
+        assert_close_rel(pred, ref, RTOL64, f"pred {activation} {shape}")
+        go = torch.randn(pred.shape, dtype=pred.dtype, generator=torch.Generator().manual_seed(9))
+        for k, (g, w) in enumerate(zip(torch.autograd.grad(pred, present, go), torch.autograd.grad(ref, present, go))):
+            assert_close_rel(g, w, RTOL64, f"mlp grad #{k} {activation} {shape}")
 
 
 @pytest.mark.parametrize("b2", ["none", "vec", "full"])

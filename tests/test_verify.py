@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import fusedgrad
 from fusedgrad.__main__ import main
 from fusedgrad.cli import verify
 from reference import grads_of, ref_mlp_loss
@@ -64,6 +65,15 @@ def test_float32_per_sample_sum_in_process(capsys):
     out = capsys.readouterr().out
     assert "3→5→2 network, N=7 samples, reduction=sum, bias=per-sample, float32" in out
     assert "all 6 quantities agree within the float32 tolerance 1e-05" in out
+
+
+@pytest.mark.parametrize("activation", fusedgrad.ACTIVATIONS)
+def test_every_activation(capsys, activation):
+    assert main(["verify", "--shape", "9", "3", "5", "2", "--activation", activation]) == 0
+    out = capsys.readouterr().out
+    assert "all 6 quantities agree within the float64 tolerance 1e-10" in out
+    if activation != "sigmoid":
+        assert f"activation={activation}" in out.splitlines()[0]
 
 
 def test_bad_shape_is_refused(capsys):

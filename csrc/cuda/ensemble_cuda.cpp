@@ -1,6 +1,6 @@
-// CUDA kernels of the ensemble ops (schemas and shape rules: ensemble_ops.cpp,
-// ensemble.h): the generic ensemble of ensemble.h over the single-model CUDA
-// ops (ops_cuda.cpp), model after model on the current stream.
+// CUDA kernels of the ensemble ops (schemas: ops/schemas.cpp; shape rules:
+// ops/ensemble.h): the generic ensemble of ensemble.h over the single-model
+// CUDA ops (elementwise_cuda.cpp), model after model on the current stream.
 //
 // Each model's work is queued asynchronously (cuBLAS + the fused element-wise
 // kernels), and its results are copied into the stacked outputs with
@@ -11,8 +11,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../ensemble.h"
-#include "../ensemble_ops.h"
+#include "../ops/ensemble.h"
+#include "../ops/handles.h"
 
 namespace fusedgrad::ensemble {
 namespace {
@@ -22,20 +22,20 @@ namespace {
 // kernel directly.
 struct CudaPerModel {
   static constexpr bool kParallel = false;  // one stream: models in order
-  static LossAndGrads loss_and_grads(const ModelArgs& a, Reduction r, int64_t act, const LossGradMask& need) {
+  static LossAndGrads loss_and_grads(const ModelArgs& a, Reduction r, Activation act, const LossGradMask& need) {
     auto [loss, dx, dw1, db1, dw2, db2, dt] = ops::mlp_loss_and_grads().call(
-        a.x, a.w1, a.b1, a.w2, a.b2, a.target, static_cast<int64_t>(r), act, need);
+        a.x, a.w1, a.b1, a.w2, a.b2, a.target, reduction_name(r), activation_name(act), need);
     return {loss, {dx, dw1, db1, dw2, db2, dt}};
   }
-  static std::array<Tensor, 2> forward(const ModelArgs& a, int64_t act) {
-    auto [pred, acts] = ops::mlp_forward().call(a.x, a.w1, a.b1, a.w2, a.b2, act);
+  static std::array<Tensor, 2> forward(const ModelArgs& a, Activation act) {
+    auto [pred, acts] = ops::mlp_forward().call(a.x, a.w1, a.b1, a.w2, a.b2, activation_name(act));
     return {pred, acts};
   }
   static std::array<Tensor, kNumMlpInputs> backward(const ModelArgs& a, const Tensor& grad_out,
-                                                    const Tensor& activations, int64_t act,
+                                                    const Tensor& activations, Activation act,
                                                     const MlpGradMask& need) {
-    auto [dx, dw1, db1, dw2, db2] =
-        ops::mlp_backward().call(grad_out, a.x, a.w1, a.b1, a.w2, a.b2, activations, act, need);
+    auto [dx, dw1, db1, dw2, db2] = ops::mlp_backward().call(grad_out, a.x, a.w1, a.b1, a.w2, a.b2, activations,
+                                                             activation_name(act), need);
     return {dx, dw1, db1, dw2, db2};
   }
 };
@@ -52,7 +52,7 @@ struct OnXDevice<Fn> {
   }
 };
 
-using Cuda = EnsembleEntryPoints<CudaPerModel>;
+using Cuda = EnsembleOpKernels<CudaPerModel>;
 
 }  // namespace
 

@@ -97,13 +97,20 @@ template <typename T>
 struct BiasActivationElem {
   using M = at::opmath_type<T>;
   using Acc = M;
-  T* s;
+  T* h;  // h += bias in place when s is another buffer (h is then kept for act')
+  T* s;  // s = act(h + bias); may be h
   Operand<T> bias;
   int64_t cols;
   Activation act;
   __device__ __forceinline__ void operator()(int64_t i, int64_t j, Acc&, Acc&) const {
     const int64_t k = i * cols + j;
-    s[k] = static_cast<T>(math::bias_activate(static_cast<M>(s[k]), bias.read(i, j), act));
+    if (s == h) {
+      s[k] = static_cast<T>(math::bias_activate(static_cast<M>(h[k]), bias.read(i, j), act));
+    } else {
+      const T hk = static_cast<T>(static_cast<M>(h[k]) + bias.read(i, j));
+      h[k] = hk;
+      s[k] = static_cast<T>(math::activate(static_cast<M>(hk), act));
+    }
   }
 };
 
@@ -139,14 +146,14 @@ struct HiddenBackwardElem {
   using Acc = M;  // as the CPU pass: Σ dh in the opmath type
   static constexpr bool kHasTotal = false;
   T* ds;
-  const T* s;
+  const T* saved;  // s, or h for an activation that saves its input
   int64_t cols;
   Activation act;
   __device__ __forceinline__ void operator()(int64_t i, int64_t j, Acc& col, Acc&) const {
     const int64_t k = i * cols + j;
     T d = ds[k];
     if (act != Activation::Identity) {
-      d = static_cast<T>(math::activation_backward(static_cast<M>(d), static_cast<M>(s[k]), act));
+      d = static_cast<T>(math::activation_backward(static_cast<M>(d), static_cast<M>(saved[k]), act));
       ds[k] = d;
     }
     col += static_cast<Acc>(d);
@@ -315,10 +322,11 @@ void launch_reduction(
 }  // namespace
 
 void bias_activation(
-    c10::ScalarType dtype, void* s, int64_t rows, int64_t cols, OperandView bias,
+    c10::ScalarType dtype, void* h, void* s, int64_t rows, int64_t cols, OperandView bias,
     Activation act, cudaStream_t stream) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedgrad_bias_activation_cuda", [&] {
-    const BiasActivationElem<scalar_t> elem{static_cast<scalar_t*>(s), Operand<scalar_t>(bias), cols, act};
+    const BiasActivationElem<scalar_t> elem{
+        static_cast<scalar_t*>(h), static_cast<scalar_t*>(s), Operand<scalar_t>(bias), cols, act};
     launch_elementwise(elem, rows, cols, stream);
   });
 }
@@ -356,12 +364,12 @@ int64_t hidden_backward_workspace_bytes(c10::ScalarType dtype, int64_t rows, int
 }
 
 void hidden_backward(
-    c10::ScalarType dtype, void* ds, const void* s, int64_t rows, int64_t cols, Activation act,
+    c10::ScalarType dtype, void* ds, const void* saved, int64_t rows, int64_t cols, Activation act,
     void* colsum, void* workspace, cudaStream_t stream) {
   if (colsum == nullptr && act == Activation::Identity) return;  // dh = ds, nothing to do
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedgrad_hidden_backward_cuda", [&] {
     const HiddenBackwardElem<scalar_t> elem{
-        static_cast<scalar_t*>(ds), static_cast<const scalar_t*>(s), cols, act};
+        static_cast<scalar_t*>(ds), static_cast<const scalar_t*>(saved), cols, act};
     launch_reduction(
         elem, rows, cols, workspace, static_cast<scalar_t*>(colsum), static_cast<scalar_t*>(nullptr),
         static_cast<scalar_t*>(nullptr), 1.0, stream);

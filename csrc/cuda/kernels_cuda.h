@@ -3,7 +3,7 @@
 // This header is deliberately light (no ATen tensors): kernels_cuda.cu only
 // needs raw pointers, sizes and a stream, so nvcc never parses ATen/ATen.h and
 // the .cu compiles in seconds rather than minutes. Tensors, GEMMs (cuBLAS via
-// at::mm_out), device guards and streams are handled by ops_cuda.cpp, which
+// at::mm_out), device guards and streams are handled by elementwise_cuda.cpp and the GEMM path (ops/gemm_path.cpp), which
 // passes the current stream of the tensors' device to every launcher here.
 //
 // Every launcher checks its launch with C10_CUDA_KERNEL_LAUNCH_CHECK and
@@ -15,7 +15,7 @@
 
 #include <cstdint>
 
-#include "../formulas.h"
+#include "../common/formulas.h"
 
 namespace fusedgrad::cuda {
 
@@ -29,10 +29,11 @@ struct OperandView {
   int64_t col_stride = 0;
 };
 
-// s = act(s + bias), in place over a contiguous (rows, cols) matrix (the GEMM
-// output x w1ᵀ, or s w2ᵀ with Activation::Identity for the second bias).
+// h += bias, s = act(h) over a contiguous (rows, cols) matrix (the GEMM
+// output x w1ᵀ, or s w2ᵀ with Activation::Identity for the second bias); s
+// may be h (in place).
 void bias_activation(
-    c10::ScalarType dtype, void* s, int64_t rows, int64_t cols, OperandView bias,
+    c10::ScalarType dtype, void* h, void* s, int64_t rows, int64_t cols, OperandView bias,
     Activation act, cudaStream_t stream);
 
 // What the residual pass reads and writes. pred is a contiguous (rows, cols)
@@ -65,11 +66,11 @@ void residual(
 // Bytes of device workspace hidden_backward() needs when colsum is wanted.
 int64_t hidden_backward_workspace_bytes(c10::ScalarType dtype, int64_t rows, int64_t cols);
 
-// dh = ds ⊙ act'(s) in place over the contiguous (rows, cols) ds, with act'
-// written from the saved s; optionally Σ_rows dh into colsum (`cols`
+// dh = ds ⊙ act'(saved) in place over the contiguous (rows, cols) ds, with act'
+// written from the saved s (or h: common/activation.h); optionally Σ_rows dh into colsum (`cols`
 // contiguous elements; accumulated in the dtype's opmath type, as on the CPU).
 void hidden_backward(
-    c10::ScalarType dtype, void* ds, const void* s, int64_t rows, int64_t cols,
+    c10::ScalarType dtype, void* ds, const void* saved, int64_t rows, int64_t cols,
     Activation act, void* colsum, void* workspace, cudaStream_t stream);
 
 }  // namespace fusedgrad::cuda

@@ -23,7 +23,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "../cpu_vector.h"
+#include "../common/cpu_vector.h"
 
 namespace fusedgrad::trainer {
 

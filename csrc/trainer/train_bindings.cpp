@@ -18,7 +18,7 @@
 #include <algorithm>
 #include <string>
 
-#include "../grad_hooks.h"
+#include "../python/grad_hooks.h"
 #include "train_step.h"
 
 namespace fusedgrad::trainer {

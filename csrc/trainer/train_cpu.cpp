@@ -36,9 +36,9 @@
 #include <string>
 #include <vector>
 
-#include "../cpu_vector.h"
-#include "../lane_vector.h"  // lane-wise row sums: LaneVec, lane_dots_with, add_lane_sums
-#include "../problem.h"  // shape_str
+#include "../common/cpu_vector.h"
+#include "../common/lane_vector.h"  // lane-wise row sums: LaneVec, lane_dots_with, add_lane_sums
+#include "../common/problem.h"  // shape_str
 
 namespace fusedgrad::trainer {
 namespace {

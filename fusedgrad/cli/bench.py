@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .. import _bench as B
+from ..bench import steps as B
 from . import positive_int
 
 HELP = "benchmark fusedgrad against native autograd and torch.compile"
@@ -195,8 +195,8 @@ def plot(rows, path):
 
 
 def run_ensemble(args):
-    """--ensemble: fusedgrad/_bench_ensemble.py, at the largest of --threads."""
-    from .. import _bench_ensemble as E
+    """--ensemble: fusedgrad/bench/ensemble.py, at the largest of --threads."""
+    from ..bench import ensemble as E
 
     saved = torch.get_num_threads()
     torch.set_num_threads(max(args.threads))
@@ -218,8 +218,8 @@ def run_ensemble(args):
 
 
 def run_training(args):
-    """--training: fusedgrad/_bench_training.py, at the largest of --threads."""
-    from .. import _bench_training as T
+    """--training: fusedgrad/bench/training.py, at the largest of --threads."""
+    from ..bench import training as T
 
     saved = torch.get_num_threads()
     torch.set_num_threads(max(args.threads))
@@ -254,8 +254,8 @@ def run(args):
     if args.ensemble:
         return run_ensemble(args)
     if getattr(args, "rows", False):
-        from .. import _bench_rows
-        return _bench_rows.run(args)
+        from ..bench import rows
+        return rows.run(args)
     if args.quick:
         shapes, threads, dtypes = [(10, 4, 4, 4)], [1], ["float32"]
         paths = ["native", "fused", "no_autograd"]

@@ -10,24 +10,12 @@ import time
 import torch
 from torch import nn
 
+from ..bench.native import Net  # noqa: F401  (the reference model; fusedgrad.cli.demo.Net as before)
 from ..module import FusedMLP
 from ..trainer import Trainer
 from . import positive_float, positive_int
 
 HELP = "train the 1→20→1 curve fit with fusedgrad and native autograd side by side"
-
-
-class Net(nn.Module):
-    """The reference model: Linear → Sigmoid → Linear in plain PyTorch."""
-
-    def __init__(self, n_feature, n_hidden, n_output):
-        super().__init__()
-        self.linear1 = nn.Linear(n_feature, n_hidden)
-        self.sigmoid = nn.Sigmoid()
-        self.linear2 = nn.Linear(n_hidden, n_output)
-
-    def forward(self, x):
-        return self.linear2(self.sigmoid(self.linear1(x)))
 
 
 def make_data(n_points=100, seed=0, dtype=torch.float32):

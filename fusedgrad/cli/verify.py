@@ -1,17 +1,18 @@
-"""Check the matrix calculus of Linear → Sigmoid → Linear → squared loss three ways.
+"""Check the matrix calculus of Linear → activation → Linear → squared loss three ways.
 
 For one problem (by default the 1→20→1 curve fit, y = x² + noise on
 100 points) every gradient is computed
 
-  * by native autograd (torch.sigmoid, matmul, F.mse_loss, .backward()),
+  * by native autograd (torch.sigmoid or the torch.nn activation, matmul, F.mse_loss, .backward()),
   * by fusedgrad's fused kernel (fusedgrad.mlp_loss, .backward()),
   * by the textbook formulas, written out in plain torch (no autograd):
 
-      h = x w1ᵀ + b1    s = σ(h)    p = s w2ᵀ + b2    r = p − t
+      h = x w1ᵀ + b1    s = act(h)  p = s w2ᵀ + b2    r = p − t
       L = c Σ r²        c = 1/(N·O) for "mean", 1 for "sum"
       g   = 2c · r
       dw2 = gᵀ s        db2 = Σ_rows g
-      ds  = g w2        dh  = ds ⊙ s ⊙ (1 − s)
+      ds  = g w2        dh  = ds ⊙ act'(h)   (σ' = s ⊙ (1 − s); another activation's
+                                             own derivative from autograd)
       dw1 = dhᵀ x       db1 = Σ_rows dh        dx = dh w1
 
 (a per-sample bias keeps its rows: its gradient is g or dh itself), and the
@@ -24,7 +25,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from .._checks import ACTIVATIONS
 from ..functional import mlp_loss
+from ..module import activation_module
 from . import positive_int
 
 HELP = "check the hand-derived gradients against autograd and the fused kernel"
@@ -67,7 +70,20 @@ def make_problem(n=100, d=1, h=20, o=1, *, seed=0, bias="vector", dtype=torch.fl
     return x, w1, b1, w2, b2, target
 
 
-def textbook_gradients(x, w1, b1, w2, b2, target, reduction="mean"):
+def _activate(name, h):
+    """(act(h), act'(h)): σ by its formula; any other activation by its torch.nn module, the
+    derivative of the element-wise function by autograd."""
+    if name == "sigmoid":
+        s = torch.sigmoid(h)
+        return s, s * (1 - s)
+    leaf = h.detach().requires_grad_()
+    with torch.enable_grad():
+        s = activation_module(name)(leaf)
+        (derivative,) = torch.autograd.grad(s.sum(), leaf)
+    return s.detach(), derivative
+
+
+def textbook_gradients(x, w1, b1, w2, b2, target, reduction="mean", activation="sigmoid"):
     """The formulas of the module docstring, one line each, in plain torch.
 
     x (N, D), w1 (H, D), w2 (O, H), target (N, O); b1 / b2 are None, (H,) / (O,)
@@ -77,7 +93,7 @@ def textbook_gradients(x, w1, b1, w2, b2, target, reduction="mean"):
     n, o = x.shape[0], w2.shape[0]
     c = 1.0 / (n * o) if reduction == "mean" else 1.0
     h = x @ w1.T + (0 if b1 is None else b1)
-    s = torch.sigmoid(h)
+    s, act_prime = _activate(activation, h)
     p = s @ w2.T + (0 if b2 is None else b2)
     r = p - target
     loss = c * (r * r).sum()
@@ -85,7 +101,7 @@ def textbook_gradients(x, w1, b1, w2, b2, target, reduction="mean"):
     g = 2 * c * r                   # dL/dp            (N, O)
     dw2 = g.T @ s                   # (O, H)
     ds = g @ w2                     # dL/ds            (N, H)
-    dh = ds * s * (1 - s)           # σ'(h) = s(1 − s) (N, H)
+    dh = ds * act_prime             # σ'(h) = s(1 − s) (N, H)
     dw1 = dh.T @ x                  # (H, D)
     dx = dh @ w1                    # (N, D)
     grads = {"x": dx, "w1": dw1, "w2": dw2}
@@ -105,22 +121,23 @@ def _backward(loss, leaves):
     return loss.detach(), {name: t.grad for name, t in zip(NAMES, leaves) if t is not None}
 
 
-def native_gradients(x, w1, b1, w2, b2, target, reduction="mean"):
+def native_gradients(x, w1, b1, w2, b2, target, reduction="mean", activation="sigmoid"):
     """Native autograd: the model written with torch ops, F.mse_loss, backward()."""
     x, w1, b1, w2, b2 = leaves = _leaves((x, w1, b1, w2, b2))
     h = x @ w1.T
     if b1 is not None:
         h = h + b1
-    p = torch.sigmoid(h) @ w2.T
+    act = torch.sigmoid if activation == "sigmoid" else activation_module(activation)
+    p = act(h) @ w2.T
     if b2 is not None:
         p = p + b2
     return _backward(F.mse_loss(p, target, reduction=reduction), leaves)
 
 
-def fused_gradients(x, w1, b1, w2, b2, target, reduction="mean"):
+def fused_gradients(x, w1, b1, w2, b2, target, reduction="mean", activation="sigmoid"):
     """fusedgrad's one-pass loss and its C++ backward."""
     leaves = _leaves((x, w1, b1, w2, b2))
-    return _backward(mlp_loss(*leaves, target, reduction=reduction), leaves)
+    return _backward(mlp_loss(*leaves, target, reduction=reduction, activation=activation), leaves)
 
 
 def _diff(a, b):
@@ -130,13 +147,13 @@ def _diff(a, b):
     return err, (err / scale if scale > 0 else (0.0 if err == 0 else float("inf")))
 
 
-def compare(x, w1, b1, w2, b2, target, reduction="mean"):
+def compare(x, w1, b1, w2, b2, target, reduction="mean", activation="sigmoid"):
     """Runs the three paths; returns one row per quantity (the loss first, then each gradient)."""
     args = (x, w1, b1, w2, b2, target)
     results = {
-        "native": native_gradients(*args, reduction=reduction),
-        "fused": fused_gradients(*args, reduction=reduction),
-        "formula": textbook_gradients(*args, reduction=reduction),
+        "native": native_gradients(*args, reduction=reduction, activation=activation),
+        "fused": fused_gradients(*args, reduction=reduction, activation=activation),
+        "formula": textbook_gradients(*args, reduction=reduction, activation=activation),
     }
     tol = RTOL[x.dtype]
     rows = []
@@ -185,6 +202,8 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0, help="seed of the random problem")
     parser.add_argument("--reduction", choices=("mean", "sum"), default="mean",
                         help="loss = c·Σ(p − t)², c = 1/(N·O) for mean (as nn.MSELoss), 1 for sum")
+    parser.add_argument("--activation", choices=ACTIVATIONS, default="sigmoid",
+                        help="the hidden layer's activation (gelu_tanh: F.gelu(approximate='tanh'))")
     parser.add_argument("--bias", choices=BIAS_KINDS, default="vector",
                         help="no biases, (H,)/(O,) vectors as in nn.Linear, or (N, H)/(N, O) per-sample matrices")
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
@@ -201,9 +220,10 @@ def run(args):
         return 2
     dtype = getattr(torch, args.dtype)
     problem = make_problem(n, d, h, o, seed=args.seed, bias=args.bias, dtype=dtype)
-    rows = compare(*problem, reduction=args.reduction)
+    rows = compare(*problem, reduction=args.reduction, activation=args.activation)
+    act = "" if args.activation == "sigmoid" else f", activation={args.activation}"
     print(f"{d}→{h}→{o} network, N={n} samples, reduction={args.reduction}, bias={args.bias}, "
-          f"{args.dtype}, seed {args.seed}")
+          f"{args.dtype}, seed {args.seed}{act}")
     print("gradients of the loss from native autograd, the fused kernel and the textbook formulas\n"
           "(max rel = max abs difference / max |reference|)\n")
     print(format_table(rows))

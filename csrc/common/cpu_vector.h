@@ -1,0 +1,157 @@
+// Code generation for the CPU kernels' vector loops, shared by the small-shape
+// path (cpu/small_path.cpp), the streaming path (cpu/stream_path.cpp) and
+// the fused trainer (trainer/train_cpu.cpp).
+//
+// FUSEDGRAD_CPU_CLONES compiles a function for AVX-512 (x86-64-v4), AVX2 + FMA
+// (x86-64-v3) and baseline x86-64, and picks one at load time by the CPU's
+// capabilities — as ATen picks its own kernels. The helpers such a function
+// calls are FUSEDGRAD_CPU_INLINE, so that each clone carries its own vector
+// code. On other compilers and architectures both are plain `inline` and the
+// loops are vectorised for the baseline target.
+//
+// vec_exp / vec_sigmoid: e^z and σ in a form the compiler vectorises. A call
+// to std::exp per element stops the vectoriser (2 000 of them are most of a
+// 1→20→1 step) and ATen's vectorised exp (Sleef) is reachable from an
+// extension only through the dispatcher (at::sigmoid_ on a view: ~0.7 ns per
+// value, half the step). The clamps below are selects that GCC turns into
+// vector blends only under -fno-trapping-math (setup.py), which changes no value.
+#pragma once
+
+#include <bit>
+#include <cstdint>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FUSEDGRAD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FUSEDGRAD_CPU_INLINE __attribute__((always_inline)) inline  // compiled into each clone
+#else
+#define FUSEDGRAD_CPU_CLONES
+#define FUSEDGRAD_CPU_INLINE inline
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FUSEDGRAD_RESTRICT __restrict__
+#else
+#define FUSEDGRAD_RESTRICT
+#endif
+
+namespace fusedgrad {
+
+// e^z for a tile of lanes, vectorisable (no calls, no branches): z = n ln2 + r
+// with n = round(z / ln2) and |r| ≤ ln2/2, e^r by its Taylor polynomial (to
+// r⁷ in float, r¹³ in double: truncation below half an ulp), 2ⁿ built in the
+// exponent bits. Within 1–2 ulp of std::exp; NaN stays NaN. z is clamped so
+// that 2ⁿ stays representable: e^z = 0 below the clamp's lower end (where
+// 1 + e^z rounds to 1 anyway) and +inf above its upper end (σ = 1/(1 + inf)
+// = 0, as for std::exp's overflow).
+constexpr double inverse_factorial(int m) {
+  double f = 1.0;
+  for (int k = 2; k <= m; ++k) f *= k;
+  return 1.0 / f;
+}
+
+template <typename T>
+struct ExpConsts;
+template <>
+struct ExpConsts<float> {
+  using Bits = int32_t;
+  static constexpr float lo = -88.0f, hi = 89.0f;        // n ∈ [-127, 128]
+  static constexpr float round = 12582912.0f;             // 1.5·2²³: adding it rounds to an integer
+  static constexpr Bits round_bits = 0x4B400000;
+  static constexpr int mantissa = 23, bias = 127;
+  static constexpr int degree = 7;
+};
+template <>
+struct ExpConsts<double> {
+  using Bits = int64_t;
+  static constexpr double lo = -708.0, hi = 709.9;        // n ∈ [-1021, 1024]
+  static constexpr double round = 6755399441055744.0;     // 1.5·2⁵²
+  static constexpr Bits round_bits = 0x4338000000000000LL;
+  static constexpr int mantissa = 52, bias = 1023;
+  static constexpr int degree = 13;
+};
+
+// Σ_{m = M}^{Deg} r^(m−M) / m!, by Horner, unrolled at compile time (a loop
+// here would keep the caller's lane loop from vectorising).
+template <typename T, int M, int Deg>
+FUSEDGRAD_CPU_INLINE T exp_taylor(T r) {
+  if constexpr (M == Deg) {
+    return T(inverse_factorial(Deg));
+  } else {
+    return exp_taylor<T, M + 1, Deg>(r) * r + T(inverse_factorial(M));
+  }
+}
+
+template <typename T>
+FUSEDGRAD_CPU_INLINE T vec_exp(T z) {
+  using C = ExpConsts<T>;
+  using Bits = typename C::Bits;
+  constexpr T log2e = T(1.4426950408889634074);
+  constexpr T ln2_hi = T(0.693145751953125);              // ln 2 = ln2_hi + ln2_lo, ln2_hi exact in few bits
+  constexpr T ln2_lo = T(1.42860682030941723212e-6);
+  z = z < C::lo ? C::lo : z;
+  z = z > C::hi ? C::hi : z;
+  const T k = z * log2e + C::round;
+  const T n = k - C::round;
+  const T r = (z - n * ln2_hi) - n * ln2_lo;
+  const T poly = exp_taylor<T, 0, C::degree>(r);
+  const Bits e = std::bit_cast<Bits>(k) - C::round_bits;  // n as an integer
+  const T scale = std::bit_cast<T>(static_cast<Bits>((e + C::bias) << C::mantissa));
+  return poly * scale;
+}
+
+// σ(h) = 1 / (1 + e^(−h)), the formula of formulas.h's sigmoid and of torch.sigmoid, with vec_exp.
+template <typename T>
+FUSEDGRAD_CPU_INLINE T vec_sigmoid(T h) {
+  return T(1) / (T(1) + vec_exp(-h));
+}
+
+// tanh(z), vectorisable: for |z| ≥ 1/8, sign(z) (1 − e^(−2|z|)) / (1 + e^(−2|z|))
+// with vec_exp (no overflow for any z; the cancellation in 1 − e costs at most
+// a few ulp there); below, its Taylor series to z¹⁵ (truncation < 1e-17
+// relative), which keeps tiny z exact. Within a few ulp of std::tanh.
+template <typename T>
+FUSEDGRAD_CPU_INLINE T vec_tanh(T z) {
+  const T a = z < T(0) ? -z : z;
+  const T e = vec_exp(T(-2) * a);
+  T t = (T(1) - e) / (T(1) + e);
+  t = z < T(0) ? -t : t;
+  const T z2 = z * z;
+  const T series =
+      z * (T(1) + z2 * (T(-1.0 / 3) + z2 * (T(2.0 / 15) + z2 * (T(-17.0 / 315) + z2 * (T(62.0 / 2835) +
+      z2 * (T(-1382.0 / 155925) + z2 * (T(21844.0 / 6081075) + z2 * T(-929569.0 / 638512875))))))));
+  return a < T(0.125) ? series : t;
+}
+
+// y[k] += a · x[k]
+template <typename T>
+FUSEDGRAD_CPU_INLINE void axpy(T* FUSEDGRAD_RESTRICT y, T a, const T* FUSEDGRAD_RESTRICT x, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
+}
+
+// Σ_k a[k] · b[k], vectorised (reassociated into lanes, as a BLAS dot is).
+template <typename T>
+FUSEDGRAD_CPU_INLINE T dot(const T* FUSEDGRAD_RESTRICT a, const T* FUSEDGRAD_RESTRICT b, int64_t n) {
+  T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < n; ++k) sum += a[k] * b[k];
+  return sum;
+}
+
+// Σ_k a[k], vectorised.
+template <typename T>
+FUSEDGRAD_CPU_INLINE T row_sum(const T* FUSEDGRAD_RESTRICT a, int64_t n) {
+  T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < n; ++k) sum += a[k];
+  return sum;
+}
+
+// s[k] = σ(s[k]) over a contiguous array.
+template <typename T>
+FUSEDGRAD_CPU_INLINE void sigmoid_inplace(T* FUSEDGRAD_RESTRICT s, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) s[k] = vec_sigmoid(s[k]);
+}
+
+}  // namespace fusedgrad

@@ -1,0 +1,171 @@
+// Autograd for the public ops, in C++.
+//
+// A Python torch.autograd.Function costs ~30 µs a call on this machine, more
+// than a whole small training step, so the autograd nodes are C++
+// torch::autograd::Functions registered on the ops' Autograd key.
+//
+// mlp_loss: the forward already computes every gradient some input needs
+// (the loss is a scalar, so dL/d(input) is known at forward time); the node
+// only scales them by the incoming gradient, and does nothing when it is 1.
+// mlp: a classic pair, forward saves s, backward runs the fused backward op.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>
+#include <torch/library.h>
+
+#include "../common/options.h"
+#include "autograd_helpers.h"
+#include "handles.h"
+
+namespace fusedgrad {
+namespace {
+
+using at::Tensor;
+using ops::OptTensor;
+using ops::Str;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using namespace autograd_helpers;
+
+// Reads a 0-dim CPU gradient; NaN when it cannot be read (readable_on_host)
+// or is not a single value.
+double cpu_scalar_or_nan(const Tensor& t) {
+  if (!readable_on_host(t) || t.numel() != 1) {
+    return std::numeric_limits<double>::quiet_NaN();
+  }
+  switch (t.scalar_type()) {
+    case at::kFloat: return *t.const_data_ptr<float>();
+    case at::kDouble: return *t.const_data_ptr<double>();
+    default: return std::numeric_limits<double>::quiet_NaN();
+  }
+}
+
+class MlpLossFunction : public torch::autograd::Function<MlpLossFunction> {
+ public:
+  static Tensor forward(
+      AutogradContext* ctx, const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2,
+      const OptTensor& b2, const OptTensor& target, Str reduction, Str activation) {
+    const std::array<bool, 6> need = {
+        x.requires_grad(), w1.requires_grad(), requires_grad(b1),
+        requires_grad(w2), requires_grad(b2), requires_grad(target)};
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, dx, dw1, db1, dw2, db2, dt] =
+        ops::mlp_loss_and_grads().call(x, w1, b1, w2, b2, target, reduction, activation, need);
+    std::array<Tensor, 6> grads = {dx, dw1, db1, dw2, db2, dt};
+    variable_list to_save(6);
+    for (size_t k = 0; k < 6; ++k) {
+      if (need[k]) to_save[k] = grads[k];
+    }
+    ctx->save_for_backward(to_save);
+    const std::array<bool, 6> present = {true, true, b1.has_value() && b1->defined(),
+                                         w2.has_value() && w2->defined(), b2.has_value() && b2->defined(),
+                                         target.has_value() && target->defined()};
+    int64_t present_bits = 0;
+    for (size_t k = 0; k < 6; ++k) present_bits |= int64_t(present[k]) << k;
+    ctx->saved_data["present"] = present_bits;  // which optional arguments were given
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    refuse_double_backward("mlp_loss");
+    const Tensor& grad_loss = grad_outputs[0];
+    const bool unit = cpu_scalar_or_nan(grad_loss) == 1.0;
+    variable_list saved = ctx->get_saved_variables();
+    const int64_t present_bits = ctx->saved_data["present"].toInt();
+    std::array<bool, 6> present;
+    for (size_t k = 0; k < 6; ++k) present[k] = (present_bits >> k) & 1;
+    const auto needs = needs_grad_by_position(ctx, present);
+    variable_list grads(8);  // 6 tensors + reduction + activation
+    // The saved gradients can be handed over as they are only when this
+    // graph is freed after this backward; with retain_graph=True a later
+    // backward needs them again, and the caller may modify what it receives.
+    const bool hand_over = unit && !torch::autograd::get_current_graph_task_keep_graph();
+    for (size_t k = 0; k < 6; ++k) {
+      if (!saved[k].defined() || !needs[k]) continue;
+      if (hand_over) {
+        grads[k] = saved[k];
+      } else {
+        grads[k] = unit ? saved[k].clone() : saved[k] * grad_loss;
+      }
+    }
+    return grads;
+  }
+};
+
+class MlpFunction : public torch::autograd::Function<MlpFunction> {
+ public:
+  static Tensor forward(
+      AutogradContext* ctx, const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2,
+      const OptTensor& b2, Str activation) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [pred, activations] = ops::mlp_forward().call(x, w1, b1, w2, b2, activation);
+    const bool has_w2 = w2.has_value() && w2->defined();
+    // Without w2 the prediction is s itself: save the output, not a copy
+    // (unless the activation's derivative reads h, which is then the second output).
+    const bool saved_is_output = !has_w2 && !activation_saves_input(parse_activation(activation));
+    ctx->save_for_backward({x, w1, has_w2 ? *w2 : Tensor(), saved_is_output ? pred : activations});
+    // Only the biases' shapes matter to backward; keep them out of the
+    // version-checked saved tensors.
+    ctx->saved_data["b1"] = b1;
+    ctx->saved_data["b2"] = b2;
+    ctx->saved_data["activation"] = std::string(activation);
+    return pred;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    refuse_double_backward("mlp");
+    variable_list saved = ctx->get_saved_variables();
+    const OptTensor b1 = ctx->saved_data["b1"].toOptional<Tensor>();
+    const OptTensor b2 = ctx->saved_data["b2"].toOptional<Tensor>();
+    const OptTensor w2 = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
+    const auto need = needs_grad_by_position<5>(
+        ctx, {true, true, b1.has_value(), w2.has_value(), b2.has_value()});
+    auto [dx, dw1, db1, dw2, db2] = ops::mlp_backward().call(
+        grad_outputs[0], saved[0], saved[1], b1, w2, b2, saved[3],
+        ctx->saved_data["activation"].toStringRef(), need);
+    std::array<Tensor, 5> grads = {dx, dw1, db1, dw2, db2};
+    variable_list out(6);  // 5 tensors + activation
+    for (size_t k = 0; k < 5; ++k) {
+      if (need[k]) out[k] = grads[k];
+    }
+    return out;
+  }
+};
+
+Tensor mlp_loss_autograd(
+    const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
+    const OptTensor& target, Str reduction, Str activation) {
+  const bool any_grad = at::GradMode::is_enabled() &&
+      (x.requires_grad() || w1.requires_grad() || requires_grad(b1) || requires_grad(w2) ||
+       requires_grad(b2) || requires_grad(target));
+  if (!any_grad) {  // no graph to build: skip the node and compute the loss alone
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return ops::mlp_loss().call(x, w1, b1, w2, b2, target, reduction, activation);
+  }
+  return MlpLossFunction::apply(x, w1, b1, w2, b2, target, reduction, activation);
+}
+
+Tensor mlp_autograd(
+    const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
+    Str activation) {
+  const bool any_grad = at::GradMode::is_enabled() &&
+      (x.requires_grad() || w1.requires_grad() || requires_grad(b1) || requires_grad(w2) ||
+       requires_grad(b2));
+  if (!any_grad) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return ops::mlp().call(x, w1, b1, w2, b2, activation);
+  }
+  return MlpFunction::apply(x, w1, b1, w2, b2, activation);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedgrad, Autograd, m) {
+  m.impl("mlp_loss", &mlp_loss_autograd);
+  m.impl("mlp", &mlp_autograd);
+  m.impl("mlp_loss_and_grads", &NonDifferentiable<ops::MlpLossAndGradsSig, &ops::mlp_loss_and_grads>::call);
+  m.impl("mlp_forward", &NonDifferentiable<ops::MlpForwardSig, &ops::mlp_forward>::call);
+  m.impl("mlp_backward", &NonDifferentiable<ops::MlpBackwardSig, &ops::mlp_backward>::call);
+}
+
+}  // namespace fusedgrad

@@ -1,0 +1,68 @@
+// The single-model ops' kernels, one set for every device: argument handling
+// (make_problem, gradients of None arguments dropped, results in schema
+// order) and the choice of kernel path:
+//
+//   CPU   the streaming path (cpu/stream_path.cpp) for tall data through narrow networks,
+//         the direct-loop path (cpu/small_path.cpp) for problems too small for BLAS,
+//         else the GEMM path (gemm_path.cpp) with the CPU's element-wise kernels;
+//   CUDA  the GEMM path with the CUDA element-wise kernels (cuda/elementwise_cuda.cpp).
+//
+// Registered on the CPU key here (op_kernels.cpp) and on the CUDA key in a CUDA
+// build (cuda/elementwise_cuda.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "../common/problem.h"
+
+namespace fusedgrad {
+
+// Gradients in the order of the loss op's tensor arguments.
+enum LossInput { kX = 0, kW1, kB1, kW2, kB2, kTarget, kNumLossInputs };
+using LossGradMask = std::array<bool, kNumLossInputs>;
+
+struct LossAndGrads {
+  at::Tensor loss;                               // 0-dim
+  std::array<at::Tensor, kNumLossInputs> grads;  // empty (numel 0) where not requested
+};
+
+// Gradients of the prediction's backward, in the order of the mlp op's tensor arguments.
+enum MlpInput { kMx = 0, kMw1, kMb1, kMw2, kMb2, kNumMlpInputs };
+using MlpGradMask = std::array<bool, kNumMlpInputs>;
+
+// L = c · Σ (s w2ᵀ + b2 − t)², s = act(x w1ᵀ + b1), and, in the same pass,
+// dL/d(input) for every input whose mask entry is true; on the problem's device.
+LossAndGrads loss_and_grads(const Problem& p, Reduction reduction, const LossGradMask& need);
+// Prediction (shape (*, O)) and what the backward reads to differentiate the
+// activation (N, H): s, or h where the activation saves its input; empty
+// without w2 when it is s (the prediction itself).
+std::array<at::Tensor, 2> forward(const Problem& p);
+// Gradients of Σ grad_out ⊙ pred for (x, w1, b1, w2, b2), from forward's activations.
+std::array<at::Tensor, kNumMlpInputs> backward(
+    const Problem& p, const at::Tensor& grad_out, const at::Tensor& activations, const MlpGradMask& need);
+
+// The op kernels (schemas.cpp), as registered on the device keys.
+namespace op_kernels {
+using at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+using Str = c10::string_view;
+
+Tensor mlp_loss(const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
+                const OptTensor& target, Str reduction, Str activation);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_loss_and_grads(
+    const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
+    const OptTensor& target, Str reduction, Str activation, std::array<bool, 6> output_mask);
+Tensor mlp(const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
+           Str activation);
+std::tuple<Tensor, Tensor> mlp_forward(const Tensor& x, const Tensor& w1, const OptTensor& b1,
+                                       const OptTensor& w2, const OptTensor& b2, Str activation);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2,
+    const OptTensor& b2, const Tensor& activations, Str activation, std::array<bool, 5> output_mask);
+}  // namespace op_kernels
+
+}  // namespace fusedgrad

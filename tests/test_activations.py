@@ -1,0 +1,98 @@
+"""The activation table (csrc/common/activation.h): every activation, on every
+kernel path, against torch.nn.functional in float64 to ~1e-12 (relative to the
+whole tensor, as reference.assert_close_rel: where an activation saturates, its
+derivative is a difference of nearly equal numbers, 1 − s² for tanh, exactly
+as torch writes it, and one ulp of s there is all the difference), including
+saturation and relu's kink (relu'(0) = 0, as torch's threshold_backward)."""
+import pytest
+import torch
+
+import fusedgrad
+from fusedgrad import _C
+from reference import REF_ACTIVATIONS, assert_close_rel
+
+F64 = torch.float64
+# h values: the kink, tiny, moderate, saturating and huge, both signs.
+SPECIAL = [0.0, -0.0, 1e-300, -1e-300, 1e-8, -1e-8, 0.5, -0.5, 1.0, -1.0, 3.0, -3.0, 20.0, -20.0, 40.0, -40.0,
+           700.0, -700.0, 1e5, -1e5]
+
+
+def test_the_table_and_the_reference_name_the_same_activations():
+    assert fusedgrad.ACTIVATIONS[0] == "sigmoid"  # the default
+    assert set(fusedgrad.ACTIVATIONS) == set(REF_ACTIVATIONS)
+    assert len(set(fusedgrad.ACTIVATIONS)) == len(fusedgrad.ACTIVATIONS)
+
+
+def _h(n_random):
+    gen = torch.Generator().manual_seed(0)
+    h = torch.cat([torch.tensor(SPECIAL, dtype=F64), 4 * torch.randn(n_random, generator=gen, dtype=F64)])
+    return h.unsqueeze(1)  # (N, 1): x with w1 = [[1]], so h = x exactly
+
+
+@pytest.fixture(params=["small", "gemm", "stream"])
+def path(request):
+    """The kernel path the loss op takes: the direct loops, the GEMM path, the streaming path (tall data)."""
+    n = {"small": 30, "gemm": 30, "stream": 20000}[request.param]
+    previous = _C._set_small_path_max_macs(0 if request.param == "gemm" else -1)
+    yield request.param, n
+    _C._set_small_path_max_macs(previous)
+
+
+@pytest.mark.parametrize("activation", fusedgrad.ACTIVATIONS)
+def test_value_and_derivative_match_torch(activation, path):
+    _, n = path
+    h = _h(n).requires_grad_()
+    one = torch.ones(1, 1, dtype=F64)
+    act = REF_ACTIVATIONS[activation]
+    # mlp without w2: the prediction is act(h) itself
+    pred = fusedgrad.mlp(h, one, activation=activation)
+    expected = act(h)
+    assert_close_rel(pred, expected, 1e-12, "value")
+    go = torch.linspace(-1, 1, h.numel(), dtype=F64).unsqueeze(1)
+    (got,) = torch.autograd.grad(pred, h, go)
+    (want,) = torch.autograd.grad(expected, h, go)
+    assert_close_rel(got, want, 1e-12, "mlp derivative")
+    # the loss op: L = Σ act(h)², dL/dh = 2 act(h) act'(h)
+    loss = fusedgrad.mlp_loss(h, one, reduction="sum", activation=activation)
+    (got,) = torch.autograd.grad(loss, h)
+    ref = (act(h) ** 2).sum()
+    (want,) = torch.autograd.grad(ref, h)
+    assert_close_rel(loss, ref, 1e-12, "loss")
+    assert_close_rel(got, want, 1e-12, "loss derivative")
+
+
+def test_relu_derivative_at_zero_is_zero():
+    h = torch.tensor([[0.0], [-0.0], [1.0]], dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(fusedgrad.mlp(h, torch.ones(1, 1, dtype=F64), activation="relu").sum(), h)
+    assert g.flatten().tolist() == [0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("activation", fusedgrad.ACTIVATIONS)
+def test_float32(activation):
+    gen = torch.Generator().manual_seed(1)
+    x, t = torch.randn(64, 4, generator=gen), torch.randn(64, 2, generator=gen)
+    w1 = torch.randn(8, 4, generator=gen, requires_grad=True)
+    w2 = torch.randn(2, 8, generator=gen, requires_grad=True)
+    fused = torch.autograd.grad(fusedgrad.mlp_loss(x, w1, None, w2, None, t, activation=activation), (w1, w2))
+    native = torch.autograd.grad(((REF_ACTIVATIONS[activation](x @ w1.T) @ w2.T - t) ** 2).mean(), (w1, w2))
+    for a, b in zip(fused, native):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("activation", fusedgrad.ACTIVATIONS)
+def test_ensemble_ops_take_every_activation(activation):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, 2, generator=gen, dtype=F64)
+    w1 = torch.randn(3, 4, 2, generator=gen, dtype=F64, requires_grad=True)
+    pred = fusedgrad.mlp(x, w1, activation=activation)  # no w2: the activations output holds h where needed
+    expected = REF_ACTIVATIONS[activation](x @ w1.transpose(1, 2))
+    assert_close_rel(pred, expected, 1e-12, "ensemble value")
+    go = torch.randn(pred.shape, generator=gen, dtype=F64)
+    assert_close_rel(torch.autograd.grad(pred, w1, go)[0], torch.autograd.grad(expected, w1, go)[0], 1e-12,
+                     "ensemble dw1")
+
+
+def test_trainer_refuses_a_net_with_another_activation():
+    net = fusedgrad.FusedMLP(2, 3, 1, activation="tanh")
+    with pytest.raises(ValueError, match="activation"):
+        fusedgrad.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1))
