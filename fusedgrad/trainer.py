@@ -89,10 +89,6 @@ class Trainer:
             raise TypeError(f"{fn}: argument 'optimizer' must be a torch.optim optimizer, got "
                             f"{type(optimizer).__qualname__}")
         _kind_of(optimizer)
-        activation = getattr(net, "activation", "sigmoid")
-        if activation != "sigmoid":
-            raise ValueError(f"{fn}: the fused trainer computes sigmoid networks; 'net' has activation="
-                             f"{activation!r} — train it with net.loss(x, y).backward() and optimizer.step()")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"{fn}: argument 'reduction' must be 'mean' or 'sum', got {reduction!r}")
         self.net = net
@@ -122,6 +118,10 @@ class Trainer:
     # ------------------------------------------------------------------ setup, read at every call
     def _params(self):
         return self.net._params()
+
+    def _activation(self):
+        """The hidden layer's activation: FusedMLP's own (any of the table's), an ensemble's sigmoid."""
+        return getattr(self.net, "activation", "sigmoid")
 
     def _membership(self, fn, params, groups):
         """Group index of each parameter (None where the model has none); the optimizer must
@@ -302,11 +302,12 @@ class Trainer:
         # else (e.g. a first step, before the optimizer has state) takes the route below.
         if self._fast_step and done is not None and _C.train_steps_fast(
                 self.optimizer, self.net._params(), x, target, batch_size, order, first_step, steps,
-                self.reduction == "mean", self.model_lr_scale, self._adam, self._adamw, losses, done):
+                self.reduction == "mean", self.model_lr_scale, self._adam, self._adamw, losses, done,
+                self._activation()):
             return
         params, grads, rules = self._prepare(fn)
         _C.train_steps(fn, params, grads, rules, x, target, batch_size, order, first_step, steps,
-                       self.reduction == "mean", self.model_lr_scale, losses, done)
+                       self.reduction == "mean", self.model_lr_scale, losses, done, self._activation())
         # The gradients are the parameters' own .grad; a momentum buffer created
         # for this call becomes the optimizer's (as torch.optim.SGD stores it).
         for p, g, rule in zip(params, grads, rules):
@@ -336,7 +337,7 @@ class Trainer:
         # it declines (None) anything else, which the route below handles or refuses.
         if self._fast_step:
             loss = _C.train_step_fast(self.optimizer, self.net._params(), x, target, self.reduction == "mean",
-                                      self.model_lr_scale, self._adam, self._adamw)
+                                      self.model_lr_scale, self._adam, self._adamw, self._activation())
             if loss is not None:
                 return loss
         fn = "fusedgrad.Trainer.step"

@@ -19,6 +19,7 @@
 #include <string>
 
 #include "../python/grad_hooks.h"
+#include "../common/options.h"  // parse_activation, find_activation
 #include "train_step.h"
 
 namespace fusedgrad::trainer {
@@ -62,7 +63,7 @@ ParamState parse_rule(py::handle obj) {
 void train_steps_py(const std::string& fn, py::sequence params, py::sequence grads, py::sequence rules, const at::Tensor& x,
                     const at::Tensor& target, int64_t batch_size, py::handle order, int64_t first_step,
                     int64_t num_steps, bool mean, py::handle lr_scale, const at::Tensor& losses,
-                    py::handle steps_done) {
+                    py::handle steps_done, const std::string& activation) {
   TORCH_CHECK_VALUE(params.size() == kNumParams && grads.size() == kNumParams && rules.size() == kNumParams,
                     "fusedgrad: internal: train_steps takes 4 parameters, gradients and rules");
   TrainCall call;
@@ -81,6 +82,7 @@ void train_steps_py(const std::string& fn, py::sequence params, py::sequence gra
   call.lr_scale = optional_tensor(lr_scale);
   call.losses = losses;
   call.steps_done = optional_tensor(steps_done);
+  call.act = parse_activation(activation);
   py::gil_scoped_release no_gil;
   train_steps(fn.c_str(), call);
 }
@@ -303,9 +305,12 @@ void mark_stepped(PyObject* opt) {
 }
 
 py::object train_step_fast(py::handle optimizer, py::tuple params, py::handle x, py::handle target, bool mean,
-                           py::handle lr_scale, bool adam, bool decoupled_default) {
+                           py::handle lr_scale, bool adam, bool decoupled_default, const std::string& activation) {
   if (!exact_tensor(x.ptr()) || !exact_tensor(target.ptr())) return py::none();
+  const std::optional<Activation> act = find_activation(activation);
+  if (!act) return py::none();
   TrainCall call;
+  call.act = *act;
   if (!read_optimizer(optimizer.ptr(), params, adam, decoupled_default, call)) return py::none();
   const at::Tensor& xt = THPVariable_Unpack(x.ptr());
   const at::Tensor& tt = THPVariable_Unpack(target.ptr());
@@ -330,8 +335,11 @@ py::object train_step_fast(py::handle optimizer, py::tuple params, py::handle x,
 bool train_steps_fast(py::handle optimizer, py::tuple params, const at::Tensor& x, const at::Tensor& target,
                       int64_t batch_size, py::handle order, int64_t first_step, int64_t num_steps, bool mean,
                       py::handle lr_scale, bool adam, bool decoupled_default, const at::Tensor& losses,
-                      const at::Tensor& steps_done) {
+                      const at::Tensor& steps_done, const std::string& activation) {
+  const std::optional<Activation> act = find_activation(activation);
+  if (!act) return false;
   TrainCall call;
+  call.act = *act;
   if (!read_optimizer(optimizer.ptr(), params, adam, decoupled_default, call)) return false;
   call.x = x;
   call.target = target;
@@ -371,9 +379,10 @@ void register_trainer(py::module& m) {
       "train_steps",
       [](const std::string& fn, py::sequence params, py::sequence grads, py::sequence rules, const at::Tensor& x,
          const at::Tensor& target, int64_t batch_size, py::handle order, int64_t first_step, int64_t num_steps,
-         bool mean, py::handle lr_scale, const at::Tensor& losses, py::handle steps_done) {
+         bool mean, py::handle lr_scale, const at::Tensor& losses, py::handle steps_done,
+         const std::string& activation) {
         translating_errors(train_steps_py)(fn, params, grads, rules, x, target, batch_size, order, first_step,
-                                           num_steps, mean, lr_scale, losses, steps_done);
+                                           num_steps, mean, lr_scale, losses, steps_done, activation);
       },
       "Fused training steps of fusedgrad.Trainer (see csrc/trainer/train_bindings.cpp).");
   m.def("train_step_fast", &train_step_fast,

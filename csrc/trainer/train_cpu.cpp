@@ -5,11 +5,12 @@
 // one contiguous row of a block per hidden / output unit — so that every inner
 // loop runs over rows and vectorises, whatever the (often tiny) widths:
 //
-//   for each hidden unit j:   h_j = Σ_d w1[j,d] x_d + b1[j],   s_j = σ(h_j)
+//   for each hidden unit j:   h_j = Σ_d w1[j,d] x_d + b1[j],   s_j = act(h_j)  (σ by default)
 //   for each output o:        p_o = Σ_j w2[o,j] s_j,   r_o = (p_o + b2[o]) − t_o
 //                             L += c Σ r_o²,   g_o = 2c r_o
 //                             dw2[o,j] += g_o · s_j,   db2[o] += Σ g_o
-//   for each hidden unit j:   ds_j = Σ_o w2[o,j] g_o,   dh_j = ds_j ⊙ (s_j ⊙ (1 − s_j))
+//   for each hidden unit j:   ds_j = Σ_o w2[o,j] g_o,   dh_j = ds_j ⊙ act'(s_j)  (σ: s_j ⊙ (1 − s_j);
+//                             act'(h_j) for the activations that save their input)
 //                             dw1[j,d] += dh_j · x_d,   db1[j] += Σ dh_j
 //
 // (x_d, t_o, s_j, g_o, dh_j: one value per row of the block). Nothing of
@@ -37,6 +38,7 @@
 #include <vector>
 
 #include "../common/cpu_vector.h"
+#include "../cpu/activation_cpu.h"  // activate_n, activation_backward_n: the table's vector forms
 #include "../common/lane_vector.h"  // lane-wise row sums: LaneVec, lane_dots_with, add_lane_sums
 #include "../common/problem.h"  // shape_str
 
@@ -51,6 +53,7 @@ constexpr int64_t kGemmMinMacsPerRow = 2048;  // D·H + H·O from which BLAS win
 
 struct Dims {
   int64_t K, N, D, H, O;
+  Activation act;
   int64_t macs_per_row() const { return D * H + H * O; }
 };
 
@@ -112,6 +115,7 @@ FUSEDGRAD_CPU_INLINE void block_loss_and_grads(const Dims& d, const SumLayout& l
   T* G = S + H * ld;      // (O, ld): r_o, then g_o
   T* DH = G + O * ld;     // (kHiddenGroup, ld): dh_j of a group of hidden units
   T* P = DH + kHiddenGroup * ld;  // (lay.size, L): lane partials of every sum, in SumLayout order
+  T* HS = P + lay.size * L;  // (H, ld): h_j, kept for an activation whose derivative reads h
 
   // Gather the block's rows, transposed (x_d and t_o become contiguous); a
   // run of rows of one column (D or O = 1) is already a transposed row.
@@ -146,7 +150,14 @@ FUSEDGRAD_CPU_INLINE void block_loss_and_grads(const Dims& d, const SumLayout& l
       lanes_store(S + j * ld + v, h + b);
     }
   }
-  sigmoid_inplace(S, H * ld);
+  const bool sigmoid = d.act == Activation::Sigmoid;
+  const bool keep_h = activation_saves_input(d.act);
+  if (sigmoid) {
+    sigmoid_inplace(S, H * ld);
+  } else {
+    if (keep_h) std::memcpy(HS, S, static_cast<size_t>(H * ld) * sizeof(T));
+    activate_n(d.act, S, S, H * ld);
+  }
 
   // p_o = Σ_j w2[o,j] s_j;  r_o = (p_o + b2[o]) − t_o (0 on padding rows)
   for (int64_t o = 0; o < O; ++o) {
@@ -177,13 +188,24 @@ FUSEDGRAD_CPU_INLINE void block_loss_and_grads(const Dims& d, const SumLayout& l
   }
   lanes_store(P + lay.loss * L, sq);
 
-  // ds_j = Σ_o w2[o,j] g_o;  dh_j = ds_j ⊙ (s_j ⊙ (1 − s_j));  db1[j] += Σ dh_j;  dw1[j,d] += dh_j · x_d
+  // ds_j = Σ_o w2[o,j] g_o;  dh_j = ds_j ⊙ act'(s_j) (σ: s_j ⊙ (1 − s_j));  db1[j] += Σ dh_j;  dw1[j,d] += dh_j · x_d
   // (hidden units four at a time, so that the dw1 sums of each input x_d run
   // as four independent chains)
   for (int64_t j0 = 0; j0 < H; j0 += kHiddenGroup) {
     const int64_t nj = std::min(kHiddenGroup, H - j0);
     for (int64_t q = 0; q < nj; ++q) {
       const int64_t j = j0 + q;
+      if (!sigmoid) {  // ds in registers, then act' from the table over the row
+        T* dh = DH + q * ld;
+        for (int64_t v = 0; v < ld; v += L) {
+          V ds = lanes_splat(T(0));
+          for (int64_t o = 0; o < O; ++o) ds += m.w2[o * H + j] * lanes_load(G + o * ld + v);
+          lanes_store(dh + v, ds);
+        }
+        activation_backward_n(d.act, dh, (keep_h ? HS : S) + j * ld, ld);
+        lane_row_sum(dh, ld, P + (lay.db1 + j) * L);
+        continue;
+      }
       V hsum = lanes_splat(T(0));
       for (int64_t v = 0; v < ld; v += L) {
         V ds = lanes_splat(T(0));
@@ -215,7 +237,7 @@ FUSEDGRAD_CPU_INLINE void chunk_sums(const Dims& d, const SumLayout& lay, const 
                                        const StepRows& rows, const Partition& part, int64_t c, T two_c,
                                        double* sums) {
   std::fill(sums, sums + lay.size, 0.0);
-  const int64_t per_row = d.D + 2 * d.O + d.H + kHiddenGroup;
+  const int64_t per_row = d.D + 2 * d.O + 2 * d.H + kHiddenGroup;
   T* scratch = thread_block_scratch<T>().get(static_cast<size_t>(per_row * kBlockRows + lay.size * kLanes<T>));
   for (int64_t b = part.chunk_first_block(c); b < part.chunk_first_block(c + 1); ++b) {
     const int64_t r0 = b * kBlockRows;
@@ -441,6 +463,7 @@ void write_step_counts(const TrainCall& call, const std::array<double, kNumParam
 
 struct GemmBuffers {
   at::Tensor xb, tb, s, p, ds;  // (rows, D), (rows, O), (rows, H), (rows, O), (rows, H)
+  at::Tensor h;                 // (rows, H): h, for an activation whose derivative reads it
   std::vector<double> partials;
   void reserve(int64_t rows, const Dims& d, const at::TensorOptions& opts) {
     if (!s.defined() || s.size(0) < rows || s.size(1) != d.H || p.size(1) != d.O || xb.size(1) != d.D ||
@@ -450,7 +473,9 @@ struct GemmBuffers {
       s = at::empty({rows, d.H}, opts);
       p = at::empty({rows, d.O}, opts);
       ds = at::empty({rows, d.H}, opts);
+      h = at::Tensor();
     }
+    if (activation_saves_input(d.act) && !h.defined()) h = at::empty_like(s);
   }
 };
 
@@ -479,15 +504,22 @@ void blocked_row_sums(int64_t rows, int64_t width, int64_t macs_per_row, std::ve
   }
 }
 
+// h = s + b1, kept in `h` when the activation's derivative reads it; s = act(h) in place.
 template <typename T>
-FUSEDGRAD_CPU_INLINE void bias_sigmoid_rows(T* s, const T* b1, int64_t r0, int64_t r1, int64_t H) {
+FUSEDGRAD_CPU_INLINE void bias_activate_rows(T* s, const T* b1, int64_t r0, int64_t r1, int64_t H, Activation act,
+                                               T* h) {
   for (int64_t i = r0; i < r1; ++i) {
     T* FUSEDGRAD_RESTRICT row = s + i * H;
     if (b1) {
 #pragma omp simd
       for (int64_t j = 0; j < H; ++j) row[j] = row[j] + b1[j];
     }
-    sigmoid_inplace(row, H);
+    if (act == Activation::Sigmoid) {
+      sigmoid_inplace(row, H);
+    } else {
+      if (h) std::memcpy(h + i * H, row, static_cast<size_t>(H) * sizeof(T));
+      activate_n(act, row, row, H);
+    }
   }
 }
 
@@ -507,36 +539,42 @@ FUSEDGRAD_CPU_INLINE void residual_rows(T* p, const T* t, const T* b2, T two_c, 
   }
 }
 
-// dh = ds ⊙ (s ⊙ (1 − s)) in place, Σ dh → acc (per column, block partial in T)
+// dh = ds ⊙ act'(a) in place (a: s, or the kept h; σ: s ⊙ (1 − s)), Σ dh → acc
+// (per column, block partial in T)
 template <typename T>
-FUSEDGRAD_CPU_INLINE void hidden_grad_rows(T* ds, const T* s, int64_t r0, int64_t r1, int64_t H, double* acc,
-                                             T* col) {
+FUSEDGRAD_CPU_INLINE void hidden_grad_rows(T* ds, const T* a, int64_t r0, int64_t r1, int64_t H, Activation act,
+                                             double* acc, T* col) {
   for (int64_t j = 0; j < H; ++j) col[j] = T(0);
   for (int64_t i = r0; i < r1; ++i) {
     T* FUSEDGRAD_RESTRICT d = ds + i * H;
-    const T* FUSEDGRAD_RESTRICT si = s + i * H;
+    const T* FUSEDGRAD_RESTRICT ai = a + i * H;
+    if (act == Activation::Sigmoid) {
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      d[j] = d[j] * (si[j] * (T(1) - si[j]));
-      col[j] += d[j];
+      for (int64_t j = 0; j < H; ++j) d[j] = d[j] * (ai[j] * (T(1) - ai[j]));
+    } else {
+      activation_backward_n(act, d, ai, H);
     }
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) col[j] += d[j];
   }
   for (int64_t j = 0; j < H; ++j) acc[j] += static_cast<double>(col[j]);
 }
 
-FUSEDGRAD_CPU_CLONES void bias_sigmoid_kernel(float* s, const float* b1, int64_t r0, int64_t r1, int64_t H) {
-  bias_sigmoid_rows(s, b1, r0, r1, H);
+FUSEDGRAD_CPU_CLONES void bias_activate_kernel(float* s, const float* b1, int64_t r0, int64_t r1, int64_t H,
+                                                 Activation act, float* h) {
+  bias_activate_rows(s, b1, r0, r1, H, act, h);
 }
-FUSEDGRAD_CPU_CLONES void bias_sigmoid_kernel(double* s, const double* b1, int64_t r0, int64_t r1, int64_t H) {
-  bias_sigmoid_rows(s, b1, r0, r1, H);
+FUSEDGRAD_CPU_CLONES void bias_activate_kernel(double* s, const double* b1, int64_t r0, int64_t r1, int64_t H,
+                                                 Activation act, double* h) {
+  bias_activate_rows(s, b1, r0, r1, H, act, h);
 }
-FUSEDGRAD_CPU_CLONES void hidden_grad_kernel(float* ds, const float* s, int64_t r0, int64_t r1, int64_t H,
-                                               double* acc, float* col) {
-  hidden_grad_rows(ds, s, r0, r1, H, acc, col);
+FUSEDGRAD_CPU_CLONES void hidden_grad_kernel(float* ds, const float* a, int64_t r0, int64_t r1, int64_t H,
+                                               Activation act, double* acc, float* col) {
+  hidden_grad_rows(ds, a, r0, r1, H, act, acc, col);
 }
-FUSEDGRAD_CPU_CLONES void hidden_grad_kernel(double* ds, const double* s, int64_t r0, int64_t r1, int64_t H,
-                                               double* acc, double* col) {
-  hidden_grad_rows(ds, s, r0, r1, H, acc, col);
+FUSEDGRAD_CPU_CLONES void hidden_grad_kernel(double* ds, const double* a, int64_t r0, int64_t r1, int64_t H,
+                                               Activation act, double* acc, double* col) {
+  hidden_grad_rows(ds, a, r0, r1, H, act, acc, col);
 }
 
 // One step of model k on the GEMM path; sums gets db1 | db2 | Σ r² at the
@@ -569,8 +607,9 @@ void gemm_step(const Run<T>& run, int64_t k, int64_t step, GemmBuffers& B, std::
   const SumLayout& lay = run.lay;
 
   at::mm_out(s, xb, w1.t());
+  T* kept_h = activation_saves_input(d.act) ? B.h.data_ptr<T>() : nullptr;
   at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(d.H, 1)), [&](int64_t r0, int64_t r1) {
-    bias_sigmoid_kernel(s.data_ptr<T>(), m.b1, r0, r1, d.H);
+    bias_activate_kernel(s.data_ptr<T>(), m.b1, r0, r1, d.H, d.act, kept_h);
   });
   at::mm_out(p, s, w2.t());
   double* out = sums.data();
@@ -584,7 +623,7 @@ void gemm_step(const Run<T>& run, int64_t k, int64_t step, GemmBuffers& B, std::
   blocked_row_sums(n, d.H, d.H, B.partials, out + lay.db1, [&](int64_t r0, int64_t r1, double* acc) {
     thread_local std::vector<T> col;
     if (col.size() < static_cast<size_t>(d.H)) col.resize(static_cast<size_t>(d.H));
-    hidden_grad_kernel(ds.data_ptr<T>(), s.data_ptr<T>(), r0, r1, d.H, acc, col.data());
+    hidden_grad_kernel(ds.data_ptr<T>(), kept_h ? kept_h : s.data_ptr<T>(), r0, r1, d.H, d.act, acc, col.data());
   });
   at::mm_out(gw1, ds.t(), xb);
   run.finish_step(k, step, c, out, /*weights_written=*/true);
@@ -678,6 +717,7 @@ Dims check_call(const char* fn, const TrainCall& c) {
   TORCH_CHECK_TYPE(w1.scalar_type() == at::kFloat || w1.scalar_type() == at::kDouble, fn,
                    ": parameters must be float32 or float64, got ", w1.scalar_type());
   Dims d{};
+  d.act = c.act;
   const bool stacked = w1.dim() == 3;
   TORCH_CHECK_VALUE(w1.dim() == 2 || stacked, fn, ": w1 must be (H, D) or (K, H, D), got ", shape_str(w1.sizes()));
   d.K = stacked ? w1.size(0) : 1;

@@ -14,6 +14,7 @@
 #include <array>
 #include <optional>
 
+#include "../common/activation.h"
 #include "optimizer_update.h"
 
 namespace fusedgrad::trainer {
@@ -45,6 +46,7 @@ struct TrainCall {
   int64_t first_step = 0;    // index of this call's first step within the run
   int64_t num_steps = 0;
   bool mean = true;          // reduction "mean" (else "sum")
+  Activation act = Activation::Sigmoid;  // the hidden layer's activation (common/activation.h)
   at::Tensor lr_scale;       // (K,) per-model factor on every group's lr, or undefined
   at::Tensor losses;         // (num_steps, K) written step by step
   at::Tensor steps_done;     // int64 (1,): steps completed so far (for interruption)
