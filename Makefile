@@ -2,13 +2,14 @@
 #   make demo   — set everything up, then run the main job (python -m fusedgrad demo)
 #   make test   — set everything up, run the test suite (without the slow tests),
 #                 then build a wheel and check it in a fresh venv (scripts/check_install.sh)
-# Also: make test-slow (only the slow tests), make check-install, make bench.
+# Also: make test-slow (only the slow tests), make check-install, make check-clang
+# (clang++ -fsyntax-only over csrc/, when clang is installed), make bench.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fusedgrad-setup
 
-.PHONY: setup demo test test-slow check-install bench build
+.PHONY: setup demo test test-slow check-install check-clang bench build
 
 setup: $(STAMP)
 
@@ -40,6 +41,9 @@ test-slow: setup build
 
 check-install: setup build
 	PYTHON=$(BIN)/python bash scripts/check_install.sh
+
+check-clang: setup
+	PYTHON=$(BIN)/python bash scripts/check_clang.sh
 
 bench: setup build
 	$(BIN)/python -m fusedgrad bench
