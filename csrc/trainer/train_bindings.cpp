@@ -60,6 +60,22 @@ ParamState parse_rule(py::handle obj) {
   return st;
 }
 
+// What a call runs, besides the model and its optimizer (train_step.h).
+void set_run(TrainCall& call, const at::Tensor& x, const at::Tensor& target, int64_t batch_size, py::handle order,
+             int64_t first_step, int64_t num_steps, bool mean, py::handle lr_scale, const at::Tensor& losses,
+             const at::Tensor& steps_done) {
+  call.x = x;
+  call.target = target;
+  call.batch_size = batch_size;
+  call.order = optional_tensor(order);
+  call.first_step = first_step;
+  call.num_steps = num_steps;
+  call.mean = mean;
+  call.lr_scale = optional_tensor(lr_scale);
+  call.losses = losses;
+  call.steps_done = steps_done;
+}
+
 void train_steps_py(const std::string& fn, py::sequence params, py::sequence grads, py::sequence rules, const at::Tensor& x,
                     const at::Tensor& target, int64_t batch_size, py::handle order, int64_t first_step,
                     int64_t num_steps, bool mean, py::handle lr_scale, const at::Tensor& losses,
@@ -72,16 +88,7 @@ void train_steps_py(const std::string& fn, py::sequence params, py::sequence gra
     call.grads[p] = optional_tensor(grads[p]);
     if (!rules[p].is_none()) call.state[p] = parse_rule(rules[p]);
   }
-  call.x = x;
-  call.target = target;
-  call.batch_size = batch_size;
-  call.order = optional_tensor(order);
-  call.first_step = first_step;
-  call.num_steps = num_steps;
-  call.mean = mean;
-  call.lr_scale = optional_tensor(lr_scale);
-  call.losses = losses;
-  call.steps_done = optional_tensor(steps_done);
+  set_run(call, x, target, batch_size, order, first_step, num_steps, mean, lr_scale, losses, optional_tensor(steps_done));
   call.act = parse_activation(activation);
   py::gil_scoped_release no_gil;
   train_steps(fn.c_str(), call);
@@ -341,16 +348,7 @@ bool train_steps_fast(py::handle optimizer, py::tuple params, const at::Tensor& 
   TrainCall call;
   call.act = *act;
   if (!read_optimizer(optimizer.ptr(), params, adam, decoupled_default, call)) return false;
-  call.x = x;
-  call.target = target;
-  call.batch_size = batch_size;
-  call.order = optional_tensor(order);
-  call.first_step = first_step;
-  call.num_steps = num_steps;
-  call.mean = mean;
-  call.lr_scale = optional_tensor(lr_scale);
-  call.losses = losses;
-  call.steps_done = steps_done;
+  set_run(call, x, target, batch_size, order, first_step, num_steps, mean, lr_scale, losses, steps_done);
   if (!run_released("fusedgrad.Trainer.fit", call)) return false;
   mark_stepped(optimizer.ptr());
   return true;
