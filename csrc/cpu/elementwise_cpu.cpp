@@ -11,6 +11,7 @@
 
 #include "../ops/gemm_path.h"
 #include "activation_cpu.h"
+#include "elementwise_rows.h"
 
 namespace fusedgrad {
 namespace {
@@ -21,22 +22,6 @@ constexpr int64_t kElemsPerTask = 16384;
 int64_t rows_per_task(int64_t cols) {
   return std::max<int64_t>(1, kElemsPerTask / std::max<int64_t>(cols, 1));
 }
-
-// Element (i, j) of a broadcast operand: row(i)[j * col_stride].
-template <typename T>
-struct OperandReader {
-  const T* data = nullptr;
-  int64_t row_stride = 0, col_stride = 0;
-  explicit OperandReader(const Broadcast2d& op) {
-    if (op.present()) {
-      data = op.data<T>();
-      row_stride = op.row_stride;
-      col_stride = op.col_stride;
-    }
-  }
-  bool present() const { return data != nullptr; }
-  const T* row(int64_t i) const { return data + i * row_stride; }
-};
 
 // Runs block_fn(row_begin, row_end, partial) over fixed blocks of rows (their
 // size depends only on `cols`, never on the thread count), then sums the
@@ -111,23 +96,6 @@ FUSEDGRAD_CPU_CLONES void hidden_backward_rows_double(double* ds, const double* 
                                                       int64_t H, Activation act, double* acc) {
   hidden_backward_rows<double>(ds, saved, i0, i1, H, act, acc);
 }
-inline void run_bias_activation_rows(float* h, float* s, int64_t i0, int64_t i1, int64_t H,
-                                     const OperandReader<float>& b, Activation act) {
-  bias_activation_rows_float(h, s, i0, i1, H, b, act);
-}
-inline void run_bias_activation_rows(double* h, double* s, int64_t i0, int64_t i1, int64_t H,
-                                     const OperandReader<double>& b, Activation act) {
-  bias_activation_rows_double(h, s, i0, i1, H, b, act);
-}
-inline void run_hidden_backward_rows(float* ds, const float* saved, int64_t i0, int64_t i1, int64_t H,
-                                     Activation act, double* acc) {
-  hidden_backward_rows_float(ds, saved, i0, i1, H, act, acc);
-}
-inline void run_hidden_backward_rows(double* ds, const double* saved, int64_t i0, int64_t i1, int64_t H,
-                                     Activation act, double* acc) {
-  hidden_backward_rows_double(ds, saved, i0, i1, H, act, acc);
-}
-
 // Where the residual pass writes what it derives from g = 2c r.
 template <typename T>
 struct ResidualPointers {
@@ -233,6 +201,25 @@ struct CpuElementwise final : ElementwiseKernels {
 };
 
 }  // namespace
+
+// The row passes that the fused trainer shares (elementwise_rows.h).
+void run_bias_activation_rows(float* h, float* s, int64_t i0, int64_t i1, int64_t H,
+                              const OperandReader<float>& b, Activation act) {
+  bias_activation_rows_float(h, s, i0, i1, H, b, act);
+}
+void run_bias_activation_rows(double* h, double* s, int64_t i0, int64_t i1, int64_t H,
+                              const OperandReader<double>& b, Activation act) {
+  bias_activation_rows_double(h, s, i0, i1, H, b, act);
+}
+void run_hidden_backward_rows(float* ds, const float* saved, int64_t i0, int64_t i1, int64_t H,
+                              Activation act, double* acc) {
+  hidden_backward_rows_float(ds, saved, i0, i1, H, act, acc);
+}
+void run_hidden_backward_rows(double* ds, const double* saved, int64_t i0, int64_t i1, int64_t H,
+                              Activation act, double* acc) {
+  hidden_backward_rows_double(ds, saved, i0, i1, H, act, acc);
+}
+
 
 const ElementwiseKernels& cpu_elementwise_kernels() {
   static const CpuElementwise kernels;

@@ -39,6 +39,7 @@
 
 #include "../common/cpu_vector.h"
 #include "../cpu/activation_cpu.h"  // activate_n, activation_backward_n: the table's vector forms
+#include "../cpu/elementwise_rows.h"  // the GEMM path's row passes, shared with the ops
 #include "../common/lane_vector.h"  // lane-wise row sums: LaneVec, lane_dots_with, add_lane_sums
 #include "../common/problem.h"  // shape_str
 
@@ -504,25 +505,6 @@ void blocked_row_sums(int64_t rows, int64_t width, int64_t macs_per_row, std::ve
   }
 }
 
-// h = s + b1, kept in `h` when the activation's derivative reads it; s = act(h) in place.
-template <typename T>
-FUSEDGRAD_CPU_INLINE void bias_activate_rows(T* s, const T* b1, int64_t r0, int64_t r1, int64_t H, Activation act,
-                                               T* h) {
-  for (int64_t i = r0; i < r1; ++i) {
-    T* FUSEDGRAD_RESTRICT row = s + i * H;
-    if (b1) {
-#pragma omp simd
-      for (int64_t j = 0; j < H; ++j) row[j] = row[j] + b1[j];
-    }
-    if (act == Activation::Sigmoid) {
-      sigmoid_inplace(row, H);
-    } else {
-      if (h) std::memcpy(h + i * H, row, static_cast<size_t>(H) * sizeof(T));
-      activate_n(act, row, row, H);
-    }
-  }
-}
-
 // r = (p + b2) − t, Σ r² → acc[O], g = 2c r in place, Σ g → acc[0..O)
 template <typename T>
 FUSEDGRAD_CPU_INLINE void residual_rows(T* p, const T* t, const T* b2, T two_c, int64_t r0, int64_t r1, int64_t O,
@@ -537,44 +519,6 @@ FUSEDGRAD_CPU_INLINE void residual_rows(T* p, const T* t, const T* b2, T two_c, 
       acc[o] += static_cast<double>(row[o]);
     }
   }
-}
-
-// dh = ds ⊙ act'(a) in place (a: s, or the kept h; σ: s ⊙ (1 − s)), Σ dh → acc
-// (per column, block partial in T)
-template <typename T>
-FUSEDGRAD_CPU_INLINE void hidden_grad_rows(T* ds, const T* a, int64_t r0, int64_t r1, int64_t H, Activation act,
-                                             double* acc, T* col) {
-  for (int64_t j = 0; j < H; ++j) col[j] = T(0);
-  for (int64_t i = r0; i < r1; ++i) {
-    T* FUSEDGRAD_RESTRICT d = ds + i * H;
-    const T* FUSEDGRAD_RESTRICT ai = a + i * H;
-    if (act == Activation::Sigmoid) {
-#pragma omp simd
-      for (int64_t j = 0; j < H; ++j) d[j] = d[j] * (ai[j] * (T(1) - ai[j]));
-    } else {
-      activation_backward_n(act, d, ai, H);
-    }
-#pragma omp simd
-    for (int64_t j = 0; j < H; ++j) col[j] += d[j];
-  }
-  for (int64_t j = 0; j < H; ++j) acc[j] += static_cast<double>(col[j]);
-}
-
-FUSEDGRAD_CPU_CLONES void bias_activate_kernel(float* s, const float* b1, int64_t r0, int64_t r1, int64_t H,
-                                                 Activation act, float* h) {
-  bias_activate_rows(s, b1, r0, r1, H, act, h);
-}
-FUSEDGRAD_CPU_CLONES void bias_activate_kernel(double* s, const double* b1, int64_t r0, int64_t r1, int64_t H,
-                                                 Activation act, double* h) {
-  bias_activate_rows(s, b1, r0, r1, H, act, h);
-}
-FUSEDGRAD_CPU_CLONES void hidden_grad_kernel(float* ds, const float* a, int64_t r0, int64_t r1, int64_t H,
-                                               Activation act, double* acc, float* col) {
-  hidden_grad_rows(ds, a, r0, r1, H, act, acc, col);
-}
-FUSEDGRAD_CPU_CLONES void hidden_grad_kernel(double* ds, const double* a, int64_t r0, int64_t r1, int64_t H,
-                                               Activation act, double* acc, double* col) {
-  hidden_grad_rows(ds, a, r0, r1, H, act, acc, col);
 }
 
 // One step of model k on the GEMM path; sums gets db1 | db2 | Σ r² at the
@@ -606,10 +550,12 @@ void gemm_step(const Run<T>& run, int64_t k, int64_t step, GemmBuffers& B, std::
   const ModelPtrs<T> m = run.model(k);
   const SumLayout& lay = run.lay;
 
-  at::mm_out(s, xb, w1.t());
-  T* kept_h = activation_saves_input(d.act) ? B.h.data_ptr<T>() : nullptr;
+  // h = x w1ᵀ lands in s, or in B.h where the activation's derivative reads h; s = act(h + b1).
+  at::Tensor h = activation_saves_input(d.act) ? B.h.narrow(0, 0, n) : s;
+  at::mm_out(h, xb, w1.t());
+  const OperandReader<T> b1 = OperandReader<T>::per_column(m.b1);
   at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(d.H, 1)), [&](int64_t r0, int64_t r1) {
-    bias_activate_kernel(s.data_ptr<T>(), m.b1, r0, r1, d.H, d.act, kept_h);
+    run_bias_activation_rows(h.data_ptr<T>(), s.data_ptr<T>(), r0, r1, d.H, b1, d.act);
   });
   at::mm_out(p, s, w2.t());
   double* out = sums.data();
@@ -621,9 +567,7 @@ void gemm_step(const Run<T>& run, int64_t k, int64_t step, GemmBuffers& B, std::
   at::mm_out(gw2, p.t(), s);
   at::mm_out(ds, p, w2);
   blocked_row_sums(n, d.H, d.H, B.partials, out + lay.db1, [&](int64_t r0, int64_t r1, double* acc) {
-    thread_local std::vector<T> col;
-    if (col.size() < static_cast<size_t>(d.H)) col.resize(static_cast<size_t>(d.H));
-    hidden_grad_kernel(ds.data_ptr<T>(), kept_h ? kept_h : s.data_ptr<T>(), r0, r1, d.H, d.act, acc, col.data());
+    run_hidden_backward_rows(ds.data_ptr<T>(), h.data_ptr<T>(), r0, r1, d.H, d.act, acc);  // act' from s, or h
   });
   at::mm_out(gw1, ds.t(), xb);
   run.finish_step(k, step, c, out, /*weights_written=*/true);
