@@ -405,8 +405,7 @@ class Trainer:
                 per_call, taken = self._steps_per_call(fn, x, target, steps, bs, order, losses, done, bar)
             while taken < steps:
                 n = min(per_call, steps - taken)
-                chunk = losses if n == steps else losses[taken:taken + n]
-                self._run(fn, x, target, n, taken, bs, order, chunk, done)
+                self._run(fn, x, target, n, taken, bs, order, losses[taken:taken + n], done)
                 taken += n
                 if bar is not None:
                     bar.update(n)
@@ -429,7 +428,7 @@ class Trainer:
         macs = 3 * rows * (w1.numel() + w2.numel()) + 1  # every model's multiply-adds of a step
         first = max(1, min(steps, int(_CALL_SECONDS / (macs * 1e-9))))
         start = time.perf_counter()
-        self._run(fn, x, target, first, 0, bs, order, losses if first == steps else losses[0:first], done)
+        self._run(fn, x, target, first, 0, bs, order, losses[0:first], done)
         elapsed = max(time.perf_counter() - start, 1e-7)
         if bar is not None:
             bar.update(first)
