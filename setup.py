@@ -69,6 +69,10 @@ def extension():
     # this, GCC keeps branches for the compare-and-select of the vectorised exp
     # (csrc/common/cpu_vector.h) and the loops stay scalar. It changes no computed value.
     cxx_flags += ["-fno-trapping-math"]
+    # errno is never read after a math call either: without this, std::sqrt keeps
+    # a branch to set it for negative input, and the optimizer updates
+    # (csrc/trainer/optimizer_update.h) stay scalar. It changes no computed value.
+    cxx_flags += ["-fno-math-errno"]
     cxx_flags += os.environ.get("FUSEDGRAD_EXTRA_CFLAGS", "").split()
     link_flags = ["-fopenmp"] + os.environ.get("FUSEDGRAD_EXTRA_LDFLAGS", "").split()
     if _build_cuda():

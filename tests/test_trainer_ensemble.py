@@ -125,3 +125,43 @@ def test_refused_ensemble_arguments():
         trainer.step(torch.zeros(4, 5, 2), torch.zeros(4, 5, 1))
     with pytest.raises(ValueError, match=r"argument 'target' must have shape \(N, 1\) or \(K, N, 1\)"):
         trainer.step(torch.zeros(5, 2), torch.zeros(6, 1))
+
+
+# Options whose update loops take every select of optimizer_update.h: maximize, both kinds of
+# weight decay, amsgrad's v̂, SGD's first momentum step.
+MANY_OPTS = {
+    "adam-maximize-wd": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.05, maximize=True),
+    "adamw-amsgrad": OPTS["adamw-amsgrad"],
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.8, dampening=0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MANY_OPTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_members_equal_themselves_trained_alone_bit_for_bit(name, dtype, threads):
+    """K = 37: several groups of models that step together (their optimizer updates run as one
+    slice), split over the threads. Each member ends bit for bit where the fused trainer takes
+    it alone, and (float64) where the reference loop takes it."""
+    torch.manual_seed(3)
+    k, steps = 37, 7
+    ens = fusedgrad.FusedMLPEnsemble(k, 2, 20, 1, dtype=dtype)
+    alone = [ens.module(i) for i in range(k)]
+    references = ens.to_modules()
+    x, y = data(k, 90, 2, 1, per_model=False)
+    x, y = x.to(dtype), y.to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        losses = fusedgrad.Trainer(ens, MANY_OPTS[name](ens.parameters())).fit(x, y, steps)
+        for i, net in enumerate(alone):
+            alone_losses = fusedgrad.Trainer(net, MANY_OPTS[name](net.parameters())).fit(x, y, steps)
+            for a, b in zip(ens.module(i).parameters(), net.parameters()):
+                assert torch.equal(a, b), f"member {i}"
+            assert torch.equal(losses[:, i], alone_losses.view(-1)), f"member {i}"
+    finally:
+        torch.set_num_threads(before)
+    if dtype == torch.float64:
+        for i, member in enumerate(references):
+            train_alone(member, MANY_OPTS[name], x, y, steps)
+            assert rel_err(list(ens.module(i).parameters()), list(member.parameters())) < 1e-10, f"member {i}"

@@ -51,6 +51,10 @@ constexpr int64_t kHiddenGroup = 4;    // hidden units whose backward runs toget
 constexpr int64_t kMaxChunks = 16;     // row chunks of a step: fixed, not the thread count
 constexpr int64_t kMinTaskMacs = 1 << 15;  // multiply-adds below which a parallel task does not pay
 constexpr int64_t kGemmMinMacsPerRow = 2048;  // D·H + H·O from which BLAS wins (use_gemm_path)
+// Models of an ensemble that step together (Run::run_models): their optimizer
+// updates run as one long slice per parameter, and their parameters and state
+// (~1 KiB a model at 1→20→1) stay in L1 from one step to the next.
+constexpr int64_t kModelGroup = 16;
 
 struct Dims {
   int64_t K, N, D, H, O;
@@ -247,8 +251,8 @@ FUSEDGRAD_CPU_INLINE void chunk_sums(const Dims& d, const SumLayout& lay, const 
   }
 }
 
-// Gradient sums (double) → the model's .grad slices (T), then the optimizer
-// update of each parameter slice.
+// The optimizer update of a parameter slice (one model's, or several models'
+// that share their learning rate), its gradient written.
 struct SliceUpdate {
   const UpdateRule* rule;
   double lr;
@@ -258,11 +262,7 @@ struct SliceUpdate {
 };
 
 template <typename T>
-FUSEDGRAD_CPU_INLINE void write_grads_and_update(const double* sums, T* grad, T* param, T* s1, T* s2, T* s3,
-                                                   const SliceUpdate& u) {
-  if (sums) {  // null: the GEMM path wrote this gradient already
-    for (int64_t e = 0; e < u.n; ++e) grad[e] = static_cast<T>(sums[e]);
-  }
+FUSEDGRAD_CPU_INLINE void update_slice(T* grad, T* param, T* s1, T* s2, T* s3, const SliceUpdate& u) {
   if (u.rule->kind == OptimizerKind::SGD) {
     sgd_update<T>(*u.rule, u.lr, param, grad, s1, u.fresh_buffer, u.n);
   } else {
@@ -283,13 +283,13 @@ FUSEDGRAD_CPU_CLONES void chunk_sums_kernel(const Dims& d, const SumLayout& lay,
                                               double* sums) {
   chunk_sums<double>(d, lay, m, rows, part, c, two_c, sums);
 }
-FUSEDGRAD_CPU_CLONES void update_kernel(const double* sums, float* grad, float* param, float* s1, float* s2,
-                                          float* s3, const SliceUpdate& u) {
-  write_grads_and_update<float>(sums, grad, param, s1, s2, s3, u);
+FUSEDGRAD_CPU_CLONES void update_kernel(float* grad, float* param, float* s1, float* s2, float* s3,
+                                          const SliceUpdate& u) {
+  update_slice<float>(grad, param, s1, s2, s3, u);
 }
-FUSEDGRAD_CPU_CLONES void update_kernel(const double* sums, double* grad, double* param, double* s1, double* s2,
-                                          double* s3, const SliceUpdate& u) {
-  write_grads_and_update<double>(sums, grad, param, s1, s2, s3, u);
+FUSEDGRAD_CPU_CLONES void update_kernel(double* grad, double* param, double* s1, double* s2, double* s3,
+                                          const SliceUpdate& u) {
+  update_slice<double>(grad, param, s1, s2, s3, u);
 }
 
 // ---------------------------------------------------------------------------
@@ -362,12 +362,36 @@ struct Run {
     return {nullptr, first, count};
   }
 
-  // Writes model k's loss and gradients (from the double sums), then updates
-  // its parameters.
-  void finish_step(int64_t k, int64_t step, double c, const double* sums, bool weights_written = false) const {
+  // Writes model k's loss and its gradients from the double sums (but for
+  // the weights' when `weights_written`: the GEMM path wrote them).
+  void write_loss_and_grads(int64_t k, int64_t step, double c, const double* sums,
+                            bool weights_written = false) const {
     losses[step * d.K + k] = static_cast<T>(c * sums[lay.loss]);
-    const double scale = call.lr_scale.defined() ? call.lr_scale.data_ptr<double>()[k] : 1.0;
     const int64_t offsets[kNumParams] = {lay.dw1, lay.db1, lay.dw2, lay.db2};
+    for (int p = 0; p < kNumParams; ++p) {
+      if (!param[p] || (weights_written && (p == kW1 || p == kW2))) continue;
+      const int64_t n = per_model[p];
+      T* g = grad[p] + k * n;
+      const double* from = sums + offsets[p];
+      for (int64_t e = 0; e < n; ++e) g[e] = static_cast<T>(from[e]);
+    }
+  }
+
+  // The optimizer update of models k0 .. k1 − 1 at `step`, their gradients
+  // written: one slice of k1 − k0 models per parameter when they share their
+  // learning rate (the update is element-wise: the same numbers as model by
+  // model, in a few long vector loops instead of many short ones), else
+  // model by model.
+  void update_models(int64_t k0, int64_t k1, int64_t step) const {
+    if (call.lr_scale.defined()) {
+      const double* scale = call.lr_scale.data_ptr<double>();
+      for (int64_t k = k0; k < k1; ++k) update_slices(k, k + 1, step, scale[k]);
+    } else {
+      update_slices(k0, k1, step, 1.0);
+    }
+  }
+
+  void update_slices(int64_t k0, int64_t k1, int64_t step, double lr_scale) const {
     // Adam's per-step scalars (two pow each) once for the parameters that share
     // their group's options and step count — usually all four; an ensemble's
     // models read the bias corrections computed once per step (bias_corrections).
@@ -377,8 +401,9 @@ struct Run {
     for (int p = 0; p < kNumParams; ++p) {
       if (!param[p]) continue;
       const ParamState& st = call.state[p];
-      const int64_t n = per_model[p], off = k * n;
-      SliceUpdate u{&st.rule, st.rule.lr * scale, {0, 1, 1}, st.buffer_fresh && step == 0, n};
+      const int64_t off = k0 * per_model[p];
+      SliceUpdate u{&st.rule, st.rule.lr * lr_scale, {0, 1, 1}, st.buffer_fresh && step == 0,
+                    (k1 - k0) * per_model[p]};
       if (st.rule.kind == OptimizerKind::Adam) {
         const double t = step0[p] + static_cast<double>(step + 1);
         if (!(last_rule && t == last_t && same_adam_options(*last_rule, st.rule))) {
@@ -391,44 +416,47 @@ struct Run {
         u.adam = last;
       }
       auto at = [&](T* base) { return base ? base + off : nullptr; };
-      const bool written = weights_written && (p == kW1 || p == kW2);
-      update_kernel(written ? nullptr : sums + offsets[p], grad[p] + off, param[p] + off, at(s1[p]), at(s2[p]),
-                    at(s3[p]), u);
+      update_kernel(grad[p] + off, param[p] + off, at(s1[p]), at(s2[p]), at(s3[p]), u);
     }
   }
 
   double loss_scale(const StepRows& rows) const { return call.mean ? 1.0 / static_cast<double>(rows.count * d.O) : 1.0; }
 
-  // Every step of model k. The row chunks of a step each sum into their own
-  // slice of `chunks` — in parallel when `parallel_chunks` and the step is big
-  // enough to pay — and are added in chunk order: the same bits either way.
-  // `count_steps`: advance call.steps_done after each step (one model alone).
-  void run_model(int64_t k, bool parallel_chunks, bool count_steps, std::vector<double>& sums,
-                 std::vector<double>& chunks) const {
-    const ModelPtrs<T> m = model(k);
+  // Every step of models k0 .. k1 − 1, step by step: each model's gradient,
+  // then their optimizer updates together (update_models). The row chunks of
+  // a model's step each sum into their own slice of `chunks` — in parallel
+  // when `parallel_chunks` and the step is big enough to pay — and are added
+  // in chunk order: the same bits either way. `count_steps`: advance
+  // call.steps_done after each step (one model alone).
+  void run_models(int64_t k0, int64_t k1, bool parallel_chunks, bool count_steps, std::vector<double>& sums,
+                  std::vector<double>& chunks) const {
     for (int64_t step = 0; step < call.num_steps; ++step) {
       const StepRows rows = rows_of(step);
       const double c = loss_scale(rows);
       const T two_c = static_cast<T>(2.0 * c);
       const Partition part(rows.count);
-      auto chunk_range = [&](int64_t c0, int64_t c1) {
-        for (int64_t ch = c0; ch < c1; ++ch) {
-          chunk_sums_kernel(d, lay, m, rows, part, ch, two_c, chunks.data() + ch * lay.size);
+      for (int64_t k = k0; k < k1; ++k) {
+        const ModelPtrs<T> m = model(k);
+        auto chunk_range = [&](int64_t c0, int64_t c1) {
+          for (int64_t ch = c0; ch < c1; ++ch) {
+            chunk_sums_kernel(d, lay, m, rows, part, ch, two_c, chunks.data() + ch * lay.size);
+          }
+        };
+        if (parallel_chunks) {
+          const int64_t chunk_macs =
+              std::max<int64_t>(1, rows.count / std::max<int64_t>(part.chunks, 1)) * d.macs_per_row();
+          at::parallel_for(0, part.chunks, std::max<int64_t>(1, kMinTaskMacs / chunk_macs), chunk_range);
+        } else {
+          chunk_range(0, part.chunks);
         }
-      };
-      if (parallel_chunks) {
-        const int64_t chunk_macs =
-            std::max<int64_t>(1, rows.count / std::max<int64_t>(part.chunks, 1)) * d.macs_per_row();
-        at::parallel_for(0, part.chunks, std::max<int64_t>(1, kMinTaskMacs / chunk_macs), chunk_range);
-      } else {
-        chunk_range(0, part.chunks);
+        std::fill(sums.begin(), sums.end(), 0.0);
+        for (int64_t ch = 0; ch < part.chunks; ++ch) {
+          const double* cs = chunks.data() + ch * lay.size;
+          for (int64_t e = 0; e < lay.size; ++e) sums[e] += cs[e];
+        }
+        write_loss_and_grads(k, step, c, sums.data());
       }
-      std::fill(sums.begin(), sums.end(), 0.0);
-      for (int64_t ch = 0; ch < part.chunks; ++ch) {
-        const double* cs = chunks.data() + ch * lay.size;
-        for (int64_t e = 0; e < lay.size; ++e) sums[e] += cs[e];
-      }
-      finish_step(k, step, c, sums.data());
+      update_models(k0, k1, step);
       if (count_steps && call.steps_done.defined()) call.steps_done.data_ptr<int64_t>()[0] += 1;
     }
   }
@@ -570,7 +598,8 @@ void gemm_step(const Run<T>& run, int64_t k, int64_t step, GemmBuffers& B, std::
     run_hidden_backward_rows(ds.data_ptr<T>(), h.data_ptr<T>(), r0, r1, d.H, d.act, acc);  // act' from s, or h
   });
   at::mm_out(gw1, ds.t(), xb);
-  run.finish_step(k, step, c, out, /*weights_written=*/true);
+  run.write_loss_and_grads(k, step, c, out, /*weights_written=*/true);
+  run.update_models(k, k + 1, step);
 }
 
 // Wide layers go to BLAS: the direct loops stream every hidden unit's row of
@@ -619,13 +648,16 @@ void run_all(const TrainCall& call, const Dims& d) {
   };
   if (d.K == 1) {
     auto [sums, chunks] = buffers();
-    run.run_model(0, /*parallel_chunks=*/true, /*count_steps=*/true, sums, chunks);
+    run.run_models(0, 1, /*parallel_chunks=*/true, /*count_steps=*/true, sums, chunks);
   } else {
     const int64_t model_macs = std::max<int64_t>(1, call.num_steps * d.N * d.macs_per_row());
     const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / model_macs);
     at::parallel_for(0, d.K, grain, [&](int64_t k0, int64_t k1) {
       auto [sums, chunks] = buffers();
-      for (int64_t k = k0; k < k1; ++k) run.run_model(k, /*parallel_chunks=*/false, /*count_steps=*/false, sums, chunks);
+      for (int64_t g0 = k0; g0 < k1; g0 += kModelGroup) {
+        run.run_models(g0, std::min(k1, g0 + kModelGroup), /*parallel_chunks=*/false, /*count_steps=*/false, sums,
+                       chunks);
+      }
     });
     if (call.steps_done.defined()) call.steps_done.data_ptr<int64_t>()[0] += call.num_steps;
   }
