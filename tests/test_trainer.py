@@ -293,6 +293,26 @@ def test_deterministic_across_thread_counts():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("d, o", [(1, 1), (2, 1), (3, 1), (1, 2)])  # the first two: compile-time widths
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch, shuffle", [(None, False), (37, True), (300, False)])
+def test_narrow_widths_kernels(d, o, bias, batch, shuffle):
+    """D ∈ {1, 2} with O = 1 and σ run a kernel with the widths as compile-time constants
+    and a fused backward pass (csrc/trainer/train_cpu.cpp, chunk_sums_any_widths); their
+    neighbours run the general one. Both against the reference loop, with blocks of
+    whole and partial lane vectors (n = 300: a 256-row block and a 44-row one)."""
+    x, y, net, ref = problem(300, d, 20, o, bias=bias, seed=d * 10 + o)
+    opt, ropt = OPTIMIZERS["adam"](net.parameters()), OPTIMIZERS["adam"](ref.parameters())
+    steps = 12
+    losses = fusedgrad.Trainer(net, opt).fit(x, y, steps, batch_size=batch, shuffle=shuffle,
+                                             generator=torch.Generator().manual_seed(2))
+    rows = batches(300, batch, steps, shuffle, torch.Generator().manual_seed(2)) if batch else [slice(None)] * steps
+    ref_losses = torch.stack([reference_step(native(ref), ropt, x[r], y[r]) for r in rows])
+    err = rel_err(list(net.parameters()), list(ref.parameters()))
+    assert err < 1e-10, f"parameters differ by {err:.2e}"
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-9, atol=1e-12)
+
+
 def test_many_rows_against_reference():
     x, y, net, ref = problem(n=5000, d=16, h=64, o=4)
     opt, ropt = torch.optim.Adam(net.parameters(), lr=0.01), torch.optim.Adam(ref.parameters(), lr=0.01)

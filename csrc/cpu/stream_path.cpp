@@ -229,7 +229,7 @@ struct StreamPlan {
 // allocates (and page-faults) nothing that grows with its rows.
 template <typename T>
 struct BlockBuffers {
-  std::vector<T> storage;
+  LaneBuffer<T> storage;
   T* xT = nullptr;   // (D, ld)
   T* sT = nullptr;   // (H, ld): h, then s, then dh
   T* gT = nullptr;   // (O, ld): p, then r, then g (sT itself when there is no w2)
@@ -244,8 +244,7 @@ BlockBuffers<T>& thread_buffers(const StreamPlan<T>& plan) {
   thread_local BlockBuffers<T> buf;
   const int64_t D = plan.D, H = plan.H, O = plan.O, ld = plan.ld;
   const size_t need = static_cast<size_t>((2 * D + 2 * H + O + (plan.keep_h ? H : 0)) * ld + kFoldPartials * kLanes<T>);
-  if (buf.storage.size() < need) buf.storage.resize(need);  // zero-filled: finite padding lanes
-  buf.xT = buf.storage.data();
+  buf.xT = buf.storage.get(need);  // zero-filled where it grows: finite padding lanes
   buf.sT = buf.xT + D * ld;
   buf.gT = buf.sT + H * ld;
   buf.dxT = buf.gT + O * ld;
