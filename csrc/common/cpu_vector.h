@@ -53,20 +53,18 @@ template <typename T>
 struct ExpConsts;
 template <>
 struct ExpConsts<float> {
-  using Bits = int32_t;
+  using Bits = uint32_t;
   static constexpr float lo = -88.0f, hi = 89.0f;        // n ∈ [-127, 128]
-  static constexpr float round = 12582912.0f;             // 1.5·2²³: adding it rounds to an integer
-  static constexpr Bits round_bits = 0x4B400000;
-  static constexpr int mantissa = 23, bias = 127;
+  static constexpr float shift = 12582912.0f + 127;       // 1.5·2²³ + the exponent bias
+  static constexpr int mantissa = 23;
   static constexpr int degree = 7;
 };
 template <>
 struct ExpConsts<double> {
-  using Bits = int64_t;
+  using Bits = uint64_t;
   static constexpr double lo = -708.0, hi = 709.9;        // n ∈ [-1021, 1024]
-  static constexpr double round = 6755399441055744.0;     // 1.5·2⁵²
-  static constexpr Bits round_bits = 0x4338000000000000LL;
-  static constexpr int mantissa = 52, bias = 1023;
+  static constexpr double shift = 6755399441055744.0 + 1023;  // 1.5·2⁵² + the exponent bias
+  static constexpr int mantissa = 52;
   static constexpr int degree = 13;
 };
 
@@ -90,12 +88,15 @@ FUSEDGRAD_CPU_INLINE T vec_exp(T z) {
   constexpr T ln2_lo = T(1.42860682030941723212e-6);
   z = z < C::lo ? C::lo : z;
   z = z > C::hi ? C::hi : z;
-  const T k = z * log2e + C::round;
-  const T n = k - C::round;
+  // k = z/ln2 + 1.5·2^m + bias, m the mantissa's width: adding 1.5·2^m rounds
+  // z/ln2 to the integer n (the float spacing there is 1), and k's low
+  // mantissa bits then hold n + bias — 2ⁿ's exponent field, moved into place
+  // by one shift (the bits above it shift out).
+  const T k = z * log2e + C::shift;
+  const T n = k - C::shift;
   const T r = (z - n * ln2_hi) - n * ln2_lo;
   const T poly = exp_taylor<T, 0, C::degree>(r);
-  const Bits e = std::bit_cast<Bits>(k) - C::round_bits;  // n as an integer
-  const T scale = std::bit_cast<T>(static_cast<Bits>((e + C::bias) << C::mantissa));
+  const T scale = std::bit_cast<T>(static_cast<Bits>(std::bit_cast<Bits>(k) << C::mantissa));  // 2ⁿ
   return poly * scale;
 }
 
