@@ -67,6 +67,22 @@ def test_relu_derivative_at_zero_is_zero():
     assert g.flatten().tolist() == [0.0, 0.0, 1.0]
 
 
+def test_float32_sigmoid_within_two_ulp(path):
+    """σ in float32 (cpu_vector.h: vec_exp's degree-6 polynomial, measured within 2 ulp
+    of the correctly rounded σ over every float in [−87, 88]) on each kernel path, over
+    a dense grid of h and the special values: mlp(x) with w1 = w2 = [[1]] is σ(x) exactly."""
+    name, n = path
+    h = torch.cat([torch.linspace(-87, 88, 200_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 17.0, -17.0])])
+    h = h[: max(n, 200_001)] if name == "stream" else h
+    ones = torch.ones(1, 1)
+    rows = h.unsqueeze(1)
+    out = torch.cat([fusedgrad.mlp(rows[i:i + n], ones, None, ones) for i in range(0, len(rows), n)]).flatten()
+    exact = torch.sigmoid(h.double()).float()  # correctly rounded (double, then one rounding)
+    ulp = (out.view(torch.int32).long() - exact.view(torch.int32).long()).abs()
+    assert ulp.max().item() <= 2, f"{ulp.max().item()} ulp at h = {h[ulp.argmax()].item()}"
+    assert out[h > 17].min() > 0.99999 and out[h < -87 + 1e-3].max() < 2e-38  # saturation, no NaN
+
+
 @pytest.mark.parametrize("activation", fusedgrad.ACTIVATIONS)
 def test_float32(activation):
     gen = torch.Generator().manual_seed(1)

@@ -37,9 +37,10 @@
 namespace fusedgrad {
 
 // e^z for a tile of lanes, vectorisable (no calls, no branches): z = n ln2 + r
-// with n = round(z / ln2) and |r| ≤ ln2/2, e^r by its Taylor polynomial (to
-// r⁷ in float, r¹³ in double: truncation below half an ulp), 2ⁿ built in the
-// exponent bits. Within 1–2 ulp of std::exp; NaN stays NaN. z is clamped so
+// with n = round(z / ln2) and |r| ≤ ln2/2, e^r by a polynomial (exp_polynomial),
+// 2ⁿ built in the exponent bits. Within 1 ulp of the correctly rounded e^z in
+// float (measured over every float in [−87, 88]; σ within 2 ulp), 1–2 ulp of
+// std::exp in double; NaN stays NaN. z is clamped so
 // that 2ⁿ stays representable: e^z = 0 below the clamp's lower end (where
 // 1 + e^z rounds to 1 anyway) and +inf above its upper end (σ = 1/(1 + inf)
 // = 0, as for std::exp's overflow).
@@ -57,7 +58,6 @@ struct ExpConsts<float> {
   static constexpr float lo = -88.0f, hi = 89.0f;        // n ∈ [-127, 128]
   static constexpr float shift = 12582912.0f + 127;       // 1.5·2²³ + the exponent bias
   static constexpr int mantissa = 23;
-  static constexpr int degree = 7;
 };
 template <>
 struct ExpConsts<double> {
@@ -79,6 +79,29 @@ FUSEDGRAD_CPU_INLINE T exp_taylor(T r) {
   }
 }
 
+// e^r for |r| ≤ ln2/2. Float: the degree-6 polynomial of least maximum
+// relative error there (Lawson's algorithm; 1.9e-9, 1.7e-8 with the
+// coefficients rounded to float, both below float's half ulp of 6e-8): one
+// multiply-add fewer than the degree-7 Taylor polynomial it replaced, which
+// σ's cost follows — the exponential is most of the trainer's step. Over
+// every float in [−87, 88]: e^z within 1 ulp and σ within 2 ulp for both,
+// 0.67% against 0.46% of e^z not correctly rounded. Double: Taylor to r¹³
+// (truncation below half an ulp).
+template <typename T>
+FUSEDGRAD_CPU_INLINE T exp_polynomial(T r) {
+  if constexpr (sizeof(T) == sizeof(float)) {
+    T p = T(0x1.6ab98p-10f);
+    p = p * r + T(0x1.126d0cp-7f);
+    p = p * r + T(0x1.55589ap-5f);
+    p = p * r + T(0x1.55540ap-3f);
+    p = p * r + T(0x1.fffffap-2f);
+    p = p * r + T(1);
+    return p * r + T(1);
+  } else {
+    return exp_taylor<T, 0, ExpConsts<T>::degree>(r);
+  }
+}
+
 template <typename T>
 FUSEDGRAD_CPU_INLINE T vec_exp(T z) {
   using C = ExpConsts<T>;
@@ -95,7 +118,7 @@ FUSEDGRAD_CPU_INLINE T vec_exp(T z) {
   const T k = z * log2e + C::shift;
   const T n = k - C::shift;
   const T r = (z - n * ln2_hi) - n * ln2_lo;
-  const T poly = exp_taylor<T, 0, C::degree>(r);
+  const T poly = exp_polynomial(r);
   const T scale = std::bit_cast<T>(static_cast<Bits>(std::bit_cast<Bits>(k) << C::mantissa));  // 2ⁿ
   return poly * scale;
 }
