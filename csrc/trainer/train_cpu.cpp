@@ -169,7 +169,25 @@ FUSEDGRAD_CPU_INLINE void block_loss_and_grads(const Dims& d, const SumLayout& l
     const T* wo = m.w2 + o * H;
     const T b = m.b2 ? m.b2[o] : T(0);
     T* go = G + o * ld;
-    for (int64_t v = 0; v < ld; v += L) {
+    // Four vectors of rows at a time: four independent chains of H
+    // multiply-adds (one chain waited on each multiply-add's latency).
+    int64_t v = 0;
+    for (; v + 4 * L <= ld; v += 4 * L) {
+      V p0 = lanes_splat(T(0)), p1 = p0, p2 = p0, p3 = p0;
+      for (int64_t j = 0; j < H; ++j) {
+        const T* sj = S + j * ld + v;
+        p0 += wo[j] * lanes_load(sj);
+        p1 += wo[j] * lanes_load(sj + L);
+        p2 += wo[j] * lanes_load(sj + 2 * L);
+        p3 += wo[j] * lanes_load(sj + 3 * L);
+      }
+      const T* to = tT + o * ld + v;
+      lanes_store(go + v, (p0 + b) - lanes_load(to));
+      lanes_store(go + v + L, (p1 + b) - lanes_load(to + L));
+      lanes_store(go + v + 2 * L, (p2 + b) - lanes_load(to + 2 * L));
+      lanes_store(go + v + 3 * L, (p3 + b) - lanes_load(to + 3 * L));
+    }
+    for (; v < ld; v += L) {
       V p = lanes_splat(T(0));
       for (int64_t j = 0; j < H; ++j) p += wo[j] * lanes_load(S + j * ld + v);
       lanes_store(go + v, (p + b) - lanes_load(tT + o * ld + v));
