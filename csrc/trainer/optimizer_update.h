@@ -88,7 +88,7 @@ FUSEDGRAD_CPU_INLINE T lerp(T self, T end, T w) {
 }
 
 // The loops below must vectorise (a scalar sqrt and two divisions per
-// element made Adam a sixth of an ensemble's step): every option is read into
+// element made Adam 14 % of an ensemble's step): every option is read into
 // a local before the loop and applied by a select, and the optional state
 // (momentum buffer, v̂) is a template parameter, so no branch and no store
 // depends on a run-time condition inside the loop.
