@@ -179,7 +179,8 @@ class FusedMLP(nn.Module):
     def from_module(cls, model: nn.Module, copy: bool = False) -> "FusedMLP":
         """A FusedMLP computing an existing ``Linear → activation → Linear`` model.
 
-        ``model`` is an ``nn.Sequential(nn.Linear, act, nn.Linear)``, or any module
+        ``model`` is a FusedMLP (its layers and activation), an
+        ``nn.Sequential(nn.Linear, act, nn.Linear)``, or any module
         whose only children are a Linear, an activation and a Linear, registered in
         that order (e.g. the ``Net`` of the notebooks, ``linear2(sigmoid(linear1(x)))``),
         where ``act`` is the torch.nn module of one of :data:`fusedgrad.ACTIVATIONS`
@@ -200,6 +201,14 @@ class FusedMLP(nn.Module):
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"FusedMLP.from_module: expected an nn.Module, got {type(model).__name__}")
+        if type(model) is FusedMLP:  # already one: its layers (shared or copied), its activation
+            lin1, lin2 = model.linear1, model.linear2
+            net = cls(lin1.in_features, lin1.out_features, lin2.out_features, device="meta",
+                      dtype=lin1.weight.dtype, activation=model.activation)
+            net.linear1 = _copy.deepcopy(model.linear1) if copy else model.linear1
+            net.linear2 = _copy.deepcopy(model.linear2) if copy else model.linear2
+            net.train(model.training)
+            return net
         children = list(model.named_children())
         described = ", ".join(f"{name}: {type(child).__name__}" for name, child in children) or "none"
         # Exact types: a subclass (LoRA, quantised, ...) may compute something else.

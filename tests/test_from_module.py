@@ -61,6 +61,21 @@ def test_sequential(copy):
         assert ours.requires_grad
 
 
+@pytest.mark.parametrize("copy", [False, True])
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_fused_mlp_converts_to_itself(copy, activation, bias):
+    """from_module(FusedMLP) (what FusedMLPEnsemble.from_modules accepts too): the same layers,
+    shared or copied, the same activation, the same function; training mode kept."""
+    model = FusedMLP(3, 5, 2, bias=bias, dtype=DTYPE, activation=activation).eval()
+    net = FusedMLP.from_module(model, copy=copy)
+    assert net is not model and net.activation == activation and not net.training
+    assert (net.linear1 is model.linear1) == (not copy) and (net.linear2 is model.linear2) == (not copy)
+    x = torch.randn(7, 3, dtype=DTYPE)
+    torch.testing.assert_close(net(x), model(x), rtol=0, atol=0)
+    assert net.state_dict().keys() == model.state_dict().keys()
+
+
 def test_shared_weights_train_together():
     model = seq()
     before = [p.detach().clone() for p in model.parameters()]
