@@ -76,8 +76,9 @@ FUSEDGRAD_CPU_INLINE LaneVec<T> lanes_splat(T s) {
 // a lane vector: the blocks' rows are a whole number of lane vectors long, so
 // every vector load and store then stays within one cache line. (malloc's
 // 16-byte alignment made most of them straddle two, and a step's time
-// depended on where the buffer landed: up to 10% at 1→20→1.) get(n) keeps
-// the values it held and zero-fills what it adds.
+// depended on where the buffer landed: up to 10% at 1→20→1.) get(n) returns
+// room for n values; when it grows, what the buffer held does not stay in
+// place (callers write what they read, every block).
 template <typename T>
 class LaneBuffer {
  public:

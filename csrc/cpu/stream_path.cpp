@@ -244,7 +244,7 @@ BlockBuffers<T>& thread_buffers(const StreamPlan<T>& plan) {
   thread_local BlockBuffers<T> buf;
   const int64_t D = plan.D, H = plan.H, O = plan.O, ld = plan.ld;
   const size_t need = static_cast<size_t>((2 * D + 2 * H + O + (plan.keep_h ? H : 0)) * ld + kFoldPartials * kLanes<T>);
-  buf.xT = buf.storage.get(need);  // zero-filled where it grows: finite padding lanes
+  buf.xT = buf.storage.get(need);  // lanes past a block's rows are never read (kTile)
   buf.sT = buf.xT + D * ld;
   buf.gT = buf.sT + H * ld;
   buf.dxT = buf.gT + O * ld;
