@@ -142,16 +142,12 @@ FUSEDGRAD_CPU_INLINE void adam_update_n(const UpdateRule& u, const AdamStepScala
   // `&`, not `&&`: a short circuit here is control flow that GCC carries into the loop.
   const bool coupled_wd = (u.weight_decay != 0) & !u.decoupled_weight_decay;
   const bool decoupled_wd = (u.weight_decay != 0) & u.decoupled_weight_decay;
-  // ATen's lerp (see lerp above), its branch on the weight taken once.
-  const bool lerp_from_self = std::abs(w1) < T(0.5);
-  const T one_minus_w1 = T(1) - w1;
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) {
     T g = sign * grad[k];
     const T pk = decoupled_wd ? p[k] * decay : p[k];
     g = coupled_wd ? g + wd * pk : g;
-    const T mk0 = m[k];
-    const T mk = lerp_from_self ? mk0 + w1 * (g - mk0) : g - (g - mk0) * one_minus_w1;
+    const T mk = lerp(m[k], g, w1);
     const T vk = v[k] * b2 + w2 * g * g;
     m[k] = mk;
     v[k] = vk;

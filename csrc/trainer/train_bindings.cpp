@@ -325,16 +325,14 @@ py::object train_step_fast(py::handle optimizer, py::tuple params, py::handle x,
   const int64_t K = ensemble ? call.params[kW1].size(0) : 1;
   if (!ensemble && (xt.dim() != 2 || tt.dim() != 2)) return py::none();  // (*, D) inputs: the Python route
   if (xt.requires_grad() || tt.requires_grad()) return py::none();
-  call.x = xt;
-  call.target = tt;
-  call.num_steps = 1;
-  call.mean = mean;
-  call.lr_scale = optional_tensor(lr_scale);
   // The loss of the one step, allocated in the shape returned (K,) or () — no view to make after.
-  call.losses = ensemble ? at::empty({K}, call.params[kW1].options()) : at::empty({}, call.params[kW1].options());
+  const at::Tensor losses =
+      ensemble ? at::empty({K}, call.params[kW1].options()) : at::empty({}, call.params[kW1].options());
+  set_run(call, xt, tt, /*batch_size=*/0, py::none(), /*first_step=*/0, /*num_steps=*/1, mean, lr_scale, losses,
+          /*steps_done=*/at::Tensor());
   if (!run_released("fusedgrad.Trainer.step", call)) return py::none();
   mark_stepped(optimizer.ptr());
-  return py::cast(std::move(call.losses));
+  return py::cast(losses);
 }
 
 // Trainer.fit's calls, the same way: x and target come prepared by fit();

@@ -97,6 +97,23 @@ BlockScratch<T>& thread_block_scratch() {
   return scratch;
 }
 
+// Rows r0 .. r0 + nb − 1 of the step of a (·, width) matrix, transposed into
+// dst (width, ld), the padding rows nb .. ld − 1 zero. A run of rows of one
+// column is already a transposed row.
+template <typename T>
+FUSEDGRAD_CPU_INLINE void gather_transposed(const T* src, int64_t width, const StepRows& rows, int64_t r0,
+                                              int64_t nb, int64_t ld, T* dst) {
+  if (!rows.index && width == 1) {
+    std::memcpy(dst, src + rows.first + r0, static_cast<size_t>(nb) * sizeof(T));
+  } else {
+    for (int64_t r = 0; r < nb; ++r) {
+      const T* row = src + rows.row(r0 + r) * width;
+      for (int64_t k = 0; k < width; ++k) dst[k * ld + r] = row[k];
+    }
+  }
+  for (int64_t k = 0; k < width; ++k) std::fill(dst + k * ld + nb, dst + (k + 1) * ld, T(0));
+}
+
 // Adds one block's Σ r² and gradient sums into `sums` (SumLayout). The block's
 // rows are padded to whole lane vectors (ld): padding rows read x = t = 0 and
 // get r = g = 0, so they add nothing to any sum.
@@ -121,28 +138,9 @@ FUSEDGRAD_CPU_INLINE void block_loss_and_grads(const Dims& d, const SumLayout& l
   T* P = DH + kHiddenGroup * ld;  // (lay.size, L): lane partials of every sum, in SumLayout order
   T* HS = P + lay.size * L;  // (H, ld): h_j, kept for an activation whose derivative reads h
 
-  // Gather the block's rows, transposed (x_d and t_o become contiguous); a
-  // run of rows of one column (D or O = 1) is already a transposed row.
-  if (!rows.index && D == 1) {
-    std::memcpy(xT, m.x + rows.first + r0, static_cast<size_t>(nb) * sizeof(T));
-  } else {
-    for (int64_t r = 0; r < nb; ++r) {
-      const T* xi = m.x + rows.row(r0 + r) * D;
-      for (int64_t k = 0; k < D; ++k) xT[k * ld + r] = xi[k];
-    }
-  }
-  if (!rows.index && O == 1) {
-    std::memcpy(tT, m.t + rows.first + r0, static_cast<size_t>(nb) * sizeof(T));
-  } else {
-    for (int64_t r = 0; r < nb; ++r) {
-      const T* ti = m.t + rows.row(r0 + r) * O;
-      for (int64_t o = 0; o < O; ++o) tT[o * ld + r] = ti[o];
-    }
-  }
-  for (int64_t r = nb; r < ld; ++r) {
-    for (int64_t k = 0; k < D; ++k) xT[k * ld + r] = T(0);
-    for (int64_t o = 0; o < O; ++o) tT[o * ld + r] = T(0);
-  }
+  // The block's rows of x and t, transposed (x_d and t_o become contiguous).
+  gather_transposed(m.x, D, rows, r0, nb, ld, xT);
+  gather_transposed(m.t, O, rows, r0, nb, ld, tT);
 
   // h_j = Σ_d w1[j,d] x_d + b1[j], a vector of rows at a time in registers; s_j = σ(h_j)
   const bool sigmoid = d.act == Activation::Sigmoid;

@@ -99,28 +99,17 @@ class Problem:
             for t in to_clear:
                 t.grad = None
 
-        if path == "native":
-            native_loss = self.native_loss
+        if path in ("native", "compile", "fused"):  # a loss, then backward()
+            if path == "native":
+                loss_fn = self.native_loss
+            elif path == "compile":
+                loss_fn = self.compiled()  # compiles (and runs a step of its own) on first use
+            else:
+                loss_fn = self.fused.loss
 
             def step():
                 clear()
-                loss = native_loss(x, y)
-                loss.backward()
-                return loss
-        elif path == "compile":
-            compiled = self.compiled()  # compiles (and runs a step of its own) on first use
-
-            def step():
-                clear()
-                loss = compiled(x, y)
-                loss.backward()
-                return loss
-        elif path == "fused":
-            fused = self.fused
-
-            def step():
-                clear()
-                loss = fused.loss(x, y)
+                loss = loss_fn(x, y)
                 loss.backward()
                 return loss
         elif path == "no_autograd" and not self.case.x_grad:

@@ -88,21 +88,24 @@ def _params_of(net):
                                                      net.linear2.weight, net.linear2.bias))
 
 
-def _native(problem, fused):
-    net = problem.net()
+def _notebook_loop(net, problem, fused_adam=False):
+    """The notebook's loop over `net`: MSELoss()(net(x), y), zero_grad, backward, Adam step."""
     loss_func = nn.MSELoss()
-    opt = torch.optim.Adam(net.parameters(), lr=problem.lr, fused=fused)
+    opt = torch.optim.Adam(net.parameters(), lr=problem.lr, fused=fused_adam)
     x, y = problem.x, problem.y
 
     def run(steps):
         for _ in range(steps):
-            prediction = net(x)
-            loss = loss_func(prediction, y)
+            loss = loss_func(net(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
 
     return run, _params_of(net)
+
+
+def _native(problem, fused):
+    return _notebook_loop(problem.net(), problem, fused_adam=fused)
 
 
 def prepare_compile(problem):
@@ -127,19 +130,7 @@ def prepare_compile(problem):
 
 
 def prepare_fusedmlp(problem):
-    net = problem.fused()
-    loss_func = nn.MSELoss()
-    opt = torch.optim.Adam(net.parameters(), lr=problem.lr)
-    x, y = problem.x, problem.y
-
-    def run(steps):
-        for _ in range(steps):
-            loss = loss_func(net(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-    return run, _params_of(net)
+    return _notebook_loop(problem.fused(), problem)
 
 
 def prepare_net_loss(problem):
