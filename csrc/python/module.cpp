@@ -7,7 +7,8 @@
 #include "direct_calls.h"
 
 namespace fusedgrad::trainer {
-void register_trainer(pybind11::module& m);  // csrc/trainer/train_bindings.cpp
+void register_trainer(pybind11::module& m);       // csrc/trainer/train_bindings.cpp
+void register_deep_trainer(pybind11::module& m);  // csrc/trainer/deep_train.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -19,4 +20,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   fusedgrad::register_direct_calls(m);
   fusedgrad::trainer::register_trainer(m);
+  fusedgrad::trainer::register_deep_trainer(m);
 }

@@ -21,44 +21,12 @@
 #include "../python/grad_hooks.h"
 #include "../common/options.h"  // parse_activation, find_activation
 #include "train_step.h"
+#include "binding_helpers.h"  // parse_rule, optional_tensor, translating_errors
 
 namespace fusedgrad::trainer {
 namespace {
 
 namespace py = pybind11;
-
-at::Tensor optional_tensor(py::handle h) {
-  if (h.is_none()) return at::Tensor();
-  return h.cast<at::Tensor>();
-}
-
-ParamState parse_rule(py::handle obj) {
-  auto t = obj.cast<py::tuple>();
-  TORCH_CHECK_VALUE(t.size() == 18, "fusedgrad: internal: an update rule has 18 fields, got ", t.size());
-  ParamState st;
-  UpdateRule& u = st.rule;
-  const std::string kind = t[0].cast<std::string>();
-  TORCH_CHECK_VALUE(kind == "sgd" || kind == "adam", "fusedgrad: internal: unknown optimizer kind ", kind);
-  u.kind = kind == "sgd" ? OptimizerKind::SGD : OptimizerKind::Adam;
-  u.lr = t[1].cast<double>();
-  u.weight_decay = t[2].cast<double>();
-  u.maximize = t[3].cast<bool>();
-  u.momentum = t[4].cast<double>();
-  u.dampening = t[5].cast<double>();
-  u.nesterov = t[6].cast<bool>();
-  u.beta1 = t[7].cast<double>();
-  u.beta2 = t[8].cast<double>();
-  u.eps = t[9].cast<double>();
-  u.amsgrad = t[10].cast<bool>();
-  u.decoupled_weight_decay = t[11].cast<bool>();
-  st.step = optional_tensor(t[12]);
-  st.exp_avg = optional_tensor(t[13]);
-  st.exp_avg_sq = optional_tensor(t[14]);
-  st.max_exp_avg_sq = optional_tensor(t[15]);
-  st.buffer_fresh = t[16].cast<bool>();
-  u.lr_float32_tensor = t[17].cast<bool>();
-  return st;
-}
 
 // What a call runs, besides the model and its optimizer (train_step.h).
 void set_run(TrainCall& call, const at::Tensor& x, const at::Tensor& target, int64_t batch_size, py::handle order,
@@ -350,22 +318,6 @@ bool train_steps_fast(py::handle optimizer, py::tuple params, const at::Tensor& 
   if (!run_released("fusedgrad.Trainer.fit", call)) return false;
   mark_stepped(optimizer.ptr());
   return true;
-}
-
-// c10's errors as the Python exceptions torch raises for them.
-template <typename F>
-auto translating_errors(F f) {
-  return [f](auto&&... args) {
-    try {
-      return f(std::forward<decltype(args)>(args)...);
-    } catch (const c10::ValueError& e) {
-      throw py::value_error(e.what_without_backtrace());
-    } catch (const c10::TypeError& e) {
-      throw py::type_error(e.what_without_backtrace());
-    } catch (const c10::Error& e) {
-      throw std::runtime_error(e.what_without_backtrace());
-    }
-  };
 }
 
 }  // namespace

@@ -1,0 +1,88 @@
+// The CPU engine for an MLP of L linear layers (any depth), one pass over the
+// rows for the loss and every gradient. The math (README, "Deep networks"):
+//
+//   a_0 = x                                  widths n_0 = D, n_1 … n_{L−1}, n_L = O
+//   h_l = a_{l−1} W_lᵀ + b_l,   a_l = act(h_l)   (l < L),   p = h_L
+//   r = p − t,   L = c Σ r²,   g = 2c r        (c = 1 or 1/(N·O))
+//   δ_L = g;   dW_l = δ_lᵀ a_{l−1},   db_l = Σ_rows δ_l,   δ_{l−1} = (δ_l W_l) ⊙ act'(h_{l−1})
+//   dx = δ_1 W_1,   dt = −g
+//
+// Rows run in blocks of at most kBlockRows (every intermediate of a block stays
+// in cache; nothing of size N is allocated); each block's three products —
+// forward, backward-data and weight gradient — run on one register-blocked
+// micro-kernel (mlp_engine_cpu.cpp). Sums over rows are taken in T within a
+// block and in double across blocks; the blocks are grouped into a number of
+// chunks that depends only on the number of rows, and the chunks' sums are
+// added in chunk order, so the result is the same bit for bit for any number
+// of threads.
+//
+// Three epilogues share the pass: loss + gradients (mlp_loss, the trainer),
+// forward only (the prediction), backward from a given ∂L/∂p (the prediction's
+// backward, which recomputes the forward of each block instead of keeping it).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "../common/activation.h"
+
+namespace fusedgrad::engine {
+
+// The shape of one network: L = width.size() − 1 linear layers.
+struct NetShape {
+  std::vector<int64_t> width;  // n_0 … n_L
+  std::vector<char> bias;      // bias[l]: layer l + 1 (0-based l) has a bias
+  Activation act = Activation::Sigmoid;
+
+  int64_t layers() const { return static_cast<int64_t>(width.size()) - 1; }
+  int64_t in() const { return width.front(); }
+  int64_t out() const { return width.back(); }
+  // Multiply-adds of one row's forward pass.
+  int64_t macs_per_row() const {
+    int64_t m = 0;
+    for (int64_t l = 0; l < layers(); ++l) m += width[l] * width[l + 1];
+    return m;
+  }
+};
+
+// Where each parameter's gradient sum sits in the engine's double output:
+// per layer dW_l (n_{l+1} × n_l, row-major as the weight) then db_l (n_{l+1},
+// when the layer has a bias), then the loss Σ r².
+struct SumLayout {
+  std::vector<int64_t> dw, db;  // offsets; db[l] = −1 without a bias
+  int64_t loss = 0, size = 0;
+  explicit SumLayout(const NetShape& s);
+};
+
+enum class Epilogue { LossGrads, Forward, Backward };
+
+template <typename T>
+struct Pass {
+  const NetShape* shape = nullptr;
+  std::vector<const T*> W, b;  // layer l's weight (n_{l+1}, n_l) and bias (n_{l+1}) or null
+  // Row r of the pass is row index[r] (or first + r) of x (·, D), target and grad_out (·, O).
+  const T* x = nullptr;
+  const int64_t* index = nullptr;
+  int64_t first = 0, count = 0;
+  const T* target = nullptr;    // LossGrads; null: zeros
+  const T* grad_out = nullptr;  // Backward: ∂L/∂p
+  T two_c = T(0);               // LossGrads: 2c
+  Epilogue epilogue = Epilogue::LossGrads;
+  bool param_grads = true;      // compute dW, db (into sums)
+  // Outputs, indexed by the source row (row index[r] or first + r); null: not wanted.
+  T* pred = nullptr;  // Forward: p (·, O)
+  T* dx = nullptr;    // LossGrads / Backward: (·, D)
+  T* dt = nullptr;    // LossGrads: (·, O)
+  double* sums = nullptr;  // LossGrads / Backward: SumLayout(shape).size values, overwritten
+  bool parallel = true;    // chunks may run on several threads (same bits either way)
+};
+
+// Runs the pass. Not reentrant per thread for the same call (uses thread-local scratch).
+void run(const Pass<float>& pass);
+void run(const Pass<double>& pass);
+
+// The block size and chunk count a pass of `count` rows uses (for explain()).
+int64_t block_rows(const NetShape& s, int64_t element_size);
+int64_t chunk_count(const NetShape& s, int64_t count, int64_t element_size);
+
+}  // namespace fusedgrad::engine

@@ -1,0 +1,360 @@
+// The CPU engine of mlp_engine.h.
+//
+// Layout: within a block, every per-row quantity is stored row-major with its
+// width padded to a whole number of lane vectors (np = n rounded up to 16
+// floats / 8 doubles), so that the three products of a layer are one kernel,
+//
+//   out[i, :] = init + Σ_k c(i, k) · M[k, :]          (a row of M is np wide)
+//
+//   forward          h_l[r, :]   = b_l + Σ_k a_{l−1}[r, k] · W_lᵀ[k, :]
+//   backward-data    δ_{l−1}[r, :] =     Σ_j δ_l[r, j]     · W_l[j, :]
+//   weight gradient  dW_l[j, :]  =       Σ_r δ_l[r, j]     · a_{l−1}[r, :]
+//
+// and that kernel (`tile`) keeps a tile of `out` in registers while it walks
+// k: each step loads one row of M (≤ 4 vectors) and broadcasts one coefficient
+// per row of the tile — the shape of a BLAS micro-kernel. Padded lanes of the
+// weights and biases are zero, so padded lanes of h, δ and g are zero and
+// never reach a result; padded lanes of dW are computed and dropped.
+#include "mlp_engine.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "../common/lane_vector.h"   // LaneVec, LaneBuffer, kLanes, lanes_load
+#include "../cpu/activation_cpu.h"   // activate_n, activation_backward_n: the activation table's vector forms
+
+namespace fusedgrad::engine {
+
+SumLayout::SumLayout(const NetShape& s) {
+  const int64_t L = s.layers();
+  dw.resize(L);
+  db.resize(L);
+  int64_t off = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    dw[l] = off;
+    off += s.width[l + 1] * s.width[l];
+    db[l] = s.bias[l] ? off : -1;
+    if (s.bias[l]) off += s.width[l + 1];
+  }
+  loss = off;
+  size = off + 1;
+}
+
+namespace {
+
+constexpr int64_t kMaxChunks = 16;        // row chunks of a pass: fixed by the row count, not the threads
+constexpr int64_t kMinChunkRows = 512;    // rows below which a chunk of its own does not pay
+constexpr int64_t kMinParallelMacs = 1 << 17;  // multiply-adds of a pass below which threads do not pay
+constexpr int64_t kScratchBytes = 192 * 1024;  // a block's intermediates: within L2
+
+int64_t padded(int64_t n, int64_t lanes) { return (n + lanes - 1) / lanes * lanes; }
+
+int64_t block_rows_for(const NetShape& s, int64_t elt) {
+  const int64_t lanes = 64 / elt;
+  int64_t per_row = 0, widest = 0;
+  for (int64_t n : s.width) {
+    per_row += 2 * padded(n, lanes);  // h and a of each layer
+    widest = std::max(widest, padded(n, lanes));
+  }
+  per_row += 2 * widest;  // two δ buffers
+  const int64_t rows = kScratchBytes / (elt * per_row);
+  return std::clamp<int64_t>(rows / 8 * 8, 16, 256);
+}
+
+template <typename T>
+using Vec = LaneVec<T>;
+
+template <typename T>
+FUSEDGRAD_CPU_INLINE void store(T* p, const Vec<T>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// out[i, 0 : NV vectors] = init + Σ_{k < K} coef[i·ci + k·ck] · M[k·ldm, 0 : NV vectors] for RI rows i.
+template <typename T, int NV, int RI>
+FUSEDGRAD_CPU_INLINE void tile(int64_t K, const T* FUSEDGRAD_RESTRICT coef, int64_t ci, int64_t ck,
+                               const T* FUSEDGRAD_RESTRICT M, int64_t ldm, const T* FUSEDGRAD_RESTRICT init,
+                               T* FUSEDGRAD_RESTRICT out, int64_t ldo) {
+  constexpr int64_t W = kLanes<T>;
+  Vec<T> acc[RI][NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const Vec<T> b = init ? lanes_load(init + v * W) : Vec<T>{};
+#pragma GCC unroll 8
+    for (int i = 0; i < RI; ++i) acc[i][v] = b;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    Vec<T> m[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) m[v] = lanes_load(M + k * ldm + v * W);
+#pragma GCC unroll 8
+    for (int i = 0; i < RI; ++i) {
+      const T c = coef[i * ci + k * ck];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] += c * m[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < RI; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) store(out + i * ldo + v * W, acc[i][v]);
+  }
+}
+
+// Rows 0 .. rows − 1 of out (each np wide, np a multiple of the lanes), as `tile`.
+// A tile holds up to 16 accumulators: 8 rows of one vector, or 4 rows of 2–4.
+template <typename T, int NV>
+FUSEDGRAD_CPU_INLINE void tile_rows(int64_t rows, int64_t K, const T* coef, int64_t ci, int64_t ck, const T* M,
+                                    int64_t ldm, const T* init, T* out, int64_t ldo) {
+  constexpr int RI = NV == 1 ? 8 : 4;
+  int64_t i = 0;
+  for (; i + RI <= rows; i += RI) tile<T, NV, RI>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
+  for (; i < rows; ++i) tile<T, NV, 1>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
+}
+
+template <typename T>
+FUSEDGRAD_CPU_INLINE void product(int64_t rows, int64_t K, const T* coef, int64_t ci, int64_t ck, const T* M,
+                                  int64_t ldm, int64_t np, const T* init, T* out, int64_t ldo) {
+  constexpr int64_t W = kLanes<T>;
+  for (int64_t c0 = 0; c0 < np; c0 += 4 * W) {
+    const T* Mc = M + c0;
+    const T* ic = init ? init + c0 : nullptr;
+    T* oc = out + c0;
+    switch (std::min<int64_t>(4, (np - c0) / W)) {
+      case 1: tile_rows<T, 1>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
+      case 2: tile_rows<T, 2>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
+      case 3: tile_rows<T, 3>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
+      default: tile_rows<T, 4>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
+    }
+  }
+}
+
+// A pass's weights in the two padded layouts the kernel reads, and its layout
+// of per-block scratch. Built once per pass, read by every chunk.
+template <typename T>
+struct Plan {
+  const Pass<T>& pass;
+  const NetShape& s;
+  SumLayout lay;
+  int64_t L, B, chunks, lanes;
+  bool saves_input;
+  std::vector<int64_t> np;                  // padded widths
+  std::vector<const T*> WT, Wp, bp;         // W_lᵀ (n_l × np_{l+1}), W_l (n_{l+1} × np_l), b_l (np_{l+1}) or null
+  std::vector<int64_t> a_off, h_off;        // scratch offsets of a_l and h_l (per row block)
+  int64_t d0_off, d1_off, dw_off, db_off, scratch_size;
+  std::vector<T> packed;                    // storage of WT, Wp, bp
+
+  explicit Plan(const Pass<T>& p) : pass(p), s(*p.shape), lay(*p.shape) {
+    L = s.layers();
+    lanes = kLanes<T>;
+    B = block_rows_for(s, sizeof(T));
+    chunks = chunk_count(s, p.count, sizeof(T));
+    saves_input = activation_saves_input(s.act);
+    np.resize(L + 1);
+    int64_t widest = 0;
+    for (int64_t l = 0; l <= L; ++l) widest = std::max(widest, np[l] = padded(s.width[l], lanes));
+    // Packed weights: every segment starts on a lane-vector boundary (np are multiples of the lanes).
+    int64_t total = 0;
+    for (int64_t l = 0; l < L; ++l) total += s.width[l] * np[l + 1] + s.width[l + 1] * np[l] + np[l + 1];
+    packed.assign(static_cast<size_t>(total + lanes), T(0));
+    T* base = packed.data();
+    base += (lanes - (reinterpret_cast<uintptr_t>(base) / sizeof(T)) % lanes) % lanes;
+    WT.resize(L);
+    Wp.resize(L);
+    bp.resize(L);
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t n_in = s.width[l], n_out = s.width[l + 1];
+      const T* w = p.W[l];
+      T* wt = base;
+      base += n_in * np[l + 1];
+      T* wp = base;
+      base += n_out * np[l];
+      for (int64_t j = 0; j < n_out; ++j) {
+        for (int64_t k = 0; k < n_in; ++k) {
+          wt[k * np[l + 1] + j] = w[j * n_in + k];
+          wp[j * np[l] + k] = w[j * n_in + k];
+        }
+      }
+      WT[l] = wt;
+      Wp[l] = wp;
+      if (p.b[l]) {
+        std::copy(p.b[l], p.b[l] + n_out, base);
+        bp[l] = base;
+      } else {
+        bp[l] = nullptr;
+      }
+      base += np[l + 1];
+    }
+    // Scratch of one block: a_0 … a_{L−1}, h_1 … h_L (h_l is a_l where the
+    // activation does not keep its input), two δ buffers, one dW_l and db_l.
+    int64_t off = 0;
+    a_off.assign(L + 1, 0);
+    h_off.assign(L + 1, 0);
+    for (int64_t l = 0; l <= L; ++l) {
+      a_off[l] = off;
+      off += B * np[l];
+      if (l > 0 && l < L && saves_input) {
+        h_off[l] = off;
+        off += B * np[l];
+      } else {
+        h_off[l] = a_off[l];  // h_L = p (no activation); a_0 = x has no h
+      }
+    }
+    d0_off = off;
+    off += B * widest;
+    d1_off = off;
+    off += B * widest;
+    dw_off = off;
+    int64_t dw_max = 0;
+    for (int64_t l = 0; l < L; ++l) dw_max = std::max(dw_max, s.width[l + 1] * np[l]);
+    off += dw_max;
+    db_off = off;
+    off += widest;
+    scratch_size = off;
+  }
+
+  int64_t row(int64_t r) const { return pass.index ? pass.index[r] : pass.first + r; }
+
+  // Rows r0 .. r0 + nb − 1 of the pass; parameter sums and Σ r² added into `sums`.
+  void block(T* scratch, int64_t r0, int64_t nb, double* sums) const {
+    const int64_t D = s.in(), O = s.out();
+    T* a0 = scratch + a_off[0];
+    for (int64_t r = 0; r < nb; ++r) {
+      const T* src = pass.x + row(r0 + r) * D;
+      T* dst = a0 + r * np[0];
+      std::copy(src, src + D, dst);
+      std::fill(dst + D, dst + np[0], T(0));
+    }
+    // Forward.
+    for (int64_t l = 0; l < L; ++l) {
+      T* in = scratch + a_off[l];
+      T* h = scratch + h_off[l + 1];
+      product<T>(nb, s.width[l], in, np[l], 1, WT[l], np[l + 1], np[l + 1], bp[l], h, np[l + 1]);
+      if (l + 1 < L) activate_n(s.act, h, scratch + a_off[l + 1], nb * np[l + 1]);
+    }
+    const T* p = scratch + h_off[L];
+    const int64_t npo = np[L];
+    if (pass.epilogue == Epilogue::Forward) {
+      for (int64_t r = 0; r < nb; ++r) std::copy(p + r * npo, p + r * npo + O, pass.pred + row(r0 + r) * O);
+      return;
+    }
+    // ∂L/∂p of the block's rows (padded lanes zero).
+    T* g = scratch + d0_off;
+    if (pass.epilogue == Epilogue::LossGrads) {
+      double loss = 0;
+      for (int64_t r = 0; r < nb; ++r) {
+        const int64_t src = row(r0 + r) * O;
+        T* gr = g + r * npo;
+        const T* pr = p + r * npo;
+        for (int64_t o = 0; o < O; ++o) {
+          const T res = pr[o] - (pass.target ? pass.target[src + o] : T(0));
+          loss += static_cast<double>(res) * static_cast<double>(res);
+          gr[o] = pass.two_c * res;
+          if (pass.dt) pass.dt[src + o] = -gr[o];
+        }
+        std::fill(gr + O, gr + npo, T(0));
+      }
+      sums[lay.loss] += loss;
+    } else {
+      for (int64_t r = 0; r < nb; ++r) {
+        const T* src = pass.grad_out + row(r0 + r) * O;
+        std::copy(src, src + O, g + r * npo);
+        std::fill(g + r * npo + O, g + (r + 1) * npo, T(0));
+      }
+    }
+    // Backward, layer by layer from the top.
+    T* delta = g;
+    T* next = scratch + d1_off;
+    for (int64_t l = L - 1; l >= 0; --l) {
+      const int64_t n_in = s.width[l], n_out = s.width[l + 1];
+      const T* a = scratch + a_off[l];
+      if (pass.param_grads) {
+        T* dw = scratch + dw_off;
+        product<T>(n_out, nb, delta, 1, np[l + 1], a, np[l], np[l], nullptr, dw, np[l]);
+        double* dst = sums + lay.dw[l];
+        for (int64_t j = 0; j < n_out; ++j) {
+          for (int64_t k = 0; k < n_in; ++k) dst[j * n_in + k] += static_cast<double>(dw[j * np[l] + k]);
+        }
+        if (lay.db[l] >= 0) {
+          T* db = scratch + db_off;
+          std::fill(db, db + np[l + 1], T(0));
+          for (int64_t r = 0; r < nb; ++r) {
+            const T* dr = delta + r * np[l + 1];
+#pragma omp simd
+            for (int64_t j = 0; j < np[l + 1]; ++j) db[j] += dr[j];
+          }
+          double* dbs = sums + lay.db[l];
+          for (int64_t j = 0; j < n_out; ++j) dbs[j] += static_cast<double>(db[j]);
+        }
+      }
+      if (l == 0 && !pass.dx) break;
+      product<T>(nb, n_out, delta, np[l + 1], 1, Wp[l], np[l], np[l], nullptr, next, np[l]);
+      if (l > 0) {
+        activation_backward_n(s.act, next, scratch + h_off[l], nb * np[l]);
+      } else {
+        for (int64_t r = 0; r < nb; ++r) std::copy(next + r * np[0], next + r * np[0] + D, pass.dx + row(r0 + r) * D);
+      }
+      std::swap(delta, next);
+    }
+  }
+
+  // Chunk ch of the pass: its rows, block by block, summed into chunk_sums.
+  void chunk(int64_t ch, double* chunk_sums) const {
+    thread_local LaneBuffer<T> buffer;
+    T* scratch = buffer.get(static_cast<size_t>(scratch_size));
+    const int64_t r0 = pass.count * ch / chunks, r1 = pass.count * (ch + 1) / chunks;
+    if (chunk_sums) std::fill(chunk_sums, chunk_sums + lay.size, 0.0);
+    for (int64_t r = r0; r < r1; r += B) block(scratch, r, std::min(B, r1 - r), chunk_sums);
+  }
+};
+
+// The clones' entry points: one chunk, compiled per CPU level.
+FUSEDGRAD_CPU_CLONES void chunk_kernel(const Plan<float>& plan, int64_t ch, double* sums) { plan.chunk(ch, sums); }
+FUSEDGRAD_CPU_CLONES void chunk_kernel(const Plan<double>& plan, int64_t ch, double* sums) { plan.chunk(ch, sums); }
+
+template <typename T>
+void run_pass(const Pass<T>& pass) {
+  if (pass.count == 0) {
+    if (pass.sums) std::fill(pass.sums, pass.sums + SumLayout(*pass.shape).size, 0.0);
+    return;
+  }
+  const Plan<T> plan(pass);
+  const bool want_sums = pass.sums && pass.epilogue != Epilogue::Forward;
+  const int64_t size = plan.lay.size;
+  thread_local std::vector<double> partial;
+  if (want_sums) partial.resize(static_cast<size_t>(plan.chunks * size));
+  double* base = want_sums ? partial.data() : nullptr;
+  auto run_chunks = [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch) chunk_kernel(plan, ch, base ? base + ch * size : nullptr);
+  };
+  const bool threads = pass.parallel && plan.chunks > 1 &&
+      pass.count * pass.shape->macs_per_row() >= kMinParallelMacs;
+  if (threads) {
+    at::parallel_for(0, plan.chunks, 1, run_chunks);
+  } else {
+    run_chunks(0, plan.chunks);
+  }
+  if (!want_sums) return;
+  std::copy(base, base + size, pass.sums);
+  for (int64_t ch = 1; ch < plan.chunks; ++ch) {
+    const double* cs = base + ch * size;
+    for (int64_t e = 0; e < size; ++e) pass.sums[e] += cs[e];
+  }
+}
+
+}  // namespace
+
+int64_t block_rows(const NetShape& s, int64_t element_size) { return block_rows_for(s, element_size); }
+
+int64_t chunk_count(const NetShape& s, int64_t count, int64_t element_size) {
+  const int64_t B = block_rows_for(s, element_size);
+  const int64_t per_chunk = std::max(kMinChunkRows, B);
+  return std::clamp<int64_t>((count + per_chunk - 1) / per_chunk, 1, kMaxChunks);
+}
+
+void run(const Pass<float>& pass) { run_pass(pass); }
+void run(const Pass<double>& pass) { run_pass(pass); }
+
+}  // namespace fusedgrad::engine

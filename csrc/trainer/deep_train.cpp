@@ -1,0 +1,299 @@
+// fusedgrad._C.deep_train_steps: fusedgrad.Trainer's steps for networks of any
+// depth — each step the engine's loss-and-gradients pass (engine/mlp_engine.h)
+// over the step's rows, the gradients written into the parameters' .grad, then
+// the optimizer's element-wise update (optimizer_update.h), all in one C++
+// call with the GIL released.
+//
+// Arguments (Python, built by fusedgrad/trainer.py):
+//   params, grads   2L-lists (W_1, b_1, …, W_L, b_L) of tensors or None (no bias)
+//   rules           2L-list of None or the update-rule tuple (binding_helpers.h)
+//   x, target       (N, D), (N, O) — or (K, N, ·) per model of an ensemble
+//   batch_size, order, first_step, num_steps, mean, lr_scale, losses, steps_done,
+//   activation, models (K; 0 for one unstacked model)
+// The rows of a step, the loss history and the step counting are those of the
+// one-hidden-layer trainer (train_step.h).
+#include <ATen/Parallel.h>
+#include <torch/python.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "../common/options.h"
+#include "../common/problem.h"  // shape_str
+#include "../engine/net_args.h"
+#include "binding_helpers.h"
+#include "optimizer_update.h"
+
+namespace fusedgrad::trainer {
+namespace {
+
+namespace py = pybind11;
+
+struct DeepCall {
+  engine::NetArgs net;
+  int64_t K = 1;
+  std::vector<at::Tensor> params, grads;  // 2L, undefined where a layer has no bias
+  std::vector<ParamState> state;
+  at::Tensor x, target, order, lr_scale, losses, steps_done;
+  int64_t batch_size = 0, first_step = 0, num_steps = 0;
+  bool mean = true;
+};
+
+void check_state_tensor(const char* fn, const std::string& name, const char* key, const at::Tensor& t,
+                        const at::Tensor& p) {
+  TORCH_CHECK_VALUE(t.defined(), fn, ": the optimizer state of '", name, "' has no '", key, "'");
+  TORCH_CHECK_VALUE(t.scalar_type() == p.scalar_type() && t.device() == p.device() && t.sizes().equals(p.sizes()) &&
+                        t.is_contiguous(),
+                    fn, ": the optimizer state '", key, "' of '", name, "' must be a contiguous tensor of its "
+                    "parameter's shape ", shape_str(p.sizes()), " and dtype, got ", shape_str(t.sizes()));
+}
+
+// Everything the loop relies on; the network's own checks are check_net's.
+void check_call(const char* fn, const DeepCall& c, const std::vector<std::string>& names) {
+  const int64_t P = static_cast<int64_t>(c.params.size());
+  for (int64_t p = 0; p < P; ++p) {
+    const at::Tensor& t = c.params[p];
+    if (!t.defined()) continue;
+    TORCH_CHECK_VALUE(t.device().is_cpu(), fn, ": the fused trainer runs on the CPU; parameter '", names[p],
+                      "' is on ", t.device());
+    TORCH_CHECK_VALUE(t.is_contiguous(), fn, ": parameter '", names[p], "' must be contiguous");
+    const at::Tensor& g = c.grads[p];
+    TORCH_CHECK_VALUE(g.defined() && g.scalar_type() == t.scalar_type() && g.sizes().equals(t.sizes()) &&
+                          g.is_contiguous(),
+                      fn, ": internal: the gradient buffer of '", names[p], "' does not match its parameter");
+    const ParamState& st = c.state[p];
+    if (st.rule.kind == OptimizerKind::Adam) {
+      check_state_tensor(fn, names[p], "exp_avg", st.exp_avg, t);
+      check_state_tensor(fn, names[p], "exp_avg_sq", st.exp_avg_sq, t);
+      if (st.rule.amsgrad) check_state_tensor(fn, names[p], "max_exp_avg_sq", st.max_exp_avg_sq, t);
+      TORCH_CHECK_VALUE(st.step.defined() && st.step.numel() == 1 && st.step.device().is_cpu() &&
+                            (st.step.scalar_type() == at::kFloat || st.step.scalar_type() == at::kDouble),
+                        fn, ": the optimizer state 'step' of '", names[p], "' must be a one-element float tensor "
+                        "on the CPU");
+    } else if (st.rule.momentum != 0) {
+      check_state_tensor(fn, names[p], "momentum_buffer", st.exp_avg, t);
+    }
+  }
+  const engine::NetShape& s = c.net.shape;
+  const bool stacked = c.x.dim() == 3;
+  for (const auto& [name, t, width] : {std::tuple{"x", &c.x, s.in()}, std::tuple{"target", &c.target, s.out()}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == c.net.dtype, fn, ": argument '", name, "' must have the parameters' dtype");
+    TORCH_CHECK_VALUE(t->is_contiguous() && t->device().is_cpu(), fn, ": argument '", name,
+                      "' must be a contiguous CPU tensor");
+    TORCH_CHECK_VALUE((t->dim() == 2 || (t->dim() == 3 && t->size(0) == c.K)) && t->size(-1) == width &&
+                          t->size(-2) == c.x.size(-2),
+                      fn, ": argument '", name, "' has shape ", shape_str(t->sizes()), ", expected (N, ", width,
+                      ") or (K, N, ", width, ") with x's N");
+  }
+  (void)stacked;
+  TORCH_CHECK_VALUE(c.x.size(-2) > 0, fn, ": argument 'x' has no rows");
+  TORCH_CHECK_VALUE(c.num_steps >= 0, fn, ": the number of steps must be >= 0");
+  TORCH_CHECK_VALUE(c.losses.is_contiguous() && c.losses.scalar_type() == c.net.dtype &&
+                        c.losses.numel() == c.num_steps * c.K,
+                    fn, ": internal: the loss buffer must hold num_steps × K values");
+  const int64_t N = c.x.size(-2);
+  if (c.batch_size > 0 && c.order.defined()) {
+    const int64_t per_epoch = (N + c.batch_size - 1) / c.batch_size;
+    const int64_t last_epoch = (c.first_step + std::max<int64_t>(c.num_steps, 1) - 1) / per_epoch;
+    TORCH_CHECK_VALUE(c.order.scalar_type() == at::kLong && c.order.is_contiguous() &&
+                          c.order.numel() >= (last_epoch + 1) * N,
+                      fn, ": internal: the batch order is too short");
+    const bool in_range = (c.order.min().item<int64_t>() >= 0) && (c.order.max().item<int64_t>() < N);
+    TORCH_CHECK_VALUE(in_range, fn, ": internal: the batch order holds a row index outside [0, ", N, ")");
+  }
+  if (c.lr_scale.defined()) {
+    TORCH_CHECK_VALUE(c.lr_scale.scalar_type() == at::kDouble && c.lr_scale.is_contiguous() &&
+                          c.lr_scale.numel() == c.K,
+                      fn, ": internal: lr_scale must be a contiguous float64 (K,) tensor");
+  }
+}
+
+// One parameter slice's update, compiled per CPU level.
+template <typename T>
+FUSEDGRAD_CPU_INLINE void update_slice(const UpdateRule& u, double lr, const AdamStepScalars& s, T* p, const T* g,
+                                       T* s1, T* s2, T* s3, bool fresh, int64_t n) {
+  if (u.kind == OptimizerKind::SGD) {
+    sgd_update<T>(u, lr, p, g, s1, fresh, n);
+  } else {
+    adam_update<T>(u, s, p, g, s1, s2, s3, n);
+  }
+}
+FUSEDGRAD_CPU_CLONES void update_kernel(const UpdateRule& u, double lr, const AdamStepScalars& s, float* p,
+                                        const float* g, float* s1, float* s2, float* s3, bool fresh, int64_t n) {
+  update_slice<float>(u, lr, s, p, g, s1, s2, s3, fresh, n);
+}
+FUSEDGRAD_CPU_CLONES void update_kernel(const UpdateRule& u, double lr, const AdamStepScalars& s, double* p,
+                                        const double* g, double* s1, double* s2, double* s3, bool fresh, int64_t n) {
+  update_slice<double>(u, lr, s, p, g, s1, s2, s3, fresh, n);
+}
+
+double step_count(const at::Tensor& step) {
+  if (!step.defined()) return 0;
+  return step.scalar_type() == at::kFloat ? static_cast<double>(*step.data_ptr<float>()) : *step.data_ptr<double>();
+}
+
+template <typename T>
+void run_steps(DeepCall& c) {
+  const engine::NetShape& s = c.net.shape;
+  const int64_t L = s.layers(), P = 2 * L, K = c.K, N = c.x.size(-2), D = s.in(), O = s.out();
+  const engine::SumLayout lay(s);
+  std::vector<int64_t> per_model(P, 0), sum_off(P, -1);
+  std::vector<double> step0(P, 0);
+  for (int64_t p = 0; p < P; ++p) {
+    if (!c.params[p].defined()) continue;
+    per_model[p] = c.params[p].numel() / K;
+    sum_off[p] = p % 2 == 0 ? lay.dw[p / 2] : lay.db[p / 2];
+    step0[p] = step_count(c.state[p].step);
+  }
+  const T* x = c.x.data_ptr<T>();
+  const T* t = c.target.data_ptr<T>();
+  const int64_t x_stride = c.x.dim() == 3 ? N * D : 0, t_stride = c.target.dim() == 3 ? N * O : 0;
+  const int64_t* order = c.order.defined() ? c.order.data_ptr<int64_t>() : nullptr;
+  const double* lr_scale = c.lr_scale.defined() ? c.lr_scale.data_ptr<double>() : nullptr;
+  T* losses = c.losses.data_ptr<T>();
+
+  // Model k's step `step`: loss and gradients over the step's rows, then its update.
+  auto model_step = [&](int64_t k, int64_t step, std::vector<double>& sums, bool parallel) {
+    engine::Pass<T> pass;
+    pass.shape = &s;
+    for (int64_t l = 0; l < L; ++l) {
+      pass.W.push_back(c.params[2 * l].data_ptr<T>() + k * per_model[2 * l]);
+      pass.b.push_back(c.params[2 * l + 1].defined() ? c.params[2 * l + 1].data_ptr<T>() + k * per_model[2 * l + 1]
+                                                     : nullptr);
+    }
+    // The rows of the step: full batch, or batch b of epoch e (train_step.h).
+    const int64_t run_step = c.first_step + step;
+    int64_t first = 0, count = N;
+    const int64_t* index = nullptr;
+    if (c.batch_size > 0) {
+      const int64_t per_epoch = (N + c.batch_size - 1) / c.batch_size;
+      const int64_t epoch = run_step / per_epoch, b = run_step % per_epoch;
+      first = b * c.batch_size;
+      count = std::min(c.batch_size, N - first);
+      if (order) {
+        index = order + epoch * N + first;
+        first = 0;
+      }
+    }
+    const double cscale = c.mean ? 1.0 / static_cast<double>(count * O) : 1.0;
+    pass.x = x + k * x_stride;
+    pass.target = t + k * t_stride;
+    pass.index = index;
+    pass.first = first;
+    pass.count = count;
+    pass.two_c = static_cast<T>(2.0 * cscale);
+    pass.epilogue = engine::Epilogue::LossGrads;
+    pass.sums = sums.data();
+    pass.parallel = parallel;
+    engine::run(pass);
+    losses[step * K + k] = static_cast<T>(cscale * sums[lay.loss]);
+    const double scale = lr_scale ? lr_scale[k] : 1.0;
+    for (int64_t p = 0; p < P; ++p) {
+      if (!c.params[p].defined()) continue;
+      const int64_t n = per_model[p], off = k * n;
+      T* g = c.grads[p].data_ptr<T>() + off;
+      const double* from = sums.data() + sum_off[p];
+      for (int64_t e = 0; e < n; ++e) g[e] = static_cast<T>(from[e]);
+      const ParamState& st = c.state[p];
+      const double lr = st.rule.lr * scale;
+      AdamStepScalars sc{0, 1, 1};
+      if (st.rule.kind == OptimizerKind::Adam) sc = adam_step_scalars(st.rule, lr, step0[p] + static_cast<double>(step + 1));
+      auto at_off = [&](const at::Tensor& buf) { return buf.defined() ? buf.data_ptr<T>() + off : nullptr; };
+      update_kernel(st.rule, lr, sc, c.params[p].data_ptr<T>() + off, g, at_off(st.exp_avg), at_off(st.exp_avg_sq),
+                    at_off(st.max_exp_avg_sq), st.buffer_fresh && step == 0, n);
+    }
+  };
+
+  if (K == 1) {
+    std::vector<double> sums(lay.size);
+    for (int64_t step = 0; step < c.num_steps; ++step) {
+      model_step(0, step, sums, /*parallel=*/true);
+      if (c.steps_done.defined()) c.steps_done.data_ptr<int64_t>()[0] += 1;
+    }
+  } else {
+    // Whole models in parallel, each model's steps on one thread: the chunks of
+    // a pass are the same either way, so are the bits.
+    at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+      std::vector<double> sums(lay.size);
+      for (int64_t k = k0; k < k1; ++k) {
+        for (int64_t step = 0; step < c.num_steps; ++step) model_step(k, step, sums, /*parallel=*/false);
+      }
+    });
+    if (c.steps_done.defined()) c.steps_done.data_ptr<int64_t>()[0] += c.num_steps;
+  }
+  // Adam's step count, once per parameter tensor (all models share it).
+  for (int64_t p = 0; p < P; ++p) {
+    const at::Tensor& st = c.state[p].step;
+    if (!c.params[p].defined() || !st.defined()) continue;
+    const double v = step0[p] + static_cast<double>(c.num_steps);
+    if (st.scalar_type() == at::kFloat) {
+      *st.data_ptr<float>() = static_cast<float>(v);
+    } else {
+      *st.data_ptr<double>() = v;
+    }
+  }
+}
+
+void deep_train_steps(const std::string& fn, py::sequence params, py::sequence grads, py::sequence rules,
+                      py::sequence names, const at::Tensor& x, const at::Tensor& target, int64_t batch_size,
+                      py::handle order, int64_t first_step, int64_t num_steps, bool mean, py::handle lr_scale,
+                      const at::Tensor& losses, py::handle steps_done, const std::string& activation, int64_t models) {
+  const int64_t P = static_cast<int64_t>(params.size());
+  TORCH_CHECK_VALUE(P >= 2 && P % 2 == 0 && static_cast<int64_t>(grads.size()) == P &&
+                        static_cast<int64_t>(rules.size()) == P && static_cast<int64_t>(names.size()) == P,
+                    "fusedgrad: internal: deep_train_steps takes 2L parameters, gradients, rules and names");
+  DeepCall c;
+  std::vector<at::Tensor> weights;
+  std::vector<std::optional<at::Tensor>> biases;
+  std::vector<std::string> pnames;
+  for (int64_t p = 0; p < P; ++p) {
+    c.params.push_back(optional_tensor(params[p]));
+    c.grads.push_back(optional_tensor(grads[p]));
+    c.state.push_back(rules[p].is_none() ? ParamState{} : parse_rule(rules[p]));
+    pnames.push_back(names[p].cast<std::string>());
+    if (p % 2 == 0) {
+      TORCH_CHECK_VALUE(c.params[p].defined(), fn, ": parameter '", pnames[p], "' is missing");
+      weights.push_back(c.params[p]);
+    } else {
+      biases.push_back(c.params[p].defined() ? std::optional<at::Tensor>(c.params[p]) : std::nullopt);
+    }
+  }
+  c.net = engine::check_net(fn.c_str(), weights, biases, parse_activation(activation), models);
+  c.K = std::max<int64_t>(models, 1);
+  c.x = x;
+  c.target = target;
+  c.batch_size = batch_size;
+  c.order = optional_tensor(order);
+  c.first_step = first_step;
+  c.num_steps = num_steps;
+  c.mean = mean;
+  c.lr_scale = optional_tensor(lr_scale);
+  c.losses = losses;
+  c.steps_done = optional_tensor(steps_done);
+  check_call(fn.c_str(), c, pnames);
+  py::gil_scoped_release no_gil;
+  if (c.net.dtype == at::kFloat) {
+    run_steps<float>(c);
+  } else {
+    run_steps<double>(c);
+  }
+}
+
+}  // namespace
+
+void register_deep_trainer(py::module& m) {
+  m.def(
+      "deep_train_steps",
+      [](const std::string& fn, py::sequence params, py::sequence grads, py::sequence rules, py::sequence names,
+         const at::Tensor& x, const at::Tensor& target, int64_t batch_size, py::handle order, int64_t first_step,
+         int64_t num_steps, bool mean, py::handle lr_scale, const at::Tensor& losses, py::handle steps_done,
+         const std::string& activation, int64_t models) {
+        translating_errors(deep_train_steps)(fn, params, grads, rules, names, x, target, batch_size, order,
+                                             first_step, num_steps, mean, lr_scale, losses, steps_done, activation,
+                                             models);
+      },
+        "Fused training steps of fusedgrad.Trainer for any depth (see csrc/trainer/deep_train.cpp).");
+}
+
+}  // namespace fusedgrad::trainer

@@ -1,0 +1,222 @@
+"""Networks of any depth, given as lists of weights and biases.
+
+``Linear → act → Linear → … → Linear`` (L linear layers, the same activation
+after each but the last) on the CPU engine of csrc/engine/: the loss and every
+gradient in one pass over the rows, the prediction with a backward that
+recomputes each row block's forward instead of keeping it. The registered ops
+(``torch.ops.fusedgrad.deep_mlp_loss_and_grads``, ``deep_mlp``,
+``deep_mlp_backward``) are csrc/ops/deep_ops.cpp; their fake kernels are
+here, so ``torch.compile`` and ``torch.export`` see them.
+
+Weights are ``(out_features, in_features)`` as in ``nn.Linear``; a bias is
+``(out_features,)`` or None.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ._checks import ACTIVATIONS
+
+__all__ = ["mlp_loss", "mlp", "mlp_loss_and_grads"]
+
+_loss_op = torch.ops.fusedgrad.deep_mlp_loss_and_grads.default
+_mlp_op = torch.ops.fusedgrad.deep_mlp.default
+_backward_op = torch.ops.fusedgrad.deep_mlp_backward.default
+
+
+def _layers(fn: str, weights, biases):
+    """(weights, biases) as lists of equal length; the C++ validator checks the tensors."""
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, (list, tuple)):
+        raise TypeError(f"{fn}: argument 'weights' must be a list or tuple of tensors, got {type(weights).__name__}")
+    weights = list(weights)
+    for i, w in enumerate(weights):
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"{fn}: argument 'weights'[{i}] must be a torch.Tensor, got {type(w).__name__}")
+    if biases is None:
+        biases = [None] * len(weights)
+    elif isinstance(biases, torch.Tensor) or not isinstance(biases, (list, tuple)):
+        raise TypeError(f"{fn}: argument 'biases' must be a list or tuple of tensors or None, got "
+                        f"{type(biases).__name__}")
+    biases = list(biases)
+    if len(biases) != len(weights):
+        raise ValueError(f"{fn}: argument 'biases' must have one entry per weight: {len(weights)} expected, got "
+                         f"{len(biases)}")
+    for i, b in enumerate(biases):
+        if b is not None and not isinstance(b, torch.Tensor):
+            raise TypeError(f"{fn}: argument 'biases'[{i}] must be a torch.Tensor or None, got {type(b).__name__}")
+    return weights, biases
+
+
+def _option(fn: str, name: str, value, allowed) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{fn}: argument '{name}' must be one of {', '.join(repr(a) for a in allowed)}, "
+                         f"got {value!r}")
+    return value
+
+
+def _check_x(fn: str, x, target=None):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: argument 'x' must be a torch.Tensor, got {type(x).__name__}")
+    if target is not None and not isinstance(target, torch.Tensor):
+        raise TypeError(f"{fn}: argument 'target' must be a torch.Tensor or None, got {type(target).__name__}")
+
+
+def _no_double_backward(fn: str):
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{fn}: double backward (create_graph=True) through a network of more than one hidden "
+                           "layer is not supported yet; compute higher derivatives with native autograd")
+
+
+class _Loss(torch.autograd.Function):
+    """The loss; its forward pass also computes the gradients backward needs (scaled by ∂out/∂L there)."""
+
+    @staticmethod
+    def forward(ctx, x, target, reduction, activation, num_layers, *params):
+        weights, biases = list(params[:num_layers]), list(params[num_layers:])
+        needs = ctx.needs_input_grad
+        mask = [needs[0], any(needs[5:]), target is not None and needs[1]]
+        loss, grads = _loss_op(x, weights, biases, target, reduction, activation, mask)
+        ctx.num_layers = num_layers
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        _no_double_backward("fusedgrad.mlp_loss")
+        L = ctx.num_layers
+        grads = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        scale = (lambda g: g) if _is_one(grad_loss) else (lambda g: g * grad_loss)
+        dx = scale(grads[2 * L]) if needs[0] else None
+        dt = scale(grads[2 * L + 1]) if needs[1] else None
+        dW = [scale(grads[l]) if needs[5 + l] else None for l in range(L)]
+        db = [scale(grads[L + l]) if ctx.has_bias[l] and needs[5 + L + l] else None for l in range(L)]
+        return (dx, dt, None, None, None, *dW, *db)
+
+
+def _is_one(t: torch.Tensor) -> bool:
+    return t.numel() == 1 and not t.requires_grad and bool(t == 1)
+
+
+class _Mlp(torch.autograd.Function):
+    """The prediction; backward recomputes the forward row block by row block (nothing of size N kept)."""
+
+    @staticmethod
+    def forward(ctx, x, activation, num_layers, *params):
+        weights, biases = list(params[:num_layers]), list(params[num_layers:])
+        ctx.num_layers, ctx.activation = num_layers, activation
+        ctx.save_for_backward(x, *params)
+        return _mlp_op(x, weights, biases, activation)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        _no_double_backward("fusedgrad.mlp")
+        L = ctx.num_layers
+        x, *params = ctx.saved_tensors
+        weights, biases = params[:L], params[L:]
+        needs = ctx.needs_input_grad
+        mask = [needs[0], any(needs[3:])]
+        grads = _backward_op(grad_out.contiguous(), x, weights, biases, ctx.activation, mask)
+        dW = [grads[l] if needs[3 + l] else None for l in range(L)]
+        db = [grads[L + l] if biases[l] is not None and needs[3 + L + l] else None for l in range(L)]
+        return (grads[2 * L] if needs[0] else None, None, None, *dW, *db)
+
+
+def mlp_loss(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
+             target: Optional[torch.Tensor] = None, *, reduction: str = "mean",
+             activation: str = "sigmoid") -> torch.Tensor:
+    r"""Squared loss of an MLP of ``len(weights)`` linear layers, with its gradients from one fused pass.
+
+    .. math::
+        a_0 = x,\quad h_l = a_{l-1} W_l^T + b_l,\quad a_l = \mathrm{act}(h_l)\ (l < L),\quad
+        L = c \sum (h_L - t)^2
+
+    Args:
+        x: ``(*, D)`` input, leading dimensions flattened to N rows.
+        weights: ``W_1 … W_L``, each ``(n_l, n_{l-1})`` (``nn.Linear`` layout), ``n_0 = D``.
+        biases: None (no biases) or one entry per weight: ``(n_l,)`` or None.
+        target: the prediction's shape ``(*, O)``; None means zeros.
+        reduction: ``"mean"`` (÷ N·O, as ``nn.MSELoss``) or ``"sum"``.
+        activation: one of :data:`fusedgrad.ACTIVATIONS`, after every layer but the last.
+
+    Returns:
+        0-dim loss; ``backward()`` fills every ``.grad`` as native autograd would.
+    """
+    fn = "fusedgrad.mlp_loss"
+    _check_x(fn, x, target)
+    weights, biases = _layers(fn, weights, biases)
+    _option(fn, "reduction", reduction, ("mean", "sum"))
+    _option(fn, "activation", activation, ACTIVATIONS)
+    if torch.is_grad_enabled():
+        return _Loss.apply(x, target, reduction, activation, len(weights), *weights, *biases)
+    loss, _ = _loss_op(x, weights, biases, target, reduction, activation, [False, False, False])
+    return loss
+
+
+def mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
+        *, activation: str = "sigmoid") -> torch.Tensor:
+    """Prediction ``(*, O)`` of an MLP of ``len(weights)`` linear layers, with a fused backward.
+
+    Arguments as in :func:`mlp_loss`.
+    """
+    fn = "fusedgrad.mlp"
+    _check_x(fn, x)
+    weights, biases = _layers(fn, weights, biases)
+    _option(fn, "activation", activation, ACTIVATIONS)
+    if torch.is_grad_enabled():
+        return _Mlp.apply(x, activation, len(weights), *weights, *biases)
+    return _mlp_op(x, weights, biases, activation)
+
+
+def mlp_loss_and_grads(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                       biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                       target: Optional[torch.Tensor] = None, *, reduction: str = "mean",
+                       activation: str = "sigmoid", x_grad: bool = False, target_grad: bool = False):
+    """Loss and every parameter gradient in one call, without the autograd engine.
+
+    Returns ``(loss, weight_grads, bias_grads, dx, dtarget)``: lists of L tensors (None for a
+    layer without a bias), ``dx`` / ``dtarget`` only when ``x_grad`` / ``target_grad``.
+    """
+    fn = "fusedgrad.mlp_loss_and_grads"
+    _check_x(fn, x, target)
+    weights, biases = _layers(fn, weights, biases)
+    _option(fn, "reduction", reduction, ("mean", "sum"))
+    _option(fn, "activation", activation, ACTIVATIONS)
+    mask = [bool(x_grad), True, bool(target_grad) and target is not None]
+    loss, grads = _loss_op(x, weights, biases, target, reduction, activation, mask)
+    L = len(weights)
+    bias_grads = [grads[L + l] if biases[l] is not None else None for l in range(L)]
+    return (loss, list(grads[:L]), bias_grads, grads[2 * L] if mask[0] else None,
+            grads[2 * L + 1] if mask[2] else None)
+
+
+# ---------------------------------------------------------------------------- fake kernels
+def _empty(like):
+    return like.new_empty((0,))
+
+
+@torch.library.register_fake("fusedgrad::deep_mlp_loss_and_grads")
+def _loss_fake(x, weights, biases, target, reduction, activation, output_mask):
+    wx, wp, wt = output_mask
+    grads = [w.new_empty(w.shape) if wp else _empty(w) for w in weights]
+    grads += [b.new_empty(b.shape) if (wp and b is not None) else _empty(x) for b in biases]
+    grads.append(x.new_empty(x.shape) if wx else _empty(x))
+    grads.append(target.new_empty(target.shape) if (wt and target is not None) else _empty(x))
+    return x.new_empty(()), grads
+
+
+@torch.library.register_fake("fusedgrad::deep_mlp")
+def _mlp_fake(x, weights, biases, activation):
+    return x.new_empty(tuple(x.shape[:-1]) + (weights[-1].shape[0],))
+
+
+@torch.library.register_fake("fusedgrad::deep_mlp_backward")
+def _backward_fake(grad_out, x, weights, biases, activation, output_mask):
+    wx, wp = output_mask
+    grads = [w.new_empty(w.shape) if wp else _empty(w) for w in weights]
+    grads += [b.new_empty(b.shape) if (wp and b is not None) else _empty(x) for b in biases]
+    grads.append(x.new_empty(x.shape) if wx else _empty(x))
+    return grads
