@@ -7,6 +7,7 @@ from torch import nn
 from torch.compiler import is_compiling
 
 from . import _C
+from . import deep as _deep
 from ._checks import ACTIVATIONS, attributed
 from ._hooks import direct_grad_write_ok
 from .functional import mlp, mlp_loss, mlp_loss_and_grads
@@ -45,39 +46,103 @@ def activation_module(name):
     return classes[base](approximate=approximate) if approximate else classes[base]()
 
 
-class FusedMLP(nn.Module):
-    """``Linear(in, hidden) → activation → Linear(hidden, out)`` computed by fusedgrad.
+def _hidden_widths(fn_name, hidden_features, hidden_layers):
+    """The hidden widths n_1 … n_{L−1}: ``hidden_layers`` copies of an int ``hidden_features``, or the
+    sequence itself (``hidden_layers`` then None or its length)."""
+    if hidden_layers is not None and (isinstance(hidden_layers, bool) or not isinstance(hidden_layers, int)
+                                      or hidden_layers < 1):
+        raise ValueError(f"{fn_name}: argument 'hidden_layers' must be an int >= 1 or None, got {hidden_layers!r}")
+    if isinstance(hidden_features, int) and not isinstance(hidden_features, bool):
+        return [hidden_features] * (hidden_layers or 1)
+    if isinstance(hidden_features, (list, tuple)) and hidden_features and all(
+            isinstance(h, int) and not isinstance(h, bool) for h in hidden_features):
+        if hidden_layers is not None and hidden_layers != len(hidden_features):
+            raise ValueError(f"{fn_name}: argument 'hidden_layers' ({hidden_layers}) must equal the number of "
+                             f"hidden widths in 'hidden_features' {tuple(hidden_features)} ({len(hidden_features)}), "
+                             "or be left out")
+        return list(hidden_features)
+    raise TypeError(f"{fn_name}: argument 'hidden_features' must be an int or a non-empty sequence of ints (one "
+                    f"width per hidden layer), got {hidden_features!r}")
 
-    The parameters live in two real ``nn.Linear`` children named ``linear1`` and
-    ``linear2``, created (and so initialised) exactly as ``nn.Linear`` does: the
-    ``state_dict`` loads into and from a ``Net`` with ``linear1``, an activation and
-    ``linear2`` unchanged (the activation has no parameters).
+
+class FusedMLP(nn.Module):
+    """``Linear(in, hidden) → activation → … → Linear(hidden, out)`` computed by fusedgrad.
+
+    The parameters live in real ``nn.Linear`` children named ``linear1`` … ``linear{L}``
+    (L = hidden_layers + 1), created (and so initialised) exactly as ``nn.Linear`` does.
+    With one hidden layer the ``state_dict`` loads into and from a ``Net`` with
+    ``linear1``, an activation and ``linear2`` unchanged (the activation has no
+    parameters); at any depth ``linear{l}.*`` is ``nn.Sequential``'s ``{2(l−1)}.*``
+    (:meth:`to_module` / :meth:`from_module`).
 
     Args:
-        in_features, hidden_features, out_features: layer widths D, H, O.
-        bias: if False, neither layer has a bias.
+        in_features, out_features: widths D and O.
+        hidden_features: the hidden width (an int: ``hidden_layers`` layers of it), or a
+            sequence of ints, one width per hidden layer.
+        bias: if False, no layer has a bias.
         device, dtype: as for ``nn.Linear``.
-        activation: one of :data:`fusedgrad.ACTIVATIONS` (default ``"sigmoid"``).
+        activation: one of :data:`fusedgrad.ACTIVATIONS` (default ``"sigmoid"``), after
+            every linear layer but the last.
+        hidden_layers: the number of hidden layers (default 1, or the length of
+            ``hidden_features`` when that is a sequence).
+
+    Attributes:
+        in_features, hidden_features, out_features, hidden_layers: as given
+            (``hidden_features`` a tuple when given as a sequence).
+        hidden_sizes: the hidden widths, one per hidden layer (a tuple).
+        activation: the activation's name.
     """
 
     activation = "sigmoid"  # (a class default too: modules pickled before the argument existed)
+    hidden_layers = 1
 
-    def __init__(self, in_features, hidden_features, out_features, bias=True, device=None, dtype=None,
-                 activation="sigmoid"):
+    def __init__(self, in_features: int, hidden_features, out_features: int, bias: bool = True, device=None,
+                 dtype=None, activation: str = "sigmoid", hidden_layers=None) -> None:
         super().__init__()
         self.activation = _check_activation("FusedMLP", activation)
+        widths = _hidden_widths("FusedMLP", hidden_features, hidden_layers)
         factory = {"device": device, "dtype": dtype}
-        self.linear1 = nn.Linear(in_features, hidden_features, bias=bias, **factory)
-        self.linear2 = nn.Linear(hidden_features, out_features, bias=bias, **factory)
+        sizes = [in_features, *widths, out_features]
+        for l in range(len(sizes) - 1):
+            setattr(self, f"linear{l + 1}", nn.Linear(sizes[l], sizes[l + 1], bias=bias, **factory))
+        self.in_features, self.out_features = in_features, out_features
+        self.hidden_features = hidden_features if isinstance(hidden_features, int) else tuple(widths)
+        self.hidden_sizes = tuple(widths)
+        self.hidden_layers = len(widths)
+
+    @property
+    def num_layers(self) -> int:
+        """The number of linear layers, L = hidden_layers + 1."""
+        return self.hidden_layers + 1
+
+    def _layers(self):
+        return [self._modules[f"linear{l}"] for l in range(1, self.num_layers + 1)]
+
+    def _param_names(self):
+        """The parameters' state_dict names, in _params() order."""
+        return tuple(f"linear{l}.{kind}" for l in range(1, self.num_layers + 1) for kind in ("weight", "bias"))
+
+    def _weights_biases(self):
+        params = self._params()
+        return list(params[0::2]), list(params[1::2])
 
     def _params(self):
-        """``(w1, b1, w2, b2)``, read from the layers' parameter dicts.
+        """``(w1, b1, w2, b2)`` (deeper: ``(W_1, b_1, …, W_L, b_L)``), read from the layers' parameter dicts.
 
         ``self.linear1.weight`` runs ``nn.Module.__getattr__`` (Python) twice, and
         six such lookups cost more than a small step's whole kernel. A layer whose
         weight or bias is not a registered parameter (e.g. a parametrization) is
         read through its attributes.
         """
+        if self.hidden_layers != 1:
+            out = []
+            for layer in self._layers():
+                p = layer._parameters
+                try:
+                    out += (p["weight"], p["bias"])
+                except KeyError:
+                    out += (layer.weight, layer.bias)
+            return tuple(out)
         l1, l2 = self._modules["linear1"], self._modules["linear2"]
         p1, p2 = l1._parameters, l2._parameters
         try:
@@ -87,6 +152,12 @@ class FusedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Prediction of shape ``(*, out_features)``; backward is fused too."""
+        if self.hidden_layers != 1:
+            weights, biases = self._weights_biases()
+            try:
+                return _deep.mlp(x, weights, biases, activation=self.activation)
+            except (ValueError, TypeError) as exc:
+                raise self._deep_error(exc, "FusedMLP.forward") from None
         try:
             return mlp(x, *self._params(), activation=self.activation)
         except (ValueError, TypeError) as exc:
@@ -94,6 +165,12 @@ class FusedMLP(nn.Module):
 
     def loss(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """``MSELoss(reduction)(self(x), target)`` in one fused forward+backward pass."""
+        if self.hidden_layers != 1:
+            weights, biases = self._weights_biases()
+            try:
+                return _deep.mlp_loss(x, weights, biases, target, reduction=reduction, activation=self.activation)
+            except (ValueError, TypeError) as exc:
+                raise self._deep_error(exc, "FusedMLP.loss") from None
         try:
             return mlp_loss(x, *self._params(), target, reduction=reduction, activation=self.activation)
         except (ValueError, TypeError) as exc:
@@ -117,6 +194,8 @@ class FusedMLP(nn.Module):
         synchronises only in a backward that follows the DDP module's forward, so
         train through the DDP module (see fusedgrad._hooks).
         """
+        if self.hidden_layers != 1:
+            return self._deep_loss_backward(x, target, reduction)
         params = self._params()
         if not is_compiling():  # one C++ call: gradients computed and accumulated (csrc/python/direct_calls.cpp)
             try:
@@ -154,6 +233,45 @@ class FusedMLP(nn.Module):
                 param.grad += grad
         return loss
 
+    def _deep_loss_backward(self, x, target, reduction):
+        fn = "FusedMLP.loss_backward"
+        params, names = self._params(), self._param_names()
+        for name, param in zip(names, params):
+            if param is not None and param.requires_grad and not param.is_leaf:
+                raise ValueError(
+                    f"{fn}: parameter '{name}' is computed (not a leaf, e.g. a parametrization), so it has no .grad "
+                    "of its own to accumulate into; use loss(x, target).backward() instead")
+        if not direct_grad_write_ok(fn, zip(names, params)):
+            loss = self.loss(x, target, reduction)  # backward() runs hooks a direct .grad write would skip
+            loss.backward()
+            return loss.detach()
+        weights, biases = self._weights_biases()
+        try:
+            loss, dw, db, _, _ = _deep.mlp_loss_and_grads(x, weights, biases, target, reduction=reduction,
+                                                          activation=self.activation)
+        except (ValueError, TypeError) as exc:
+            raise self._deep_error(exc, fn) from None
+        for param, grad in zip(params, [g for pair in zip(dw, db) for g in pair]):
+            if param is None or grad is None or not param.requires_grad:
+                continue
+            if param.grad is None:
+                param.grad = grad
+            else:
+                param.grad += grad
+        return loss
+
+    def _deep_error(self, exc, fn_name):
+        """An error of the deep ops, as the error of the method the user called, naming the layers."""
+        text = str(exc)
+        for prefix in ("fusedgrad.mlp_loss_and_grads:", "fusedgrad.mlp_loss:", "fusedgrad.mlp:"):
+            if text.startswith(prefix):
+                text = fn_name + ":" + text[len(prefix):]
+                break
+        for l in range(self.num_layers):
+            text = text.replace(f"'weights'[{l}]", f"'linear{l + 1}.weight'").replace(
+                f"'biases'[{l}]", f"'linear{l + 1}.bias'")
+        return type(exc)(text)
+
     def _error(self, exc, fn_name, x, target):
         """An argument error of the ops, as the error of the method the user called.
 
@@ -177,74 +295,89 @@ class FusedMLP(nn.Module):
 
     @classmethod
     def from_module(cls, model: nn.Module, copy: bool = False) -> "FusedMLP":
-        """A FusedMLP computing an existing ``Linear → activation → Linear`` model.
+        """A FusedMLP computing an existing ``Linear → act → Linear → … → Linear`` model.
 
         ``model`` is a FusedMLP (its layers and activation), an
-        ``nn.Sequential(nn.Linear, act, nn.Linear)``, or any module
-        whose only children are a Linear, an activation and a Linear, registered in
-        that order (e.g. the ``Net`` of the notebooks, ``linear2(sigmoid(linear1(x)))``),
-        where ``act`` is the torch.nn module of one of :data:`fusedgrad.ACTIVATIONS`
-        (``nn.Sigmoid``, ``nn.Tanh``, ``nn.ReLU``, ``nn.GELU`` of either ``approximate``,
-        ``nn.Identity``, ...: the class named like the activation). Such a module's
-        forward is checked on a small probe input on the CPU: it must compute
-        ``linear2(act(linear1(x)))``.
+        ``nn.Sequential(nn.Linear, act, nn.Linear, act, …, nn.Linear)`` of any depth, or
+        any module whose only children are Linears with one activation between each
+        two, registered in that order (e.g. the ``Net`` of the notebooks,
+        ``linear2(sigmoid(linear1(x)))``), where every ``act`` is the torch.nn module of
+        one and the same activation of :data:`fusedgrad.ACTIVATIONS` (``nn.Sigmoid``,
+        ``nn.Tanh``, ``nn.ReLU``, ``nn.GELU`` of either ``approximate``, ``nn.Identity``,
+        ...: the class named like the activation). Such a module's forward is checked on
+        a small probe input on the CPU: it must compute that chain.
 
         Args:
             model: the module to convert.
-            copy: False (default) shares the model's two ``nn.Linear`` layers — the
-                same Parameters, so training either trains both; True deep-copies them.
+            copy: False (default) shares the model's ``nn.Linear`` layers — the same
+                Parameters, so training either trains both; True deep-copies them.
 
-        Either layer may have a bias or not. Raises TypeError for a non-module or
-        a dtype fusedgrad has no kernel for, ValueError (naming what is wrong) for
-        any other structure, mismatched widths, or a forward that computes
-        something else.
+        Layers may have a bias or not. Raises TypeError for a non-module or a dtype
+        fusedgrad has no kernel for, ValueError (naming what is wrong) for any other
+        structure, mismatched widths, or a forward that computes something else.
         """
+        fn = "FusedMLP.from_module"
         if not isinstance(model, nn.Module):
-            raise TypeError(f"FusedMLP.from_module: expected an nn.Module, got {type(model).__name__}")
+            raise TypeError(f"{fn}: expected an nn.Module, got {type(model).__name__}")
         if type(model) is FusedMLP:  # already one: its layers (shared or copied), its activation
-            lin1, lin2 = model.linear1, model.linear2
-            net = cls(lin1.in_features, lin1.out_features, lin2.out_features, device="meta",
-                      dtype=lin1.weight.dtype, activation=model.activation)
-            net.linear1 = _copy.deepcopy(model.linear1) if copy else model.linear1
-            net.linear2 = _copy.deepcopy(model.linear2) if copy else model.linear2
-            net.train(model.training)
-            return net
-        children = list(model.named_children())
-        described = ", ".join(f"{name}: {type(child).__name__}" for name, child in children) or "none"
-        # Exact types: a subclass (LoRA, quantised, ...) may compute something else.
-        activation = _activation_of(children[1][1]) if len(children) == 3 else None
-        if activation is None or not all(type(children[k][1]) is nn.Linear for k in (0, 2)):
-            raise ValueError(
-                "FusedMLP.from_module: the model must consist of exactly nn.Linear, nn.Sigmoid, nn.Linear "
-                "(in that order, e.g. nn.Sequential(nn.Linear(D, H), nn.Sigmoid(), nn.Linear(H, O))), or "
-                "another torch.nn activation module in place of nn.Sigmoid, one of fusedgrad.ACTIVATIONS "
-                f"({', '.join(ACTIVATIONS)}: nn.Tanh, nn.GELU(approximate='tanh'), ...); "
-                f"{type(model).__name__} has children ({described})")
-        (name1, lin1), _, (name2, lin2) = children
-        if lin1.out_features != lin2.in_features:
-            raise ValueError(
-                f"FusedMLP.from_module: the first layer '{name1}' has out_features={lin1.out_features} but the "
-                f"second layer '{name2}' has in_features={lin2.in_features}; they must be equal (the hidden width)")
-        w1, w2 = lin1.weight, lin2.weight
-        if w1.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"FusedMLP.from_module: fusedgrad supports float32 and float64, the model has {w1.dtype}")
-        tensors = [t for t in (w1, lin1.bias, w2, lin2.bias) if t is not None]
-        if any(t.dtype != w1.dtype for t in tensors):
-            raise TypeError("FusedMLP.from_module: all the model's parameters must share one dtype, got "
+            layers, activation = model._layers(), model.activation
+        else:
+            children = list(model.named_children())
+            described = ", ".join(f"{name}: {type(child).__name__}" for name, child in children) or "none"
+            # Exact types: a subclass (LoRA, quantised, ...) may compute something else.
+            acts = {_activation_of(child) for _, child in children[1::2]}
+            activation = acts.pop() if len(acts) == 1 else None
+            if (len(children) < 3 or len(children) % 2 == 0 or activation is None
+                    or not all(type(child) is nn.Linear for _, child in children[0::2])):
+                raise ValueError(
+                    f"{fn}: the model must consist of nn.Linear layers with one activation module between each "
+                    "two (in that order, e.g. nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, H), nn.Tanh(), "
+                    "nn.Linear(H, O))), every activation the same one of fusedgrad.ACTIVATIONS "
+                    f"({', '.join(ACTIVATIONS)}: nn.Sigmoid, nn.Tanh, nn.GELU(approximate='tanh'), ...); "
+                    f"{type(model).__name__} has children ({described})")
+            named = children[0::2]
+            for (name_a, lin_a), (name_b, lin_b) in zip(named, named[1:]):
+                if lin_a.out_features != lin_b.in_features:
+                    raise ValueError(
+                        f"{fn}: layer '{name_a}' has out_features={lin_a.out_features} but the next layer "
+                        f"'{name_b}' has in_features={lin_b.in_features}; they must be equal (a hidden width)")
+            layers = [lin for _, lin in named]
+        w = layers[0].weight
+        if w.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{fn}: fusedgrad supports float32 and float64, the model has {w.dtype}")
+        tensors = [t for lin in layers for t in (lin.weight, lin.bias) if t is not None]
+        if any(t.dtype != w.dtype for t in tensors):
+            raise TypeError(f"{fn}: all the model's parameters must share one dtype, got "
                             + ", ".join(str(t.dtype) for t in tensors))
-        if any(t.device != w1.device for t in tensors):
-            raise ValueError("FusedMLP.from_module: all the model's parameters must be on one device, got "
+        if any(t.device != w.device for t in tensors):
+            raise ValueError(f"{fn}: all the model's parameters must be on one device, got "
                              + ", ".join(str(t.device) for t in tensors))
-
         # Build on the meta device (no initialisation work), then put the layers in.
-        net = cls(lin1.in_features, lin1.out_features, lin2.out_features, device="meta", dtype=w1.dtype,
-                  activation=activation)
-        net.linear1 = _copy.deepcopy(lin1) if copy else lin1
-        net.linear2 = _copy.deepcopy(lin2) if copy else lin2
+        hidden = [lin.out_features for lin in layers[:-1]]
+        net = cls(layers[0].in_features, hidden[0] if len(hidden) == 1 else hidden, layers[-1].out_features,
+                  device="meta", dtype=w.dtype, activation=activation)
+        for l, lin in enumerate(layers):
+            setattr(net, f"linear{l + 1}", _copy.deepcopy(lin) if copy else lin)
         net.train(model.training)
-        if type(model).forward is not nn.Sequential.forward:
+        if type(model) is not FusedMLP and type(model).forward is not nn.Sequential.forward:
             _check_same_forward(model, net)
         return net
+
+    def to_module(self, copy: bool = False) -> nn.Sequential:
+        """The plain ``nn.Sequential(Linear, act, …, Linear)`` this module computes.
+
+        Its ``state_dict`` keys are ``{2(l−1)}.weight`` / ``.bias`` for this module's
+        ``linear{l}.*``. ``copy=False`` (default) shares the ``nn.Linear`` layers (the
+        same Parameters); True deep-copies them. ``FusedMLP.from_module`` is the inverse.
+        """
+        items = []
+        for l, layer in enumerate(self._layers()):
+            if l:
+                items.append(activation_module(self.activation))
+            items.append(_copy.deepcopy(layer) if copy else layer)
+        seq = nn.Sequential(*items)
+        seq.train(self.training)
+        return seq
 
     def extra_repr(self) -> str:
         return f"activation={self.activation} (fused)"
@@ -265,7 +398,7 @@ def _check_same_forward(model, net):
         except Exception as exc:  # noqa: BLE001  (any failure means the forward is not the plain chain)
             raise ValueError(
                 f"FusedMLP.from_module: could not check that {type(model).__name__}.forward computes "
-                f"linear2({net.activation}(linear1(x))): calling it on a ({tuple(probe.shape)}) input raised "
+                f"{_chain(net)}: calling it on a ({tuple(probe.shape)}) input raised "
                 f"{type(exc).__name__}: {exc}") from exc
         ours = net(probe)
     rtol = 1e-4 if w.dtype == torch.float32 else 1e-10
@@ -273,6 +406,16 @@ def _check_same_forward(model, net):
             and (theirs - ours).abs().max() <= rtol * max(ours.abs().max().item(), 1.0))
     if not same:
         raise ValueError(
-            f"FusedMLP.from_module: {type(model).__name__} has Linear, {type(model_children[1]).__name__}, Linear "
-            f"children but its forward does not compute linear2({net.activation}(linear1(x))) (checked on a probe "
+            f"FusedMLP.from_module: {type(model).__name__} has Linear, {type(model_children[1]).__name__}, ..., "
+            f"Linear children but its forward does not compute {_chain(net)} (checked on a probe "
             "input); convert only models that do")
+
+
+def _chain(net):
+    """``linear2(sigmoid(linear1(x)))`` for the module's layers and activation."""
+    text = "x"
+    for l in range(1, net.num_layers + 1):
+        text = f"linear{l}({text})"
+        if l < net.num_layers:
+            text = f"{net.activation}({text})"
+    return text

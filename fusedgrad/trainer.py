@@ -119,6 +119,10 @@ class Trainer:
     def _params(self):
         return self.net._params()
 
+    def _deep(self):
+        """Whether the network has more than one hidden layer (the any-depth route, csrc/trainer/deep_train.cpp)."""
+        return getattr(self.net, "hidden_layers", 1) != 1
+
     def _activation(self):
         """The hidden layer's activation: FusedMLP's own (any of the table's), an ensemble's sigmoid."""
         return getattr(self.net, "activation", "sigmoid")
@@ -139,7 +143,7 @@ class Trainer:
             raise ValueError(f"{fn}: the optimizer holds {strangers} parameter(s) that are not part of the "
                              "network; build it on net.parameters() only")
         value = []
-        for name, p in zip(_PARAM_NAMES, params):
+        for name, p in zip(self._names(), params):
             if p is not None and id(p) not in where:
                 raise ValueError(f"{fn}: parameter '{self._pname(name)}' is not in the optimizer; build the "
                                  "optimizer on net.parameters()")
@@ -164,7 +168,7 @@ class Trainer:
         membership = self._membership(fn, params, groups)
         group_rules = {}
         grads, rules = [], []
-        for name, p, gi in zip(_PARAM_NAMES, params, membership):
+        for name, p, gi in zip(self._names(), params, membership):
             if p is None:
                 grads.append(None)
                 rules.append(None)
@@ -201,7 +205,14 @@ class Trainer:
             raise TypeError(f"{fn}: parameters must be float32 or float64; '{pname}' is {p.dtype}")
         raise ValueError(f"{fn}: parameter '{pname}' must be contiguous")
 
+    def _names(self):
+        """The parameters' names in _params() order (their state_dict names where the net has them)."""
+        names = getattr(self.net, "_param_names", None)
+        return names() if names is not None else _PARAM_NAMES
+
     def _pname(self, name):
+        if name not in _PARAM_NAMES:
+            return name
         if self._ensemble:
             return {"w1": "weight1", "b1": "bias1", "w2": "weight2", "b2": "bias2"}[name]
         return {"w1": "linear1.weight", "b1": "linear1.bias", "w2": "linear2.weight", "b2": "linear2.bias"}[name]
@@ -264,7 +275,8 @@ class Trainer:
                 raise TypeError(f"{fn}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
             if t.layout is not torch.strided:
                 raise ValueError(f"{fn}: argument '{name}' must be a dense (torch.strided) tensor, got {t.layout}")
-        w1, _, w2, _ = self._params()
+        params = self._params()
+        w1, w2 = params[0], params[-2]
         D, O = w1.shape[-1], w2.shape[-2]
         if self._ensemble:
             K = self.num_models
@@ -300,6 +312,13 @@ class Trainer:
     def _run(self, fn, x, target, steps, first_step=0, batch_size=0, order=None, losses=None, done=None):
         # fit()'s calls in the common case read the optimizer in C++ (as step() does); anything
         # else (e.g. a first step, before the optimizer has state) takes the route below.
+        if self._deep():
+            params, grads, rules = self._prepare(fn)
+            _C.deep_train_steps(fn, params, grads, rules, self._names(), x, target, batch_size, order, first_step,
+                                steps, self.reduction == "mean", self.model_lr_scale, losses, done,
+                                self._activation(), self.num_models if self._ensemble else 0)
+            self._after_run(params, grads, rules)
+            return
         if self._fast_step and done is not None and _C.train_steps_fast(
                 self.optimizer, self.net._params(), x, target, batch_size, order, first_step, steps,
                 self.reduction == "mean", self.model_lr_scale, self._adam, self._adamw, losses, done,
@@ -308,6 +327,9 @@ class Trainer:
         params, grads, rules = self._prepare(fn)
         _C.train_steps(fn, params, grads, rules, x, target, batch_size, order, first_step, steps,
                        self.reduction == "mean", self.model_lr_scale, losses, done, self._activation())
+        self._after_run(params, grads, rules)
+
+    def _after_run(self, params, grads, rules):
         # The gradients are the parameters' own .grad; a momentum buffer created
         # for this call becomes the optimizer's (as torch.optim.SGD stores it).
         for p, g, rule in zip(params, grads, rules):
@@ -335,7 +357,7 @@ class Trainer:
         """
         # The common case, read straight from the optimizer in C++ (csrc/trainer/train_bindings.cpp);
         # it declines (None) anything else, which the route below handles or refuses.
-        if self._fast_step:
+        if self._fast_step and not self._deep():
             loss = _C.train_step_fast(self.optimizer, self.net._params(), x, target, self.reduction == "mean",
                                       self.model_lr_scale, self._adam, self._adamw, self._activation())
             if loss is not None:
@@ -423,9 +445,8 @@ class Trainer:
         """Runs a first call sized from the arithmetic (~1 ns per multiply-add, which is
         pessimistic here), times it, and sizes the calls after it to ~_CALL_SECONDS each.
         Returns (steps per later call, steps taken by the first)."""
-        w1, _, w2, _ = self._params()
         rows = bs if bs else x.shape[-2]
-        macs = 3 * rows * (w1.numel() + w2.numel()) + 1  # every model's multiply-adds of a step
+        macs = 3 * rows * sum(w.numel() for w in self._params()[0::2]) + 1  # every model's multiply-adds of a step
         first = max(1, min(steps, int(_CALL_SECONDS / (macs * 1e-9))))
         start = time.perf_counter()
         self._run(fn, x, target, first, 0, bs, order, losses[0:first], done)

@@ -218,7 +218,7 @@ struct Plan {
   int64_t row(int64_t r) const { return pass.index ? pass.index[r] : pass.first + r; }
 
   // Rows r0 .. r0 + nb − 1 of the pass; parameter sums and Σ r² added into `sums`.
-  void block(T* scratch, int64_t r0, int64_t nb, double* sums) const {
+  FUSEDGRAD_CPU_INLINE void block(T* scratch, int64_t r0, int64_t nb, double* sums) const {
     const int64_t D = s.in(), O = s.out();
     T* a0 = scratch + a_off[0];
     for (int64_t r = 0; r < nb; ++r) {
@@ -301,7 +301,7 @@ struct Plan {
   }
 
   // Chunk ch of the pass: its rows, block by block, summed into chunk_sums.
-  void chunk(int64_t ch, double* chunk_sums) const {
+  FUSEDGRAD_CPU_INLINE void chunk(int64_t ch, double* chunk_sums) const {
     thread_local LaneBuffer<T> buffer;
     T* scratch = buffer.get(static_cast<size_t>(scratch_size));
     const int64_t r0 = pass.count * ch / chunks, r1 = pass.count * (ch + 1) / chunks;
