@@ -98,6 +98,10 @@ class _Loss(torch.autograd.Function):
 
 
 def _is_one(t: torch.Tensor) -> bool:
+    """Whether the incoming gradient is exactly 1 (loss.backward()), so the saved gradients are the result.
+    Under torch.compile the value is not known at trace time: always scale there."""
+    if torch.compiler.is_compiling():
+        return False
     return t.numel() == 1 and not t.requires_grad and bool(t == 1)
 
 
@@ -186,7 +190,8 @@ def mlp_loss_and_grads(x: torch.Tensor, weights: Sequence[torch.Tensor],
     _option(fn, "reduction", reduction, ("mean", "sum"))
     _option(fn, "activation", activation, ACTIVATIONS)
     mask = [bool(x_grad), True, bool(target_grad) and target is not None]
-    loss, grads = _loss_op(x, weights, biases, target, reduction, activation, mask)
+    with torch.no_grad():  # no graph: the gradients are the result
+        loss, grads = _loss_op(x, weights, biases, target, reduction, activation, mask)
     L = len(weights)
     bias_grads = [grads[L + l] if biases[l] is not None else None for l in range(L)]
     return (loss, list(grads[:L]), bias_grads, grads[2 * L] if mask[0] else None,

@@ -164,7 +164,7 @@ def test_from_modules_errors():
     with pytest.raises(ValueError, match=r"model 1 is on device meta but model 0 is on cpu"):
         FusedMLPEnsemble.from_modules([Net(3, 4, 2), meta])
     with pytest.raises(ValueError, match=r"^FusedMLPEnsemble\.from_modules: model 1: FusedMLP\.from_module: the "
-                                         r"model must consist of exactly nn\.Linear, nn\.Sigmoid, nn\.Linear"):
+                                         r"model must consist of nn\.Linear layers with one activation module between each two"):
         FusedMLPEnsemble.from_modules([Net(3, 4, 2), nn.Sequential(nn.Linear(3, 4), nn.Softplus(), nn.Linear(4, 2))])
     with pytest.raises(ValueError, match=r"^FusedMLPEnsemble\.from_modules: model 1 has activation 'relu'; "
                                          r"FusedMLPEnsemble computes sigmoid models only"):
