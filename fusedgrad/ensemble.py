@@ -109,6 +109,10 @@ class FusedMLPEnsemble(nn.Module):
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"FusedMLPEnsemble.from_modules: model {k}: {exc}") from exc
         for k, net in enumerate(nets):
+            if net.hidden_layers != 1:
+                raise ValueError(f"FusedMLPEnsemble.from_modules: model {k} has {net.hidden_layers} hidden layers; "
+                                 "FusedMLPEnsemble holds models of one hidden layer (deeper ensembles are not built "
+                                 "yet: train each FusedMLP with its own Trainer)")
             if net.activation != "sigmoid":
                 raise ValueError(f"FusedMLPEnsemble.from_modules: model {k} has activation {net.activation!r}; "
                                  "FusedMLPEnsemble computes sigmoid models only (the ensemble ops take any "

@@ -406,9 +406,9 @@ def _check_same_forward(model, net):
             and (theirs - ours).abs().max() <= rtol * max(ours.abs().max().item(), 1.0))
     if not same:
         raise ValueError(
-            f"FusedMLP.from_module: {type(model).__name__} has Linear, {type(model_children[1]).__name__}, ..., "
-            f"Linear children but its forward does not compute {_chain(net)} (checked on a probe "
-            "input); convert only models that do")
+            f"FusedMLP.from_module: {type(model).__name__} has "
+            f"{', '.join(type(child).__name__ for child in model_children)} children but its forward does not "
+            f"compute {_chain(net)} (checked on a probe input); convert only models that do")
 
 
 def _chain(net):

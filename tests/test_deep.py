@@ -169,7 +169,7 @@ def test_from_module_checks_a_custom_forward():
             h = self.act1(self.a(x))
             return self.c(self.act2(self.b(h)) + h)
 
-    with pytest.raises(ValueError, match=r"does not compute linear3\(tanh\(linear2\(tanh\(linear1\(x\)\)\)\)\)"):
+    with pytest.raises(ValueError, match=r"has Linear, Tanh, Linear, Tanh, Linear children but its forward does not compute linear3\(tanh\(linear2\(tanh\(linear1\(x\)\)\)\)\)"):
         fusedgrad.FusedMLP.from_module(Residual())
 
 

@@ -144,7 +144,7 @@ def test_float32_and_training_mode():
     (nn.Sequential(nn.Linear(3, 5), nn.Softplus(), nn.Linear(5, 2)), r"children \(0: Linear, 1: Softplus, 2: Linear\)"),
         (nn.Sequential(nn.Linear(3, 5), nn.LeakyReLU(), nn.Linear(5, 2)), r"1: LeakyReLU"),
     (nn.Sequential(nn.Sigmoid(), nn.Linear(3, 5), nn.Linear(5, 2)), r"\(0: Sigmoid, 1: Linear, 2: Linear\)"),
-    (nn.Sequential(nn.Linear(3, 5), nn.Sigmoid()), r"exactly nn.Linear, nn.Sigmoid, nn.Linear.*\(0: Linear, 1: Sigmoid\)"),
+    (nn.Sequential(nn.Linear(3, 5), nn.Sigmoid()), r"nn.Linear layers with one activation module between each two.*\(0: Linear, 1: Sigmoid\)"),
     (nn.Sequential(nn.Linear(3, 5), nn.Sigmoid(), nn.Linear(5, 2), nn.Sigmoid()), r"3: Sigmoid"),
     (nn.Linear(3, 5), r"has children \(none\)"),
     (nn.Sequential(nn.Linear(3, 5), nn.Sigmoid(), nn.Sequential(nn.Linear(5, 2))), r"2: Sequential"),
@@ -156,7 +156,7 @@ def test_wrong_structure_is_refused(model, match):
 
 def test_mismatched_widths_are_refused():
     model = nn.Sequential(nn.Linear(3, 5), nn.Sigmoid(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match=r"'0' has out_features=5 but the second layer '2' has in_features=4"):
+    with pytest.raises(ValueError, match=r"'0' has out_features=5 but the next layer '2' has in_features=4"):
         FusedMLP.from_module(model)
 
 

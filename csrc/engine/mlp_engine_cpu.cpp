@@ -23,7 +23,7 @@
 #include <cstring>
 #include <utility>
 
-#include "../common/lane_vector.h"   // LaneVec, LaneBuffer, kLanes, lanes_load
+#include "../common/lane_vector.h"   // LaneBuffer: 64-byte aligned scratch
 #include "../cpu/activation_cpu.h"   // activate_n, activation_backward_n: the activation table's vector forms
 
 namespace fusedgrad::engine {
@@ -64,31 +64,44 @@ int64_t block_rows_for(const NetShape& s, int64_t elt) {
   return std::clamp<int64_t>(rows / 8 * 8, 16, 256);
 }
 
-template <typename T>
-using Vec = LaneVec<T>;
+// A vector of VB bytes of T (GCC's vector extension): 64 (one AVX-512
+// register) or 32, chosen per network by vector_bytes().
+template <typename T, int VB>
+struct VecOf {
+  typedef T type __attribute__((vector_size(VB)));
+};
+template <typename T, int VB>
+using Vec = typename VecOf<T, VB>::type;
 
-template <typename T>
-FUSEDGRAD_CPU_INLINE void store(T* p, const Vec<T>& v) {
+template <typename T, int VB>
+FUSEDGRAD_CPU_INLINE Vec<T, VB> load(const T* p) {
+  Vec<T, VB> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T, int VB>
+FUSEDGRAD_CPU_INLINE void store(T* p, const Vec<T, VB>& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
 // out[i, 0 : NV vectors] = init + Σ_{k < K} coef[i·ci + k·ck] · M[k·ldm, 0 : NV vectors] for RI rows i.
-template <typename T, int NV, int RI>
+template <typename T, int VB, int NV, int RI>
 FUSEDGRAD_CPU_INLINE void tile(int64_t K, const T* FUSEDGRAD_RESTRICT coef, int64_t ci, int64_t ck,
                                const T* FUSEDGRAD_RESTRICT M, int64_t ldm, const T* FUSEDGRAD_RESTRICT init,
                                T* FUSEDGRAD_RESTRICT out, int64_t ldo) {
-  constexpr int64_t W = kLanes<T>;
-  Vec<T> acc[RI][NV];
+  constexpr int64_t W = VB / sizeof(T);
+  Vec<T, VB> acc[RI][NV];
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
-    const Vec<T> b = init ? lanes_load(init + v * W) : Vec<T>{};
+    const Vec<T, VB> b = init ? load<T, VB>(init + v * W) : Vec<T, VB>{};
 #pragma GCC unroll 8
     for (int i = 0; i < RI; ++i) acc[i][v] = b;
   }
   for (int64_t k = 0; k < K; ++k) {
-    Vec<T> m[NV];
+    Vec<T, VB> m[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) m[v] = lanes_load(M + k * ldm + v * W);
+    for (int v = 0; v < NV; ++v) m[v] = load<T, VB>(M + k * ldm + v * W);
 #pragma GCC unroll 8
     for (int i = 0; i < RI; ++i) {
       const T c = coef[i * ci + k * ck];
@@ -99,41 +112,70 @@ FUSEDGRAD_CPU_INLINE void tile(int64_t K, const T* FUSEDGRAD_RESTRICT coef, int6
 #pragma GCC unroll 8
   for (int i = 0; i < RI; ++i) {
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) store(out + i * ldo + v * W, acc[i][v]);
+    for (int v = 0; v < NV; ++v) store<T, VB>(out + i * ldo + v * W, acc[i][v]);
   }
 }
 
 // Rows 0 .. rows − 1 of out (each np wide, np a multiple of the lanes), as `tile`.
 // A tile holds up to 16 accumulators: 8 rows of one vector, or 4 rows of 2–4.
-template <typename T, int NV>
+template <typename T, int VB, int NV>
 FUSEDGRAD_CPU_INLINE void tile_rows(int64_t rows, int64_t K, const T* coef, int64_t ci, int64_t ck, const T* M,
                                     int64_t ldm, const T* init, T* out, int64_t ldo) {
   constexpr int RI = NV == 1 ? 8 : 4;
   int64_t i = 0;
-  for (; i + RI <= rows; i += RI) tile<T, NV, RI>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
-  for (; i < rows; ++i) tile<T, NV, 1>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
+  for (; i + RI <= rows; i += RI) tile<T, VB, NV, RI>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
+  for (; i < rows; ++i) tile<T, VB, NV, 1>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
 }
 
-template <typename T>
+template <typename T, int VB>
 FUSEDGRAD_CPU_INLINE void product(int64_t rows, int64_t K, const T* coef, int64_t ci, int64_t ck, const T* M,
                                   int64_t ldm, int64_t np, const T* init, T* out, int64_t ldo) {
-  constexpr int64_t W = kLanes<T>;
+  constexpr int64_t W = VB / sizeof(T);
   for (int64_t c0 = 0; c0 < np; c0 += 4 * W) {
     const T* Mc = M + c0;
     const T* ic = init ? init + c0 : nullptr;
     T* oc = out + c0;
     switch (std::min<int64_t>(4, (np - c0) / W)) {
-      case 1: tile_rows<T, 1>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
-      case 2: tile_rows<T, 2>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
-      case 3: tile_rows<T, 3>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
-      default: tile_rows<T, 4>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
+      case 1: tile_rows<T, VB, 1>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
+      case 2: tile_rows<T, VB, 2>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
+      case 3: tile_rows<T, VB, 3>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
+      default: tile_rows<T, VB, 4>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
     }
   }
 }
 
 // A pass's weights in the two padded layouts the kernel reads, and its layout
 // of per-block scratch. Built once per pass, read by every chunk.
-template <typename T>
+// Column sums of rows 0 .. rows − 1 of a (rows × np) block into out (np), in
+// registers: four rows' vectors in flight, then added in a fixed order.
+template <typename T, int VB>
+FUSEDGRAD_CPU_INLINE void column_sums(const T* a, int64_t rows, int64_t np, T* out) {
+  constexpr int64_t W = VB / sizeof(T);
+  for (int64_t c = 0; c < np; c += W) {
+    Vec<T, VB> s[4] = {};
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) s[q] += load<T, VB>(a + (r + q) * np + c);
+    }
+    for (; r < rows; ++r) s[0] += load<T, VB>(a + r * np + c);
+    store<T, VB>(out + c, (s[0] + s[1]) + (s[2] + s[3]));
+  }
+}
+
+// Whether a network's padded widths are much shorter with 32-byte vectors
+// than with 64-byte ones (narrow layers: 20 floats pad to 32 with 16 lanes, to
+// 24 with 8); products and activations run over the padded widths.
+int vector_bytes(const NetShape& s, int64_t elt) {
+  int64_t with64 = 0, with32 = 0;
+  for (int64_t n : s.width) {
+    with64 += padded(n, 64 / elt);
+    with32 += padded(n, 32 / elt);
+  }
+  return with64 * 10 > with32 * 11 ? 32 : 64;
+}
+
+template <typename T, int VB>
 struct Plan {
   const Pass<T>& pass;
   const NetShape& s;
@@ -148,7 +190,7 @@ struct Plan {
 
   explicit Plan(const Pass<T>& p) : pass(p), s(*p.shape), lay(*p.shape) {
     L = s.layers();
-    lanes = kLanes<T>;
+    lanes = VB / sizeof(T);
     B = block_rows_for(s, sizeof(T));
     chunks = chunk_count(s, p.count, sizeof(T));
     saves_input = activation_saves_input(s.act);
@@ -231,7 +273,7 @@ struct Plan {
     for (int64_t l = 0; l < L; ++l) {
       T* in = scratch + a_off[l];
       T* h = scratch + h_off[l + 1];
-      product<T>(nb, s.width[l], in, np[l], 1, WT[l], np[l + 1], np[l + 1], bp[l], h, np[l + 1]);
+      product<T, VB>(nb, s.width[l], in, np[l], 1, WT[l], np[l + 1], np[l + 1], bp[l], h, np[l + 1]);
       if (l + 1 < L) activate_n(s.act, h, scratch + a_off[l + 1], nb * np[l + 1]);
     }
     const T* p = scratch + h_off[L];
@@ -272,25 +314,20 @@ struct Plan {
       const T* a = scratch + a_off[l];
       if (pass.param_grads) {
         T* dw = scratch + dw_off;
-        product<T>(n_out, nb, delta, 1, np[l + 1], a, np[l], np[l], nullptr, dw, np[l]);
+        product<T, VB>(n_out, nb, delta, 1, np[l + 1], a, np[l], np[l], nullptr, dw, np[l]);
         double* dst = sums + lay.dw[l];
         for (int64_t j = 0; j < n_out; ++j) {
           for (int64_t k = 0; k < n_in; ++k) dst[j * n_in + k] += static_cast<double>(dw[j * np[l] + k]);
         }
         if (lay.db[l] >= 0) {
           T* db = scratch + db_off;
-          std::fill(db, db + np[l + 1], T(0));
-          for (int64_t r = 0; r < nb; ++r) {
-            const T* dr = delta + r * np[l + 1];
-#pragma omp simd
-            for (int64_t j = 0; j < np[l + 1]; ++j) db[j] += dr[j];
-          }
+          column_sums<T, VB>(delta, nb, np[l + 1], db);
           double* dbs = sums + lay.db[l];
           for (int64_t j = 0; j < n_out; ++j) dbs[j] += static_cast<double>(db[j]);
         }
       }
       if (l == 0 && !pass.dx) break;
-      product<T>(nb, n_out, delta, np[l + 1], 1, Wp[l], np[l], np[l], nullptr, next, np[l]);
+      product<T, VB>(nb, n_out, delta, np[l + 1], 1, Wp[l], np[l], np[l], nullptr, next, np[l]);
       if (l > 0) {
         activation_backward_n(s.act, next, scratch + h_off[l], nb * np[l]);
       } else {
@@ -311,16 +348,14 @@ struct Plan {
 };
 
 // The clones' entry points: one chunk, compiled per CPU level.
-FUSEDGRAD_CPU_CLONES void chunk_kernel(const Plan<float>& plan, int64_t ch, double* sums) { plan.chunk(ch, sums); }
-FUSEDGRAD_CPU_CLONES void chunk_kernel(const Plan<double>& plan, int64_t ch, double* sums) { plan.chunk(ch, sums); }
+FUSEDGRAD_CPU_CLONES void chunk_kernel(const Plan<float, 64>& plan, int64_t ch, double* sums) { plan.chunk(ch, sums); }
+FUSEDGRAD_CPU_CLONES void chunk_kernel(const Plan<float, 32>& plan, int64_t ch, double* sums) { plan.chunk(ch, sums); }
+FUSEDGRAD_CPU_CLONES void chunk_kernel(const Plan<double, 64>& plan, int64_t ch, double* sums) { plan.chunk(ch, sums); }
+FUSEDGRAD_CPU_CLONES void chunk_kernel(const Plan<double, 32>& plan, int64_t ch, double* sums) { plan.chunk(ch, sums); }
 
-template <typename T>
-void run_pass(const Pass<T>& pass) {
-  if (pass.count == 0) {
-    if (pass.sums) std::fill(pass.sums, pass.sums + SumLayout(*pass.shape).size, 0.0);
-    return;
-  }
-  const Plan<T> plan(pass);
+template <typename T, int VB>
+void run_plan(const Pass<T>& pass) {
+  const Plan<T, VB> plan(pass);
   const bool want_sums = pass.sums && pass.epilogue != Epilogue::Forward;
   const int64_t size = plan.lay.size;
   thread_local std::vector<double> partial;
@@ -341,6 +376,19 @@ void run_pass(const Pass<T>& pass) {
   for (int64_t ch = 1; ch < plan.chunks; ++ch) {
     const double* cs = base + ch * size;
     for (int64_t e = 0; e < size; ++e) pass.sums[e] += cs[e];
+  }
+}
+
+template <typename T>
+void run_pass(const Pass<T>& pass) {
+  if (pass.count == 0) {
+    if (pass.sums) std::fill(pass.sums, pass.sums + SumLayout(*pass.shape).size, 0.0);
+    return;
+  }
+  if (vector_bytes(*pass.shape, sizeof(T)) == 32) {
+    run_plan<T, 32>(pass);
+  } else {
+    run_plan<T, 64>(pass);
   }
 }
 

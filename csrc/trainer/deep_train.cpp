@@ -189,6 +189,11 @@ void run_steps(DeepCall& c) {
     engine::run(pass);
     losses[step * K + k] = static_cast<T>(cscale * sums[lay.loss]);
     const double scale = lr_scale ? lr_scale[k] : 1.0;
+    // Adam's per-step scalars (two pow each) once for the parameters that share
+    // their group's options and step count — usually all of them.
+    const UpdateRule* last_rule = nullptr;
+    double last_t = -1;
+    AdamStepScalars last{0, 1, 1};
     for (int64_t p = 0; p < P; ++p) {
       if (!c.params[p].defined()) continue;
       const int64_t n = per_model[p], off = k * n;
@@ -197,8 +202,15 @@ void run_steps(DeepCall& c) {
       for (int64_t e = 0; e < n; ++e) g[e] = static_cast<T>(from[e]);
       const ParamState& st = c.state[p];
       const double lr = st.rule.lr * scale;
-      AdamStepScalars sc{0, 1, 1};
-      if (st.rule.kind == OptimizerKind::Adam) sc = adam_step_scalars(st.rule, lr, step0[p] + static_cast<double>(step + 1));
+      if (st.rule.kind == OptimizerKind::Adam) {
+        const double t_p = step0[p] + static_cast<double>(step + 1);
+        if (!(last_rule && t_p == last_t && same_adam_options(*last_rule, st.rule))) {
+          last = adam_step_scalars(st.rule, lr, t_p);
+          last_rule = &st.rule;
+          last_t = t_p;
+        }
+      }
+      const AdamStepScalars& sc = last;
       auto at_off = [&](const at::Tensor& buf) { return buf.defined() ? buf.data_ptr<T>() + off : nullptr; };
       update_kernel(st.rule, lr, sc, c.params[p].data_ptr<T>() + off, g, at_off(st.exp_avg), at_off(st.exp_avg_sq),
                     at_off(st.max_exp_avg_sq), st.buffer_fresh && step == 0, n);
