@@ -69,6 +69,27 @@ def _no_double_backward(fn: str):
                            "layer is not supported yet; compute higher derivatives with native autograd")
 
 
+def _models(weights) -> int:
+    """K for stacked (K, out, in) weights, 0 for one model."""
+    return weights[0].shape[0] if weights[0].dim() == 3 else 0
+
+
+def _scaled(g, grad, K):
+    """A model's gradient g times the incoming gradient of its loss: a scalar, or (K,) for K models."""
+    if K == 0:
+        return g if _is_one(grad) else g * grad
+    return g * grad.view((K,) + (1,) * (g.dim() - 1))
+
+
+def _rows_grad(g, grad, K, shared):
+    """dx / dtarget: per model (K, N, ·) from the op; a shared argument gets Σ_k grad_k · g_k."""
+    if K == 0:
+        return _scaled(g, grad, 0)
+    if shared:
+        return torch.einsum("k,knd->nd", grad.to(g.dtype), g)
+    return _scaled(g, grad, K)
+
+
 class _Loss(torch.autograd.Function):
     """The loss; its forward pass also computes the gradients backward needs (scaled by ∂out/∂L there)."""
 
@@ -78,22 +99,22 @@ class _Loss(torch.autograd.Function):
         needs = ctx.needs_input_grad
         mask = [needs[0], any(needs[5:]), target is not None and needs[1]]
         loss, grads = _loss_op(x, weights, biases, target, reduction, activation, mask)
-        ctx.num_layers = num_layers
+        ctx.num_layers, ctx.models = num_layers, _models(weights)
         ctx.has_bias = [b is not None for b in biases]
+        ctx.shared = (x.dim() == 2, target is not None and target.dim() == 2)
         ctx.save_for_backward(*grads)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         _no_double_backward("fusedgrad.mlp_loss")
-        L = ctx.num_layers
+        L, K = ctx.num_layers, ctx.models
         grads = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        scale = (lambda g: g) if _is_one(grad_loss) else (lambda g: g * grad_loss)
-        dx = scale(grads[2 * L]) if needs[0] else None
-        dt = scale(grads[2 * L + 1]) if needs[1] else None
-        dW = [scale(grads[l]) if needs[5 + l] else None for l in range(L)]
-        db = [scale(grads[L + l]) if ctx.has_bias[l] and needs[5 + L + l] else None for l in range(L)]
+        dx = _rows_grad(grads[2 * L], grad_loss, K, ctx.shared[0]) if needs[0] else None
+        dt = _rows_grad(grads[2 * L + 1], grad_loss, K, ctx.shared[1]) if needs[1] else None
+        dW = [_scaled(grads[l], grad_loss, K) if needs[5 + l] else None for l in range(L)]
+        db = [_scaled(grads[L + l], grad_loss, K) if ctx.has_bias[l] and needs[5 + L + l] else None for l in range(L)]
         return (dx, dt, None, None, None, *dW, *db)
 
 
@@ -126,7 +147,12 @@ class _Mlp(torch.autograd.Function):
         grads = _backward_op(grad_out.contiguous(), x, weights, biases, ctx.activation, mask)
         dW = [grads[l] if needs[3 + l] else None for l in range(L)]
         db = [grads[L + l] if biases[l] is not None and needs[3 + L + l] else None for l in range(L)]
-        return (grads[2 * L] if needs[0] else None, None, None, *dW, *db)
+        dx = None
+        if needs[0]:
+            dx = grads[2 * L]
+            if _models(weights) and x.dim() == 2:  # x shared by the models: the sum of their parts
+                dx = dx.sum(0)
+        return (dx, None, None, *dW, *db)
 
 
 def mlp_loss(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
@@ -203,19 +229,26 @@ def _empty(like):
     return like.new_empty((0,))
 
 
+def _rows_like(x, weights, width):
+    """The (·, width) rows the ops return: x's leading shape for one model, (K, N, width) for K."""
+    K = _models(weights)
+    return x.new_empty((K, x.shape[-2], width) if K else tuple(x.shape[:-1]) + (width,))
+
+
 @torch.library.register_fake("fusedgrad::deep_mlp_loss_and_grads")
 def _loss_fake(x, weights, biases, target, reduction, activation, output_mask):
     wx, wp, wt = output_mask
+    K = _models(weights)
     grads = [w.new_empty(w.shape) if wp else _empty(w) for w in weights]
     grads += [b.new_empty(b.shape) if (wp and b is not None) else _empty(x) for b in biases]
-    grads.append(x.new_empty(x.shape) if wx else _empty(x))
-    grads.append(target.new_empty(target.shape) if (wt and target is not None) else _empty(x))
-    return x.new_empty(()), grads
+    grads.append(_rows_like(x, weights, x.shape[-1]) if wx else _empty(x))
+    grads.append(_rows_like(x, weights, weights[-1].shape[-2]) if (wt and target is not None) else _empty(x))
+    return x.new_empty((K,) if K else ()), grads
 
 
 @torch.library.register_fake("fusedgrad::deep_mlp")
 def _mlp_fake(x, weights, biases, activation):
-    return x.new_empty(tuple(x.shape[:-1]) + (weights[-1].shape[0],))
+    return _rows_like(x, weights, weights[-1].shape[-2])
 
 
 @torch.library.register_fake("fusedgrad::deep_mlp_backward")
@@ -223,5 +256,5 @@ def _backward_fake(grad_out, x, weights, biases, activation, output_mask):
     wx, wp = output_mask
     grads = [w.new_empty(w.shape) if wp else _empty(w) for w in weights]
     grads += [b.new_empty(b.shape) if (wp and b is not None) else _empty(x) for b in biases]
-    grads.append(x.new_empty(x.shape) if wx else _empty(x))
+    grads.append(_rows_like(x, weights, x.shape[-1]) if wx else _empty(x))
     return grads

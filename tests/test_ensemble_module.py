@@ -152,7 +152,7 @@ def test_from_modules_errors():
     with pytest.raises(ValueError, match=r"^FusedMLPEnsemble\.from_modules: needs at least one model"):
         FusedMLPEnsemble.from_modules([])
     with pytest.raises(ValueError, match=r"^FusedMLPEnsemble\.from_modules: model 1 is 3→5→2 but model 0 is "
-                                         r"3→4→2; all models must have the same in/hidden/out features$"):
+                                         r"3→4→2; all models must have the same widths$"):
         FusedMLPEnsemble.from_modules([Net(3, 4, 2), Net(3, 5, 2)])
     with pytest.raises(ValueError, match=r"model 1 has biases \(linear1: False, linear2: False\) but model 0 has "
                                          r"\(linear1: True, linear2: True\)"):
@@ -166,8 +166,8 @@ def test_from_modules_errors():
     with pytest.raises(ValueError, match=r"^FusedMLPEnsemble\.from_modules: model 1: FusedMLP\.from_module: the "
                                          r"model must consist of nn\.Linear layers with one activation module between each two"):
         FusedMLPEnsemble.from_modules([Net(3, 4, 2), nn.Sequential(nn.Linear(3, 4), nn.Softplus(), nn.Linear(4, 2))])
-    with pytest.raises(ValueError, match=r"^FusedMLPEnsemble\.from_modules: model 1 has activation 'relu'; "
-                                         r"FusedMLPEnsemble computes sigmoid models only"):
+    with pytest.raises(ValueError, match=r"^FusedMLPEnsemble\.from_modules: model 1 has activation 'relu' but "
+                                         r"model 0 has 'sigmoid'; all models must have the same activation"):
         FusedMLPEnsemble.from_modules([Net(3, 4, 2), nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))])
     with pytest.raises(TypeError, match=r"model 0: FusedMLP\.from_module: expected an nn\.Module, got int"):
         FusedMLPEnsemble.from_modules([3])

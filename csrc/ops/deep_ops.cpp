@@ -12,6 +12,7 @@
 // an entry that is not computed (masked off, or a layer without a bias) is an
 // empty tensor.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <array>
@@ -32,14 +33,17 @@ std::vector<std::optional<at::Tensor>> to_vector(const c10::List<std::optional<a
   return v;
 }
 
-// x (*, D) and, when given, an (*, O) tensor named `name` with x's leading shape, checked and flattened.
+// The rows of a call: x (*, D) for one model; (N, D) shared or (K, N, D) per
+// model for K stacked models. `other` (target or grad_out, O wide) follows the
+// same rule: x's leading shape for one model, (N, O) or (K, N, O) for K.
 struct Rows {
-  at::Tensor x2, other2;
-  int64_t N = 0;
+  at::Tensor x2, other2;  // (N, D) or (K, N, D); (N, O) or (K, N, O) or undefined
+  int64_t N = 0, K = 0;   // K = 0: one unstacked model
+  bool x_per_model = false, other_per_model = false;
 };
 
-Rows check_rows(const char* fn, const engine::NetArgs& net, const at::Tensor& x, const std::optional<at::Tensor>& other,
-                const char* name) {
+Rows check_rows(const char* fn, const engine::NetArgs& net, int64_t K, const at::Tensor& x,
+                const std::optional<at::Tensor>& other, const char* name) {
   TORCH_CHECK_TYPE(x.scalar_type() == net.dtype, fn, ": argument 'x' has dtype ", dtype_name(x.scalar_type()),
                    ", expected the weights' ", dtype_name(net.dtype));
   TORCH_CHECK_VALUE(x.device() == net.device, fn, ": argument 'x' is on ", x.device(), ", the weights on ",
@@ -47,61 +51,109 @@ Rows check_rows(const char* fn, const engine::NetArgs& net, const at::Tensor& x,
   TORCH_CHECK_VALUE(net.device.is_cpu(), fn, ": networks of more than one hidden layer run on the CPU; the tensors "
                     "are on ", net.device);
   const int64_t D = net.shape.in(), O = net.shape.out();
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == D, fn, ": argument 'x' must have shape (*, in_features) = (*, ", D,
-                    "), got ", shape_str(x.sizes()));
   Rows rows;
-  rows.x2 = x.reshape({-1, D}).contiguous();
-  rows.N = rows.x2.size(0);
+  rows.K = K;
+  if (K == 0) {
+    TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == D, fn, ": argument 'x' must have shape (*, in_features) = (*, ",
+                      D, "), got ", shape_str(x.sizes()));
+    rows.x2 = x.reshape({-1, D}).contiguous();
+  } else {
+    TORCH_CHECK_VALUE((x.dim() == 2 || (x.dim() == 3 && x.size(0) == K)) && x.size(-1) == D, fn,
+                      ": argument 'x' must have shape (N, ", D, ") (shared by the models) or (K, N, ", D, ") = (", K,
+                      ", N, ", D, "), got ", shape_str(x.sizes()));
+    rows.x2 = x.contiguous();
+    rows.x_per_model = x.dim() == 3;
+  }
+  rows.N = rows.x2.size(-2);
   if (other.has_value() && other->defined()) {
     const at::Tensor& t = *other;
-    std::vector<int64_t> expected(x.sizes().begin(), x.sizes().end() - 1);
-    expected.push_back(O);
     TORCH_CHECK_TYPE(t.scalar_type() == net.dtype, fn, ": argument '", name, "' has dtype ",
                      dtype_name(t.scalar_type()), ", expected the weights' ", dtype_name(net.dtype));
     TORCH_CHECK_VALUE(t.device() == net.device, fn, ": argument '", name, "' is on ", t.device(),
                       ", the weights on ", net.device);
-    TORCH_CHECK_VALUE(t.sizes().equals(expected), fn, ": argument '", name,
-                      "' must have the prediction's shape x.shape[:-1] + (out_features,) = ", shape_str(expected),
-                      ", got ", shape_str(t.sizes()));
-    rows.other2 = t.reshape({-1, O}).contiguous();
+    if (K == 0) {
+      std::vector<int64_t> expected(x.sizes().begin(), x.sizes().end() - 1);
+      expected.push_back(O);
+      TORCH_CHECK_VALUE(t.sizes().equals(expected), fn, ": argument '", name,
+                        "' must have the prediction's shape x.shape[:-1] + (out_features,) = ", shape_str(expected),
+                        ", got ", shape_str(t.sizes()));
+      rows.other2 = t.reshape({-1, O}).contiguous();
+    } else {
+      const bool ok = (t.dim() == 2 || (t.dim() == 3 && t.size(0) == K)) && t.size(-2) == rows.N && t.size(-1) == O;
+      TORCH_CHECK_VALUE(ok, fn, ": argument '", name, "' must have shape (N, ", O, ") or (K, N, ", O, ") with x's N = ",
+                        rows.N, " and K = ", K, ", got ", shape_str(t.sizes()));
+      rows.other2 = t.contiguous();
+      rows.other_per_model = t.dim() == 3;
+    }
   }
   return rows;
 }
 
+int64_t models_of(at::TensorList weights) { return !weights.empty() && weights[0].dim() == 3 ? weights[0].size(0) : 0; }
+
+// Runs make(k) → a pass for every model k (k = 0 alone for an unstacked model):
+// one model's pass uses the threads for its row chunks; K models run in
+// parallel, each pass on one thread (the chunks, and so the bits, are the same).
+template <typename T, typename F>
+void run_models(int64_t K, F make) {
+  if (K == 0) {
+    engine::Pass<T> pass = make(0);
+    engine::run(pass);
+    return;
+  }
+  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      engine::Pass<T> pass = make(k);
+      pass.parallel = false;
+      engine::run(pass);
+    }
+  });
+}
+
+// Model k's pass over the call's rows (weights, biases, x at model k).
 template <typename T>
-engine::Pass<T> make_pass(const engine::NetArgs& net, const Rows& rows) {
+engine::Pass<T> model_pass(const engine::NetArgs& net, const Rows& rows, int64_t k) {
   engine::Pass<T> pass;
   pass.shape = &net.shape;
   for (int64_t l = 0; l < net.shape.layers(); ++l) {
-    pass.W.push_back(net.W[l].const_data_ptr<T>());
-    pass.b.push_back(net.b[l].defined() ? net.b[l].const_data_ptr<T>() : nullptr);
+    const int64_t nw = net.shape.width[l] * net.shape.width[l + 1], nb = net.shape.width[l + 1];
+    pass.W.push_back(net.W[l].const_data_ptr<T>() + k * nw);
+    pass.b.push_back(net.b[l].defined() ? net.b[l].const_data_ptr<T>() + k * nb : nullptr);
   }
-  pass.x = rows.x2.const_data_ptr<T>();
+  pass.x = rows.x2.const_data_ptr<T>() + (rows.x_per_model ? k * rows.N * net.shape.in() : 0);
   pass.count = rows.N;
   return pass;
 }
 
-// The parameter gradients (dW…, db…) out of the engine's double sums, in the dtype of the weights.
-std::vector<at::Tensor> param_grads(const engine::NetArgs& net, const std::vector<double>& sums, bool wanted) {
+// The parameter gradients (dW…, db…) out of the engine's double sums (one
+// SumLayout per model), in the dtype of the weights, (K, ·) stacked for K models.
+std::vector<at::Tensor> param_grads(const engine::NetArgs& net, int64_t K, const std::vector<double>& sums,
+                                    bool wanted) {
   const int64_t L = net.shape.layers();
   const engine::SumLayout lay(net.shape);
   const auto opts = net.W[0].options();
+  const at::Tensor all = at::from_blob(const_cast<double*>(sums.data()), {std::max<int64_t>(K, 1), lay.size},
+                                       at::TensorOptions().dtype(at::kDouble));
   std::vector<at::Tensor> out(2 * L);
   for (int64_t l = 0; l < L; ++l) {
     const int64_t n_in = net.shape.width[l], n_out = net.shape.width[l + 1];
-    if (!wanted) {
-      out[l] = at::empty({0}, opts);
-      out[L + l] = at::empty({0}, opts);
-      continue;
-    }
-    auto from = [&](int64_t off, at::IntArrayRef shape) {
-      return at::from_blob(const_cast<double*>(sums.data()) + off, shape, at::TensorOptions().dtype(at::kDouble))
-          .to(net.dtype, /*non_blocking=*/false, /*copy=*/true);  // a copy: `sums` dies with the call
+    auto take = [&](int64_t off, std::vector<int64_t> shape) {
+      int64_t count = 1;
+      for (int64_t n : shape) count *= n;
+      if (K > 0) shape.insert(shape.begin(), K);
+      // a copy: `sums` dies with the call
+      return all.narrow(1, off, count).reshape(shape).to(net.dtype, /*non_blocking=*/false, /*copy=*/true);
     };
-    out[l] = from(lay.dw[l], {n_out, n_in});
-    out[L + l] = lay.db[l] >= 0 ? from(lay.db[l], {n_out}) : at::empty({0}, opts);
+    out[l] = wanted ? take(lay.dw[l], {n_out, n_in}) : at::empty({0}, opts);
+    out[L + l] = wanted && lay.db[l] >= 0 ? take(lay.db[l], {n_out}) : at::empty({0}, opts);
   }
   return out;
+}
+
+// An (N, width) or per-model (K, N, width) buffer for dx / dt (per model always when K > 0).
+at::Tensor per_model_rows(const Rows& rows, int64_t width, const at::TensorOptions& opts) {
+  if (rows.K == 0) return at::empty({rows.N, width}, opts);
+  return at::empty({rows.K, rows.N, width}, opts);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> loss_and_grads_cpu(
@@ -111,48 +163,63 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> loss_and_grads_cpu(
   const char* fn = "fusedgrad.mlp_loss";
   const Activation act = parse_activation(activation);
   const bool mean = parse_reduction(reduction) == Reduction::Mean;
-  const engine::NetArgs net = engine::check_net(fn, weights, to_vector(biases), act);
-  const Rows rows = check_rows(fn, net, x, target, "target");
-  const int64_t O = net.shape.out();
+  const int64_t K = models_of(weights);
+  const engine::NetArgs net = engine::check_net(fn, weights, to_vector(biases), act, K);
+  const Rows rows = check_rows(fn, net, K, x, target, "target");
+  const int64_t D = net.shape.in(), O = net.shape.out(), M = std::max<int64_t>(K, 1);
   const double c = mean ? 1.0 / static_cast<double>(rows.N * O) : 1.0;
   const engine::SumLayout lay(net.shape);
-  std::vector<double> sums(lay.size, 0.0);
-  at::Tensor dx = mask[0] ? at::empty_like(rows.x2) : at::empty({0}, x.options());
+  std::vector<double> sums(M * lay.size, 0.0);
   const bool has_target = rows.other2.defined();
-  at::Tensor dt = mask[2] && has_target ? at::empty_like(rows.other2) : at::empty({0}, x.options());
+  const auto opts = rows.x2.options();
+  at::Tensor dx = mask[0] ? per_model_rows(rows, D, opts) : at::empty({0}, opts);
+  at::Tensor dt = mask[2] && has_target ? per_model_rows(rows, O, opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES(net.dtype, "fusedgrad.mlp_loss", [&] {
-    engine::Pass<scalar_t> pass = make_pass<scalar_t>(net, rows);
-    pass.target = has_target ? rows.other2.const_data_ptr<scalar_t>() : nullptr;
-    pass.two_c = static_cast<scalar_t>(2.0 * c);
-    pass.epilogue = engine::Epilogue::LossGrads;
-    pass.param_grads = mask[1];
-    pass.dx = mask[0] ? dx.data_ptr<scalar_t>() : nullptr;
-    pass.dt = dt.numel() ? dt.data_ptr<scalar_t>() : nullptr;
-    pass.sums = sums.data();
-    engine::run(pass);
+    run_models<scalar_t>(K, [&](int64_t k) {
+      engine::Pass<scalar_t> pass = model_pass<scalar_t>(net, rows, k);
+      pass.target = has_target ? rows.other2.const_data_ptr<scalar_t>() + (rows.other_per_model ? k * rows.N * O : 0)
+                               : nullptr;
+      pass.two_c = static_cast<scalar_t>(2.0 * c);
+      pass.epilogue = engine::Epilogue::LossGrads;
+      pass.param_grads = mask[1];
+      pass.dx = mask[0] ? dx.data_ptr<scalar_t>() + k * rows.N * D : nullptr;
+      pass.dt = dt.numel() ? dt.data_ptr<scalar_t>() + k * rows.N * O : nullptr;
+      pass.sums = sums.data() + k * lay.size;
+      return pass;
+    });
   });
-  // Mean over no rows is NaN, as nn.MSELoss gives it.
-  const double loss = rows.N == 0 && mean ? std::nan("") : c * sums[lay.loss];
-  std::vector<at::Tensor> grads = param_grads(net, sums, mask[1]);
-  grads.push_back(mask[0] ? dx.view(x.sizes()) : dx);
-  grads.push_back(dt.numel() ? dt.view(target->sizes()) : dt);
-  return {at::scalar_tensor(loss, x.options()), std::move(grads)};
+  at::Tensor loss = at::empty({M}, opts.dtype(at::kDouble));
+  double* lp = loss.data_ptr<double>();
+  for (int64_t k = 0; k < M; ++k) {
+    // Mean over no rows is NaN, as nn.MSELoss gives it.
+    lp[k] = rows.N == 0 && mean ? std::nan("") : c * sums[k * lay.size + lay.loss];
+  }
+  loss = loss.to(net.dtype);
+  std::vector<at::Tensor> grads = param_grads(net, K, sums, mask[1]);
+  grads.push_back(mask[0] && K == 0 ? dx.view(x.sizes()) : dx);
+  grads.push_back(dt.numel() && K == 0 ? dt.view(target->sizes()) : dt);
+  return {K == 0 ? loss.squeeze(0) : loss, std::move(grads)};
 }
 
 at::Tensor mlp_cpu(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
                    c10::string_view activation) {
   const char* fn = "fusedgrad.mlp";
-  const engine::NetArgs net = engine::check_net(fn, weights, to_vector(biases), parse_activation(activation));
-  const Rows rows = check_rows(fn, net, x, std::nullopt, "");
-  at::Tensor pred = at::empty({rows.N, net.shape.out()}, rows.x2.options());
+  const int64_t K = models_of(weights);
+  const engine::NetArgs net = engine::check_net(fn, weights, to_vector(biases), parse_activation(activation), K);
+  const Rows rows = check_rows(fn, net, K, x, std::nullopt, "");
+  const int64_t O = net.shape.out();
+  at::Tensor pred = per_model_rows(rows, O, rows.x2.options());
   AT_DISPATCH_FLOATING_TYPES(net.dtype, "fusedgrad.mlp", [&] {
-    engine::Pass<scalar_t> pass = make_pass<scalar_t>(net, rows);
-    pass.epilogue = engine::Epilogue::Forward;
-    pass.pred = pred.data_ptr<scalar_t>();
-    engine::run(pass);
+    run_models<scalar_t>(K, [&](int64_t k) {
+      engine::Pass<scalar_t> pass = model_pass<scalar_t>(net, rows, k);
+      pass.epilogue = engine::Epilogue::Forward;
+      pass.pred = pred.data_ptr<scalar_t>() + k * rows.N * O;
+      return pass;
+    });
   });
+  if (K > 0) return pred;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-  shape.push_back(net.shape.out());
+  shape.push_back(O);
   return pred.view(shape);
 }
 
@@ -160,22 +227,27 @@ std::vector<at::Tensor> mlp_backward_cpu(const at::Tensor& grad_out, const at::T
                                          const c10::List<std::optional<at::Tensor>>& biases,
                                          c10::string_view activation, std::array<bool, 2> mask) {
   const char* fn = "fusedgrad.mlp (backward)";
-  const engine::NetArgs net = engine::check_net(fn, weights, to_vector(biases), parse_activation(activation));
-  const Rows rows = check_rows(fn, net, x, grad_out, "grad_out");
+  const int64_t K = models_of(weights);
+  const engine::NetArgs net = engine::check_net(fn, weights, to_vector(biases), parse_activation(activation), K);
+  const Rows rows = check_rows(fn, net, K, x, grad_out, "grad_out");
+  const int64_t D = net.shape.in(), O = net.shape.out(), M = std::max<int64_t>(K, 1);
   const engine::SumLayout lay(net.shape);
-  std::vector<double> sums(lay.size, 0.0);
-  at::Tensor dx = mask[0] ? at::empty_like(rows.x2) : at::empty({0}, x.options());
+  std::vector<double> sums(M * lay.size, 0.0);
+  const auto opts = rows.x2.options();
+  at::Tensor dx = mask[0] ? per_model_rows(rows, D, opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES(net.dtype, "fusedgrad.mlp_backward", [&] {
-    engine::Pass<scalar_t> pass = make_pass<scalar_t>(net, rows);
-    pass.grad_out = rows.other2.const_data_ptr<scalar_t>();
-    pass.epilogue = engine::Epilogue::Backward;
-    pass.param_grads = mask[1];
-    pass.dx = mask[0] ? dx.data_ptr<scalar_t>() : nullptr;
-    pass.sums = sums.data();
-    engine::run(pass);
+    run_models<scalar_t>(K, [&](int64_t k) {
+      engine::Pass<scalar_t> pass = model_pass<scalar_t>(net, rows, k);
+      pass.grad_out = rows.other2.const_data_ptr<scalar_t>() + (rows.other_per_model ? k * rows.N * O : 0);
+      pass.epilogue = engine::Epilogue::Backward;
+      pass.param_grads = mask[1];
+      pass.dx = mask[0] ? dx.data_ptr<scalar_t>() + k * rows.N * D : nullptr;
+      pass.sums = sums.data() + k * lay.size;
+      return pass;
+    });
   });
-  std::vector<at::Tensor> grads = param_grads(net, sums, mask[1]);
-  grads.push_back(mask[0] ? dx.view(x.sizes()) : dx);
+  std::vector<at::Tensor> grads = param_grads(net, K, sums, mask[1]);
+  grads.push_back(mask[0] && K == 0 ? dx.view(x.sizes()) : dx);
   return grads;
 }
 
