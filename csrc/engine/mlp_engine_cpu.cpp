@@ -46,8 +46,8 @@ SumLayout::SumLayout(const NetShape& s) {
 namespace {
 
 constexpr int64_t kMaxChunks = 16;        // row chunks of a pass: fixed by the row count, not the threads
-constexpr int64_t kMinChunkRows = 512;    // rows below which a chunk of its own does not pay
-constexpr int64_t kMinParallelMacs = 1 << 17;  // multiply-adds of a pass below which threads do not pay
+constexpr int64_t kMinSplitRows = 48;     // a pass of one block splits in two from 2× this many rows
+constexpr int64_t kMinParallelMacs = 1 << 15;  // multiply-adds of a pass below which threads do not pay
 constexpr int64_t kScratchBytes = 192 * 1024;  // a block's intermediates: within L2
 
 int64_t padded(int64_t n, int64_t lanes) { return (n + lanes - 1) / lanes * lanes; }
@@ -63,6 +63,14 @@ int64_t block_rows_for(const NetShape& s, int64_t elt) {
   const int64_t rows = kScratchBytes / (elt * per_row);
   return std::clamp<int64_t>(rows / 8 * 8, 16, 256);
 }
+
+int64_t block_count(const NetShape& s, int64_t count, int64_t element_size) {
+  const int64_t B = block_rows_for(s, element_size);
+  const int64_t blocks = (count + B - 1) / B;
+  // A pass that fits one block still splits in two when big enough, so that two threads can share it.
+  return blocks == 1 && count >= 2 * kMinSplitRows ? 2 : std::max<int64_t>(blocks, 1);
+}
+
 
 // A vector of VB bytes of T (GCC's vector extension): 64 (one AVX-512
 // register) or 32, chosen per network by vector_bytes().
@@ -180,7 +188,7 @@ struct Plan {
   const Pass<T>& pass;
   const NetShape& s;
   SumLayout lay;
-  int64_t L, B, chunks, lanes;
+  int64_t L, B, blocks, chunks, lanes;
   bool saves_input;
   std::vector<int64_t> np;                  // padded widths
   std::vector<const T*> WT, Wp, bp;         // W_lᵀ (n_l × np_{l+1}), W_l (n_{l+1} × np_l), b_l (np_{l+1}) or null
@@ -192,7 +200,8 @@ struct Plan {
     L = s.layers();
     lanes = VB / sizeof(T);
     B = block_rows_for(s, sizeof(T));
-    chunks = chunk_count(s, p.count, sizeof(T));
+    blocks = block_count(s, p.count, sizeof(T));
+    chunks = std::min(blocks, kMaxChunks);
     saves_input = activation_saves_input(s.act);
     np.resize(L + 1);
     int64_t widest = 0;
@@ -341,9 +350,12 @@ struct Plan {
   FUSEDGRAD_CPU_INLINE void chunk(int64_t ch, double* chunk_sums) const {
     thread_local LaneBuffer<T> buffer;
     T* scratch = buffer.get(static_cast<size_t>(scratch_size));
-    const int64_t r0 = pass.count * ch / chunks, r1 = pass.count * (ch + 1) / chunks;
     if (chunk_sums) std::fill(chunk_sums, chunk_sums + lay.size, 0.0);
-    for (int64_t r = r0; r < r1; r += B) block(scratch, r, std::min(B, r1 - r), chunk_sums);
+    // Blocks split the rows evenly (none much smaller than the others); chunk ch takes a run of them.
+    for (int64_t b = blocks * ch / chunks; b < blocks * (ch + 1) / chunks; ++b) {
+      const int64_t r0 = pass.count * b / blocks, r1 = pass.count * (b + 1) / blocks;
+      block(scratch, r0, r1 - r0, chunk_sums);
+    }
   }
 };
 
@@ -397,9 +409,7 @@ void run_pass(const Pass<T>& pass) {
 int64_t block_rows(const NetShape& s, int64_t element_size) { return block_rows_for(s, element_size); }
 
 int64_t chunk_count(const NetShape& s, int64_t count, int64_t element_size) {
-  const int64_t B = block_rows_for(s, element_size);
-  const int64_t per_chunk = std::max(kMinChunkRows, B);
-  return std::clamp<int64_t>((count + per_chunk - 1) / per_chunk, 1, kMaxChunks);
+  return std::min(block_count(s, count, element_size), kMaxChunks);
 }
 
 void run(const Pass<float>& pass) { run_pass(pass); }
