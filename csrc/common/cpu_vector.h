@@ -129,21 +129,39 @@ FUSEDGRAD_CPU_INLINE T vec_sigmoid(T h) {
   return T(1) / (T(1) + vec_exp(-h));
 }
 
-// tanh(z), vectorisable: for |z| ≥ 1/8, sign(z) (1 − e^(−2|z|)) / (1 + e^(−2|z|))
-// with vec_exp (no overflow for any z; the cancellation in 1 − e costs at most
-// a few ulp there); below, its Taylor series to z¹⁵ (truncation < 1e-17
-// relative), which keeps tiny z exact. Within a few ulp of std::tanh.
+// e^y − 1 for y ≤ 0, vectorisable, in the reduction of vec_exp: y = n ln2 + r,
+// e^y − 1 = 2ⁿ (e^r − 1) + (2ⁿ − 1), with e^r − 1 = r (1 + r/2! + r²/3! + …) by
+// Horner — no constant term, so where n = 0 (|y| < ln2/2) the result is that
+// polynomial alone and keeps its relative accuracy however small y is (where
+// 1 − e^y would cancel). Truncation: r⁹/9! (float) and r¹⁴/14! (double) relative
+// to r at |r| = ln2/2, below half an ulp. Below the clamp e^y − 1 = −1.
+template <typename T>
+FUSEDGRAD_CPU_INLINE T vec_expm1_nonpositive(T y) {
+  using C = ExpConsts<T>;
+  using Bits = typename C::Bits;
+  constexpr T log2e = T(1.4426950408889634074);
+  constexpr T ln2_hi = T(0.693145751953125);
+  constexpr T ln2_lo = T(1.42860682030941723212e-6);
+  constexpr int degree = sizeof(T) == sizeof(float) ? 8 : 13;
+  y = y < C::lo ? C::lo : y;
+  const T k = y * log2e + C::shift;
+  const T n = k - C::shift;
+  const T r = (y - n * ln2_hi) - n * ln2_lo;
+  const T em1_r = r * exp_taylor<T, 1, degree>(r);
+  const T scale = std::bit_cast<T>(static_cast<Bits>(std::bit_cast<Bits>(k) << C::mantissa));  // 2ⁿ
+  return scale * em1_r + (scale - T(1));
+}
+
+// tanh(z) = −m / (2 + m) with m = e^(−2|z|) − 1 ∈ (−1, 0], the sign of z put back:
+// one exponential-like evaluation and one division for every z, no cancellation
+// for small z (m keeps its relative accuracy there) and no overflow for large
+// ones (m → −1, tanh → 1). NaN stays NaN.
 template <typename T>
 FUSEDGRAD_CPU_INLINE T vec_tanh(T z) {
   const T a = z < T(0) ? -z : z;
-  const T e = vec_exp(T(-2) * a);
-  T t = (T(1) - e) / (T(1) + e);
-  t = z < T(0) ? -t : t;
-  const T z2 = z * z;
-  const T series =
-      z * (T(1) + z2 * (T(-1.0 / 3) + z2 * (T(2.0 / 15) + z2 * (T(-17.0 / 315) + z2 * (T(62.0 / 2835) +
-      z2 * (T(-1382.0 / 155925) + z2 * (T(21844.0 / 6081075) + z2 * T(-929569.0 / 638512875))))))));
-  return a < T(0.125) ? series : t;
+  const T m = vec_expm1_nonpositive(T(-2) * a);
+  const T t = -m / (T(2) + m);
+  return z < T(0) ? -t : t;
 }
 
 // y[k] += a · x[k]
