@@ -47,6 +47,7 @@ modules = sorted(os.path.relpath(f, root) for p in packages for f in glob.glob(o
 missing = [m for m in modules if m not in names]
 assert not missing, f"wheel lacks {missing}"
 assert any(n.startswith("fusedgrad/_C") and n.endswith((".so", ".pyd")) for n in names), "wheel lacks fusedgrad/_C"
+assert "fusedgrad/py.typed" in names, "wheel lacks fusedgrad/py.typed (PEP 561 marker)"
 assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "wheel lacks LICENSE"
 meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
 for line in ("License-Expression: BSD-3-Clause", "Requires-Python: >=3.10", "Requires-Dist: torch==2.13.0"):
@@ -55,7 +56,7 @@ with tarfile.open(sdist) as tar:
     in_sdist = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
 sources = sorted(os.path.relpath(f, root) for f in glob.glob(os.path.join(root, "csrc", "**", "*"), recursive=True)
                  if f.endswith((".h", ".hpp", ".cpp", ".cu", ".cuh")))
-missing = [s for s in sources + ["LICENSE", "setup.py", "pyproject.toml", "MANIFEST.in"] + modules
+missing = [s for s in sources + ["LICENSE", "setup.py", "pyproject.toml", "MANIFEST.in", "fusedgrad/py.typed"] + modules
            if s not in in_sdist]
 assert not missing, f"sdist lacks {missing}"
 print(f"{os.path.basename(sdist)}: {len(in_sdist)} files, all {len(sources)} csrc sources and headers")
