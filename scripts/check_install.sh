@@ -9,7 +9,7 @@
 #      system site-packages, nothing from this checkout) and install the wheel there,
 #      letting pip check its declared requirements;
 #   4. from a directory outside the checkout: python -m fusedgrad --help, verify,
-#      demo --steps 5, bench --quick, the README's usage block saved as a script, and
+#      demo --steps 5, bench --quick, the README's quick start and usage blocks as a script, and
 #      a short import-and-train smoke test.
 #
 # Environment: PYTHON (default .venv/bin/python), KEEP_WORK=1 keeps the temp folder.
@@ -91,12 +91,13 @@ step "python -m fusedgrad demo --steps 5"
 "$VPY" -m fusedgrad demo --steps 5
 step "python -m fusedgrad bench --quick"
 "$VPY" -m fusedgrad bench --quick --out "$WORK/bench" 2>/dev/null | tail -n 4
-step "the README's usage block, as a script"
+step "the README's quick start and usage examples, as one script"
+# (the same blocks tests/test_docs.py runs in the checkout: from "## Quick start" to "### Verify")
 "$VPY" - "$ROOT/README.md" > usage.py <<'EOF'
 import re, sys
 text = open(sys.argv[1], encoding="utf-8").read()
-usage = text[text.index("\n## Usage"):]
-print(re.search(r"```python\n(.*?)```", usage, re.S).group(1))
+usage = text[text.index("\n## Quick start"):text.index("\n### Verify, demo, bench")]
+print("\n".join(re.findall(r"```python\n(.*?)```", usage, re.S)))
 EOF
 "$VPY" usage.py
 step "import-and-train smoke test"
