@@ -8,18 +8,22 @@ otherwise reject with an unhelpful message — non-tensors, non-strided layouts
 (they dispatch to backends that have no kernel), options that are not strings.
 """
 import re
+from typing import Mapping, Optional, Sequence
 
 import torch
 
 from . import _C
 
 #: The activations the ops take, in the order of the activation table (csrc/common/activation.h).
-ACTIVATIONS = tuple(_C.activations)
-REDUCTIONS = ("mean", "sum")
+ACTIVATIONS: tuple[str, ...] = tuple(_C.activations)
+REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 
 
-def check_tensors(fn_name, names, values, n_required):
-    """The first ``n_required`` of ``values`` must be tensors; the rest tensors or None."""
+def check_tensors(fn_name: str, names: Sequence[str], values: Sequence[object], n_required: int) -> None:
+    """The first ``n_required`` of ``values`` must be tensors; the rest tensors or None.
+
+    Raises TypeError for anything else (naming ``fusedgrad.<fn_name>``, the argument, what was
+    expected and the type received), ValueError for a tensor whose layout is not strided."""
     for index, (name, value) in enumerate(zip(names, values)):
         if isinstance(value, torch.Tensor):
             if value.layout is not torch.strided:
@@ -36,12 +40,16 @@ def check_tensors(fn_name, names, values, n_required):
         )
 
 
-def option(fn_name, name, value):
-    """A string option, passed to the ops as it is: its value is checked in C++."""
+def option(fn_name: str, name: str, value: object) -> str:
+    """A string option, passed to the ops as it is: its value is checked in C++ (ValueError).
+
+    A non-string is a wrong type: TypeError, as torch raises for one, naming the argument, the
+    allowed names and the value received."""
     if not isinstance(value, str):
         choices = REDUCTIONS if name == "reduction" else ACTIVATIONS
         allowed = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"fusedgrad.{fn_name}: argument '{name}' must be one of {allowed}, got {value!r}")
+        raise TypeError(f"fusedgrad.{fn_name}: argument '{name}' must be a str, one of {allowed}, got "
+                        f"{type(value).__name__} {value!r}")
     return value
 
 
@@ -53,7 +61,8 @@ _DEVICE = re.compile(r"^argument '(\w+)' is on device (\S+) but x is on device (
 _DTYPE = re.compile(r"^argument '(\w+)' has dtype (\S+) but x has dtype (\S+);")
 
 
-def attributed(exc, fn_name, names, values, renames=None):
+def attributed(exc: Exception, fn_name: str, names: Sequence[str], values: Sequence[object],
+               renames: Optional[Mapping[str, str]] = None) -> Exception:
     """``exc`` (an argument error from the ops) as the error of ``fn_name``, the
     function the user called; ``exc`` itself when it is not one of fusedgrad's
     messages. Raise the result ``from None`` and bind it to no local name: a

@@ -7,7 +7,10 @@ None for any call it does not take (tensor subclasses, TorchFunctionModes, bad
 arguments); those, and calls traced by torch.compile, go through torch.ops,
 where the argument errors are raised.
 """
+from typing import Iterable, Optional, Union
+
 import torch
+from torch import Tensor
 from torch.compiler import is_compiling
 
 from . import _C
@@ -23,7 +26,14 @@ _mlp_loss_op = torch.ops.fusedgrad.mlp_loss.default
 _mlp_op = torch.ops.fusedgrad.mlp.default
 
 
-def mlp_loss(x, w1, b1=None, w2=None, b2=None, target=None, *, reduction="mean", activation="sigmoid"):
+#: mlp_loss_and_grads' gradients: (dx, dw1, db1, dw2, db2, dtarget), None where not requested.
+Grads = tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor],
+              Optional[Tensor]]
+
+
+def mlp_loss(x: Tensor, w1: Tensor, b1: Optional[Tensor] = None, w2: Optional[Tensor] = None,
+             b2: Optional[Tensor] = None, target: Optional[Tensor] = None, *, reduction: str = "mean",
+             activation: str = "sigmoid") -> Tensor:
     r"""Squared loss of a two-layer perceptron, with its gradients from one fused pass.
 
     .. math::
@@ -69,7 +79,8 @@ def mlp_loss(x, w1, b1=None, w2=None, b2=None, target=None, *, reduction="mean",
         raise attributed(exc, "fusedgrad.mlp_loss", _LOSS_ARGS, (x, w1, b1, w2, b2, target)) from None
 
 
-def mlp(x, w1, b1=None, w2=None, b2=None, *, activation="sigmoid"):
+def mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor] = None, w2: Optional[Tensor] = None,
+        b2: Optional[Tensor] = None, *, activation: str = "sigmoid") -> Tensor:
     """Prediction ``act(x w1ᵀ + b1) w2ᵀ + b2`` of shape ``(*, O)``, with a fused backward.
 
     Arguments as in :func:`mlp_loss`. Use this when the loss is not the
@@ -94,8 +105,10 @@ _mlp_loss_and_grads_op = torch.ops.fusedgrad.mlp_loss_and_grads.default
 
 
 def mlp_loss_and_grads(
-    x, w1, b1=None, w2=None, b2=None, target=None, *, reduction="mean", activation="sigmoid", wrt=None
-):
+    x: Tensor, w1: Tensor, b1: Optional[Tensor] = None, w2: Optional[Tensor] = None, b2: Optional[Tensor] = None,
+    target: Optional[Tensor] = None, *, reduction: str = "mean", activation: str = "sigmoid",
+    wrt: Union[str, Iterable[str], None] = None,
+) -> tuple[Tensor, Grads]:
     """Loss and gradients in one fused call, without the autograd engine.
 
     For hand-written training loops: no graph is recorded and no ``backward()``
@@ -122,13 +135,13 @@ def mlp_loss_and_grads(
         raise attributed(exc, "fusedgrad.mlp_loss_and_grads", _LOSS_ARGS, args) from None
 
 
-def _mlp_loss_and_grads(args, reduction, activation, wrt):
+def _mlp_loss_and_grads(args: tuple, reduction: object, activation: object, wrt: object) -> tuple[Tensor, Grads]:
     x, w1, b1, w2, b2, target = args
     check_tensors("mlp_loss_and_grads", _LOSS_ARGS, args, 2)
     if wrt is None:
         mask = [a is not None and a.requires_grad for a in args]
     else:
-        wanted = (wrt,) if isinstance(wrt, str) else tuple(wrt)
+        wanted = _wrt_names(wrt)
         unknown = [w for w in wanted if w not in _LOSS_ARGS]
         if unknown:
             raise ValueError(
@@ -146,3 +159,23 @@ def _mlp_loss_and_grads(args, reduction, activation, wrt):
     act = option("mlp_loss_and_grads", "activation", activation)
     loss, *grads = _mlp_loss_and_grads_op(x, w1, b1, w2, b2, target, red, act, mask)
     return loss, tuple(g if m else None for g, m in zip(grads, mask))
+
+
+def _wrt_names(wrt: object) -> tuple[str, ...]:
+    """``wrt`` as a tuple of names: a str, or an iterable of strs (else TypeError naming it)."""
+    if isinstance(wrt, str):
+        return (wrt,)
+    try:
+        wanted = tuple(wrt)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(
+            f"fusedgrad.mlp_loss_and_grads: argument 'wrt' must be None, a str or an iterable of strs "
+            f"(names from {_LOSS_ARGS}), got {type(wrt).__name__}"
+        ) from None
+    wrong = [w for w in wanted if not isinstance(w, str)]
+    if wrong:
+        raise TypeError(
+            f"fusedgrad.mlp_loss_and_grads: argument 'wrt' must hold strs (names from {_LOSS_ARGS}), "
+            f"got {type(wrong[0]).__name__} {wrong[0]!r}"
+        )
+    return wanted

@@ -356,7 +356,9 @@ class Trainer:
             The loss before the update, detached: 0-dim, or ``(K,)`` for an ensemble.
         """
         # The common case, read straight from the optimizer in C++ (csrc/trainer/train_bindings.cpp);
-        # it declines (None) anything else, which the route below handles or refuses.
+        # it declines (None) anything else, which the route below handles or refuses. It declines only
+        # before writing anything: an error after the update began is raised, never rerun here
+        # (a rerun would apply the step twice; tests/test_no_double_update.py).
         if self._fast_step and not self._deep():
             loss = _C.train_step_fast(self.optimizer, self.net._params(), x, target, self.reduction == "mean",
                                       self.model_lr_scale, self._adam, self._adamw, self._activation())

@@ -9,7 +9,7 @@
 #      system site-packages, nothing from this checkout) and install the wheel there,
 #      letting pip check its declared requirements;
 #   4. from a directory outside the checkout: python -m fusedgrad --help, verify,
-#      demo --steps 5, bench --quick, the README's usage block saved as a script, and
+#      demo --steps 5, bench --quick, the README's quick start and usage blocks as a script, and
 #      a short import-and-train smoke test.
 #
 # Environment: PYTHON (default .venv/bin/python), KEEP_WORK=1 keeps the temp folder.
@@ -47,6 +47,7 @@ modules = sorted(os.path.relpath(f, root) for p in packages for f in glob.glob(o
 missing = [m for m in modules if m not in names]
 assert not missing, f"wheel lacks {missing}"
 assert any(n.startswith("fusedgrad/_C") and n.endswith((".so", ".pyd")) for n in names), "wheel lacks fusedgrad/_C"
+assert "fusedgrad/py.typed" in names, "wheel lacks fusedgrad/py.typed (PEP 561 marker)"
 assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "wheel lacks LICENSE"
 meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
 for line in ("License-Expression: BSD-3-Clause", "Requires-Python: >=3.10", "Requires-Dist: torch==2.13.0"):
@@ -55,7 +56,7 @@ with tarfile.open(sdist) as tar:
     in_sdist = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
 sources = sorted(os.path.relpath(f, root) for f in glob.glob(os.path.join(root, "csrc", "**", "*"), recursive=True)
                  if f.endswith((".h", ".hpp", ".cpp", ".cu", ".cuh")))
-missing = [s for s in sources + ["LICENSE", "setup.py", "pyproject.toml", "MANIFEST.in"] + modules
+missing = [s for s in sources + ["LICENSE", "setup.py", "pyproject.toml", "MANIFEST.in", "fusedgrad/py.typed"] + modules
            if s not in in_sdist]
 assert not missing, f"sdist lacks {missing}"
 print(f"{os.path.basename(sdist)}: {len(in_sdist)} files, all {len(sources)} csrc sources and headers")
@@ -90,12 +91,13 @@ step "python -m fusedgrad demo --steps 5"
 "$VPY" -m fusedgrad demo --steps 5
 step "python -m fusedgrad bench --quick"
 "$VPY" -m fusedgrad bench --quick --out "$WORK/bench" 2>/dev/null | tail -n 4
-step "the README's usage block, as a script"
+step "the README's quick start and usage examples, as one script"
+# (the same blocks tests/test_docs.py runs in the checkout: from "## Quick start" to "### Verify")
 "$VPY" - "$ROOT/README.md" > usage.py <<'EOF'
 import re, sys
 text = open(sys.argv[1], encoding="utf-8").read()
-usage = text[text.index("\n## Usage"):]
-print(re.search(r"```python\n(.*?)```", usage, re.S).group(1))
+usage = text[text.index("\n## Quick start"):text.index("\n### Verify, demo, bench")]
+print("\n".join(re.findall(r"```python\n(.*?)```", usage, re.S)))
 EOF
 "$VPY" usage.py
 step "import-and-train smoke test"

@@ -276,7 +276,8 @@ def test_sparse_layout(op, name):
 # String options
 @pytest.mark.parametrize("value", ["none", "avg", "MEAN", None, 1, ""], ids=repr)
 def test_unknown_reduction(value):
-    with pytest.raises(ValueError, match=q("reduction")) as info:
+    error = ValueError if isinstance(value, str) else TypeError  # a wrong type is a TypeError, as in torch
+    with pytest.raises(error, match=q("reduction")) as info:
         call("mlp_loss", reduction=value)
     msg = str(info.value)
     assert "'mean'" in msg and "'sum'" in msg and repr(value) in msg, msg
@@ -289,7 +290,8 @@ def test_unknown_activation(op, value):
     args = good()
     if op == "mlp":
         args.pop("target")
-    with pytest.raises(ValueError, match=q("activation")) as info:
+    error = ValueError if isinstance(value, str) else TypeError  # a wrong type is a TypeError, as in torch
+    with pytest.raises(error, match=q("activation")) as info:
         fn(**args, activation=value)
     msg = str(info.value)
     assert all(f"'{name}'" in msg for name in fusedgrad.ACTIVATIONS) and repr(value) in msg, msg
@@ -333,3 +335,34 @@ def test_module_loss_checks_arguments():
     # float64 input to a float32 module: x is what is wrong, the module's weights are fixed
     with pytest.raises(TypeError, match=r"^FusedMLP\.forward: argument 'x' has dtype torch\.float64 but the weights"):
         net(torch.randn(N, D, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------
+# Wrong types are TypeErrors (as torch raises them), wrong values ValueErrors
+def ensemble_args(K=2):
+    return dict(x=torch.randn(N, D), w1=torch.randn(K, H, D), b1=None, w2=torch.randn(K, O, H), b2=None,
+                target=torch.randn(N, O))
+
+
+@pytest.mark.parametrize("models", ["one", "ensemble"])
+@pytest.mark.parametrize("fn", ["mlp_loss", "mlp_loss_and_grads"])
+@pytest.mark.parametrize("name,value", [("reduction", 1), ("reduction", None), ("activation", 0),
+                                        ("activation", b"sigmoid")], ids=repr)
+def test_option_of_a_wrong_type_is_a_type_error(models, fn, name, value):
+    args = good() if models == "one" else ensemble_args()
+    with pytest.raises(TypeError, match=rf"^fusedgrad\.{fn}: argument '{name}' must be a str, one of ") as info:
+        getattr(fusedgrad, fn)(**args, **{name: value})
+    assert f"got {type(value).__name__} {value!r}" in str(info.value), info.value
+
+
+@pytest.mark.parametrize("wrt,received", [(5, "got int"), (["w1", 1], "got int 1"), ((None,), "got NoneType None")],
+                         ids=repr)
+def test_wrt_of_a_wrong_type_is_a_type_error(wrt, received):
+    with pytest.raises(TypeError, match=r"^fusedgrad\.mlp_loss_and_grads: argument 'wrt' must ") as info:
+        fusedgrad.mlp_loss_and_grads(**good(), wrt=wrt)
+    assert received in str(info.value) and "'w1'" in str(info.value), info.value
+
+
+def test_wrt_naming_an_unknown_argument_is_a_value_error():
+    with pytest.raises(ValueError, match=r"^fusedgrad\.mlp_loss_and_grads: argument 'wrt' names unknown "):
+        fusedgrad.mlp_loss_and_grads(**good(), wrt=("w1", "w3"))

@@ -115,3 +115,17 @@ def test_package_discovery_finds_every_subpackage():
                      for d, _, files in os.walk(os.path.join(ROOT, "fusedgrad")) if "__init__.py" in files)
     assert "fusedgrad.cli" in on_disk
     assert sorted(find_packages(ROOT, include=include or ["fusedgrad", "fusedgrad.*"])) == on_disk
+
+
+def test_py_typed_marker_ships(tmp_path):
+    """PEP 561: fusedgrad/py.typed marks the package as typed. build_py copies what a wheel gets
+    (the modules and pyproject's package-data); MANIFEST.in puts the marker in the sdist.
+    (scripts/check_install.sh checks the real wheel and sdist.)"""
+    assert os.path.isfile(os.path.join(ROOT, "fusedgrad", "py.typed"))
+    proc = subprocess.run([sys.executable, "setup.py", "--quiet", "build_py", "--build-lib", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "FUSEDGRAD_NO_CUDA": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "fusedgrad" / "py.typed").is_file(), sorted(p.name for p in (tmp_path / "fusedgrad").iterdir())
+    with open(os.path.join(ROOT, "MANIFEST.in")) as f:
+        assert "include fusedgrad/py.typed" in f.read().splitlines()

@@ -261,17 +261,29 @@ bool read_optimizer(PyObject* opt, py::tuple params, bool adam, bool decoupled_d
   return held == present && call.params[kW1].defined();
 }
 
-// Runs the call's steps with the GIL released; false if it was refused (the
-// checks run before anything is written: the Python route then raises the
-// error that names the problem).
+// Runs the call's steps with the GIL released; false if its checks refused it
+// — they run before anything is written, so the Python route may then take
+// the call (and raise the error that names the problem). An error after the
+// first write (train_steps' `started`: losses, gradients, parameters,
+// optimizer state or step counts may be partly updated) is never declined: a
+// rerun would apply the step a second time. It is raised as a RuntimeError
+// that says so (tests/test_no_double_update.py).
 bool run_released(const char* fn, TrainCall& call) {
-  py::gil_scoped_release no_gil;
-  try {
-    train_steps(fn, call);
-  } catch (const c10::Error&) {
-    return false;
+  bool started = false;
+  std::string failure;
+  {
+    py::gil_scoped_release no_gil;
+    try {
+      train_steps(fn, call, &started);
+      return true;
+    } catch (const c10::Error& e) {
+      if (!started) return false;
+      failure = e.what_without_backtrace();
+    }
   }
-  return true;
+  throw std::runtime_error(std::string(fn) +
+                           ": failed after the step had begun writing (parameters, .grad and optimizer state may "
+                           "be partly updated; the step was not retried): " + failure);
 }
 
 // What an LR scheduler's wrapper of optimizer.step() records (see trainer.py).
@@ -333,6 +345,9 @@ void register_trainer(py::module& m) {
                                            num_steps, mean, lr_scale, losses, steps_done, activation);
       },
       "Fused training steps of fusedgrad.Trainer (see csrc/trainer/train_bindings.cpp).");
+  m.def("_testing_fail_after_first_update", &set_fail_after_first_update,
+        "TEST-ONLY: while on, every fused training run raises right after the first parameter's optimizer update "
+        "(tests/test_no_double_update.py). Never use outside the tests.");
   m.def("train_step_fast", &train_step_fast,
         "Trainer.step's common case, read straight from the optimizer; None: take the Python route.");
   m.def("train_steps_fast", &train_steps_fast,

@@ -32,6 +32,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -45,6 +46,9 @@
 
 namespace fusedgrad::trainer {
 namespace {
+
+// Test-only failure injection (train_step.h: set_fail_after_first_update).
+std::atomic<bool> fail_after_first_update{false};
 
 constexpr int64_t kBlockRows = 256;    // rows per block (scratch of a block stays in L1/L2)
 constexpr int64_t kHiddenGroup = 4;    // hidden units whose backward runs together
@@ -486,6 +490,11 @@ struct Run {
       }
       auto at = [&](T* base) { return base ? base + off : nullptr; };
       update_kernel(grad[p] + off, param[p] + off, at(s1[p]), at(s2[p]), at(s3[p]), u);
+      if (fail_after_first_update.load(std::memory_order_relaxed)) {  // test-only (train_step.h)
+        TORCH_CHECK(false, "fusedgrad: test-only failure injected after the update of parameter ",
+                    (p == kW1 ? "w1" : p == kB1 ? "b1" : p == kW2 ? "w2" : "b2"),
+                    " (fusedgrad._C._testing_fail_after_first_update)");
+      }
     }
   }
 
@@ -848,9 +857,12 @@ Dims check_call(const char* fn, const TrainCall& c) {
 
 }  // namespace
 
-void train_steps(const char* fn, TrainCall& call) {
-  const Dims d = check_call(fn, call);
+void set_fail_after_first_update(bool on) { fail_after_first_update.store(on, std::memory_order_relaxed); }
+
+void train_steps(const char* fn, TrainCall& call, bool* started) {
+  const Dims d = check_call(fn, call);  // writes nothing
   if (call.num_steps == 0) return;
+  if (started) *started = true;  // from here on an error may leave a step partly applied
   // The parameters are updated in place, as torch.optim does under no_grad;
   // the GEMM path's out= products must not be recorded by autograd.
   at::NoGradGuard no_grad;

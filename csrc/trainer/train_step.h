@@ -54,6 +54,19 @@ struct TrainCall {
 
 // Validates the call (shapes, dtypes, contiguity, state) and raises
 // ValueError / TypeError naming `fn` and the argument; then runs the steps.
-void train_steps(const char* fn, TrainCall& call);
+// Validation writes nothing. `started`, when given, is set to true once it has
+// passed, before the first write (losses, gradients, parameters, optimizer
+// state, step counts): an error thrown while *started is still false left every
+// tensor of the call as it was, so the call may be declined and retried by
+// another route; an error thrown after may leave a step partly applied and must
+// never be retried (csrc/trainer/train_bindings.cpp: run_released).
+void train_steps(const char* fn, TrainCall& call, bool* started = nullptr);
+
+// TEST-ONLY failure injection (fusedgrad._C._testing_fail_after_first_update,
+// used by tests/test_no_double_update.py): while on, every run of
+// train_steps throws a c10::Error right after the optimizer update of the
+// first parameter (w1) of a step — a failure after writing has begun, as an
+// out-of-memory in a GEMM of the step would be. Off unless a test turns it on.
+void set_fail_after_first_update(bool on);
 
 }  // namespace fusedgrad::trainer
