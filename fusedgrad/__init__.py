@@ -23,10 +23,12 @@ from .functional import mlp, mlp_loss, mlp_loss_and_grads
 from .module import FusedMLP
 from .trainer import Trainer
 from .ensemble import FusedMLPEnsemble
+from . import deep  # networks of any depth over weight / bias lists (fusedgrad.deep.mlp_loss, ...)
+from .explain import explain
 
 #: Devices this build has kernels for, e.g. ("cpu",) or ("cpu", "cuda").
 backends = tuple(_C.backends)
 
 __all__ = ["mlp_loss", "mlp", "mlp_loss_and_grads", "FusedMLP", "FusedMLPEnsemble", "Trainer", "backends",
-           "ACTIVATIONS"]
+           "ACTIVATIONS", "explain", "deep"]
 __version__ = "0.1.0"

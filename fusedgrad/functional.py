@@ -63,7 +63,13 @@ def mlp_loss(x: Tensor, w1: Tensor, b1: Optional[Tensor] = None, w2: Optional[Te
     Ensembles: with ``w1`` of shape ``(K, H, D)`` (and ``w2`` ``(K, O, H)``) this
     is K independent models in one op; the loss has shape ``(K,)``, each model's
     own ``reduction``. Shape rules in docs/ensembles.md.
+
+    Any depth: ``mlp_loss(x, [W_1, …, W_L], [b_1, …, b_L] or None, target=t)`` — ``w1`` a list
+    of weights and ``b1`` a list of biases — is :func:`fusedgrad.deep.mlp_loss`.
     """
+    if isinstance(w1, (list, tuple)):
+        _deep_positional("mlp_loss", w2, b2)
+        return _deep().mlp_loss(x, w1, b1, target, reduction=reduction, activation=activation)
     if isinstance(w1, torch.Tensor) and w1.dim() == 3:
         return _ensemble.mlp_loss(x, w1, b1, w2, b2, target, reduction, activation)
     try:
@@ -85,8 +91,12 @@ def mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor] = None, w2: Optional[Tensor]
 
     Arguments as in :func:`mlp_loss`. Use this when the loss is not the
     squared error; use :func:`mlp_loss` when it is (one pass instead of two).
-    With ``w1`` of shape ``(K, H, D)``: K models, prediction ``(K, N, O)``.
+    With ``w1`` of shape ``(K, H, D)``: K models, prediction ``(K, N, O)``. Any depth:
+    ``mlp(x, [W_1, …, W_L], [b_1, …, b_L] or None)`` is :func:`fusedgrad.deep.mlp`.
     """
+    if isinstance(w1, (list, tuple)):
+        _deep_positional("mlp", w2, b2)
+        return _deep().mlp(x, w1, b1, activation=activation)
     if isinstance(w1, torch.Tensor) and w1.dim() == 3:
         return _ensemble.mlp(x, w1, b1, w2, b2, activation)
     try:
@@ -179,3 +189,16 @@ def _wrt_names(wrt: object) -> tuple[str, ...]:
             f"got {type(wrong[0]).__name__} {wrong[0]!r}"
         )
     return wanted
+
+
+def _deep():
+    from . import deep  # imported here: deep imports _checks, as this module does
+
+    return deep
+
+
+def _deep_positional(fn: str, w2, b2) -> None:
+    """With weight and bias lists, the 4th and 5th positional arguments have no meaning."""
+    if w2 is not None or b2 is not None:
+        raise TypeError(f"fusedgrad.{fn}: with a list of weights (any depth), pass the biases as the third "
+                        "argument and the target as target=...; 'w2' and 'b2' must be None")

@@ -81,8 +81,12 @@ struct Pass {
 void run(const Pass<float>& pass);
 void run(const Pass<double>& pass);
 
-// The block size and chunk count a pass of `count` rows uses (for explain()).
+// How a pass of `count` rows runs (fusedgrad.explain): the most rows of a block,
+// the blocks and chunks, the vector width (32 or 64 bytes). All depend on the
+// shape and the row count only, never on the threads.
 int64_t block_rows(const NetShape& s, int64_t element_size);
+int64_t block_count(const NetShape& s, int64_t count, int64_t element_size);
 int64_t chunk_count(const NetShape& s, int64_t count, int64_t element_size);
+int vector_bytes(const NetShape& s, int64_t element_size);
 
 }  // namespace fusedgrad::engine

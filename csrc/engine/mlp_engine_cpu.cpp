@@ -64,7 +64,7 @@ int64_t block_rows_for(const NetShape& s, int64_t elt) {
   return std::clamp<int64_t>(rows / 8 * 8, 16, 256);
 }
 
-int64_t block_count(const NetShape& s, int64_t count, int64_t element_size) {
+int64_t blocks_for(const NetShape& s, int64_t count, int64_t element_size) {
   const int64_t B = block_rows_for(s, element_size);
   const int64_t blocks = (count + B - 1) / B;
   // A pass that fits one block still splits in two when big enough, so that two threads can share it.
@@ -174,7 +174,7 @@ FUSEDGRAD_CPU_INLINE void column_sums(const T* a, int64_t rows, int64_t np, T* o
 // Whether a network's padded widths are much shorter with 32-byte vectors
 // than with 64-byte ones (narrow layers: 20 floats pad to 32 with 16 lanes, to
 // 24 with 8); products and activations run over the padded widths.
-int vector_bytes(const NetShape& s, int64_t elt) {
+int vector_bytes_for(const NetShape& s, int64_t elt) {
   int64_t with64 = 0, with32 = 0;
   for (int64_t n : s.width) {
     with64 += padded(n, 64 / elt);
@@ -200,7 +200,7 @@ struct Plan {
     L = s.layers();
     lanes = VB / sizeof(T);
     B = block_rows_for(s, sizeof(T));
-    blocks = block_count(s, p.count, sizeof(T));
+    blocks = blocks_for(s, p.count, sizeof(T));
     chunks = std::min(blocks, kMaxChunks);
     saves_input = activation_saves_input(s.act);
     np.resize(L + 1);
@@ -397,7 +397,7 @@ void run_pass(const Pass<T>& pass) {
     if (pass.sums) std::fill(pass.sums, pass.sums + SumLayout(*pass.shape).size, 0.0);
     return;
   }
-  if (vector_bytes(*pass.shape, sizeof(T)) == 32) {
+  if (vector_bytes_for(*pass.shape, sizeof(T)) == 32) {
     run_plan<T, 32>(pass);
   } else {
     run_plan<T, 64>(pass);
@@ -408,8 +408,15 @@ void run_pass(const Pass<T>& pass) {
 
 int64_t block_rows(const NetShape& s, int64_t element_size) { return block_rows_for(s, element_size); }
 
+int64_t block_count(const NetShape& s, int64_t count, int64_t element_size) {
+  return blocks_for(s, count, element_size);
+}
+
 int64_t chunk_count(const NetShape& s, int64_t count, int64_t element_size) {
-  return std::min(block_count(s, count, element_size), kMaxChunks);
+  return std::min(blocks_for(s, count, element_size), kMaxChunks);
+}
+
+int vector_bytes(const NetShape& s, int64_t element_size) { return vector_bytes_for(s, element_size);
 }
 
 void run(const Pass<float>& pass) { run_pass(pass); }

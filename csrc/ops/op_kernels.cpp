@@ -16,6 +16,18 @@ LossAndGrads loss_and_grads(const Problem& p, Reduction reduction, const LossGra
   return gemm_loss_and_grads(p, reduction, need);
 }
 
+const char* loss_path_name(const Problem& p) {
+  if (!p.x2.is_cpu()) return "cuda";
+  if (stream_path_applies(p)) return "stream";
+  if (small_path_applies(p)) return "small";
+  return "gemm";
+}
+
+const char* forward_path_name(const Problem& p) {
+  if (!p.x2.is_cpu()) return "cuda";
+  return stream_path_applies(p) ? "stream" : "gemm";
+}
+
 std::array<at::Tensor, 2> forward(const Problem& p) {
   if (p.x2.is_cpu() && stream_path_applies(p)) return mlp_forward_cpu_stream(p);
   return gemm_forward(p);

@@ -6,6 +6,10 @@
 
 #include "direct_calls.h"
 
+namespace fusedgrad {
+void register_explain(pybind11::module& m);  // csrc/python/explain_bindings.cpp
+}
+
 namespace fusedgrad::trainer {
 void register_trainer(pybind11::module& m);       // csrc/trainer/train_bindings.cpp
 void register_deep_trainer(pybind11::module& m);  // csrc/trainer/deep_train.cpp
@@ -21,4 +25,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   fusedgrad::register_direct_calls(m);
   fusedgrad::trainer::register_trainer(m);
   fusedgrad::trainer::register_deep_trainer(m);
+  fusedgrad::register_explain(m);
 }

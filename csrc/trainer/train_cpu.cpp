@@ -336,7 +336,7 @@ template <typename T>
 FUSEDGRAD_CPU_INLINE void chunk_sums_any_widths(const Dims& d, const SumLayout& lay, const ModelPtrs<T>& m,
                                                   const StepRows& rows, const Partition& part, int64_t c, T two_c,
                                                   double* sums) {
-  if (d.act == Activation::Sigmoid && d.O == 1) {
+  if (d.act == Activation::Sigmoid && d.O == 1) {  // fixed_width_kernel(d)
     if (d.D == 1) return chunk_sums<T, 1, 1>(d, lay, m, rows, part, c, two_c, sums);
     if (d.D == 2) return chunk_sums<T, 2, 1>(d, lay, m, rows, part, c, two_c, sums);
   }
@@ -687,6 +687,9 @@ void gemm_step(const Run<T>& run, int64_t k, int64_t step, GemmBuffers& B, std::
 // and 73 µs on the GEMM path).
 bool use_gemm_path(const Dims& d) { return d.macs_per_row() >= kGemmMinMacsPerRow; }
 
+// Whether the compile-time narrow kernel runs (chunk_sums_any_widths).
+bool fixed_width_kernel(const Dims& d) { return d.act == Activation::Sigmoid && d.O == 1 && (d.D == 1 || d.D == 2); }
+
 template <typename T>
 void run_all(const TrainCall& call, const Dims& d) {
   Run<T> run(call, d);
@@ -880,6 +883,12 @@ void train_steps(const char* fn, TrainCall& call, bool* started) {
       if (t->defined()) t->unsafeGetTensorImpl()->bump_version();
     }
   }
+}
+
+const char* train_path_name(int64_t D, int64_t H, int64_t O, Activation act) {
+  const Dims d{1, 1, D, H, O, act};
+  if (use_gemm_path(d)) return "trainer-gemm";
+  return fixed_width_kernel(d) ? "trainer-narrow-fixed" : "trainer-narrow";
 }
 
 }  // namespace fusedgrad::trainer

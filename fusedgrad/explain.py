@@ -1,0 +1,87 @@
+"""fusedgrad.explain: which kernel path a call takes, and why — for users tuning their runs and for
+the tests, which assert the path they mean to exercise instead of assuming it."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+from . import _C
+
+__all__ = ["explain"]
+
+
+def explain(net_or_trainer, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+    """The path ``net.loss(x, target)`` (or ``net(x)`` without a target, or a trainer's steps) takes.
+
+    Args:
+        net_or_trainer: a :class:`~fusedgrad.FusedMLP`, :class:`~fusedgrad.FusedMLPEnsemble` or
+            :class:`~fusedgrad.Trainer`.
+        x: the input the call would get.
+        target: the target: the loss op (or a training step) is explained; None: the forward.
+
+    Returns:
+        A dict with ``"path"`` — ``"engine"`` (any depth: row blocks through the register-blocked
+        products of csrc/engine/), ``"stream"`` / ``"small"`` / ``"gemm"`` / ``"cuda"`` (the
+        one-hidden-layer ops), ``"ensemble"`` (the one-hidden-layer ensemble ops),
+        ``"trainer-narrow"`` / ``"trainer-narrow-fixed"`` / ``"trainer-gemm"`` (the
+        one-hidden-layer trainer), ``"trainer-engine"`` (the trainer at any depth) — and
+        ``"call"``, ``"rows"``, ``"widths"``, ``"dtype"``, ``"threads"`` (torch's thread count)
+        and ``"why"``; the engine paths add ``"block_rows"``, ``"blocks"``, ``"chunks"``
+        (fixed by the shape and the rows, never by the threads: the same bits for any thread
+        count) and ``"vector_bytes"``.
+    """
+    from .ensemble import FusedMLPEnsemble
+    from .module import FusedMLP
+    from .trainer import Trainer
+
+    fn = "fusedgrad.explain"
+    trainer = net_or_trainer if isinstance(net_or_trainer, Trainer) else None
+    net = trainer.net if trainer is not None else net_or_trainer
+    if not isinstance(net, (FusedMLP, FusedMLPEnsemble)):
+        raise TypeError(f"{fn}: argument 'net_or_trainer' must be a FusedMLP, FusedMLPEnsemble or Trainer, got "
+                        f"{type(net_or_trainer).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: argument 'x' must be a torch.Tensor, got {type(x).__name__}")
+    params = net._params()
+    weights = params[0::2]
+    widths = [weights[0].shape[-1]] + [w.shape[-2] for w in weights]
+    rows = x.shape[-2] if isinstance(net, FusedMLPEnsemble) else (x.numel() // max(x.shape[-1], 1) if x.dim() else 0)
+    info: Dict[str, Any] = {
+        "call": "train" if trainer is not None else ("loss" if target is not None else "forward"),
+        "rows": int(rows),
+        "widths": widths,
+        "dtype": weights[0].dtype,
+        "threads": torch.get_num_threads(),
+    }
+    deep = net.hidden_layers != 1
+    if deep:
+        info.update(_C.explain_engine(widths, int(rows), weights[0].element_size()))
+        if trainer is not None:
+            info["path"] = "trainer-engine"
+            info["why"] = ("more than one hidden layer: each step is one engine pass over the step's rows, then the "
+                           "optimizer update, in C++")
+        else:
+            info["path"] = "engine"
+            info["why"] = "more than one hidden layer: the any-depth engine (csrc/engine/)"
+        if isinstance(net, FusedMLPEnsemble):
+            info["why"] += f"; {net.num_models} models in parallel, each pass on one thread"
+        return info
+    if trainer is not None:
+        D, H, O = widths
+        info["path"] = _C.explain_trainer(D, H, O, net.activation)
+        info["why"] = {"trainer-gemm": "a row holds >= 2048 multiply-adds: BLAS products into buffers kept across steps",
+                       "trainer-narrow-fixed": "σ with 1–2 inputs and 1 output: the compile-time-width block kernel",
+                       "trainer-narrow": "narrow layers: the block kernel over rows"}[info["path"]]
+        return info
+    if isinstance(net, FusedMLPEnsemble):
+        info["path"] = "ensemble"
+        info["why"] = "the one-hidden-layer ensemble ops (csrc/ops/ensemble*.cpp)"
+        return info
+    w1, b1, w2, b2 = params
+    info["path"] = _C.explain_op(target is not None, x, w1, b1, w2, b2, target, net.activation)
+    info["why"] = {"stream": "narrow layers: rows streamed through cache-sized blocks (csrc/cpu/stream_path.cpp)",
+                   "small": "few multiply-adds: direct loops (csrc/cpu/small_path.cpp)",
+                   "gemm": "wide enough for BLAS (csrc/ops/gemm_path.cpp)",
+                   "cuda": "CUDA kernels (csrc/cuda/)"}[info["path"]]
+    return info
