@@ -129,38 +129,38 @@ FUSEDGRAD_CPU_INLINE T vec_sigmoid(T h) {
   return T(1) / (T(1) + vec_exp(-h));
 }
 
-// e^y − 1 for y ≤ 0, vectorisable, in the reduction of vec_exp: y = n ln2 + r,
-// e^y − 1 = 2ⁿ (e^r − 1) + (2ⁿ − 1), with e^r − 1 = r (1 + r/2! + r²/3! + …) by
-// Horner — no constant term, so where n = 0 (|y| < ln2/2) the result is that
-// polynomial alone and keeps its relative accuracy however small y is (where
-// 1 − e^y would cancel). Truncation: r⁹/9! (float) and r¹⁴/14! (double) relative
-// to r at |r| = ln2/2, below half an ulp. Below the clamp e^y − 1 = −1.
+// tanh(z), vectorisable, from one reduction of y = −2|z| as in vec_exp:
+// y = n ln2 + r, e^r − 1 = r (1 + r/2! + r²/3! + …) by Horner (no constant term),
+// e = e^y = 2ⁿ (1 + (e^r − 1)), then
+//   n = 0 (|z| < ln2/4): m = e^r − 1 exactly as the polynomial gives it (relative
+//       accuracy however small z is, where 1 − e would cancel), tanh = −m / (2 + m);
+//   n < 0: tanh = (1 − e) / (1 + e), e from 2ⁿ: accurate near ±1, where the
+//       derivative 1 − tanh² cancels and needs it.
+// One division for every z; the sign of z put back. Float: within 2 ulp of the
+// correctly rounded tanh (checked on every 97th float); double: within 3 ulp of
+// torch's. Truncation r⁹/9! (float) and r¹⁴/14! (double) relative to r at
+// |r| = ln2/2, below half an ulp. NaN stays NaN; ±inf gives ±1.
 template <typename T>
-FUSEDGRAD_CPU_INLINE T vec_expm1_nonpositive(T y) {
+FUSEDGRAD_CPU_INLINE T vec_tanh(T z) {
   using C = ExpConsts<T>;
   using Bits = typename C::Bits;
   constexpr T log2e = T(1.4426950408889634074);
   constexpr T ln2_hi = T(0.693145751953125);
   constexpr T ln2_lo = T(1.42860682030941723212e-6);
   constexpr int degree = sizeof(T) == sizeof(float) ? 8 : 13;
+  const T a = z < T(0) ? -z : z;
+  T y = T(-2) * a;
   y = y < C::lo ? C::lo : y;
   const T k = y * log2e + C::shift;
   const T n = k - C::shift;
   const T r = (y - n * ln2_hi) - n * ln2_lo;
   const T em1_r = r * exp_taylor<T, 1, degree>(r);
   const T scale = std::bit_cast<T>(static_cast<Bits>(std::bit_cast<Bits>(k) << C::mantissa));  // 2ⁿ
-  return scale * em1_r + (scale - T(1));
-}
-
-// tanh(z) = −m / (2 + m) with m = e^(−2|z|) − 1 ∈ (−1, 0], the sign of z put back:
-// one exponential-like evaluation and one division for every z, no cancellation
-// for small z (m keeps its relative accuracy there) and no overflow for large
-// ones (m → −1, tanh → 1). NaN stays NaN.
-template <typename T>
-FUSEDGRAD_CPU_INLINE T vec_tanh(T z) {
-  const T a = z < T(0) ? -z : z;
-  const T m = vec_expm1_nonpositive(T(-2) * a);
-  const T t = -m / (T(2) + m);
+  const T e = scale * em1_r + scale;
+  const bool small = n == T(0);
+  const T num = small ? -em1_r : T(1) - e;
+  const T den = small ? T(2) + em1_r : T(1) + e;
+  const T t = num / den;
   return z < T(0) ? -t : t;
 }
 
