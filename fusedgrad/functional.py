@@ -68,7 +68,7 @@ def mlp_loss(x: Tensor, w1: Tensor, b1: Optional[Tensor] = None, w2: Optional[Te
     of weights and ``b1`` a list of biases — is :func:`fusedgrad.deep.mlp_loss`.
     """
     if isinstance(w1, (list, tuple)):
-        _deep_positional("mlp_loss", w2, b2)
+        _deep_positional("mlp_loss", w1, w2, b2)
         return _deep().mlp_loss(x, w1, b1, target, reduction=reduction, activation=activation)
     if isinstance(w1, torch.Tensor) and w1.dim() == 3:
         return _ensemble.mlp_loss(x, w1, b1, w2, b2, target, reduction, activation)
@@ -95,7 +95,7 @@ def mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor] = None, w2: Optional[Tensor]
     ``mlp(x, [W_1, …, W_L], [b_1, …, b_L] or None)`` is :func:`fusedgrad.deep.mlp`.
     """
     if isinstance(w1, (list, tuple)):
-        _deep_positional("mlp", w2, b2)
+        _deep_positional("mlp", w1, w2, b2)
         return _deep().mlp(x, w1, b1, activation=activation)
     if isinstance(w1, torch.Tensor) and w1.dim() == 3:
         return _ensemble.mlp(x, w1, b1, w2, b2, activation)
@@ -197,8 +197,9 @@ def _deep():
     return deep
 
 
-def _deep_positional(fn: str, w2, b2) -> None:
+def _deep_positional(fn: str, w1, w2, b2) -> None:
     """With weight and bias lists, the 4th and 5th positional arguments have no meaning."""
     if w2 is not None or b2 is not None:
-        raise TypeError(f"fusedgrad.{fn}: with a list of weights (any depth), pass the biases as the third "
-                        "argument and the target as target=...; 'w2' and 'b2' must be None")
+        raise TypeError(f"fusedgrad.{fn}: argument 'w1' must be a torch.Tensor, or a list of weights for a network "
+                        f"of any depth — got a {type(w1).__name__}, and with a list 'w2' and 'b2' must be None (pass "
+                        "the biases as 'b1' and the target as target=...)")
