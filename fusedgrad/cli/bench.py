@@ -48,6 +48,12 @@ def add_arguments(parser):
                              "torch.compile, fusedgrad.Trainer and JAX when installed; training.json/.md/.png")
     parser.add_argument("--ensemble", action="store_true",
                         help="instead: training K models at once (µs per model-step by route; ensemble.json/.md)")
+    parser.add_argument("--deep", action="store_true",
+                        help="instead: networks of more than one hidden layer (curve fit, PINN-sized, surrogate, wide, "
+                             "a K=256 ensemble, tall data) by route, native, Adam(fused=True), Trainer.fit and JAX when "
+                             "installed; deep.json and deep.md (float32, threads = largest --threads; --compile adds "
+                             "torch.compile)")
+    parser.add_argument("--compile", action="store_true", help="with --deep: also time torch.compile of the step")
     parser.add_argument("--rows", action="store_true",
                         help="instead of the grid, the N-scaling suite (N = 1e2..1e6; 1→20→1, 16→64→4, 256→256→1): "
                              "rows.json, rows.md, rows.png (float32 = first --dtypes, threads = largest --threads)")
@@ -248,7 +254,32 @@ def run_training(args):
     return 0
 
 
+def run_deep(args):
+    from ..bench import deep
+
+    start = time.perf_counter()
+
+    def progress(label):
+        sys.stderr.write(f"\r{time.perf_counter() - start:6.0f}s  {label:<48}")
+        sys.stderr.flush()
+
+    result = deep.run(quick=args.quick, threads=max(args.threads), with_compile=args.compile,
+                      repeats=min(args.repeats, 5), progress=progress)
+    sys.stderr.write("\n")
+    text = deep.markdown(result)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "deep.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "deep.md"), "w") as f:
+        f.write(text)
+    print(f"wrote {os.path.join(args.out, 'deep.json')} and deep.md")
+    return 0
+
+
 def run(args):
+    if getattr(args, "deep", False):
+        return run_deep(args)
     if args.training:
         return run_training(args)
     if args.ensemble:
