@@ -101,6 +101,7 @@ class Trainer:
         self._adam = self._kind == "adam"
         self._adamw = type(optimizer) is torch.optim.AdamW
         self._fast_step = True  # tests turn it off to compare the two routes
+        self._engine_key, self._engine_value = None, False  # _deep()'s cache
         self.model_lr_scale = None
         if model_lr_scale is not None:
             if not self._ensemble:
@@ -120,8 +121,17 @@ class Trainer:
         return self.net._params()
 
     def _deep(self):
-        """Whether the network has more than one hidden layer (the any-depth route, csrc/trainer/deep_train.cpp)."""
-        return getattr(self.net, "hidden_layers", 1) != 1
+        """Whether the steps run on the any-depth engine (csrc/trainer/deep_train.cpp): every network of
+        more than one hidden layer, and those of one whose widths the engine runs faster than the
+        one-hidden-layer kernels (the rule is csrc/trainer/train_cpu.cpp's train_path_name, which
+        fusedgrad.explain reports too)."""
+        if getattr(self.net, "hidden_layers", 1) != 1:
+            return True
+        w1, _, w2, _ = self.net._params()
+        key = (w1.shape[-1], w1.shape[-2], w2.shape[-2], self._activation())
+        if key != self._engine_key:
+            self._engine_key, self._engine_value = key, _C.explain_trainer(*key) == "trainer-engine"
+        return self._engine_value
 
     def _activation(self):
         """The hidden layer's activation: FusedMLP's own (any of the table's), an ensemble's sigmoid."""

@@ -25,8 +25,10 @@ OPTIMIZERS = {
     "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
     "adam": lambda p: torch.optim.Adam(p, lr=0.05),
 }
-# (D, H, O): the direct-loop kernel and the GEMM kernel (D·H + H·O >= 2048) of csrc/trainer/train_cpu.cpp.
-SHAPES = {"narrow": (1, 20, 1), "gemm": (32, 64, 8)}
+# (D, H, O): the direct-loop kernel and the GEMM kernel (D·H + H·O >= 2048, a layer wider than 128,
+# else the engine takes it) of csrc/trainer/train_cpu.cpp; make() asserts the path through explain.
+SHAPES = {"narrow": (1, 20, 1), "gemm": (32, 160, 8)}
+PATHS = {(1, 20, 1): "trainer-narrow-fixed", (32, 160, 8): "trainer-gemm"}
 STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 STEP_FAILED = r"^fusedgrad\.Trainer\.{}: failed after the step had begun writing .*not retried.*test-only failure"
 
@@ -52,6 +54,7 @@ def make(shape, optimizer, num_models=None, n=64, seed=0):
         net = fusedgrad.FusedMLPEnsemble(num_models, D, H, O, dtype=torch.float64)
     opt = OPTIMIZERS[optimizer](net.parameters())
     trainer = fusedgrad.Trainer(net, opt)
+    assert fusedgrad.explain(trainer, x, y)["path"] == PATHS[shape]
     trainer.step(x, y)  # the first step creates the optimizer state; the fast route takes the next ones
     return x, y, net, opt, trainer
 

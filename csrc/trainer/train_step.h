@@ -62,9 +62,10 @@ struct TrainCall {
 // never be retried (csrc/trainer/train_bindings.cpp: run_released).
 void train_steps(const char* fn, TrainCall& call, bool* started = nullptr);
 
-// The kernel the one-hidden-layer trainer runs for these widths (fusedgrad.explain):
-// "trainer-gemm" (BLAS products), "trainer-narrow-fixed" (the compile-time 1–2-input,
-// 1-output σ kernel) or "trainer-narrow"; the same tests as train_cpu.cpp's dispatch.
+// The kernel a trainer of one hidden layer runs for these widths (fusedgrad.explain, and
+// fusedgrad.Trainer's choice of route): "trainer-engine" (the any-depth engine, through
+// deep_train.cpp), else this file's "trainer-gemm" (BLAS products), "trainer-narrow-fixed"
+// (the compile-time 1–2-input, 1-output σ kernel) or "trainer-narrow".
 const char* train_path_name(int64_t D, int64_t H, int64_t O, Activation act);
 
 // TEST-ONLY failure injection (fusedgrad._C._testing_fail_after_first_update,
