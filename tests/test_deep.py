@@ -194,13 +194,55 @@ def test_module_loss_backward_runs_hooks():
     assert seen == [(5, 5)]
 
 
-def test_double_backward_is_refused_clearly():
-    net = fusedgrad.FusedMLP(2, [4, 4], 1, dtype=torch.float64)
-    x = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(net(x).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(net.loss(x, torch.zeros(6, 1, dtype=torch.float64)), x, create_graph=True)
+@pytest.mark.parametrize("act", ACTS)
+def test_double_backward_is_exact(act):
+    # create_graph=True: the gradients are themselves differentiable (gradgradcheck, float64).
+    gen = torch.Generator().manual_seed(1)
+    weights, biases = make_net([2, 5, 4, 1], True, gen)
+    biases[1] = None
+    x = torch.randn(7, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    t = torch.randn(7, 1, dtype=torch.float64, generator=gen, requires_grad=True)
+    params = (*weights, biases[0], biases[2])
+
+    def unpack(p):
+        return list(p[:3]), [p[3], None, p[4]]
+
+    assert torch.autograd.gradgradcheck(lambda x, t, *p: deep.mlp_loss(x, *unpack(p), t, activation=act),
+                                        (x, t, *params))
+    assert torch.autograd.gradgradcheck(lambda x, *p: deep.mlp(x, *unpack(p), activation=act), (x, *params))
+
+
+def test_pinn_style_input_derivatives_and_their_parameter_gradient():
+    # u, u_x, u_xx by autograd.grad(create_graph=True), a loss of them, loss.backward(): as native.
+    torch.manual_seed(0)
+    net = fusedgrad.FusedMLP(2, 20, 1, activation="tanh", hidden_layers=3, dtype=torch.float64)
+    ref = net.to_module(copy=True)
+
+    def residual_loss(model):
+        x = torch.rand(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        u = model(x)
+        du = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+        u_x, u_t = du[:, 0], du[:, 1]
+        u_xx = torch.autograd.grad(u_x.sum(), x, create_graph=True)[0][:, 0]
+        f = u_t + u.squeeze(1) * u_x - 0.01 / torch.pi * u_xx  # Burgers
+        return (f ** 2).mean()
+
+    got, expected = residual_loss(net), residual_loss(ref)
+    assert rel_err(got, expected) <= 1e-12
+    got.backward()
+    expected.backward()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) <= 1e-10
+
+
+def test_double_backward_through_a_deep_ensemble():
+    torch.manual_seed(0)
+    ens = fusedgrad.FusedMLPEnsemble(3, 2, [4, 4], 1, activation="tanh", dtype=torch.float64)
+    x = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 5, 1, dtype=torch.float64)
+    params = list(ens.parameters())
+    assert torch.autograd.gradgradcheck(
+        lambda x, *p: fusedgrad.deep.mlp_loss(x, list(p[:3]), list(p[3:]), y, activation="tanh"), (x, *params))
 
 
 # ---------------------------------------------------------------------------- the trainer
