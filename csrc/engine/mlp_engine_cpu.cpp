@@ -96,19 +96,43 @@ FUSEDGRAD_CPU_INLINE void store(T* p, const Vec<T, VB>& v) {
 }
 
 // out[i, 0 : NV vectors] = init + Σ_{k < K} coef[i·ci + k·ck] · M[k·ldm, 0 : NV vectors] for RI rows i.
+// With few accumulators (RI·NV < 8) each would wait on its own previous multiply-add (4 cycles):
+// KU accumulators per output then take every KU-th k and are added at the end (a fixed order:
+// the result depends on the shape, never on the threads). Measured: the 1-row tiles of a 1-wide
+// input layer's weight gradient were 5 % of a 1→[20]×3→1 pass as one chain.
 template <typename T, int VB, int NV, int RI>
 FUSEDGRAD_CPU_INLINE void tile(int64_t K, const T* FUSEDGRAD_RESTRICT coef, int64_t ci, int64_t ck,
                                const T* FUSEDGRAD_RESTRICT M, int64_t ldm, const T* FUSEDGRAD_RESTRICT init,
                                T* FUSEDGRAD_RESTRICT out, int64_t ldo) {
   constexpr int64_t W = VB / sizeof(T);
-  Vec<T, VB> acc[RI][NV];
+  constexpr int KU = RI * NV >= 8 ? 1 : RI * NV >= 4 ? 2 : RI * NV >= 2 ? 4 : 8;
+  Vec<T, VB> acc[KU][RI][NV];
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
     const Vec<T, VB> b = init ? load<T, VB>(init + v * W) : Vec<T, VB>{};
 #pragma GCC unroll 8
-    for (int i = 0; i < RI; ++i) acc[i][v] = b;
+    for (int i = 0; i < RI; ++i) {
+      acc[0][i][v] = b;
+#pragma GCC unroll 8
+      for (int u = 1; u < KU; ++u) acc[u][i][v] = Vec<T, VB>{};
+    }
   }
-  for (int64_t k = 0; k < K; ++k) {
+  int64_t k = 0;
+  for (; k + KU <= K; k += KU) {
+#pragma GCC unroll 8
+    for (int u = 0; u < KU; ++u) {
+      Vec<T, VB> m[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) m[v] = load<T, VB>(M + (k + u) * ldm + v * W);
+#pragma GCC unroll 8
+      for (int i = 0; i < RI; ++i) {
+        const T c = coef[i * ci + (k + u) * ck];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[u][i][v] += c * m[v];
+      }
+    }
+  }
+  for (; k < K; ++k) {
     Vec<T, VB> m[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) m[v] = load<T, VB>(M + k * ldm + v * W);
@@ -116,25 +140,41 @@ FUSEDGRAD_CPU_INLINE void tile(int64_t K, const T* FUSEDGRAD_RESTRICT coef, int6
     for (int i = 0; i < RI; ++i) {
       const T c = coef[i * ci + k * ck];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[i][v] += c * m[v];
+      for (int v = 0; v < NV; ++v) acc[0][i][v] += c * m[v];
     }
   }
 #pragma GCC unroll 8
   for (int i = 0; i < RI; ++i) {
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) store<T, VB>(out + i * ldo + v * W, acc[i][v]);
+    for (int v = 0; v < NV; ++v) {
+      Vec<T, VB> sum = acc[0][i][v];
+#pragma GCC unroll 8
+      for (int u = 1; u < KU; ++u) sum += acc[u][i][v];
+      store<T, VB>(out + i * ldo + v * W, sum);
+    }
   }
 }
 
 // Rows 0 .. rows − 1 of out (each np wide, np a multiple of the lanes), as `tile`.
-// A tile holds up to 16 accumulators: 8 rows of one vector, or 4 rows of 2–4.
+// A tile holds up to 16 accumulators: 8 rows of one vector, or 4 rows of 2–4; the
+// rows left over go in tiles of 4, 2 and 1.
 template <typename T, int VB, int NV>
 FUSEDGRAD_CPU_INLINE void tile_rows(int64_t rows, int64_t K, const T* coef, int64_t ci, int64_t ck, const T* M,
                                     int64_t ldm, const T* init, T* out, int64_t ldo) {
   constexpr int RI = NV == 1 ? 8 : 4;
   int64_t i = 0;
   for (; i + RI <= rows; i += RI) tile<T, VB, NV, RI>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
-  for (; i < rows; ++i) tile<T, VB, NV, 1>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
+  if constexpr (RI == 8) {
+    if (i + 4 <= rows) {
+      tile<T, VB, NV, 4>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
+      i += 4;
+    }
+  }
+  if (i + 2 <= rows) {
+    tile<T, VB, NV, 2>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
+    i += 2;
+  }
+  if (i < rows) tile<T, VB, NV, 1>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
 }
 
 template <typename T, int VB>
@@ -285,7 +325,8 @@ struct Plan {
       T* in = scratch + a_off[l];
       T* h = scratch + h_off[l + 1];
       product<T, VB>(nb, s.width[l], in, np[l], 1, WT[l], np[l + 1], np[l + 1], bp[l], h, np[l + 1]);
-      if (l + 1 < L) activate_n(s.act, h, scratch + a_off[l + 1], nb * np[l + 1]);
+      T* a = scratch + a_off[l + 1];
+      if (l + 1 < L && !(s.act == Activation::Identity && a == h)) activate_n(s.act, h, a, nb * np[l + 1]);
     }
     const T* p = scratch + h_off[L];
     const int64_t npo = np[L];
