@@ -224,13 +224,7 @@ class FusedMLP(nn.Module):
                                              wrt=self._wrt(params))
         except (ValueError, TypeError) as exc:
             raise self._error(exc, "FusedMLP.loss_backward", x, target) from None
-        for param, grad in zip(params, grads[1:5]):
-            if grad is None:
-                continue
-            if param.grad is None:
-                param.grad = grad
-            else:
-                param.grad += grad
+        _accumulate(params, grads[1:5])
         return loss
 
     def _deep_loss_backward(self, x, target, reduction):
@@ -251,13 +245,7 @@ class FusedMLP(nn.Module):
                                                           activation=self.activation)
         except (ValueError, TypeError) as exc:
             raise self._deep_error(exc, fn) from None
-        for param, grad in zip(params, [g for pair in zip(dw, db) for g in pair]):
-            if param is None or grad is None or not param.requires_grad:
-                continue
-            if param.grad is None:
-                param.grad = grad
-            else:
-                param.grad += grad
+        _accumulate(params, [g for pair in zip(dw, db) for g in pair])
         return loss
 
     def _deep_error(self, exc, fn_name):
@@ -381,6 +369,17 @@ class FusedMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation} (fused)"
+
+
+def _accumulate(params, grads):
+    """Each gradient into its parameter's .grad as backward() does: assigned when None, else added."""
+    for param, grad in zip(params, grads):
+        if param is None or grad is None or not param.requires_grad:
+            continue
+        if param.grad is None:
+            param.grad = grad
+        else:
+            param.grad += grad
 
 
 def _check_same_forward(model, net):
