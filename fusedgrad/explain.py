@@ -72,8 +72,9 @@ def explain(net_or_trainer, x: torch.Tensor, target: Optional[torch.Tensor] = No
         info["path"] = _C.explain_trainer(D, H, O, net.activation)
         if info["path"] == "trainer-engine":
             info.update(_C.explain_engine(widths, int(rows), weights[0].element_size()))
-        info["why"] = {"trainer-engine": "inputs and outputs >= 4 wide, layers <= 128: the any-depth engine, "
-                                         "measured faster there than the one-hidden-layer kernels",
+        info["why"] = {"trainer-engine": "inputs and outputs >= 4 wide, layers <= 128, >= 1024 multiply-adds "
+                                         "a row: the any-depth engine, measured faster there than the "
+                                         "one-hidden-layer kernels",
                        "trainer-gemm": "a row holds >= 2048 multiply-adds: BLAS products into buffers kept across steps",
                        "trainer-narrow-fixed": "σ with 1–2 inputs and 1 output: the compile-time-width block kernel",
                        "trainer-narrow": "narrow layers: the block kernel over rows"}[info["path"]]

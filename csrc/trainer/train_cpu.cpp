@@ -890,9 +890,13 @@ const char* train_path_name(int64_t D, int64_t H, int64_t O, Activation act) {
   // The any-depth engine (csrc/engine/, run by deep_train.cpp) where it was measured faster
   // (Trainer.fit, float32, 2 threads, interleaved: 256×32→64→8 77 → 33 µs a step, 1024×64→128→16
   // 452 → 346, 256×16→64→4 34 → 21, 2048×32→48→4 190 → 150): inputs and outputs at least 4 wide
-  // and no layer wider than 128. Narrower outer layers pad the engine's row-major vectors (1000×1→20→1:
-  // 9 µs here, 37 there); wider ones are BLAS's (16384×512→512→128: 5 % faster here).
-  if (!fixed_width_kernel(d) && std::min(D, O) >= 4 && std::max({D, H, O}) <= 128) return "trainer-engine";
+  // and no layer wider than 128, with at least 1024 multiply-adds a row. Narrower outer layers pad the
+  // engine's row-major vectors (1000×1→20→1: 9 µs here, 37 there); wider ones are BLAS's
+  // (16384×512→512→128: 5 % faster here); smaller rows keep this file's kernels and Trainer.step's
+  // C++ route (10×4→4→4: 4.7 µs a step here, 41 through the engine's Python-read optimizer).
+  if (!fixed_width_kernel(d) && std::min(D, O) >= 4 && std::max({D, H, O}) <= 128 && d.macs_per_row() >= 1024) {
+    return "trainer-engine";
+  }
   if (use_gemm_path(d)) return "trainer-gemm";
   return fixed_width_kernel(d) ? "trainer-narrow-fixed" : "trainer-narrow";
 }
