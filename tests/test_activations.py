@@ -31,21 +31,41 @@ def _h(n_random):
 
 @pytest.fixture(params=["small", "gemm", "stream"])
 def path(request):
-    """The kernel path the loss op takes: the direct loops, the GEMM path, the streaming path (tall data)."""
+    """The kernel path the loss op takes: the direct loops, the GEMM path, the streaming path (tall
+    data). The stream path is tried first wherever it applies (D ≤ 32, H ≤ 128, O ≤ 16 and narrow
+    rows), so the small and GEMM cases feed h through a 33-wide x (see rows_for); each test asserts
+    the path through fusedgrad._C.explain_op, the dispatch's own test."""
     n = {"small": 30, "gemm": 30, "stream": 20000}[request.param]
     previous = _C._set_small_path_max_macs(0 if request.param == "gemm" else -1)
     yield request.param, n
     _C._set_small_path_max_macs(previous)
 
 
+def rows_for(name, h):
+    """(x, w1) with x w1ᵀ = h exactly: h itself with w1 = [[1]] for the stream path; for the others h
+    beside 32 zero columns with w1 = [[1, 0, …, 0]] (33 inputs: more than the stream path takes)."""
+    one = torch.ones(1, 1, dtype=h.dtype)
+    if name == "stream":
+        return h, one
+    zeros = torch.zeros(h.shape[0], 32, dtype=h.dtype)
+    return torch.cat([h, zeros], 1), torch.cat([one, torch.zeros(1, 32, dtype=h.dtype)], 1)
+
+
+def assert_path(loss, expected, x, w1, w2=None, activation="sigmoid"):
+    got = _C.explain_op(loss, x.detach(), w1, None, w2, None, None, activation)
+    assert got == expected, f"the {'loss' if loss else 'forward'} op took {got!r}, the test means {expected!r}"
+
+
 @pytest.mark.parametrize("activation", fusedgrad.ACTIVATIONS)
 def test_value_and_derivative_match_torch(activation, path):
-    _, n = path
+    name, n = path
     h = _h(n).requires_grad_()
-    one = torch.ones(1, 1, dtype=F64)
+    x, w1 = rows_for(name, h)
+    assert_path(True, name, x, w1, activation=activation)
+    assert_path(False, "stream" if name == "stream" else "gemm", x, w1, activation=activation)  # no small forward
     act = REF_ACTIVATIONS[activation]
     # mlp without w2: the prediction is act(h) itself
-    pred = fusedgrad.mlp(h, one, activation=activation)
+    pred = fusedgrad.mlp(x, w1, activation=activation)
     expected = act(h)
     assert_close_rel(pred, expected, 1e-12, "value")
     go = torch.linspace(-1, 1, h.numel(), dtype=F64).unsqueeze(1)
@@ -53,7 +73,7 @@ def test_value_and_derivative_match_torch(activation, path):
     (want,) = torch.autograd.grad(expected, h, go)
     assert_close_rel(got, want, 1e-12, "mlp derivative")
     # the loss op: L = Σ act(h)², dL/dh = 2 act(h) act'(h)
-    loss = fusedgrad.mlp_loss(h, one, reduction="sum", activation=activation)
+    loss = fusedgrad.mlp_loss(x, w1, reduction="sum", activation=activation)
     (got,) = torch.autograd.grad(loss, h)
     ref = (act(h) ** 2).sum()
     (want,) = torch.autograd.grad(ref, h)
@@ -67,16 +87,17 @@ def test_relu_derivative_at_zero_is_zero():
     assert g.flatten().tolist() == [0.0, 0.0, 1.0]
 
 
-def test_float32_sigmoid_within_two_ulp(path):
+@pytest.mark.parametrize("name", ["gemm", "stream"])  # the prediction's forward paths (it has no small path)
+def test_float32_sigmoid_within_two_ulp(name):
     """σ in float32 (cpu_vector.h: vec_exp's degree-6 polynomial, measured within 2 ulp
-    of the correctly rounded σ over every float in [−87, 88]) on each kernel path, over
-    a dense grid of h and the special values: mlp(x) with w1 = w2 = [[1]] is σ(x) exactly."""
-    name, n = path
+    of the correctly rounded σ over every float in [−87, 88]) on each forward path, over
+    a dense grid of h and the special values: mlp(x) with x w1ᵀ = h and w2 = [[1]] is σ(h) exactly."""
+    n = 20000 if name == "stream" else 30
     h = torch.cat([torch.linspace(-87, 88, 200_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 17.0, -17.0])])
-    h = h[: max(n, 200_001)] if name == "stream" else h
     ones = torch.ones(1, 1)
-    rows = h.unsqueeze(1)
-    out = torch.cat([fusedgrad.mlp(rows[i:i + n], ones, None, ones) for i in range(0, len(rows), n)]).flatten()
+    x, w1 = rows_for(name, h.unsqueeze(1))
+    assert_path(False, name, x[:n], w1, ones)
+    out = torch.cat([fusedgrad.mlp(x[i:i + n], w1, None, ones) for i in range(0, len(x), n)]).flatten()
     exact = torch.sigmoid(h.double()).float()  # correctly rounded (double, then one rounding)
     ulp = (out.view(torch.int32).long() - exact.view(torch.int32).long()).abs()
     assert ulp.max().item() <= 2, f"{ulp.max().item()} ulp at h = {h[ulp.argmax()].item()}"
@@ -108,7 +129,12 @@ def test_ensemble_ops_take_every_activation(activation):
                      "ensemble dw1")
 
 
-@pytest.mark.parametrize("shape", [(1, 20, 1), (32, 64, 8)], ids=["narrow", "gemm"])  # both trainer paths
+# The trainer's kernels (fusedgrad.explain asserts each): (1, 20, 1) takes the compile-time kernel with σ
+# and the run-time-width one otherwise, (32, 160, 8) BLAS, (32, 64, 8) the any-depth engine.
+TRAINER_SHAPES = {(1, 20, 1): None, (32, 160, 8): "trainer-gemm", (32, 64, 8): "trainer-engine"}
+
+
+@pytest.mark.parametrize("shape", list(TRAINER_SHAPES), ids=["narrow", "gemm", "engine"])
 @pytest.mark.parametrize("activation", fusedgrad.ACTIVATIONS)
 def test_trainer_trains_every_activation_as_the_reference_loop(activation, shape):
     """fusedgrad.Trainer honours FusedMLP(activation=...): 20 Adam steps (the first full batch,
@@ -127,6 +153,8 @@ def test_trainer_trains_every_activation_as_the_reference_loop(activation, shape
     model = torch.nn.Sequential(ref.linear1, activation_module(activation), ref.linear2)
     opt, ropt = torch.optim.Adam(net.parameters(), lr=0.02), torch.optim.Adam(ref.parameters(), lr=0.02)
     trainer = fusedgrad.Trainer(net, opt)
+    expected_path = TRAINER_SHAPES[shape] or ("trainer-narrow-fixed" if activation == "sigmoid" else "trainer-narrow")
+    assert fusedgrad.explain(trainer, x, y)["path"] == expected_path
     losses = [trainer.step(x, y)] + list(trainer.fit(x, y, 19, batch_size=32, shuffle=False))
     ref_losses = []
     for step in range(20):

@@ -160,8 +160,15 @@ def test_other_broadcast_shapes(lead, hidden, out, which, shape, dtype):
 
 
 # ---------------------------------------------------------------------------
-# Problems big enough for the GEMM path (N·(DH + HO) far above the direct-loop
-# path's range) and for the row-block parallel reductions (N·cols > 16384).
+# Problems for the GEMM path (rows of 40·16 + 16·10 = 800 multiply-adds: wider than the
+# streaming path takes below 32 768 rows; N·(DH + HO) far above the direct-loop path's
+# range; assert_path checks) and for the row-block parallel reductions (N·cols > 16384).
+def assert_path(p, expected, loss=True, activation="sigmoid"):
+    args = [a.detach() if a is not None else None for a in p.loss_args()]
+    got = fusedgrad._C.explain_op(loss, *args[:5], args[5] if loss else None, activation)
+    assert got == expected, f"{p.label}: the {'loss' if loss else 'prediction'} takes {got!r}, not {expected!r}"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("lead", [(2100,), (30, 70)], ids=["2d", "3d"])
 @pytest.mark.parametrize("kinds", [("vec", "vec"), ("full", "full"), ("col", "col"), ("row", "none")],
@@ -169,12 +176,15 @@ def test_other_broadcast_shapes(lead, hidden, out, which, shape, dtype):
 def test_large_problems(kinds, lead, dtype):
     b1, b2 = kinds
     for layout in ("contig", "noncontig"):
-        p = make_problem(lead, 12, 16, 10, b1=b1, b2=b2, target="grad", layout=layout, dtype=dtype, seed=3)
+        p = make_problem(lead, 40, 16, 10, b1=b1, b2=b2, target="grad", layout=layout, dtype=dtype, seed=3)
+        assert_path(p, "gemm")
+        assert_path(p, "gemm", loss=False)
         for reduction in ("mean", "sum"):
             compare_loss(p, reduction)
         go = upstream_grad(tuple(lead) + (10,), dtype, 5)
         compare_mlp(p, go, "sigmoid")
-    p = make_problem(lead, 12, 16, None, b1=b1, b2="none", target="grad", dtype=dtype, seed=4)
+    p = make_problem(lead, 40, 16, None, b1=b1, b2="none", target="grad", dtype=dtype, seed=4)
+    assert_path(p, "gemm", activation="identity")
     compare_loss(p, "mean", "identity")
 
 

@@ -67,11 +67,20 @@ def assert_bitwise(a, b, label):
         assert torch.equal(x, y), f"{label}: result {k} differs (max diff {(x - y).abs().max().item():.3e})"
 
 
-SHAPES = {  # the small direct-loop path and the GEMM path (N·(DH + HO) = 1.3M multiply-adds,
-    # far above the crossover, kSmallPathMaxMacs = 2^17 when written)
-    "small": dict(N=10, D=4, H=4, O=4),
+SHAPES = {  # the loss op's small direct-loop path (33 inputs: more than the streaming path, tried
+    # first, takes) and its GEMM path (N·(DH + HO) = 1.3M multiply-adds, far above the crossover);
+    # the prediction has no small path: both shapes' forwards run the GEMM path. assert_path checks.
+    "small": dict(N=10, D=33, H=4, O=4),
     "gemm": dict(N=1031, D=32, H=32, O=8),
 }
+
+
+def assert_path(p, shape, kind):
+    loss = kind != "mlp"
+    got = fusedgrad._C.explain_op(loss, p["x"], p["w1"], p["b1"], p["w2"], p["b2"], p["target"] if loss else None,
+                                  "sigmoid")
+    expected = shape if loss else "gemm"
+    assert got == expected, f"{shape} {kind}: the op takes {got!r}, the test means {expected!r}"
 CASES = [(s, kind, bw) for s in SHAPES for kind, bw in
          (("loss", True), ("loss", False), ("mlp", True), ("mlp", False), ("op", False))]
 
@@ -79,8 +88,11 @@ CASES = [(s, kind, bw) for s in SHAPES for kind, bw in
 @pytest.mark.parametrize("shape,kind,backward", CASES, ids=[f"{s}-{k}-{'bw' if b else 'fw'}" for s, k, b in CASES])
 def test_threads_match_sequential_bitwise(shape, kind, backward):
     n_threads, calls = 8, 50
-    problems = [problem(**SHAPES[shape], seed=s, bias=("vec", "full", "col", "row")[s % 4])
-                for s in range(n_threads)]
+    # (N, 1) "col" biases broadcast in a way only the GEMM path takes: the small shape goes without them
+    kinds = ("vec", "full", "col", "row") if shape == "gemm" else ("vec", "full", "row")
+    problems = [problem(**SHAPES[shape], seed=s, bias=kinds[s % len(kinds)]) for s in range(n_threads)]
+    for p in problems:
+        assert_path(p, shape, kind)
     expected = [step(p, kind, backward) for p in problems]
     errors, mismatches = [], []
     barrier = threading.Barrier(n_threads)
@@ -114,7 +126,9 @@ def test_threads_mixed_ops_and_dtypes():
     for s, (shape, dtype, kind) in enumerate(
             [("small", F32, "loss"), ("gemm", F64, "loss"), ("small", F64, "mlp"),
              ("gemm", F32, "mlp"), ("small", F32, "op"), ("gemm", F64, "op")]):
-        p = problem(**SHAPES[shape], dtype=dtype, seed=100 + s, bias=("vec", "col", "full")[s % 3])
+        kinds = ("vec", "col", "full") if shape == "gemm" else ("vec", "row", "full")  # "col": GEMM path only
+        p = problem(**SHAPES[shape], dtype=dtype, seed=100 + s, bias=kinds[s % 3])
+        assert_path(p, shape, kind)
         jobs.append((p, kind, kind != "op", step(p, kind, kind != "op")))
     failures = []
 
@@ -158,7 +172,7 @@ THREAD_CASES = [
     (8192, 8, 16, 3, "vec"),
     (4096, 16, 64, 8, "full"),
     (4096, 16, 64, 8, "col"),  # (N, 1) biases: gradients through a plain sum over columns
-    (300, 7, 5, 3, "vec"),  # small path
+    (300, 7, 5, 3, "vec"),  # the streaming path (narrow rows), whatever the thread count
 ]
 
 

@@ -200,12 +200,28 @@ def test_bitwise_identical_with_one_and_two_threads():
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
-@pytest.mark.parametrize("shape", [(4, 256, 32, 64, 8), (64, 100, 1, 20, 1)], ids=["gemm_path", "small_path"])
-def test_models_on_two_threads_under_autograd(shape):
+def model_path(args, k=0):
+    """The kernel path model k's loss takes: every model runs the single-model dispatch."""
+    x, w1, b1, w2, b2, target = args
+    K = w1.shape[0]
+
+    def model_k(t, per_model):  # model k's slice of a stacked argument, a shared one as it is
+        return t.detach()[k] if t is not None and per_model(t) else (None if t is None else t.detach())
+
+    data = lambda t: t.dim() == 3  # noqa: E731  (x, target: (K, N, ·) per model, (N, ·) shared)
+    bias = lambda t: t.dim() >= 2 and t.shape[0] == K  # noqa: E731
+    return fusedgrad._C.explain_op(True, model_k(x, data), w1.detach()[k], model_k(b1, bias), w2.detach()[k],
+                                   model_k(b2, bias), model_k(target, data), "sigmoid")
+
+
+@pytest.mark.parametrize("shape,path", [((4, 256, 32, 64, 8), "gemm"), ((64, 100, 1, 20, 1), "stream")],
+                         ids=["gemm_path", "stream_path"])
+def test_models_on_two_threads_under_autograd(shape, path):
     """Models spread over threads, arguments requiring grad: the worker threads run below
     autograd like the calling thread (no autograd views of the slices, no out= errors)."""
     K, N, D, H, O = shape
     args = make_args(K, N, D, H, O, "shared", "per_model", True, "per_model", "per_model", seed=9)
+    assert model_path(args) == path
     saved = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

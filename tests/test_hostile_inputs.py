@@ -410,9 +410,16 @@ def test_zero_rows_full_shape_gradient_no_crash():
 # --------------------------------------------------------------------------- NaN and ±Inf
 
 def _sizes(path):
-    # the small direct-loop path, and the GEMM path: N·(DH + HO) = 2.4M multiply-adds,
-    # far above the crossover (csrc/cpu/small_path.cpp: kSmallPathMaxMacs = 2^17 when written)
-    return dict(N=5, D=3, H=4, O=2) if path == "small" else dict(N=1031, D=64, H=32, O=8)
+    # the small direct-loop path (33 inputs: more than the streaming path, tried first, takes),
+    # and the GEMM path: N·(DH + HO) = 2.4M multiply-adds, far above the crossover
+    # (csrc/cpu/small_path.cpp); _assert_path checks each through the dispatch's own test.
+    return dict(N=5, D=33, H=4, O=2) if path == "small" else dict(N=1031, D=64, H=32, O=8)
+
+
+def _assert_path(args, path, activation="sigmoid"):
+    got = fusedgrad._C.explain_op(True, args["x"].detach(), args["w1"], args.get("b1"), args.get("w2"),
+                                  args.get("b2"), args.get("target"), activation)
+    assert got == path, f"the loss op takes {got!r}, the test means {path!r}"
 
 
 @pytest.mark.parametrize("path", ["small", "gemm"])
@@ -421,6 +428,7 @@ def _sizes(path):
 @pytest.mark.parametrize("activation", ["sigmoid", "identity"])
 def test_non_finite_inputs_propagate_as_autograd(name, value, activation, path):
     args = make(**_sizes(path), seed=3)
+    _assert_path(args, path, activation)
     flat = args[name].view(-1)
     flat[1] = value
     flat[-1] = value
@@ -447,6 +455,7 @@ def test_non_finite_per_sample_bias_row():
 @pytest.mark.parametrize("where", ["x", "b1", "w1"])
 def test_saturated_sigmoid_float64_matches_autograd(where, magnitude, path):
     args = make(**_sizes(path), seed=5)
+    _assert_path(args, path)
     args[where] = args[where] * magnitude  # |h| ~ magnitude, both signs
     for reduction in ("mean", "sum"):
         value, grads = fused_and_native(args, reduction=reduction)
@@ -462,6 +471,7 @@ def test_saturated_sigmoid_float64_matches_autograd(where, magnitude, path):
 def test_saturated_sigmoid_float32_no_nan(magnitude, path):
     """float32, |h| up to 1e30: no NaN, values within float32 rounding of native float32."""
     args = {k: v.float() for k, v in make(**_sizes(path), seed=6).items()}
+    _assert_path(args, path)
     args["x"] = args["x"] * magnitude
     value, grads = fused_and_native(args, rtol=1e-4)
     assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads.values())

@@ -12,8 +12,10 @@ from reference import assert_close_rel, ref_mlp, ref_mlp_loss
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-# N includes 1 and primes; 257 and 401 with widths near 17 take the GEMM path
-# (N·(DH + HO) above the direct-loop path's range).
+# N includes 1 and primes. With widths up to 17 most draws take the streaming path (rows of at most
+# 512 multiply-adds: csrc/cpu/stream_path.cpp), the rest (wider rows, broadcast kinds the streaming
+# path does not take) the direct-loop or GEMM path; the paths are named and asserted in
+# tests/test_activations.py, test_hostile_inputs.py, test_concurrency.py and test_against_autograd.py.
 ROWS = st.sampled_from([1, 2, 3, 5, 7, 11, 13, 17, 64, 257, 401])
 WIDTH = st.integers(1, 17)
 
