@@ -50,7 +50,10 @@ def _layers(fn: str, weights, biases):
 
 
 def _option(fn: str, name: str, value, allowed) -> str:
-    if not isinstance(value, str) or value not in allowed:
+    if not isinstance(value, str):  # a wrong type is a TypeError, as torch raises it
+        raise TypeError(f"{fn}: argument '{name}' must be a str, one of {', '.join(repr(a) for a in allowed)}, "
+                        f"got {type(value).__name__}")
+    if value not in allowed:
         raise ValueError(f"{fn}: argument '{name}' must be one of {', '.join(repr(a) for a in allowed)}, "
                          f"got {value!r}")
     return value

@@ -1,5 +1,6 @@
 """FusedMLPEnsemble: K independent Linear → act → … → Linear models in one module."""
 import types
+from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -44,8 +45,10 @@ class FusedMLPEnsemble(nn.Module):
     activation = "sigmoid"
     hidden_layers = 1
 
-    def __init__(self, num_models: int, in_features: int, hidden_features, out_features: int, bias: bool = True,
-                 device=None, dtype=None, activation: str = "sigmoid", hidden_layers=None) -> None:
+    def __init__(self, num_models: int, in_features: int, hidden_features: Union[int, Sequence[int]],
+                 out_features: int, bias: bool = True, device: Optional[Union[torch.device, str]] = None,
+                 dtype: Optional[torch.dtype] = None, activation: str = "sigmoid",
+                 hidden_layers: Optional[int] = None) -> None:
         super().__init__()
         for name, value in (("num_models", num_models), ("in_features", in_features),
                             ("out_features", out_features)):
@@ -119,7 +122,7 @@ class FusedMLPEnsemble(nn.Module):
     # --- conversions -----------------------------------------------------------------------
 
     @classmethod
-    def from_modules(cls, models) -> "FusedMLPEnsemble":
+    def from_modules(cls, models: Union[nn.Module, Iterable[nn.Module]]) -> "FusedMLPEnsemble":
         """An ensemble holding copies of the parameters of ``models``.
 
         Each model is a :class:`FusedMLP` or anything :meth:`FusedMLP.from_module`
@@ -198,7 +201,7 @@ class FusedMLPEnsemble(nn.Module):
         net.train(self.training)
         return net
 
-    def to_modules(self):
+    def to_modules(self) -> List[FusedMLP]:
         """``[self.module(k) for k in range(K)]``."""
         return [self.module(k) for k in range(self.num_models)]
 

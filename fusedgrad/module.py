@@ -1,5 +1,6 @@
 """FusedMLP: a drop-in Linear → activation → Linear module with fused kernels."""
 import copy as _copy
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -22,6 +23,9 @@ def _check_activation(fn_name, activation):
     if isinstance(activation, str) and activation in ACTIVATIONS:
         return activation
     allowed = ", ".join(repr(a) for a in ACTIVATIONS)
+    if not isinstance(activation, str):  # a wrong type is a TypeError, as torch raises it
+        raise TypeError(f"{fn_name}: argument 'activation' must be a str, one of {allowed}, got "
+                        f"{type(activation).__name__}")
     raise ValueError(f"{fn_name}: argument 'activation' must be one of {allowed}, got {activation!r}")
 
 
@@ -38,7 +42,7 @@ def _activation_of(module):
     return name if name in ACTIVATIONS else None
 
 
-def activation_module(name):
+def activation_module(name: str) -> nn.Module:
     """The torch.nn module computing the activation ``name`` of ACTIVATIONS (the inverse of _activation_of)."""
     _check_activation("fusedgrad.activation_module", name)
     base, _, approximate = name.partition("_")
@@ -49,8 +53,10 @@ def activation_module(name):
 def _hidden_widths(fn_name, hidden_features, hidden_layers):
     """The hidden widths n_1 … n_{L−1}: ``hidden_layers`` copies of an int ``hidden_features``, or the
     sequence itself (``hidden_layers`` then None or its length)."""
-    if hidden_layers is not None and (isinstance(hidden_layers, bool) or not isinstance(hidden_layers, int)
-                                      or hidden_layers < 1):
+    if hidden_layers is not None and (isinstance(hidden_layers, bool) or not isinstance(hidden_layers, int)):
+        raise TypeError(f"{fn_name}: argument 'hidden_layers' must be an int >= 1 or None, got "
+                        f"{type(hidden_layers).__name__}")
+    if hidden_layers is not None and hidden_layers < 1:
         raise ValueError(f"{fn_name}: argument 'hidden_layers' must be an int >= 1 or None, got {hidden_layers!r}")
     if isinstance(hidden_features, int) and not isinstance(hidden_features, bool):
         return [hidden_features] * (hidden_layers or 1)
@@ -96,8 +102,10 @@ class FusedMLP(nn.Module):
     activation = "sigmoid"  # (a class default too: modules pickled before the argument existed)
     hidden_layers = 1
 
-    def __init__(self, in_features: int, hidden_features, out_features: int, bias: bool = True, device=None,
-                 dtype=None, activation: str = "sigmoid", hidden_layers=None) -> None:
+    def __init__(self, in_features: int, hidden_features: Union[int, Sequence[int]], out_features: int,
+                 bias: bool = True, device: Optional[Union[torch.device, str]] = None,
+                 dtype: Optional[torch.dtype] = None, activation: str = "sigmoid",
+                 hidden_layers: Optional[int] = None) -> None:
         super().__init__()
         self.activation = _check_activation("FusedMLP", activation)
         widths = _hidden_widths("FusedMLP", hidden_features, hidden_layers)

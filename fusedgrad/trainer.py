@@ -13,14 +13,21 @@ max_exp_avg_sq, momentum_buffer) are read at every call and updated in place,
 so plain ``opt.step()``, ``opt.state_dict()`` / ``load_state_dict()`` and LR
 schedulers keep working between calls. The kernels are in csrc/trainer/.
 """
+from __future__ import annotations
+
 import math
 import time
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import torch
 from torch.optim import optimizer as _optimizer_module
 
 from . import _C
 from ._hooks import grad_hook_flags, grad_hooks
+
+if TYPE_CHECKING:
+    from .ensemble import FusedMLPEnsemble
+    from .module import FusedMLP
 
 _PARAM_NAMES = ("w1", "b1", "w2", "b2")
 # Groups options each optimizer class has, and what the fused update supports.
@@ -78,7 +85,8 @@ class Trainer:
     either. Float32 and float64 on the CPU.
     """
 
-    def __init__(self, net, optimizer, reduction="mean", *, model_lr_scale=None):
+    def __init__(self, net: Union["FusedMLP", "FusedMLPEnsemble"], optimizer: torch.optim.Optimizer,
+                 reduction: str = "mean", *, model_lr_scale: Optional[torch.Tensor] = None) -> None:
         fn = "fusedgrad.Trainer"
         from .module import FusedMLP
 
@@ -166,11 +174,11 @@ class Trainer:
         opt = self.optimizer
         kind = _kind_of(opt)
         if _step_hooks(opt):
-            raise ValueError(f"{fn}: the optimizer has step hooks (register_step_pre_hook / "
+            raise RuntimeError(f"{fn}: the optimizer has step hooks (register_step_pre_hook / "
                              "register_step_post_hook, or global optimizer hooks), which opt.step() runs and the "
                              "fused trainer would skip; train with opt.step() instead")
         if torch.is_anomaly_enabled():
-            raise ValueError(f"{fn}: anomaly detection is on (torch.autograd.detect_anomaly); it checks what "
+            raise RuntimeError(f"{fn}: anomaly detection is on (torch.autograd.detect_anomaly); it checks what "
                              "backward() computes, which the fused trainer does not run — train with "
                              "loss.backward() and opt.step() while it is on")
         params = self._params()
@@ -258,7 +266,7 @@ class Trainer:
                 if buf is None:
                     buf, fresh = torch.zeros_like(p, memory_format=torch.contiguous_format), True
                 elif not (buf.is_contiguous() and buf.shape == p.shape and buf.dtype == p.dtype):
-                    raise ValueError(f"{fn}: the optimizer's momentum_buffer of '{self._pname(name)}' must be a "
+                    raise RuntimeError(f"{fn}: the optimizer's momentum_buffer of '{self._pname(name)}' must be a "
                                      f"contiguous {p.dtype} tensor of shape {tuple(p.shape)}")
             return rule + (None, buf, None, None, fresh, False)
         amsgrad = rule[10]
@@ -269,7 +277,7 @@ class Trainer:
             # torch.optim converts a float step (old state dicts) to a tensor the same way.
             state["step"] = step = torch.tensor(float(step or 0.0), dtype=_scalar_dtype(group))
         if amsgrad and "max_exp_avg_sq" not in state:
-            raise ValueError(f"{fn}: amsgrad=True but the optimizer state of '{self._pname(name)}' has no "
+            raise RuntimeError(f"{fn}: amsgrad=True but the optimizer state of '{self._pname(name)}' has no "
                              "'max_exp_avg_sq' (it was created with amsgrad=False)")
         # Adam's single-tensor update divides a float32 tensor lr by its bias correction in
         # float32 (step size and decoupled decay then carry float32 rounding); emulate that.
@@ -354,7 +362,7 @@ class Trainer:
         self.optimizer._opt_called = True
 
     # ------------------------------------------------------------------ public
-    def step(self, x, target):
+    def step(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """One optimizer step: ``opt.zero_grad(); net.loss(x, target).backward(); opt.step()``.
 
         Args:
@@ -380,8 +388,10 @@ class Trainer:
         self._run(fn, x, target, 1, losses=losses)
         return losses[0] if self._ensemble else losses[0, 0]
 
-    def fit(self, x, target, steps, batch_size=None, shuffle=True, generator=None, progress=False,
-            callback=None, callback_every=1):
+    def fit(self, x: torch.Tensor, target: torch.Tensor, steps: int, batch_size: Optional[int] = None,
+            shuffle: bool = True, generator: Optional[torch.Generator] = None, progress: bool = False,
+            callback: Optional[Callable[[int, torch.Tensor], Optional[bool]]] = None,
+            callback_every: int = 1) -> torch.Tensor:
         """``steps`` optimizer steps in C++ (GIL released); returns the loss history.
 
         Full batch when ``batch_size`` is None. Otherwise mini-batches of ``batch_size`` rows (the
@@ -407,17 +417,25 @@ class Trainer:
             taken.
         """
         fn = "fusedgrad.Trainer.fit"
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise TypeError(f"{fn}: argument 'steps' must be an int >= 0, got {type(steps).__name__}")
+        if steps < 0:
             raise ValueError(f"{fn}: argument 'steps' must be an int >= 0, got {steps!r}")
         if callback is not None and not callable(callback):
             raise TypeError(f"{fn}: argument 'callback' must be callable, got {type(callback).__name__}")
-        if isinstance(callback_every, bool) or not isinstance(callback_every, int) or callback_every < 1:
+        if isinstance(callback_every, bool) or not isinstance(callback_every, int):
+            raise TypeError(f"{fn}: argument 'callback_every' must be an int >= 1, got "
+                            f"{type(callback_every).__name__}")
+        if callback_every < 1:
             raise ValueError(f"{fn}: argument 'callback_every' must be an int >= 1, got {callback_every!r}")
         x, target = self._data(fn, x, target)
         N = x.shape[-2]
         bs, order = 0, None
         if batch_size is not None:
-            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+                raise TypeError(f"{fn}: argument 'batch_size' must be an int >= 1 or None, got "
+                                f"{type(batch_size).__name__}")
+            if batch_size < 1:
                 raise ValueError(f"{fn}: argument 'batch_size' must be an int >= 1 or None, got {batch_size!r}")
             if generator is not None and not isinstance(generator, torch.Generator):
                 raise TypeError(f"{fn}: argument 'generator' must be a torch.Generator or None, got "
@@ -476,7 +494,7 @@ def _step_hooks(optimizer):
                 or getattr(_optimizer_module, "_global_optimizer_post_hooks", None))
 
 
-def is_ensemble(net):
+def is_ensemble(net: object) -> bool:
     try:
         from .ensemble import FusedMLPEnsemble
     except ImportError:  # built without the ensemble module

@@ -457,3 +457,21 @@ def test_deep_ensemble_from_modules_round_trip():
     for k, n in enumerate(nets):
         assert torch.allclose(ens(x)[k], n(x), rtol=1e-6, atol=1e-7)
         assert torch.equal(ens.module(k).linear2.weight, n.linear2.weight)
+
+
+def test_option_types_and_values():
+    w = [torch.randn(3, 2), torch.randn(1, 3)]
+    x = torch.randn(4, 2)
+    with pytest.raises(TypeError, match=r"^fusedgrad.mlp: argument 'activation' must be a str, .* got int$"):
+        deep.mlp(x, w, activation=3)
+    with pytest.raises(ValueError, match=r"^fusedgrad.mlp_loss: argument 'reduction' must be one of 'mean', 'sum', "
+                                         r"got 'none'$"):
+        deep.mlp_loss(x, w, reduction="none")
+    with pytest.raises(TypeError, match=r"^fusedgrad.mlp_loss: argument 'weights'\[1\] must be a torch.Tensor"):
+        deep.mlp_loss(x, [w[0], 3.0])
+    with pytest.raises(ValueError, match=r"^fusedgrad.mlp_loss: argument 'weights'\[1\] has shape \(1, 4\): its "
+                                         r"in_features \(4\) must equal the out_features of 'weights'\[0\] \(3\)"):
+        deep.mlp_loss(x, [w[0], torch.randn(1, 4)])
+    with pytest.raises(TypeError, match=r"argument 'weights'\[1\] has dtype torch.float64 but 'weights'\[0\] has "
+                                        r"torch.float32"):
+        deep.mlp_loss(x, [w[0], w[1].double()])

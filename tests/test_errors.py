@@ -297,11 +297,19 @@ def test_unknown_activation(op, value):
     assert all(f"'{name}'" in msg for name in fusedgrad.ACTIVATIONS) and repr(value) in msg, msg
 
 
-@pytest.mark.parametrize("value", ["softplus", "Tanh", None], ids=repr)
+@pytest.mark.parametrize("value", ["softplus", "Tanh"], ids=repr)
 def test_unknown_activation_of_the_module(value):
     with pytest.raises(ValueError, match=r"^FusedMLP: argument 'activation' must be one of 'sigmoid', ") as info:
         fusedgrad.FusedMLP(2, 3, 1, activation=value)
     assert repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize("value", [None, 3, torch.nn.Tanh()], ids=lambda v: type(v).__name__)
+def test_activation_of_the_module_of_another_type(value):
+    # a wrong type is a TypeError, as torch raises it
+    with pytest.raises(TypeError, match=rf"^FusedMLP: argument 'activation' must be a str, one of 'sigmoid', .*"
+                                        rf"got {type(value).__name__}$"):
+        fusedgrad.FusedMLP(2, 3, 1, activation=value)
 
 
 @pytest.mark.parametrize("value", ["softplus", 3])

@@ -476,7 +476,7 @@ def test_refused_optimizer_step_hooks():
     net = fusedgrad.FusedMLP(1, 4, 1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     handle = opt.register_step_post_hook(lambda *args: None)
-    _expect(ValueError, "the optimizer has step hooks", fusedgrad.Trainer, net, opt)
+    _expect(RuntimeError, "the optimizer has step hooks", fusedgrad.Trainer, net, opt)
     handle.remove()
     fusedgrad.Trainer(net, opt)
 
@@ -499,7 +499,7 @@ def test_refused_parameters():
     net = fusedgrad.FusedMLP(1, 4, 1)
     trainer = fusedgrad.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1))
     with torch.autograd.detect_anomaly():
-        _expect(ValueError, r"Trainer.step: anomaly detection is on", trainer.step, x, y)
+        _expect(RuntimeError, r"Trainer.step: anomaly detection is on", trainer.step, x, y)
 
 
 def test_refused_data():
@@ -520,5 +520,12 @@ def test_refused_data():
             trainer.fit, x, y, 2, callback=print, callback_every=0)
     _expect(TypeError, r"Trainer.fit: argument 'callback' must be callable, got int", trainer.fit, x, y, 2,
             callback=3)
+    # wrong types are TypeErrors, as torch raises them; wrong values ValueErrors
+    _expect(TypeError, r"Trainer.fit: argument 'steps' must be an int >= 0, got float", trainer.fit, x, y, 2.0)
+    _expect(TypeError, r"Trainer.fit: argument 'steps' must be an int >= 0, got bool", trainer.fit, x, y, True)
+    _expect(TypeError, r"Trainer.fit: argument 'batch_size' must be an int >= 1 or None, got str",
+            trainer.fit, x, y, 2, batch_size="8")
+    _expect(TypeError, r"Trainer.fit: argument 'callback_every' must be an int >= 1, got float",
+            trainer.fit, x, y, 2, callback=print, callback_every=1.5)
     _expect(ValueError, r"Trainer.step: argument 'x' has no rows", trainer.step, torch.zeros(0, 2),
             torch.zeros(0, 3))
