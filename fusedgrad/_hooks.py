@@ -99,7 +99,9 @@ def direct_grad_write_ok(fn_name, named_params):
     loss with autograd and calls ``backward()``. Raises RuntimeError for a C++ hook
     on a gradient accumulator (DistributedDataParallel).
     """
-    route_autograd = torch.is_anomaly_enabled()
+    from . import _compat  # (imported here: _compat's self-test reads _C's hook flags)
+
+    route_autograd = torch.is_anomaly_enabled() or not _compat.hooks_readable()
     for name, param in named_params:
         flags = grad_hook_flags(param)
         if flags & ACCUMULATOR_CPP_HOOK:

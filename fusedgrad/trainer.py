@@ -20,9 +20,8 @@ import time
 from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import torch
-from torch.optim import optimizer as _optimizer_module
 
-from . import _C
+from . import _C, _compat
 from ._hooks import grad_hook_flags, grad_hooks
 
 if TYPE_CHECKING:
@@ -88,6 +87,7 @@ class Trainer:
     def __init__(self, net: Union["FusedMLP", "FusedMLPEnsemble"], optimizer: torch.optim.Optimizer,
                  reduction: str = "mean", *, model_lr_scale: Optional[torch.Tensor] = None) -> None:
         fn = "fusedgrad.Trainer"
+        _compat.require(fn)  # the torch internals it reads are what it expects (fusedgrad/_compat.py)
         from .module import FusedMLP
 
         if not isinstance(net, FusedMLP) and not is_ensemble(net):
@@ -173,7 +173,7 @@ class Trainer:
         """The parameters, their .grad buffers and update rules, read from the optimizer now."""
         opt = self.optimizer
         kind = _kind_of(opt)
-        if _step_hooks(opt):
+        if _compat.optimizer_step_hooks(opt):
             raise RuntimeError(f"{fn}: the optimizer has step hooks (register_step_pre_hook / "
                              "register_step_post_hook, or global optimizer hooks), which opt.step() runs and the "
                              "fused trainer would skip; train with opt.step() instead")
@@ -359,7 +359,7 @@ class Trainer:
                 self.optimizer.state[p]["momentum_buffer"] = rule[13]
         # What an LR scheduler's wrapper of optimizer.step() records; without it a scheduler
         # stepped after fused steps would warn that the optimizer never stepped.
-        self.optimizer._opt_called = True
+        _compat.mark_stepped(self.optimizer)
 
     # ------------------------------------------------------------------ public
     def step(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -484,14 +484,6 @@ class Trainer:
         if bar is not None:
             bar.update(first)
         return max(1, int(_CALL_SECONDS * first / elapsed)), first
-
-
-def _step_hooks(optimizer):
-    """Whether opt.step() would run step hooks (torch.optim.Optimizer keeps them in these dicts)."""
-    return bool(getattr(optimizer, "_optimizer_step_pre_hooks", None)
-                or getattr(optimizer, "_optimizer_step_post_hooks", None)
-                or getattr(_optimizer_module, "_global_optimizer_pre_hooks", None)
-                or getattr(_optimizer_module, "_global_optimizer_post_hooks", None))
 
 
 def is_ensemble(net: object) -> bool:

@@ -111,12 +111,14 @@ PyObject* global_hooks() {
 // Unknown objects count as hooks (the Python route then looks closer).
 bool nonempty_dict(PyObject* d) { return !d || !PyDict_Check(d) || PyDict_Size(d) > 0; }
 
+// A missing attribute counts as hooks too (fail closed: the Python route then refuses by
+// fusedgrad/_compat.py's check, never skips a hook torch moved elsewhere).
 template <Key K>
 bool nonempty_dict_attr(PyObject* obj) {
   PyObject* d = PyObject_GetAttr(obj, interned<K>());
   if (!d) {
     PyErr_Clear();
-    return false;
+    return true;
   }
   const bool nonempty = !PyDict_Check(d) || PyDict_Size(d) > 0;
   Py_DECREF(d);

@@ -1,0 +1,103 @@
+"""Every private torch internal fusedgrad's Python reads, in one place, checked once at import.
+
+Each use is justified by what it buys (measured where it is a speed-up), and each is verified
+by a self-test when fusedgrad is imported (:data:`FAILURES`). A failed check never lets a fast
+path skip what PyTorch would have run: the routes that depend on it refuse with a RuntimeError
+that names the torch version and the check (:func:`require`), or take the autograd route.
+
+| internal | why | if the check fails |
+|---|---|---|
+| ``Optimizer._optimizer_step_pre_hooks`` / ``_post_hooks``, ``torch.optim.optimizer._global_optimizer_pre_hooks`` / ``_post_hooks`` | ``opt.step()`` runs these; the fused trainer does not call ``opt.step()`` and must refuse an optimizer that has them | ``Trainer`` refuses every optimizer |
+| ``Optimizer._opt_called`` | what an LR scheduler's wrapper of ``opt.step()`` records; without it a scheduler warns that the optimizer never stepped | ``Trainer`` refuses (the warning would be wrong) |
+| the hook objects torch builds for Python hooks (``csrc/python/direct_calls.cpp``: ``grad_hook_flags`` reads the autograd metadata and recognises ``PyFunctionPreHook`` & co by their C++ type names) | a Python hook on a gradient accumulator must not be taken for DDP's C++ hook, and no hook may be missed | every hook counts as a C++ hook there already (fail closed); the self-test makes a misreport an import-time finding, and ``loss_backward`` / ``Trainer`` then take the autograd route or refuse |
+| Adam's state layout and ``torch.optim.optimizer._get_scalar_dtype`` (what ``step`` is kept in) | the trainer creates the state a first ``opt.step()`` would, so a fresh optimizer's first ``fit`` needs no Python step | pinned by ``tests/test_compat.py`` against torch's own first step, option by option |
+
+The C++ side's private reads (``THPVariable_Unpack``, ``THPVariableClass``/``ParameterClass``,
+``at::impl::torch_function_mode_enabled``, the autograd hooks) are in
+``csrc/python/direct_calls.cpp`` and ``csrc/trainer/train_bindings.cpp``: the direct calls that
+skip ``torch.ops``' argument parsing (~25 µs a call of a ~2 µs step, README "Performance").
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch.optim import optimizer as _optimizer_module
+
+from . import _C
+
+TORCH_VERSION = torch.__version__
+
+_STEP_HOOKS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")
+_GLOBAL_STEP_HOOKS = ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
+_OPT_CALLED = "_opt_called"
+
+# The bits of csrc/python/grad_hooks.h (fusedgrad/_hooks.py names them).
+_TENSOR_HOOK, _ACCUMULATOR_PY_HOOK, _ACCUMULATOR_CPP_HOOK = 1 << 0, 1 << 3, 1 << 4
+
+
+def _self_test() -> List[str]:
+    failures = []
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    for name in _STEP_HOOKS:
+        if not isinstance(getattr(probe, name, None), dict):
+            failures.append(f"torch.optim.Optimizer has no dict '{name}' (its step hooks)")
+    for name in _GLOBAL_STEP_HOOKS:
+        if not isinstance(getattr(_optimizer_module, name, None), dict):
+            failures.append(f"torch.optim.optimizer has no dict '{name}' (the global step hooks)")
+    sched = torch.optim.lr_scheduler.StepLR(probe, 1)
+    probe.step()
+    if getattr(probe, _OPT_CALLED, None) is not True:
+        failures.append(f"torch.optim.Optimizer.step no longer records '{_OPT_CALLED}' for LR schedulers")
+    del sched
+    # A known Python hook on a gradient accumulator, and a tensor hook, must be read as Python hooks.
+    t = torch.zeros(2, requires_grad=True)
+    accumulator = t.view_as(t).grad_fn.next_functions[0][0]
+    handle = accumulator.register_prehook(lambda grad: None)
+    flags = _C.grad_hook_flags(t)
+    handle.remove()
+    if not flags & _ACCUMULATOR_PY_HOOK or flags & _ACCUMULATOR_CPP_HOOK:
+        failures.append("a Python hook on a gradient accumulator is not recognised as Python (the type names of "
+                        "torch's hook objects changed): it would be reported as a C++ (DDP) hook")
+    handle = t.register_hook(lambda grad: grad)
+    if not _C.grad_hook_flags(t) & _TENSOR_HOOK:
+        failures.append("a tensor hook (Tensor.register_hook) is not seen")
+    handle.remove()
+    del accumulator
+    return failures
+
+
+#: The checks that failed on this torch (empty when every internal reads as expected).
+FAILURES: List[str] = _self_test()
+
+
+def require(fn: str) -> None:
+    """Raise the RuntimeError that names the torch version when a check failed: the fused trainer reads
+    the optimizer's hooks and writes its scheduler record itself, and must not run on a torch where either
+    is not what it reads."""
+    if FAILURES:
+        raise RuntimeError(f"{fn}: the fused trainer reads torch internals that torch {TORCH_VERSION} does not have "
+                           f"as fusedgrad expects ({'; '.join(FAILURES)}); train with loss.backward() and opt.step(), "
+                           "or use the torch version fusedgrad was built for")
+
+
+def hooks_readable() -> bool:
+    """Whether hooks are told apart reliably; when not, callers take the autograd route."""
+    return not any("hook" in f and "step" not in f for f in FAILURES)
+
+
+def optimizer_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` would run step hooks (its own or the global ones). An optimizer
+    without the hook dictionaries (e.g. built without ``Optimizer.__init__``) cannot be read: refused."""
+    for name in _STEP_HOOKS:
+        if not isinstance(getattr(optimizer, name, None), dict):
+            raise RuntimeError(f"fusedgrad.Trainer: the optimizer has no '{name}' dictionary (torch "
+                               f"{TORCH_VERSION} keeps its step hooks there), so the hooks opt.step() would run "
+                               "cannot be read; train with opt.step()")
+    return any(bool(getattr(optimizer, name)) for name in _STEP_HOOKS) or any(
+        bool(getattr(_optimizer_module, name)) for name in _GLOBAL_STEP_HOOKS)
+
+
+def mark_stepped(optimizer: torch.optim.Optimizer) -> None:
+    """What ``opt.step()``'s wrapper records for LR schedulers (set after fused steps)."""
+    setattr(optimizer, _OPT_CALLED, True)
