@@ -13,9 +13,10 @@ that names the torch version and the check (:func:`require`), or take the autogr
 | Adam's state layout and ``torch.optim.optimizer._get_scalar_dtype`` (what ``step`` is kept in) | the trainer creates the state a first ``opt.step()`` would, so a fresh optimizer's first ``fit`` needs no Python step | pinned by ``tests/test_compat.py`` against torch's own first step, option by option |
 
 The C++ side's private reads (``THPVariable_Unpack``, ``THPVariableClass``/``ParameterClass``,
-``at::impl::torch_function_mode_enabled``, the autograd hooks) are in
-``csrc/python/direct_calls.cpp`` and ``csrc/trainer/train_bindings.cpp``: the direct calls that
-skip ``torch.ops``' argument parsing (~25 µs a call of a ~2 µs step, README "Performance").
+``at::impl::torch_function_mode_enabled``, the tensors' hook dictionaries and the hook objects'
+type names) are all in ``csrc/python/torch_compat.h``, with why each is used: the direct calls
+that skip ``torch.ops``' argument parsing (~25 µs a call of a ~2 µs step, README "Performance") and
+the hook detection the self-test below exercises.
 """
 from __future__ import annotations
 

@@ -13,22 +13,18 @@
 // (which also raises the argument errors): every tensor must be an exact
 // torch.Tensor or nn.Parameter (a subclass may override __torch_function__),
 // dense, with no TorchFunctionMode active, and the options must be known strings.
-#include <ATen/PythonTorchFunctionTLS.h>
 #include <torch/csrc/autograd/anomaly_mode.h>
-#include <torch/csrc/autograd/python_hook.h>
-#include <torch/csrc/autograd/python_variable.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <array>
-#include <cstring>
 #include <optional>
-#include <typeinfo>
 
 #include "../common/options.h"
 #include "../ops/handles.h"
 #include "direct_calls.h"
 #include "grad_hooks.h"
+#include "torch_compat.h"  // every private torch internal this file reads
 #include "../cpu/cpu_paths.h"
 
 namespace fusedgrad {
@@ -40,12 +36,7 @@ using ops::OptTensor;
 
 // An exact Tensor or Parameter, dense: the only objects taken here.
 bool plain_tensor(PyObject* obj) {
-  PyTypeObject* type = Py_TYPE(obj);
-  if (type != reinterpret_cast<PyTypeObject*>(THPVariableClass) &&
-      type != reinterpret_cast<PyTypeObject*>(ParameterClass)) {
-    return false;
-  }
-  return THPVariable_Unpack(obj).layout() == at::kStrided;
+  return compat::exact_tensor(obj) && compat::unpack(obj).layout() == at::kStrided;
 }
 
 // The tensor arguments of one call, unpacked; `ok` is false when the call must
@@ -59,17 +50,17 @@ struct TensorArgs {
 bool unpack_optional(py::handle obj, OptTensor& out) {
   if (obj.is_none()) return true;
   if (!plain_tensor(obj.ptr())) return false;
-  out = THPVariable_Unpack(obj.ptr());
+  out = compat::unpack(obj.ptr());
   return true;
 }
 
 TensorArgs unpack(py::handle x, py::handle w1, py::handle b1, py::handle w2, py::handle b2,
                   py::handle target) {
   TensorArgs a;
-  if (at::impl::torch_function_mode_enabled()) return a;
+  if (compat::torch_function_mode_active()) return a;
   if (!plain_tensor(x.ptr()) || !plain_tensor(w1.ptr())) return a;
-  a.x = THPVariable_Unpack(x.ptr());
-  a.w1 = THPVariable_Unpack(w1.ptr());
+  a.x = compat::unpack(x.ptr());
+  a.w1 = compat::unpack(w1.ptr());
   a.ok = unpack_optional(b1, a.b1) && unpack_optional(w2, a.w2) && unpack_optional(b2, a.b2) &&
       unpack_optional(target, a.target);
   return a;
@@ -93,7 +84,7 @@ std::optional<c10::string_view> reduction_code(py::handle obj) { return option_s
 std::optional<c10::string_view> activation_code(py::handle obj) { return option_str(obj, true); }
 
 py::object wrap(Tensor t) {
-  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t)));
+  return py::reinterpret_steal<py::object>(compat::wrap(std::move(t)));
 }
 
 py::object mlp_loss(py::handle x, py::handle w1, py::handle b1, py::handle w2, py::handle b2,
@@ -173,41 +164,30 @@ bool has_entries(PyObject* dict) {
   return dict != nullptr && dict != Py_None && PyDict_Check(dict) && PyDict_Size(dict) > 0;
 }
 
-// The hook objects torch makes for hooks registered from Python are not
-// exported from libtorch_python (no dynamic_cast across the library
-// boundary), so they are recognised by their type's name (Itanium C++ ABI:
-// GCC, Clang). Under another ABI nothing matches, and every hook counts as a
-// C++ hook: callers then refuse or take the autograd route, never skip one.
-template <typename Hook>
-bool is_type(const Hook& hook, const char* mangled) {
-  return std::strcmp(typeid(hook).name(), mangled) == 0;
-}
-
 }  // namespace
 
 unsigned grad_hook_flags(PyObject* obj) {
   namespace ag = torch::autograd;
-  const auto* var = reinterpret_cast<const THPVariable*>(obj);
-  const Tensor& t = THPVariable_Unpack(obj);
+  const Tensor& t = compat::unpack(obj);
   unsigned flags = 0;
-  if (has_entries(var->backward_hooks)) flags |= kTensorHook;
-  if (has_entries(var->post_accumulate_grad_hooks)) flags |= kPostAccumulateGradHook;
+  if (has_entries(compat::tensor_hook_dict(obj))) flags |= kTensorHook;
+  if (has_entries(compat::post_accumulate_grad_hook_dict(obj))) flags |= kPostAccumulateGradHook;
   if (!t.requires_grad() || !t.is_leaf()) return flags;
   for (const auto& hook : ag::impl::hooks(t)) {
-    if (!is_type(*hook, "N5torch8autograd23PyFunctionTensorPreHookE")) flags |= kCppTensorHook;
+    if (!compat::is_python_tensor_pre_hook(*hook)) flags |= kCppTensorHook;
   }
   // An accumulator exists only while something holds it (DDP's reducer does).
   const c10::intrusive_ptr<ag::Node> acc = ag::impl::try_get_grad_accumulator(t);
   if (!acc) return flags;
   for (const auto& hook : acc->pre_hooks()) {
-    if (!is_type(*hook, "N5torch8autograd17PyFunctionPreHookE")) {
+    if (!compat::is_python_pre_hook(*hook)) {
       flags |= kAccumulatorCppHook;
     } else if (has_entries(static_cast<const ag::PyFunctionPreHook&>(*hook).dict)) {
       flags |= kAccumulatorPyHook;
     }
   }
   for (const auto& hook : acc->post_hooks()) {
-    if (!is_type(*hook, "N5torch8autograd18PyFunctionPostHookE")) {
+    if (!compat::is_python_post_hook(*hook)) {
       flags |= kAccumulatorCppHook;
     } else if (has_entries(static_cast<const ag::PyFunctionPostHook&>(*hook).dict)) {
       flags |= kAccumulatorPyHook;
@@ -260,7 +240,7 @@ void register_direct_calls(py::module_& m) {
   m.def("loss_backward", &loss_backward,
         (std::string("FusedMLP.loss_backward: loss, gradients accumulated into .grad.") + declined).c_str());
   m.def("grad_hook_flags", [](py::handle param) -> unsigned {
-        if (!THPVariable_Check(param.ptr())) throw py::type_error("grad_hook_flags: expected a torch.Tensor");
+        if (!compat::is_tensor(param.ptr())) throw py::type_error("grad_hook_flags: expected a torch.Tensor");
         return grad_hook_flags(param.ptr());
       },
       "The GradHook bits (csrc/python/grad_hooks.h) of a tensor: hooks backward() would run that a direct "

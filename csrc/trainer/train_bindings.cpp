@@ -12,13 +12,13 @@
 //   x, target, batch_size, order, first_step, num_steps, mean, lr_scale, losses, steps_done
 // The steps run with the GIL released.
 #include <torch/csrc/autograd/anomaly_mode.h>
-#include <torch/csrc/autograd/python_variable.h>
 #include <torch/python.h>
 
 #include <algorithm>
 #include <string>
 
 #include "../python/grad_hooks.h"
+#include "../python/torch_compat.h"  // every private torch internal the bindings read
 #include "../common/options.h"  // parse_activation, find_activation
 #include "train_step.h"
 #include "binding_helpers.h"  // parse_rule, optional_tensor, translating_errors
@@ -142,15 +142,11 @@ bool flag(PyObject* v, bool fallback, bool& out) {  // v: a borrowed dict item o
   return true;
 }
 
-bool exact_tensor(PyObject* obj) {
-  PyTypeObject* type = Py_TYPE(obj);
-  return type == reinterpret_cast<PyTypeObject*>(THPVariableClass) ||
-      type == reinterpret_cast<PyTypeObject*>(ParameterClass);
-}
+using compat::exact_tensor;
 
 at::Tensor state_tensor(PyObject* v) {  // v: a borrowed dict item or null
   if (!v || !exact_tensor(v)) return at::Tensor();
-  return THPVariable_Unpack(v);
+  return compat::unpack(v);
 }
 
 // optimizer.state[param] without inserting (state is a defaultdict) and without
@@ -210,7 +206,7 @@ bool read_optimizer(PyObject* opt, py::tuple params, bool adam, bool decoupled_d
       }
     }
     if (!group) return false;
-    const at::Tensor& t = THPVariable_Unpack(obj);
+    const at::Tensor& t = compat::unpack(obj);
     if (!t.requires_grad() || !t.is_leaf() || grad_hook_flags(obj) != 0) return false;
     at::Tensor g = t.grad();
     if (!g.defined()) return false;
@@ -301,8 +297,8 @@ py::object train_step_fast(py::handle optimizer, py::tuple params, py::handle x,
   TrainCall call;
   call.act = *act;
   if (!read_optimizer(optimizer.ptr(), params, adam, decoupled_default, call)) return py::none();
-  const at::Tensor& xt = THPVariable_Unpack(x.ptr());
-  const at::Tensor& tt = THPVariable_Unpack(target.ptr());
+  const at::Tensor& xt = compat::unpack(x.ptr());
+  const at::Tensor& tt = compat::unpack(target.ptr());
   const bool ensemble = call.params[kW1].dim() == 3;
   const int64_t K = ensemble ? call.params[kW1].size(0) : 1;
   if (!ensemble && (xt.dim() != 2 || tt.dim() != 2)) return py::none();  // (*, D) inputs: the Python route
