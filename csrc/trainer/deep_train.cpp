@@ -238,12 +238,7 @@ void run_steps(DeepCall& c) {
   for (int64_t p = 0; p < P; ++p) {
     const at::Tensor& st = c.state[p].step;
     if (!c.params[p].defined() || !st.defined()) continue;
-    const double v = step0[p] + static_cast<double>(c.num_steps);
-    if (st.scalar_type() == at::kFloat) {
-      *st.data_ptr<float>() = static_cast<float>(v);
-    } else {
-      *st.data_ptr<double>() = v;
-    }
+    write_step_count(st, step0[p] + static_cast<double>(c.num_steps));
   }
 }
 

@@ -545,12 +545,7 @@ void write_step_counts(const TrainCall& call, const std::array<double, kNumParam
   for (int p = 0; p < kNumParams; ++p) {
     const at::Tensor& st = call.state[p].step;
     if (!call.params[p].defined() || !st.defined()) continue;
-    const double v = step0[p] + static_cast<double>(call.num_steps);
-    if (st.scalar_type() == at::kFloat) {
-      *st.data_ptr<float>() = static_cast<float>(v);
-    } else {
-      *st.data_ptr<double>() = v;
-    }
+    write_step_count(st, step0[p] + static_cast<double>(call.num_steps));
   }
 }
 

@@ -52,6 +52,15 @@ struct TrainCall {
   at::Tensor steps_done;     // int64 (1,): steps completed so far (for interruption)
 };
 
+// Writes Adam's step count back into the optimizer's one-element float32 or float64 `step` tensor.
+inline void write_step_count(const at::Tensor& step, double value) {
+  if (step.scalar_type() == at::kFloat) {
+    *step.data_ptr<float>() = static_cast<float>(value);
+  } else {
+    *step.data_ptr<double>() = value;
+  }
+}
+
 // Validates the call (shapes, dtypes, contiguity, state) and raises
 // ValueError / TypeError naming `fn` and the argument; then runs the steps.
 // Validation writes nothing. `started`, when given, is set to true once it has
