@@ -10,6 +10,7 @@ that names the torch version and the check (:func:`require`), or take the autogr
 | ``Optimizer._optimizer_step_pre_hooks`` / ``_post_hooks``, ``torch.optim.optimizer._global_optimizer_pre_hooks`` / ``_post_hooks`` | ``opt.step()`` runs these; the fused trainer does not call ``opt.step()`` and must refuse an optimizer that has them | ``Trainer`` refuses every optimizer |
 | ``Optimizer._opt_called`` | what an LR scheduler's wrapper of ``opt.step()`` records; without it a scheduler warns that the optimizer never stepped | ``Trainer`` refuses (the warning would be wrong) |
 | the hook objects torch builds for Python hooks (``csrc/python/direct_calls.cpp``: ``grad_hook_flags`` reads the autograd metadata and recognises ``PyFunctionPreHook`` & co by their C++ type names) | a Python hook on a gradient accumulator must not be taken for DDP's C++ hook, and no hook may be missed | every hook counts as a C++ hook there already (fail closed); the self-test makes a misreport an import-time finding, and ``loss_backward`` / ``Trainer`` then take the autograd route or refuse |
+| ``torch._C._functorch.is_functorch_wrapped_tensor`` | a call under a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...) runs the network in plain torch ops, which every transform understands, instead of the fused kernels, which no transform does | every call runs the fused kernels, and a transform raises torch's own error about them: nothing is computed wrongly |
 | Adam's state layout and ``torch.optim.optimizer._get_scalar_dtype`` (what ``step`` is kept in) | the trainer creates the state a first ``opt.step()`` would, so a fresh optimizer's first ``fit`` needs no Python step | pinned by ``tests/test_compat.py`` against torch's own first step, option by option |
 
 The C++ side's private reads (``THPVariable_Unpack``, ``THPVariableClass``/``ParameterClass``,
@@ -65,7 +66,18 @@ def _self_test() -> List[str]:
         failures.append("a tensor hook (Tensor.register_hook) is not seen")
     handle.remove()
     del accumulator
+    # Tensors inside a torch.func transform are seen as such (and plain ones are not).
+    seen = []
+    torch.func.grad(lambda v: seen.append(_functorch_wrapped(v)) or v.sum())(torch.zeros(2))
+    if seen != [True] or _functorch_wrapped(torch.zeros(2)):
+        failures.append("tensors inside torch.func transforms are not recognised (torch._C._functorch."
+                        "is_functorch_wrapped_tensor)")
     return failures
+
+
+def _functorch_wrapped(t) -> bool:
+    probe = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(probe(t)) if probe is not None else False
 
 
 #: The checks that failed on this torch (empty when every internal reads as expected).
@@ -76,10 +88,11 @@ def require(fn: str) -> None:
     """Raise the RuntimeError that names the torch version when a check failed: the fused trainer reads
     the optimizer's hooks and writes its scheduler record itself, and must not run on a torch where either
     is not what it reads."""
-    if FAILURES:
+    trainer_failures = [f for f in FAILURES if "torch.func" not in f]  # a transform check does not concern it
+    if trainer_failures:
         raise RuntimeError(f"{fn}: the fused trainer reads torch internals that torch {TORCH_VERSION} does not have "
-                           f"as fusedgrad expects ({'; '.join(FAILURES)}); train with loss.backward() and opt.step(), "
-                           "or use the torch version fusedgrad was built for")
+                           f"as fusedgrad expects ({'; '.join(trainer_failures)}); train with loss.backward() and "
+                           "opt.step(), or use the torch version fusedgrad was built for")
 
 
 def hooks_readable() -> bool:
@@ -102,3 +115,11 @@ def optimizer_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
 def mark_stepped(optimizer: torch.optim.Optimizer) -> None:
     """What ``opt.step()``'s wrapper records for LR schedulers (set after fused steps)."""
     setattr(optimizer, _OPT_CALLED, True)
+
+
+def under_functorch(*tensors) -> bool:
+    """Whether any of ``tensors`` is a ``torch.func`` transform's wrapper (``grad``, ``vjp``, ``jacrev``,
+    ``vmap``, ...): the ops then run in plain torch ops, which the transforms differentiate and batch."""
+    if torch.compiler.is_compiling():  # dynamo traces the fused ops themselves (and cannot trace the probe)
+        return False
+    return any(t is not None and isinstance(t, torch.Tensor) and _functorch_wrapped(t) for t in tensors)

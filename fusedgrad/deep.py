@@ -1,5 +1,9 @@
 """Networks of any depth, given as lists of weights and biases.
 
+Under a ``torch.func`` transform (``grad``, ``vjp``, ``jacrev``, ``jacfwd``, ``hessian``, ``vmap``,
+``functional_call``) the network runs in plain torch ops, which every transform differentiates
+and batches: exact, at native speed; the fused kernels run everywhere else.
+
 ``Linear → act → Linear → … → Linear`` (L linear layers, the same activation
 after each but the last) on the CPU engine of csrc/engine/: the loss and every
 gradient in one pass over the rows, the prediction with a backward that
@@ -17,6 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import _compat
 from ._checks import ACTIVATIONS
 
 __all__ = ["mlp_loss", "mlp", "mlp_loss_and_grads"]
@@ -149,10 +154,7 @@ class _Loss(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable themselves
             with torch.enable_grad():
-                pred = _native_prediction(x, params[:L], params[L:], ctx.activation)
-                sq = (pred - (0 if target is None else target)) ** 2
-                per_model = (1, 2) if K else tuple(range(sq.dim()))  # K models: (K,) losses
-                loss = sq.mean(per_model) if ctx.reduction == "mean" else sq.sum(per_model)
+                loss = _native_loss(x, params[:L], params[L:], target, ctx.reduction, ctx.activation)
                 dx, dt, *dparams = _differentiable_backward(loss, [x, target, *params], grad_loss)
             return (dx if needs[0] else None, dt if needs[1] else None, None, None, None,
                     *[g if n else None for g, n in zip(dparams, needs[5:])])
@@ -231,10 +233,20 @@ def mlp_loss(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[
     weights, biases = _layers(fn, weights, biases)
     _option(fn, "reduction", reduction, ("mean", "sum"))
     _option(fn, "activation", activation, ACTIVATIONS)
+    if _compat.under_functorch(x, target, *weights, *biases):
+        return _native_loss(x, weights, biases, target, reduction, activation)
     if torch.is_grad_enabled():
         return _Loss.apply(x, target, reduction, activation, len(weights), *weights, *biases)
     loss, _ = _loss_op(x, weights, biases, target, reduction, activation, [False, False, False])
     return loss
+
+
+def _native_loss(x, weights, biases, target, reduction, activation):
+    """The loss in plain torch ops (torch.func transforms, and the double-backward route)."""
+    pred = _native_prediction(x, weights, biases, activation)
+    sq = (pred - (0 if target is None else target)) ** 2
+    dims = (1, 2) if weights[0].dim() == 3 else tuple(range(sq.dim()))  # K models: (K,) losses
+    return sq.mean(dims) if reduction == "mean" else sq.sum(dims)
 
 
 def mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
@@ -247,6 +259,8 @@ def mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Seque
     _check_x(fn, x)
     weights, biases = _layers(fn, weights, biases)
     _option(fn, "activation", activation, ACTIVATIONS)
+    if _compat.under_functorch(x, *weights, *biases):
+        return _native_prediction(x, weights, biases, activation)
     if torch.is_grad_enabled():
         return _Mlp.apply(x, activation, len(weights), *weights, *biases)
     return _mlp_op(x, weights, biases, activation)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.compiler import is_compiling
 
-from . import _C
+from . import _C, _compat
 
 from . import _ensemble_functional as _ensemble
 from ._checks import attributed, check_tensors, option
@@ -70,6 +70,8 @@ def mlp_loss(x: Tensor, w1: Tensor, b1: Optional[Tensor] = None, w2: Optional[Te
     if isinstance(w1, (list, tuple)):
         _deep_positional("mlp_loss", w1, w2, b2)
         return _deep().mlp_loss(x, w1, b1, target, reduction=reduction, activation=activation)
+    if _compat.under_functorch(x, w1, b1, w2, b2, target):
+        return _native_loss(x, w1, b1, w2, b2, target, reduction, activation)
     if isinstance(w1, torch.Tensor) and w1.dim() == 3:
         return _ensemble.mlp_loss(x, w1, b1, w2, b2, target, reduction, activation)
     try:
@@ -97,6 +99,8 @@ def mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor] = None, w2: Optional[Tensor]
     if isinstance(w1, (list, tuple)):
         _deep_positional("mlp", w1, w2, b2)
         return _deep().mlp(x, w1, b1, activation=activation)
+    if _compat.under_functorch(x, w1, b1, w2, b2):
+        return _native_prediction(x, w1, b1, w2, b2, activation)
     if isinstance(w1, torch.Tensor) and w1.dim() == 3:
         return _ensemble.mlp(x, w1, b1, w2, b2, activation)
     try:
@@ -203,3 +207,26 @@ def _deep_positional(fn: str, w1, w2, b2) -> None:
         raise TypeError(f"fusedgrad.{fn}: argument 'w1' must be a torch.Tensor, or a list of weights for a network "
                         f"of any depth — got a {type(w1).__name__}, and with a list 'w2' and 'b2' must be None (pass "
                         "the biases as 'b1' and the target as target=...)")
+
+
+# Under a torch.func transform (grad, vjp, jacrev, jacfwd, hessian, vmap) the C++ autograd node
+# cannot be transformed: the network runs in plain torch ops instead — exact, at native speed.
+def _native_prediction(x, w1, b1, w2, b2, activation):
+    act = _deep()._NATIVE_ACTIVATIONS[option("mlp", "activation", activation)]
+    stacked = w1.dim() == 3
+
+    def bias(b):  # an ensemble's (K, H) bias is one row per model: (K, 1, H) against (K, N, H)
+        return b.unsqueeze(-2) if stacked and b.dim() == 2 else b
+
+    h = torch.matmul(x, w1.transpose(-1, -2))
+    a = act(h if b1 is None else h + bias(b1))
+    if w2 is None:
+        return a
+    p = torch.matmul(a, w2.transpose(-1, -2))
+    return p if b2 is None else p + bias(b2)
+
+
+def _native_loss(x, w1, b1, w2, b2, target, reduction, activation):
+    sq = (_native_prediction(x, w1, b1, w2, b2, activation) - (0 if target is None else target)) ** 2
+    dims = tuple(range(1, sq.dim())) if w1.dim() == 3 else tuple(range(sq.dim()))  # K models: (K,) losses
+    return sq.mean(dims) if option("mlp_loss", "reduction", reduction) == "mean" else sq.sum(dims)
