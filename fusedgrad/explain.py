@@ -25,8 +25,10 @@ def explain(net_or_trainer, x: torch.Tensor, target: Optional[torch.Tensor] = No
         products of csrc/engine/), ``"stream"`` / ``"small"`` / ``"gemm"`` / ``"cuda"`` (the
         one-hidden-layer ops), ``"ensemble"`` (the one-hidden-layer ensemble ops),
         ``"trainer-narrow"`` / ``"trainer-narrow-fixed"`` / ``"trainer-gemm"`` (the
-        one-hidden-layer trainer), ``"trainer-engine"`` (the trainer at any depth) — and
-        ``"call"``, ``"rows"``, ``"widths"``, ``"dtype"``, ``"threads"`` (torch's thread count)
+        one-hidden-layer trainer), ``"trainer-engine"`` (the trainer at any depth), ``"meta"``
+        (fake tensors: shapes only) — and
+        ``"call"``, ``"rows"`` (of ``x``: a trainer's mini-batch step sees ``batch_size`` of them),
+        ``"widths"``, ``"dtype"``, ``"threads"`` (torch's thread count)
         and ``"why"``; the engine paths add ``"block_rows"``, ``"blocks"``, ``"chunks"``
         (fixed by the shape and the rows, never by the threads: the same bits for any thread
         count) and ``"vector_bytes"``.
@@ -43,10 +45,17 @@ def explain(net_or_trainer, x: torch.Tensor, target: Optional[torch.Tensor] = No
                         f"{type(net_or_trainer).__name__}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{fn}: argument 'x' must be a torch.Tensor, got {type(x).__name__}")
+    if target is not None and not isinstance(target, torch.Tensor):
+        raise TypeError(f"{fn}: argument 'target' must be a torch.Tensor or None, got {type(target).__name__}")
     params = net._params()
     weights = params[0::2]
     widths = [weights[0].shape[-1]] + [w.shape[-2] for w in weights]
-    rows = x.shape[-2] if isinstance(net, FusedMLPEnsemble) else (x.numel() // max(x.shape[-1], 1) if x.dim() else 0)
+    ensemble = isinstance(net, FusedMLPEnsemble)
+    if x.dim() < (2 if ensemble else 1) or x.shape[-1] != widths[0]:
+        expected = f"(N, {widths[0]}) or (K, N, {widths[0]})" if ensemble else f"(*, {widths[0]})"
+        raise ValueError(f"{fn}: argument 'x' must have shape {expected}, got {tuple(x.shape)}")
+    # A trainer's steps see x's rows (a full batch; a mini-batch step sees batch_size of them).
+    rows = x.shape[-2] if ensemble else x.numel() // max(x.shape[-1], 1)
     info: Dict[str, Any] = {
         "call": "train" if trainer is not None else ("loss" if target is not None else "forward"),
         "rows": int(rows),
@@ -84,6 +93,10 @@ def explain(net_or_trainer, x: torch.Tensor, target: Optional[torch.Tensor] = No
         info["why"] = "the one-hidden-layer ensemble ops (csrc/ops/ensemble*.cpp)"
         return info
     w1, b1, w2, b2 = params
+    if x.device.type not in ("cpu", "cuda"):  # meta / fake tensors: the fake kernels, shapes only
+        info["path"] = x.device.type
+        info["why"] = f"{x.device.type} tensors run the fake kernels (fusedgrad/_fake.py): shapes, no arithmetic"
+        return info
     info["path"] = _C.explain_op(target is not None, x, w1, b1, w2, b2, target, net.activation)
     info["why"] = {"stream": "narrow layers: rows streamed through cache-sized blocks (csrc/cpu/stream_path.cpp)",
                    "small": "few multiply-adds: direct loops (csrc/cpu/small_path.cpp)",

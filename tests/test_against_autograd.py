@@ -198,13 +198,18 @@ def two_threads():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_large_problems_two_threads(two_threads, dtype):
-    """The parallel row loops and block reductions with more than one thread."""
+    """The parallel row loops and block reductions with more than one thread: of the streaming
+    path (8→16→10 rows, 288 multiply-adds) and, with an (N, 1) "col" b2 that it does not take,
+    of the GEMM path (assert_path checks each)."""
     assert torch.get_num_threads() == 2
     p = make_problem((5000,), 8, 16, 10, b1="vec", b2="full", target="grad", dtype=dtype, seed=6)
+    assert_path(p, "stream")
+    assert_path(p, "stream", loss=False)
     compare_loss(p, "mean")
     compare_mlp(p, upstream_grad((5000, 10), dtype, 6), "sigmoid")
     p = make_problem((50, 100), 8, 16, 10, b1="full", b2="col", target="grad", layout="noncontig",
                      dtype=dtype, seed=7)
+    assert_path(p, "gemm")
     compare_loss(p, "sum")
 
 

@@ -75,17 +75,28 @@ SHAPES = {  # the loss op's small direct-loop path (33 inputs: more than the str
 }
 
 
-def assert_path(p, shape, kind):
+def assert_path(p, shape, kind, expected=None):
+    """The path of the case's op: the loss op's is the shape's name, the prediction's "gemm" (it has no
+    small path) unless `expected` says otherwise."""
     loss = kind != "mlp"
     got = fusedgrad._C.explain_op(loss, p["x"], p["w1"], p["b1"], p["w2"], p["b2"], p["target"] if loss else None,
                                   "sigmoid")
-    expected = shape if loss else "gemm"
+    expected = expected or (shape if loss else "gemm")
     assert got == expected, f"{shape} {kind}: the op takes {got!r}, the test means {expected!r}"
+
+
+
 CASES = [(s, kind, bw) for s in SHAPES for kind, bw in
          (("loss", True), ("loss", False), ("mlp", True), ("mlp", False), ("op", False))]
 
 
-@pytest.mark.parametrize("shape,kind,backward", CASES, ids=[f"{s}-{k}-{'bw' if b else 'fw'}" for s, k, b in CASES])
+def case_id(shape, kind, backward):
+    """The path the case's op takes (the small shape's prediction takes the GEMM path), then N x D x H x O."""
+    path = shape if kind != "mlp" else "gemm"
+    return f"{path}-{'x'.join(str(v) for v in SHAPES[shape].values())}-{kind}-{'bw' if backward else 'fw'}"
+
+
+@pytest.mark.parametrize("shape,kind,backward", CASES, ids=[case_id(*c) for c in CASES])
 def test_threads_match_sequential_bitwise(shape, kind, backward):
     n_threads, calls = 8, 50
     # (N, 1) "col" biases broadcast in a way only the GEMM path takes: the small shape goes without them
@@ -165,14 +176,16 @@ def restore_threads():
 
 
 THREAD_CASES = [
-    # (N, D, H, O, bias): N·cols well above the 16384-element row block, so the
+    # (N, D, H, O, bias, path): N·cols well above the 16384-element row block, so the
     # per-column reductions run many blocks; per-column biases use the blocked sums.
-    (4096, 16, 64, 8, "vec"),
-    (4096, 16, 64, 8, "row"),
-    (8192, 8, 16, 3, "vec"),
-    (4096, 16, 64, 8, "full"),
-    (4096, 16, 64, 8, "col"),  # (N, 1) biases: gradients through a plain sum over columns
-    (300, 7, 5, 3, "vec"),  # the streaming path (narrow rows), whatever the thread count
+    # 16→64→8 rows (1536 multiply-adds) are the GEMM path's below 32768 rows, 8→16→3 and
+    # 7→5→3 rows (176, 50) the streaming path's (its blocks in fixed chunks); assert_path checks.
+    (4096, 16, 64, 8, "vec", "gemm"),
+    (4096, 16, 64, 8, "row", "gemm"),
+    (8192, 8, 16, 3, "vec", "stream"),
+    (4096, 16, 64, 8, "full", "gemm"),
+    (4096, 16, 64, 8, "col", "gemm"),  # (N, 1) biases: gradients through a plain sum over columns
+    (300, 7, 5, 3, "vec", "stream"),  # one chunk of the streaming path, whatever the thread count
 ]
 
 
@@ -194,9 +207,12 @@ def blas_thread_deterministic(N, D, H, O, dtype):
 
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
-@pytest.mark.parametrize("N,D,H,O,bias", THREAD_CASES, ids=[f"{c[0]}x{c[1]}-{c[2]}-{c[3]}-{c[4]}" for c in THREAD_CASES])
-def test_results_independent_of_thread_count(N, D, H, O, bias, dtype, restore_threads):
+@pytest.mark.parametrize("N,D,H,O,bias,path", THREAD_CASES,
+                         ids=[f"{c[5]}-{c[0]}x{c[1]}-{c[2]}-{c[3]}-{c[4]}" for c in THREAD_CASES])
+def test_results_independent_of_thread_count(N, D, H, O, bias, path, dtype, restore_threads):
     p = problem(N, D, H, O, dtype=dtype, bias=bias, seed=11)
+    for kind in ("loss", "mlp"):  # "op" is the loss op's path
+        assert_path(p, path, kind, expected=path)
     results = {}
     for n in (1, 2, 1):
         torch.set_num_threads(n)

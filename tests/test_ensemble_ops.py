@@ -171,11 +171,14 @@ def test_mlp_matches_native_per_model(p):
 
 def test_each_model_is_computed_exactly_as_alone():
     """Model k of the ensemble runs the single-model kernels on its slices: bitwise the same
-    loss and gradients as the single-model op, on both kernel paths (small loops, GEMMs)."""
-    for (N, D, H, O) in ((100, 1, 20, 1), (256, 32, 64, 8)):
+    loss and gradients as the single-model op, on each kernel path of the loss (the streaming
+    path, the small direct loops with 33 inputs — more than the streaming path takes — and the
+    GEMMs; model_path asserts each)."""
+    for (N, D, H, O), path in (((100, 1, 20, 1), "stream"), ((10, 33, 4, 2), "small"), ((256, 32, 64, 8), "gemm")):
         K = 3
         args = make_args(K, N, D, H, O, "shared", "per_model", True, "per_model", "per_model", seed=N, dtype=torch.float32,
                          grad=False)
+        assert [model_path(args, k) for k in range(K)] == [path] * K
         x, w1, b1, w2, b2, t = args
         loss, grads = fusedgrad.mlp_loss_and_grads(*args, wrt=("w1", "b1", "w2", "b2"))
         for k in range(K):
@@ -187,6 +190,7 @@ def test_each_model_is_computed_exactly_as_alone():
 
 def test_bitwise_identical_with_one_and_two_threads():
     args = make_args(64, 100, 1, 20, 1, "shared", "per_model", True, "per_model", "shared", seed=3, grad=False)
+    assert model_path(args) == "stream"
     saved = torch.get_num_threads()
     try:
         results = []

@@ -1,88 +1,390 @@
-"""fusedgrad.explain: the path each kind of call takes, as the dispatch decides it (the same C++ tests),
-the engine's blocks independent of the threads, and clear errors."""
+"""fusedgrad.explain: the dict it returns, each documented path reached by a shape built here and
+checked against what the dispatch really runs (by timing-free means: the ops and allocations the
+torch profiler records, the C++ entry point the trainer calls), the engine's blocks independent of
+the threads, and clear errors.
+
+The other test files assert the path they mean to exercise through explain (or fusedgrad._C.explain_op,
+its per-call form); this file checks that explain tells the truth."""
+import math
+
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import fusedgrad
 from fusedgrad import _C
 
 KEYS = {"path", "why", "call", "rows", "widths", "dtype", "threads"}
 ENGINE_KEYS = KEYS | {"block_rows", "blocks", "chunks", "vector_bytes"}
+# Every value "path" takes (fusedgrad/explain.py's docstring).
+PATHS = {"stream", "small", "gemm", "cuda", "ensemble", "engine", "trainer-narrow", "trainer-narrow-fixed",
+         "trainer-gemm", "trainer-engine"}
+TRAINER_ROUTES = ("deep_train_steps", "train_steps", "train_steps_fast", "train_step_fast")
 
 
-def net_and_data(D, H, O, N, **kw):
+def net_and_data(D, H, O, N, dtype=torch.float32, **kw):
     torch.manual_seed(0)
-    return fusedgrad.FusedMLP(D, H, O, **kw), torch.randn(N, D), torch.randn(N, O)
+    net = fusedgrad.FusedMLP(D, H, O, dtype=dtype, **kw)
+    return net, torch.randn(N, D, dtype=dtype), torch.randn(N, O, dtype=dtype)
 
 
-@pytest.mark.parametrize("D,H,O,N,loss_path,forward_path", [
-    (1, 20, 1, 100, "stream", "stream"),      # narrow rows: streamed
-    (33, 4, 2, 10, "small", "gemm"),          # too wide to stream, few multiply-adds: direct loops (loss only)
-    (64, 32, 8, 1031, "gemm", "gemm"),        # BLAS
-])
-def test_op_paths(D, H, O, N, loss_path, forward_path):
-    net, x, y = net_and_data(D, H, O, N)
-    info = fusedgrad.explain(net, x, y)
-    assert set(info) == KEYS and info["path"] == loss_path and info["call"] == "loss"
-    assert info["rows"] == N and info["widths"] == [D, H, O] and info["dtype"] == torch.float32
+def check_dict(info, call, rows, widths, dtype, engine=False):
+    """The keys of the dict and the type of each value."""
+    assert set(info) == (ENGINE_KEYS if engine else KEYS), sorted(info)
+    assert isinstance(info["path"], str) and info["path"] in PATHS
+    assert isinstance(info["why"], str) and info["why"]
+    assert info["call"] == call
+    assert type(info["rows"]) is int and info["rows"] == rows
+    assert isinstance(info["widths"], list) and all(type(w) is int for w in info["widths"])
+    assert info["widths"] == widths
+    assert isinstance(info["dtype"], torch.dtype) and info["dtype"] == dtype
+    assert type(info["threads"]) is int and info["threads"] == torch.get_num_threads()
+    if engine:
+        for key in ("block_rows", "blocks", "chunks", "vector_bytes"):
+            assert type(info[key]) is int and info[key] >= 1, key
+
+
+def recorded(fn):
+    """(op names, largest single allocation in bytes) of what fn runs, as the torch profiler records them."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = prof.events()
+    return {e.name for e in events}, max([e.self_cpu_memory_usage for e in events] + [0])
+
+
+@pytest.fixture
+def trainer_routes(monkeypatch):
+    """The names of the C++ trainer entry points fusedgrad.Trainer calls (spied on, then called)."""
+    calls = []
+    for name in TRAINER_ROUTES:
+        def spy(*args, _real=getattr(_C, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(_C, name, spy)
+    return calls
+
+
+@pytest.fixture
+def restore_threads():
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+# ----------------------------------------------------------------------------------------- the dict
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_keys_and_types_of_each_kind_of_call(dtype):
+    net, x, y = net_and_data(3, 5, 2, 11, dtype)
+    check_dict(fusedgrad.explain(net, x, y), "loss", 11, [3, 5, 2], dtype)
+    check_dict(fusedgrad.explain(net, x), "forward", 11, [3, 5, 2], dtype)
+    # leading dimensions of x are rows
+    check_dict(fusedgrad.explain(net, x.reshape(1, 11, 3), y.reshape(1, 11, 2)), "loss", 11, [3, 5, 2], dtype)
+    trainer = fusedgrad.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    check_dict(fusedgrad.explain(trainer, x, y), "train", 11, [3, 5, 2], dtype)
+    deep, x, y = net_and_data(3, 5, 2, 11, dtype, hidden_layers=2)
+    check_dict(fusedgrad.explain(deep, x, y), "loss", 11, [3, 5, 5, 2], dtype, engine=True)
+    check_dict(fusedgrad.explain(deep, x), "forward", 11, [3, 5, 5, 2], dtype, engine=True)
+    trainer = fusedgrad.Trainer(deep, torch.optim.Adam(deep.parameters()))
+    check_dict(fusedgrad.explain(trainer, x, y), "train", 11, [3, 5, 5, 2], dtype, engine=True)
+    ens = fusedgrad.FusedMLPEnsemble(4, 3, 5, 2, dtype=dtype)
+    check_dict(fusedgrad.explain(ens, x, y), "loss", 11, [3, 5, 2], dtype)
+    check_dict(fusedgrad.explain(ens, x.expand(4, -1, -1)), "forward", 11, [3, 5, 2], dtype)
+
+
+def test_explain_runs_nothing():
+    """explain computes the path by the dispatch's tests; it calls no op and changes nothing."""
+    net, x, y = net_and_data(64, 32, 8, 1031)
+    before = [p.detach().clone() for p in net.parameters()]
+    names, _ = recorded(lambda: (fusedgrad.explain(net, x, y), fusedgrad.explain(net, x)))
+    assert not any(n.startswith(("fusedgrad::", "aten::mm")) for n in names), sorted(names)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert all(p.grad is None for p in net.parameters())
+
+
+# ------------------------------------------------------------------- the one-hidden-layer op paths
+
+# (D, H, O, N, loss path, forward path): narrow rows stream at any N; 33 inputs are more than the
+# streaming path takes, and 10 rows of 33·4 + 4·2 multiply-adds few enough for the direct loops
+# (the loss only: the prediction has no small path); 64→32→8 over 1031 rows is BLAS's.
+OP_SHAPES = {
+    "stream": (1, 20, 1, 4096, "stream", "stream"),
+    "small": (33, 4, 2, 10, "small", "gemm"),
+    "gemm": (64, 32, 8, 1031, "gemm", "gemm"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", list(OP_SHAPES))
+def test_op_paths(case, dtype):
+    D, H, O, N, loss_path, forward_path = OP_SHAPES[case]
+    net, x, y = net_and_data(D, H, O, N, dtype)
+    assert fusedgrad.explain(net, x, y)["path"] == loss_path
     assert fusedgrad.explain(net, x)["path"] == forward_path
-    assert fusedgrad.explain(net, x)["call"] == "forward"
+    # the same answer as the op-level form, on the module's own tensors
+    w1, b1, w2, b2 = net._params()
+    assert _C.explain_op(True, x, w1, b1, w2, b2, y, net.activation) == loss_path
+    assert _C.explain_op(False, x, w1, b1, w2, b2, None, net.activation) == forward_path
 
 
-def test_op_path_follows_the_small_path_crossover():
+def test_stream_loss_runs_no_product_and_keeps_no_row_buffer():
+    """The streaming path takes rows through cache-sized blocks: no BLAS product, and no (N, H) buffer
+    (its largest allocation is far below N·H elements; the GEMM path's holds h, N·H)."""
+    D, H, O, N = 1, 20, 1, 4096
+    net, x, y = net_and_data(D, H, O, N)
+    assert fusedgrad.explain(net, x, y)["path"] == "stream"
+    names, largest = recorded(lambda: net.loss(x, y))
+    assert "fusedgrad::mlp_loss_and_grads" in names and "aten::mm" not in names
+    assert largest < N * H * x.element_size() // 4, largest
+    # the forward streams too (no product; it saves s for the backward, an (N, H) tensor)
+    assert fusedgrad.explain(net, x)["path"] == "stream"
+    names, _ = recorded(lambda: net(x))
+    assert "fusedgrad::mlp_forward" in names and "aten::mm" not in names
+
+
+def test_gemm_loss_runs_products_into_row_buffers():
+    D, H, O, N = 64, 32, 8, 1031
+    net, x, y = net_and_data(D, H, O, N)
+    assert fusedgrad.explain(net, x, y)["path"] == "gemm"
+    names, largest = recorded(lambda: net.loss(x, y))
+    assert "aten::mm" in names
+    assert largest >= N * H * x.element_size()  # h (or its gradient), N × H
+    assert fusedgrad.explain(net, x)["path"] == "gemm"
+    names, _ = recorded(lambda: net(x))
+    assert "fusedgrad::mlp_forward" in names and "aten::mm" in names
+
+
+def test_small_path_follows_its_crossover():
+    """33 inputs (more than the streaming path takes), few multiply-adds: the direct loops, no BLAS
+    product. With the crossover at 0 multiply-adds (fusedgrad._C._set_small_path_max_macs, as
+    benchmarks/crossover.py forces a path) the same call is the GEMM path's, products and all."""
     net, x, y = net_and_data(33, 4, 2, 10)
+    assert fusedgrad.explain(net, x, y)["path"] == "small"
+    names, _ = recorded(lambda: net.loss(x, y))
+    assert "fusedgrad::mlp_loss_and_grads" in names and "aten::mm" not in names
     previous = _C._set_small_path_max_macs(0)
     try:
         assert fusedgrad.explain(net, x, y)["path"] == "gemm"
+        names, _ = recorded(lambda: net.loss(x, y))
+        assert "aten::mm" in names
     finally:
         _C._set_small_path_max_macs(previous)
     assert fusedgrad.explain(net, x, y)["path"] == "small"
 
 
-@pytest.mark.parametrize("D,H,O,act,path", [
-    (1, 20, 1, "sigmoid", "trainer-narrow-fixed"),
-    (1, 20, 1, "tanh", "trainer-narrow"),
-    (4, 4, 4, "sigmoid", "trainer-narrow"),
-    (32, 64, 8, "sigmoid", "trainer-engine"),
-    (32, 160, 8, "relu", "trainer-gemm"),
-])
-def test_trainer_paths_at_one_hidden_layer(D, H, O, act, path):
-    net, x, y = net_and_data(D, H, O, 50, activation=act)
-    info = fusedgrad.explain(fusedgrad.Trainer(net, torch.optim.Adam(net.parameters())), x, y)
-    assert info["path"] == path and info["call"] == "train"
-    assert set(info) == (ENGINE_KEYS if path == "trainer-engine" else KEYS)
+def test_stream_rule_boundaries():
+    """The streaming rule (D ≤ 32, H ≤ 128, O ≤ 16, D·H + H·O ≤ 512 at any N, ≤ 2048 from 32768
+    rows) as explain reports it, with the small path's crossover out of the way."""
+    previous = _C._set_small_path_max_macs(0)
+    try:
+        for (D, H, O, N), want in [((32, 8, 16, 100), "stream"), ((33, 8, 16, 100), "gemm"),
+                                   ((1, 128, 1, 100), "stream"), ((1, 129, 1, 100), "gemm"),
+                                   ((4, 8, 17, 100), "gemm"), ((16, 24, 16, 100), "gemm"),
+                                   ((16, 64, 4, 32767), "gemm"), ((16, 64, 4, 32768), "stream")]:
+            net = fusedgrad.FusedMLP(D, H, O)
+            x, y = torch.empty(N, D), torch.empty(N, O)
+            assert fusedgrad.explain(net, x, y)["path"] == want, (D, H, O, N)
+    finally:
+        _C._set_small_path_max_macs(previous)
 
 
-def test_deep_net_trainer_and_ensemble():
-    net, x, y = net_and_data(2, 20, 1, 2540, activation="tanh", hidden_layers=3)
+@pytest.mark.skipif(not (torch.cuda.is_available() and "cuda" in fusedgrad.backends),
+                    reason="no CUDA device or no CUDA kernels in this build")
+def test_cuda_path():
+    net, x, y = net_and_data(3, 8, 2, 100)
+    net, x, y = net.cuda(), x.cuda(), y.cuda()
+    assert fusedgrad.explain(net, x, y)["path"] == "cuda"
+    assert fusedgrad.explain(net, x)["path"] == "cuda"
+    net.loss(x, y)  # the path explain names runs
+
+
+def test_meta_tensors_are_not_reported_as_cuda():
+    net = fusedgrad.FusedMLP(3, 4, 2, device="meta")
+    x, y = torch.empty(5, 3, device="meta"), torch.empty(5, 2, device="meta")
+    assert fusedgrad.explain(net, x, y)["path"] == "meta"
+
+
+# --------------------------------------------------------------------------------------- ensembles
+
+def test_ensemble():
+    ens = fusedgrad.FusedMLPEnsemble(3, 2, 8, 1)
+    x, y = torch.randn(50, 2), torch.randn(50, 1)
+    info = fusedgrad.explain(ens, x, y)
+    assert info["path"] == "ensemble" and info["rows"] == 50 and info["widths"] == [2, 8, 1]
+    assert fusedgrad.explain(ens, x)["path"] == "ensemble"
+    names, _ = recorded(lambda: ens.loss(x, y))
+    assert "fusedgrad::ensemble_mlp_loss" in names
+    names, _ = recorded(lambda: ens(x))
+    assert "fusedgrad::ensemble_mlp" in names
+    # per-model data: rows are N of (K, N, D)
+    assert fusedgrad.explain(ens, x.expand(3, -1, -1), y.expand(3, -1, -1))["rows"] == 50
+    deep = fusedgrad.FusedMLPEnsemble(3, 2, [8, 8], 1)
+    info = fusedgrad.explain(deep, x, y)
+    assert info["path"] == "engine" and info["widths"] == [2, 8, 8, 1] and "3 models" in info["why"]
+    names, _ = recorded(lambda: deep.loss(x, y))
+    assert "fusedgrad::deep_mlp_loss_and_grads" in names
+
+
+# ----------------------------------------------------------------------------------- deeper nets
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_deep_net_runs_the_engine(layers):
+    net, x, y = net_and_data(2, 20, 1, 2540, activation="tanh", hidden_layers=layers)
     info = fusedgrad.explain(net, x, y)
-    assert set(info) == ENGINE_KEYS and info["path"] == "engine" and info["widths"] == [2, 20, 20, 20, 1]
+    assert info["path"] == "engine" and info["widths"] == [2] + [20] * layers + [1]
     assert info["blocks"] >= info["chunks"] >= 1 and info["block_rows"] * info["blocks"] >= 2540
     assert info["vector_bytes"] in (32, 64)
+    assert fusedgrad.explain(net, x)["path"] == "engine"
+    names, _ = recorded(lambda: net.loss(x, y))
+    assert "fusedgrad::deep_mlp_loss_and_grads" in names and "fusedgrad::mlp_loss_and_grads" not in names
+    names, _ = recorded(lambda: net(x))
+    assert "fusedgrad::deep_mlp" in names and "aten::mm" not in names
+
+
+# ---------------------------------------------------------------------------------------- trainers
+
+# (D, H, O, activation, path) at one hidden layer (csrc/trainer/train_cpu.cpp train_path_name):
+# σ with 1–2 inputs and 1 output: the compile-time-width kernel; other narrow layers the run-time
+# one; rows of >= 1024 multiply-adds with in/out >= 4 wide and layers <= 128 the engine; >= 2048
+# multiply-adds otherwise (a layer wider than 128, or 1–3 outputs) BLAS.
+TRAINER_SHAPES = [
+    (1, 20, 1, "sigmoid", "trainer-narrow-fixed"),
+    (2, 20, 1, "sigmoid", "trainer-narrow-fixed"),
+    (1, 20, 1, "tanh", "trainer-narrow"),
+    (3, 20, 1, "sigmoid", "trainer-narrow"),
+    (4, 4, 4, "sigmoid", "trainer-narrow"),
+    (32, 64, 8, "sigmoid", "trainer-engine"),
+    (16, 64, 4, "relu", "trainer-engine"),
+    (32, 160, 8, "relu", "trainer-gemm"),
+    (32, 64, 2, "sigmoid", "trainer-gemm"),
+]
+
+
+@pytest.mark.parametrize("D,H,O,act,path", TRAINER_SHAPES, ids=[f"{t[4]}-{t[0]}-{t[1]}-{t[2]}-{t[3]}"
+                                                                for t in TRAINER_SHAPES])
+def test_trainer_paths_at_one_hidden_layer(D, H, O, act, path, trainer_routes):
+    """The path explain names is the route the trainer takes: the engine's entry point for
+    trainer-engine, the one-hidden-layer kernels' otherwise, with BLAS products only on trainer-gemm
+    (trainer-narrow and trainer-narrow-fixed differ only inside train_cpu.cpp: not observable here)."""
+    net, x, y = net_and_data(D, H, O, 300, torch.float64, activation=act)
+    trainer = fusedgrad.Trainer(net, torch.optim.Adam(net.parameters(), lr=0.01))
+    info = fusedgrad.explain(trainer, x, y)
+    check_dict(info, "train", 300, [D, H, O], torch.float64, engine=path == "trainer-engine")
+    assert info["path"] == path
+    assert _C.explain_trainer(D, H, O, act) == path
+    for run in (lambda: trainer.step(x, y), lambda: trainer.fit(x, y, 2), lambda: trainer.fit(x, y, 2, batch_size=64)):
+        trainer_routes.clear()
+        names, _ = recorded(run)
+        assert trainer_routes, "no C++ trainer entry point ran"
+        if path == "trainer-engine":
+            assert set(trainer_routes) == {"deep_train_steps"}, trainer_routes
+        else:
+            assert "deep_train_steps" not in trainer_routes, trainer_routes
+        assert ("aten::mm" in names) == (path == "trainer-gemm"), (path, sorted(names))
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_deep_trainer(layers, trainer_routes):
+    net, x, y = net_and_data(2, 20, 1, 500, hidden_layers=layers)
     trainer = fusedgrad.Trainer(net, torch.optim.Adam(net.parameters()))
-    assert fusedgrad.explain(trainer, x, y)["path"] == "trainer-engine"
-    ens = fusedgrad.FusedMLPEnsemble(3, 2, [8, 8], 1)
-    assert fusedgrad.explain(ens, x, y.expand(3, -1, -1))["path"] == "engine"
-    assert fusedgrad.explain(fusedgrad.FusedMLPEnsemble(3, 2, 8, 1), x, y)["path"] == "ensemble"
+    info = fusedgrad.explain(trainer, x, y)
+    check_dict(info, "train", 500, [2] + [20] * layers + [1], torch.float32, engine=True)
+    assert info["path"] == "trainer-engine"
+    trainer.fit(x, y, 2)
+    trainer.step(x, y)
+    assert set(trainer_routes) == {"deep_train_steps"}
 
 
-def test_engine_blocks_do_not_depend_on_the_threads():
-    net, x, y = net_and_data(2, 20, 1, 20000, activation="tanh", hidden_layers=3)
-    previous = torch.get_num_threads()
-    try:
-        infos = []
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            info = fusedgrad.explain(net, x, y)
-            infos.append((info["block_rows"], info["blocks"], info["chunks"], info["vector_bytes"]))
-    finally:
-        torch.set_num_threads(previous)
-    assert infos[0] == infos[1]
+def test_ensemble_trainer(trainer_routes):
+    x, y = torch.randn(100, 2), torch.randn(100, 1)
+    ens = fusedgrad.FusedMLPEnsemble(3, 2, 8, 1)
+    trainer = fusedgrad.Trainer(ens, torch.optim.Adam(ens.parameters()))
+    assert fusedgrad.explain(trainer, x, y)["path"] == "trainer-narrow-fixed"
+    trainer.fit(x, y, 2)
+    assert trainer_routes and "deep_train_steps" not in trainer_routes
+    trainer_routes.clear()
+    deep = fusedgrad.FusedMLPEnsemble(3, 2, [8, 8], 1)
+    trainer = fusedgrad.Trainer(deep, torch.optim.Adam(deep.parameters()))
+    info = fusedgrad.explain(trainer, x, y)
+    assert info["path"] == "trainer-engine" and "3 models" in info["why"]
+    trainer.fit(x, y, 2)
+    assert set(trainer_routes) == {"deep_train_steps"}
 
 
-def test_bad_arguments():
-    with pytest.raises(TypeError, match=r"fusedgrad.explain: argument 'net_or_trainer' must be a FusedMLP"):
-        fusedgrad.explain(torch.nn.Linear(2, 2), torch.randn(3, 2))
-    net, x, y = net_and_data(1, 4, 1, 5)
-    with pytest.raises(TypeError, match=r"fusedgrad.explain: argument 'x' must be a torch.Tensor, got list"):
-        fusedgrad.explain(net, [1.0])
+# ------------------------------------------------------------------- the engine's blocks and chunks
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_engine_blocks_and_chunks_do_not_depend_on_the_threads(dtype, restore_threads):
+    nets = [net_and_data(2, 20, 1, 1, dtype, activation="tanh", hidden_layers=3)[0],
+            net_and_data(16, 100, 8, 1, dtype, hidden_layers=2)[0],
+            net_and_data(32, 64, 8, 1, dtype)[0]]  # one hidden layer: the trainer's engine
+    for rows in (1, 15, 16, 17, 255, 256, 257, 4099, 20000, 100_000):
+        seen = set()
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for net in nets:
+                params = net._params()
+                x = torch.empty(rows, params[0].shape[-1], dtype=dtype)
+                y = torch.empty(rows, params[-2].shape[-2], dtype=dtype)
+                deep = net.hidden_layers != 1
+                subject = net if deep else fusedgrad.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1))
+                info = fusedgrad.explain(subject, x, y)
+                assert info["threads"] == threads
+                B, blocks, chunks = info["block_rows"], info["blocks"], info["chunks"]
+                # the rule (csrc/engine/mlp_engine_cpu.cpp): blocks of B rows, at most 16 chunks
+                assert B % 8 == 0 and 16 <= B <= 256
+                assert blocks == max(math.ceil(rows / B), 1) and chunks == min(blocks, 16)
+                seen.add((id(net), B, blocks, chunks, info["vector_bytes"]))
+        assert len(seen) == len(nets), seen  # the same for 1, 2 and 3 threads
+
+
+def test_engine_results_match_across_threads(restore_threads):
+    """What the fixed chunks are for: the engine's loss and gradients are bitwise the same at 1
+    and 2 threads (chunks > 1, so the work is split)."""
+    net, x, y = net_and_data(2, 20, 1, 20000, torch.float64, activation="tanh", hidden_layers=3)
+    assert fusedgrad.explain(net, x, y)["chunks"] > 1
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        net.zero_grad()
+        loss = net.loss(x, y)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+@pytest.mark.parametrize("bad", [torch.nn.Linear(2, 2), None, "net", torch.optim.SGD([torch.zeros(1)], lr=1)],
+                         ids=["module", "None", "str", "optimizer"])
+def test_bad_net_or_trainer(bad):
+    with pytest.raises(TypeError, match=r"^fusedgrad\.explain: argument 'net_or_trainer' must be a FusedMLP, "
+                                        r"FusedMLPEnsemble or Trainer, got " + type(bad).__name__):
+        fusedgrad.explain(bad, torch.randn(3, 2))
+
+
+@pytest.mark.parametrize("bad", [[1.0], None, 3.0], ids=["list", "None", "float"])
+@pytest.mark.parametrize("which", ["net", "deep", "ensemble", "trainer"])
+def test_bad_x(which, bad):
+    net = fusedgrad.FusedMLP(1, 4, 1, hidden_layers=2 if which == "deep" else 1)
+    subject = {"net": net, "deep": net, "ensemble": fusedgrad.FusedMLPEnsemble(2, 1, 4, 1),
+               "trainer": fusedgrad.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1))}[which]
+    with pytest.raises(TypeError, match=r"^fusedgrad\.explain: argument 'x' must be a torch\.Tensor, got "
+                                        + type(bad).__name__):
+        fusedgrad.explain(subject, bad)
+
+
+def test_bad_target():
+    net, x, _ = net_and_data(1, 4, 1, 5)
+    with pytest.raises(TypeError, match=r"fusedgrad\.explain: argument 'target'"):
+        fusedgrad.explain(net, x, [1.0])
+
+
+def test_x_of_the_wrong_shape():
+    deep = fusedgrad.FusedMLP(2, [4, 4], 1)
+    with pytest.raises(ValueError, match=r"fusedgrad\.explain: argument 'x' must have shape \(\*, 2\), got \(5, 3\)"):
+        fusedgrad.explain(deep, torch.randn(5, 3))
+    ens = fusedgrad.FusedMLPEnsemble(3, 2, 8, 1)
+    with pytest.raises(ValueError, match=r"must have shape \(N, 2\) or \(K, N, 2\), got \(2,\)"):
+        fusedgrad.explain(ens, torch.randn(2))

@@ -388,12 +388,16 @@ def test_zero_size_dimensions_match_autograd(case, reduction, bias):
 ZERO_ROW_PROBE = """
 import torch, fusedgrad
 z = torch.zeros
-for b1, b2, t in [(z(0, 4), None, None), (None, z(0, 2), None), (None, None, z(0, 2))]:
-    args = [None if a is None else a.requires_grad_() for a in (b1, b2, t)]
-    loss = fusedgrad.mlp_loss(z(0, 3), z(4, 3), args[0], z(2, 4), args[1], args[2], reduction="sum")
-    loss.backward()
-    for a in args:
-        assert a is None or (a.grad is not None and a.grad.shape == a.shape and not a.grad.any()), a
+# 3 inputs: the streaming path (tried first) takes the empty batch; 33: more than it takes, the small path.
+for D, path in [(3, "stream"), (33, "small")]:
+    for b1, b2, t in [(z(0, 4), None, None), (None, z(0, 2), None), (None, None, z(0, 2))]:
+        got = fusedgrad._C.explain_op(True, z(0, D), z(4, D), b1, z(2, 4), b2, t, "sigmoid")
+        assert got == path, (D, got, path)
+        args = [None if a is None else a.requires_grad_() for a in (b1, b2, t)]
+        loss = fusedgrad.mlp_loss(z(0, D), z(4, D), args[0], z(2, 4), args[1], args[2], reduction="sum")
+        loss.backward()
+        for a in args:
+            assert a is None or (a.grad is not None and a.grad.shape == a.shape and not a.grad.any()), a
 print("survived")
 """
 
@@ -401,7 +405,8 @@ print("survived")
 def test_zero_rows_full_shape_gradient_no_crash():
     """Regression (fixed in 67c01be): N = 0 rows and the gradient of a full-shape
     b1 (N, H), b2 (N, O) or target (N, O) requested made the small path write column sums
-    through the empty gradient's null data pointer (SIGSEGV). Run in a subprocess so that a
+    through the empty gradient's null data pointer (SIGSEGV). The probe asserts the path of each
+    case (the small path with 33 inputs, the streaming path with 3). Run in a subprocess so that a
     regression fails this test instead of killing the session."""
     r = run_probe(ZERO_ROW_PROBE)
     assert r.returncode == 0 and "survived" in r.stdout, f"exit code {r.returncode}: {(r.stderr or '')[-2000:]}"

@@ -3,7 +3,7 @@ requires-grad subsets, layouts, reduction, activation and dtype, against native
 autograd. Profiles: see conftest.py ("ci" default, HYPOTHESIS_PROFILE=dev)."""
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 import fusedgrad
@@ -12,10 +12,12 @@ from reference import assert_close_rel, ref_mlp, ref_mlp_loss
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-# N includes 1 and primes. With widths up to 17 most draws take the streaming path (rows of at most
-# 512 multiply-adds: csrc/cpu/stream_path.cpp), the rest (wider rows, broadcast kinds the streaming
-# path does not take) the direct-loop or GEMM path; the paths are named and asserted in
-# tests/test_activations.py, test_hostile_inputs.py, test_concurrency.py and test_against_autograd.py.
+# N includes 1 and primes. With widths up to 17 about half the draws take the streaming path (rows of
+# at most 512 multiply-adds and at most 16 outputs: csrc/cpu/stream_path.cpp), most others the GEMM
+# path (wider rows, 17 outputs, broadcast kinds that neither the streaming nor the small path takes)
+# and a few (~2 %) the small direct-loop path; PATH_CASES below runs the same checks on shapes of this
+# family that reach each path, asserted through the dispatch's own test (fusedgrad._C.explain_op).
+# The property tests record each draw's path (hypothesis events: pytest --hypothesis-show-statistics).
 ROWS = st.sampled_from([1, 2, 3, 5, 7, 11, 13, 17, 64, 257, 401])
 WIDTH = st.integers(1, 17)
 
@@ -63,9 +65,13 @@ def problems(draw, with_target=True):
     return p, requires_grad
 
 
-@given(problems(), st.sampled_from(["mean", "sum"]), st.sampled_from(fusedgrad.ACTIVATIONS))
-def test_mlp_loss_matches_autograd(problem, reduction, activation):
-    p, requires_grad = problem
+def path_of(p, loss, activation):
+    """The path the loss op (loss=True) or the prediction op takes for problem p."""
+    args = [a.detach() if a is not None else None for a in p.loss_args()]
+    return fusedgrad._C.explain_op(loss, *args[:5], args[5] if loss else None, activation)
+
+
+def check_loss(p, requires_grad, reduction, activation):
     loss = fusedgrad.mlp_loss(*p.loss_args(), reduction=reduction, activation=activation)
     assert loss.shape == () and loss.dtype == p.dtype
     assert loss.requires_grad == bool(requires_grad)
@@ -80,10 +86,7 @@ def test_mlp_loss_matches_autograd(problem, reduction, activation):
             assert leaf.grad is None
 
 
-@given(problems(with_target=False), st.sampled_from(fusedgrad.ACTIVATIONS),
-       st.sampled_from(["contig", "transposed", "sum"]))
-def test_mlp_matches_autograd(problem, activation, go_style):
-    p, requires_grad = problem
+def check_mlp(p, requires_grad, activation, go_style):
     pred = fusedgrad.mlp(*p.mlp_args(), activation=activation)
     expected = ref_mlp(*p.mlp_args(), activation=activation)
     assert pred.shape == expected.shape and pred.dtype == p.dtype
@@ -93,3 +96,46 @@ def test_mlp_matches_autograd(problem, activation, go_style):
         return
     go = None if go_style == "sum" else upstream_grad(pred.shape, p.dtype, 0, go_style)
     compare_mlp(p, go, activation, f"{p.label} {activation} go={go_style}", floor=None)
+
+
+@given(problems(), st.sampled_from(["mean", "sum"]), st.sampled_from(fusedgrad.ACTIVATIONS))
+def test_mlp_loss_matches_autograd(problem, reduction, activation):
+    p, requires_grad = problem
+    event(f"loss path: {path_of(p, True, activation)}")
+    check_loss(p, requires_grad, reduction, activation)
+
+
+@given(problems(with_target=False), st.sampled_from(fusedgrad.ACTIVATIONS),
+       st.sampled_from(["contig", "transposed", "sum"]))
+def test_mlp_matches_autograd(problem, activation, go_style):
+    p, requires_grad = problem
+    event(f"prediction path: {path_of(p, False, activation)}")
+    check_mlp(p, requires_grad, activation, go_style)
+
+
+# Shapes of the family above (N from ROWS or a 3-D lead of dims <= 5, widths <= 17) that reach each
+# path of the loss op and of the prediction op (which has no small path): (lead, D, H, O, b1, loss
+# path, prediction path). 17 outputs are more than the streaming path takes; 17→17→17 rows hold 578
+# multiply-adds, more than it takes below 32768 rows; the small path takes N·578 <= 2^16.
+PATH_CASES = {
+    "stream": ((64,), 5, 7, 3, "vec", "stream", "stream"),
+    "small": ((64,), 17, 17, 17, "vec", "small", "gemm"),
+    "small-17-outputs": ((3, 5), 3, 4, 17, "row", "small", "gemm"),
+    "gemm": ((401,), 17, 17, 17, "vec", "gemm", "gemm"),
+    "gemm-col-bias": ((257,), 9, 12, 5, "col", "gemm", "gemm"),  # (N, 1) b1: neither stream nor small takes it
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(PATH_CASES))
+def test_each_path_of_the_family(case, dtype):
+    lead, D, H, O, b1, loss_path, pred_path = PATH_CASES[case]
+    for layout in ("contig", "noncontig"):
+        p = make_problem(lead, D, H, O, b1=b1, b2="vec", target="grad", layout=layout, dtype=dtype, seed=D * H)
+        requires_grad = set(p.leaves)
+        for activation in fusedgrad.ACTIVATIONS:
+            assert path_of(p, True, activation) == loss_path, (case, layout, activation)
+            assert path_of(p, False, activation) == pred_path, (case, layout, activation)
+            for reduction in ("mean", "sum"):
+                check_loss(p, requires_grad, reduction, activation)
+            check_mlp(p, requires_grad - {"target"}, activation, "transposed")

@@ -3,7 +3,9 @@
 Shapes here are inside the path's rule (csrc/cpu/stream_path.cpp,
 stream_path_applies: widths D ≤ 32, H ≤ 128, O ≤ 16, no "Other" broadcast
 kind, and D·H + H·O ≤ 512 at any N or ≤ 2048 from 32768 rows on), so every
-call below runs it, except the "Other" kinds, checked on their fallback. Rows go in blocks of BLOCK[(D, H, O)] rows and the
+call below runs it, except the "Other" kinds and the wider shape below 32768 rows,
+checked on their fallback; assert_path checks each through the dispatch's own test
+(fusedgrad._C.explain_op). Rows go in blocks of BLOCK[(D, H, O)] rows and the
 blocks in up to 16 fixed chunks; N is chosen around both boundaries.
 
 Everything is compared with native autograd (tests/reference.py) on the same
@@ -74,19 +76,25 @@ def native_loss_grads(args, wrt, reduction="mean", activation="sigmoid"):
 
 def expected_path(args):
     """"stream" for the shapes of this file, unless an operand broadcasts as "Other" (an (N, 1)
-    column against a wider layer), which the streaming path leaves to the others."""
+    column against a wider layer): the streaming path and the small path leave it to the GEMM path."""
     x, w1, b1, w2, b2, t = args
     out = w2.shape[0] if w2 is not None else w1.shape[0]
     other = any(a is not None and a.dim() == 2 and a.shape[1] == 1 < cols
                 for a, cols in ((b1, w1.shape[0]), (b2, out), (t, out)))
-    return None if other else "stream"
+    return "gemm" if other else "stream"
+
+
+def assert_path(args, want="stream", loss=True, activation="sigmoid", label=""):
+    """The path the loss op (loss=True; args: the six loss arguments) or the prediction op (loss=False;
+    the first five) takes, by the dispatch's own test (fusedgrad._C.explain_op)."""
+    args = [a.detach() if a is not None else None for a in args]
+    target = args[5] if loss else None
+    got = fusedgrad._C.explain_op(loss, *args[:5], target, activation)
+    assert got == want, f"{label}: the {'loss' if loss else 'prediction'} op takes {got!r}, the test means {want!r}"
 
 
 def check_loss(args, wrt=None, reduction="mean", activation="sigmoid", rtol=RTOL64, label="", path=None):
-    want = path or expected_path(args)
-    if want is not None:
-        got = fusedgrad._C.explain_op(True, *[a.detach() if a is not None else None for a in args], activation)
-        assert got == want, f"{label}: the loss op takes {got!r}, the test means {want!r}"
+    assert_path(args, path or expected_path(args), activation=activation, label=label)
     if wrt is None:
         wrt = [a is not None for a in args]
     names = [n for n, w in zip(LOSS_ARGS, wrt) if w]
@@ -127,7 +135,7 @@ def test_wider_shape_from_its_row_threshold():
 @pytest.mark.parametrize("b2", ["none", "vec", "row", "full", "col"])
 @pytest.mark.parametrize("target", ["none", "vec", "full", "col"])
 def test_bias_and_target_kinds(b1, b2, target):
-    # "col" ((N, 1) against (N, H)) is an "Other" broadcast: the fallback path, checked all the same.
+    # "col" ((N, 1) against (N, H)) is an "Other" broadcast: the GEMM path, checked all the same.
     N = block_rows(*MEDIUM) + 3
     args = make(N, *MEDIUM, b1=b1, b2=b2, target=target, seed=1)
     check_loss(args, label=f"b1={b1} b2={b2} t={target}")
@@ -169,6 +177,7 @@ def test_every_gradient_subset_exhaustively():
 
 def test_loss_only_and_autograd_route():
     args = make(5003, *NARROW, seed=5)
+    assert_path(args)
     with torch.no_grad():
         loss = fusedgrad.mlp_loss(*args)
     assert_close_rel(loss, ref_mlp_loss(*args).detach(), RTOL64, "no_grad loss")
@@ -189,6 +198,7 @@ def test_mlp_op_every_activation(activation):
     for shape in (NARROW, (3, 10, None)):
         args = make(block_rows(3, 10, 1) + 3, *shape, b1="vec", b2="vec" if shape[2] else "none", target="none",
                     seed=8)[:5]
+        assert_path(args, loss=False, activation=activation, label=f"{activation} {shape}")
         present = [a for a in args if a is not None]
         pred = fusedgrad.mlp(*args, activation=activation)
         ref = ref_mlp(*args, activation=activation)
@@ -205,6 +215,7 @@ def test_mlp_op_forward_backward(b1, b2):
     for shape in (NARROW, MEDIUM):
         for N in (1, block_rows(*shape) + 1, 4099):
             args = make(N, *shape, b1=b1, b2=b2, target="none", seed=N)[:5]
+            assert_path(args, loss=False, label=f"{shape} N={N}")
             present = [a for a in args if a is not None]
             pred = fusedgrad.mlp(*args)
             ref = ref_mlp(*args)
@@ -218,6 +229,7 @@ def test_mlp_op_forward_backward(b1, b2):
 
 def test_mlp_op_no_second_layer_and_strided_grad_out():
     args = make(1500, 3, 10, None, b1="vec", target="none", seed=6)[:5]
+    assert_path(args, loss=False)
     present = [a for a in args if a is not None]
     pred = fusedgrad.mlp(*args)
     ref = ref_mlp(*args)
@@ -227,6 +239,7 @@ def test_mlp_op_no_second_layer_and_strided_grad_out():
         assert_close_rel(g, w, RTOL64, "w2=None grads")
     # a sum's upstream gradient is an expanded (stride-0) tensor
     args = make(2000, *NARROW, target="none", seed=7)[:5]
+    assert_path(args, loss=False)
     present = [a for a in args if a is not None]
     got = torch.autograd.grad(fusedgrad.mlp(*args).sum(), present)
     want = torch.autograd.grad(ref_mlp(*args).sum(), present)
@@ -238,6 +251,7 @@ def test_saturated_and_nonfinite_inputs():
     """The kernel's own exp: saturation gives σ = 0 or 1 (never NaN), NaN stays NaN."""
     for dtype in (torch.float32, torch.float64):
         args = make(3000, *NARROW, dtype=dtype, seed=8, scale=200.0)
+        assert_path(args)
         fused = fusedgrad.mlp_loss_and_grads(*args, wrt=LOSS_ARGS)
         ref_loss, ref_grads = native_loss_grads(args, [True] * 6)
         assert torch.isfinite(fused[0])
@@ -258,6 +272,7 @@ def _float32_errors(shape, N, seed):
     """Max relative error of the float32 loss and gradients, fused and native, against float64."""
     args64 = make(N, *shape, seed=seed)
     args32 = [a.detach().float().requires_grad_() for a in args64]
+    assert_path(args32)
     _, truth = native_loss_grads(args64, [True] * 6)
     truth = [native_loss_grads(args64, [True] * 6)[0]] + truth
     fused = fusedgrad.mlp_loss_and_grads(*args32, wrt=LOSS_ARGS)
@@ -295,6 +310,8 @@ def test_deterministic_across_thread_counts():
                 for shape in (NARROW, WIDER):
                     N = max(CHUNKS * block_rows(*shape) * 3 + 11, 40_000)  # several blocks per chunk
                     args = make(N, *shape, b1="vec", dtype=dtype, seed=11)
+                    assert_path(args, label=f"{shape} N={N}")
+                    assert_path(args, loss=False, label=f"{shape} N={N}")
                     loss, grads = fusedgrad.mlp_loss_and_grads(*args, wrt=LOSS_ARGS)
                     out.append([loss] + list(grads))
                     pred = fusedgrad.mlp(*args[:5])
@@ -312,6 +329,7 @@ def test_deterministic_across_thread_counts():
 def test_empty_batch(target):
     """N = 0: the mean is NaN (as nn.MSELoss), the sums zero, every gradient of the right shape."""
     args = make(0, *NARROW, b1="full", b2="vec", target=target)
+    assert_path(args)
     loss, grads = fusedgrad.mlp_loss_and_grads(*args, wrt=LOSS_ARGS, reduction="sum")
     ref_loss, ref_grads = native_loss_grads(args, [True] * 6, reduction="sum")
     assert loss.item() == 0.0

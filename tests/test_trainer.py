@@ -304,8 +304,10 @@ def test_narrow_widths_kernels(d, o, bias, batch, shuffle):
     x, y, net, ref = problem(300, d, 20, o, bias=bias, seed=d * 10 + o)
     opt, ropt = OPTIMIZERS["adam"](net.parameters()), OPTIMIZERS["adam"](ref.parameters())
     steps = 12
-    losses = fusedgrad.Trainer(net, opt).fit(x, y, steps, batch_size=batch, shuffle=shuffle,
-                                             generator=torch.Generator().manual_seed(2))
+    trainer = fusedgrad.Trainer(net, opt)
+    expected = "trainer-narrow-fixed" if (d, o) in ((1, 1), (2, 1)) else "trainer-narrow"
+    assert fusedgrad.explain(trainer, x, y)["path"] == expected
+    losses = trainer.fit(x, y, steps, batch_size=batch, shuffle=shuffle, generator=torch.Generator().manual_seed(2))
     rows = batches(300, batch, steps, shuffle, torch.Generator().manual_seed(2)) if batch else [slice(None)] * steps
     ref_losses = torch.stack([reference_step(native(ref), ropt, x[r], y[r]) for r in rows])
     err = rel_err(list(net.parameters()), list(ref.parameters()))
@@ -323,14 +325,23 @@ def test_many_rows_against_reference():
     assert rel_err(list(net.parameters()), list(ref.parameters())) < 1e-10
 
 
+# Wide layers (D·H + H·O >= 2048): with a layer wider than 128 the products go to BLAS
+# (csrc/trainer/train_cpu.cpp, GEMM path); 32→64→8 (all layers <= 128, in and out >= 4 wide)
+# takes the any-depth engine instead (train_path_name). fusedgrad.explain asserts each.
+WIDE = {"gemm": ((32, 160, 8), "trainer-gemm"), "engine": ((32, 64, 8), "trainer-engine")}
+
+
 @pytest.mark.parametrize("batch", [None, 100])
 @pytest.mark.parametrize("bias", [True, False])
-def test_wide_layers_gemm_path(batch, bias):
-    """D·H + H·O >= 2048: the products go to BLAS (csrc/trainer/train_cpu.cpp, GEMM path)."""
-    x, y, net, ref = problem(n=300, d=32, h=64, o=8, bias=bias)
+@pytest.mark.parametrize("wide", list(WIDE))
+def test_wide_layers(wide, batch, bias):
+    (d, h, o), path = WIDE[wide]
+    x, y, net, ref = problem(n=300, d=d, h=h, o=o, bias=bias)
     opt, ropt = torch.optim.AdamW(net.parameters(), lr=0.01), torch.optim.AdamW(ref.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(3)
-    losses = fusedgrad.Trainer(net, opt).fit(x, y, 6, batch_size=batch, generator=g)
+    trainer = fusedgrad.Trainer(net, opt)
+    assert fusedgrad.explain(trainer, x, y)["path"] == path
+    losses = trainer.fit(x, y, 6, batch_size=batch, generator=g)
     model = native(ref)
     rows = batches(300, batch, 6, True, torch.Generator().manual_seed(3)) if batch else [slice(None)] * 6
     ref_losses = torch.stack([reference_step(model, ropt, x[r], y[r]) for r in rows])
