@@ -50,9 +50,10 @@ def add_arguments(parser):
                         help="instead: training K models at once (µs per model-step by route; ensemble.json/.md)")
     parser.add_argument("--deep", action="store_true",
                         help="instead: networks of more than one hidden layer (curve fit, PINN-sized, surrogate, wide, "
-                             "a K=256 ensemble, tall data) by route, native, Adam(fused=True), Trainer.fit and JAX when "
-                             "installed; deep.json and deep.md (float32, threads = largest --threads; --compile adds "
-                             "torch.compile)")
+                             "a K=256 ensemble, tall data) by route: native, Adam(fused=True), net.loss, Trainer.fit, "
+                             "torch.func and JAX (jit, lax.scan, vmap) when installed, each checked against the native "
+                             "loop first; deep.json and deep.md (float32, threads = largest --threads; --compile adds "
+                             "torch.compile; --quick: smoke sizes)")
     parser.add_argument("--compile", action="store_true", help="with --deep: also time torch.compile of the step")
     parser.add_argument("--rows", action="store_true",
                         help="instead of the grid, the N-scaling suite (N = 1e2..1e6; 1→20→1, 16→64→4, 256→256→1): "
@@ -255,25 +256,22 @@ def run_training(args):
 
 
 def run_deep(args):
+    """--deep: fusedgrad/bench/deep.py (float32, CPU), at the largest of --threads."""
     from ..bench import deep
 
-    start = time.perf_counter()
-
-    def progress(label):
-        sys.stderr.write(f"\r{time.perf_counter() - start:6.0f}s  {label:<48}")
-        sys.stderr.flush()
-
+    if args.device != "cpu":
+        print("bench --deep: deep networks run on the CPU only; drop --device", file=sys.stderr)
+        return 2
     result = deep.run(quick=args.quick, threads=max(args.threads), with_compile=args.compile,
-                      repeats=min(args.repeats, 5), progress=progress)
-    sys.stderr.write("\n")
-    text = deep.markdown(result)
-    print(text)
+                      repeats=args.repeats)
+    table = deep.markdown(result)
+    print("\n" + table)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "deep.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(args.out, "deep.md"), "w") as f:
-        f.write(text)
-    print(f"wrote {os.path.join(args.out, 'deep.json')} and deep.md")
+        f.write(table)
+    print(f"wrote {os.path.join(args.out, 'deep.json')} and deep.md ({result['meta']['seconds']:.0f} s)")
     return 0
 
 
