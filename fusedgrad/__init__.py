@@ -24,11 +24,12 @@ from .module import FusedMLP
 from .trainer import Trainer
 from .ensemble import FusedMLPEnsemble
 from . import deep  # networks of any depth over weight / bias lists (fusedgrad.deep.mlp_loss, ...)
+from .deep import derivatives  # u, ∂u/∂x, ∂²u/∂x² in one fused pass (physics-informed losses)
 from .explain import explain
 
 #: Devices this build has kernels for, e.g. ("cpu",) or ("cpu", "cuda").
 backends = tuple(_C.backends)
 
 __all__ = ["mlp_loss", "mlp", "mlp_loss_and_grads", "FusedMLP", "FusedMLPEnsemble", "Trainer", "backends",
-           "ACTIVATIONS", "explain", "deep"]
+           "ACTIVATIONS", "explain", "deep", "derivatives"]
 __version__ = "0.1.0"

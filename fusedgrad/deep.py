@@ -24,7 +24,7 @@ import torch
 from . import _compat
 from ._checks import ACTIVATIONS
 
-__all__ = ["mlp_loss", "mlp", "mlp_loss_and_grads"]
+__all__ = ["mlp_loss", "mlp", "mlp_loss_and_grads", "derivatives"]
 
 _loss_op = torch.ops.fusedgrad.deep_mlp_loss_and_grads.default
 _mlp_op = torch.ops.fusedgrad.deep_mlp.default
@@ -323,3 +323,166 @@ def _backward_fake(grad_out, x, weights, biases, activation, output_mask):
     grads += [b.new_empty(b.shape) if (wp and b is not None) else _empty(x) for b in biases]
     grads.append(_rows_like(x, weights, x.shape[-1]) if wx else _empty(x))
     return grads
+
+
+# ---------------------------------------------------------------------------- input derivatives
+_derivatives_op = torch.ops.fusedgrad.deep_mlp_derivatives.default
+_derivatives_backward_op = torch.ops.fusedgrad.deep_mlp_derivatives_backward.default
+
+
+def _act_jet(activation: str, h: torch.Tensor):
+    """act(h), act'(h), act''(h) in torch ops: the activation table's jet() (csrc/common/activation.h)
+    for the native route, which autograd differentiates once more (double backward, torch.func)."""
+    if activation == "sigmoid":
+        s = torch.sigmoid(h)
+        g = s * (1 - s)
+        return s, g, g * (1 - 2 * s)
+    if activation == "tanh":
+        t = torch.tanh(h)
+        g = 1 - t * t
+        return t, g, -2 * t * g
+    if activation == "relu":
+        return torch.relu(h), (h > 0).to(h.dtype), torch.zeros_like(h)
+    if activation == "silu":
+        sig = torch.sigmoid(h)
+        g = sig * (1 - sig)
+        return h * sig, sig * (1 + h * (1 - sig)), g * (2 + h * (1 - 2 * sig))
+    if activation == "gelu":
+        cdf = 0.5 * (1 + torch.erf(h * 0.70710678118654752440))
+        pdf = torch.exp(-0.5 * h * h) * 0.39894228040143267794
+        return h * cdf, cdf + h * pdf, pdf * (2 - h * h)
+    if activation == "gelu_tanh":
+        beta, kappa = 0.79788456080286535588, 0.044715
+        t = torch.tanh(beta * (h + kappa * h ** 3))
+        q = 1 - t * t
+        u1, u2 = beta * (1 + 3 * kappa * h * h), 6 * beta * kappa * h
+        t1, t2 = q * u1, q * (u2 - 2 * t * u1 * u1)
+        return 0.5 * h * (1 + t), 0.5 * (1 + t) + 0.5 * h * t1, t1 + 0.5 * h * t2
+    return h, torch.ones_like(h), torch.zeros_like(h)  # identity
+
+
+def _native_derivatives(x, weights, biases, activation, order):
+    """``(u, du[, d2u])`` by the same forward-mode propagation as the fused pass, in plain torch ops:
+    the route under torch.func transforms and for double backward (autograd differentiates it)."""
+    stacked = weights[0].dim() == 3
+    D = x.shape[-1]
+    lead = x.shape[:-1]
+    # Tangent parts (…, D, n): part d is ∂a/∂x_d; a_0's are the unit vectors, its second parts 0.
+    da = torch.eye(D, dtype=x.dtype, device=x.device).expand(*lead, D, D)
+    d2a = torch.zeros_like(da) if order == 2 else None
+    a = x
+    L = len(weights)
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        wt = w.transpose(-1, -2)
+        h = torch.matmul(a, wt)
+        if b is not None:
+            h = h + (b.unsqueeze(-2) if stacked else b)
+        wt_parts = wt.unsqueeze(-3) if stacked else wt  # (K, 1, n_in, n_out): the parts carry an extra D axis
+        dh = torch.matmul(da, wt_parts)
+        d2h = torch.matmul(d2a, wt_parts) if order == 2 else None
+        if l == L - 1:
+            break
+        a, g1, g2 = _act_jet(activation, h)
+        g1, g2 = g1.unsqueeze(-2), g2.unsqueeze(-2)
+        if order == 2:
+            d2a = g2 * dh * dh + g1 * d2h
+        da = g1 * dh
+    out = (h, dh.transpose(-1, -2))
+    return out + (d2h.transpose(-1, -2),) if order == 2 else out
+
+
+class _Derivatives(torch.autograd.Function):
+    """``(u, du[, d2u])`` from one fused jet pass; backward: one fused pass that recomputes the forward."""
+
+    @staticmethod
+    def forward(ctx, x, activation, order, num_layers, *params):
+        weights, biases = list(params[:num_layers]), list(params[num_layers:])
+        ctx.num_layers, ctx.activation, ctx.order = num_layers, activation, order
+        ctx.set_materialize_grads(False)  # an output the loss does not use is a zero the kernel skips
+        ctx.save_for_backward(x, *params)
+        return tuple(_derivatives_op(x, weights, biases, activation, order))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        L, order = ctx.num_layers, ctx.order
+        x, *params = ctx.saved_tensors
+        weights, biases = params[:L], params[L:]
+        needs = ctx.needs_input_grad
+        if all(g is None for g in grads):
+            return (None,) * (4 + len(params))
+        if torch.is_grad_enabled():  # create_graph=True: the same math in torch ops, differentiated by autograd
+            with torch.enable_grad():
+                outs = _native_derivatives(x, list(weights), list(biases), ctx.activation, order)
+                used = [(o, g) for o, g in zip(outs, grads) if g is not None]
+                dx, *dparams = _differentiable_backward([o for o, _ in used], [x, *params], [g for _, g in used])
+            return (dx if needs[0] else None, None, None, None,
+                    *[g if n else None for g, n in zip(dparams, needs[4:])])
+        mask = [needs[0], any(needs[4:])]
+        grad_u, grad_du = grads[0], grads[1]
+        grad_d2u = grads[2] if order == 2 else None
+        out = _derivatives_backward_op(grad_u, grad_du, grad_d2u, x, list(weights), list(biases), ctx.activation,
+                                       order, mask)
+        dW = [out[l] if needs[4 + l] else None for l in range(L)]
+        db = [out[L + l] if biases[l] is not None and needs[4 + L + l] else None for l in range(L)]
+        dx = None
+        if needs[0]:
+            dx = out[2 * L]
+            if _models(weights) and x.dim() == 2:  # x shared by the models: the sum of their parts
+                dx = dx.sum(0)
+        return (dx, None, None, None, *dW, *db)
+
+
+def derivatives(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                biases: Optional[Sequence[Optional[torch.Tensor]]] = None, *, activation: str = "sigmoid",
+                order: int = 1):
+    r"""The prediction and its derivatives with respect to the input, in one fused pass.
+
+    For ``x`` of shape ``(*, D)`` and ``O`` outputs returns ``(u, du)`` (``order=1``) or
+    ``(u, du, d2u)`` (``order=2``):
+
+    - ``u``: ``(*, O)``, the prediction (as :func:`mlp`);
+    - ``du[..., o, d]`` = :math:`\partial u_o / \partial x_d`, shape ``(*, O, D)``;
+    - ``d2u[..., o, d]`` = :math:`\partial^2 u_o / \partial x_d^2`, shape ``(*, O, D)`` — the
+      diagonal of each output's Hessian, what Laplacians and per-variable PDE terms need.
+
+    They are computed by carrying the tangents :math:`\partial h/\partial x_d` (and second
+    derivatives) through the layers beside the values (README, "Input derivatives"), and are
+    differentiable with respect to the weights, biases and ``x``: ``loss(u, du, d2u).backward()``
+    runs one more fused pass. With ``create_graph=True`` that backward is itself differentiable
+    (recomputed in plain torch ops, at native speed); under ``torch.func`` transforms the whole
+    call runs in plain torch ops.
+
+    For K stacked models (weights ``(K, n_l, n_{l-1})``), ``x`` is ``(N, D)`` shared or
+    ``(K, N, D)`` per model, and the outputs get a leading K: ``(K, N, O)``, ``(K, N, O, D)``.
+
+    Arguments as in :func:`mlp`; ``order`` is 1 or 2.
+    """
+    fn = "fusedgrad.derivatives"
+    _check_x(fn, x)
+    weights, biases = _layers(fn, weights, biases)
+    _option(fn, "activation", activation, ACTIVATIONS)
+    if isinstance(order, bool) or not isinstance(order, int):
+        raise TypeError(f"{fn}: argument 'order' must be an int, 1 or 2, got {type(order).__name__}")
+    if order not in (1, 2):
+        raise ValueError(f"{fn}: argument 'order' must be 1 (u, du) or 2 (u, du, d2u), got {order}")
+    if _compat.under_functorch(x, *weights, *biases):
+        return _native_derivatives(x, weights, biases, activation, order)
+    if torch.is_grad_enabled():
+        return _Derivatives.apply(x, activation, order, len(weights), *weights, *biases)
+    return tuple(_derivatives_op(x, weights, biases, activation, order))
+
+
+@torch.library.register_fake("fusedgrad::deep_mlp_derivatives")
+def _derivatives_fake(x, weights, biases, activation, order):
+    O, D = weights[-1].shape[-2], x.shape[-1]
+    K = _models(weights)
+    part = x.new_empty((K, x.shape[-2], O, D) if K else tuple(x.shape[:-1]) + (O, D))
+    out = [_rows_like(x, weights, O), part]
+    if order == 2:
+        out.append(torch.empty_like(part))
+    return out
+
+
+@torch.library.register_fake("fusedgrad::deep_mlp_derivatives_backward")
+def _derivatives_backward_fake(grad_u, grad_du, grad_d2u, x, weights, biases, activation, order, output_mask):
+    return _backward_fake(None, x, weights, biases, activation, output_mask)

@@ -1,6 +1,6 @@
 """FusedMLPEnsemble: K independent Linear → act → … → Linear models in one module."""
 import types
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -118,6 +118,12 @@ class FusedMLPEnsemble(nn.Module):
             return _deep.mlp_loss(x, list(params[0::2]), list(params[1::2]), target, reduction=reduction,
                                   activation=self.activation)
         return mlp_loss(x, *params, target, reduction=reduction, activation=self.activation)
+
+    def derivatives(self, x: torch.Tensor, order: int = 1) -> Tuple[torch.Tensor, ...]:
+        """Every model's ``(u, du[, d2u])`` (see :meth:`FusedMLP.derivatives`): ``u`` ``(K, N, O)``,
+        ``du`` / ``d2u`` ``(K, N, O, D)``, for ``x`` ``(N, D)`` shared or ``(K, N, D)`` per model."""
+        params = self._params()
+        return _deep.derivatives(x, list(params[0::2]), list(params[1::2]), activation=self.activation, order=order)
 
     # --- conversions -----------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """FusedMLP: a drop-in Linear → activation → Linear module with fused kernels."""
 import copy as _copy
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -184,6 +184,20 @@ class FusedMLP(nn.Module):
         except (ValueError, TypeError) as exc:
             raise self._error(exc, "FusedMLP.loss", x, target) from None
 
+    def derivatives(self, x: torch.Tensor, order: int = 1) -> Tuple[torch.Tensor, ...]:
+        """``(u, du)`` or, with ``order=2``, ``(u, du, d2u)``: the prediction and its input derivatives.
+
+        ``u = self(x)`` ``(*, O)``; ``du[..., o, d] = ∂u_o/∂x_d`` and ``d2u[..., o, d] = ∂²u_o/∂x_d²``,
+        each ``(*, O, D)``, from one fused pass that carries the tangents through the layers,
+        differentiable with respect to the parameters and ``x`` by one more fused pass — what a
+        physics-informed loss needs (see :func:`fusedgrad.deep.derivatives`). CPU only.
+        """
+        weights, biases = self._weights_biases()
+        try:
+            return _deep.derivatives(x, weights, biases, activation=self.activation, order=order)
+        except (ValueError, TypeError) as exc:
+            raise self._deep_error(exc, "FusedMLP.derivatives") from None
+
     def loss_backward(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """``self.loss(x, target, reduction).backward()`` without the autograd engine.
 
@@ -259,7 +273,8 @@ class FusedMLP(nn.Module):
     def _deep_error(self, exc, fn_name):
         """An error of the deep ops, as the error of the method the user called, naming the layers."""
         text = str(exc)
-        for prefix in ("fusedgrad.mlp_loss_and_grads:", "fusedgrad.mlp_loss:", "fusedgrad.mlp:"):
+        for prefix in ("fusedgrad.mlp_loss_and_grads:", "fusedgrad.mlp_loss:", "fusedgrad.mlp:",
+                       "fusedgrad.derivatives:"):
             if text.startswith(prefix):
                 text = fn_name + ":" + text[len(prefix):]
                 break

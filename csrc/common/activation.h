@@ -8,6 +8,9 @@
 //                 which the kernels then keep beside s
 //   value<M>(h)   act(h)
 //   grad<M>(a)    act'(h), from a = s (saves_input false) or a = h (true)
+//   jet<M>(h, d0, d1, d2, d3)  act and its first three derivatives at h: the input
+//                 derivatives' pass (engine/mlp_jets_cpu.cpp) carries ∂h and ∂²h
+//                 through act by the chain rule, and its backward differentiates that
 // M supplies exp / tanh / erf: ScalarMath below (std::, host and device: the CUDA
 // kernels and the scalar reference), or cpu/activation_cpu.h's VectorMath (the
 // CPU kernels' vectorisable forms, cpu_vector.h). Every formula is the one
@@ -53,6 +56,14 @@ struct Sigmoid {
   static FUSEDGRAD_HOST_DEVICE T value(T h) { return T(1) / (T(1) + M::exp(-h)); }
   template <class M, typename T>
   static FUSEDGRAD_HOST_DEVICE T grad(T s) { return s * (T(1) - s); }
+  template <class M, typename T>
+  static FUSEDGRAD_HOST_DEVICE void jet(T h, T& d0, T& d1, T& d2, T& d3) {
+    const T s = value<M>(h), g = s * (T(1) - s), c = T(1) - T(2) * s;
+    d0 = s;
+    d1 = g;
+    d2 = g * c;                   // σ'' = σ' (1 − 2σ)
+    d3 = g * (c * c - T(2) * g);  // σ''' = σ' (1 − 2σ)² − 2σ'²
+  }
 };
 
 // tanh(h); tanh' = 1 − s².
@@ -63,6 +74,14 @@ struct Tanh {
   static FUSEDGRAD_HOST_DEVICE T value(T h) { return M::tanh(h); }
   template <class M, typename T>
   static FUSEDGRAD_HOST_DEVICE T grad(T s) { return T(1) - s * s; }
+  template <class M, typename T>
+  static FUSEDGRAD_HOST_DEVICE void jet(T h, T& d0, T& d1, T& d2, T& d3) {
+    const T t = M::tanh(h), g = T(1) - t * t;
+    d0 = t;
+    d1 = g;
+    d2 = T(-2) * t * g;                  // tanh'' = −2t (1 − t²)
+    d3 = g * (T(4) * t * t - T(2) * g);  // tanh''' = (1 − t²)(4t² − 2(1 − t²))
+  }
 };
 
 // max(h, 0) (NaN stays NaN); relu' = 0 where s ≤ 0 (0 at h = 0, as torch's threshold_backward).
@@ -73,6 +92,13 @@ struct Relu {
   static FUSEDGRAD_HOST_DEVICE T value(T h) { return h < T(0) ? T(0) : h; }
   template <class M, typename T>
   static FUSEDGRAD_HOST_DEVICE T grad(T s) { return s <= T(0) ? T(0) : T(1); }
+  template <class M, typename T>
+  static FUSEDGRAD_HOST_DEVICE void jet(T h, T& d0, T& d1, T& d2, T& d3) {
+    d0 = value<M>(h);
+    d1 = h > T(0) ? T(1) : T(0);  // as grad(): 0 at h = 0; the second and third derivatives are 0, as torch's
+    d2 = T(0);
+    d3 = T(0);
+  }
 };
 
 // h σ(h); silu' = σ (1 + h (1 − σ)).
@@ -85,6 +111,14 @@ struct Silu {
   static FUSEDGRAD_HOST_DEVICE T grad(T h) {
     const T sig = T(1) / (T(1) + M::exp(-h));
     return sig * (T(1) + h * (T(1) - sig));
+  }
+  template <class M, typename T>
+  static FUSEDGRAD_HOST_DEVICE void jet(T h, T& d0, T& d1, T& d2, T& d3) {
+    const T sig = T(1) / (T(1) + M::exp(-h)), g = sig * (T(1) - sig), c = T(1) - T(2) * sig;
+    d0 = h * sig;
+    d1 = sig * (T(1) + h * (T(1) - sig));
+    d2 = g * (T(2) + h * c);                       // (hσ)'' = 2σ' + hσ'' = σ' (2 + h (1 − 2σ))
+    d3 = g * (c * (T(3) + h * c) - T(2) * h * g);  // (hσ)''' = 3σ'' + hσ'''
   }
 };
 
@@ -101,6 +135,15 @@ struct Gelu {
     const T cdf = T(0.5) * (T(1) + M::erf(h * T(0.70710678118654752440)));
     const T pdf = M::exp(T(-0.5) * h * h) * T(0.39894228040143267794);  // 1/√(2π)
     return cdf + h * pdf;
+  }
+  template <class M, typename T>
+  static FUSEDGRAD_HOST_DEVICE void jet(T h, T& d0, T& d1, T& d2, T& d3) {
+    const T cdf = T(0.5) * (T(1) + M::erf(h * T(0.70710678118654752440)));
+    const T pdf = M::exp(T(-0.5) * h * h) * T(0.39894228040143267794);
+    d0 = h * cdf;
+    d1 = cdf + h * pdf;
+    d2 = pdf * (T(2) - h * h);  // with φ' = −hφ
+    d3 = pdf * h * (h * h - T(4));
   }
 };
 
@@ -126,6 +169,21 @@ struct GeluTanh {
     const T right_derivative = left * (T(1) - t * t) * T(kBeta) * (T(1) + T(3 * kKappa) * h_sq);
     return left_derivative + right_derivative;
   }
+  // With u(h) above, t = tanh(u) and q = 1 − t²: s = h (1 + t) / 2, t' = q u',
+  // t'' = q (u'' − 2t u'²), t''' = q (u''' − 6t u' u'' + (4t² − 2q) u'³).
+  template <class M, typename T>
+  static FUSEDGRAD_HOST_DEVICE void jet(T h, T& d0, T& d1, T& d2, T& d3) {
+    const T h_sq = h * h;
+    const T t = M::tanh(T(kBeta) * (h + T(kKappa) * h_sq * h)), q = T(1) - t * t;
+    const T u1 = T(kBeta) * (T(1) + T(3 * kKappa) * h_sq), u2 = T(6 * kBeta * kKappa) * h;
+    const T u3 = T(6 * kBeta * kKappa);
+    const T t1 = q * u1, t2 = q * (u2 - T(2) * t * u1 * u1);
+    const T t3 = q * (u3 - T(6) * t * u1 * u2 + (T(4) * t * t - T(2) * q) * u1 * u1 * u1);
+    d0 = T(0.5) * h * (T(1) + t);
+    d1 = T(0.5) * (T(1) + t) + T(0.5) * h * t1;
+    d2 = t1 + T(0.5) * h * t2;
+    d3 = T(1.5) * t2 + T(0.5) * h * t3;
+  }
 };
 
 // h; identity' = 1.
@@ -136,6 +194,13 @@ struct Identity {
   static FUSEDGRAD_HOST_DEVICE T value(T h) { return h; }
   template <class M, typename T>
   static FUSEDGRAD_HOST_DEVICE T grad(T) { return T(1); }
+  template <class M, typename T>
+  static FUSEDGRAD_HOST_DEVICE void jet(T h, T& d0, T& d1, T& d2, T& d3) {
+    d0 = h;
+    d1 = T(1);
+    d2 = T(0);
+    d3 = T(0);
+  }
 };
 
 }  // namespace act

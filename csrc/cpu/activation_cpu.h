@@ -34,6 +34,15 @@ FUSEDGRAD_CPU_INLINE void activation_backward_n(T* FUSEDGRAD_RESTRICT d, const T
   for (int64_t k = 0; k < n; ++k) d[k] = d[k] * A::template grad<VectorMath>(a[k]);
 }
 
+// act and its first three derivatives at h[k] (A::jet) into d0 … d3, k < n.
+template <class A, typename T>
+FUSEDGRAD_CPU_INLINE void activation_jet_n(const T* FUSEDGRAD_RESTRICT h, T* FUSEDGRAD_RESTRICT d0,
+                                           T* FUSEDGRAD_RESTRICT d1, T* FUSEDGRAD_RESTRICT d2,
+                                           T* FUSEDGRAD_RESTRICT d3, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) A::template jet<VectorMath>(h[k], d0[k], d1[k], d2[k], d3[k]);
+}
+
 // The same, with the activation chosen at run time (the switch sits outside the loop).
 template <typename T>
 FUSEDGRAD_CPU_INLINE void activate_n(Activation act, const T* h, T* s, int64_t n) {
@@ -54,6 +63,18 @@ FUSEDGRAD_CPU_INLINE void activation_backward_n(Activation act, T* FUSEDGRAD_RES
 #define FUSEDGRAD_ACTIVATION_CASE(E, S)    \
   case Activation::E:                      \
     activation_backward_n<S>(d, a, n);     \
+    return;
+    FUSEDGRAD_ACTIVATIONS(FUSEDGRAD_ACTIVATION_CASE)
+#undef FUSEDGRAD_ACTIVATION_CASE
+  }
+}
+
+template <typename T>
+FUSEDGRAD_CPU_INLINE void activation_jet_n(Activation act, const T* h, T* d0, T* d1, T* d2, T* d3, int64_t n) {
+  switch (act) {
+#define FUSEDGRAD_ACTIVATION_CASE(E, S)        \
+  case Activation::E:                          \
+    activation_jet_n<S>(h, d0, d1, d2, d3, n); \
     return;
     FUSEDGRAD_ACTIVATIONS(FUSEDGRAD_ACTIVATION_CASE)
 #undef FUSEDGRAD_ACTIVATION_CASE

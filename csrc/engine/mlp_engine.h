@@ -19,6 +19,22 @@
 // Three epilogues share the pass: loss + gradients (mlp_loss, the trainer),
 // forward only (the prediction), backward from a given ∂L/∂p (the prediction's
 // backward, which recomputes the forward of each block instead of keeping it).
+//
+// Input derivatives (order 1 or 2, mlp_jets_cpu.cpp): the forward and backward
+// epilogues also run on jets — each row carries, beside h_l, its tangents
+// ∂h_l/∂x_d and (order 2) the second derivatives ∂²h_l/∂x_d², d < D:
+//
+//   ∂a_0 = e_d, ∂²a_0 = 0;   ∂h_l = ∂a_{l−1} W_lᵀ,   ∂²h_l = ∂²a_{l−1} W_lᵀ   (no bias)
+//   ∂a_l = act'(h_l) ∂h_l,   ∂²a_l = act''(h_l) (∂h_l)² + act'(h_l) ∂²h_l
+//   u = h_L,  du[·, o, d] = ∂h_L/∂x_d,  d2u[·, o, d] = ∂²h_L/∂x_d²
+//
+// so one product of a layer maps the 1 + order·D rows of a sample's jet at
+// once. The backward from (∂L/∂u, ∂L/∂du, ∂L/∂d2u) runs the same products
+// transposed, with the activation step reversed (ḡ: the gradient of a_l's parts):
+//
+//   δh   = ḡa act' + Σ_d ḡ∂a_d act'' ∂h_d + Σ_d ḡ∂²a_d (act''' ∂h_d² + act'' ∂²h_d)
+//   δ∂h_d  = ḡ∂a_d act' + 2 ḡ∂²a_d act'' ∂h_d,      δ∂²h_d = ḡ∂²a_d act'
+//   dW_l = Σ over every jet row δᵀ a_{l−1},   db_l = Σ over the value rows δh,   dx = δh_1 W_1
 #pragma once
 
 #include <cstdint>
@@ -75,11 +91,20 @@ struct Pass {
   T* dt = nullptr;    // LossGrads: (·, O)
   double* sums = nullptr;  // LossGrads / Backward: SumLayout(shape).size values, overwritten
   bool parallel = true;    // chunks may run on several threads (same bits either way)
+  // Input derivatives: order 1 or 2 runs the Forward / Backward epilogue on jets (above).
+  int order = 0;
+  T* du = nullptr;               // Forward: ∂u/∂x (·, O, D)
+  T* d2u = nullptr;              // Forward, order 2: the diagonal ∂²u_o/∂x_d² (·, O, D)
+  const T* grad_du = nullptr;    // Backward: ∂L/∂du (·, O, D); null: zeros (so is a null grad_out)
+  const T* grad_d2u = nullptr;   // Backward, order 2: ∂L/∂d2u (·, O, D); null: zeros
 };
 
 // Runs the pass. Not reentrant per thread for the same call (uses thread-local scratch).
 void run(const Pass<float>& pass);
 void run(const Pass<double>& pass);
+// The jet passes (order > 0), called by run().
+void run_jets(const Pass<float>& pass);
+void run_jets(const Pass<double>& pass);
 
 // How a pass of `count` rows runs (fusedgrad.explain): the most rows of a block,
 // the blocks and chunks, the vector width (32 or 64 bytes). All depend on the

@@ -7,6 +7,10 @@
 //   deep_mlp                  the prediction p = h_L
 //   deep_mlp_backward         ∂L/∂x and ∂L/∂parameters from ∂L/∂p (the forward
 //                             of each row block is recomputed, nothing kept)
+//   deep_mlp_derivatives      [u, du, d2u]: the prediction and its input
+//                             derivatives ∂u_o/∂x_d (and ∂²u_o/∂x_d²), order 1 or 2
+//   deep_mlp_derivatives_backward
+//                             ∂L/∂parameters and ∂L/∂x from ∂L/∂u, ∂L/∂du, ∂L/∂d2u
 //
 // Gradient lists: dW_1 … dW_L, db_1 … db_L, then dx (and dt for the loss);
 // an entry that is not computed (masked off, or a layer without a bias) is an
@@ -251,6 +255,114 @@ std::vector<at::Tensor> mlp_backward_cpu(const at::Tensor& grad_out, const at::T
   return grads;
 }
 
+// The rows' derivative outputs: x's leading shape (or (K, N)) + (O, D).
+std::vector<int64_t> derivative_shape(const at::Tensor& x, const Rows& rows, int64_t O, int64_t D) {
+  std::vector<int64_t> shape;
+  if (rows.K == 0) {
+    shape.assign(x.sizes().begin(), x.sizes().end() - 1);
+  } else {
+    shape = {rows.K, rows.N};
+  }
+  shape.push_back(O);
+  shape.push_back(D);
+  return shape;
+}
+
+int64_t check_order(const char* fn, int64_t order) {
+  TORCH_CHECK_VALUE(order == 1 || order == 2, fn, ": argument 'order' must be 1 (u, du) or 2 (u, du, d2u), got ",
+                    order);
+  return order;
+}
+
+// A given ∂L/∂du or ∂L/∂d2u: the shape of du, contiguous. Undefined stays undefined (zeros).
+at::Tensor check_part_grad(const char* fn, const char* name, const std::optional<at::Tensor>& g,
+                           const engine::NetArgs& net, const std::vector<int64_t>& shape) {
+  if (!g.has_value() || !g->defined()) return at::Tensor();
+  TORCH_CHECK_TYPE(g->scalar_type() == net.dtype, fn, ": argument '", name, "' has dtype ",
+                   dtype_name(g->scalar_type()), ", expected the weights' ", dtype_name(net.dtype));
+  TORCH_CHECK_VALUE(g->device() == net.device, fn, ": argument '", name, "' is on ", g->device(), ", the weights on ",
+                    net.device);
+  TORCH_CHECK_VALUE(g->sizes().equals(shape), fn, ": argument '", name, "' must have du's shape ", shape_str(shape),
+                    ", got ", shape_str(g->sizes()));
+  return g->contiguous();
+}
+
+std::vector<at::Tensor> derivatives_cpu(const at::Tensor& x, at::TensorList weights,
+                                        const c10::List<std::optional<at::Tensor>>& biases,
+                                        c10::string_view activation, int64_t order) {
+  const char* fn = "fusedgrad.derivatives";
+  const int64_t K = models_of(weights);
+  const engine::NetArgs net = engine::check_net(fn, weights, to_vector(biases), parse_activation(activation), K);
+  check_order(fn, order);
+  const Rows rows = check_rows(fn, net, K, x, std::nullopt, "");
+  const int64_t D = net.shape.in(), O = net.shape.out();
+  const auto opts = rows.x2.options();
+  at::Tensor u = per_model_rows(rows, O, opts);
+  const std::vector<int64_t> part_shape = derivative_shape(x, rows, O, D);
+  at::Tensor du = at::empty(part_shape, opts);
+  at::Tensor d2u = order == 2 ? at::empty(part_shape, opts) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(net.dtype, "fusedgrad.derivatives", [&] {
+    run_models<scalar_t>(K, [&](int64_t k) {
+      engine::Pass<scalar_t> pass = model_pass<scalar_t>(net, rows, k);
+      pass.epilogue = engine::Epilogue::Forward;
+      pass.order = static_cast<int>(order);
+      pass.pred = u.data_ptr<scalar_t>() + k * rows.N * O;
+      pass.du = du.data_ptr<scalar_t>() + k * rows.N * O * D;
+      pass.d2u = order == 2 ? d2u.data_ptr<scalar_t>() + k * rows.N * O * D : nullptr;
+      return pass;
+    });
+  });
+  if (K == 0) {
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+    shape.push_back(O);
+    u = u.view(shape);
+  }
+  std::vector<at::Tensor> out{u, du};
+  if (order == 2) out.push_back(d2u);
+  return out;
+}
+
+std::vector<at::Tensor> derivatives_backward_cpu(const std::optional<at::Tensor>& grad_u,
+                                                 const std::optional<at::Tensor>& grad_du,
+                                                 const std::optional<at::Tensor>& grad_d2u, const at::Tensor& x,
+                                                 at::TensorList weights,
+                                                 const c10::List<std::optional<at::Tensor>>& biases,
+                                                 c10::string_view activation, int64_t order,
+                                                 std::array<bool, 2> mask) {
+  const char* fn = "fusedgrad.derivatives (backward)";
+  const int64_t K = models_of(weights);
+  const engine::NetArgs net = engine::check_net(fn, weights, to_vector(biases), parse_activation(activation), K);
+  check_order(fn, order);
+  const Rows rows = check_rows(fn, net, K, x, grad_u, "grad_u");
+  TORCH_CHECK_VALUE(K == 0 || !rows.other2.defined() || rows.other_per_model, fn,
+                    ": argument 'grad_u' must have shape (K, N, O) for K models");
+  const int64_t D = net.shape.in(), O = net.shape.out(), M = std::max<int64_t>(K, 1);
+  const std::vector<int64_t> part_shape = derivative_shape(x, rows, O, D);
+  const at::Tensor gdu = check_part_grad(fn, "grad_du", grad_du, net, part_shape);
+  const at::Tensor gd2u = order == 2 ? check_part_grad(fn, "grad_d2u", grad_d2u, net, part_shape) : at::Tensor();
+  const engine::SumLayout lay(net.shape);
+  std::vector<double> sums(M * lay.size, 0.0);
+  const auto opts = rows.x2.options();
+  at::Tensor dx = mask[0] ? per_model_rows(rows, D, opts) : at::empty({0}, opts);
+  AT_DISPATCH_FLOATING_TYPES(net.dtype, "fusedgrad.derivatives_backward", [&] {
+    run_models<scalar_t>(K, [&](int64_t k) {
+      engine::Pass<scalar_t> pass = model_pass<scalar_t>(net, rows, k);
+      pass.epilogue = engine::Epilogue::Backward;
+      pass.order = static_cast<int>(order);
+      pass.grad_out = rows.other2.defined() ? rows.other2.const_data_ptr<scalar_t>() + k * rows.N * O : nullptr;
+      pass.grad_du = gdu.defined() ? gdu.const_data_ptr<scalar_t>() + k * rows.N * O * D : nullptr;
+      pass.grad_d2u = gd2u.defined() ? gd2u.const_data_ptr<scalar_t>() + k * rows.N * O * D : nullptr;
+      pass.param_grads = mask[1];
+      pass.dx = mask[0] ? dx.data_ptr<scalar_t>() + k * rows.N * D : nullptr;
+      pass.sums = sums.data() + k * lay.size;
+      return pass;
+    });
+  });
+  std::vector<at::Tensor> grads = param_grads(net, K, sums, mask[1]);
+  grads.push_back(mask[0] && K == 0 ? dx.view(x.sizes()) : dx);
+  return grads;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fusedgrad, m) {
@@ -259,12 +371,17 @@ TORCH_LIBRARY_FRAGMENT(fusedgrad, m) {
   m.def("deep_mlp(Tensor x, Tensor[] weights, Tensor?[] biases, str activation) -> Tensor");
   m.def("deep_mlp_backward(Tensor grad_out, Tensor x, Tensor[] weights, Tensor?[] biases, str activation, "
         "bool[2] output_mask) -> Tensor[]");
+  m.def("deep_mlp_derivatives(Tensor x, Tensor[] weights, Tensor?[] biases, str activation, int order) -> Tensor[]");
+  m.def("deep_mlp_derivatives_backward(Tensor? grad_u, Tensor? grad_du, Tensor? grad_d2u, Tensor x, "
+        "Tensor[] weights, Tensor?[] biases, str activation, int order, bool[2] output_mask) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fusedgrad, CPU, m) {
   m.impl("deep_mlp_loss_and_grads", &loss_and_grads_cpu);
   m.impl("deep_mlp", &mlp_cpu);
   m.impl("deep_mlp_backward", &mlp_backward_cpu);
+  m.impl("deep_mlp_derivatives", &derivatives_cpu);
+  m.impl("deep_mlp_derivatives_backward", &derivatives_backward_cpu);
 }
 
 }  // namespace fusedgrad

@@ -55,6 +55,11 @@ def add_arguments(parser):
                              "loop first; deep.json and deep.md (float32, threads = largest --threads; --compile adds "
                              "torch.compile; --quick: smoke sizes)")
     parser.add_argument("--compile", action="store_true", help="with --deep: also time torch.compile of the step")
+    parser.add_argument("--pinn", action="store_true",
+                        help="instead: one training step of the Burgers PINN (u, u_x, u_t, u_xx) by route: autograd "
+                             "with create_graph, torch.func, FusedMLP dropped in, net.derivatives and JAX when "
+                             "installed, each checked against the native step first; pinn.json and pinn.md "
+                             "(float32, threads = largest --threads; --quick: smoke sizes)")
     parser.add_argument("--rows", action="store_true",
                         help="instead of the grid, the N-scaling suite (N = 1e2..1e6; 1→20→1, 16→64→4, 256→256→1): "
                              "rows.json, rows.md, rows.png (float32 = first --dtypes, threads = largest --threads)")
@@ -275,7 +280,28 @@ def run_deep(args):
     return 0
 
 
+def run_pinn(args):
+    """--pinn: fusedgrad/bench/pinn.py (float32, CPU), at the largest of --threads."""
+    from ..bench import pinn
+
+    if args.device != "cpu":
+        print("bench --pinn: input derivatives run on the CPU only; drop --device", file=sys.stderr)
+        return 2
+    result = pinn.run(quick=args.quick, threads=max(args.threads), repeats=args.repeats)
+    table = pinn.markdown(result)
+    print("\n" + table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "pinn.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "pinn.md"), "w") as f:
+        f.write(table)
+    print(f"wrote {os.path.join(args.out, 'pinn.json')} and pinn.md ({result['meta']['seconds']:.0f} s)")
+    return 0
+
+
 def run(args):
+    if getattr(args, "pinn", False):
+        return run_pinn(args)
     if getattr(args, "deep", False):
         return run_deep(args)
     if args.training:

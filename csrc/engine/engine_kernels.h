@@ -1,0 +1,223 @@
+// The engine's CPU building blocks, shared by its passes (mlp_engine_cpu.cpp:
+// loss, forward, backward; mlp_jets_cpu.cpp: the input derivatives): lane
+// vectors, the register-blocked micro-kernel `tile` and its drivers, column
+// sums, and the choice of vector width. Everything here is FUSEDGRAD_CPU_INLINE,
+// compiled into the CPU clones of the pass that includes it.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "../common/cpu_vector.h"
+#include "mlp_engine.h"
+
+namespace fusedgrad::engine::kernels {
+
+constexpr int64_t kMaxChunks = 16;        // row chunks of a pass: fixed by the row count, not the threads
+// Multiply-adds of a pass below which a second thread does not pay. On this
+// 2-vCPU machine a 100-row depth-3 step (86 k multiply-adds) took 14.8 µs on
+// one thread and, split in two, 12.5 or 25 µs on two depending on the process
+// (bimodal from run to run: the barrier and the shared core); the PINN-sized
+// step (2.2 M) gains from the second thread every run.
+constexpr int64_t kMinParallelMacs = 1 << 18;
+constexpr int64_t kScratchBytes = 192 * 1024;  // a block's intermediates: within L2
+
+inline int64_t padded(int64_t n, int64_t lanes) { return (n + lanes - 1) / lanes * lanes; }
+
+// A vector of VB bytes of T (GCC's vector extension): 64 (one AVX-512
+// register) or 32, chosen per network by vector_bytes().
+template <typename T, int VB>
+struct VecOf {
+  typedef T type __attribute__((vector_size(VB)));
+};
+template <typename T, int VB>
+using Vec = typename VecOf<T, VB>::type;
+
+template <typename T, int VB>
+FUSEDGRAD_CPU_INLINE Vec<T, VB> load(const T* p) {
+  Vec<T, VB> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T, int VB>
+FUSEDGRAD_CPU_INLINE void store(T* p, const Vec<T, VB>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// out[i, 0 : NV vectors] = init + Σ_{k < K} coef[i·ci + k·ck] · M[k·ldm, 0 : NV vectors] for RI rows i.
+// With few accumulators (RI·NV < 8) each would wait on its own previous multiply-add (4 cycles):
+// KU accumulators per output then take every KU-th k and are added at the end (a fixed order:
+// the result depends on the shape, never on the threads). Measured: the 1-row tiles of a 1-wide
+// input layer's weight gradient were 5 % of a 1→[20]×3→1 pass as one chain.
+template <typename T, int VB, int NV, int RI>
+FUSEDGRAD_CPU_INLINE void tile(int64_t K, const T* FUSEDGRAD_RESTRICT coef, int64_t ci, int64_t ck,
+                               const T* FUSEDGRAD_RESTRICT M, int64_t ldm, const T* FUSEDGRAD_RESTRICT init,
+                               T* FUSEDGRAD_RESTRICT out, int64_t ldo) {
+  constexpr int64_t W = VB / sizeof(T);
+  constexpr int KU = RI * NV >= 8 ? 1 : RI * NV >= 4 ? 2 : RI * NV >= 2 ? 4 : 8;
+  Vec<T, VB> acc[KU][RI][NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const Vec<T, VB> b = init ? load<T, VB>(init + v * W) : Vec<T, VB>{};
+#pragma GCC unroll 8
+    for (int i = 0; i < RI; ++i) {
+      acc[0][i][v] = b;
+#pragma GCC unroll 8
+      for (int u = 1; u < KU; ++u) acc[u][i][v] = Vec<T, VB>{};
+    }
+  }
+  int64_t k = 0;
+  for (; k + KU <= K; k += KU) {
+#pragma GCC unroll 8
+    for (int u = 0; u < KU; ++u) {
+      Vec<T, VB> m[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) m[v] = load<T, VB>(M + (k + u) * ldm + v * W);
+#pragma GCC unroll 8
+      for (int i = 0; i < RI; ++i) {
+        const T c = coef[i * ci + (k + u) * ck];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[u][i][v] += c * m[v];
+      }
+    }
+  }
+  for (; k < K; ++k) {
+    Vec<T, VB> m[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) m[v] = load<T, VB>(M + k * ldm + v * W);
+#pragma GCC unroll 8
+    for (int i = 0; i < RI; ++i) {
+      const T c = coef[i * ci + k * ck];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[0][i][v] += c * m[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < RI; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      Vec<T, VB> sum = acc[0][i][v];
+#pragma GCC unroll 8
+      for (int u = 1; u < KU; ++u) sum += acc[u][i][v];
+      store<T, VB>(out + i * ldo + v * W, sum);
+    }
+  }
+}
+
+// Rows 0 .. rows − 1 of out (each np wide, np a multiple of the lanes), as `tile`.
+// A tile holds up to 16 accumulators: 8 rows of one vector, or 4 rows of 2–4; the
+// rows left over go in tiles of 4, 2 and 1.
+template <typename T, int VB, int NV>
+FUSEDGRAD_CPU_INLINE void tile_rows(int64_t rows, int64_t K, const T* coef, int64_t ci, int64_t ck, const T* M,
+                                    int64_t ldm, const T* init, T* out, int64_t ldo) {
+  constexpr int RI = NV == 1 ? 8 : 4;
+  int64_t i = 0;
+  for (; i + RI <= rows; i += RI) tile<T, VB, NV, RI>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
+  if constexpr (RI == 8) {
+    if (i + 4 <= rows) {
+      tile<T, VB, NV, 4>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
+      i += 4;
+    }
+  }
+  if (i + 2 <= rows) {
+    tile<T, VB, NV, 2>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
+    i += 2;
+  }
+  if (i < rows) tile<T, VB, NV, 1>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
+}
+
+template <typename T, int VB>
+FUSEDGRAD_CPU_INLINE void product(int64_t rows, int64_t K, const T* coef, int64_t ci, int64_t ck, const T* M,
+                                  int64_t ldm, int64_t np, const T* init, T* out, int64_t ldo) {
+  constexpr int64_t W = VB / sizeof(T);
+  for (int64_t c0 = 0; c0 < np; c0 += 4 * W) {
+    const T* Mc = M + c0;
+    const T* ic = init ? init + c0 : nullptr;
+    T* oc = out + c0;
+    switch (std::min<int64_t>(4, (np - c0) / W)) {
+      case 1: tile_rows<T, VB, 1>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
+      case 2: tile_rows<T, VB, 2>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
+      case 3: tile_rows<T, VB, 3>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
+      default: tile_rows<T, VB, 4>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
+    }
+  }
+}
+
+// Column sums of rows 0 .. rows − 1 of a (rows × np) block into out (np), in
+// registers: four rows' vectors in flight, then added in a fixed order.
+template <typename T, int VB>
+FUSEDGRAD_CPU_INLINE void column_sums(const T* a, int64_t rows, int64_t np, T* out) {
+  constexpr int64_t W = VB / sizeof(T);
+  for (int64_t c = 0; c < np; c += W) {
+    Vec<T, VB> s[4] = {};
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) s[q] += load<T, VB>(a + (r + q) * np + c);
+    }
+    for (; r < rows; ++r) s[0] += load<T, VB>(a + r * np + c);
+    store<T, VB>(out + c, (s[0] + s[1]) + (s[2] + s[3]));
+  }
+}
+
+// Whether a network's padded widths are much shorter with 32-byte vectors
+// than with 64-byte ones (narrow layers: 20 floats pad to 32 with 16 lanes, to
+// 24 with 8); products and activations run over the padded widths.
+inline int vector_bytes_for(const NetShape& s, int64_t elt) {
+  int64_t with64 = 0, with32 = 0;
+  for (int64_t n : s.width) {
+    with64 += padded(n, 64 / elt);
+    with32 += padded(n, 32 / elt);
+  }
+  return with64 * 10 > with32 * 11 ? 32 : 64;
+}
+
+
+// A network's weights in the two padded layouts `product` reads — W_lᵀ
+// (n_l × np_{l+1}) for the forward, W_l (n_{l+1} × np_l) for backward-data —
+// and its biases (np_{l+1}, or null), in `storage`, every segment starting on
+// a lane-vector boundary; np: the widths padded to whole lane vectors.
+template <typename T>
+void pack_weights(const NetShape& s, const std::vector<const T*>& W, const std::vector<const T*>& b, int64_t lanes,
+                  std::vector<int64_t>& np, std::vector<const T*>& WT, std::vector<const T*>& Wp,
+                  std::vector<const T*>& bp, std::vector<T>& storage) {
+  const int64_t L = s.layers();
+  np.resize(L + 1);
+  for (int64_t l = 0; l <= L; ++l) np[l] = padded(s.width[l], lanes);
+  int64_t total = 0;
+  for (int64_t l = 0; l < L; ++l) total += s.width[l] * np[l + 1] + s.width[l + 1] * np[l] + np[l + 1];
+  storage.assign(static_cast<size_t>(total + lanes), T(0));
+  T* base = storage.data();
+  base += (lanes - (reinterpret_cast<uintptr_t>(base) / sizeof(T)) % lanes) % lanes;
+  WT.resize(L);
+  Wp.resize(L);
+  bp.resize(L);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t n_in = s.width[l], n_out = s.width[l + 1];
+    const T* w = W[l];
+    T* wt = base;
+    base += n_in * np[l + 1];
+    T* wp = base;
+    base += n_out * np[l];
+    for (int64_t j = 0; j < n_out; ++j) {
+      for (int64_t k = 0; k < n_in; ++k) {
+        wt[k * np[l + 1] + j] = w[j * n_in + k];
+        wp[j * np[l] + k] = w[j * n_in + k];
+      }
+    }
+    WT[l] = wt;
+    Wp[l] = wp;
+    if (b[l]) {
+      std::copy(b[l], b[l] + n_out, base);
+      bp[l] = base;
+    } else {
+      bp[l] = nullptr;
+    }
+    base += np[l + 1];
+  }
+}
+
+}  // namespace fusedgrad::engine::kernels

@@ -1,0 +1,294 @@
+// The engine's input-derivative pass (mlp_engine.h, "Input derivatives"): the
+// forward and backward epilogues on jets.
+//
+// Layout: a block of nb rows (samples) holds, for every layer, S = 1 + order·D
+// stacked parts of nb rows each — part 0 the values (h or a), part 1 + d the
+// tangents ∂/∂x_d, part 1 + D + d (order 2) the second derivatives ∂²/∂x_d² —
+// every row padded to whole lane vectors as in mlp_engine_cpu.cpp. A layer's
+// product then maps all S·nb rows in one call of the same micro-kernel
+// (engine_kernels.h); only the value rows get the bias. The activation step
+// couples the parts of a row: it reads act and its first three derivatives at
+// the value h (the activation table's jet()) and writes
+//
+//   a = act(h),   ∂a_d = act' ∂h_d,   ∂²a_d = act'' ∂h_d² + act' ∂²h_d
+//
+// The backward recomputes the forward of the block (nothing of size N is kept)
+// and reverses each step: the products transposed, the activation step by the
+// formulas of mlp_engine.h. Sums over rows follow the plain pass (in T within a
+// block, in double across blocks, chunks fixed by the row count), so results are
+// the same bit for bit for any number of threads.
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <utility>
+
+#include "../common/lane_vector.h"   // LaneBuffer: 64-byte aligned scratch
+#include "../cpu/activation_cpu.h"   // activation_jet_n: the activation table's jet() in vector loops
+#include "engine_kernels.h"
+#include "mlp_engine.h"
+
+namespace fusedgrad::engine {
+namespace {
+
+using namespace kernels;
+
+template <typename T, int VB>
+struct JetPlan {
+  const Pass<T>& pass;
+  const NetShape& s;
+  SumLayout lay;
+  int64_t L, D, O, S, B, blocks, chunks, lanes, widest = 0;
+  std::vector<int64_t> np;
+  std::vector<const T*> WT, Wp, bp;
+  std::vector<T> packed;
+  std::vector<int64_t> a_off, h_off, j_off;  // per block: parts of a_l (l < L), h_l (l ≥ 1), act's jet at h_l
+  int64_t d0_off, d1_off, dw_off, db_off, scratch_size;
+
+  explicit JetPlan(const Pass<T>& p) : pass(p), s(*p.shape), lay(*p.shape) {
+    L = s.layers();
+    D = s.in();
+    O = s.out();
+    S = 1 + p.order * D;
+    lanes = VB / sizeof(T);
+    pack_weights(s, p.W, p.b, lanes, np, WT, Wp, bp, packed);
+    int64_t per_row = 0;
+    for (int64_t l = 0; l <= L; ++l) {
+      widest = std::max(widest, np[l]);
+      if (l < L) per_row += S * np[l];               // a_l
+      if (l > 0) per_row += S * np[l];               // h_l
+      if (l > 0 && l < L) per_row += 3 * np[l];      // act', act'', act''' at h_l
+    }
+    per_row += 2 * S * widest;  // two δ buffers
+    B = std::clamp<int64_t>(kScratchBytes / (static_cast<int64_t>(sizeof(T)) * per_row) / 8 * 8, 8, 256);
+    blocks = std::max<int64_t>((p.count + B - 1) / B, 1);
+    chunks = std::min(blocks, kMaxChunks);
+    int64_t off = 0;
+    a_off.assign(L + 1, 0);
+    h_off.assign(L + 1, 0);
+    j_off.assign(L + 1, 0);
+    for (int64_t l = 0; l <= L; ++l) {
+      if (l < L) {
+        a_off[l] = off;
+        off += S * B * np[l];
+      }
+      if (l > 0) {
+        h_off[l] = off;
+        off += S * B * np[l];
+      }
+      if (l > 0 && l < L) {
+        j_off[l] = off;
+        off += 3 * B * np[l];
+      }
+    }
+    d0_off = off;
+    off += S * B * widest;
+    d1_off = off;
+    off += S * B * widest;
+    dw_off = off;
+    int64_t dw_max = 0;
+    for (int64_t l = 0; l < L; ++l) dw_max = std::max(dw_max, s.width[l + 1] * np[l]);
+    off += dw_max;
+    db_off = off;
+    off += widest;
+    scratch_size = off;
+  }
+
+  int64_t row(int64_t r) const { return pass.index ? pass.index[r] : pass.first + r; }
+
+  // The forward of rows r0 .. r0 + nb − 1 on jets: h_L's parts at scratch + h_off[L].
+  FUSEDGRAD_CPU_INLINE void forward(T* scratch, int64_t r0, int64_t nb) const {
+    T* a0 = scratch + a_off[0];
+    std::fill(a0, a0 + S * nb * np[0], T(0));
+    for (int64_t r = 0; r < nb; ++r) {
+      const T* src = pass.x + row(r0 + r) * D;
+      std::copy(src, src + D, a0 + r * np[0]);
+      for (int64_t d = 0; d < D; ++d) a0[((1 + d) * nb + r) * np[0] + d] = T(1);  // ∂x/∂x_d = e_d
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      const T* in = scratch + a_off[l];
+      T* h = scratch + h_off[l + 1];
+      const int64_t ni = np[l], no = np[l + 1];
+      product<T, VB>(nb, s.width[l], in, ni, 1, WT[l], no, no, bp[l], h, no);                           // values
+      product<T, VB>((S - 1) * nb, s.width[l], in + nb * ni, ni, 1, WT[l], no, no, nullptr, h + nb * no, no);  // parts
+      if (l + 1 == L) break;
+      T* a = scratch + a_off[l + 1];
+      T* j1 = scratch + j_off[l + 1];
+      T* j2 = j1 + B * no;
+      T* j3 = j2 + B * no;
+      const int64_t n = nb * no;
+      activation_jet_n(s.act, h, a, j1, j2, j3, n);
+      for (int64_t d = 0; d < D; ++d) {
+        const T* dh = h + (1 + d) * n;
+        T* da = a + (1 + d) * n;
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) da[k] = j1[k] * dh[k];
+        if (pass.order == 2) {
+          const T* d2h = h + (1 + D + d) * n;
+          T* d2a = a + (1 + D + d) * n;
+#pragma omp simd
+          for (int64_t k = 0; k < n; ++k) d2a[k] = j2[k] * dh[k] * dh[k] + j1[k] * d2h[k];
+        }
+      }
+    }
+  }
+
+  // The activation step of hidden layer l reversed, in place: g holds ḡ (the
+  // gradient of a_l's parts) and becomes δ (that of h_l's parts).
+  FUSEDGRAD_CPU_INLINE void activation_backward(T* g, int64_t l, int64_t nb, const T* scratch) const {
+    const int64_t n = nb * np[l];
+    const T* h = scratch + h_off[l];
+    const T* j1 = scratch + j_off[l];
+    const T* j2 = j1 + B * np[l];
+    const T* j3 = j2 + B * np[l];
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) g[k] *= j1[k];
+    for (int64_t d = 0; d < D; ++d) {
+      const T* dh = h + (1 + d) * n;
+      T* g1 = g + (1 + d) * n;
+      if (pass.order == 2) {
+        const T* d2h = h + (1 + D + d) * n;
+        T* g2 = g + (1 + D + d) * n;
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) {
+          g[k] += g1[k] * j2[k] * dh[k] + g2[k] * (j3[k] * dh[k] * dh[k] + j2[k] * d2h[k]);
+          g1[k] = g1[k] * j1[k] + T(2) * g2[k] * j2[k] * dh[k];
+          g2[k] *= j1[k];
+        }
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) {
+          g[k] += g1[k] * j2[k] * dh[k];
+          g1[k] *= j1[k];
+        }
+      }
+    }
+  }
+
+  FUSEDGRAD_CPU_INLINE void block(T* scratch, int64_t r0, int64_t nb, double* sums) const {
+    forward(scratch, r0, nb);
+    const T* hL = scratch + h_off[L];
+    const int64_t npo = np[L];
+    if (pass.epilogue == Epilogue::Forward) {
+      for (int64_t r = 0; r < nb; ++r) {
+        const int64_t dst = row(r0 + r) * O;
+        std::copy(hL + r * npo, hL + r * npo + O, pass.pred + dst);
+        for (int64_t o = 0; o < O; ++o) {
+          for (int64_t d = 0; d < D; ++d) {
+            pass.du[(dst + o) * D + d] = hL[((1 + d) * nb + r) * npo + o];
+            if (pass.order == 2) pass.d2u[(dst + o) * D + d] = hL[((1 + D + d) * nb + r) * npo + o];
+          }
+        }
+      }
+      return;
+    }
+    // δ of h_L's parts: the incoming gradients (zeros where not given), padded lanes zero.
+    T* delta = scratch + d0_off;
+    std::fill(delta, delta + S * nb * npo, T(0));
+    for (int64_t r = 0; r < nb; ++r) {
+      const int64_t src = row(r0 + r) * O;
+      for (int64_t o = 0; o < O; ++o) {
+        if (pass.grad_out) delta[r * npo + o] = pass.grad_out[src + o];
+        for (int64_t d = 0; d < D; ++d) {
+          if (pass.grad_du) delta[((1 + d) * nb + r) * npo + o] = pass.grad_du[(src + o) * D + d];
+          if (pass.order == 2 && pass.grad_d2u) {
+            delta[((1 + D + d) * nb + r) * npo + o] = pass.grad_d2u[(src + o) * D + d];
+          }
+        }
+      }
+    }
+    T* next = scratch + d1_off;
+    for (int64_t l = L - 1; l >= 0; --l) {
+      const int64_t n_in = s.width[l], n_out = s.width[l + 1], ni = np[l], no = np[l + 1];
+      if (pass.param_grads) {
+        // dW_l = Σ over all S·nb jet rows δᵀ a_{l−1}; db_l over the value rows only (the parts have no bias).
+        T* dw = scratch + dw_off;
+        product<T, VB>(n_out, S * nb, delta, 1, no, scratch + a_off[l], ni, ni, nullptr, dw, ni);
+        double* dst = sums + lay.dw[l];
+        for (int64_t j = 0; j < n_out; ++j) {
+          for (int64_t k = 0; k < n_in; ++k) dst[j * n_in + k] += static_cast<double>(dw[j * ni + k]);
+        }
+        if (lay.db[l] >= 0) {
+          T* db = scratch + db_off;
+          column_sums<T, VB>(delta, nb, no, db);
+          double* dbs = sums + lay.db[l];
+          for (int64_t j = 0; j < n_out; ++j) dbs[j] += static_cast<double>(db[j]);
+        }
+      }
+      if (l == 0) {
+        // x reaches only the value rows of a_0 (its parts are the constants e_d and 0).
+        if (pass.dx) {
+          product<T, VB>(nb, n_out, delta, no, 1, Wp[0], ni, ni, nullptr, next, ni);
+          for (int64_t r = 0; r < nb; ++r) std::copy(next + r * ni, next + r * ni + D, pass.dx + row(r0 + r) * D);
+        }
+        break;
+      }
+      product<T, VB>(S * nb, n_out, delta, no, 1, Wp[l], ni, ni, nullptr, next, ni);
+      activation_backward(next, l, nb, scratch);
+      std::swap(delta, next);
+    }
+  }
+
+  FUSEDGRAD_CPU_INLINE void chunk(int64_t ch, double* chunk_sums) const {
+    thread_local LaneBuffer<T> buffer;
+    T* scratch = buffer.get(static_cast<size_t>(scratch_size));
+    if (chunk_sums) std::fill(chunk_sums, chunk_sums + lay.size, 0.0);
+    for (int64_t b = blocks * ch / chunks; b < blocks * (ch + 1) / chunks; ++b) {
+      const int64_t r0 = pass.count * b / blocks, r1 = pass.count * (b + 1) / blocks;
+      block(scratch, r0, r1 - r0, chunk_sums);
+    }
+  }
+};
+
+FUSEDGRAD_CPU_CLONES void jet_chunk(const JetPlan<float, 64>& plan, int64_t ch, double* sums) { plan.chunk(ch, sums); }
+FUSEDGRAD_CPU_CLONES void jet_chunk(const JetPlan<float, 32>& plan, int64_t ch, double* sums) { plan.chunk(ch, sums); }
+FUSEDGRAD_CPU_CLONES void jet_chunk(const JetPlan<double, 64>& plan, int64_t ch, double* sums) { plan.chunk(ch, sums); }
+FUSEDGRAD_CPU_CLONES void jet_chunk(const JetPlan<double, 32>& plan, int64_t ch, double* sums) { plan.chunk(ch, sums); }
+
+template <typename T, int VB>
+void run_jet_plan(const Pass<T>& pass) {
+  const JetPlan<T, VB> plan(pass);
+  const bool want_sums = pass.sums && pass.epilogue == Epilogue::Backward;
+  const int64_t size = plan.lay.size;
+  thread_local std::vector<double> partial;
+  if (want_sums) partial.resize(static_cast<size_t>(plan.chunks * size));
+  double* base = want_sums ? partial.data() : nullptr;
+  auto run_chunks = [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch) jet_chunk(plan, ch, base ? base + ch * size : nullptr);
+  };
+  const bool threads = pass.parallel && plan.chunks > 1 &&
+      pass.count * plan.S * pass.shape->macs_per_row() >= kMinParallelMacs;
+  if (threads) {
+    at::parallel_for(0, plan.chunks, 1, run_chunks);
+  } else {
+    run_chunks(0, plan.chunks);
+  }
+  if (!want_sums) return;
+  std::copy(base, base + size, pass.sums);
+  for (int64_t ch = 1; ch < plan.chunks; ++ch) {
+    const double* cs = base + ch * size;
+    for (int64_t e = 0; e < size; ++e) pass.sums[e] += cs[e];
+  }
+}
+
+template <typename T>
+void run_jet_pass(const Pass<T>& pass) {
+  TORCH_INTERNAL_ASSERT(pass.order == 1 || pass.order == 2, "engine: jets of order ", pass.order);
+  TORCH_INTERNAL_ASSERT(pass.epilogue != Epilogue::LossGrads, "engine: jets have no loss epilogue");
+  if (pass.count == 0) {
+    if (pass.sums) std::fill(pass.sums, pass.sums + SumLayout(*pass.shape).size, 0.0);
+    return;
+  }
+  if (vector_bytes_for(*pass.shape, sizeof(T)) == 32) {
+    run_jet_plan<T, 32>(pass);
+  } else {
+    run_jet_plan<T, 64>(pass);
+  }
+}
+
+}  // namespace
+
+void run_jets(const Pass<float>& pass) { run_jet_pass(pass); }
+void run_jets(const Pass<double>& pass) { run_jet_pass(pass); }
+
+}  // namespace fusedgrad::engine

@@ -1,0 +1,292 @@
+"""One training step of the Burgers PINN, route against route in one run (``python -m fusedgrad bench --pinn``).
+
+The problem is DeepXDE's Burgers example (``examples/pinn_burgers.py`` trains it to the end):
+2→[20]×3→1 tanh; residual u_t + u u_x − (0.01/π) u_xx on 2 540 collocation points in
+[−1, 1] × [0, 1], u(x, 0) = −sin πx on 80 initial points, u(±1, t) = 0 on 80 boundary points;
+loss = mean(residual²) + mean((u − u₀)²) over the initial points + mean(u²) over the boundary
+points; one Adam step (lr 1e-3). Every route starts from the same weights on the same points.
+
+Routes (µs per step):
+
+* ``native``     — ``nn.Sequential``; u_x, u_t from ``autograd.grad(u.sum(), x, create_graph=True)``,
+  u_xx from a second one; ``loss.backward()``; ``Adam(fused=True)``: what DeepXDE and PINA users write;
+* ``torch_func`` — ``torch.func``: ``vmap(jacrev)`` and ``vmap(hessian)`` of the network per point;
+* ``dropin``     — the ``native`` code with ``FusedMLP`` dropped in for the ``nn.Sequential`` (its
+  double backward runs in plain torch ops: see fusedgrad.deep);
+* ``fused``      — ``u, du, d2u = net.derivatives(x, order=2)``: one fused pass forward, one backward;
+* ``jax_jit``    — JAX: the derivatives as gradients of the batch sum (``grad`` of ``grad``), one
+  ``jit``-compiled step per Python call; ``jax_scan``: the same steps in one ``lax.scan`` under ``jit``.
+
+Each route is checked before it is timed, as in ``bench --deep`` (fusedgrad/bench/deep.py): its
+float64 run after 3 steps within 1e-8 of the native float64 run, elementwise; its float32 run
+within 1e-3 of the distance trained (or twice native float32's own error).
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+
+import torch
+from torch import nn
+
+from . import deep as _deep
+from .steps import jax_available
+
+NU = 0.01 / math.pi
+WIDTHS = (2, 20, 20, 20, 1)
+LR = 1e-3
+STEPS = 50  # steps per timed loop
+QUICK = {"n_domain": 254, "steps": 3}
+ROUTES = ("native", "torch_func", "dropin", "fused", "jax_jit", "jax_scan")
+NAMES = {
+    "native": "autograd.grad(create_graph) + Adam(fused)",
+    "torch_func": "torch.func vmap(jacrev, hessian)",
+    "dropin": "FusedMLP dropped into the native code",
+    "fused": "net.derivatives(x, order=2)",
+    "jax_jit": "JAX jit per step",
+    "jax_scan": "JAX lax.scan",
+}
+
+
+def burgers_points(n_domain=2540, n_initial=80, n_boundary=80, seed=0):
+    """(collocation (N, 2), initial points (80, 2), u₀ there (80,), boundary points (80, 2)): columns x, t;
+    float64 tensors holding float32 values (every dtype trains the same problem)."""
+    gen = torch.Generator().manual_seed(seed)
+    lo, span = torch.tensor([-1.0, 0.0]), torch.tensor([2.0, 1.0])
+    xc = torch.rand(n_domain, 2, generator=gen) * span + lo
+    xi = torch.stack([torch.rand(n_initial, generator=gen) * 2 - 1, torch.zeros(n_initial)], 1)
+    side = torch.where(torch.rand(n_boundary, generator=gen) < 0.5, -1.0, 1.0)
+    xb = torch.stack([side, torch.rand(n_boundary, generator=gen)], 1)
+    ui = -torch.sin(math.pi * xi[:, 0])
+    return tuple(t.float().double() for t in (xc, xi, ui, xb))
+
+
+def _residual(u, u_x, u_t, u_xx):
+    return u_t + u * u_x - NU * u_xx
+
+
+def _boundary_terms(model, xi, ui, xb):
+    return (model(xi)[:, 0] - ui).pow(2).mean() + model(xb).pow(2).mean()
+
+
+def autograd_loss(model, xc, xi, ui, xb):
+    """The loss as PINN code writes it: derivatives by autograd.grad(create_graph=True)."""
+    x = xc.detach().requires_grad_()
+    u = model(x)
+    g, = torch.autograd.grad(u.sum(), x, create_graph=True)
+    u_xx = torch.autograd.grad(g[:, 0].sum(), x, create_graph=True)[0][:, 0]
+    r = _residual(u[:, 0], g[:, 0], g[:, 1], u_xx)
+    return r.pow(2).mean() + _boundary_terms(model, xi, ui, xb)
+
+
+def fused_loss(net, xc, xi, ui, xb):
+    """The loss from one fused pass: u, ∂u/∂(x, t), ∂²u/∂(x, t)² (the Hessian's diagonal)."""
+    u, du, d2u = net.derivatives(xc, order=2)
+    r = _residual(u[:, 0], du[:, 0, 0], du[:, 0, 1], d2u[:, 0, 0])
+    return r.pow(2).mean() + _boundary_terms(net, xi, ui, xb)
+
+
+def torch_func_loss(model, xc, xi, ui, xb):
+    """The derivatives per point with torch.func (vmap of jacrev and hessian over the points)."""
+    from torch.func import functional_call, hessian, jacrev, vmap
+
+    params = dict(model.named_parameters())
+
+    def u_of(p, point):
+        return functional_call(model, p, (point,))[0]
+
+    g = vmap(jacrev(u_of, argnums=1), in_dims=(None, 0))(params, xc)
+    hess = vmap(hessian(u_of, argnums=1), in_dims=(None, 0))(params, xc)
+    u = model(xc)[:, 0]
+    r = _residual(u, g[:, 0], g[:, 1], hess[:, 0, 0])
+    return r.pow(2).mean() + _boundary_terms(model, xi, ui, xb)
+
+
+class Problem:
+    """The points and the shared initial weights (nn.Linear's initialisation, float32), in any dtype."""
+
+    def __init__(self, n_domain=2540, seed=0):
+        torch.manual_seed(seed)
+        self.init = [p.detach().clone() for p in self._sequential(torch.float32).parameters()]
+        self.points = burgers_points(n_domain, seed=seed + 1)
+
+    @staticmethod
+    def _sequential(dtype):
+        layers = []
+        for l, (a, b) in enumerate(zip(WIDTHS, WIDTHS[1:])):
+            if l:
+                layers.append(nn.Tanh())
+            layers.append(nn.Linear(a, b, dtype=dtype))
+        return nn.Sequential(*layers)
+
+    def data(self, dtype):
+        return tuple(t.to(dtype) for t in self.points)
+
+    def init_params(self, dtype):
+        return [t.to(dtype) for t in self.init]
+
+    def native(self, dtype):
+        model = self._sequential(dtype)
+        _deep._load(model.parameters(), self.init_params(dtype))
+        return model
+
+    def fused(self, dtype):
+        from ..module import FusedMLP
+
+        net = FusedMLP(2, 20, 1, hidden_layers=3, activation="tanh", dtype=dtype)
+        _deep._load(net.parameters(), self.init_params(dtype))  # linear1.weight, linear1.bias, … in order
+        return net
+
+
+def _torch_route(model, loss_of, problem, dtype):
+    opt = torch.optim.Adam(model.parameters(), lr=LR, fused=True)
+    data = problem.data(dtype)
+
+    def run(steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            loss_of(model, *data).backward()
+            opt.step()
+
+    return run, lambda: [p.detach().clone() for p in model.parameters()]
+
+
+def _jax_loss():
+    import jax
+    import jax.numpy as jnp
+
+    def net(params, x):
+        a = x
+        for i, (w, b) in enumerate(params):
+            a = a @ w.T + b
+            if i < len(params) - 1:
+                a = jnp.tanh(a)
+        return a
+
+    def loss(params, xc, xi, ui, xb):
+        def u_sum(x):
+            return net(params, x).sum()
+
+        g = jax.grad(u_sum)(xc)
+        u_xx = jax.grad(lambda x: jax.grad(u_sum)(x)[:, 0].sum())(xc)[:, 0]
+        r = _residual(net(params, xc)[:, 0], g[:, 0], g[:, 1], u_xx)
+        return (r ** 2).mean() + ((net(params, xi)[:, 0] - ui) ** 2).mean() + (net(params, xb) ** 2).mean()
+
+    return loss
+
+
+def _jax_route(problem, dtype, scan):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    loss, tx = _jax_loss(), optax.adam(LR)
+
+    def step(p, s, *data):
+        g = jax.grad(loss)(p, *data)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    data = tuple(jnp.asarray(t.numpy()) for t in problem.data(dtype))
+    params = _deep._to_jax(problem.init_params(dtype))
+    state = {"p": params, "s": tx.init(params)}
+    compiled = {}
+    jit_step = jax.jit(step)
+
+    def run(steps):
+        if not scan:
+            p, s = state["p"], state["s"]
+            for _ in range(steps):
+                p, s = jit_step(p, s, *data)
+            state["p"], state["s"] = jax.block_until_ready((p, s))
+            return
+        if steps not in compiled:
+            def train(p, s, *d):
+                return jax.lax.scan(lambda c, _: (step(*c, *d), None), (p, s), None, length=steps)[0]
+
+            compiled[steps] = jax.jit(train)
+        state["p"], state["s"] = jax.block_until_ready(compiled[steps](state["p"], state["s"], *data))
+
+    return run, lambda: _deep._from_jax(state["p"])
+
+
+MAKERS = {
+    "native": lambda p, d: _torch_route(p.native(d), autograd_loss, p, d),
+    "torch_func": lambda p, d: _torch_route(p.native(d), torch_func_loss, p, d),
+    "dropin": lambda p, d: _torch_route(p.fused(d), autograd_loss, p, d),
+    "fused": lambda p, d: _torch_route(p.fused(d), fused_loss, p, d),
+    "jax_jit": lambda p, d: _jax_route(p, d, scan=False),
+    "jax_scan": lambda p, d: _jax_route(p, d, scan=True),
+}
+
+
+def run(quick=False, threads=2, repeats=5, progress=True):
+    """Every route at `threads` torch threads; returns the result (what pinn.json holds)."""
+    jax_threads = _deep._limit_jax_threads(threads)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    n_domain = QUICK["n_domain"] if quick else 2540
+    steps = QUICK["steps"] if quick else STEPS
+    repeats = min(repeats, 3) if quick else repeats
+    budget = 1.0 if quick else 20.0
+    problem = Problem(n_domain)
+    out = {"case": "burgers", "label": f"Burgers PINN {n_domain} + 160 points, 2→[20]×3→1 tanh",
+           "steps_per_loop": steps, "us_per_step": {}, "check": {}, "failed": {}, "skipped": {}, "first_call_s": {}}
+    bar = _deep._Bar("pinn", len(ROUTES), progress)
+    try:
+        bar.route("native (reference)")
+        ref_run, ref_params = MAKERS["native"](problem, torch.float64)
+        ref_run(_deep.CHECK_STEPS)
+        ref64 = ref_params()
+        init = problem.init_params(torch.float64)
+        native32 = None
+        for name in ROUTES:
+            bar.route(name)
+            if name in _deep.JAX_ROUTES and not jax_available():
+                out["skipped"][name] = _deep.JAX_MISSING
+            else:
+                e32 = _deep._check_and_time(name, lambda: MAKERS[name](problem, torch.float64),
+                                            lambda: MAKERS[name](problem, torch.float32), ref64, init, native32,
+                                            steps, repeats, budget, out, check64=name != "native")
+                if name == "native":
+                    if e32 is None:
+                        raise RuntimeError(f"the native route (the reference) failed: {out['failed'].get('native')}")
+                    native32 = e32
+            bar.done()
+    finally:
+        bar.close()
+        torch.set_num_threads(saved)
+    us = out["us_per_step"]
+    out["ratios"] = {f"{f}_x_{o}": us[o] / us[f] for f in ("fused", "dropin") if f in us
+                     for o in ("native", "torch_func", "jax_jit", "jax_scan") if o in us}
+    out["meta"] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": platform.machine(), "cpu": _deep._cpu_model(),
+        "cpu_count": os.cpu_count(), **_deep._versions(), "threads": threads, "jax_threads": jax_threads,
+        "dtype": "float32", "quick": quick, "repeats": repeats, "lr": LR,
+        "check": {"steps": _deep.CHECK_STEPS, "float64_max_rel": _deep.TOL64, "float32_rel_to_distance": _deep.TOL32},
+        "seconds": time.perf_counter() - started,
+    }
+    return out
+
+
+def markdown(result):
+    us, meta = result["us_per_step"], result["meta"]
+    fastest_jax = min((us[r] for r in ("jax_jit", "jax_scan") if r in us), default=None)
+    lines = [f"Burgers PINN step ({result['label']}), float32, {meta['threads']} threads, "
+             f"{meta['date']} on {meta['cpu']} (torch {meta['torch']}, JAX {meta['jax']}):", "",
+             "| route | µs per step | fused is × faster |", "|---|---:|---:|"]
+    for r in ROUTES:
+        if r in us:
+            ratio = "" if r == "fused" or "fused" not in us else f"{us[r] / us['fused']:.1f}×"
+            lines.append(f"| {NAMES[r]} | {us[r]:,.0f} | {ratio} |")
+        else:
+            why = result["failed"].get(r) or result["skipped"].get(r, "")
+            lines.append(f"| {NAMES[r]} | {'FAILED' if r in result['failed'] else 'skipped'} | {why} |")
+    if fastest_jax and "fused" in us:
+        lines += ["", f"fused against JAX's fastest route: {fastest_jax / us['fused']:.1f}×; "
+                      f"FusedMLP dropped into the autograd code against native: "
+                      f"{us['native'] / us['dropin']:.2f}×" if "dropin" in us else ""]
+    return "\n".join(lines) + "\n"
