@@ -62,6 +62,8 @@ _ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Adam: the largest relative drift of sklearn's effective eps within one trainer call (see module docstring).
 _ADAM_EPS_RTOL = 0.05
+# Steps per trainer call at most (a long epoch is a few calls: Ctrl-C is seen between them).
+_MAX_STEPS_PER_CALL = 2048
 
 
 def _dtype_name(dtype):
@@ -380,16 +382,17 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
         if rest:
             segments.append((full * batch_size, n, rest, 1))
         alpha = float(self.alpha)
-        weights = self._net._weights_biases()[0]
-        sq = _sum_sq(weights) if alpha else 0.0
+        views = [w.detach().numpy().reshape(-1) for w in self._net._weights_biases()[0]]  # live, no copies
+        sq = _sum_sq(views) if alpha else 0.0
         data_loss, l2_loss = 0.0, 0.0
         trainer = self._get_trainer()
         wgroup, groups = self._opt.param_groups[0], self._opt.param_groups
+        losses = torch.empty(max(full, 1), dtype=x.dtype)
         for start, stop, rows, steps in segments:
             wgroup["weight_decay"] = 2.0 * alpha / (self.n_outputs_ * rows)
             done = 0
             while done < steps:
-                take = steps - done
+                take = min(steps - done, _MAX_STEPS_PER_CALL)
                 if self.solver == "adam":
                     take, eps = self._adam_chunk(take)
                     for g in groups:
@@ -397,15 +400,19 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
                 a = start + done * rows
                 b = a + take * rows
                 if take == 1:
-                    losses = trainer.step(x[a:b], y[a:b]).reshape(1)
+                    data_loss += 0.5 * rows * float(trainer.step(x[a:b], y[a:b]))
                 else:
-                    losses = trainer.fit(x[a:b], y[a:b], take, batch_size=rows, shuffle=False)
+                    # Trainer.fit(x[a:b], y[a:b], take, batch_size=rows, shuffle=False) without its per-call
+                    # argument checks and call sizing (the rows here are contiguous slices of checked tensors)
+                    out = losses[:take]
+                    trainer._run("fusedgrad.sklearn.MLPRegressor.fit", x[a:b], y[a:b], take, 0, rows, None, out,
+                                 torch.zeros(1, dtype=torch.int64))
+                    data_loss += 0.5 * rows * float(out.sum())
                 self._adam_t += take
-                data_loss += 0.5 * rows * float(losses.sum())
                 if alpha:
                     # sum over the call's steps of ||W||² before each step, W² interpolated linearly
                     # between the call's ends (exact for one step)
-                    sq_after = _sum_sq(weights)
+                    sq_after = _sum_sq(views)
                     l2_loss += 0.5 * alpha * (take * sq + 0.5 * (take - 1) * (sq_after - sq))
                     sq = sq_after
                 done += take
@@ -510,5 +517,6 @@ def _as_tensor(a, dtype):
     return torch.from_numpy(a).to(dtype)
 
 
-def _sum_sq(weights):
-    return float(sum(torch.dot(w.detach().reshape(-1), w.detach().reshape(-1)) for w in weights))
+def _sum_sq(views):
+    """sum ||W||² over numpy views of the weights (np.dot in their dtype, as sklearn computes it)."""
+    return float(sum(np.dot(v, v) for v in views))

@@ -12,7 +12,13 @@ are compared from the same start. Measured differences (tests below, scikit-lear
 * loss_curve_: the data part is exact; the L2 part is interpolated within a trainer call (up to
   ~2e-4 relative with alpha=0.01 and small batches); exact for one-step calls.
 """
+import inspect
+import json
+import os
 import pickle
+import re
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -289,3 +295,36 @@ def test_unsupported_options_say_so():
         MLPRegressor(dtype=np.int32).fit(X, y)
     with pytest.raises(ValueError):  # sklearn's own parameter validation
         MLPRegressor(activation="gelu").fit(X, y)
+
+
+# --------------------------------------------------------------------------- docs and bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_api_reference_signature_is_the_codes():
+    """docs/api.md's signature block of fusedgrad.sklearn.MLPRegressor (tests/test_docs.py cannot
+    check it: it runs without the optional extra)."""
+    with open(os.path.join(ROOT, "docs", "api.md"), encoding="utf-8") as f:
+        text = f.read()
+    block = re.search(r"```python\nfusedgrad\.sklearn\.MLPRegressor\((.*)\)\n```", text)
+    assert block, "docs/api.md: the MLPRegressor signature block is gone"
+    namespace = {"numpy": np}
+    exec(f"def f({block.group(1)}): pass", namespace)
+    documented = [(p.name, p.kind, p.default) for p in inspect.signature(namespace["f"]).parameters.values()]
+    actual = [(p.name, p.kind, p.default) for p in inspect.signature(MLPRegressor).parameters.values()]
+    assert documented == actual
+
+
+def test_bench_sklearn_quick_runs_and_writes_json(tmp_path):
+    """`python -m fusedgrad bench --sklearn --quick`: the command end to end; nothing about speed."""
+    proc = subprocess.run([sys.executable, "-m", "fusedgrad", "bench", "--sklearn", "--quick", "--threads", "1",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads((tmp_path / "sklearn.json").read_text())
+    assert [r["case"] for r in data["rows"]] == ["diabetes", "friedman1", "synthetic"]
+    for row in data["rows"]:
+        assert {"sklearn", "fusedgrad"} <= set(row["seconds"]) and all(v > 0 for v in row["seconds"].values())
+        # same random_state, same float32 data: the same model up to float32 rounding
+        assert abs(row["r2"]["fusedgrad"] - row["r2"]["sklearn"]) < 0.03
+    assert (tmp_path / "sklearn.md").read_text().startswith("scikit-learn ")

@@ -55,6 +55,12 @@ def add_arguments(parser):
                              "loop first; deep.json and deep.md (float32, threads = largest --threads; --compile adds "
                              "torch.compile; --quick: smoke sizes)")
     parser.add_argument("--compile", action="store_true", help="with --deep: also time torch.compile of the step")
+    parser.add_argument("--sklearn", action="store_true",
+                        help="instead: scikit-learn's MLPRegressor against fusedgrad.sklearn.MLPRegressor (and skorch "
+                             "when installed) on diabetes, make_friedman1 (1e4 rows) and 1e6 synthetic rows: fit time "
+                             "and held-out R²; sklearn.json and sklearn.md (needs pip install 'fusedgrad[sklearn]'; torch and "
+                             "BLAS threads = largest --threads; --quick: smoke sizes; --repeats: the small cases' "
+                             "repeats)")
     parser.add_argument("--rows", action="store_true",
                         help="instead of the grid, the N-scaling suite (N = 1e2..1e6; 1→20→1, 16→64→4, 256→256→1): "
                              "rows.json, rows.md, rows.png (float32 = first --dtypes, threads = largest --threads)")
@@ -275,7 +281,33 @@ def run_deep(args):
     return 0
 
 
+def run_sklearn(args):
+    """--sklearn: fusedgrad/bench/sklearn.py (float32, CPU, the torch threads as set)."""
+    try:
+        from ..bench import sklearn as S
+    except ImportError as exc:
+        print(f"bench --sklearn: {exc}", file=sys.stderr)
+        return 2
+    if args.device != "cpu":
+        print("bench --sklearn: the estimator trains on the CPU only; drop --device", file=sys.stderr)
+        return 2
+    repeats = args.repeats if "--repeats" in sys.argv else None
+    result = S.run(quick=args.quick, repeats=repeats, threads=max(args.threads),
+                   progress=lambda text: print(text, file=sys.stderr))
+    table = S.markdown(result)
+    print("\n" + table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "sklearn.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "sklearn.md"), "w") as f:
+        f.write(table)
+    print(f"wrote {os.path.join(args.out, 'sklearn.json')} and sklearn.md")
+    return 0
+
+
 def run(args):
+    if getattr(args, "sklearn", False):
+        return run_sklearn(args)
     if getattr(args, "deep", False):
         return run_deep(args)
     if args.training:
