@@ -259,6 +259,10 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
 
         xt, yt = _as_tensor(X_train, tdtype), _as_tensor(y_train, tdtype)
         sample_idx = np.arange(n)
+        # The epoch's rows in sklearn's order: shuffled into these buffers (reused every epoch, so the
+        # row slices of _epoch's calls are made once), or the data itself without shuffling.
+        xe, ye = (torch.empty_like(xt), torch.empty_like(yt)) if self.shuffle else (xt, yt)
+        run = _EpochRunner(xe, ye, batch_size)
         try:
             self.n_iter_ = 0
             for _ in range(self.max_iter):
@@ -268,10 +272,9 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
                     rs.shuffle(perm)
                     sample_idx = sample_idx[perm]
                     index = torch.from_numpy(sample_idx)
-                    xe, ye = xt.index_select(0, index), yt.index_select(0, index)
-                else:
-                    xe, ye = xt, yt
-                self.loss_ = self._epoch(xe, ye, batch_size)
+                    torch.index_select(xt, 0, index, out=xe)
+                    torch.index_select(yt, 0, index, out=ye)
+                self.loss_ = self._epoch(run)
                 self.n_iter_ += 1
                 self.t_ += n
                 self.loss_curve_.append(self.loss_)
@@ -374,21 +377,16 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
             trainer = self._trainer = Trainer(self._net, self._opt, reduction="mean")
         return trainer
 
-    def _epoch(self, x, y, batch_size):
-        """One epoch of mini-batches in order; returns sklearn's loss_ of the epoch."""
-        n = x.shape[0]
-        full, rest = divmod(n, batch_size)
-        segments = [(0, full * batch_size, batch_size, full)] if full else []
-        if rest:
-            segments.append((full * batch_size, n, rest, 1))
+    def _epoch(self, run):
+        """One epoch of mini-batches in order (``run``'s rows); returns sklearn's loss_ of the epoch."""
         alpha = float(self.alpha)
         views = [w.detach().numpy().reshape(-1) for w in self._net._weights_biases()[0]]  # live, no copies
         sq = _sum_sq(views) if alpha else 0.0
-        data_loss, l2_loss = 0.0, 0.0
+        l2_loss = 0.0
         trainer = self._get_trainer()
         wgroup, groups = self._opt.param_groups[0], self._opt.param_groups
-        losses = torch.empty(max(full, 1), dtype=x.dtype)
-        for start, stop, rows, steps in segments:
+        step = 0  # steps of this epoch taken
+        for rows, steps in run.segments:
             wgroup["weight_decay"] = 2.0 * alpha / (self.n_outputs_ * rows)
             done = 0
             while done < steps:
@@ -397,17 +395,11 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
                     take, eps = self._adam_chunk(take)
                     for g in groups:
                         g["eps"] = eps
-                a = start + done * rows
-                b = a + take * rows
-                if take == 1:
-                    data_loss += 0.5 * rows * float(trainer.step(x[a:b], y[a:b]))
-                else:
-                    # Trainer.fit(x[a:b], y[a:b], take, batch_size=rows, shuffle=False) without its per-call
-                    # argument checks and call sizing (the rows here are contiguous slices of checked tensors)
-                    out = losses[:take]
-                    trainer._run("fusedgrad.sklearn.MLPRegressor.fit", x[a:b], y[a:b], take, 0, rows, None, out,
-                                 torch.zeros(1, dtype=torch.int64))
-                    data_loss += 0.5 * rows * float(out.sum())
+                # Trainer.fit(x, y, take, batch_size=rows, shuffle=False) on the call's rows, without
+                # fit()'s per-call checks and call sizing (the rows are contiguous slices of checked tensors)
+                x, y, losses = run.call(step, take)
+                run.done.zero_()
+                trainer._run("fusedgrad.sklearn.MLPRegressor.fit", x, y, take, 0, rows, None, losses, run.done)
                 self._adam_t += take
                 if alpha:
                     # sum over the call's steps of ||W||² before each step, W² interpolated linearly
@@ -416,7 +408,9 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
                     l2_loss += 0.5 * alpha * (take * sq + 0.5 * (take - 1) * (sq_after - sq))
                     sq = sq_after
                 done += take
-        return (data_loss + l2_loss) / n
+                step += take
+        # the data part: 0.5 · (each step's mean squared error) · its rows, summed
+        return (0.5 * float(run.losses.mul(run.weights).sum()) + l2_loss) / run.n
 
     def _adam_chunk(self, steps):
         """How many of the next ``steps`` Adam steps one call takes, and the torch eps for them."""
@@ -507,6 +501,33 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
     def _net_predict(net, X):
         with torch.no_grad():
             return net(_as_tensor(X, net.linear1.weight.dtype)).numpy()
+
+
+class _EpochRunner:
+    """An epoch's calls over fixed row buffers: the step layout (full batches, then the remainder),
+    a loss per step, and each call's row slices, made once per fit and reused every epoch."""
+
+    def __init__(self, x, y, batch_size):
+        self.x, self.y, self.n, self.batch_size = x, y, x.shape[0], batch_size
+        full, rest = divmod(self.n, batch_size)
+        self.full = full
+        self.segments = ([(batch_size, full)] if full else []) + ([(rest, 1)] if rest else [])
+        steps = full + (1 if rest else 0)
+        self.losses = torch.zeros(steps, dtype=x.dtype)
+        self.weights = torch.tensor([batch_size] * full + ([rest] if rest else []), dtype=x.dtype)
+        self.done = torch.zeros(1, dtype=torch.int64)
+        self._slices = {}
+
+    def call(self, step, take):
+        """(x, y, losses) of ``take`` steps from the epoch's step ``step``."""
+        key = (step, take)
+        out = self._slices.get(key)
+        if out is None:
+            a = min(step, self.full) * self.batch_size + max(0, step - self.full) * (self.n - self.full * self.batch_size)
+            b = min(step + take, self.full) * self.batch_size + max(0, step + take - self.full) * (
+                self.n - self.full * self.batch_size)
+            out = self._slices[key] = (self.x[a:b], self.y[a:b], self.losses[step:step + take])
+        return out
 
 
 def _as_tensor(a, dtype):
