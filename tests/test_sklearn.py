@@ -328,3 +328,13 @@ def test_bench_sklearn_quick_runs_and_writes_json(tmp_path):
         # same random_state, same float32 data: the same model up to float32 rounding
         assert abs(row["r2"]["fusedgrad"] - row["r2"]["sklearn"]) < 0.03
     assert (tmp_path / "sklearn.md").read_text().startswith("scikit-learn ")
+
+
+def test_readme_example_runs():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text[text.index("\n## For scikit-learn users"):text.index("\n## Performance")]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace = {}
+    exec(compile(block, "README.md (For scikit-learn users)", "exec"), namespace)
+    assert isinstance(namespace["net"], fusedgrad.FusedMLP)
