@@ -60,6 +60,12 @@ def add_arguments(parser):
                              "with create_graph, torch.func, FusedMLP dropped in, net.derivatives and JAX when "
                              "installed, each checked against the native step first; pinn.json and pinn.md "
                              "(float32, threads = largest --threads; --quick: smoke sizes)")
+    parser.add_argument("--sklearn", action="store_true",
+                        help="instead: scikit-learn's MLPRegressor against fusedgrad.sklearn.MLPRegressor (and skorch "
+                             "when installed) on diabetes, make_friedman1 (1e4 rows) and 1e6 synthetic rows: fit time "
+                             "and held-out R²; sklearn.json and sklearn.md (needs pip install 'fusedgrad[sklearn]'; torch and "
+                             "BLAS threads = largest --threads; --quick: smoke sizes; --repeats: the small cases' "
+                             "repeats)")
     parser.add_argument("--rows", action="store_true",
                         help="instead of the grid, the N-scaling suite (N = 1e2..1e6; 1→20→1, 16→64→4, 256→256→1): "
                              "rows.json, rows.md, rows.png (float32 = first --dtypes, threads = largest --threads)")
@@ -296,12 +302,35 @@ def run_pinn(args):
     with open(os.path.join(args.out, "pinn.md"), "w") as f:
         f.write(table)
     print(f"wrote {os.path.join(args.out, 'pinn.json')} and pinn.md ({result['meta']['seconds']:.0f} s)")
+def run_sklearn(args):
+    """--sklearn: fusedgrad/bench/sklearn.py (float32, CPU, the torch threads as set)."""
+    try:
+        from ..bench import sklearn as S
+    except ImportError as exc:
+        print(f"bench --sklearn: {exc}", file=sys.stderr)
+        return 2
+    if args.device != "cpu":
+        print("bench --sklearn: the estimator trains on the CPU only; drop --device", file=sys.stderr)
+        return 2
+    repeats = args.repeats if "--repeats" in sys.argv else None
+    result = S.run(quick=args.quick, repeats=repeats, threads=max(args.threads),
+                   progress=lambda text: print(text, file=sys.stderr))
+    table = S.markdown(result)
+    print("\n" + table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "sklearn.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "sklearn.md"), "w") as f:
+        f.write(table)
+    print(f"wrote {os.path.join(args.out, 'sklearn.json')} and sklearn.md")
     return 0
 
 
 def run(args):
     if getattr(args, "pinn", False):
         return run_pinn(args)
+    if getattr(args, "sklearn", False):
+        return run_sklearn(args)
     if getattr(args, "deep", False):
         return run_deep(args)
     if args.training:
