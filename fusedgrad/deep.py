@@ -130,6 +130,39 @@ def _rows_grad(g, grad, K, shared):
     return _scaled(g, grad, K)
 
 
+def _vmap_rule(info, x_dim, param_dims, x, params, fused, native):
+    """The vmap rule of the prediction and of the input derivatives (``torch.autograd.Function.vmap``).
+
+    Parameters batched (the model-ensembling recipe, ``stack_module_state`` + ``vmap``): the B models
+    run as one stacked call — the ensemble kernel — with ``x`` shared or batched per model. Only ``x``
+    batched: its batch dimension becomes leading rows of one plain call. Outputs carry the batch in
+    dimension 0. Where the tensors are still wrapped by a transform further out (``grad`` around
+    ``vmap``), the same stacked call runs in plain torch ops (``native``), which that transform follows.
+    """
+    B = info.batch_size
+    D = x.shape[-1]
+    if not any(d is not None for d in param_dims):  # vmap over data: one call over all the rows
+        xb = x.movedim(x_dim, 0)
+        run = native if _compat.under_functorch(xb, *params) else fused
+        out = run(xb, list(params))
+        return out, (0,) * len(out) if isinstance(out, tuple) else 0
+    stacked = [None if p is None else p.movedim(d, 0) if d is not None else p.expand(B, *p.shape)
+               for p, d in zip(params, param_dims)]
+    if x_dim is None:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, D)
+    else:
+        xb = x.movedim(x_dim, 0)
+        lead = xb.shape[1:-1]
+        x2 = xb.reshape(B, -1, D)
+    run = native if _compat.under_functorch(x2, *stacked) else fused
+    out = run(x2, stacked)
+    if isinstance(out, tuple):  # u (B, N, O); du, d2u (B, N, O, D)
+        shaped = tuple(t.reshape(B, *lead, *t.shape[2:]) for t in out)
+        return shaped, (0,) * len(shaped)
+    return out.reshape(B, *lead, out.shape[-1]), 0
+
+
 class _Loss(torch.autograd.Function):
     """The loss; its forward pass also computes the gradients backward needs (scaled by ∂out/∂L there)."""
 
@@ -174,14 +207,28 @@ def _is_one(t: torch.Tensor) -> bool:
 
 
 class _Mlp(torch.autograd.Function):
-    """The prediction; backward recomputes the forward row block by row block (nothing of size N kept)."""
+    """The prediction; backward recomputes the forward row block by row block (nothing of size N kept).
+    Under vmap, its rule runs the ensemble kernel (stacked parameters) or the plain one (batched rows)."""
 
     @staticmethod
-    def forward(ctx, x, activation, num_layers, *params):
-        weights, biases = list(params[:num_layers]), list(params[num_layers:])
+    def forward(x, activation, num_layers, *params):
+        return _mlp_op(x, list(params[:num_layers]), list(params[num_layers:]), activation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, activation, num_layers, *params = inputs
         ctx.num_layers, ctx.activation = num_layers, activation
         ctx.save_for_backward(x, *params)
-        return _mlp_op(x, weights, biases, activation)
+
+    @staticmethod
+    def vmap(info, in_dims, x, activation, num_layers, *params):
+        def fused(xx, ps):
+            return _Mlp.apply(xx, activation, num_layers, *ps)
+
+        def native(xx, ps):
+            return _native_prediction(xx, ps[:num_layers], ps[num_layers:], activation)
+
+        return _vmap_rule(info, in_dims[0], in_dims[3:], x, params, fused, native)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -259,9 +306,9 @@ def mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Seque
     _check_x(fn, x)
     weights, biases = _layers(fn, weights, biases)
     _option(fn, "activation", activation, ACTIVATIONS)
-    if _compat.under_functorch(x, *weights, *biases):
+    if _compat.under_functorch(x, *weights, *biases) and not _compat.vmapped_only(x, *weights, *biases):
         return _native_prediction(x, weights, biases, activation)
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or _compat.under_functorch(x, *weights, *biases):
         return _Mlp.apply(x, activation, len(weights), *weights, *biases)
     return _mlp_op(x, weights, biases, activation)
 
@@ -395,12 +442,25 @@ class _Derivatives(torch.autograd.Function):
     """``(u, du[, d2u])`` from one fused jet pass; backward: one fused pass that recomputes the forward."""
 
     @staticmethod
-    def forward(ctx, x, activation, order, num_layers, *params):
-        weights, biases = list(params[:num_layers]), list(params[num_layers:])
+    def forward(x, activation, order, num_layers, *params):
+        return tuple(_derivatives_op(x, list(params[:num_layers]), list(params[num_layers:]), activation, order))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, activation, order, num_layers, *params = inputs
         ctx.num_layers, ctx.activation, ctx.order = num_layers, activation, order
         ctx.set_materialize_grads(False)  # an output the loss does not use is a zero the kernel skips
         ctx.save_for_backward(x, *params)
-        return tuple(_derivatives_op(x, weights, biases, activation, order))
+
+    @staticmethod
+    def vmap(info, in_dims, x, activation, order, num_layers, *params):
+        def fused(xx, ps):
+            return _Derivatives.apply(xx, activation, order, num_layers, *ps)
+
+        def native(xx, ps):
+            return _native_derivatives(xx, ps[:num_layers], ps[num_layers:], activation, order)
+
+        return _vmap_rule(info, in_dims[0], in_dims[4:], x, params, fused, native)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -465,9 +525,9 @@ def derivatives(x: torch.Tensor, weights: Sequence[torch.Tensor],
         raise TypeError(f"{fn}: argument 'order' must be an int, 1 or 2, got {type(order).__name__}")
     if order not in (1, 2):
         raise ValueError(f"{fn}: argument 'order' must be 1 (u, du) or 2 (u, du, d2u), got {order}")
-    if _compat.under_functorch(x, *weights, *biases):
+    if _compat.under_functorch(x, *weights, *biases) and not _compat.vmapped_only(x, *weights, *biases):
         return _native_derivatives(x, weights, biases, activation, order)
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or _compat.under_functorch(x, *weights, *biases):
         return _Derivatives.apply(x, activation, order, len(weights), *weights, *biases)
     return tuple(_derivatives_op(x, weights, biases, activation, order))
 

@@ -87,6 +87,16 @@ def mlp_loss(x: Tensor, w1: Tensor, b1: Optional[Tensor] = None, w2: Optional[Te
         raise attributed(exc, "fusedgrad.mlp_loss", _LOSS_ARGS, (x, w1, b1, w2, b2, target)) from None
 
 
+def _engine_layout(w1, b1, w2, b2) -> bool:
+    """Whether the arguments are nn.Linear's layout, which the engine's ops take (one model: 2-D weights,
+    biases None or 1-D of the layer's width)."""
+    tensors = all(isinstance(t, torch.Tensor) for t in (w1, w2)) and all(
+        b is None or isinstance(b, torch.Tensor) for b in (b1, b2))
+    return (tensors and w1.dim() == 2 and w2.dim() == 2 and w2.shape[1] == w1.shape[0]
+            and (b1 is None or tuple(b1.shape) == (w1.shape[0],))
+            and (b2 is None or tuple(b2.shape) == (w2.shape[0],)))
+
+
 def mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor] = None, w2: Optional[Tensor] = None,
         b2: Optional[Tensor] = None, *, activation: str = "sigmoid") -> Tensor:
     """Prediction ``act(x w1ᵀ + b1) w2ᵀ + b2`` of shape ``(*, O)``, with a fused backward.
@@ -100,6 +110,9 @@ def mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor] = None, w2: Optional[Tensor]
         _deep_positional("mlp", w1, w2, b2)
         return _deep().mlp(x, w1, b1, activation=activation)
     if _compat.under_functorch(x, w1, b1, w2, b2):
+        if _compat.vmapped_only(x, w1, b1, w2, b2) and _engine_layout(w1, b1, w2, b2):
+            # vmap alone (the model-ensembling recipe, or batched data): the engine's op and its vmap rule
+            return _deep().mlp(x, [w1, w2], [b1, b2], activation=activation)
         return _native_prediction(x, w1, b1, w2, b2, activation)
     if isinstance(w1, torch.Tensor) and w1.dim() == 3:
         return _ensemble.mlp(x, w1, b1, w2, b2, activation)
