@@ -5,6 +5,8 @@
 // compiled into the CPU clones of the pass that includes it.
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -217,6 +219,30 @@ void pack_weights(const NetShape& s, const std::vector<const T*>& W, const std::
       bp[l] = nullptr;
     }
     base += np[l + 1];
+  }
+}
+
+// Runs chunk(ch, its sums) for the chunks 0 … chunks − 1 — on the threads when `threads` — each
+// into partial sums of its own (`size` doubles, zeroed by the chunk), then adds those into `sums`
+// in chunk order: the same bits for any number of threads. sums null: no sums.
+template <typename ChunkFn>
+void run_chunks(int64_t chunks, int64_t size, bool threads, double* sums, ChunkFn chunk) {
+  thread_local std::vector<double> partial;
+  if (sums) partial.resize(static_cast<size_t>(chunks * size));
+  double* base = sums ? partial.data() : nullptr;
+  auto body = [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch) chunk(ch, base ? base + ch * size : nullptr);
+  };
+  if (threads) {
+    at::parallel_for(0, chunks, 1, body);
+  } else {
+    body(0, chunks);
+  }
+  if (!sums) return;
+  std::copy(base, base + size, sums);
+  for (int64_t ch = 1; ch < chunks; ++ch) {
+    const double* cs = base + ch * size;
+    for (int64_t e = 0; e < size; ++e) sums[e] += cs[e];
   }
 }
 

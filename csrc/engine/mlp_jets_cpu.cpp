@@ -248,27 +248,11 @@ FUSEDGRAD_CPU_CLONES void jet_chunk(const JetPlan<double, 32>& plan, int64_t ch,
 template <typename T, int VB>
 void run_jet_plan(const Pass<T>& pass) {
   const JetPlan<T, VB> plan(pass);
-  const bool want_sums = pass.sums && pass.epilogue == Epilogue::Backward;
-  const int64_t size = plan.lay.size;
-  thread_local std::vector<double> partial;
-  if (want_sums) partial.resize(static_cast<size_t>(plan.chunks * size));
-  double* base = want_sums ? partial.data() : nullptr;
-  auto run_chunks = [&](int64_t c0, int64_t c1) {
-    for (int64_t ch = c0; ch < c1; ++ch) jet_chunk(plan, ch, base ? base + ch * size : nullptr);
-  };
   const bool threads = pass.parallel && plan.chunks > 1 &&
       pass.count * plan.S * pass.shape->macs_per_row() >= kMinParallelMacs;
-  if (threads) {
-    at::parallel_for(0, plan.chunks, 1, run_chunks);
-  } else {
-    run_chunks(0, plan.chunks);
-  }
-  if (!want_sums) return;
-  std::copy(base, base + size, pass.sums);
-  for (int64_t ch = 1; ch < plan.chunks; ++ch) {
-    const double* cs = base + ch * size;
-    for (int64_t e = 0; e < size; ++e) pass.sums[e] += cs[e];
-  }
+  double* sums = pass.epilogue == Epilogue::Backward ? pass.sums : nullptr;
+  run_chunks(plan.chunks, plan.lay.size, threads, sums,
+             [&](int64_t ch, double* chunk_sums) { jet_chunk(plan, ch, chunk_sums); });
 }
 
 template <typename T>

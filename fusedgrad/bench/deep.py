@@ -500,6 +500,25 @@ def _ratios(us, fused_routes, others):
     return {f"{f}_x_{o}": us[o] / us[f] for f in fused_routes if f in us for o in others if o in us}
 
 
+def check_and_time_routes(routes, makers, problem, ref64, init, steps, repeats, budget_s, out, bar):
+    """Checks and times each route of `routes` (makers[name](problem, dtype) -> (run, params)), the native
+    route first (its float32 error sets the others' tolerance); JAX routes skipped without JAX."""
+    native32 = None
+    for name in ["native"] + [r for r in routes if r != "native"]:
+        bar.route(name)
+        if name in JAX_ROUTES and not jax_available():
+            out["skipped"][name] = JAX_MISSING
+        else:
+            e32 = _check_and_time(name, lambda: makers[name](problem, torch.float64),
+                                  lambda: makers[name](problem, torch.float32), ref64, init, native32,
+                                  steps, repeats, budget_s, out, check64=name != "native")
+            if name == "native":
+                if e32 is None:
+                    raise RuntimeError(f"the native route (the reference) failed: {out['failed'].get('native')}")
+                native32 = e32
+        bar.done()
+
+
 def bench_case(case, routes, repeats, budget_s, progress=True):
     problem = Problem(case)
     out = {"case": case.name, "label": case.label, "N": case.N, "widths": case.widths, "activation": case.act,
@@ -512,20 +531,7 @@ def bench_case(case, routes, repeats, budget_s, progress=True):
         ref64_run(CHECK_STEPS)
         ref64 = ref64_params()
         init = problem.init_params(torch.float64)
-        native32 = None
-        for name in ["native"] + [r for r in routes if r != "native"]:  # native first: its float32 error
-            bar.route(name)
-            if name in JAX_ROUTES and not jax_available():
-                out["skipped"][name] = JAX_MISSING
-            else:
-                e32 = _check_and_time(name, lambda: MAKERS[name](problem, torch.float64),
-                                      lambda: MAKERS[name](problem, torch.float32), ref64, init, native32,
-                                      case.steps, repeats, budget_s, out, check64=name != "native")
-                if name == "native":
-                    if e32 is None:
-                        raise RuntimeError(f"the native route (the reference) failed: {out['failed'].get('native')}")
-                    native32 = e32
-            bar.done()
+        check_and_time_routes(routes, MAKERS, problem, ref64, init, case.steps, repeats, budget_s, out, bar)
     finally:
         bar.close()
     for name, us in out["us_per_step"].items():

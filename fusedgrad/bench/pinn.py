@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from . import deep as _deep
-from .steps import jax_available
 
 NU = 0.01 / math.pi
 WIDTHS = (2, 20, 20, 20, 1)
@@ -242,20 +241,7 @@ def run(quick=False, threads=2, repeats=5, progress=True):
         ref_run(_deep.CHECK_STEPS)
         ref64 = ref_params()
         init = problem.init_params(torch.float64)
-        native32 = None
-        for name in ROUTES:
-            bar.route(name)
-            if name in _deep.JAX_ROUTES and not jax_available():
-                out["skipped"][name] = _deep.JAX_MISSING
-            else:
-                e32 = _deep._check_and_time(name, lambda: MAKERS[name](problem, torch.float64),
-                                            lambda: MAKERS[name](problem, torch.float32), ref64, init, native32,
-                                            steps, repeats, budget, out, check64=name != "native")
-                if name == "native":
-                    if e32 is None:
-                        raise RuntimeError(f"the native route (the reference) failed: {out['failed'].get('native')}")
-                    native32 = e32
-            bar.done()
+        _deep.check_and_time_routes(ROUTES, MAKERS, problem, ref64, init, steps, repeats, budget, out, bar)
     finally:
         bar.close()
         torch.set_num_threads(saved)
