@@ -377,22 +377,24 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
         alpha = run.alpha
         l2_loss = 0.0
         groups, wgroup = self._opt.param_groups, self._opt.param_groups[0]
-        adam = self.solver == "adam"
-        x, y, order, bs, done, call = run.x, run.y, run.order(j), run.batch_size, run.done, run.call
+        adam_chunk = self._adam_chunk if self.solver == "adam" else None
+        x, y, order, bs, done, call, n = run.x, run.y, run.order(j), run.batch_size, run.done, run.call, run.n
+        losses_of, views = run.loss_slice, run.views
+        n_out = self.n_outputs_
         base = j * run.steps  # this epoch's first loss in run.losses
         for first, rows, steps in run.segments:
-            wgroup["weight_decay"] = 2.0 * alpha / (self.n_outputs_ * rows)
-            step = first
-            while step < first + steps:
-                take = min(first + steps - step, _MAX_STEPS_PER_CALL)
-                if adam:
-                    take, eps = self._adam_chunk(take)
+            wgroup["weight_decay"] = 2.0 * alpha / (n_out * rows)
+            step, end = first, first + steps
+            while step < end:
+                take = min(end - step, _MAX_STEPS_PER_CALL)
+                if adam_chunk is not None:
+                    take, eps = adam_chunk(take)
                     for g in groups:
                         g["eps"] = eps
                 # Trainer.fit(x, y, take, batch_size=bs, shuffle=False) on the epoch's rows from its step
                 # `step`, without fit()'s per-call checks and call sizing (x, y were checked once)
-                losses = run.loss_slice(base + step, take)
-                if order is not None and take * bs * _GATHER_BELOW < run.n:
+                losses = losses_of(base + step, take)
+                if order is not None and take * bs * _GATHER_BELOW < n:
                     # a few rows of a long epoch: gathered here, cheaper than the kernel's check of the order
                     xs, ys = run.gather(order, step, take)
                     call(xs, ys, take, 0, bs, None, losses, done)
@@ -402,7 +404,7 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
                 if alpha:
                     # sum over the call's steps of ||W||² before each step, W² interpolated linearly
                     # between the call's ends (exact for one step)
-                    sq, sq_after = run.sq, _sum_sq(run.views)
+                    sq, sq_after = run.sq, _sum_sq(views)
                     l2_loss += 0.5 * alpha * (take * sq + 0.5 * (take - 1) * (sq_after - sq))
                     run.sq = sq_after
                 step += take
@@ -607,4 +609,4 @@ def _as_tensor(a, dtype):
 
 def _sum_sq(views):
     """sum ||W||² over numpy views of the weights (np.dot in their dtype, as sklearn computes it)."""
-    return float(sum(np.dot(v, v) for v in views))
+    return float(sum(map(np.dot, views, views)))
