@@ -64,6 +64,13 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _ADAM_EPS_RTOL = 0.05
 # Steps per trainer call at most (a long epoch is a few calls: Ctrl-C is seen between them).
 _MAX_STEPS_PER_CALL = 2048
+# Epochs run as one block at most before the stopping rule reads their losses (see _fit), and the rows
+# of a block's row orders at most (the order buffer: 8 bytes a row).
+_MAX_BLOCK_EPOCHS = 256
+_MAX_BLOCK_ROWS = 1 << 22
+# A shuffled call whose rows number fewer than 1/_GATHER_BELOW of the epoch's gathers them itself
+# instead of handing the kernel the epoch's row order (which it checks whole at every call).
+_GATHER_BELOW = 128
 
 
 def _dtype_name(dtype):
@@ -258,45 +265,31 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
             batch_size = int(np.clip(self.batch_size, 1, n))
 
         xt, yt = _as_tensor(X_train, tdtype), _as_tensor(y_train, tdtype)
+        run = _EpochRunner(self, xt, yt, batch_size, incremental)
         sample_idx = np.arange(n)
-        # The epoch's rows in sklearn's order: shuffled into these buffers (reused every epoch, so the
-        # row slices of _epoch's calls are made once), or the data itself without shuffling.
-        xe, ye = (torch.empty_like(xt), torch.empty_like(yt)) if self.shuffle else (xt, yt)
-        run = _EpochRunner(xe, ye, batch_size)
         try:
             self.n_iter_ = 0
-            for _ in range(self.max_iter):
+            while self.n_iter_ < self.max_iter:
+                # The next epochs run as one block when the stopping rule can stop (or change the learning
+                # rate) at the block's last epoch at the earliest; the rule then reads each epoch's loss
+                # after the block, in order — the same epochs, shuffles and updates as epoch by epoch.
+                k = run.block_epochs(self)
                 if self.shuffle:
-                    # sklearn.utils.shuffle(sample_idx, random_state=rs), as sklearn draws it
-                    perm = np.arange(n)
-                    rs.shuffle(perm)
-                    sample_idx = sample_idx[perm]
-                    index = torch.from_numpy(sample_idx)
-                    torch.index_select(xt, 0, index, out=xe)
-                    torch.index_select(yt, 0, index, out=ye)
-                self.loss_ = self._epoch(run)
-                self.n_iter_ += 1
-                self.t_ += n
-                self.loss_curve_.append(self.loss_)
-                if self.verbose:
-                    print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
-                self._update_no_improvement_count(X_val, y_val)
-                self._iteration_ends()
-                if self._no_improvement_count > self.n_iter_no_change:
-                    if self.early_stopping:
-                        msg = ("Validation score did not improve more than tol=%f for %d consecutive epochs."
-                               % (self.tol, self.n_iter_no_change))
-                    else:
-                        msg = ("Training loss did not improve more than tol=%f for %d consecutive epochs."
-                               % (self.tol, self.n_iter_no_change))
-                    if self._trigger_stopping(msg):
-                        break
-                    self._no_improvement_count = 0
-                if incremental:
+                    for j in range(k):
+                        # sklearn.utils.shuffle(sample_idx, random_state=rs), as sklearn draws it
+                        perm = np.arange(n)
+                        rs.shuffle(perm)
+                        sample_idx = sample_idx[perm]
+                        run.order_np[j * n:(j + 1) * n] = sample_idx
+                l2 = []  # each completed epoch's L2 part of the loss
+                try:
+                    for j in range(k):
+                        l2.append(self._epoch(run, j))
+                finally:
+                    # the completed epochs are recorded even after Ctrl-C (the partial one is not)
+                    stop = self._epochs_end(run, l2, X_val, y_val, incremental)
+                if stop or incremental:
                     break
-                if self.n_iter_ == self.max_iter:
-                    warnings.warn("Stochastic Optimizer: Maximum iterations (%d) reached and the optimization "
-                                  "hasn't converged yet." % self.max_iter, ConvergenceWarning)
         except KeyboardInterrupt:
             warnings.warn("Training interrupted by user.")
         finally:
@@ -377,40 +370,80 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
             trainer = self._trainer = Trainer(self._net, self._opt, reduction="mean")
         return trainer
 
-    def _epoch(self, run):
-        """One epoch of mini-batches in order (``run``'s rows); returns sklearn's loss_ of the epoch."""
-        alpha = float(self.alpha)
-        views = [w.detach().numpy().reshape(-1) for w in self._net._weights_biases()[0]]  # live, no copies
-        sq = _sum_sq(views) if alpha else 0.0
+    def _epoch(self, run, j):
+        """Epoch ``j`` of ``run``'s block: its mini-batches in order (the rows ``run.order(j)`` lists, or the
+        data's own order without shuffling), their losses into ``run.losses``; returns the epoch's L2 part of
+        sklearn's loss (times n)."""
+        alpha = run.alpha
         l2_loss = 0.0
-        trainer = self._get_trainer()
-        wgroup, groups = self._opt.param_groups[0], self._opt.param_groups
-        step = 0  # steps of this epoch taken
-        for rows, steps in run.segments:
-            wgroup["weight_decay"] = 2.0 * alpha / (self.n_outputs_ * rows)
-            done = 0
-            while done < steps:
-                take = min(steps - done, _MAX_STEPS_PER_CALL)
-                if self.solver == "adam":
-                    take, eps = self._adam_chunk(take)
+        groups, wgroup = self._opt.param_groups, self._opt.param_groups[0]
+        adam_chunk = self._adam_chunk if self.solver == "adam" else None
+        x, y, order, bs, done, call, n = run.x, run.y, run.order(j), run.batch_size, run.done, run.call, run.n
+        losses_of, views = run.loss_slice, run.views
+        n_out = self.n_outputs_
+        base = j * run.steps  # this epoch's first loss in run.losses
+        for first, rows, steps in run.segments:
+            wgroup["weight_decay"] = 2.0 * alpha / (n_out * rows)
+            step, end = first, first + steps
+            while step < end:
+                take = min(end - step, _MAX_STEPS_PER_CALL)
+                if adam_chunk is not None:
+                    take, eps = adam_chunk(take)
                     for g in groups:
                         g["eps"] = eps
-                # Trainer.fit(x, y, take, batch_size=rows, shuffle=False) on the call's rows, without
-                # fit()'s per-call checks and call sizing (the rows are contiguous slices of checked tensors)
-                x, y, losses = run.call(step, take)
-                run.done.zero_()
-                trainer._run("fusedgrad.sklearn.MLPRegressor.fit", x, y, take, 0, rows, None, losses, run.done)
+                # Trainer.fit(x, y, take, batch_size=bs, shuffle=False) on the epoch's rows from its step
+                # `step`, without fit()'s per-call checks and call sizing (x, y were checked once)
+                losses = losses_of(base + step, take)
+                if order is not None and take * bs * _GATHER_BELOW < n:
+                    # a few rows of a long epoch: gathered here, cheaper than the kernel's check of the order
+                    xs, ys = run.gather(order, step, take)
+                    call(xs, ys, take, 0, bs, None, losses, done)
+                else:
+                    call(x, y, take, step, bs, order, losses, done)
                 self._adam_t += take
                 if alpha:
                     # sum over the call's steps of ||W||² before each step, W² interpolated linearly
                     # between the call's ends (exact for one step)
-                    sq_after = _sum_sq(views)
+                    sq, sq_after = run.sq, _sum_sq(views)
                     l2_loss += 0.5 * alpha * (take * sq + 0.5 * (take - 1) * (sq_after - sq))
-                    sq = sq_after
-                done += take
+                    run.sq = sq_after
                 step += take
-        # the data part: 0.5 · (each step's mean squared error) · its rows, summed
-        return (0.5 * float(run.losses.mul(run.weights).sum()) + l2_loss) / run.n
+        return l2_loss
+
+    def _epochs_end(self, run, l2, X_val, y_val, incremental):
+        """sklearn's end of each epoch of a block, in order, for the ``len(l2)`` completed ones: loss_,
+        loss_curve_, n_iter_, t_, the stopping rule and the learning-rate schedule. True: stop."""
+        if not l2:
+            return False
+        k = len(l2)
+        # the data part: 0.5 · (each step's mean squared error) · its rows, added step by step in float64
+        data = np.cumsum(run.losses.numpy()[:k * run.steps].reshape(k, run.steps).astype(np.float64) * run.weights,
+                         axis=1)[:, -1]
+        for j in range(k):
+            self.loss_ = float((0.5 * data[j] + l2[j]) / run.n)
+            self.n_iter_ += 1
+            self.t_ += run.n
+            self.loss_curve_.append(self.loss_)
+            if self.verbose:
+                print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
+            self._update_no_improvement_count(X_val, y_val)
+            self._iteration_ends()
+            if self._no_improvement_count > self.n_iter_no_change:
+                if self.early_stopping:
+                    msg = ("Validation score did not improve more than tol=%f for %d consecutive epochs."
+                           % (self.tol, self.n_iter_no_change))
+                else:
+                    msg = ("Training loss did not improve more than tol=%f for %d consecutive epochs."
+                           % (self.tol, self.n_iter_no_change))
+                if self._trigger_stopping(msg):
+                    if j != k - 1:  # block_epochs rules this out
+                        raise AssertionError("fusedgrad.sklearn: internal: the stopping rule stopped inside a block")
+                    return True
+                self._no_improvement_count = 0
+            if not incremental and self.n_iter_ == self.max_iter:
+                warnings.warn("Stochastic Optimizer: Maximum iterations (%d) reached and the optimization "
+                              "hasn't converged yet." % self.max_iter, ConvergenceWarning)
+        return False
 
     def _adam_chunk(self, steps):
         """How many of the next ``steps`` Adam steps one call takes, and the torch eps for them."""
@@ -504,30 +537,66 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
 
 
 class _EpochRunner:
-    """An epoch's calls over fixed row buffers: the step layout (full batches, then the remainder),
-    a loss per step, and each call's row slices, made once per fit and reused every epoch."""
+    """A fit's epochs: the step layout (full batches, then the remainder), the buffers of a block of
+    epochs (the rows' order, a loss per step), the weights' live numpy views, and the trainer's call,
+    made once per fit and reused by every epoch."""
 
-    def __init__(self, x, y, batch_size):
+    def __init__(self, est, x, y, batch_size, incremental):
         self.x, self.y, self.n, self.batch_size = x, y, x.shape[0], batch_size
         full, rest = divmod(self.n, batch_size)
         self.full = full
-        self.segments = ([(batch_size, full)] if full else []) + ([(rest, 1)] if rest else [])
-        steps = full + (1 if rest else 0)
-        self.losses = torch.zeros(steps, dtype=x.dtype)
-        self.weights = torch.tensor([batch_size] * full + ([rest] if rest else []), dtype=x.dtype)
+        # (first step, rows per step, steps) of each part of an epoch
+        self.segments = ([(0, batch_size, full)] if full else []) + ([(full, rest, 1)] if rest else [])
+        self.steps = full + (1 if rest else 0)
+        self.weights = np.array([batch_size] * full + ([rest] if rest else []), dtype=np.float64)
+        self.max_block = 1 if (incremental or est.early_stopping or (est.solver == "sgd"
+                                                                     and est.learning_rate == "invscaling")) \
+            else max(1, min(_MAX_BLOCK_EPOCHS, _MAX_BLOCK_ROWS // self.n))
+        self.max_block = max(1, min(self.max_block, est.max_iter))
+        self.losses = torch.zeros(self.max_block * self.steps, dtype=x.dtype)
+        self.order_np = np.empty(self.max_block * self.n if est.shuffle else 0, dtype=np.int64)
+        self._order = torch.from_numpy(self.order_np)
+        self._orders = {}
+        self._loss_slices = {}
+        self._gather = None
         self.done = torch.zeros(1, dtype=torch.int64)
-        self._slices = {}
+        self.alpha = float(est.alpha)
+        self.views = [w.detach().numpy().reshape(-1) for w in est._net._weights_biases()[0]]  # live, no copies
+        self.sq = _sum_sq(self.views) if self.alpha else 0.0
+        self.call = est._get_trainer()._runner("fusedgrad.sklearn.MLPRegressor.fit")
 
-    def call(self, step, take):
-        """(x, y, losses) of ``take`` steps from the epoch's step ``step``."""
-        key = (step, take)
-        out = self._slices.get(key)
+    def block_epochs(self, est):
+        """How many epochs the next block runs: up to the first at which the stopping rule can act."""
+        return max(1, min(self.max_block, est.max_iter - est.n_iter_,
+                          est.n_iter_no_change + 1 - est._no_improvement_count))
+
+    def order(self, j):
+        """The row order of the block's epoch ``j`` (None without shuffling: the rows in order)."""
+        if not self.order_np.size:
+            return None
+        out = self._orders.get(j)
         if out is None:
-            a = min(step, self.full) * self.batch_size + max(0, step - self.full) * (self.n - self.full * self.batch_size)
-            b = min(step + take, self.full) * self.batch_size + max(0, step + take - self.full) * (
-                self.n - self.full * self.batch_size)
-            out = self._slices[key] = (self.x[a:b], self.y[a:b], self.losses[step:step + take])
+            out = self._orders[j] = self._order[j * self.n:(j + 1) * self.n]
         return out
+
+    def loss_slice(self, start, take):
+        key = (start, take)
+        out = self._loss_slices.get(key)
+        if out is None:
+            out = self._loss_slices[key] = self.losses[start:start + take]
+        return out
+
+    def gather(self, order, step, take):
+        """The rows of ``take`` steps from ``step`` copied in order into a scratch buffer."""
+        rows = min(take * self.batch_size, self.n - step * self.batch_size)
+        if self._gather is None or self._gather[0].shape[0] < rows:
+            self._gather = (torch.empty((rows, self.x.shape[1]), dtype=self.x.dtype),
+                            torch.empty((rows, self.y.shape[1]), dtype=self.y.dtype))
+        idx = order[step * self.batch_size:step * self.batch_size + rows]
+        xs, ys = self._gather[0][:rows], self._gather[1][:rows]
+        torch.index_select(self.x, 0, idx, out=xs)
+        torch.index_select(self.y, 0, idx, out=ys)
+        return xs, ys
 
 
 def _as_tensor(a, dtype):
@@ -540,4 +609,4 @@ def _as_tensor(a, dtype):
 
 def _sum_sq(views):
     """sum ||W||² over numpy views of the weights (np.dot in their dtype, as sklearn computes it)."""
-    return float(sum(np.dot(v, v) for v in views))
+    return float(sum(map(np.dot, views, views)))

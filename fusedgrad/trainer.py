@@ -347,6 +347,29 @@ class Trainer:
                        self.reduction == "mean", self.model_lr_scale, losses, done, self._activation())
         self._after_run(params, grads, rules)
 
+    def _runner(self, fn):
+        """Private (fusedgrad.sklearn's epochs): a function ``run(x, target, steps, first_step, batch_size, order,
+        losses, done)`` that does what ``_run(fn, ...)`` does, for a caller that makes many calls with data it
+        prepared as :meth:`_data` returns it, on this trainer's net and optimizer (neither replaced between
+        the calls). The lookups that cannot change between such calls are made once here: the kernel path
+        (:meth:`_deep`), the parameter tuple and the flags; the optimizer's groups and state are still read
+        at every call, and a call the C++ fast route declines takes :meth:`_run`."""
+        if self._deep() or not self._fast_step:
+            run_ = self._run
+
+            def run(x, target, steps, first_step, batch_size, order, losses, done):
+                run_(fn, x, target, steps, first_step, batch_size, order, losses, done)
+            return run
+        fast, opt, params = _C.train_steps_fast, self.optimizer, self.net._params()
+        mean, scale, adam, adamw, act = (self.reduction == "mean", self.model_lr_scale, self._adam, self._adamw,
+                                         self._activation())
+
+        def run(x, target, steps, first_step, batch_size, order, losses, done):
+            if not fast(opt, params, x, target, batch_size, order, first_step, steps, mean, scale, adam, adamw,
+                        losses, done, act):
+                self._run(fn, x, target, steps, first_step, batch_size, order, losses, done)
+        return run
+
     def _after_run(self, params, grads, rules):
         # The gradients are the parameters' own .grad; a momentum buffer created
         # for this call becomes the optimizer's (as torch.optim.SGD stores it).

@@ -151,6 +151,77 @@ def test_early_stopping_as_sklearn():
     assert rel_diff(sk, fu) < ADAM_TOL
 
 
+def fitted_state(est):
+    """Everything a fit leaves that the epoch blocks could change."""
+    return dict(coefs=[c.copy() for c in est.coefs_ + est.intercepts_], loss_curve=list(est.loss_curve_),
+                n_iter=est.n_iter_, t=est.t_, loss=est.loss_, best_loss=est.best_loss_,
+                count=est._no_improvement_count, lr=est._lr, adam_t=est._adam_t,
+                rng=est._random_state.get_state()[1].copy(),
+                opt=[(k, v.clone()) for s in est._opt.state.values() for k, v in s.items()])
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if key in ("coefs", "opt"):
+            assert len(a[key]) == len(b[key])
+            for u, v in zip(a[key], b[key]):
+                u, v = (u[1], v[1]) if key == "opt" else (u, v)
+                assert (torch.equal(u, v) if key == "opt" else np.array_equal(u, v)), key
+        elif key == "rng":
+            assert np.array_equal(a[key], b[key])
+        else:
+            assert a[key] == b[key], (key, a[key], b[key])
+
+
+BLOCK_CASES = {
+    # the stopping rule stops (Adam; n_iter_no_change 2: blocks of 3, then shorter)
+    "adam-stops": dict(solver="adam", tol=0.05, n_iter_no_change=2, learning_rate_init=0.02),
+    # never stops: one block of max_iter epochs
+    "adam-no-stop": dict(solver="adam", tol=0.0, n_iter_no_change=10 ** 9, alpha=0.01),
+    # the learning rate drops (/5) at block ends, then stops
+    "sgd-adaptive": dict(solver="sgd", learning_rate="adaptive", tol=0.05, n_iter_no_change=2,
+                         learning_rate_init=0.05),
+    "sgd-constant-no-shuffle": dict(solver="sgd", shuffle=False, tol=0.01, n_iter_no_change=1),
+    "sgd-invscaling": dict(solver="sgd", learning_rate="invscaling", tol=0.05, n_iter_no_change=2),
+    "early-stopping": dict(solver="adam", early_stopping=True, n_iter_no_change=2, learning_rate_init=0.02),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", sorted(BLOCK_CASES))
+def test_epoch_blocks_equal_epoch_by_epoch(case, dtype, monkeypatch, capsys):
+    """Epochs run in blocks (the stopping rule read after each block) give the bits of the epoch-by-epoch
+    loop (_MAX_BLOCK_EPOCHS = 1): weights, losses, stop epoch, learning rate, optimizer state, the random
+    state's draws and the verbose output; with warm_start, which continues the no-improvement count. Calls
+    that gather their rows give the bits of calls that hand the kernel the row order."""
+    rng = np.random.RandomState(7)
+    X = rng.randn(157, 4)
+    y = np.sin(X[:, 0]) + X[:, 1] * X[:, 2]
+    params = dict(hidden_layer_sizes=(7, 5), activation="tanh", batch_size=24, max_iter=60, random_state=0,
+                  dtype=dtype, verbose=True, **BLOCK_CASES[case])
+
+    def run():
+        est = MLPRegressor(**params).fit(X, y)
+        first = fitted_state(est)
+        est.set_params(warm_start=True, max_iter=9).fit(X, y)
+        return first, fitted_state(est), capsys.readouterr().out
+
+    blocks = run()
+    monkeypatch.setattr(fsk, "_MAX_BLOCK_EPOCHS", 1)
+    by_epoch = run()
+    monkeypatch.setattr(fsk, "_GATHER_BELOW", 0)  # every shuffled call gathers its rows
+    gathered = run()
+    for other in (by_epoch, gathered):
+        assert_same_state(blocks[0], other[0])
+        assert_same_state(blocks[1], other[1])
+        assert blocks[2] == other[2]
+    if case in ("adam-stops", "sgd-adaptive", "sgd-constant-no-shuffle", "early-stopping"):
+        assert blocks[0]["n_iter"] < 60  # the rule stopped the fit
+    if case == "sgd-adaptive":
+        assert blocks[0]["lr"] < params["learning_rate_init"]
+
+
 @settings(max_examples=12, deadline=None)
 @given(n=st.integers(2, 80), d=st.integers(1, 6), o=st.integers(1, 3),
        hidden=st.lists(st.integers(1, 12), min_size=1, max_size=3), batch=st.integers(1, 80),
