@@ -8,10 +8,12 @@ optimizer. ``trainer.step(x, y)`` does exactly what ::
 
 does, and ``trainer.fit(x, y, steps)`` runs many such steps in C++ with the
 GIL released. The optimizer stays the single source of truth: its
-``param_groups`` (lr, betas, ...) and ``state`` (step, exp_avg, exp_avg_sq,
-max_exp_avg_sq, momentum_buffer) are read at every call and updated in place,
-so plain ``opt.step()``, ``opt.state_dict()`` / ``load_state_dict()`` and LR
-schedulers keep working between calls. The kernels are in csrc/trainer/.
+``param_groups`` (lr, betas, ...) and ``state`` (step, exp_avg, square_avg,
+sum, momentum_buffer, ...) are read at every call and updated in place, so
+plain ``opt.step()``, ``opt.state_dict()`` / ``load_state_dict()`` and LR
+schedulers keep working between calls. The optimizers it runs (SGD, Adam,
+AdamW, RMSprop, Adagrad) are described once each, in csrc/trainer/optimizers.h
+and fusedgrad/_optimizers.py; the kernels are in csrc/trainer/.
 """
 from __future__ import annotations
 
@@ -23,41 +25,17 @@ import torch
 
 from . import _C, _compat
 from ._hooks import grad_hook_flags, grad_hooks
+from ._optimizers import description_of, prepare_state
 
 if TYPE_CHECKING:
     from .ensemble import FusedMLPEnsemble
     from .module import FusedMLP
 
 _PARAM_NAMES = ("w1", "b1", "w2", "b2")
-# Groups options each optimizer class has, and what the fused update supports.
-_REFUSED_TRUE = ("capturable", "differentiable")
 _DTYPES = (torch.float32, torch.float64)
 # Seconds of work per C++ call in fit(): small enough that Ctrl-C, progress and
 # callbacks respond promptly, large enough that the Python between calls is noise.
 _CALL_SECONDS = 0.05
-
-
-def _kind_of(optimizer):
-    # Exact classes: a subclass may override step() with another update.
-    if type(optimizer) is torch.optim.SGD:
-        return "sgd"
-    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
-        return "adam"
-    raise TypeError(
-        "fusedgrad.Trainer: argument 'optimizer' must be a torch.optim.SGD, Adam or AdamW, "
-        f"got {type(optimizer).__module__}.{type(optimizer).__qualname__}")
-
-
-def _scalar(fn, group_index, key, value):
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{fn}: param_groups[{group_index}]['{key}'] must be a number or a one-element "
-                             f"tensor, got a tensor of shape {tuple(value.shape)}")
-        if value.requires_grad:
-            raise ValueError(f"{fn}: param_groups[{group_index}]['{key}'] requires grad (differentiable "
-                             "optimizer options are not supported)")
-        return float(value.item())
-    return float(value)
 
 
 class Trainer:
@@ -65,11 +43,12 @@ class Trainer:
 
     Args:
         net: a :class:`~fusedgrad.FusedMLP`, or a :class:`~fusedgrad.FusedMLPEnsemble` of K models
-            (its stacked parameters, one optimizer over them: Adam, AdamW and SGD are element-wise,
-            so this is exactly K independent optimizers).
-        optimizer: ``torch.optim.SGD``, ``Adam`` or ``AdamW`` built on ``net``'s parameters, with any
-            options those classes take (``foreach`` / ``fused`` settings are accepted: they compute
-            the same formulas) except ``capturable=True`` and ``differentiable=True``. Several param
+            (its stacked parameters, one optimizer over them: SGD, Adam, AdamW, RMSprop and Adagrad are
+            element-wise, so this is exactly K independent optimizers).
+        optimizer: ``torch.optim.SGD``, ``Adam``, ``AdamW``, ``RMSprop`` or ``Adagrad`` built on ``net``'s
+            parameters, with any options those classes take (``foreach`` / ``fused`` settings are
+            accepted: they compute the same formulas) except ``capturable=True`` and
+            ``differentiable=True``. Several param
             groups with different options are fine. Each of ``net``'s parameters must be in it
             exactly once, require grad and have no gradient hooks, and it must hold no other
             parameter.
@@ -96,7 +75,7 @@ class Trainer:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"{fn}: argument 'optimizer' must be a torch.optim optimizer, got "
                             f"{type(optimizer).__qualname__}")
-        _kind_of(optimizer)
+        description_of(fn, optimizer)
         if reduction not in ("mean", "sum"):
             raise ValueError(f"{fn}: argument 'reduction' must be 'mean' or 'sum', got {reduction!r}")
         self.net = net
@@ -105,9 +84,7 @@ class Trainer:
         self.num_models = net.num_models if is_ensemble(net) else 1
         self._ensemble = is_ensemble(net)
         self._membership_key, self._membership_value = None, None
-        self._kind = _kind_of(optimizer)
-        self._adam = self._kind == "adam"
-        self._adamw = type(optimizer) is torch.optim.AdamW
+        self._description = description_of(fn, optimizer)
         self._fast_step = True  # tests turn it off to compare the two routes
         self._engine_key, self._engine_value = None, False  # _deep()'s cache
         self.model_lr_scale = None
@@ -122,7 +99,9 @@ class Trainer:
             if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
                 raise ValueError(f"{fn}: argument 'model_lr_scale' must hold finite, non-negative factors")
             self.model_lr_scale = scale.detach().to(dtype=torch.float64, device="cpu").contiguous()
-        self._prepare("fusedgrad.Trainer")  # refuse a bad setup now, not at the first step
+        # Refuse a bad setup now, not at the first step: what the steps will read, read once.
+        params, _ = self._prepare(fn)
+        _C.read_optimizer(fn, optimizer, self._description.name, params, self._pnames())
 
     # ------------------------------------------------------------------ setup, read at every call
     def _params(self):
@@ -170,9 +149,11 @@ class Trainer:
         return value
 
     def _prepare(self, fn):
-        """The parameters, their .grad buffers and update rules, read from the optimizer now."""
+        """The parameters and their .grad buffers, with the optimizer state torch.optim would have
+        made before this step (fusedgrad/_optimizers.py); the optimizer itself is read in C++
+        (csrc/trainer/binding_helpers.h), which raises what is wrong with its options or state."""
         opt = self.optimizer
-        kind = _kind_of(opt)
+        d = description_of(fn, opt)
         if _compat.optimizer_step_hooks(opt):
             raise RuntimeError(f"{fn}: the optimizer has step hooks (register_step_pre_hook / "
                              "register_step_post_hook, or global optimizer hooks), which opt.step() runs and the "
@@ -184,12 +165,10 @@ class Trainer:
         params = self._params()
         groups = opt.param_groups
         membership = self._membership(fn, params, groups)
-        group_rules = {}
-        grads, rules = [], []
+        grads = []
         for name, p, gi in zip(self._names(), params, membership):
             if p is None:
                 grads.append(None)
-                rules.append(None)
                 continue
             if not p.requires_grad or not p.is_leaf or p.dtype not in _DTYPES or p.device.type != "cpu" \
                     or not p.is_contiguous() or grad_hook_flags(p):
@@ -199,11 +178,8 @@ class Trainer:
                 # What backward() would leave after zero_grad(): a fresh gradient of p's layout.
                 g = torch.empty_like(p, memory_format=torch.contiguous_format)
             grads.append(g)
-            rule = group_rules.get(gi)
-            if rule is None:
-                rule = group_rules[gi] = self._group_rule(fn, kind, gi, groups[gi])
-            rules.append(self._param_rule(fn, kind, rule, groups[gi], name, p))
-        return params, grads, rules
+            prepare_state(d, opt, groups[gi], p)
+        return params, grads
 
     def _refuse_param(self, fn, name, p):
         pname = self._pname(name)
@@ -228,63 +204,15 @@ class Trainer:
         names = getattr(self.net, "_param_names", None)
         return names() if names is not None else _PARAM_NAMES
 
+    def _pnames(self):
+        return [self._pname(n) for n in self._names()]
+
     def _pname(self, name):
         if name not in _PARAM_NAMES:
             return name
         if self._ensemble:
             return {"w1": "weight1", "b1": "bias1", "w2": "weight2", "b2": "bias2"}[name]
         return {"w1": "linear1.weight", "b1": "linear1.bias", "w2": "linear2.weight", "b2": "linear2.bias"}[name]
-
-    def _group_rule(self, fn, kind, gi, group):
-        """The update rule's options from param_groups[gi]: the first 12 fields of csrc/trainer's tuple."""
-        for key in _REFUSED_TRUE:
-            if group.get(key, False):
-                raise ValueError(f"{fn}: param_groups[{gi}] has {key}=True, which the fused trainer does not "
-                                 "support; train with opt.step()")
-        lr = _scalar(fn, gi, "lr", group["lr"])
-        wd = _scalar(fn, gi, "weight_decay", group.get("weight_decay", 0.0))
-        maximize = bool(group.get("maximize", False))
-        if kind == "sgd":
-            momentum = _scalar(fn, gi, "momentum", group.get("momentum", 0.0))
-            dampening = _scalar(fn, gi, "dampening", group.get("dampening", 0.0))
-            nesterov = bool(group.get("nesterov", False))
-            return ("sgd", lr, wd, maximize, momentum, dampening, nesterov, 0.0, 0.0, 0.0, False, False)
-        beta1 = _scalar(fn, gi, "betas[0]", group["betas"][0])
-        beta2 = _scalar(fn, gi, "betas[1]", group["betas"][1])
-        eps = _scalar(fn, gi, "eps", group["eps"])
-        amsgrad = bool(group.get("amsgrad", False))
-        decoupled = bool(group.get("decoupled_weight_decay", type(self.optimizer) is torch.optim.AdamW))
-        return ("adam", lr, wd, maximize, 0.0, 0.0, False, beta1, beta2, eps, amsgrad, decoupled)
-
-    def _param_rule(self, fn, kind, rule, group, name, p):
-        """The group's rule plus this parameter's optimizer state (created as torch.optim would)."""
-        state = self.optimizer.state[p]
-        if kind == "sgd":
-            buf, fresh = None, False
-            if rule[4] != 0:  # momentum
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf, fresh = torch.zeros_like(p, memory_format=torch.contiguous_format), True
-                elif not (buf.is_contiguous() and buf.shape == p.shape and buf.dtype == p.dtype):
-                    raise RuntimeError(f"{fn}: the optimizer's momentum_buffer of '{self._pname(name)}' must be a "
-                                     f"contiguous {p.dtype} tensor of shape {tuple(p.shape)}")
-            return rule + (None, buf, None, None, fresh, False)
-        amsgrad = rule[10]
-        if len(state) == 0:
-            _init_adam_state(state, p, group, amsgrad)
-        step = state.get("step")
-        if not isinstance(step, torch.Tensor):
-            # torch.optim converts a float step (old state dicts) to a tensor the same way.
-            state["step"] = step = torch.tensor(float(step or 0.0), dtype=_scalar_dtype(group))
-        if amsgrad and "max_exp_avg_sq" not in state:
-            raise RuntimeError(f"{fn}: amsgrad=True but the optimizer state of '{self._pname(name)}' has no "
-                             "'max_exp_avg_sq' (it was created with amsgrad=False)")
-        # Adam's single-tensor update divides a float32 tensor lr by its bias correction in
-        # float32 (step size and decoupled decay then carry float32 rounding); emulate that.
-        lr = group["lr"]
-        lr_f32 = isinstance(lr, torch.Tensor) and lr.dtype == torch.float32 and not group.get("fused")
-        return rule + (step, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq") if amsgrad else None,
-                       False, lr_f32)
 
     def _data(self, fn, x, target):
         """x and target as the contiguous 2-D (or per-model 3-D) matrices the kernels read."""
@@ -330,33 +258,30 @@ class Trainer:
     def _run(self, fn, x, target, steps, first_step=0, batch_size=0, order=None, losses=None, done=None):
         # fit()'s calls in the common case read the optimizer in C++ (as step() does); anything
         # else (e.g. a first step, before the optimizer has state) takes the route below.
+        name = self._description.name
         if self._deep():
-            params, grads, rules = self._prepare(fn)
-            _C.deep_train_steps(fn, params, grads, rules, self._names(), x, target, batch_size, order, first_step,
-                                steps, self.reduction == "mean", self.model_lr_scale, losses, done,
-                                self._activation(), self.num_models if self._ensemble else 0)
-            self._after_run(params, grads, rules)
+            params, grads = self._prepare(fn)
+            _C.deep_train_steps(fn, self.optimizer, name, params, grads, self._pnames(), x, target, batch_size,
+                                order, first_step, steps, self.reduction == "mean", self.model_lr_scale, losses,
+                                done, self._activation(), self.num_models if self._ensemble else 0)
+            self._after_run(params, grads)
             return
         if self._fast_step and done is not None and _C.train_steps_fast(
-                self.optimizer, self.net._params(), x, target, batch_size, order, first_step, steps,
-                self.reduction == "mean", self.model_lr_scale, self._adam, self._adamw, losses, done,
-                self._activation()):
+                self.optimizer, name, self.net._params(), x, target, batch_size, order, first_step, steps,
+                self.reduction == "mean", self.model_lr_scale, losses, done, self._activation()):
             return
-        params, grads, rules = self._prepare(fn)
-        _C.train_steps(fn, params, grads, rules, x, target, batch_size, order, first_step, steps,
-                       self.reduction == "mean", self.model_lr_scale, losses, done, self._activation())
-        self._after_run(params, grads, rules)
+        params, grads = self._prepare(fn)
+        _C.train_steps(fn, self.optimizer, name, params, grads, self._pnames(), x, target, batch_size, order,
+                       first_step, steps, self.reduction == "mean", self.model_lr_scale, losses, done,
+                       self._activation())
+        self._after_run(params, grads)
 
-    def _after_run(self, params, grads, rules):
-        # The gradients are the parameters' own .grad; a momentum buffer created
-        # for this call becomes the optimizer's (as torch.optim.SGD stores it).
-        for p, g, rule in zip(params, grads, rules):
-            if p is None:
-                continue
-            if p.grad is not g:
+    def _after_run(self, params, grads):
+        # The gradients are the parameters' own .grad (a state tensor the first gradient
+        # filled, SGD's momentum buffer, the C++ side stored in the optimizer's state).
+        for p, g in zip(params, grads):
+            if p is not None and p.grad is not g:
                 p.grad = g
-            if rule[0] == "sgd" and rule[4] != 0 and rule[16]:
-                self.optimizer.state[p]["momentum_buffer"] = rule[13]
         # What an LR scheduler's wrapper of optimizer.step() records; without it a scheduler
         # stepped after fused steps would warn that the optimizer never stepped.
         _compat.mark_stepped(self.optimizer)
@@ -378,8 +303,8 @@ class Trainer:
         # before writing anything: an error after the update began is raised, never rerun here
         # (a rerun would apply the step twice; tests/test_no_double_update.py).
         if self._fast_step and not self._deep():
-            loss = _C.train_step_fast(self.optimizer, self.net._params(), x, target, self.reduction == "mean",
-                                      self.model_lr_scale, self._adam, self._adamw, self._activation())
+            loss = _C.train_step_fast(self.optimizer, self._description.name, self.net._params(), x, target,
+                                      self.reduction == "mean", self.model_lr_scale, self._activation())
             if loss is not None:
                 return loss
         fn = "fusedgrad.Trainer.step"
@@ -492,23 +417,6 @@ def is_ensemble(net: object) -> bool:
     except ImportError:  # built without the ensemble module
         return False
     return isinstance(net, FusedMLPEnsemble)
-
-
-def _scalar_dtype(group):
-    # torch.optim.optimizer._get_scalar_dtype: the fused kernels keep step in float32.
-    if group.get("fused"):
-        return torch.float32
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def _init_adam_state(state, p, group, amsgrad):
-    """The state torch.optim.Adam creates at a parameter's first step."""
-    device = p.device if group.get("capturable") or group.get("fused") else None
-    state["step"] = torch.zeros((), dtype=_scalar_dtype(group), device=device)
-    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    if amsgrad:
-        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def _loss_text(loss):

@@ -465,8 +465,9 @@ def test_refused_optimizers():
     class MyAdam(torch.optim.Adam):
         pass
 
-    _expect(TypeError, r"fusedgrad\.Trainer: argument 'optimizer' must be a torch\.optim\.SGD, Adam or AdamW, got "
-            r"torch\.optim\.rmsprop\.RMSprop", fusedgrad.Trainer, net, torch.optim.RMSprop(net.parameters()))
+    _expect(TypeError, r"fusedgrad\.Trainer: argument 'optimizer' must be a torch\.optim\.SGD, Adam, AdamW, RMSprop "
+            r"or Adagrad, got torch\.optim\.adadelta\.Adadelta", fusedgrad.Trainer, net,
+            torch.optim.Adadelta(net.parameters()))
     _expect(TypeError, "got .*MyAdam", fusedgrad.Trainer, net, MyAdam(net.parameters()))
     _expect(ValueError, r"param_groups\[0\] has capturable=True", fusedgrad.Trainer, net,
             torch.optim.Adam(net.parameters(), capturable=True))
