@@ -46,17 +46,16 @@ struct Reader {
 };
 
 // The tensors a read made from the first gradient (SGD's momentum buffer): stored
-// in optimizer.state[param] after the run, as torch.optim stores them.
+// in optimizer.state[param] after the run, as torch.optim stores them. Storing runs
+// no Python code (a str key into the parameter's state dict, which the read made
+// sure exists), so a pending Ctrl-C cannot come between a step and its state.
 struct Created {
-  PyObject* opt_state = nullptr;  // borrowed: the optimizer (held by the caller) holds it
-  std::vector<std::tuple<PyObject*, const char*, at::Tensor>> tensors;  // param, key, tensor
+  std::vector<std::tuple<pybind11::object, PyObject*, at::Tensor>> tensors;  // state dict, key (interned), tensor
 
   void store() const {  // with the GIL
-    for (const auto& [param, key, tensor] : tensors) {
-      pybind11::object st = pybind11::reinterpret_steal<pybind11::object>(PyObject_GetItem(opt_state, param));
-      if (!st) throw pybind11::error_already_set();  // opt.state is a defaultdict: this creates the entry
+    for (const auto& [dict, key, tensor] : tensors) {
       pybind11::object t = pybind11::reinterpret_steal<pybind11::object>(compat::wrap(tensor));
-      if (PyObject_SetItem(st.ptr(), pybind11::str(key).ptr(), t.ptr()) != 0) throw pybind11::error_already_set();
+      if (!t || PyDict_SetItem(dict.ptr(), key, t.ptr()) != 0) throw pybind11::error_already_set();
     }
   }
 };
@@ -196,9 +195,15 @@ bool read_state(const Reader& r, const D& d, PyObject* opt_state, PyObject* para
     }
     if constexpr (D::kFirstGradientFillsState) {
       if (!v || v == Py_None) {
+        if (!ps) {  // optimizer.state[param]: the defaultdict makes the entry (torch.optim's step does too)
+          pybind11::object made = pybind11::reinterpret_steal<pybind11::object>(PyObject_GetItem(opt_state, param));
+          if (!made) throw pybind11::error_already_set();
+          ps = made.ptr();  // held by opt_state
+          if (!PyDict_Check(ps)) return r.type_error("the optimizer state of '", pname, "' is not a dict");
+        }
         st.state[i] = at::empty_like(p, at::MemoryFormat::Contiguous);
         st.fresh = true;
-        created.tensors.emplace_back(param, D::kState[i], st.state[i]);
+        created.tensors.emplace_back(pybind11::reinterpret_borrow<pybind11::object>(ps), keys[i], st.state[i]);
         continue;
       }
     }
@@ -239,7 +244,6 @@ inline bool read_optimizer(const Reader& r, PyObject* opt, const std::string& na
   PyObject* groups = groups_obj.ptr();
   PyObject* state = state_obj.ptr();
   if (!PyList_Check(groups) || !PyDict_Check(state)) return r.type_error("the optimizer's param_groups or state is odd");
-  created.opt_state = state;
   // Each parameter's group, found by identity; the optimizer holds exactly the model's parameters.
   Py_ssize_t held = 0, present = 0;
   for (Py_ssize_t gi = 0; gi < PyList_GET_SIZE(groups); ++gi) {

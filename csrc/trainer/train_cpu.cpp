@@ -369,6 +369,10 @@ struct Run {
   std::array<StatePtrs<T>, kNumParams> state{};  // the optimizer state tensors (optimizers.h: kState)
   std::array<int64_t, kNumParams> per_model{};   // elements of one model's slice
   std::array<double, kNumParams> step0{};        // step count before this call
+  std::array<double, kNumParams> lr{};           // the group's lr
+  // Whether parameter p's step terms are those of the previous parameter (the same options
+  // and step count: usually all four), decided once per call, not per step.
+  std::array<bool, kNumParams> same_terms_as_previous{};
   const T* x;
   const T* t;
   int64_t x_model_stride, t_model_stride;
@@ -391,6 +395,14 @@ struct Run {
                                                        : *st.step.data_ptr<double>();
       }
     }
+    int previous = -1;
+    for (int p = 0; p < kNumParams; ++p) {
+      if (!param[p]) continue;
+      lr[p] = optimizer_lr(c.state[p].rule);
+      same_terms_as_previous[p] =
+          previous >= 0 && step0[previous] == step0[p] && c.state[previous].rule == c.state[p].rule;
+      previous = p;
+    }
     x = c.x.data_ptr<T>();
     t = c.target.data_ptr<T>();
     x_model_stride = c.x.dim() == 3 ? d.N * d.D : 0;
@@ -403,10 +415,17 @@ struct Run {
         for (int p = 0; p < kNumParams; ++p) {
           if (!param[p]) continue;
           const double t = step0[p] + static_cast<double>(step + 1);
-          const int q = p - 1;  // the previous parameter's, where they share options and count
-          terms[step * kNumParams + p] = q >= 0 && param[q] && step0[q] == step0[p] && c.state[q].rule == c.state[p].rule
-              ? terms[step * kNumParams + q]
-              : step_terms(c.state[p].rule, t);
+          AnyTerms& here = terms[step * kNumParams + p];
+          if (same_terms_as_previous[p]) {
+            for (int q = p - 1; q >= 0; --q) {
+              if (param[q]) {
+                here = terms[step * kNumParams + q];
+                break;
+              }
+            }
+          } else {
+            here = step_terms(c.state[p].rule, t);
+          }
         }
       }
     }
@@ -462,8 +481,6 @@ struct Run {
     // The step's terms (Adam: two pow) once for the parameters that share their group's
     // options and step count — usually all four; an ensemble's models read those
     // computed once per step (`terms`).
-    const AnyOptimizer* last_rule = nullptr;
-    double last_t = 0;
     AnyTerms last;
     for (int p = 0; p < kNumParams; ++p) {
       if (!param[p]) continue;
@@ -474,15 +491,10 @@ struct Run {
       if (!terms.empty()) {
         cached = &terms[step * kNumParams + p];
       } else {
-        if (!(last_rule && t == last_t && *last_rule == st.rule)) {
-          last = step_terms(st.rule, t);
-          last_rule = &st.rule;
-          last_t = t;
-        }
+        if (!same_terms_as_previous[p]) last = step_terms(st.rule, t);
         cached = &last;
       }
-      const SliceUpdate u{&st.rule, cached, t, optimizer_lr(st.rule) * lr_scale, st.fresh && step == 0,
-                          (k1 - k0) * per_model[p]};
+      const SliceUpdate u{&st.rule, cached, t, lr[p] * lr_scale, st.fresh && step == 0, (k1 - k0) * per_model[p]};
       StatePtrs<T> sp{};
       for (int i = 0; i < kMaxState; ++i) sp[i] = state[p][i] ? state[p][i] + off : nullptr;
       update_kernel(grad[p] + off, param[p] + off, sp, u);
