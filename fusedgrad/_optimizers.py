@@ -12,6 +12,10 @@ description; ``fusedgrad._C.optimizer_descriptions()`` lists them.
 
 Adding an element-wise optimizer: its struct in csrc/trainer/optimizers.h (and
 its entry in ``AnyOptimizer``), its ``Description`` below, its tests.
+
+``torch.optim.LBFGS`` is described here too but is not element-wise (its dot
+products couple every parameter): it has its own C++ loop (csrc/trainer/lbfgs.cpp),
+for ``Trainer.fit`` on the full batch of one network.
 """
 from __future__ import annotations
 
@@ -71,6 +75,7 @@ class Description:
     # Makes parameter p's state as torch does before its first update, where it is empty;
     # None: the first gradient fills it (SGD's momentum buffer, made by the C++ reader).
     init_state: Optional[Callable[[torch.optim.Optimizer, dict, torch.Tensor, dict], None]]
+    elementwise: bool = True  # in the C++ registry; False: LBFGS
 
 
 DESCRIPTIONS = (
@@ -80,8 +85,9 @@ DESCRIPTIONS = (
     Description("rmsprop", (torch.optim.RMSprop,), _init_rmsprop),
     Description("adagrad", (torch.optim.Adagrad,), _init_adagrad),
 )
-_BY_CLASS = {cls: d for d in DESCRIPTIONS for cls in d.classes}
-SUPPORTED = "torch.optim.SGD, Adam, AdamW, RMSprop or Adagrad"
+LBFGS = Description("lbfgs", (torch.optim.LBFGS,), None, elementwise=False)
+_BY_CLASS = {cls: d for d in DESCRIPTIONS + (LBFGS,) for cls in d.classes}
+SUPPORTED = "torch.optim.SGD, Adam, AdamW, RMSprop, Adagrad or LBFGS"
 
 
 def description_of(fn: str, optimizer) -> Description:

@@ -48,7 +48,9 @@ class Trainer:
         optimizer: ``torch.optim.SGD``, ``Adam``, ``AdamW``, ``RMSprop`` or ``Adagrad`` built on ``net``'s
             parameters, with any options those classes take (``foreach`` / ``fused`` settings are
             accepted: they compute the same formulas) except ``capturable=True`` and
-            ``differentiable=True``. Several param
+            ``differentiable=True``; or ``torch.optim.LBFGS`` (any options, ``line_search_fn`` None or
+            ``"strong_wolfe"``) for a FusedMLP, full batch: each step is one ``opt.step(closure)``
+            with the whole iteration loop and line search in C++. Several param
             groups with different options are fine. Each of ``net``'s parameters must be in it
             exactly once, require grad and have no gradient hooks, and it must hold no other
             parameter.
@@ -85,6 +87,7 @@ class Trainer:
         self._ensemble = is_ensemble(net)
         self._membership_key, self._membership_value = None, None
         self._description = description_of(fn, optimizer)
+        self._lbfgs = not self._description.elementwise
         self._fast_step = True  # tests turn it off to compare the two routes
         self._engine_key, self._engine_value = None, False  # _deep()'s cache
         self.model_lr_scale = None
@@ -101,7 +104,14 @@ class Trainer:
             self.model_lr_scale = scale.detach().to(dtype=torch.float64, device="cpu").contiguous()
         # Refuse a bad setup now, not at the first step: what the steps will read, read once.
         params, _ = self._prepare(fn)
-        _C.read_optimizer(fn, optimizer, self._description.name, params, self._pnames())
+        if self._lbfgs:
+            if self._ensemble:
+                raise ValueError(f"{fn}: LBFGS over an ensemble's stacked parameters is one optimizer coupling "
+                                 "every model (its dot products are not element-wise); the fused trainer runs LBFGS "
+                                 "for a FusedMLP only — train the ensemble with opt.step(closure)")
+            self._lbfgs_options(fn)
+        else:
+            _C.read_optimizer(fn, optimizer, self._description.name, params, self._pnames())
 
     # ------------------------------------------------------------------ setup, read at every call
     def _params(self):
@@ -214,6 +224,42 @@ class Trainer:
             return {"w1": "weight1", "b1": "bias1", "w2": "weight2", "b2": "bias2"}[name]
         return {"w1": "linear1.weight", "b1": "linear1.bias", "w2": "linear2.weight", "b2": "linear2.bias"}[name]
 
+    def _lbfgs_options(self, fn):
+        """LBFGS's param group options (it has exactly one group), by name."""
+        groups = self.optimizer.param_groups
+        if len(groups) != 1:
+            raise ValueError(f"{fn}: LBFGS has exactly one param group, got {len(groups)}")
+        g = groups[0]
+        for key in ("capturable", "differentiable"):
+            if g.get(key, False):
+                raise ValueError(f"{fn}: param_groups[0] has {key}=True, which the fused trainer does not "
+                                 "support; train with opt.step()")
+        if g["line_search_fn"] not in (None, "strong_wolfe"):
+            raise ValueError(f"{fn}: LBFGS's line_search_fn must be None or 'strong_wolfe', got "
+                             f"{g['line_search_fn']!r}")
+        lr = g["lr"]
+        if isinstance(lr, torch.Tensor):
+            if lr.numel() != 1 or lr.requires_grad:
+                raise ValueError(f"{fn}: param_groups[0]['lr'] must be a number or a one-element tensor that "
+                                 "does not require grad")
+            lr = lr.item()
+        return {"lr": float(lr), "max_iter": int(g["max_iter"]), "max_eval": int(g["max_eval"]),
+                "tolerance_grad": float(g["tolerance_grad"]), "tolerance_change": float(g["tolerance_change"]),
+                "history_size": int(g["history_size"]), "strong_wolfe": g["line_search_fn"] == "strong_wolfe"}
+
+    def _run_lbfgs(self, fn, x, target, steps, losses, done):
+        """torch.optim.LBFGS's step(closure) `steps` times, full batch, in C++ (csrc/trainer/lbfgs.cpp);
+        its state, that of the group's first parameter, is read and written back there."""
+        params, grads = self._prepare(fn)
+        options = self._lbfgs_options(fn)
+        group_params = list(self.optimizer.param_groups[0]["params"])
+        where = {id(p): i for i, p in enumerate(params) if p is not None}
+        group_grads = [grads[where[id(p)]] for p in group_params]
+        state = self.optimizer.state[group_params[0]]
+        _C.lbfgs_steps(fn, state, group_params, group_grads, params, grads, x, target, steps,
+                       self.reduction == "mean", losses, done, self._activation(), **options)
+        self._after_run(params, grads)
+
     def _data(self, fn, x, target):
         """x and target as the contiguous 2-D (or per-model 3-D) matrices the kernels read."""
         for name, t in (("x", x), ("target", target)):
@@ -259,6 +305,11 @@ class Trainer:
         # fit()'s calls in the common case read the optimizer in C++ (as step() does); anything
         # else (e.g. a first step, before the optimizer has state) takes the route below.
         name = self._description.name
+        if self._lbfgs:
+            if batch_size:
+                raise ValueError(f"{fn}: LBFGS trains on the full batch: batch_size must be None")
+            self._run_lbfgs(fn, x, target, steps, losses, done)
+            return
         if self._deep():
             params, grads = self._prepare(fn)
             _C.deep_train_steps(fn, self.optimizer, name, params, grads, self._pnames(), x, target, batch_size,
@@ -302,7 +353,7 @@ class Trainer:
         # it declines (None) anything else, which the route below handles or refuses. It declines only
         # before writing anything: an error after the update began is raised, never rerun here
         # (a rerun would apply the step twice; tests/test_no_double_update.py).
-        if self._fast_step and not self._deep():
+        if self._fast_step and not self._lbfgs and not self._deep():
             loss = _C.train_step_fast(self.optimizer, self._description.name, self.net._params(), x, target,
                                       self.reduction == "mean", self.model_lr_scale, self._activation())
             if loss is not None:
@@ -402,6 +453,8 @@ class Trainer:
         Returns (steps per later call, steps taken by the first)."""
         rows = bs if bs else x.shape[-2]
         macs = 3 * rows * sum(w.numel() for w in self._params()[0::2]) + 1  # every model's multiply-adds of a step
+        if self._lbfgs:  # a step is up to max_eval evaluations
+            macs *= max(1, int(self.optimizer.param_groups[0]["max_eval"]))
         first = max(1, min(steps, int(_CALL_SECONDS / (macs * 1e-9))))
         start = time.perf_counter()
         self._run(fn, x, target, first, 0, bs, order, losses[0:first], done)

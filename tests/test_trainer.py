@@ -465,8 +465,8 @@ def test_refused_optimizers():
     class MyAdam(torch.optim.Adam):
         pass
 
-    _expect(TypeError, r"fusedgrad\.Trainer: argument 'optimizer' must be a torch\.optim\.SGD, Adam, AdamW, RMSprop "
-            r"or Adagrad, got torch\.optim\.adadelta\.Adadelta", fusedgrad.Trainer, net,
+    _expect(TypeError, r"fusedgrad\.Trainer: argument 'optimizer' must be a torch\.optim\.SGD, Adam, AdamW, RMSprop, "
+            r"Adagrad or LBFGS, got torch\.optim\.adadelta\.Adadelta", fusedgrad.Trainer, net,
             torch.optim.Adadelta(net.parameters()))
     _expect(TypeError, "got .*MyAdam", fusedgrad.Trainer, net, MyAdam(net.parameters()))
     _expect(ValueError, r"param_groups\[0\] has capturable=True", fusedgrad.Trainer, net,
