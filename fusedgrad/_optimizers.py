@@ -87,7 +87,8 @@ DESCRIPTIONS = (
 )
 LBFGS = Description("lbfgs", (torch.optim.LBFGS,), None, elementwise=False)
 _BY_CLASS = {cls: d for d in DESCRIPTIONS + (LBFGS,) for cls in d.classes}
-SUPPORTED = "torch.optim.SGD, Adam, AdamW, RMSprop, Adagrad or LBFGS"
+_NAMES = [cls.__name__ for d in DESCRIPTIONS + (LBFGS,) for cls in d.classes]
+SUPPORTED = "torch.optim." + ", ".join(_NAMES[:-1]) + " or " + _NAMES[-1]  # "torch.optim.SGD, Adam, ... or LBFGS"
 
 
 def description_of(fn: str, optimizer) -> Description:

@@ -314,6 +314,12 @@ def test_float32_within_float_noise(name):
     assert rel_err(list(net.parameters()), list(ref.parameters())) < 1e-4
 
 
+def test_lbfgs_explain():
+    net = fusedgrad.FusedMLP(1, 8, 1)
+    info = fusedgrad.explain(fusedgrad.Trainer(net, torch.optim.LBFGS(net.parameters())), torch.rand(10, 1))
+    assert info["path"] == "trainer-lbfgs" and "block_rows" in info
+
+
 def test_refused_options_and_state():
     net = fusedgrad.FusedMLP(1, 4, 1)
     with pytest.raises(ValueError, match=r"param_groups\[0\] has capturable=True"):
