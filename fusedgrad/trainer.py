@@ -13,7 +13,8 @@ sum, momentum_buffer, ...) are read at every call and updated in place, so
 plain ``opt.step()``, ``opt.state_dict()`` / ``load_state_dict()`` and LR
 schedulers keep working between calls. The optimizers it runs (SGD, Adam,
 AdamW, RMSprop, Adagrad) are described once each, in csrc/trainer/optimizers.h
-and fusedgrad/_optimizers.py; the kernels are in csrc/trainer/.
+and fusedgrad/_optimizers.py; LBFGS (full-batch fit of a FusedMLP) has its whole
+step in csrc/trainer/lbfgs.cpp; the kernels are in csrc/trainer/.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from torch import nn
 
 import fusedgrad
 from fusedgrad import _C
-from fusedgrad._optimizers import DESCRIPTIONS
+from fusedgrad._optimizers import DESCRIPTIONS, SUPPORTED
 from test_trainer import native, problem, reference_step, rel_err, state_err
 from test_deep import reference_training
 from test_trainer_ensemble import data
@@ -59,6 +59,7 @@ def compare_states(opt_a, opt_b, params_a, params_b, tol=1e-10):
 def test_the_registry_is_one_list_on_both_sides():
     cpp = _C.optimizer_descriptions()
     assert sorted(cpp) == sorted(d.name for d in DESCRIPTIONS)
+    assert SUPPORTED == "torch.optim.SGD, Adam, AdamW, RMSprop, Adagrad or LBFGS"
     assert cpp["rmsprop"]["state"] == ["square_avg", "momentum_buffer", "grad_avg"]
     assert cpp["adagrad"]["state"] == ["sum"] and cpp["adagrad"]["step_count"]
     assert set(cpp["rmsprop"]["options"]) == {"lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize"}
