@@ -71,7 +71,7 @@ def extension():
     cxx_flags += ["-fno-trapping-math"]
     # errno is never read after a math call either: without this, std::sqrt keeps
     # a branch to set it for negative input, and the optimizer updates
-    # (csrc/trainer/optimizer_update.h) stay scalar. It changes no computed value.
+    # (csrc/trainer/optimizers.h) stay scalar. It changes no computed value.
     cxx_flags += ["-fno-math-errno"]
     cxx_flags += os.environ.get("FUSEDGRAD_EXTRA_CFLAGS", "").split()
     link_flags = ["-fopenmp"] + os.environ.get("FUSEDGRAD_EXTRA_LDFLAGS", "").split()

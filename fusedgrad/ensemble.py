@@ -15,7 +15,7 @@ class FusedMLPEnsemble(nn.Module):
 
     The parameters are stacked along a leading model dimension and registered on
     the module itself (one optimizer over them is K independent optimizers for
-    element-wise ones such as Adam, AdamW, SGD):
+    element-wise ones: SGD, Adam, AdamW, RMSprop, Adagrad):
 
     * ``weight{l}`` ``(K, n_l, n_{l−1})`` and ``bias{l}`` ``(K, n_l)`` for the L = hidden_layers + 1
       layers (``weight1 (K, H, D)``, ``bias1 (K, H)``, ``weight2 (K, O, H)``, ``bias2 (K, O)`` with one

@@ -25,7 +25,8 @@ def explain(net_or_trainer, x: torch.Tensor, target: Optional[torch.Tensor] = No
         products of csrc/engine/), ``"stream"`` / ``"small"`` / ``"gemm"`` / ``"cuda"`` (the
         one-hidden-layer ops), ``"ensemble"`` (the one-hidden-layer ensemble ops),
         ``"trainer-narrow"`` / ``"trainer-narrow-fixed"`` / ``"trainer-gemm"`` (the
-        one-hidden-layer trainer), ``"trainer-engine"`` (the trainer at any depth), ``"meta"``
+        one-hidden-layer trainer), ``"trainer-engine"`` (the trainer at any depth), ``"trainer-lbfgs"``
+        (a trainer of torch.optim.LBFGS), ``"meta"``
         (fake tensors: shapes only) — and
         ``"call"``, ``"rows"`` (of ``x``: a trainer's mini-batch step sees ``batch_size`` of them),
         ``"widths"``, ``"dtype"``, ``"threads"`` (torch's thread count)
@@ -63,6 +64,12 @@ def explain(net_or_trainer, x: torch.Tensor, target: Optional[torch.Tensor] = No
         "dtype": weights[0].dtype,
         "threads": torch.get_num_threads(),
     }
+    if trainer is not None and trainer._lbfgs:
+        info.update(_C.explain_engine(widths, int(rows), weights[0].element_size()))
+        info["path"] = "trainer-lbfgs"
+        info["why"] = ("torch.optim.LBFGS: each step its whole iteration loop, two-loop recursion and line search "
+                       "in C++ (csrc/trainer/lbfgs.cpp), each evaluation one full-batch engine pass")
+        return info
     deep = net.hidden_layers != 1
     if deep:
         info.update(_C.explain_engine(widths, int(rows), weights[0].element_size()))

@@ -8,10 +8,13 @@ optimizer. ``trainer.step(x, y)`` does exactly what ::
 
 does, and ``trainer.fit(x, y, steps)`` runs many such steps in C++ with the
 GIL released. The optimizer stays the single source of truth: its
-``param_groups`` (lr, betas, ...) and ``state`` (step, exp_avg, exp_avg_sq,
-max_exp_avg_sq, momentum_buffer) are read at every call and updated in place,
-so plain ``opt.step()``, ``opt.state_dict()`` / ``load_state_dict()`` and LR
-schedulers keep working between calls. The kernels are in csrc/trainer/.
+``param_groups`` (lr, betas, ...) and ``state`` (step, exp_avg, square_avg,
+sum, momentum_buffer, ...) are read at every call and updated in place, so
+plain ``opt.step()``, ``opt.state_dict()`` / ``load_state_dict()`` and LR
+schedulers keep working between calls. The optimizers it runs (SGD, Adam,
+AdamW, RMSprop, Adagrad) are described once each, in csrc/trainer/optimizers.h
+and fusedgrad/_optimizers.py; LBFGS (full-batch fit of a FusedMLP) has its whole
+step in csrc/trainer/lbfgs.cpp; the kernels are in csrc/trainer/.
 """
 from __future__ import annotations
 
@@ -23,41 +26,17 @@ import torch
 
 from . import _C, _compat
 from ._hooks import grad_hook_flags, grad_hooks
+from ._optimizers import description_of, prepare_state
 
 if TYPE_CHECKING:
     from .ensemble import FusedMLPEnsemble
     from .module import FusedMLP
 
 _PARAM_NAMES = ("w1", "b1", "w2", "b2")
-# Groups options each optimizer class has, and what the fused update supports.
-_REFUSED_TRUE = ("capturable", "differentiable")
 _DTYPES = (torch.float32, torch.float64)
 # Seconds of work per C++ call in fit(): small enough that Ctrl-C, progress and
 # callbacks respond promptly, large enough that the Python between calls is noise.
 _CALL_SECONDS = 0.05
-
-
-def _kind_of(optimizer):
-    # Exact classes: a subclass may override step() with another update.
-    if type(optimizer) is torch.optim.SGD:
-        return "sgd"
-    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
-        return "adam"
-    raise TypeError(
-        "fusedgrad.Trainer: argument 'optimizer' must be a torch.optim.SGD, Adam or AdamW, "
-        f"got {type(optimizer).__module__}.{type(optimizer).__qualname__}")
-
-
-def _scalar(fn, group_index, key, value):
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{fn}: param_groups[{group_index}]['{key}'] must be a number or a one-element "
-                             f"tensor, got a tensor of shape {tuple(value.shape)}")
-        if value.requires_grad:
-            raise ValueError(f"{fn}: param_groups[{group_index}]['{key}'] requires grad (differentiable "
-                             "optimizer options are not supported)")
-        return float(value.item())
-    return float(value)
 
 
 class Trainer:
@@ -65,11 +44,14 @@ class Trainer:
 
     Args:
         net: a :class:`~fusedgrad.FusedMLP`, or a :class:`~fusedgrad.FusedMLPEnsemble` of K models
-            (its stacked parameters, one optimizer over them: Adam, AdamW and SGD are element-wise,
-            so this is exactly K independent optimizers).
-        optimizer: ``torch.optim.SGD``, ``Adam`` or ``AdamW`` built on ``net``'s parameters, with any
-            options those classes take (``foreach`` / ``fused`` settings are accepted: they compute
-            the same formulas) except ``capturable=True`` and ``differentiable=True``. Several param
+            (its stacked parameters, one optimizer over them: SGD, Adam, AdamW, RMSprop and Adagrad are
+            element-wise, so this is exactly K independent optimizers).
+        optimizer: ``torch.optim.SGD``, ``Adam``, ``AdamW``, ``RMSprop`` or ``Adagrad`` built on ``net``'s
+            parameters, with any options those classes take (``foreach`` / ``fused`` settings are
+            accepted: they compute the same formulas) except ``capturable=True`` and
+            ``differentiable=True``; or ``torch.optim.LBFGS`` (any options, ``line_search_fn`` None or
+            ``"strong_wolfe"``) for a FusedMLP, full batch: each step is one ``opt.step(closure)``
+            with the whole iteration loop and line search in C++. Several param
             groups with different options are fine. Each of ``net``'s parameters must be in it
             exactly once, require grad and have no gradient hooks, and it must hold no other
             parameter.
@@ -96,7 +78,7 @@ class Trainer:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"{fn}: argument 'optimizer' must be a torch.optim optimizer, got "
                             f"{type(optimizer).__qualname__}")
-        _kind_of(optimizer)
+        description_of(fn, optimizer)
         if reduction not in ("mean", "sum"):
             raise ValueError(f"{fn}: argument 'reduction' must be 'mean' or 'sum', got {reduction!r}")
         self.net = net
@@ -105,9 +87,8 @@ class Trainer:
         self.num_models = net.num_models if is_ensemble(net) else 1
         self._ensemble = is_ensemble(net)
         self._membership_key, self._membership_value = None, None
-        self._kind = _kind_of(optimizer)
-        self._adam = self._kind == "adam"
-        self._adamw = type(optimizer) is torch.optim.AdamW
+        self._description = description_of(fn, optimizer)
+        self._lbfgs = not self._description.elementwise
         self._fast_step = True  # tests turn it off to compare the two routes
         self._engine_key, self._engine_value = None, False  # _deep()'s cache
         self.model_lr_scale = None
@@ -122,7 +103,16 @@ class Trainer:
             if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
                 raise ValueError(f"{fn}: argument 'model_lr_scale' must hold finite, non-negative factors")
             self.model_lr_scale = scale.detach().to(dtype=torch.float64, device="cpu").contiguous()
-        self._prepare("fusedgrad.Trainer")  # refuse a bad setup now, not at the first step
+        # Refuse a bad setup now, not at the first step: what the steps will read, read once.
+        params, _ = self._prepare(fn)
+        if self._lbfgs:
+            if self._ensemble:
+                raise ValueError(f"{fn}: LBFGS over an ensemble's stacked parameters is one optimizer coupling "
+                                 "every model (its dot products are not element-wise); the fused trainer runs LBFGS "
+                                 "for a FusedMLP only — train the ensemble with opt.step(closure)")
+            self._lbfgs_options(fn)
+        else:
+            _C.read_optimizer(fn, optimizer, self._description.name, params, self._pnames())
 
     # ------------------------------------------------------------------ setup, read at every call
     def _params(self):
@@ -170,9 +160,11 @@ class Trainer:
         return value
 
     def _prepare(self, fn):
-        """The parameters, their .grad buffers and update rules, read from the optimizer now."""
+        """The parameters and their .grad buffers, with the optimizer state torch.optim would have
+        made before this step (fusedgrad/_optimizers.py); the optimizer itself is read in C++
+        (csrc/trainer/binding_helpers.h), which raises what is wrong with its options or state."""
         opt = self.optimizer
-        kind = _kind_of(opt)
+        d = description_of(fn, opt)
         if _compat.optimizer_step_hooks(opt):
             raise RuntimeError(f"{fn}: the optimizer has step hooks (register_step_pre_hook / "
                              "register_step_post_hook, or global optimizer hooks), which opt.step() runs and the "
@@ -184,12 +176,10 @@ class Trainer:
         params = self._params()
         groups = opt.param_groups
         membership = self._membership(fn, params, groups)
-        group_rules = {}
-        grads, rules = [], []
+        grads = []
         for name, p, gi in zip(self._names(), params, membership):
             if p is None:
                 grads.append(None)
-                rules.append(None)
                 continue
             if not p.requires_grad or not p.is_leaf or p.dtype not in _DTYPES or p.device.type != "cpu" \
                     or not p.is_contiguous() or grad_hook_flags(p):
@@ -199,11 +189,8 @@ class Trainer:
                 # What backward() would leave after zero_grad(): a fresh gradient of p's layout.
                 g = torch.empty_like(p, memory_format=torch.contiguous_format)
             grads.append(g)
-            rule = group_rules.get(gi)
-            if rule is None:
-                rule = group_rules[gi] = self._group_rule(fn, kind, gi, groups[gi])
-            rules.append(self._param_rule(fn, kind, rule, groups[gi], name, p))
-        return params, grads, rules
+            prepare_state(d, opt, groups[gi], p)
+        return params, grads
 
     def _refuse_param(self, fn, name, p):
         pname = self._pname(name)
@@ -228,6 +215,9 @@ class Trainer:
         names = getattr(self.net, "_param_names", None)
         return names() if names is not None else _PARAM_NAMES
 
+    def _pnames(self):
+        return [self._pname(n) for n in self._names()]
+
     def _pname(self, name):
         if name not in _PARAM_NAMES:
             return name
@@ -235,56 +225,41 @@ class Trainer:
             return {"w1": "weight1", "b1": "bias1", "w2": "weight2", "b2": "bias2"}[name]
         return {"w1": "linear1.weight", "b1": "linear1.bias", "w2": "linear2.weight", "b2": "linear2.bias"}[name]
 
-    def _group_rule(self, fn, kind, gi, group):
-        """The update rule's options from param_groups[gi]: the first 12 fields of csrc/trainer's tuple."""
-        for key in _REFUSED_TRUE:
-            if group.get(key, False):
-                raise ValueError(f"{fn}: param_groups[{gi}] has {key}=True, which the fused trainer does not "
+    def _lbfgs_options(self, fn):
+        """LBFGS's param group options (it has exactly one group), by name."""
+        groups = self.optimizer.param_groups
+        if len(groups) != 1:
+            raise ValueError(f"{fn}: LBFGS has exactly one param group, got {len(groups)}")
+        g = groups[0]
+        for key in ("capturable", "differentiable"):
+            if g.get(key, False):
+                raise ValueError(f"{fn}: param_groups[0] has {key}=True, which the fused trainer does not "
                                  "support; train with opt.step()")
-        lr = _scalar(fn, gi, "lr", group["lr"])
-        wd = _scalar(fn, gi, "weight_decay", group.get("weight_decay", 0.0))
-        maximize = bool(group.get("maximize", False))
-        if kind == "sgd":
-            momentum = _scalar(fn, gi, "momentum", group.get("momentum", 0.0))
-            dampening = _scalar(fn, gi, "dampening", group.get("dampening", 0.0))
-            nesterov = bool(group.get("nesterov", False))
-            return ("sgd", lr, wd, maximize, momentum, dampening, nesterov, 0.0, 0.0, 0.0, False, False)
-        beta1 = _scalar(fn, gi, "betas[0]", group["betas"][0])
-        beta2 = _scalar(fn, gi, "betas[1]", group["betas"][1])
-        eps = _scalar(fn, gi, "eps", group["eps"])
-        amsgrad = bool(group.get("amsgrad", False))
-        decoupled = bool(group.get("decoupled_weight_decay", type(self.optimizer) is torch.optim.AdamW))
-        return ("adam", lr, wd, maximize, 0.0, 0.0, False, beta1, beta2, eps, amsgrad, decoupled)
+        if g["line_search_fn"] not in (None, "strong_wolfe"):
+            raise ValueError(f"{fn}: LBFGS's line_search_fn must be None or 'strong_wolfe', got "
+                             f"{g['line_search_fn']!r}")
+        lr = g["lr"]
+        if isinstance(lr, torch.Tensor):
+            if lr.numel() != 1 or lr.requires_grad:
+                raise ValueError(f"{fn}: param_groups[0]['lr'] must be a number or a one-element tensor that "
+                                 "does not require grad")
+            lr = lr.item()
+        return {"lr": float(lr), "max_iter": int(g["max_iter"]), "max_eval": int(g["max_eval"]),
+                "tolerance_grad": float(g["tolerance_grad"]), "tolerance_change": float(g["tolerance_change"]),
+                "history_size": int(g["history_size"]), "strong_wolfe": g["line_search_fn"] == "strong_wolfe"}
 
-    def _param_rule(self, fn, kind, rule, group, name, p):
-        """The group's rule plus this parameter's optimizer state (created as torch.optim would)."""
-        state = self.optimizer.state[p]
-        if kind == "sgd":
-            buf, fresh = None, False
-            if rule[4] != 0:  # momentum
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf, fresh = torch.zeros_like(p, memory_format=torch.contiguous_format), True
-                elif not (buf.is_contiguous() and buf.shape == p.shape and buf.dtype == p.dtype):
-                    raise RuntimeError(f"{fn}: the optimizer's momentum_buffer of '{self._pname(name)}' must be a "
-                                     f"contiguous {p.dtype} tensor of shape {tuple(p.shape)}")
-            return rule + (None, buf, None, None, fresh, False)
-        amsgrad = rule[10]
-        if len(state) == 0:
-            _init_adam_state(state, p, group, amsgrad)
-        step = state.get("step")
-        if not isinstance(step, torch.Tensor):
-            # torch.optim converts a float step (old state dicts) to a tensor the same way.
-            state["step"] = step = torch.tensor(float(step or 0.0), dtype=_scalar_dtype(group))
-        if amsgrad and "max_exp_avg_sq" not in state:
-            raise RuntimeError(f"{fn}: amsgrad=True but the optimizer state of '{self._pname(name)}' has no "
-                             "'max_exp_avg_sq' (it was created with amsgrad=False)")
-        # Adam's single-tensor update divides a float32 tensor lr by its bias correction in
-        # float32 (step size and decoupled decay then carry float32 rounding); emulate that.
-        lr = group["lr"]
-        lr_f32 = isinstance(lr, torch.Tensor) and lr.dtype == torch.float32 and not group.get("fused")
-        return rule + (step, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq") if amsgrad else None,
-                       False, lr_f32)
+    def _run_lbfgs(self, fn, x, target, steps, losses, done):
+        """torch.optim.LBFGS's step(closure) `steps` times, full batch, in C++ (csrc/trainer/lbfgs.cpp);
+        its state, that of the group's first parameter, is read and written back there."""
+        params, grads = self._prepare(fn)
+        options = self._lbfgs_options(fn)
+        group_params = list(self.optimizer.param_groups[0]["params"])
+        where = {id(p): i for i, p in enumerate(params) if p is not None}
+        group_grads = [grads[where[id(p)]] for p in group_params]
+        state = self.optimizer.state[group_params[0]]
+        _C.lbfgs_steps(fn, state, group_params, group_grads, params, grads, x, target, steps,
+                       self.reduction == "mean", losses, done, self._activation(), **options)
+        self._after_run(params, grads)
 
     def _data(self, fn, x, target):
         """x and target as the contiguous 2-D (or per-model 3-D) matrices the kernels read."""
@@ -330,22 +305,28 @@ class Trainer:
     def _run(self, fn, x, target, steps, first_step=0, batch_size=0, order=None, losses=None, done=None):
         # fit()'s calls in the common case read the optimizer in C++ (as step() does); anything
         # else (e.g. a first step, before the optimizer has state) takes the route below.
+        name = self._description.name
+        if self._lbfgs:
+            if batch_size:
+                raise ValueError(f"{fn}: LBFGS trains on the full batch: batch_size must be None")
+            self._run_lbfgs(fn, x, target, steps, losses, done)
+            return
         if self._deep():
-            params, grads, rules = self._prepare(fn)
-            _C.deep_train_steps(fn, params, grads, rules, self._names(), x, target, batch_size, order, first_step,
-                                steps, self.reduction == "mean", self.model_lr_scale, losses, done,
-                                self._activation(), self.num_models if self._ensemble else 0)
-            self._after_run(params, grads, rules)
+            params, grads = self._prepare(fn)
+            _C.deep_train_steps(fn, self.optimizer, name, params, grads, self._pnames(), x, target, batch_size,
+                                order, first_step, steps, self.reduction == "mean", self.model_lr_scale, losses,
+                                done, self._activation(), self.num_models if self._ensemble else 0)
+            self._after_run(params, grads)
             return
         if self._fast_step and done is not None and _C.train_steps_fast(
-                self.optimizer, self.net._params(), x, target, batch_size, order, first_step, steps,
-                self.reduction == "mean", self.model_lr_scale, self._adam, self._adamw, losses, done,
-                self._activation()):
+                self.optimizer, name, self.net._params(), x, target, batch_size, order, first_step, steps,
+                self.reduction == "mean", self.model_lr_scale, losses, done, self._activation()):
             return
-        params, grads, rules = self._prepare(fn)
-        _C.train_steps(fn, params, grads, rules, x, target, batch_size, order, first_step, steps,
-                       self.reduction == "mean", self.model_lr_scale, losses, done, self._activation())
-        self._after_run(params, grads, rules)
+        params, grads = self._prepare(fn)
+        _C.train_steps(fn, self.optimizer, name, params, grads, self._pnames(), x, target, batch_size, order,
+                       first_step, steps, self.reduction == "mean", self.model_lr_scale, losses, done,
+                       self._activation())
+        self._after_run(params, grads)
 
     def _runner(self, fn):
         """Private (fusedgrad.sklearn's epochs): a function ``run(x, target, steps, first_step, batch_size, order,
@@ -354,32 +335,27 @@ class Trainer:
         the calls). The lookups that cannot change between such calls are made once here: the kernel path
         (:meth:`_deep`), the parameter tuple and the flags; the optimizer's groups and state are still read
         at every call, and a call the C++ fast route declines takes :meth:`_run`."""
-        if self._deep() or not self._fast_step:
+        if self._lbfgs or self._deep() or not self._fast_step:
             run_ = self._run
 
             def run(x, target, steps, first_step, batch_size, order, losses, done):
                 run_(fn, x, target, steps, first_step, batch_size, order, losses, done)
             return run
-        fast, opt, params = _C.train_steps_fast, self.optimizer, self.net._params()
-        mean, scale, adam, adamw, act = (self.reduction == "mean", self.model_lr_scale, self._adam, self._adamw,
-                                         self._activation())
+        fast, opt, name, params = _C.train_steps_fast, self.optimizer, self._description.name, self.net._params()
+        mean, scale, act = self.reduction == "mean", self.model_lr_scale, self._activation()
 
         def run(x, target, steps, first_step, batch_size, order, losses, done):
-            if not fast(opt, params, x, target, batch_size, order, first_step, steps, mean, scale, adam, adamw,
-                        losses, done, act):
+            if not fast(opt, name, params, x, target, batch_size, order, first_step, steps, mean, scale, losses, done,
+                        act):
                 self._run(fn, x, target, steps, first_step, batch_size, order, losses, done)
         return run
 
-    def _after_run(self, params, grads, rules):
-        # The gradients are the parameters' own .grad; a momentum buffer created
-        # for this call becomes the optimizer's (as torch.optim.SGD stores it).
-        for p, g, rule in zip(params, grads, rules):
-            if p is None:
-                continue
-            if p.grad is not g:
+    def _after_run(self, params, grads):
+        # The gradients are the parameters' own .grad (a state tensor the first gradient
+        # filled, SGD's momentum buffer, the C++ side stored in the optimizer's state).
+        for p, g in zip(params, grads):
+            if p is not None and p.grad is not g:
                 p.grad = g
-            if rule[0] == "sgd" and rule[4] != 0 and rule[16]:
-                self.optimizer.state[p]["momentum_buffer"] = rule[13]
         # What an LR scheduler's wrapper of optimizer.step() records; without it a scheduler
         # stepped after fused steps would warn that the optimizer never stepped.
         _compat.mark_stepped(self.optimizer)
@@ -400,9 +376,9 @@ class Trainer:
         # it declines (None) anything else, which the route below handles or refuses. It declines only
         # before writing anything: an error after the update began is raised, never rerun here
         # (a rerun would apply the step twice; tests/test_no_double_update.py).
-        if self._fast_step and not self._deep():
-            loss = _C.train_step_fast(self.optimizer, self.net._params(), x, target, self.reduction == "mean",
-                                      self.model_lr_scale, self._adam, self._adamw, self._activation())
+        if self._fast_step and not self._lbfgs and not self._deep():
+            loss = _C.train_step_fast(self.optimizer, self._description.name, self.net._params(), x, target,
+                                      self.reduction == "mean", self.model_lr_scale, self._activation())
             if loss is not None:
                 return loss
         fn = "fusedgrad.Trainer.step"
@@ -500,6 +476,8 @@ class Trainer:
         Returns (steps per later call, steps taken by the first)."""
         rows = bs if bs else x.shape[-2]
         macs = 3 * rows * sum(w.numel() for w in self._params()[0::2]) + 1  # every model's multiply-adds of a step
+        if self._lbfgs:  # a step is up to max_eval evaluations
+            macs *= max(1, int(self.optimizer.param_groups[0]["max_eval"]))
         first = max(1, min(steps, int(_CALL_SECONDS / (macs * 1e-9))))
         start = time.perf_counter()
         self._run(fn, x, target, first, 0, bs, order, losses[0:first], done)
@@ -515,23 +493,6 @@ def is_ensemble(net: object) -> bool:
     except ImportError:  # built without the ensemble module
         return False
     return isinstance(net, FusedMLPEnsemble)
-
-
-def _scalar_dtype(group):
-    # torch.optim.optimizer._get_scalar_dtype: the fused kernels keep step in float32.
-    if group.get("fused"):
-        return torch.float32
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def _init_adam_state(state, p, group, amsgrad):
-    """The state torch.optim.Adam creates at a parameter's first step."""
-    device = p.device if group.get("capturable") or group.get("fused") else None
-    state["step"] = torch.zeros((), dtype=_scalar_dtype(group), device=device)
-    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    if amsgrad:
-        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def _loss_text(loss):

@@ -66,8 +66,8 @@ def test_step_hooks_on_the_optimizer_and_global_are_seen():
 @pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("hidden", [20, [8, 8]])
 def test_adam_state_created_as_torchs_first_step_creates_it(cls, options, default_dtype, hidden):
-    """The state a fresh optimizer's first fused step creates (fusedgrad/trainer.py: _init_adam_state,
-    _scalar_dtype — copies of torch.optim's) has the keys, dtypes, shapes and values torch's own first
+    """The state a fresh optimizer's first fused step creates (fusedgrad/_optimizers.py: _init_adam,
+    scalar_dtype — copies of torch.optim's) has the keys, dtypes, shapes and values torch's own first
     step gives, and the parameters end equal."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(default_dtype)
@@ -97,7 +97,7 @@ def test_adam_state_created_as_torchs_first_step_creates_it(cls, options, defaul
 @pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
 def test_float32_tensor_lr_rounding_is_torchs(cls):
     """A float32 tensor lr: Adam's single-tensor update computes lr / (1 − β1^t) (and 1 − lr·λ) in float32;
-    the fused update emulates that (optimizer_update.h: lr_float32_tensor). float64 parameters, so the
+    the fused update emulates that (optimizers.h: AdamFamily::lr_float32_tensor). float64 parameters, so the
     gradients agree to ~1e-16 and the lr's float32 rounding (~1e-8 relative) is what the comparison sees."""
     def run(lr, fused):
         torch.manual_seed(0)

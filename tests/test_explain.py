@@ -18,7 +18,7 @@ KEYS = {"path", "why", "call", "rows", "widths", "dtype", "threads"}
 ENGINE_KEYS = KEYS | {"block_rows", "blocks", "chunks", "vector_bytes"}
 # Every value "path" takes (fusedgrad/explain.py's docstring).
 PATHS = {"stream", "small", "gemm", "cuda", "ensemble", "engine", "trainer-narrow", "trainer-narrow-fixed",
-         "trainer-gemm", "trainer-engine"}
+         "trainer-gemm", "trainer-engine", "trainer-lbfgs"}
 TRAINER_ROUTES = ("deep_train_steps", "train_steps", "train_steps_fast", "train_step_fast")
 
 

@@ -127,7 +127,7 @@ def test_refused_ensemble_arguments():
         trainer.step(torch.zeros(5, 2), torch.zeros(6, 1))
 
 
-# Options whose update loops take every select of optimizer_update.h: maximize, both kinds of
+# Options whose update loops take every select of optimizers.h: maximize, both kinds of
 # weight decay, amsgrad's v̂, SGD's first momentum step.
 MANY_OPTS = {
     "adam-maximize-wd": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.05, maximize=True),

@@ -13,6 +13,7 @@ void register_explain(pybind11::module& m);  // csrc/python/explain_bindings.cpp
 namespace fusedgrad::trainer {
 void register_trainer(pybind11::module& m);       // csrc/trainer/train_bindings.cpp
 void register_deep_trainer(pybind11::module& m);  // csrc/trainer/deep_train.cpp
+void register_lbfgs(pybind11::module& m);         // csrc/trainer/lbfgs.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -25,5 +26,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   fusedgrad::register_direct_calls(m);
   fusedgrad::trainer::register_trainer(m);
   fusedgrad::trainer::register_deep_trainer(m);
+  fusedgrad::trainer::register_lbfgs(m);
   fusedgrad::register_explain(m);
 }

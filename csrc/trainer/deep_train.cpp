@@ -1,12 +1,14 @@
 // fusedgrad._C.deep_train_steps: fusedgrad.Trainer's steps for networks of any
 // depth — each step the engine's loss-and-gradients pass (engine/mlp_engine.h)
 // over the step's rows, the gradients written into the parameters' .grad, then
-// the optimizer's element-wise update (optimizer_update.h), all in one C++
+// the optimizer's element-wise update (optimizers.h), all in one C++
 // call with the GIL released.
 //
 // Arguments (Python, built by fusedgrad/trainer.py):
+//   fn, optimizer, name  as train_bindings.cpp's train_steps: the optimizer is read
+//                   here (binding_helpers.h: read_optimizer)
 //   params, grads   2L-lists (W_1, b_1, …, W_L, b_L) of tensors or None (no bias)
-//   rules           2L-list of None or the update-rule tuple (binding_helpers.h)
+//   names           2L-list of the parameters' names (for messages)
 //   x, target       (N, D), (N, O) — or (K, N, ·) per model of an ensemble
 //   batch_size, order, first_step, num_steps, mean, lr_scale, losses, steps_done,
 //   activation, models (K; 0 for one unstacked model)
@@ -23,7 +25,7 @@
 #include "../common/problem.h"  // shape_str
 #include "../engine/net_args.h"
 #include "binding_helpers.h"
-#include "optimizer_update.h"
+#include "optimizers.h"
 
 namespace fusedgrad::trainer {
 namespace {
@@ -63,16 +65,15 @@ void check_call(const char* fn, const DeepCall& c, const std::vector<std::string
                           g.is_contiguous(),
                       fn, ": internal: the gradient buffer of '", names[p], "' does not match its parameter");
     const ParamState& st = c.state[p];
-    if (st.rule.kind == OptimizerKind::Adam) {
-      check_state_tensor(fn, names[p], "exp_avg", st.exp_avg, t);
-      check_state_tensor(fn, names[p], "exp_avg_sq", st.exp_avg_sq, t);
-      if (st.rule.amsgrad) check_state_tensor(fn, names[p], "max_exp_avg_sq", st.max_exp_avg_sq, t);
+    const auto used = used_state(st.rule);
+    for (int i = 0; i < kMaxState; ++i) {
+      if (used[i]) check_state_tensor(fn, names[p], used[i], st.state[i], t);
+    }
+    if (has_step_count(st.rule)) {
       TORCH_CHECK_VALUE(st.step.defined() && st.step.numel() == 1 && st.step.device().is_cpu() &&
                             (st.step.scalar_type() == at::kFloat || st.step.scalar_type() == at::kDouble),
                         fn, ": the optimizer state 'step' of '", names[p], "' must be a one-element float tensor "
                         "on the CPU");
-    } else if (st.rule.momentum != 0) {
-      check_state_tensor(fn, names[p], "momentum_buffer", st.exp_avg, t);
     }
   }
   const engine::NetShape& s = c.net.shape;
@@ -109,23 +110,14 @@ void check_call(const char* fn, const DeepCall& c, const std::vector<std::string
   }
 }
 
-// One parameter slice's update, compiled per CPU level.
-template <typename T>
-FUSEDGRAD_CPU_INLINE void update_slice(const UpdateRule& u, double lr, const AdamStepScalars& s, T* p, const T* g,
-                                       T* s1, T* s2, T* s3, bool fresh, int64_t n) {
-  if (u.kind == OptimizerKind::SGD) {
-    sgd_update<T>(u, lr, p, g, s1, fresh, n);
-  } else {
-    adam_update<T>(u, s, p, g, s1, s2, s3, n);
-  }
+// One parameter slice's update (optimizers.h), compiled per CPU level.
+FUSEDGRAD_CPU_CLONES void update_kernel(const AnyOptimizer& o, const AnyTerms& terms, double lr, float* p,
+                                        const float* g, const StatePtrs<float>& st, bool fresh, int64_t n) {
+  apply_update<float>(o, &terms, 0, lr, p, g, st, fresh, n);
 }
-FUSEDGRAD_CPU_CLONES void update_kernel(const UpdateRule& u, double lr, const AdamStepScalars& s, float* p,
-                                        const float* g, float* s1, float* s2, float* s3, bool fresh, int64_t n) {
-  update_slice<float>(u, lr, s, p, g, s1, s2, s3, fresh, n);
-}
-FUSEDGRAD_CPU_CLONES void update_kernel(const UpdateRule& u, double lr, const AdamStepScalars& s, double* p,
-                                        const double* g, double* s1, double* s2, double* s3, bool fresh, int64_t n) {
-  update_slice<double>(u, lr, s, p, g, s1, s2, s3, fresh, n);
+FUSEDGRAD_CPU_CLONES void update_kernel(const AnyOptimizer& o, const AnyTerms& terms, double lr, double* p,
+                                        const double* g, const StatePtrs<double>& st, bool fresh, int64_t n) {
+  apply_update<double>(o, &terms, 0, lr, p, g, st, fresh, n);
 }
 
 double step_count(const at::Tensor& step) {
@@ -189,11 +181,11 @@ void run_steps(DeepCall& c) {
     engine::run(pass);
     losses[step * K + k] = static_cast<T>(cscale * sums[lay.loss]);
     const double scale = lr_scale ? lr_scale[k] : 1.0;
-    // Adam's per-step scalars (two pow each) once for the parameters that share
-    // their group's options and step count — usually all of them.
-    const UpdateRule* last_rule = nullptr;
+    // The step's terms (Adam: two pow) once for the parameters that share their
+    // group's options and step count — usually all of them.
+    const AnyOptimizer* last_rule = nullptr;
     double last_t = -1;
-    AdamStepScalars last{0, 1, 1};
+    AnyTerms last;
     for (int64_t p = 0; p < P; ++p) {
       if (!c.params[p].defined()) continue;
       const int64_t n = per_model[p], off = k * n;
@@ -201,19 +193,16 @@ void run_steps(DeepCall& c) {
       const double* from = sums.data() + sum_off[p];
       for (int64_t e = 0; e < n; ++e) g[e] = static_cast<T>(from[e]);
       const ParamState& st = c.state[p];
-      const double lr = st.rule.lr * scale;
-      if (st.rule.kind == OptimizerKind::Adam) {
-        const double t_p = step0[p] + static_cast<double>(step + 1);
-        if (!(last_rule && t_p == last_t && same_adam_options(*last_rule, st.rule))) {
-          last = adam_step_scalars(st.rule, lr, t_p);
-          last_rule = &st.rule;
-          last_t = t_p;
-        }
+      const double lr = optimizer_lr(st.rule) * scale;
+      const double t_p = step0[p] + static_cast<double>(step + 1);
+      if (!(last_rule && t_p == last_t && *last_rule == st.rule)) {
+        last = step_terms(st.rule, t_p);
+        last_rule = &st.rule;
+        last_t = t_p;
       }
-      const AdamStepScalars& sc = last;
-      auto at_off = [&](const at::Tensor& buf) { return buf.defined() ? buf.data_ptr<T>() + off : nullptr; };
-      update_kernel(st.rule, lr, sc, c.params[p].data_ptr<T>() + off, g, at_off(st.exp_avg), at_off(st.exp_avg_sq),
-                    at_off(st.max_exp_avg_sq), st.buffer_fresh && step == 0, n);
+      StatePtrs<T> sp{};
+      for (int i = 0; i < kMaxState; ++i) sp[i] = st.state[i].defined() ? st.state[i].data_ptr<T>() + off : nullptr;
+      update_kernel(st.rule, last, lr, c.params[p].data_ptr<T>() + off, g, sp, st.fresh && step == 0, n);
     }
   };
 
@@ -234,7 +223,7 @@ void run_steps(DeepCall& c) {
     });
     if (c.steps_done.defined()) c.steps_done.data_ptr<int64_t>()[0] += c.num_steps;
   }
-  // Adam's step count, once per parameter tensor (all models share it).
+  // The step counts, once per parameter tensor (all models share it).
   for (int64_t p = 0; p < P; ++p) {
     const at::Tensor& st = c.state[p].step;
     if (!c.params[p].defined() || !st.defined()) continue;
@@ -242,22 +231,23 @@ void run_steps(DeepCall& c) {
   }
 }
 
-void deep_train_steps(const std::string& fn, py::sequence params, py::sequence grads, py::sequence rules,
-                      py::sequence names, const at::Tensor& x, const at::Tensor& target, int64_t batch_size,
+void deep_train_steps(const std::string& fn, py::handle optimizer, const std::string& name, py::sequence params,
+                      py::sequence grads, py::sequence names, const at::Tensor& x, const at::Tensor& target, int64_t batch_size,
                       py::handle order, int64_t first_step, int64_t num_steps, bool mean, py::handle lr_scale,
                       const at::Tensor& losses, py::handle steps_done, const std::string& activation, int64_t models) {
   const int64_t P = static_cast<int64_t>(params.size());
   TORCH_CHECK_VALUE(P >= 2 && P % 2 == 0 && static_cast<int64_t>(grads.size()) == P &&
-                        static_cast<int64_t>(rules.size()) == P && static_cast<int64_t>(names.size()) == P,
-                    "fusedgrad: internal: deep_train_steps takes 2L parameters, gradients, rules and names");
+                        static_cast<int64_t>(names.size()) == P,
+                    "fusedgrad: internal: deep_train_steps takes 2L parameters, gradients and names");
   DeepCall c;
+  Created created;
+  c.state = read_strict(fn.c_str(), optimizer, name, params, names, created);
   std::vector<at::Tensor> weights;
   std::vector<std::optional<at::Tensor>> biases;
   std::vector<std::string> pnames;
   for (int64_t p = 0; p < P; ++p) {
     c.params.push_back(optional_tensor(params[p]));
     c.grads.push_back(optional_tensor(grads[p]));
-    c.state.push_back(rules[p].is_none() ? ParamState{} : parse_rule(rules[p]));
     pnames.push_back(names[p].cast<std::string>());
     if (p % 2 == 0) {
       TORCH_CHECK_VALUE(c.params[p].defined(), fn, ": parameter '", pnames[p], "' is missing");
@@ -279,12 +269,15 @@ void deep_train_steps(const std::string& fn, py::sequence params, py::sequence g
   c.losses = losses;
   c.steps_done = optional_tensor(steps_done);
   check_call(fn.c_str(), c, pnames);
-  py::gil_scoped_release no_gil;
-  if (c.net.dtype == at::kFloat) {
-    run_steps<float>(c);
-  } else {
-    run_steps<double>(c);
+  {
+    py::gil_scoped_release no_gil;
+    if (c.net.dtype == at::kFloat) {
+      run_steps<float>(c);
+    } else {
+      run_steps<double>(c);
+    }
   }
+  created.store();
 }
 
 }  // namespace
@@ -292,11 +285,11 @@ void deep_train_steps(const std::string& fn, py::sequence params, py::sequence g
 void register_deep_trainer(py::module& m) {
   m.def(
       "deep_train_steps",
-      [](const std::string& fn, py::sequence params, py::sequence grads, py::sequence rules, py::sequence names,
-         const at::Tensor& x, const at::Tensor& target, int64_t batch_size, py::handle order, int64_t first_step,
+      [](const std::string& fn, py::handle optimizer, const std::string& name, py::sequence params,
+         py::sequence grads, py::sequence names, const at::Tensor& x, const at::Tensor& target, int64_t batch_size, py::handle order, int64_t first_step,
          int64_t num_steps, bool mean, py::handle lr_scale, const at::Tensor& losses, py::handle steps_done,
          const std::string& activation, int64_t models) {
-        translating_errors(deep_train_steps)(fn, params, grads, rules, names, x, target, batch_size, order,
+        translating_errors(deep_train_steps)(fn, optimizer, name, params, grads, names, x, target, batch_size, order,
                                              first_step, num_steps, mean, lr_scale, losses, steps_done, activation,
                                              models);
       },

@@ -1,15 +1,15 @@
 // fusedgrad._C.train_steps: the Python face of the fused training step
 // (train_step.h), called by fusedgrad.Trainer (fusedgrad/trainer.py), which
-// reads the optimizer's param_groups and state and hands over the tensors.
+// has made the optimizer state torch.optim makes (fusedgrad/_optimizers.py);
+// the optimizer's param_groups and state are read here (binding_helpers.h:
+// read_optimizer, through the optimizer's description in optimizers.h).
 //
 // Arguments (Python):
+//   fn              the name errors start with
+//   optimizer, name the torch.optim optimizer and its description's name
 //   params, grads   4-lists (w1, b1, w2, b2) of tensors or None
-//   rules           4-list of None or a tuple
-//                   (kind "sgd" | "adam", lr, weight_decay, maximize, momentum, dampening,
-//                    nesterov, beta1, beta2, eps, amsgrad, decoupled_weight_decay,
-//                    step, exp_avg_or_buffer, exp_avg_sq, max_exp_avg_sq, buffer_fresh,
-//                    lr_is_float32_tensor)
-//   x, target, batch_size, order, first_step, num_steps, mean, lr_scale, losses, steps_done
+//   names           4-list of the parameters' names (for messages)
+//   x, target, batch_size, order, first_step, num_steps, mean, lr_scale, losses, steps_done, activation
 // The steps run with the GIL released.
 #include <torch/csrc/autograd/anomaly_mode.h>
 #include <torch/python.h>
@@ -21,7 +21,7 @@
 #include "../python/torch_compat.h"  // every private torch internal the bindings read
 #include "../common/options.h"  // parse_activation, find_activation
 #include "train_step.h"
-#include "binding_helpers.h"  // parse_rule, optional_tensor, translating_errors
+#include "binding_helpers.h"  // read_optimizer, optional_tensor, translating_errors
 
 namespace fusedgrad::trainer {
 namespace {
@@ -44,22 +44,63 @@ void set_run(TrainCall& call, const at::Tensor& x, const at::Tensor& target, int
   call.steps_done = steps_done;
 }
 
-void train_steps_py(const std::string& fn, py::sequence params, py::sequence grads, py::sequence rules, const at::Tensor& x,
-                    const at::Tensor& target, int64_t batch_size, py::handle order, int64_t first_step,
-                    int64_t num_steps, bool mean, py::handle lr_scale, const at::Tensor& losses,
-                    py::handle steps_done, const std::string& activation) {
-  TORCH_CHECK_VALUE(params.size() == kNumParams && grads.size() == kNumParams && rules.size() == kNumParams,
-                    "fusedgrad: internal: train_steps takes 4 parameters, gradients and rules");
+void train_steps_py(const std::string& fn, py::handle optimizer, const std::string& name, py::sequence params,
+                    py::sequence grads, py::sequence names, const at::Tensor& x, const at::Tensor& target,
+                    int64_t batch_size, py::handle order, int64_t first_step, int64_t num_steps, bool mean,
+                    py::handle lr_scale, const at::Tensor& losses, py::handle steps_done,
+                    const std::string& activation) {
+  TORCH_CHECK_VALUE(params.size() == kNumParams && grads.size() == kNumParams && names.size() == kNumParams,
+                    "fusedgrad: internal: train_steps takes 4 parameters, gradients and names");
   TrainCall call;
+  Created created;
+  const std::vector<ParamState> states = read_strict(fn.c_str(), optimizer, name, params, names, created);
   for (int p = 0; p < kNumParams; ++p) {
     call.params[p] = optional_tensor(params[p]);
     call.grads[p] = optional_tensor(grads[p]);
-    if (!rules[p].is_none()) call.state[p] = parse_rule(rules[p]);
+    call.state[p] = states[p];
   }
   set_run(call, x, target, batch_size, order, first_step, num_steps, mean, lr_scale, losses, optional_tensor(steps_done));
   call.act = parse_activation(activation);
-  py::gil_scoped_release no_gil;
-  train_steps(fn.c_str(), call);
+  {
+    py::gil_scoped_release no_gil;
+    train_steps(fn.c_str(), call);
+  }
+  created.store();
+}
+
+// fusedgrad._C.read_optimizer: what the reader reads for each parameter (None where the model has
+// none), as dicts {"optimizer", "options", "state"}; raises what the Python route would raise.
+py::list read_optimizer_py(const std::string& fn, py::handle optimizer, const std::string& name,
+                           py::sequence params, py::sequence names) {
+  Created created;  // nothing is stored: a read, not a step
+  const std::vector<ParamState> states = read_strict(fn.c_str(), optimizer, name, params, names, created);
+  py::list out;
+  for (size_t p = 0; p < states.size(); ++p) {
+    if (params[p].is_none()) {
+      out.append(py::none());
+    } else {
+      out.append(describe(states[p]));
+    }
+  }
+  return out;
+}
+
+// fusedgrad._C.optimizer_descriptions: {name: {"options": [...], "state": [...], "step_count": bool}}.
+py::dict optimizer_descriptions() {
+  py::dict out;
+  for_each_description([&](auto index) {
+    using D = std::variant_alternative_t<decltype(index)::value, AnyOptimizer>;
+    py::list options, state;
+    for (const auto& o : D::options()) options.append(o.key);
+    for (const char* key : D::kState) state.append(key);
+    py::dict d;
+    d["options"] = options;
+    d["state"] = state;
+    d["step_count"] = D::kStepCount;
+    d["first_gradient_fills_state"] = D::kFirstGradientFillsState;
+    out[D::kName] = d;
+  });
+  return out;
 }
 
 
@@ -125,138 +166,35 @@ bool nonempty_dict_attr(PyObject* obj) {
   return nonempty;
 }
 
-// A Python float or int (not a tensor, not a bool-like object), as double.
-bool number(PyObject* obj, double& out) {
-  if (!obj || !(PyFloat_Check(obj) || (PyLong_Check(obj) && !PyBool_Check(obj)))) return false;
-  out = PyFloat_AsDouble(obj);
-  return !PyErr_Occurred();
-}
-
-bool flag(PyObject* v, bool fallback, bool& out) {  // v: a borrowed dict item or null
-  if (!v || v == Py_None) {
-    out = fallback;
-    return true;
-  }
-  if (!PyBool_Check(v)) return false;
-  out = v == Py_True;
-  return true;
-}
-
 using compat::exact_tensor;
 
-at::Tensor state_tensor(PyObject* v) {  // v: a borrowed dict item or null
-  if (!v || !exact_tensor(v)) return at::Tensor();
-  return compat::unpack(v);
-}
-
-// optimizer.state[param] without inserting (state is a defaultdict) and without
-// hashing: a tensor's __hash__ is a Python method (id(self)), a call per lookup;
-// the few entries are compared by identity instead.
-PyObject* state_of(PyObject* state, PyObject* param) {
-  if (PyDict_Size(state) > 2 * kNumParams) return PyDict_GetItem(state, param);  // borrowed
-  Py_ssize_t pos = 0;
-  PyObject *key, *value;
-  while (PyDict_Next(state, &pos, &key, &value)) {
-    if (key == param) return value;  // borrowed
-  }
-  return nullptr;
-}
-
-// Fills call's parameters, gradients and optimizer rules and state from the
+// Fills call's parameters, gradients and optimizer options and state from the
 // optimizer's Python objects; false: not the plain case (nothing is changed).
-bool read_optimizer(PyObject* opt, py::tuple params, bool adam, bool decoupled_default, TrainCall& call) {
+bool read_plain(PyObject* opt, const std::string& name, py::tuple params, TrainCall& call, Created& created) {
   if (torch::autograd::AnomalyMode::is_enabled() || params.size() != kNumParams) return false;
   if (nonempty_dict_attr<"_optimizer_step_pre_hooks">(opt) || nonempty_dict_attr<"_optimizer_step_post_hooks">(opt) ||
       nonempty_dict(global_hooks<"_global_optimizer_pre_hooks">()) ||
       nonempty_dict(global_hooks<"_global_optimizer_post_hooks">())) {
     return false;
   }
-  py::object groups_obj = py::reinterpret_steal<py::object>(PyObject_GetAttr(opt, interned<"param_groups">()));
-  py::object state_obj = py::reinterpret_steal<py::object>(PyObject_GetAttr(opt, interned<"state">()));
-  if (!groups_obj || !state_obj) {
-    PyErr_Clear();
-    return false;
-  }
-  PyObject* groups = groups_obj.ptr();
-  PyObject* state = state_obj.ptr();
-  if (!PyList_Check(groups) || !PyDict_Check(state)) return false;
-  // The optimizer holds exactly the model's parameters (each once).
-  Py_ssize_t held = 0;
-  for (Py_ssize_t gi = 0; gi < PyList_GET_SIZE(groups); ++gi) {
-    PyObject* group = PyList_GET_ITEM(groups, gi);
-    PyObject* plist = PyDict_Check(group) ? item<"params">(group) : nullptr;
-    if (!plist || !PyList_Check(plist)) return false;
-    held += PyList_GET_SIZE(plist);
-  }
-  Py_ssize_t present = 0;
+  std::vector<PyObject*> ptrs(kNumParams, nullptr);
   for (int p = 0; p < kNumParams; ++p) {
     PyObject* obj = params[p].ptr();
     if (obj == Py_None) continue;
-    ++present;
     if (!exact_tensor(obj)) return false;
-    PyObject* group = nullptr;
-    for (Py_ssize_t gi = 0; gi < PyList_GET_SIZE(groups) && !group; ++gi) {
-      PyObject* g = PyList_GET_ITEM(groups, gi);
-      PyObject* plist = item<"params">(g);
-      for (Py_ssize_t i = 0; i < PyList_GET_SIZE(plist); ++i) {
-        if (PyList_GET_ITEM(plist, i) == obj) {
-          group = g;
-          break;
-        }
-      }
-    }
-    if (!group) return false;
     const at::Tensor& t = compat::unpack(obj);
     if (!t.requires_grad() || !t.is_leaf() || grad_hook_flags(obj) != 0) return false;
     at::Tensor g = t.grad();
     if (!g.defined()) return false;
     call.params[p] = t;
     call.grads[p] = g;
-    ParamState& st = call.state[p];
-    UpdateRule& u = st.rule;
-    bool capturable = false, differentiable = false;
-    if (!flag(item<"capturable">(group), false, capturable) || !flag(item<"differentiable">(group), false, differentiable) ||
-        capturable || differentiable) {
-      return false;
-    }
-    if (!number(item<"lr">(group), u.lr)) return false;
-    PyObject* wd = item<"weight_decay">(group);
-    u.weight_decay = 0;
-    if (wd && !number(wd, u.weight_decay)) return false;
-    if (!flag(item<"maximize">(group), false, u.maximize)) return false;
-    PyObject* pstate = state_of(state, obj);
-    if (!adam) {
-      u.kind = OptimizerKind::SGD;
-      PyObject* mom = item<"momentum">(group);
-      PyObject* damp = item<"dampening">(group);
-      if ((mom && !number(mom, u.momentum)) || (damp && !number(damp, u.dampening))) return false;
-      if (!flag(item<"nesterov">(group), false, u.nesterov)) return false;
-      if (u.momentum != 0) {
-        if (!pstate || !PyDict_Check(pstate)) return false;
-        st.exp_avg = state_tensor(item<"momentum_buffer">(pstate));
-        if (!st.exp_avg.defined()) return false;  // the first step creates it: the Python route
-      }
-    } else {
-      u.kind = OptimizerKind::Adam;
-      PyObject* betas = item<"betas">(group);
-      if (!betas || !PyTuple_Check(betas) || PyTuple_GET_SIZE(betas) != 2 ||
-          !number(PyTuple_GET_ITEM(betas, 0), u.beta1) || !number(PyTuple_GET_ITEM(betas, 1), u.beta2) ||
-          !number(item<"eps">(group), u.eps) || !flag(item<"amsgrad">(group), false, u.amsgrad) ||
-          !flag(item<"decoupled_weight_decay">(group), decoupled_default, u.decoupled_weight_decay)) {
-        return false;
-      }
-      if (!pstate || !PyDict_Check(pstate)) return false;
-      st.step = state_tensor(item<"step">(pstate));
-      st.exp_avg = state_tensor(item<"exp_avg">(pstate));
-      st.exp_avg_sq = state_tensor(item<"exp_avg_sq">(pstate));
-      if (u.amsgrad) st.max_exp_avg_sq = state_tensor(item<"max_exp_avg_sq">(pstate));
-      if (!st.step.defined() || !st.exp_avg.defined() || !st.exp_avg_sq.defined() ||
-          (u.amsgrad && !st.max_exp_avg_sq.defined())) {
-        return false;
-      }
-    }
+    ptrs[p] = obj;
   }
-  return held == present && call.params[kW1].defined();
+  static const std::vector<std::string> names{"w1", "b1", "w2", "b2"};  // never shown: declines say nothing
+  std::vector<ParamState> states;
+  if (!read_optimizer(Reader{"fusedgrad.Trainer", false}, opt, name, ptrs, names, states, created)) return false;
+  for (int p = 0; p < kNumParams; ++p) call.state[p] = std::move(states[p]);
+  return call.params[kW1].defined();
 }
 
 // Runs the call's steps with the GIL released; false if its checks refused it
@@ -289,14 +227,15 @@ void mark_stepped(PyObject* opt) {
   if (PyObject_SetAttr(opt, interned<"_opt_called">(), Py_True) != 0) throw py::error_already_set();
 }
 
-py::object train_step_fast(py::handle optimizer, py::tuple params, py::handle x, py::handle target, bool mean,
-                           py::handle lr_scale, bool adam, bool decoupled_default, const std::string& activation) {
+py::object train_step_fast(py::handle optimizer, const std::string& name, py::tuple params, py::handle x,
+                           py::handle target, bool mean, py::handle lr_scale, const std::string& activation) {
   if (!exact_tensor(x.ptr()) || !exact_tensor(target.ptr())) return py::none();
   const std::optional<Activation> act = find_activation(activation);
   if (!act) return py::none();
   TrainCall call;
   call.act = *act;
-  if (!read_optimizer(optimizer.ptr(), params, adam, decoupled_default, call)) return py::none();
+  Created created;
+  if (!read_plain(optimizer.ptr(), name, params, call, created)) return py::none();
   const at::Tensor& xt = compat::unpack(x.ptr());
   const at::Tensor& tt = compat::unpack(target.ptr());
   const bool ensemble = call.params[kW1].dim() == 3;
@@ -309,23 +248,26 @@ py::object train_step_fast(py::handle optimizer, py::tuple params, py::handle x,
   set_run(call, xt, tt, /*batch_size=*/0, py::none(), /*first_step=*/0, /*num_steps=*/1, mean, lr_scale, losses,
           /*steps_done=*/at::Tensor());
   if (!run_released("fusedgrad.Trainer.step", call)) return py::none();
+  created.store();
   mark_stepped(optimizer.ptr());
   return py::cast(losses);
 }
 
 // Trainer.fit's calls, the same way: x and target come prepared by fit();
 // false sends the call to the Python route.
-bool train_steps_fast(py::handle optimizer, py::tuple params, const at::Tensor& x, const at::Tensor& target,
-                      int64_t batch_size, py::handle order, int64_t first_step, int64_t num_steps, bool mean,
-                      py::handle lr_scale, bool adam, bool decoupled_default, const at::Tensor& losses,
+bool train_steps_fast(py::handle optimizer, const std::string& name, py::tuple params, const at::Tensor& x,
+                      const at::Tensor& target, int64_t batch_size, py::handle order, int64_t first_step,
+                      int64_t num_steps, bool mean, py::handle lr_scale, const at::Tensor& losses,
                       const at::Tensor& steps_done, const std::string& activation) {
   const std::optional<Activation> act = find_activation(activation);
   if (!act) return false;
   TrainCall call;
   call.act = *act;
-  if (!read_optimizer(optimizer.ptr(), params, adam, decoupled_default, call)) return false;
+  Created created;
+  if (!read_plain(optimizer.ptr(), name, params, call, created)) return false;
   set_run(call, x, target, batch_size, order, first_step, num_steps, mean, lr_scale, losses, steps_done);
   if (!run_released("fusedgrad.Trainer.fit", call)) return false;
+  created.store();
   mark_stepped(optimizer.ptr());
   return true;
 }
@@ -335,17 +277,24 @@ bool train_steps_fast(py::handle optimizer, py::tuple params, const at::Tensor& 
 void register_trainer(py::module& m) {
   m.def(
       "train_steps",
-      [](const std::string& fn, py::sequence params, py::sequence grads, py::sequence rules, const at::Tensor& x,
-         const at::Tensor& target, int64_t batch_size, py::handle order, int64_t first_step, int64_t num_steps,
-         bool mean, py::handle lr_scale, const at::Tensor& losses, py::handle steps_done,
-         const std::string& activation) {
-        translating_errors(train_steps_py)(fn, params, grads, rules, x, target, batch_size, order, first_step,
-                                           num_steps, mean, lr_scale, losses, steps_done, activation);
+      [](const std::string& fn, py::handle optimizer, const std::string& name, py::sequence params,
+         py::sequence grads, py::sequence names, const at::Tensor& x, const at::Tensor& target, int64_t batch_size,
+         py::handle order, int64_t first_step, int64_t num_steps, bool mean, py::handle lr_scale,
+         const at::Tensor& losses, py::handle steps_done, const std::string& activation) {
+        translating_errors(train_steps_py)(fn, optimizer, name, params, grads, names, x, target, batch_size, order,
+                                           first_step, num_steps, mean, lr_scale, losses, steps_done, activation);
       },
       "Fused training steps of fusedgrad.Trainer (see csrc/trainer/train_bindings.cpp).");
   m.def("_testing_fail_after_first_update", &set_fail_after_first_update,
         "TEST-ONLY: while on, every fused training run raises right after the first parameter's optimizer update "
         "(tests/test_no_double_update.py). Never use outside the tests.");
+  m.def(
+      "read_optimizer",
+      [](const std::string& fn, py::handle optimizer, const std::string& name, py::sequence params,
+         py::sequence names) { return translating_errors(read_optimizer_py)(fn, optimizer, name, params, names); },
+      "What the fused trainer reads from the optimizer for each parameter (see csrc/trainer/binding_helpers.h).");
+  m.def("optimizer_descriptions", &optimizer_descriptions,
+        "The fused trainer's optimizer descriptions: options, state names (csrc/trainer/optimizers.h).");
   m.def("train_step_fast", &train_step_fast,
         "Trainer.step's common case, read straight from the optimizer; None: take the Python route.");
   m.def("train_steps_fast", &train_steps_fast,

@@ -21,7 +21,7 @@
 // is the same bit for bit whatever the number of threads, and a model of an
 // ensemble gets exactly the numbers it would get trained alone.
 //
-// Then the optimizer updates the model's parameters (optimizer_update.h) and
+// Then the optimizer updates the model's parameters (optimizers.h) and
 // the next step begins. For one model, the chunks of a step run in parallel
 // when the step is large enough to pay for it; for several, whole models
 // (all their steps) run in parallel, one model per task.
@@ -308,21 +308,13 @@ FUSEDGRAD_CPU_INLINE void chunk_sums(const Dims& d, const SumLayout& lay, const 
 // The optimizer update of a parameter slice (one model's, or several models'
 // that share their learning rate), its gradient written.
 struct SliceUpdate {
-  const UpdateRule* rule;
+  const AnyOptimizer* rule;
+  const AnyTerms* terms;  // the step's terms, or null: computed from t
+  double t;               // the step count of this step (from 1), for descriptions that count
   double lr;
-  AdamStepScalars adam;
-  bool fresh_buffer;
+  bool fresh;
   int64_t n;
 };
-
-template <typename T>
-FUSEDGRAD_CPU_INLINE void update_slice(T* grad, T* param, T* s1, T* s2, T* s3, const SliceUpdate& u) {
-  if (u.rule->kind == OptimizerKind::SGD) {
-    sgd_update<T>(*u.rule, u.lr, param, grad, s1, u.fresh_buffer, u.n);
-  } else {
-    adam_update<T>(*u.rule, u.adam, param, grad, s1, s2, s3, u.n);
-  }
-}
 
 // The narrowest widths — curve fits and surrogates of one or two inputs and
 // one output, seed-004's 1→20→1 among them — with σ (the default, and every
@@ -356,13 +348,13 @@ FUSEDGRAD_CPU_CLONES void chunk_sums_kernel(const Dims& d, const SumLayout& lay,
                                               double* sums) {
   chunk_sums_any_widths<double>(d, lay, m, rows, part, c, two_c, sums);
 }
-FUSEDGRAD_CPU_CLONES void update_kernel(float* grad, float* param, float* s1, float* s2, float* s3,
+FUSEDGRAD_CPU_CLONES void update_kernel(float* grad, float* param, const StatePtrs<float>& st,
                                           const SliceUpdate& u) {
-  update_slice<float>(grad, param, s1, s2, s3, u);
+  apply_update<float>(*u.rule, u.terms, u.t, u.lr, param, grad, st, u.fresh, u.n);
 }
-FUSEDGRAD_CPU_CLONES void update_kernel(double* grad, double* param, double* s1, double* s2, double* s3,
+FUSEDGRAD_CPU_CLONES void update_kernel(double* grad, double* param, const StatePtrs<double>& st,
                                           const SliceUpdate& u) {
-  update_slice<double>(grad, param, s1, s2, s3, u);
+  apply_update<double>(*u.rule, u.terms, u.t, u.lr, param, grad, st, u.fresh, u.n);
 }
 
 // ---------------------------------------------------------------------------
@@ -374,15 +366,19 @@ struct Run {
   Dims d;
   SumLayout lay;
   std::array<T*, kNumParams> param{}, grad{};
-  std::array<T*, kNumParams> s1{}, s2{}, s3{};  // state: m | buffer, v, v̂
+  std::array<StatePtrs<T>, kNumParams> state{};  // the optimizer state tensors (optimizers.h: kState)
   std::array<int64_t, kNumParams> per_model{};   // elements of one model's slice
-  std::array<double, kNumParams> step0{};        // Adam step count before this call
+  std::array<double, kNumParams> step0{};        // step count before this call
+  std::array<double, kNumParams> lr{};           // the group's lr
+  // Whether parameter p's step terms are those of the previous parameter (the same options
+  // and step count: usually all four), decided once per call, not per step.
+  std::array<bool, kNumParams> same_terms_as_previous{};
   const T* x;
   const T* t;
   int64_t x_model_stride, t_model_stride;
   const int64_t* order;
   T* losses;
-  std::vector<AdamBiasCorrections> bias_corrections;  // [step · kNumParams + p], for ensembles
+  std::vector<AnyTerms> terms;  // [step · kNumParams + p]: each step's terms, for ensembles
 
   Run(const TrainCall& c, const Dims& dims) : call(c), d(dims), lay(dims) {
     for (int p = 0; p < kNumParams; ++p) {
@@ -391,13 +387,21 @@ struct Run {
       grad[p] = c.grads[p].data_ptr<T>();
       per_model[p] = c.params[p].numel() / d.K;
       const ParamState& st = c.state[p];
-      if (st.exp_avg.defined()) s1[p] = st.exp_avg.data_ptr<T>();
-      if (st.exp_avg_sq.defined()) s2[p] = st.exp_avg_sq.data_ptr<T>();
-      if (st.max_exp_avg_sq.defined()) s3[p] = st.max_exp_avg_sq.data_ptr<T>();
+      for (int i = 0; i < kMaxState; ++i) {
+        if (st.state[i].defined()) state[p][i] = st.state[i].data_ptr<T>();
+      }
       if (st.step.defined()) {  // a one-element float tensor on the CPU (check_call)
         step0[p] = st.step.scalar_type() == at::kFloat ? static_cast<double>(*st.step.data_ptr<float>())
                                                        : *st.step.data_ptr<double>();
       }
+    }
+    int previous = -1;
+    for (int p = 0; p < kNumParams; ++p) {
+      if (!param[p]) continue;
+      lr[p] = optimizer_lr(c.state[p].rule);
+      same_terms_as_previous[p] =
+          previous >= 0 && step0[previous] == step0[p] && c.state[previous].rule == c.state[p].rule;
+      previous = p;
     }
     x = c.x.data_ptr<T>();
     t = c.target.data_ptr<T>();
@@ -405,14 +409,23 @@ struct Run {
     t_model_stride = c.target.dim() == 3 ? d.N * d.O : 0;
     order = c.order.defined() ? c.order.data_ptr<int64_t>() : nullptr;
     losses = c.losses.data_ptr<T>();
-    if (d.K > 1) {  // every model takes the same steps: their bias corrections once
-      bias_corrections.resize(static_cast<size_t>(c.num_steps * kNumParams));
+    if (d.K > 1) {  // every model takes the same steps: their terms (Adam: two pow) once
+      terms.resize(static_cast<size_t>(c.num_steps * kNumParams));
       for (int64_t step = 0; step < c.num_steps; ++step) {
         for (int p = 0; p < kNumParams; ++p) {
-          const ParamState& st = c.state[p];
-          if (!param[p] || st.rule.kind != OptimizerKind::Adam) continue;
-          bias_corrections[step * kNumParams + p] =
-              adam_bias_corrections(st.rule, step0[p] + static_cast<double>(step + 1));
+          if (!param[p]) continue;
+          const double t = step0[p] + static_cast<double>(step + 1);
+          AnyTerms& here = terms[step * kNumParams + p];
+          if (same_terms_as_previous[p]) {
+            for (int q = p - 1; q >= 0; --q) {
+              if (param[q]) {
+                here = terms[step * kNumParams + q];
+                break;
+              }
+            }
+          } else {
+            here = step_terms(c.state[p].rule, t);
+          }
         }
       }
     }
@@ -465,31 +478,26 @@ struct Run {
   }
 
   void update_slices(int64_t k0, int64_t k1, int64_t step, double lr_scale) const {
-    // Adam's per-step scalars (two pow each) once for the parameters that share
-    // their group's options and step count — usually all four; an ensemble's
-    // models read the bias corrections computed once per step (bias_corrections).
-    const UpdateRule* last_rule = nullptr;
-    double last_t = 0;
-    AdamStepScalars last{0, 1, 1};
+    // The step's terms (Adam: two pow) once for the parameters that share their group's
+    // options and step count — usually all four; an ensemble's models read those
+    // computed once per step (`terms`).
+    AnyTerms last;
     for (int p = 0; p < kNumParams; ++p) {
       if (!param[p]) continue;
       const ParamState& st = call.state[p];
       const int64_t off = k0 * per_model[p];
-      SliceUpdate u{&st.rule, st.rule.lr * lr_scale, {0, 1, 1}, st.buffer_fresh && step == 0,
-                    (k1 - k0) * per_model[p]};
-      if (st.rule.kind == OptimizerKind::Adam) {
-        const double t = step0[p] + static_cast<double>(step + 1);
-        if (!(last_rule && t == last_t && same_adam_options(*last_rule, st.rule))) {
-          last = bias_corrections.empty()
-              ? adam_step_scalars(st.rule, u.lr, t)
-              : adam_step_scalars(st.rule, u.lr, bias_corrections[step * kNumParams + p]);
-          last_rule = &st.rule;
-          last_t = t;
-        }
-        u.adam = last;
+      const double t = step0[p] + static_cast<double>(step + 1);
+      const AnyTerms* cached = nullptr;
+      if (!terms.empty()) {
+        cached = &terms[step * kNumParams + p];
+      } else {
+        if (!same_terms_as_previous[p]) last = step_terms(st.rule, t);
+        cached = &last;
       }
-      auto at = [&](T* base) { return base ? base + off : nullptr; };
-      update_kernel(grad[p] + off, param[p] + off, at(s1[p]), at(s2[p]), at(s3[p]), u);
+      const SliceUpdate u{&st.rule, cached, t, lr[p] * lr_scale, st.fresh && step == 0, (k1 - k0) * per_model[p]};
+      StatePtrs<T> sp{};
+      for (int i = 0; i < kMaxState; ++i) sp[i] = state[p][i] ? state[p][i] + off : nullptr;
+      update_kernel(grad[p] + off, param[p] + off, sp, u);
       if (fail_after_first_update.load(std::memory_order_relaxed)) {  // test-only (train_step.h)
         TORCH_CHECK(false, "fusedgrad: test-only failure injected after the update of parameter ",
                     (p == kW1 ? "w1" : p == kB1 ? "b1" : p == kW2 ? "w2" : "b2"),
@@ -540,7 +548,7 @@ struct Run {
   }
 };
 
-// Adam's step count, once per parameter tensor (all models share it).
+// The step counts, once per parameter tensor (all models share it).
 void write_step_counts(const TrainCall& call, const std::array<double, kNumParams>& step0) {
   for (int p = 0; p < kNumParams; ++p) {
     const at::Tensor& st = call.state[p].step;
@@ -746,18 +754,18 @@ void run_all(const TrainCall& call, const Dims& d) {
 
 const char* kParamNames[kNumParams] = {"w1", "b1", "w2", "b2"};
 
-// `what` names the tensor in pieces (e.g. "optimizer state of ", "w1", " 'exp_avg'"),
+// `what` names the tensor in pieces (e.g. "optimizer state of ", "w1", " '", "exp_avg", "'"),
 // joined only when a check fails: this runs at every step.
-void check_like(const char* fn, const char* what0, const char* what1, const char* what2, const at::Tensor& t,
-                const at::Tensor& param) {
-  TORCH_CHECK_VALUE(t.defined(), fn, ": ", what0, what1, what2, " is missing");
-  TORCH_CHECK_TYPE(t.scalar_type() == param.scalar_type(), fn, ": ", what0, what1, what2, " has dtype ",
+template <typename... What>
+void check_like(const char* fn, const at::Tensor& t, const at::Tensor& param, const What&... what) {
+  TORCH_CHECK_VALUE(t.defined(), fn, ": ", what..., " is missing");
+  TORCH_CHECK_TYPE(t.scalar_type() == param.scalar_type(), fn, ": ", what..., " has dtype ",
                    t.scalar_type(), " but its parameter has ", param.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == param.device(), fn, ": ", what0, what1, what2, " is on ", t.device(),
+  TORCH_CHECK_VALUE(t.device() == param.device(), fn, ": ", what..., " is on ", t.device(),
                     " but its parameter is on ", param.device());
-  TORCH_CHECK_VALUE(t.sizes().equals(param.sizes()), fn, ": ", what0, what1, what2, " has shape ",
+  TORCH_CHECK_VALUE(t.sizes().equals(param.sizes()), fn, ": ", what..., " has shape ",
                     shape_str(t.sizes()), " but its parameter has shape ", shape_str(param.sizes()));
-  TORCH_CHECK_VALUE(t.is_contiguous(), fn, ": ", what0, what1, what2, " must be contiguous");
+  TORCH_CHECK_VALUE(t.is_contiguous(), fn, ": ", what..., " must be contiguous");
 }
 
 Dims check_call(const char* fn, const TrainCall& c) {
@@ -787,18 +795,17 @@ Dims check_call(const char* fn, const TrainCall& c) {
                       " but w1 is on ", w1.device());
     TORCH_CHECK_VALUE(t.is_contiguous(), fn, ": parameter ", kParamNames[p], " must be contiguous");
     const char* pname = kParamNames[p];
-    check_like(fn, "the gradient buffer of ", pname, "", c.grads[p], t);
+    check_like(fn, c.grads[p], t, "the gradient buffer of ", pname);
     const ParamState& st = c.state[p];
     const char* state_of = "optimizer state of ";
-    if (st.rule.kind == OptimizerKind::Adam) {
-      check_like(fn, state_of, pname, " 'exp_avg'", st.exp_avg, t);
-      check_like(fn, state_of, pname, " 'exp_avg_sq'", st.exp_avg_sq, t);
-      if (st.rule.amsgrad) check_like(fn, state_of, pname, " 'max_exp_avg_sq'", st.max_exp_avg_sq, t);
+    const auto used = used_state(st.rule);
+    for (int i = 0; i < kMaxState; ++i) {
+      if (used[i]) check_like(fn, st.state[i], t, state_of, pname, " '", used[i], "'");
+    }
+    if (has_step_count(st.rule)) {
       TORCH_CHECK_VALUE(st.step.defined() && st.step.numel() == 1 && st.step.device().is_cpu() &&
                             (st.step.scalar_type() == at::kFloat || st.step.scalar_type() == at::kDouble),
                         fn, ": ", state_of, pname, " 'step' must be a one-element float tensor on the CPU");
-    } else if (st.rule.momentum != 0) {
-      check_like(fn, state_of, pname, " 'momentum_buffer'", st.exp_avg, t);
     }
   }
   auto check_bias = [&](int p, int64_t width) {
@@ -873,9 +880,9 @@ void train_steps(const char* fn, TrainCall& call, bool* started) {
   // ops do), so a graph that saved a parameter before the step refuses to use it.
   for (int p = 0; p < kNumParams; ++p) {
     if (!call.params[p].defined()) continue;
-    for (const at::Tensor* t : {&call.params[p], &call.grads[p], &call.state[p].exp_avg, &call.state[p].exp_avg_sq,
-                                &call.state[p].max_exp_avg_sq}) {
-      if (t->defined()) t->unsafeGetTensorImpl()->bump_version();
+    for (const at::Tensor* t : {&call.params[p], &call.grads[p]}) t->unsafeGetTensorImpl()->bump_version();
+    for (const at::Tensor& t : call.state[p].state) {
+      if (t.defined()) t.unsafeGetTensorImpl()->bump_version();
     }
   }
 }

@@ -15,20 +15,19 @@
 #include <optional>
 
 #include "../common/activation.h"
-#include "optimizer_update.h"
+#include "optimizers.h"
 
 namespace fusedgrad::trainer {
 
 enum ParamIndex { kW1 = 0, kB1, kW2, kB2, kNumParams };
 
-// One parameter tensor's optimizer state, as torch.optim keeps it.
+// One parameter tensor's optimizer: its description with its group's options
+// (optimizers.h) and its state, as torch.optim keeps it (binding_helpers.h reads both).
 struct ParamState {
-  UpdateRule rule;
-  at::Tensor step;        // Adam: 0-dim float step count (incremented per step)
-  at::Tensor exp_avg;     // Adam: m;   SGD: the momentum buffer
-  at::Tensor exp_avg_sq;  // Adam: v
-  at::Tensor max_exp_avg_sq;  // Adam with amsgrad: v̂
-  bool buffer_fresh = false;  // SGD: the momentum buffer holds nothing yet
+  AnyOptimizer rule;
+  std::array<at::Tensor, kMaxState> state;  // the description's kState, undefined where unused
+  at::Tensor step;         // the 0-dim float step count (incremented per step), where it keeps one
+  bool fresh = false;      // the state holds nothing yet: the first gradient fills it (SGD's buffer)
 };
 
 struct TrainCall {
@@ -52,7 +51,7 @@ struct TrainCall {
   at::Tensor steps_done;     // int64 (1,): steps completed so far (for interruption)
 };
 
-// Writes Adam's step count back into the optimizer's one-element float32 or float64 `step` tensor.
+// Writes a step count back into the optimizer's one-element float32 or float64 `step` tensor.
 inline void write_step_count(const at::Tensor& step, double value) {
   if (step.scalar_type() == at::kFloat) {
     *step.data_ptr<float>() = static_cast<float>(value);

@@ -17,7 +17,8 @@ The seed problem is the curve fit of the notebooks: 1→20→1 on 100 points, ``
   ``jit(train_step)`` called per step, and all steps as one ``lax.scan`` under ``jit``.
 
 The grid repeats the native, Trainer and JAX routes over the N×D→H→O shapes of the op bench
-(``Adam(lr=1e-3)``). Each route first trains a few steps from the same start and must end at
+(``Adam(lr=1e-3)``). The optimizer rows time the seed problem's native loop and ``Trainer.fit``
+with the other optimizers the Trainer runs (RMSprop, Adagrad), in the same run. Each route first trains a few steps from the same start and must end at
 the notebook route's parameters (float32 tolerance), so every timed route does the same work.
 """
 import copy
@@ -88,10 +89,12 @@ def _params_of(net):
                                                      net.linear2.weight, net.linear2.bias))
 
 
-def _notebook_loop(net, problem, fused_adam=False):
-    """The notebook's loop over `net`: MSELoss()(net(x), y), zero_grad, backward, Adam step."""
+def _notebook_loop(net, problem, fused_adam=False, make_opt=None):
+    """The notebook's loop over `net`: MSELoss()(net(x), y), zero_grad, backward, Adam step
+    (or make_opt(params)'s step)."""
     loss_func = nn.MSELoss()
-    opt = torch.optim.Adam(net.parameters(), lr=problem.lr, fused=fused_adam)
+    opt = make_opt(net.parameters()) if make_opt else torch.optim.Adam(net.parameters(), lr=problem.lr,
+                                                                         fused=fused_adam)
     x, y = problem.x, problem.y
 
     def run(steps):
@@ -173,9 +176,10 @@ def prepare_step(problem):
     return run, _params_of(net)
 
 
-def prepare_fit(problem):
+def prepare_fit(problem, make_opt=None):
     net = problem.fused()
-    trainer = Trainer(net, torch.optim.Adam(net.parameters(), lr=problem.lr))
+    opt = make_opt(net.parameters()) if make_opt else torch.optim.Adam(net.parameters(), lr=problem.lr)
+    trainer = Trainer(net, opt)
     x, y = problem.x, problem.y
 
     def run(steps):
@@ -257,6 +261,19 @@ ROUTES = {
     "jax_scan": (prepare_jax_scan, jax_available),
 }
 SEED_ROUTES = tuple(ROUTES)
+# The seed problem with the other optimizers: (label, factory); the native loop against Trainer.fit.
+OPTIMIZERS = {
+    "rmsprop": ("RMSprop(lr=0.01)", lambda p: torch.optim.RMSprop(p, lr=0.01)),
+    "rmsprop_centered_momentum": ("RMSprop(lr=0.005, momentum=0.9, centered=True)",
+                                  lambda p: torch.optim.RMSprop(p, lr=0.005, momentum=0.9, centered=True)),
+    "adagrad": ("Adagrad(lr=0.2)", lambda p: torch.optim.Adagrad(p, lr=0.2)),
+    "adagrad_decay": ("Adagrad(lr=0.2, lr_decay=0.01, weight_decay=1e-4)",
+                      lambda p: torch.optim.Adagrad(p, lr=0.2, lr_decay=0.01, weight_decay=1e-4)),
+}
+OPTIMIZER_ROUTES = {
+    "notebook": lambda problem, make: _notebook_loop(problem.net(), problem, make_opt=make),
+    "fit": lambda problem, make: prepare_fit(problem, make),
+}
 GRID_ROUTES = ("notebook", "fused_adam", "step", "fit", "jax_scan")
 
 
@@ -277,10 +294,10 @@ def check_agreement(problem, routes):
                                      f"{CHECK_STEPS} steps (max parameter difference {err:.2e})")
 
 
-def time_route(name, problem, steps, repeats):
+def time_route(name, problem, steps, repeats, prepare=None):
     """µs per step: the best of `repeats` whole loops of `steps` steps (a shared machine only ever
     adds time), after one untimed loop (lazy state, compilation). Returns (µs, first-loop seconds)."""
-    run, _ = ROUTES[name][0](problem)
+    run, _ = (prepare or ROUTES[name][0])(problem)
     t0 = time.perf_counter()
     run(steps)
     first = time.perf_counter() - t0
@@ -299,8 +316,36 @@ def grid_steps(shape):
     return max(5, min(SEED_STEPS, int(2e8 / (3 * macs))))
 
 
+def run_optimizer_rows(quick=False, repeats=5, progress=print):
+    """The seed problem with each of OPTIMIZERS: the native loop and Trainer.fit, same run, after both
+    ended CHECK_STEPS steps at the same parameters. Rows {"optimizer", "label", "us_per_step": {route: µs}}."""
+    seed = Problem(*SEED_SHAPE, lr=SEED_LR)
+    steps = 20 if quick else SEED_STEPS
+    rows = []
+    for key, (label, make) in OPTIMIZERS.items():
+        ends = {}
+        for route, prepare in OPTIMIZER_ROUTES.items():
+            run, params = prepare(seed, make)
+            run(CHECK_STEPS)
+            ends[route] = params()
+        for a, b in zip(ends["fit"], ends["notebook"]):
+            err = (a - b).abs().max().item()
+            if not err <= 1e-3 * max(1.0, b.abs().max().item()):
+                raise AssertionError(f"{label}: Trainer.fit disagrees with the native loop after {CHECK_STEPS} steps "
+                                     f"(max parameter difference {err:.2e})")
+        row = {"optimizer": key, "label": label, "steps": steps, "us_per_step": {}}
+        for route, prepare in OPTIMIZER_ROUTES.items():
+            row["us_per_step"][route], _ = time_route(route, seed, steps, 1 if quick else repeats,
+                                                      prepare=lambda p, prepare=prepare: prepare(p, make))
+        us = row["us_per_step"]
+        progress(f"  seed {label}: native {us['notebook']:.2f}, fit {us['fit']:.3f} µs per step "
+                 f"({us['notebook'] / us['fit']:.0f}×)")
+        rows.append(row)
+    return rows
+
+
 def run_training_bench(quick=False, compile=True, repeats=5, progress=print):
-    """Returns {"seed": [...], "grid": [...]} rows with µs per step per route."""
+    """Returns {"seed": [...], "optimizers": [...], "grid": [...]} rows with µs per step per route."""
     available = [r for r in ROUTES if ROUTES[r][1]() and (compile or r != "compile")]
     out = {"seed": [], "grid": []}
     seed = Problem(*SEED_SHAPE, lr=SEED_LR)
@@ -311,6 +356,7 @@ def run_training_bench(quick=False, compile=True, repeats=5, progress=print):
         us, first = time_route(name, seed, steps, 1 if quick else repeats)
         out["seed"].append({"route": name, "us_per_step": us, "steps": steps, "first_loop_s": first})
         progress(f"  seed {name}: {us:.2f} µs per step")
+    out["optimizers"] = run_optimizer_rows(quick, repeats, progress)
     if quick:
         return out
     for shape in GRID:
@@ -338,6 +384,13 @@ def markdown(result):
         lines.append("")
         lines.append(f"`fit` against JAX's `lax.scan`: {seed['jax_scan']['us_per_step'] / seed['fit']['us_per_step']:.2f}× "
                      "(same run).")
+    if result.get("optimizers"):
+        lines += ["", "The seed problem with the other optimizers the Trainer runs (same run), µs per step:", "",
+                  "| optimizer | native loop | Trainer.fit | fit × native |", "|---|---:|---:|---:|"]
+        for row in result["optimizers"]:
+            us = row["us_per_step"]
+            lines.append(f"| `{row['label']}` | {us['notebook']:.2f} | {us['fit']:.3f} | "
+                         f"{us['notebook'] / us['fit']:.0f}× |")
     if result["grid"]:
         routes = [r for r in GRID_ROUTES if r in result["grid"][0]["us_per_step"]]
         lines += ["", "Grid (Adam(lr=1e-3), full batch), µs per step and × the native loop:", "",
