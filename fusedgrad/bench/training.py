@@ -18,7 +18,10 @@ The seed problem is the curve fit of the notebooks: 1→20→1 on 100 points, ``
 
 The grid repeats the native, Trainer and JAX routes over the N×D→H→O shapes of the op bench
 (``Adam(lr=1e-3)``). The optimizer rows time the seed problem's native loop and ``Trainer.fit``
-with the other optimizers the Trainer runs (RMSprop, Adagrad), in the same run. Each route first trains a few steps from the same start and must end at
+with the other optimizers the Trainer runs (RMSprop, Adagrad), in the same run; the L-BFGS row
+runs ``LBFGS(lr=1, max_iter=20, history_size=10, line_search_fn="strong_wolfe")`` for 50
+``opt.step(closure)`` calls natively, through ``Trainer.fit`` and (scipy installed) as scipy's
+L-BFGS-B on the same flattened problem, reporting wall time, loss evaluations and the final loss. Each route first trains a few steps from the same start and must end at
 the notebook route's parameters (float32 tolerance), so every timed route does the same work.
 """
 import copy
@@ -344,6 +347,98 @@ def run_optimizer_rows(quick=False, repeats=5, progress=print):
     return rows
 
 
+# L-BFGS on the seed problem: the options of the issue's measurement, opt.step(closure) `LBFGS_STEPS` times.
+LBFGS_OPTIONS = {"lr": 1.0, "max_iter": 20, "history_size": 10, "line_search_fn": "strong_wolfe"}
+LBFGS_STEPS = 50
+
+
+def _lbfgs_native(seed, steps):
+    """The closure loop as torch documents it: each evaluation runs the net and autograd in Python."""
+    net = seed.net()
+    opt = torch.optim.LBFGS(net.parameters(), **LBFGS_OPTIONS)
+    loss_func = nn.MSELoss()
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_func(net(seed.x), seed.y)
+        loss.backward()
+        return loss
+
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        opt.step(closure)
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        loss = loss_func(net(seed.x), seed.y).item()
+    return seconds, loss, opt.state[opt._params[0]]["func_evals"]
+
+
+def _lbfgs_fit(seed, steps):
+    """Trainer.fit with the same LBFGS: `steps` whole opt.step(closure) calls in C++."""
+    net = seed.fused()
+    opt = torch.optim.LBFGS(net.parameters(), **LBFGS_OPTIONS)
+    trainer = Trainer(net, opt)
+    t0 = time.perf_counter()
+    trainer.fit(seed.x, seed.y, steps)
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        loss = net.loss(seed.x, seed.y).item()
+    return seconds, loss, opt.state[opt.param_groups[0]["params"][0]]["func_evals"]
+
+
+def _lbfgs_scipy(seed, steps):
+    """scipy.optimize.minimize(method="L-BFGS-B") on the same flattened float64 problem (the loss and its
+    gradient from one fused call), with the same history (maxcor) and at most steps × max_iter iterations."""
+    from scipy.optimize import minimize
+
+    from ..functional import mlp_loss_and_grads
+
+    net = seed.fused().double()
+    shapes = [p.shape for p in net.parameters()]
+    x, y = seed.x.double(), seed.y.double()
+    evals = [0]
+
+    def f(theta):
+        evals[0] += 1
+        t = torch.from_numpy(theta)
+        parts, off = [], 0
+        for shape in shapes:
+            n = shape.numel()
+            parts.append(t[off:off + n].view(shape))
+            off += n
+        loss, grads = mlp_loss_and_grads(x, parts[0], parts[1], parts[2], parts[3], y, wrt=("w1", "b1", "w2", "b2"))
+        return loss.item(), torch.cat([g.reshape(-1) for g in grads[1:5]]).numpy()
+
+    theta0 = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).numpy()
+    t0 = time.perf_counter()
+    res = minimize(f, theta0, jac=True, method="L-BFGS-B",
+                   options={"maxiter": steps * LBFGS_OPTIONS["max_iter"], "maxcor": LBFGS_OPTIONS["history_size"]})
+    return time.perf_counter() - t0, float(res.fun), evals[0]
+
+
+def run_lbfgs_row(quick=False, repeats=3, progress=print):
+    """L-BFGS on the seed problem: the native closure loop, Trainer.fit, and scipy's L-BFGS-B when scipy is
+    importable; best of `repeats` wall times, the final loss and the number of loss evaluations."""
+    seed = Problem(*SEED_SHAPE, lr=SEED_LR)
+    steps = 5 if quick else LBFGS_STEPS
+    routes = {"native": _lbfgs_native, "fit": _lbfgs_fit}
+    try:
+        import scipy.optimize  # noqa: F401
+        routes["scipy"] = _lbfgs_scipy
+    except ImportError:
+        pass
+    row = {"options": {k: v for k, v in LBFGS_OPTIONS.items()}, "steps": steps, "ms": {}, "loss": {}, "evals": {}}
+    for name, run in routes.items():
+        best = None
+        for _ in range(1 if quick else repeats):
+            seconds, loss, evals = run(seed, steps)
+            if best is None or seconds < best[0]:
+                best = (seconds, loss, evals)
+        row["ms"][name], row["loss"][name], row["evals"][name] = best[0] * 1e3, best[1], best[2]
+        progress(f"  seed LBFGS {name}: {best[0] * 1e3:.1f} ms, loss {best[1]:.4e}, {best[2]} evaluations")
+    return row
+
+
 def run_training_bench(quick=False, compile=True, repeats=5, progress=print):
     """Returns {"seed": [...], "optimizers": [...], "grid": [...]} rows with µs per step per route."""
     available = [r for r in ROUTES if ROUTES[r][1]() and (compile or r != "compile")]
@@ -357,6 +452,7 @@ def run_training_bench(quick=False, compile=True, repeats=5, progress=print):
         out["seed"].append({"route": name, "us_per_step": us, "steps": steps, "first_loop_s": first})
         progress(f"  seed {name}: {us:.2f} µs per step")
     out["optimizers"] = run_optimizer_rows(quick, repeats, progress)
+    out["lbfgs"] = run_lbfgs_row(quick, min(repeats, 3), progress)
     if quick:
         return out
     for shape in GRID:
@@ -391,6 +487,18 @@ def markdown(result):
             us = row["us_per_step"]
             lines.append(f"| `{row['label']}` | {us['notebook']:.2f} | {us['fit']:.3f} | "
                          f"{us['notebook'] / us['fit']:.0f}× |")
+    if result.get("lbfgs"):
+        row = result["lbfgs"]
+        opts = ", ".join(f"{k}={v!r}" for k, v in row["options"].items())
+        names = {"native": "native: `opt.step(closure)`", "fit": "`Trainer.fit(x, y, steps)`",
+                 "scipy": "scipy `minimize(method=\"L-BFGS-B\")`, fused loss and gradient"}
+        lines += ["", f"The seed problem with `LBFGS({opts})`, {row['steps']} steps (same run):", "",
+                  "| route | ms | loss evaluations | µs per evaluation | final loss | × native |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, ms in row["ms"].items():
+            evals = row["evals"][name]
+            lines.append(f"| {names[name]} | {ms:.1f} | {evals} | {ms * 1e3 / max(evals, 1):.1f} | "
+                         f"{row['loss'][name]:.4e} | {row['ms']['native'] / ms:.0f}× |")
     if result["grid"]:
         routes = [r for r in GRID_ROUTES if r in result["grid"][0]["us_per_step"]]
         lines += ["", "Grid (Adam(lr=1e-3), full batch), µs per step and × the native loop:", "",
