@@ -468,3 +468,19 @@ def test_lbfgs_float32_trains():
     expected = lbfgs_reference(ref, make(ref.parameters()), x, y, 3)
     assert torch.isfinite(got).all() and got[-1] < 0.05 * got[0]
     assert got[-1] < 3 * expected[-1]
+
+
+@pytest.mark.parametrize("key, bad", [("d", lambda t: t[:-1]), ("prev_flat_grad", lambda t: t.double()),
+                                      ("old_dirs", lambda t: [t[:3]])])
+def test_lbfgs_state_of_the_wrong_size_is_refused(key, bad):
+    """The C++ loop walks the state's flat vectors as raw arrays: one that does not hold exactly the flat
+    parameters (size, dtype) is refused by name before anything is read."""
+    net = fusedgrad.FusedMLP(1, 4, 1)
+    x = torch.rand(10, 1)
+    opt = torch.optim.LBFGS(net.parameters(), max_iter=3)
+    trainer = fusedgrad.Trainer(net, opt)
+    trainer.fit(x, x, 1)
+    state = opt.state[opt.param_groups[0]["params"][0]]
+    state[key] = bad(state[key][0] if key == "old_dirs" else state[key])
+    with pytest.raises(ValueError, match=f"optimizer.state's '{key}' must hold the 13 flat parameters"):
+        trainer.fit(x, x, 1)
