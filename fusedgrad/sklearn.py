@@ -49,6 +49,7 @@ from sklearn.metrics import r2_score
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPRegressor as _SkMLPRegressor
 from sklearn.utils import check_random_state
+from sklearn.utils.metaestimators import available_if
 from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
@@ -106,8 +107,12 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
       whatever the input's dtype (sklearn computes in the input's float32/float64; predictions
       are returned in the input's float dtype, as sklearn's). Pass ``dtype=np.float64`` for
       sklearn's float64 results.
-    * ``solver='lbfgs'`` raises ValueError (L-BFGS is not available yet; ``max_fun`` is accepted
-      and unused); ``loss='poisson'`` raises ValueError (squared error only).
+    * ``solver='lbfgs'`` runs sklearn's optimizer — scipy's L-BFGS-B, ``maxiter=max_iter``,
+      ``maxfun=max_fun``, ``gtol=tol`` — on sklearn's objective, its loss and gradient from one fused
+      pass per evaluation in ``dtype`` (scipy's vectors are float64); ``verbose`` prints nothing for it,
+      and ``partial_fit`` is not available with it (as sklearn documents; sklearn 1.9's MLPRegressor
+      keeps the method and runs L-BFGS).
+    * ``loss='poisson'`` raises ValueError (squared error only).
     * ``hidden_layer_sizes=()`` (no hidden layer) raises ValueError: FusedMLP has at least one.
     * no ``sample_weight`` in ``fit`` / ``partial_fit``; sparse ``X`` is refused (sklearn's
       dense-data TypeError) rather than accepted.
@@ -167,6 +172,13 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
         """
         return self._fit(X, y, incremental=False)
 
+    def _check_solver(self):
+        if self.solver not in ("sgd", "adam"):
+            raise AttributeError(f"partial_fit is only available for stochastic optimizers. {self.solver} is not "
+                                 "stochastic.")
+        return True
+
+    @available_if(_check_solver)
     def partial_fit(self, X, y):
         """One epoch over ``X``, ``y``, continuing the weights and the optimizer state. Returns self."""
         return self._fit(X, y, incremental=True)
@@ -199,9 +211,6 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
     def _fit(self, X, y, incremental):
         self._validate_params()
         fn = "fusedgrad.sklearn.MLPRegressor"
-        if self.solver == "lbfgs":
-            raise ValueError(f"{fn}: solver='lbfgs' is not available yet (L-BFGS is not implemented on the fused "
-                             "trainer); use solver='adam' or 'sgd', or sklearn.neural_network.MLPRegressor")
         if self.loss != "squared_error":
             raise ValueError(f"{fn}: only loss='squared_error' is available, got loss={self.loss!r}")
         hidden = self.hidden_layer_sizes
@@ -243,6 +252,15 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
             net = self._net = self._new_net(n_features, self.n_outputs_, tdtype)
             self._opt = self._trainer = None
         self._load_coefs(net)
+        if self.solver == "lbfgs":
+            try:
+                self._fit_lbfgs(net, _as_tensor(X, tdtype), _as_tensor(y, tdtype))
+            finally:
+                self._store_coefs(net)
+            if not all(np.isfinite(w).all() for w in (*self.coefs_, *self.intercepts_)):
+                raise ValueError("Solver produced non-finite parameter weights. The input data may contain large "
+                                 "values and need to be preprocessed.")
+            return self
         if not incremental or getattr(self, "_opt", None) is None:
             self._new_optimizer(net)
 
@@ -316,6 +334,8 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
             self.intercepts_.append(rs.uniform(-bound, bound, fan_out).astype(dtype_name, copy=False))
         self._best_coefs = [c.copy() for c in self.coefs_]
         self._best_intercepts = [i.copy() for i in self.intercepts_]
+        if self.solver == "lbfgs":  # as sklearn: no loss curve, validation scores or best loss for L-BFGS
+            return
         self.loss_curve_ = []
         self._no_improvement_count = 0
         if self.early_stopping:
@@ -326,6 +346,55 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
             self.best_loss_ = np.inf
             self.validation_scores_ = None
             self.best_validation_score_ = None
+
+    def _fit_lbfgs(self, net, x, y):
+        """sklearn's ``_fit_lbfgs``: scipy's L-BFGS-B over the packed coefficients and intercepts (sklearn's
+        order), with ``maxiter=max_iter``, ``maxfun=max_fun``, ``gtol=tol`` — the same optimizer sklearn
+        runs — on sklearn's objective, its value and gradient from one fused pass of the engine:
+
+            loss = ½ mean((p − y)²) + α / (2n) Σ ||W||²,   ∂/∂W = (O/2) ∂mean/∂W + α W / n,   ∂/∂b = (O/2) ∂mean/∂b
+
+        (sklearn's gradient of the data term is (p − y)/n per output, O/2 times that of the mean over
+        n·O elements). The network computes in ``dtype``; scipy's vectors are float64."""
+        from scipy.optimize import minimize
+
+        from .deep import mlp_loss_and_grads
+
+        weights, biases = net._weights_biases()
+        n, c, alpha = x.shape[0], self.n_outputs_ / 2.0, float(self.alpha)
+        act = _ACTIVATIONS[self.activation]
+
+        def unpack(theta):
+            with torch.no_grad():
+                off = 0
+                for w in weights:  # coefs_[l] is (fan_in, fan_out) = W_lᵀ, raveled
+                    k = w.numel()
+                    w.copy_(torch.from_numpy(theta[off:off + k]).view(w.shape[1], w.shape[0]).T)
+                    off += k
+                for b in biases:
+                    b.copy_(torch.from_numpy(theta[off:off + b.numel()]))
+                    off += b.numel()
+
+        def loss_grad(theta):
+            unpack(theta)
+            loss, dws, dbs, _, _ = mlp_loss_and_grads(x, weights, biases, y, reduction="mean", activation=act)
+            w64 = [w.detach().double() for w in weights]
+            l2 = sum(float((w * w).sum()) for w in w64)
+            value = 0.5 * float(loss) + 0.5 * alpha * l2 / n
+            grad = [(c * g.double() + (alpha / n) * w).T.reshape(-1) for g, w in zip(dws, w64)]
+            grad += [c * g.double() for g in dbs]
+            return value, torch.cat(grad).numpy()
+
+        theta0 = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in (*self.coefs_, *self.intercepts_)])
+        res = minimize(loss_grad, theta0, method="L-BFGS-B", jac=True,
+                       options={"maxfun": self.max_fun, "maxiter": self.max_iter, "gtol": self.tol})
+        unpack(res.x)
+        self.n_iter_ = min(int(res.nit), int(self.max_iter))
+        if res.status != 0:
+            warnings.warn(f"lbfgs failed to converge after {self.n_iter_} iteration(s) (status={res.status}): "
+                          f"{res.message}. Increase the number of iterations (max_iter) or scale the data.",
+                          ConvergenceWarning)
+        self.loss_ = float(res.fun)
 
     def _new_net(self, n_features, n_outputs, tdtype):
         hidden = [c.shape[1] for c in self.coefs_[:-1]]

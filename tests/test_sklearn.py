@@ -354,10 +354,39 @@ def test_nan_and_inf_get_sklearns_error():
             MLPRegressor(max_iter=2).fit(X, yb)
 
 
+@pytest.mark.parametrize("outputs", [1, 3])
+@pytest.mark.parametrize("activation, alpha", [("tanh", 0.05), ("logistic", 0.0), ("relu", 1e-3)])
+def test_lbfgs_equals_sklearns(activation, alpha, outputs):
+    """solver='lbfgs': the same scipy L-BFGS-B on the same objective, its gradient from the fused pass —
+    in float64 the same iterations (n_iter_, loss_) and coefficients to rounding, amplified along the
+    run: measured <= 1e-9 after 30 iterations on these problems; asserted 1e-6."""
+    rng = np.random.RandomState(1)
+    X = rng.randn(90, 4)
+    y = rng.randn(90, outputs) if outputs > 1 else np.sin(X.sum(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # both stop at max_iter
+        sk, fu = both(X, y, solver="lbfgs", hidden_layer_sizes=(7, 5), activation=activation, alpha=alpha,
+                      max_iter=30, random_state=0)
+    assert fu.n_iter_ == sk.n_iter_
+    assert abs(fu.loss_ - sk.loss_) <= 1e-8 * max(1.0, sk.loss_)
+    assert rel_diff(sk, fu) < 1e-6
+    for name in ("loss_curve_", "best_loss_", "validation_scores_"):
+        assert hasattr(fu, name) == hasattr(sk, name), name
+
+
+def test_lbfgs_has_no_partial_fit_and_warns_as_sklearn():
+    X, y = friedman(60)
+    est = MLPRegressor(solver="lbfgs", max_iter=3, random_state=0)
+    # sklearn documents partial_fit as stochastic-only (MLPClassifier hides it for lbfgs; MLPRegressor 1.9's
+    # available_if tests the bound method, not its result, so there it stays and runs L-BFGS): hidden here.
+    assert not hasattr(est, "partial_fit")
+    with pytest.warns(ConvergenceWarning, match="lbfgs failed to converge"):
+        est.fit(X, y)
+    assert est.n_iter_ == 3 and np.isfinite(est.loss_)
+
+
 def test_unsupported_options_say_so():
     X, y = friedman(50)
-    with pytest.raises(ValueError, match="L-BFGS is not implemented"):
-        MLPRegressor(solver="lbfgs").fit(X, y)
     with pytest.raises(ValueError, match="squared_error"):
         MLPRegressor(loss="poisson").fit(X, y)
     with pytest.raises(ValueError, match="at least one hidden layer"):
