@@ -10,8 +10,9 @@
 // doubles, as Python floats and float64 0-dim tensors are (a float32 network's
 // LBFGS computes its 0-dim scalars and dot products in float32 in torch, in
 // double here). Measured on the seed net (100×1→20→1, strong Wolfe, 50 steps):
-// 71.7 µs per loss evaluation with ATen's vector ops, 6.8 µs with these (the
-// engine's pass is most of what is left). LBFGS is not element-wise (its dot
+// 71.7 µs per loss evaluation with ATen's vector ops, 6.8 µs with these, 4.7 with
+// the closure on the trainer's rows-in-lanes kernel (narrow_loss_sums) instead
+// of the engine, which pads the 1-wide input and output to whole vectors. LBFGS is not element-wise (its dot
 // products couple every parameter), so it is not in the optimizer registry
 // (optimizers.h); its state, optimizer.state[params[0]] (func_evals, n_iter, d, t, old_dirs, old_stps, ro,
 // H_diag, prev_flat_grad, prev_loss, al), is read at the start of the call and
@@ -36,6 +37,7 @@
 #include "../engine/mlp_engine.h"
 #include "../engine/net_args.h"
 #include "binding_helpers.h"
+#include "train_step.h"  // narrow_loss_sums
 
 namespace fusedgrad::trainer {
 namespace {
@@ -83,21 +85,30 @@ struct Closure {
   // float(closure()); the gradient, flat (_gather_flat_grad: a new tensor).
   double operator()(at::Tensor& flat_grad) {
     const int64_t L = net->shape.layers();
-    engine::Pass<T> pass;
-    pass.shape = &net->shape;
-    for (int64_t l = 0; l < L; ++l) {
-      pass.W.push_back(params[2 * l].data_ptr<T>());
-      pass.b.push_back(params[2 * l + 1].defined() ? params[2 * l + 1].data_ptr<T>() : nullptr);
+    // The narrowest one-hidden-layer nets (the seed fit) through the trainer's rows-in-lanes kernels,
+    // whose sums have the engine's layout there; every other net through the engine.
+    const auto& w = net->shape.width;
+    const bool narrow = L == 2 && params[1].defined() && params[3].defined() &&
+        narrow_loss_sums<T>(N, w[0], w[1], w[2], net->shape.act, params[0].data_ptr<T>(), params[1].data_ptr<T>(),
+                            params[2].data_ptr<T>(), params[3].data_ptr<T>(), x, target,
+                            static_cast<T>(2.0 * cscale), sums);
+    if (!narrow) {
+      engine::Pass<T> pass;
+      pass.shape = &net->shape;
+      for (int64_t l = 0; l < L; ++l) {
+        pass.W.push_back(params[2 * l].data_ptr<T>());
+        pass.b.push_back(params[2 * l + 1].defined() ? params[2 * l + 1].data_ptr<T>() : nullptr);
+      }
+      pass.x = x;
+      pass.target = target;
+      pass.first = 0;
+      pass.count = N;
+      pass.two_c = static_cast<T>(2.0 * cscale);
+      pass.epilogue = engine::Epilogue::LossGrads;
+      pass.sums = sums.data();
+      pass.parallel = true;
+      engine::run(pass);
     }
-    pass.x = x;
-    pass.target = target;
-    pass.first = 0;
-    pass.count = N;
-    pass.two_c = static_cast<T>(2.0 * cscale);
-    pass.epilogue = engine::Epilogue::LossGrads;
-    pass.sums = sums.data();
-    pass.parallel = true;
-    engine::run(pass);
     for (int64_t p = 0; p < 2 * L; ++p) {
       if (!params[p].defined()) continue;
       T* g = grads[p].data_ptr<T>();

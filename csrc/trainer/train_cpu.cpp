@@ -903,4 +903,37 @@ const char* train_path_name(int64_t D, int64_t H, int64_t O, Activation act) {
   return fixed_width_kernel(d) ? "trainer-narrow-fixed" : "trainer-narrow";
 }
 
+template <typename T>
+bool narrow_loss_sums(int64_t N, int64_t D, int64_t H, int64_t O, Activation act, const T* w1, const T* b1,
+                      const T* w2, const T* b2, const T* x, const T* t, T two_c, std::vector<double>& sums) {
+  const char* path = train_path_name(D, H, O, act);
+  if (std::strcmp(path, "trainer-narrow") != 0 && std::strcmp(path, "trainer-narrow-fixed") != 0) return false;
+  const Dims d{1, N, D, H, O, act};
+  const SumLayout lay(d);
+  const ModelPtrs<T> m{w1, b1, w2, b2, x, t};
+  StepRows rows;
+  rows.count = N;
+  const Partition part(N);
+  thread_local std::vector<double> chunks;
+  chunks.resize(static_cast<size_t>(part.chunks * lay.size));
+  auto chunk_range = [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch) chunk_sums_kernel(d, lay, m, rows, part, ch, two_c, chunks.data() + ch * lay.size);
+  };
+  const int64_t chunk_macs = std::max<int64_t>(1, N / std::max<int64_t>(part.chunks, 1)) * d.macs_per_row();
+  at::parallel_for(0, part.chunks, std::max<int64_t>(1, kMinTaskMacs / chunk_macs), chunk_range);
+  sums.assign(static_cast<size_t>(lay.size), 0.0);
+  for (int64_t ch = 0; ch < part.chunks; ++ch) {
+    const double* cs = chunks.data() + ch * lay.size;
+    for (int64_t e = 0; e < lay.size; ++e) sums[e] += cs[e];
+  }
+  return true;
+}
+
+template bool narrow_loss_sums<float>(int64_t, int64_t, int64_t, int64_t, Activation, const float*, const float*,
+                                      const float*, const float*, const float*, const float*, float,
+                                      std::vector<double>&);
+template bool narrow_loss_sums<double>(int64_t, int64_t, int64_t, int64_t, Activation, const double*,
+                                       const double*, const double*, const double*, const double*, const double*,
+                                       double, std::vector<double>&);
+
 }  // namespace fusedgrad::trainer
