@@ -8,6 +8,9 @@ model its own initialisation, one shared x / y, MSE loss, Adam lr=0.2):
                the first ``LOOP_MODELS_CAP`` models; the table says so);
 * ``func``     ``torch.func``: ``stack_module_state`` + ``vmap(grad(functional_call))`` +
                ``Adam(fused=True)`` on the stacked parameters;
+* ``func_fused`` the torch.func model-ensembling recipe over ``FusedMLP`` modules:
+               ``stack_module_state`` + ``vmap(functional_call)`` forward (the fused ops' vmap
+               rule: one stacked engine call), the summed losses' ``backward()``, ``Adam(fused=True)``;
 * ``fused``    ``FusedMLPEnsemble.loss(x, y).sum().backward()`` + ``Adam(fused=True)``;
 * ``jax``      JAX ``vmap`` of a ``jit``'d ``lax.scan`` training loop (optax Adam), only
                when ``jax`` and ``optax`` can be imported (nothing is installed for it).
@@ -131,6 +134,35 @@ def prepare_func(problem):
                                                                              "2.bias")))
 
 
+def prepare_func_fused(problem):
+    import copy
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from ..module import FusedMLP
+
+    models = []
+    for k in range(problem.K):
+        m = FusedMLP(problem.D, problem.H, problem.O, dtype=problem.dtype)
+        with torch.no_grad():
+            for p, init in zip((m.linear1.weight, m.linear1.bias, m.linear2.weight, m.linear2.bias), problem.init):
+                p.copy_(init[k])
+        models.append(m)
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    opt = torch.optim.Adam(list(params.values()), lr=LR, fused=True)
+    x, y = problem.x, problem.y
+    forward = vmap(lambda p, b: functional_call(base, (p, b), (x,)), in_dims=(0, 0))
+
+    def step():
+        opt.zero_grad()
+        ((forward(params, buffers) - y) ** 2).mean((1, 2)).sum().backward()
+        opt.step()
+
+    names = ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias")
+    return Run(step, problem.K, lambda: tuple(params[n].detach() for n in names))
+
+
 def prepare_fused(problem):
     ens = FusedMLPEnsemble(problem.K, problem.D, problem.H, problem.O, dtype=problem.dtype, device="meta")
     ens.weight1, ens.bias1, ens.weight2, ens.bias2 = (nn.Parameter(p.clone()) for p in problem.init)
@@ -201,6 +233,7 @@ def prepare_jax(problem):
 ROUTES = {
     "loop": (prepare_loop, lambda: True),
     "func": (prepare_func, lambda: True),
+    "func_fused": (prepare_func_fused, lambda: True),
     "fused": (prepare_fused, lambda: True),
     "fit": (prepare_fit, lambda: True),
     "jax": (prepare_jax, jax_available),
@@ -275,11 +308,12 @@ def run_ensemble_bench(quick=False, routes=None, repeats=7, min_seconds=0.05, pr
 
 def markdown(rows, routes):
     names = {"loop": "Python loop (K × nn.Sequential + Adam)", "func": "torch.func vmap + Adam",
+             "func_fused": "torch.func vmap(functional_call(FusedMLP)) + Adam(fused)",
              "fused": "FusedMLPEnsemble.loss().sum().backward() + Adam(fused)",
              "fit": "Trainer(ens, Adam).fit", "jax": "JAX vmap(jit(scan))"}
     best = "fit" if "fit" in routes else "fused"
     cols = ["problem", "K"] + [f"{names.get(r, r)} µs" for r in routes]
-    ratio_cols = [r for r in ("loop", "func", "fused", "jax") if r in routes and r != best and best in routes]
+    ratio_cols = [r for r in ("loop", "func", "func_fused", "fused", "jax") if r in routes and r != best and best in routes]
     cols += [f"{best} ×{r}" for r in ratio_cols]
     lines = ["| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
     for r in rows:
