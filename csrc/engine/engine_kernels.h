@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../common/cpu_vector.h"
+#include "../common/lane_vector.h"  // LaneBuffer: 64-byte aligned scratch
 #include "mlp_engine.h"
 
 namespace fusedgrad::engine::kernels {
@@ -219,6 +220,23 @@ void pack_weights(const NetShape& s, const std::vector<const T*>& W, const std::
       bp[l] = nullptr;
     }
     base += np[l + 1];
+  }
+}
+
+// Chunk ch of a pass's plan (the plain pass's or the jet pass's): its rows, block by block —
+// plan.block(scratch, r0, rows, chunk_sums) — on this thread's scratch of plan.scratch_size T's, with
+// chunk_sums (plan.lay.size doubles, or null) zeroed first. The plan's blocks split its rows evenly
+// (none much smaller than the others) and chunk ch takes a run of them: fixed by the row count, never
+// by the threads. (A plan, not a lambda: the block must inline into the caller's CPU clone.)
+template <typename T, typename PlanT>
+FUSEDGRAD_CPU_INLINE void run_chunk_blocks(const PlanT& plan, int64_t ch, double* chunk_sums) {
+  thread_local LaneBuffer<T> buffer;
+  T* scratch = buffer.get(static_cast<size_t>(plan.scratch_size));
+  if (chunk_sums) std::fill(chunk_sums, chunk_sums + plan.lay.size, 0.0);
+  const int64_t blocks = plan.blocks, chunks = plan.chunks, count = plan.pass.count;
+  for (int64_t b = blocks * ch / chunks; b < blocks * (ch + 1) / chunks; ++b) {
+    const int64_t r0 = count * b / blocks, r1 = count * (b + 1) / blocks;
+    plan.block(scratch, r0, r1 - r0, chunk_sums);
   }
 }
 

@@ -23,7 +23,6 @@
 #include <algorithm>
 #include <utility>
 
-#include "../common/lane_vector.h"   // LaneBuffer: 64-byte aligned scratch
 #include "../cpu/activation_cpu.h"   // activation_jet_n: the activation table's jet() in vector loops
 #include "engine_kernels.h"
 #include "mlp_engine.h"
@@ -229,14 +228,9 @@ struct JetPlan {
     }
   }
 
+  // Chunk ch of the pass: its rows, block by block, summed into chunk_sums.
   FUSEDGRAD_CPU_INLINE void chunk(int64_t ch, double* chunk_sums) const {
-    thread_local LaneBuffer<T> buffer;
-    T* scratch = buffer.get(static_cast<size_t>(scratch_size));
-    if (chunk_sums) std::fill(chunk_sums, chunk_sums + lay.size, 0.0);
-    for (int64_t b = blocks * ch / chunks; b < blocks * (ch + 1) / chunks; ++b) {
-      const int64_t r0 = pass.count * b / blocks, r1 = pass.count * (b + 1) / blocks;
-      block(scratch, r0, r1 - r0, chunk_sums);
-    }
+    run_chunk_blocks<T>(*this, ch, chunk_sums);
   }
 };
 

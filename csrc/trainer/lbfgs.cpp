@@ -105,7 +105,7 @@ struct Flat {
     const T a = static_cast<T>(alpha);
     for (int64_t i = 0, n = y.numel(); i < n; ++i) py[i] += a * px[i];
   }
-  // alpha · a (+ beta · b): a new vector
+  // alpha · a: a new vector
   static at::Tensor scaled(const at::Tensor& a, double alpha) {
     at::Tensor r = fresh(a);
     T* pr = out(r);
@@ -141,24 +141,27 @@ struct Closure {
   int64_t N;
   double cscale;
   std::vector<double> sums;
+  bool narrow;  // the trainer's rows-in-lanes kernels (narrow_loss_sums), decided once; else the engine
 
   Closure(const engine::NetArgs& n, std::vector<at::Tensor> p, std::vector<at::Tensor> g, std::vector<at::Tensor> gg,
           const at::Tensor& xt, const at::Tensor& tt, bool mean)
       : net(&n), lay(n.shape), params(std::move(p)), grads(std::move(g)), group_grads(std::move(gg)),
         x(xt.data_ptr<T>()), target(tt.data_ptr<T>()), N(xt.size(0)),
-        cscale(mean ? 1.0 / static_cast<double>(xt.size(0) * n.shape.out()) : 1.0), sums(lay.size) {}
+        cscale(mean ? 1.0 / static_cast<double>(xt.size(0) * n.shape.out()) : 1.0), sums(lay.size),
+        narrow(n.shape.layers() == 2 && params[1].defined() && params[3].defined() &&
+               narrow_kernel(n.shape.width[0], n.shape.width[1], n.shape.width[2], n.shape.act)) {}
 
   // float(closure()); the gradient, flat (_gather_flat_grad: a new tensor).
   double operator()(at::Tensor& flat_grad) {
     const int64_t L = net->shape.layers();
     // The narrowest one-hidden-layer nets (the seed fit) through the trainer's rows-in-lanes kernels,
     // whose sums have the engine's layout there; every other net through the engine.
-    const auto& w = net->shape.width;
-    const bool narrow = L == 2 && params[1].defined() && params[3].defined() &&
-        narrow_loss_sums<T>(N, w[0], w[1], w[2], net->shape.act, params[0].data_ptr<T>(), params[1].data_ptr<T>(),
-                            params[2].data_ptr<T>(), params[3].data_ptr<T>(), x, target,
-                            static_cast<T>(2.0 * cscale), sums);
-    if (!narrow) {
+    if (narrow) {
+      const auto& w = net->shape.width;
+      narrow_loss_sums<T>(N, w[0], w[1], w[2], net->shape.act, params[0].data_ptr<T>(), params[1].data_ptr<T>(),
+                          params[2].data_ptr<T>(), params[3].data_ptr<T>(), x, target,
+                          static_cast<T>(2.0 * cscale), sums);
+    } else {
       engine::Pass<T> pass;
       pass.shape = &net->shape;
       for (int64_t l = 0; l < L; ++l) {

@@ -903,11 +903,14 @@ const char* train_path_name(int64_t D, int64_t H, int64_t O, Activation act) {
   return fixed_width_kernel(d) ? "trainer-narrow-fixed" : "trainer-narrow";
 }
 
-template <typename T>
-bool narrow_loss_sums(int64_t N, int64_t D, int64_t H, int64_t O, Activation act, const T* w1, const T* b1,
-                      const T* w2, const T* b2, const T* x, const T* t, T two_c, std::vector<double>& sums) {
+bool narrow_kernel(int64_t D, int64_t H, int64_t O, Activation act) {
   const char* path = train_path_name(D, H, O, act);
-  if (std::strcmp(path, "trainer-narrow") != 0 && std::strcmp(path, "trainer-narrow-fixed") != 0) return false;
+  return std::strcmp(path, "trainer-narrow") == 0 || std::strcmp(path, "trainer-narrow-fixed") == 0;
+}
+
+template <typename T>
+void narrow_loss_sums(int64_t N, int64_t D, int64_t H, int64_t O, Activation act, const T* w1, const T* b1,
+                      const T* w2, const T* b2, const T* x, const T* t, T two_c, std::vector<double>& sums) {
   const Dims d{1, N, D, H, O, act};
   const SumLayout lay(d);
   const ModelPtrs<T> m{w1, b1, w2, b2, x, t};
@@ -926,13 +929,12 @@ bool narrow_loss_sums(int64_t N, int64_t D, int64_t H, int64_t O, Activation act
     const double* cs = chunks.data() + ch * lay.size;
     for (int64_t e = 0; e < lay.size; ++e) sums[e] += cs[e];
   }
-  return true;
 }
 
-template bool narrow_loss_sums<float>(int64_t, int64_t, int64_t, int64_t, Activation, const float*, const float*,
+template void narrow_loss_sums<float>(int64_t, int64_t, int64_t, int64_t, Activation, const float*, const float*,
                                       const float*, const float*, const float*, const float*, float,
                                       std::vector<double>&);
-template bool narrow_loss_sums<double>(int64_t, int64_t, int64_t, int64_t, Activation, const double*,
+template void narrow_loss_sums<double>(int64_t, int64_t, int64_t, int64_t, Activation, const double*,
                                        const double*, const double*, const double*, const double*, const double*,
                                        double, std::vector<double>&);
 

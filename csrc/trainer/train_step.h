@@ -77,13 +77,15 @@ void train_steps(const char* fn, TrainCall& call, bool* started = nullptr);
 // (the compile-time 1–2-input, 1-output σ kernel) or "trainer-narrow".
 const char* train_path_name(int64_t D, int64_t H, int64_t O, Activation act);
 
-// The full-batch sums of one step of a one-hidden-layer net with biases — dw1 | db1 | dw2 | db2 |
-// Σ r², the gradients scaled by two_c, the engine's SumLayout for these widths — with this file's
-// narrow kernels, where train_path_name picks them ("trainer-narrow", "trainer-narrow-fixed"; else
-// false and nothing is written): the closure of the trainer's LBFGS (lbfgs.cpp) on the narrowest
-// nets, whose outer layers the engine pads to whole vectors.
+// Whether train_path_name picks this file's narrow kernels ("trainer-narrow", "trainer-narrow-fixed").
+bool narrow_kernel(int64_t D, int64_t H, int64_t O, Activation act);
+
+// The full-batch sums of one step of a one-hidden-layer net with biases whose widths narrow_kernel
+// accepts — dw1 | db1 | dw2 | db2 | Σ r², the gradients scaled by two_c: the engine's SumLayout for
+// these widths — with this file's narrow kernels: the closure of the trainer's LBFGS (lbfgs.cpp) on
+// the narrowest nets, whose outer layers the engine pads to whole vectors.
 template <typename T>
-bool narrow_loss_sums(int64_t N, int64_t D, int64_t H, int64_t O, Activation act, const T* w1, const T* b1,
+void narrow_loss_sums(int64_t N, int64_t D, int64_t H, int64_t O, Activation act, const T* w1, const T* b1,
                       const T* w2, const T* b2, const T* x, const T* t, T two_c, std::vector<double>& sums);
 
 // TEST-ONLY failure injection (fusedgrad._C._testing_fail_after_first_update,
