@@ -45,6 +45,12 @@ def _build_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def _has_distributed():
+    import torch.distributed
+
+    return torch.distributed.is_available()
+
+
 def cpu_sources():
     """Every csrc/**/*.cpp outside csrc/cuda/, relative paths, sorted."""
     found = glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
@@ -75,6 +81,9 @@ def extension():
     cxx_flags += ["-fno-math-errno"]
     cxx_flags += os.environ.get("FUSEDGRAD_EXTRA_CFLAGS", "").split()
     link_flags = ["-fopenmp"] + os.environ.get("FUSEDGRAD_EXTRA_LDFLAGS", "").split()
+    # The trainer's data-parallel route calls torch.distributed's C++ ProcessGroup
+    # (csrc/trainer/step_reducer.cpp); a torch built without it gets a build that says so.
+    macros = [("FUSEDGRAD_WITH_C10D", None)] if _has_distributed() else []
     if _build_cuda():
         from torch.utils.cpp_extension import CUDAExtension
 
@@ -87,13 +96,14 @@ def extension():
         return CUDAExtension(
             "fusedgrad._C",
             sources,
-            define_macros=[("FUSEDGRAD_WITH_CUDA", None)],  # fusedgrad.backends == ("cpu", "cuda")
+            define_macros=[("FUSEDGRAD_WITH_CUDA", None)] + macros,  # fusedgrad.backends == ("cpu", "cuda")
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags,
         )
     return CppExtension(
         "fusedgrad._C",
         sources,
+        define_macros=macros,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=link_flags,
     )

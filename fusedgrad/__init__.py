@@ -25,6 +25,7 @@ from .trainer import Trainer
 from .ensemble import FusedMLPEnsemble
 from . import deep  # networks of any depth over weight / bias lists (fusedgrad.deep.mlp_loss, ...)
 from .deep import derivatives  # u, ∂u/∂x, ∂²u/∂x² in one fused pass (physics-informed losses)
+from . import distributed  # data-parallel training and sharded ensembles over torch.distributed
 from .explain import explain
 
 #: Devices this build has kernels for, e.g. ("cpu",) or ("cpu", "cuda").

@@ -12,6 +12,7 @@ that names the torch version and the check (:func:`require`), or take the autogr
 | the hook objects torch builds for Python hooks (``csrc/python/direct_calls.cpp``: ``grad_hook_flags`` reads the autograd metadata and recognises ``PyFunctionPreHook`` & co by their C++ type names) | a Python hook on a gradient accumulator must not be taken for DDP's C++ hook, and no hook may be missed | every hook counts as a C++ hook there already (fail closed); the self-test makes a misreport an import-time finding, and ``loss_backward`` / ``Trainer`` then take the autograd route or refuse |
 | ``torch._C._functorch.is_functorch_wrapped_tensor`` | a call under a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...) runs the network in plain torch ops, which every transform understands, instead of the fused kernels, which no transform does | every call runs the fused kernels, and a transform raises torch's own error about them: nothing is computed wrongly |
 | ``torch._C._functorch.is_batchedtensor`` | under ``vmap`` alone (the model-ensembling recipe, or batches of data) the network runs the fused kernels through ``torch.autograd.Function.vmap`` rules — the ensemble kernel for stacked parameters (measured: K=256 1→20→1 nets, forward + backward, see tests/test_vmap.py) — and only under transforms that differentiate (``grad``, ``jacrev``, ...) in plain torch ops | every call under a transform runs in plain torch ops (exact, native speed) |
+| ``DistributedDataParallel``'s settings: ``find_unused_parameters``, ``require_backward_grad_sync`` (``no_sync()``), ``mixed_precision``, ``parameters_to_ignore``, ``_delay_all_reduce_params``, ``_comm_hooks`` and the ``comm_hook`` of ``_get_ddp_logging_data()`` (built-in hooks are registered in C++ only) | ``Trainer(DistributedDataParallel(net), opt)`` replaces DDP's reducer by one all-reduce per step and must refuse what it would not honour | the DDP route refuses (:func:`ddp_unsupported` reports the unreadable setting); ``Trainer(net, opt, process_group=...)`` still works |
 | each optimizer's state layout (``fusedgrad/_optimizers.py``) and ``torch.optim.optimizer._get_scalar_dtype`` (what ``step`` is kept in) | the trainer creates the state a first ``opt.step()`` would, so a fresh optimizer's first ``fit`` needs no Python step | pinned by ``tests/test_compat.py`` and ``tests/test_optimizers.py`` against torch's own first step, option by option |
 
 The C++ side's private reads (``THPVariable_Unpack``, ``THPVariableClass``/``ParameterClass``,
@@ -128,6 +129,38 @@ def optimizer_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
 def mark_stepped(optimizer: torch.optim.Optimizer) -> None:
     """What ``opt.step()``'s wrapper records for LR schedulers (set after fused steps)."""
     setattr(optimizer, _OPT_CALLED, True)
+
+
+# DistributedDataParallel's settings the fused route reads (fusedgrad/distributed.py), and the value
+# each must have for the route to do what DDP's reducer would.
+_DDP_SETTINGS = (
+    ("find_unused_parameters", False, "find_unused_parameters=True (a model that does not use every parameter)"),
+    ("require_backward_grad_sync", True, "gradient synchronisation off (inside ddp.no_sync())"),
+    ("mixed_precision", None, "mixed_precision set (gradients reduced in another dtype)"),
+    ("_comm_hooks", [], "a communication hook (register_comm_hook)"),
+    ("_delay_all_reduce_params", [], "parameters whose all-reduce is delayed"),
+)
+
+
+def ddp_unsupported(ddp) -> List[str]:
+    """What ``ddp`` (a DistributedDataParallel) does that one plain all-reduce of the gradients per step
+    does not: empty when the fused route computes exactly what DDP's reducer would. A setting that
+    cannot be read (another torch) is reported too: the route fails closed."""
+    problems = []
+    for name, expected, text in _DDP_SETTINGS:
+        if not hasattr(ddp, name):
+            problems.append(f"no attribute '{name}' (torch {TORCH_VERSION} keeps DDP's settings elsewhere)")
+        elif getattr(ddp, name) != expected:
+            problems.append(text)
+    if getattr(ddp, "parameters_to_ignore", None):
+        problems.append("parameters excluded from synchronisation (_ddp_params_and_buffers_to_ignore)")
+    logging_data = getattr(ddp, "_get_ddp_logging_data", None)
+    if logging_data is None:
+        problems.append(f"no '_get_ddp_logging_data' (torch {TORCH_VERSION}), so a built-in communication hook "
+                        "cannot be ruled out")
+    elif logging_data().get("comm_hook"):
+        problems.append(f"a communication hook ({logging_data()['comm_hook']})")
+    return problems
 
 
 def under_functorch(*tensors) -> bool:

@@ -32,7 +32,9 @@ def explain(net_or_trainer, x: torch.Tensor, target: Optional[torch.Tensor] = No
         ``"widths"``, ``"dtype"``, ``"threads"`` (torch's thread count)
         and ``"why"``; the engine paths add ``"block_rows"``, ``"blocks"``, ``"chunks"``
         (fixed by the shape and the rows, never by the threads: the same bits for any thread
-        count) and ``"vector_bytes"``.
+        count) and ``"vector_bytes"``; a data-parallel trainer (``process_group``, or a
+        DistributedDataParallel net) adds ``"data_parallel"``: ``world_size``, ``rank``, the
+        ``semantics`` of its mean and where the all-reduce runs.
     """
     from .ensemble import FusedMLPEnsemble
     from .module import FusedMLP
@@ -82,10 +84,12 @@ def explain(net_or_trainer, x: torch.Tensor, target: Optional[torch.Tensor] = No
             info["why"] = "more than one hidden layer: the any-depth engine (csrc/engine/)"
         if isinstance(net, FusedMLPEnsemble):
             info["why"] += f"; {net.num_models} models in parallel, each pass on one thread"
-        return info
+        return _data_parallel(info, trainer)
     if trainer is not None:
         D, H, O = widths
         info["path"] = _C.explain_trainer(D, H, O, net.activation)
+        if info["path"] == "trainer-gemm" and trainer._parallel is not None:
+            info["path"] = "trainer-engine"  # the data-parallel route all-reduces the engine's sums
         if info["path"] == "trainer-engine":
             info.update(_C.explain_engine(widths, int(rows), weights[0].element_size()))
         info["why"] = {"trainer-engine": "inputs and outputs >= 4 wide, layers <= 128, >= 1024 multiply-adds "
@@ -94,7 +98,7 @@ def explain(net_or_trainer, x: torch.Tensor, target: Optional[torch.Tensor] = No
                        "trainer-gemm": "a row holds >= 2048 multiply-adds: BLAS products into buffers kept across steps",
                        "trainer-narrow-fixed": "σ with 1–2 inputs and 1 output: the compile-time-width block kernel",
                        "trainer-narrow": "narrow layers: the block kernel over rows"}[info["path"]]
-        return info
+        return _data_parallel(info, trainer)
     if isinstance(net, FusedMLPEnsemble):
         info["path"] = "ensemble"
         info["why"] = "the one-hidden-layer ensemble ops (csrc/ops/ensemble*.cpp)"
@@ -109,4 +113,18 @@ def explain(net_or_trainer, x: torch.Tensor, target: Optional[torch.Tensor] = No
                    "small": "few multiply-adds: direct loops (csrc/cpu/small_path.cpp)",
                    "gemm": "wide enough for BLAS (csrc/ops/gemm_path.cpp)",
                    "cuda": "CUDA kernels (csrc/cuda/)"}[info["path"]]
+    return info
+
+
+def _data_parallel(info: Dict[str, Any], trainer) -> Dict[str, Any]:
+    """A data-parallel trainer's group: its size, this rank, and what the all-reduce averages."""
+    parallel = trainer._parallel if trainer is not None else None
+    if parallel is not None:
+        info["data_parallel"] = {
+            "world_size": parallel.world_size, "rank": parallel.rank,
+            "semantics": ("DistributedDataParallel: the mean over ranks of each rank's loss" if parallel.rank_means
+                          else f"the {trainer.reduction} over every rank's rows of the step"),
+            "all_reduce": "each step's gradient sums, one float64 buffer, inside the C++ loop "
+                          "(csrc/trainer/step_reducer.cpp)"}
+        info["why"] += f"; data-parallel over {parallel.world_size} ranks"
     return info

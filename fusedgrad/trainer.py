@@ -25,10 +25,12 @@ from typing import TYPE_CHECKING, Callable, Optional, Union
 import torch
 
 from . import _C, _compat
-from ._hooks import grad_hook_flags, grad_hooks
+from ._hooks import ACCUMULATOR_CPP_HOOK, grad_hook_flags, grad_hooks
 from ._optimizers import description_of, prepare_state
 
 if TYPE_CHECKING:
+    from torch.nn.parallel import DistributedDataParallel
+
     from .ensemble import FusedMLPEnsemble
     from .module import FusedMLP
 
@@ -45,7 +47,8 @@ class Trainer:
     Args:
         net: a :class:`~fusedgrad.FusedMLP`, or a :class:`~fusedgrad.FusedMLPEnsemble` of K models
             (its stacked parameters, one optimizer over them: SGD, Adam, AdamW, RMSprop and Adagrad are
-            element-wise, so this is exactly K independent optimizers).
+            element-wise, so this is exactly K independent optimizers), or a FusedMLP wrapped in
+            ``torch.nn.parallel.DistributedDataParallel`` (see ``process_group``).
         optimizer: ``torch.optim.SGD``, ``Adam``, ``AdamW``, ``RMSprop`` or ``Adagrad`` built on ``net``'s
             parameters, with any options those classes take (``foreach`` / ``fused`` settings are
             accepted: they compute the same formulas) except ``capturable=True`` and
@@ -60,18 +63,48 @@ class Trainer:
             rate ``group['lr'] * model_lr_scale[k]`` (for every param group, and every lr an LR
             scheduler sets), which turns one ensemble into a learning-rate sweep. It applies to the
             trainer's own steps only; a plain ``optimizer.step()`` uses ``group['lr']``.
+        process_group: a ``torch.distributed`` ProcessGroup (e.g. ``torch.distributed.group.WORLD``)
+            to train one FusedMLP data-parallel: each rank passes its own shard of the rows to
+            :meth:`step` / :meth:`fit`, and every step the ranks' gradient sums are all-reduced inside
+            the C++ loop (one float64 buffer, GIL released), so every rank applies the same update and
+            holds the same parameters (rank 0's are broadcast when the trainer is built, as
+            ``DistributedDataParallel`` does). ``reduction="mean"`` is the mean over all ranks' rows of
+            the step (shards may differ in size) and the returned losses are that global loss, the same
+            on every rank. With mini-batches each rank draws from its own shard (``randperm`` of the
+            shard with the ``generator`` it passes); all ranks take every step together, a rank whose
+            shard has fewer batches simply starts its next epoch sooner. Every rank must make the same
+            calls (``fit``'s arguments are compared once per call: a mismatch raises, never hangs); a
+            rank that fails or leaves makes the others raise within the group's timeout
+            (``init_process_group(timeout=...)``). A ``DistributedDataParallel(net)`` passed as ``net``
+            uses the wrapper's group and DDP's own semantics: each rank's loss is the mean (or sum) over
+            its own rows and the gradients are averaged over the ranks, exactly what ``ddp(x)`` and
+            ``loss.backward()`` compute; DDP settings the all-reduce would not honour
+            (``find_unused_parameters``, communication hooks, ``no_sync()``, mixed precision, ignored
+            parameters) are refused. Not for ensembles (shard their models:
+            :func:`fusedgrad.distributed.shard_ensemble`) or LBFGS.
 
     After :meth:`step` or :meth:`fit`, each parameter's ``.grad`` holds the gradient of the last
     step and the optimizer state is that of the reference loop, so training may continue with
     either. Float32 and float64 on the CPU.
     """
 
-    def __init__(self, net: Union["FusedMLP", "FusedMLPEnsemble"], optimizer: torch.optim.Optimizer,
-                 reduction: str = "mean", *, model_lr_scale: Optional[torch.Tensor] = None) -> None:
+    def __init__(self, net: Union["FusedMLP", "FusedMLPEnsemble", "DistributedDataParallel"],
+                 optimizer: torch.optim.Optimizer, reduction: str = "mean", *,
+                 model_lr_scale: Optional[torch.Tensor] = None, process_group=None) -> None:
         fn = "fusedgrad.Trainer"
         _compat.require(fn)  # the torch internals it reads are what it expects (fusedgrad/_compat.py)
         from .module import FusedMLP
 
+        ddp = None
+        if _is_ddp(net):
+            ddp, net = net, net.module
+            if not isinstance(net, FusedMLP):
+                raise TypeError(f"{fn}: a DistributedDataParallel 'net' must wrap a fusedgrad.FusedMLP, got "
+                                f"{type(net).__qualname__}")
+            if process_group is not None and process_group is not ddp.process_group:
+                raise ValueError(f"{fn}: argument 'process_group' differs from the DistributedDataParallel "
+                                 "wrapper's process group; leave it out (the wrapper's is used)")
+            process_group = ddp.process_group
         if not isinstance(net, FusedMLP) and not is_ensemble(net):
             raise TypeError(f"{fn}: argument 'net' must be a fusedgrad.FusedMLP or fusedgrad.FusedMLPEnsemble, "
                             f"got {type(net).__qualname__}")
@@ -103,8 +136,30 @@ class Trainer:
             if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
                 raise ValueError(f"{fn}: argument 'model_lr_scale' must hold finite, non-negative factors")
             self.model_lr_scale = scale.detach().to(dtype=torch.float64, device="cpu").contiguous()
+        self.process_group = process_group
+        self._parallel = None
+        if process_group is not None:
+            from .distributed import DataParallel
+
+            if self._ensemble:
+                raise ValueError(f"{fn}: argument 'process_group' is for one model trained on shards of the rows; "
+                                 "an ensemble's models are sharded over the ranks instead (fusedgrad.distributed."
+                                 "shard_ensemble), each rank training its own with no process group")
+            if self._lbfgs:
+                raise ValueError(f"{fn}: LBFGS is not run data-parallel (its line search would need a collective "
+                                 "per evaluation); use SGD, Adam, AdamW, RMSprop or Adagrad with 'process_group'")
+            self._parallel = DataParallel(fn, process_group, ddp)
+            self._parallel.check_ddp(fn)
         # Refuse a bad setup now, not at the first step: what the steps will read, read once.
         params, _ = self._prepare(fn)
+        if self._parallel is not None:
+            # The same network, dtype and optimizer on every rank, then rank 0's parameters everywhere
+            # (DDP did that when it was built).
+            self._parallel.agree(fn, ("Trainer", [None if p is None else (tuple(p.shape), str(p.dtype))
+                                                  for p in params], self._activation(), self._description.name,
+                                      reduction))
+            if ddp is None:
+                self._parallel.broadcast_parameters(params)
         if self._lbfgs:
             if self._ensemble:
                 raise ValueError(f"{fn}: LBFGS over an ensemble's stacked parameters is one optimizer coupling "
@@ -128,8 +183,11 @@ class Trainer:
         w1, _, w2, _ = self.net._params()
         key = (w1.shape[-1], w1.shape[-2], w2.shape[-2], self._activation())
         if key != self._engine_key:
-            self._engine_key, self._engine_value = key, _C.explain_trainer(*key) == "trainer-engine"
-        return self._engine_value
+            self._engine_key, self._engine_value = key, _C.explain_trainer(*key)
+        # The data-parallel route all-reduces the sums of the engine or of the narrow kernels, not
+        # of the one-hidden-layer GEMM orchestration (whose wide steps the engine runs as well).
+        return self._engine_value == "trainer-engine" or (self._parallel is not None
+                                                           and self._engine_value == "trainer-gemm")
 
     def _activation(self):
         """The hidden layer's activation: FusedMLP's own (any of the table's), an ensemble's sigmoid."""
@@ -182,7 +240,7 @@ class Trainer:
                 grads.append(None)
                 continue
             if not p.requires_grad or not p.is_leaf or p.dtype not in _DTYPES or p.device.type != "cpu" \
-                    or not p.is_contiguous() or grad_hook_flags(p):
+                    or not p.is_contiguous() or (grad_hook_flags(p) and not self._ddp_hook_only(p)):
                 self._refuse_param(fn, name, p)
             g = p.grad
             if g is None or g.shape != p.shape or g.dtype != p.dtype or not g.is_contiguous() or g.device != p.device:
@@ -191,6 +249,12 @@ class Trainer:
             grads.append(g)
             prepare_state(d, opt, groups[gi], p)
         return params, grads
+
+    def _ddp_hook_only(self, p):
+        """Whether ``p``'s only hook is DistributedDataParallel's gradient all-reduce (one C++ hook on its
+        accumulator), which the data-parallel route replaces by its own all-reduce of the same sums."""
+        return (self._parallel is not None and self._parallel.ddp is not None
+                and grad_hook_flags(p) == ACCUMULATOR_CPP_HOOK and _C.accumulator_cpp_hook_count(p) == 1)
 
     def _refuse_param(self, fn, name, p):
         pname = self._pname(name)
@@ -201,6 +265,10 @@ class Trainer:
             raise ValueError(f"{fn}: parameter '{pname}' is computed (not a leaf, e.g. a parametrization), so it "
                              "cannot be updated in place")
         hooks = grad_hooks(p)
+        if hooks and self._parallel is not None and self._parallel.ddp is not None:
+            raise ValueError(f"{fn}: parameter '{pname}' has hooks besides DistributedDataParallel's all-reduce "
+                             f"({', '.join(hooks)}, {_C.accumulator_cpp_hook_count(p)} C++ accumulator hook(s)); "
+                             "the fused trainer would skip them — train with ddp(x) and loss.backward()")
         if hooks:
             raise ValueError(f"{fn}: parameter '{pname}' has {', '.join(hooks)}; the fused trainer writes .grad "
                              "directly and would skip it — train with loss.backward() and opt.step() instead")
@@ -311,21 +379,27 @@ class Trainer:
                 raise ValueError(f"{fn}: LBFGS trains on the full batch: batch_size must be None")
             self._run_lbfgs(fn, x, target, steps, losses, done)
             return
+        parallel = self._parallel
+        group, rank_means = None, False
+        if parallel is not None:  # the data-parallel route (fusedgrad/distributed.py)
+            parallel.check_ddp(fn)
+            group, rank_means = parallel.group, parallel.rank_means
         if self._deep():
             params, grads = self._prepare(fn)
             _C.deep_train_steps(fn, self.optimizer, name, params, grads, self._pnames(), x, target, batch_size,
                                 order, first_step, steps, self.reduction == "mean", self.model_lr_scale, losses,
-                                done, self._activation(), self.num_models if self._ensemble else 0)
+                                done, self._activation(), self.num_models if self._ensemble else 0, group,
+                                rank_means)
             self._after_run(params, grads)
             return
-        if self._fast_step and done is not None and _C.train_steps_fast(
+        if self._fast_step and parallel is None and done is not None and _C.train_steps_fast(
                 self.optimizer, name, self.net._params(), x, target, batch_size, order, first_step, steps,
                 self.reduction == "mean", self.model_lr_scale, losses, done, self._activation()):
             return
         params, grads = self._prepare(fn)
         _C.train_steps(fn, self.optimizer, name, params, grads, self._pnames(), x, target, batch_size, order,
                        first_step, steps, self.reduction == "mean", self.model_lr_scale, losses, done,
-                       self._activation())
+                       self._activation(), group, rank_means)
         self._after_run(params, grads)
 
     def _runner(self, fn):
@@ -335,7 +409,7 @@ class Trainer:
         the calls). The lookups that cannot change between such calls are made once here: the kernel path
         (:meth:`_deep`), the parameter tuple and the flags; the optimizer's groups and state are still read
         at every call, and a call the C++ fast route declines takes :meth:`_run`."""
-        if self._lbfgs or self._deep() or not self._fast_step:
+        if self._lbfgs or self._deep() or not self._fast_step or self._parallel is not None:
             run_ = self._run
 
             def run(x, target, steps, first_step, batch_size, order, losses, done):
@@ -376,7 +450,7 @@ class Trainer:
         # it declines (None) anything else, which the route below handles or refuses. It declines only
         # before writing anything: an error after the update began is raised, never rerun here
         # (a rerun would apply the step twice; tests/test_no_double_update.py).
-        if self._fast_step and not self._lbfgs and not self._deep():
+        if self._fast_step and not self._lbfgs and self._parallel is None and not self._deep():
             loss = _C.train_step_fast(self.optimizer, self._description.name, self.net._params(), x, target,
                                       self.reduction == "mean", self.model_lr_scale, self._activation())
             if loss is not None:
@@ -428,6 +502,9 @@ class Trainer:
         if callback_every < 1:
             raise ValueError(f"{fn}: argument 'callback_every' must be an int >= 1, got {callback_every!r}")
         x, target = self._data(fn, x, target)
+        if self._parallel is not None:
+            self._parallel.agree(fn, ("fit", steps, batch_size, shuffle and batch_size is not None,
+                                      callback_every if callback is not None else None))
         N = x.shape[-2]
         bs, order = 0, None
         if batch_size is not None:
@@ -485,6 +562,14 @@ class Trainer:
         if bar is not None:
             bar.update(first)
         return max(1, int(_CALL_SECONDS * first / elapsed)), first
+
+
+def _is_ddp(net: object) -> bool:
+    import torch.distributed
+
+    if not torch.distributed.is_available():
+        return False
+    return isinstance(net, torch.nn.parallel.DistributedDataParallel)
 
 
 def is_ensemble(net: object) -> bool:

@@ -196,6 +196,18 @@ unsigned grad_hook_flags(PyObject* obj) {
   return flags;
 }
 
+unsigned accumulator_cpp_hook_count(PyObject* obj) {
+  namespace ag = torch::autograd;
+  const Tensor& t = compat::unpack(obj);
+  if (!t.requires_grad() || !t.is_leaf()) return 0;
+  const c10::intrusive_ptr<ag::Node> acc = ag::impl::try_get_grad_accumulator(t);
+  if (!acc) return 0;
+  unsigned count = 0;
+  for (const auto& hook : acc->pre_hooks()) count += compat::is_python_pre_hook(*hook) ? 0 : 1;
+  for (const auto& hook : acc->post_hooks()) count += compat::is_python_post_hook(*hook) ? 0 : 1;
+  return count;
+}
+
 namespace {
 
 // FusedMLP.loss_backward: the loss, and each parameter that requires grad
@@ -245,6 +257,14 @@ void register_direct_calls(py::module_& m) {
       },
       "The GradHook bits (csrc/python/grad_hooks.h) of a tensor: hooks backward() would run that a direct "
       ".grad write skips. fusedgrad._hooks describes them.");
+  m.def("accumulator_cpp_hook_count", [](py::handle param) -> unsigned {
+        if (!compat::is_tensor(param.ptr())) {
+          throw py::type_error("accumulator_cpp_hook_count: expected a torch.Tensor");
+        }
+        return accumulator_cpp_hook_count(param.ptr());
+      },
+      "How many C++ hooks a leaf's gradient accumulator holds (DistributedDataParallel's reducer adds "
+      "one per parameter): the fused trainer's DDP route replaces exactly that one.");
   m.attr("activations") = py::cast(activation_names());
   m.def("check_options",
         [](const std::optional<std::string>& reduction, const std::string& activation) {

@@ -31,4 +31,8 @@ enum GradHook : unsigned {
 // none. Hooks of an unknown kind count as C++ hooks (never as "no hook").
 unsigned grad_hook_flags(PyObject* param);
 
+// The number of C++ hooks (pre and post) on `param`'s gradient accumulator, 0 when it has none
+// alive: DistributedDataParallel's reducer adds exactly one per parameter.
+unsigned accumulator_cpp_hook_count(PyObject* param);
+
 }  // namespace fusedgrad

@@ -12,8 +12,13 @@
 //   x, target       (N, D), (N, O) — or (K, N, ·) per model of an ensemble
 //   batch_size, order, first_step, num_steps, mean, lr_scale, losses, steps_done,
 //   activation, models (K; 0 for one unstacked model)
+//   process_group   None, or the torch.distributed ProcessGroup of the data-parallel route:
+//                   each step's sums are all-reduced before the update (step_reducer.h)
+//   rank_means      with a process group: DistributedDataParallel's semantics (the mean over
+//                   ranks of each rank's loss), else the reduction over all ranks' rows
 // The rows of a step, the loss history and the step counting are those of the
-// one-hidden-layer trainer (train_step.h).
+// one-hidden-layer trainer (train_step.h); with a process group, each rank takes the rows
+// of the step from its own shard.
 #include <ATen/Parallel.h>
 #include <torch/python.h>
 
@@ -26,6 +31,7 @@
 #include "../engine/net_args.h"
 #include "binding_helpers.h"
 #include "optimizers.h"
+#include "step_reducer.h"
 
 namespace fusedgrad::trainer {
 namespace {
@@ -40,6 +46,7 @@ struct DeepCall {
   at::Tensor x, target, order, lr_scale, losses, steps_done;
   int64_t batch_size = 0, first_step = 0, num_steps = 0;
   bool mean = true;
+  std::unique_ptr<StepReducer> reducer;  // the data-parallel route's all-reduce, or null
 };
 
 void check_state_tensor(const char* fn, const std::string& name, const char* key, const at::Tensor& t,
@@ -103,6 +110,8 @@ void check_call(const char* fn, const DeepCall& c, const std::vector<std::string
     const bool in_range = (c.order.min().item<int64_t>() >= 0) && (c.order.max().item<int64_t>() < N);
     TORCH_CHECK_VALUE(in_range, fn, ": internal: the batch order holds a row index outside [0, ", N, ")");
   }
+  TORCH_CHECK_VALUE(!c.reducer || c.K == 1, fn, ": the data-parallel route trains one model; shard an ensemble's "
+                    "models over the ranks instead (fusedgrad.distributed.shard_ensemble)");
   if (c.lr_scale.defined()) {
     TORCH_CHECK_VALUE(c.lr_scale.scalar_type() == at::kDouble && c.lr_scale.is_contiguous() &&
                           c.lr_scale.numel() == c.K,
@@ -146,7 +155,7 @@ void run_steps(DeepCall& c) {
   T* losses = c.losses.data_ptr<T>();
 
   // Model k's step `step`: loss and gradients over the step's rows, then its update.
-  auto model_step = [&](int64_t k, int64_t step, std::vector<double>& sums, bool parallel) {
+  auto model_step = [&](int64_t k, int64_t step, double* sums, bool parallel) {
     engine::Pass<T> pass;
     pass.shape = &s;
     for (int64_t l = 0; l < L; ++l) {
@@ -168,18 +177,27 @@ void run_steps(DeepCall& c) {
         first = 0;
       }
     }
-    const double cscale = c.mean ? 1.0 / static_cast<double>(count * O) : 1.0;
+    // c: the reduction's factor on the squared-error sum of this rank's rows; the pass scales the
+    // gradients by `pre`, and `post` finishes the loss and gradients after an all-reduce.
+    const double pre = c.reducer ? c.reducer->pre_scale(c.mean, count, O)
+                                 : (c.mean ? 1.0 / static_cast<double>(count * O) : 1.0);
+    double post = 1.0;
     pass.x = x + k * x_stride;
     pass.target = t + k * t_stride;
     pass.index = index;
     pass.first = first;
     pass.count = count;
-    pass.two_c = static_cast<T>(2.0 * cscale);
+    pass.two_c = static_cast<T>(2.0 * pre);
     pass.epilogue = engine::Epilogue::LossGrads;
-    pass.sums = sums.data();
+    pass.sums = sums;
     pass.parallel = parallel;
     engine::run(pass);
-    losses[step * K + k] = static_cast<T>(cscale * sums[lay.loss]);
+    double loss = pre * sums[lay.loss];
+    if (c.reducer) {  // the ranks' sums added (step_reducer.h)
+      post = c.reducer->reduce(sums, lay.size, lay.loss, pre, count, c.mean, O);
+      loss = post * sums[lay.loss];
+    }
+    losses[step * K + k] = static_cast<T>(loss);
     const double scale = lr_scale ? lr_scale[k] : 1.0;
     // The step's terms (Adam: two pow) once for the parameters that share their
     // group's options and step count — usually all of them.
@@ -190,8 +208,8 @@ void run_steps(DeepCall& c) {
       if (!c.params[p].defined()) continue;
       const int64_t n = per_model[p], off = k * n;
       T* g = c.grads[p].data_ptr<T>() + off;
-      const double* from = sums.data() + sum_off[p];
-      for (int64_t e = 0; e < n; ++e) g[e] = static_cast<T>(from[e]);
+      const double* from = sums + sum_off[p];
+      for (int64_t e = 0; e < n; ++e) g[e] = static_cast<T>(from[e] * post);
       const ParamState& st = c.state[p];
       const double lr = optimizer_lr(st.rule) * scale;
       const double t_p = step0[p] + static_cast<double>(step + 1);
@@ -209,7 +227,7 @@ void run_steps(DeepCall& c) {
   if (K == 1) {
     std::vector<double> sums(lay.size);
     for (int64_t step = 0; step < c.num_steps; ++step) {
-      model_step(0, step, sums, /*parallel=*/true);
+      model_step(0, step, sums.data(), /*parallel=*/true);
       if (c.steps_done.defined()) c.steps_done.data_ptr<int64_t>()[0] += 1;
     }
   } else {
@@ -218,7 +236,7 @@ void run_steps(DeepCall& c) {
     at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
       std::vector<double> sums(lay.size);
       for (int64_t k = k0; k < k1; ++k) {
-        for (int64_t step = 0; step < c.num_steps; ++step) model_step(k, step, sums, /*parallel=*/false);
+        for (int64_t step = 0; step < c.num_steps; ++step) model_step(k, step, sums.data(), /*parallel=*/false);
       }
     });
     if (c.steps_done.defined()) c.steps_done.data_ptr<int64_t>()[0] += c.num_steps;
@@ -234,7 +252,8 @@ void run_steps(DeepCall& c) {
 void deep_train_steps(const std::string& fn, py::handle optimizer, const std::string& name, py::sequence params,
                       py::sequence grads, py::sequence names, const at::Tensor& x, const at::Tensor& target, int64_t batch_size,
                       py::handle order, int64_t first_step, int64_t num_steps, bool mean, py::handle lr_scale,
-                      const at::Tensor& losses, py::handle steps_done, const std::string& activation, int64_t models) {
+                      const at::Tensor& losses, py::handle steps_done, const std::string& activation, int64_t models,
+                      py::handle process_group, bool rank_means) {
   const int64_t P = static_cast<int64_t>(params.size());
   TORCH_CHECK_VALUE(P >= 2 && P % 2 == 0 && static_cast<int64_t>(grads.size()) == P &&
                         static_cast<int64_t>(names.size()) == P,
@@ -268,6 +287,10 @@ void deep_train_steps(const std::string& fn, py::handle optimizer, const std::st
   c.lr_scale = optional_tensor(lr_scale);
   c.losses = losses;
   c.steps_done = optional_tensor(steps_done);
+  if (!process_group.is_none()) {
+    c.reducer = make_step_reducer(fn.c_str(), process_group);
+    c.reducer->rank_means = rank_means;
+  }
   check_call(fn.c_str(), c, pnames);
   {
     py::gil_scoped_release no_gil;
@@ -288,10 +311,10 @@ void register_deep_trainer(py::module& m) {
       [](const std::string& fn, py::handle optimizer, const std::string& name, py::sequence params,
          py::sequence grads, py::sequence names, const at::Tensor& x, const at::Tensor& target, int64_t batch_size, py::handle order, int64_t first_step,
          int64_t num_steps, bool mean, py::handle lr_scale, const at::Tensor& losses, py::handle steps_done,
-         const std::string& activation, int64_t models) {
+         const std::string& activation, int64_t models, py::handle process_group, bool rank_means) {
         translating_errors(deep_train_steps)(fn, optimizer, name, params, grads, names, x, target, batch_size, order,
                                              first_step, num_steps, mean, lr_scale, losses, steps_done, activation,
-                                             models);
+                                             models, process_group, rank_means);
       },
         "Fused training steps of fusedgrad.Trainer for any depth (see csrc/trainer/deep_train.cpp).");
 }

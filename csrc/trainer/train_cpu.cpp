@@ -451,7 +451,7 @@ struct Run {
   // Writes model k's loss and its gradients from the double sums (but for
   // the weights' when `weights_written`: the GEMM path wrote them).
   void write_loss_and_grads(int64_t k, int64_t step, double c, const double* sums,
-                            bool weights_written = false) const {
+                            bool weights_written = false, double grad_scale = 1.0) const {
     losses[step * d.K + k] = static_cast<T>(c * sums[lay.loss]);
     const int64_t offsets[kNumParams] = {lay.dw1, lay.db1, lay.dw2, lay.db2};
     for (int p = 0; p < kNumParams; ++p) {
@@ -459,7 +459,7 @@ struct Run {
       const int64_t n = per_model[p];
       T* g = grad[p] + k * n;
       const double* from = sums + offsets[p];
-      for (int64_t e = 0; e < n; ++e) g[e] = static_cast<T>(from[e]);
+      for (int64_t e = 0; e < n; ++e) g[e] = static_cast<T>(from[e] * grad_scale);
     }
   }
 
@@ -518,7 +518,7 @@ struct Run {
                   std::vector<double>& chunks) const {
     for (int64_t step = 0; step < call.num_steps; ++step) {
       const StepRows rows = rows_of(step);
-      const double c = loss_scale(rows);
+      const double c = call.reducer ? call.reducer->pre_scale(call.mean, rows.count, d.O) : loss_scale(rows);
       const T two_c = static_cast<T>(2.0 * c);
       const Partition part(rows.count);
       for (int64_t k = k0; k < k1; ++k) {
@@ -540,7 +540,12 @@ struct Run {
           const double* cs = chunks.data() + ch * lay.size;
           for (int64_t e = 0; e < lay.size; ++e) sums[e] += cs[e];
         }
-        write_loss_and_grads(k, step, c, sums.data());
+        if (call.reducer) {  // the ranks' sums added (step_reducer.h); one model only
+          const double post = call.reducer->reduce(sums.data(), lay.size, lay.loss, c, rows.count, call.mean, d.O);
+          write_loss_and_grads(k, step, post, sums.data(), false, post);
+        } else {
+          write_loss_and_grads(k, step, c, sums.data());
+        }
       }
       update_models(k0, k1, step);
       if (count_steps && call.steps_done.defined()) call.steps_done.data_ptr<int64_t>()[0] += 1;
@@ -866,6 +871,8 @@ void set_fail_after_first_update(bool on) { fail_after_first_update.store(on, st
 
 void train_steps(const char* fn, TrainCall& call, bool* started) {
   const Dims d = check_call(fn, call);  // writes nothing
+  TORCH_CHECK_VALUE(!call.reducer || (d.K == 1 && !use_gemm_path(d)), fn,
+                    ": internal: the data-parallel route runs one model on the narrow kernels here");
   if (call.num_steps == 0) return;
   if (started) *started = true;  // from here on an error may leave a step partly applied
   // The parameters are updated in place, as torch.optim does under no_grad;

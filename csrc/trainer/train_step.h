@@ -17,6 +17,7 @@
 
 #include "../common/activation.h"
 #include "optimizers.h"
+#include "step_reducer.h"
 
 namespace fusedgrad::trainer {
 
@@ -50,6 +51,9 @@ struct TrainCall {
   at::Tensor lr_scale;       // (K,) per-model factor on every group's lr, or undefined
   at::Tensor losses;         // (num_steps, K) written step by step
   at::Tensor steps_done;     // int64 (1,): steps completed so far (for interruption)
+  // The data-parallel route (one model, narrow kernels): each step's sums all-reduced over the
+  // ranks before the update (step_reducer.h); null otherwise.
+  StepReducer* reducer = nullptr;
 };
 
 // Writes a step count back into the optimizer's one-element float32 or float64 `step` tensor.

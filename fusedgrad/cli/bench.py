@@ -66,6 +66,11 @@ def add_arguments(parser):
                              "and held-out R²; sklearn.json and sklearn.md (needs pip install 'fusedgrad[sklearn]'; torch and "
                              "BLAS threads = largest --threads; --quick: smoke sizes; --repeats: the small cases' "
                              "repeats)")
+    parser.add_argument("--dist", action="store_true",
+                        help="instead: the trainer data-parallel over torch.distributed (gloo, processes on this "
+                             "machine): one rank against two ranks of one thread each on 1e6 and 1e7 rows of 1→20→1 "
+                             "and 16→64→4, the all-reduce's share of a step, native DDP at 1e6 rows of 1→20→1; "
+                             "dist.json and dist.md (--quick: smoke sizes; --repeats capped at 3)")
     parser.add_argument("--rows", action="store_true",
                         help="instead of the grid, the N-scaling suite (N = 1e2..1e6; 1→20→1, 16→64→4, 256→256→1): "
                              "rows.json, rows.md, rows.png (float32 = first --dtypes, threads = largest --threads)")
@@ -302,6 +307,27 @@ def run_pinn(args):
     with open(os.path.join(args.out, "pinn.md"), "w") as f:
         f.write(table)
     print(f"wrote {os.path.join(args.out, 'pinn.json')} and pinn.md ({result['meta']['seconds']:.0f} s)")
+
+
+def run_dist(args):
+    """--dist: fusedgrad/bench/dist.py (float32, CPU, ranks of one thread each)."""
+    from ..bench import dist as Dist
+
+    if args.device != "cpu":
+        print("bench --dist: the data-parallel trainer runs on the CPU (gloo); drop --device", file=sys.stderr)
+        return 2
+    result = Dist.run(quick=args.quick, repeats=min(args.repeats, 3))
+    table = Dist.markdown(result)
+    print("\n" + table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "dist.json"), "w") as f:
+        json.dump(result, f, indent=1, default=float)
+    with open(os.path.join(args.out, "dist.md"), "w") as f:
+        f.write(table)
+    print(f"wrote {os.path.join(args.out, 'dist.json')} and dist.md ({result['meta']['seconds']:.0f} s)")
+    return 0
+
+
 def run_sklearn(args):
     """--sklearn: fusedgrad/bench/sklearn.py (float32, CPU, the torch threads as set)."""
     try:
@@ -331,6 +357,8 @@ def run(args):
         return run_pinn(args)
     if getattr(args, "sklearn", False):
         return run_sklearn(args)
+    if getattr(args, "dist", False):
+        return run_dist(args)
     if getattr(args, "deep", False):
         return run_deep(args)
     if args.training:
