@@ -433,7 +433,8 @@ def test_bench_sklearn_quick_runs_and_writes_json(tmp_path):
 def test_readme_example_runs():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         text = f.read()
-    section = text[text.index("\n## For scikit-learn users"):text.index("\n## Performance")]
+    start = text.index("\n## For scikit-learn users")
+    section = text[start:text.index("\n## ", start + 1)]  # to the next section
     (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
     namespace = {}
     exec(compile(block, "README.md (For scikit-learn users)", "exec"), namespace)
