@@ -13,8 +13,9 @@ against sklearn in float64 by tests/test_sklearn.py):
   divided by O (its *reported* loss is ``0.5·mean`` over all n_b·O elements). The fused
   ``reduction='mean'`` gradient is that of ``sum((P-Y)²) / (n_b·O)``, so
   ``g_sklearn = c·(g_mean + wd·W)`` with ``c = O/2`` and ``wd = 2·alpha / (O·n_b)``: the L2
-  term is ``weight_decay`` on a param group holding only the weights (biases get none, as in
-  sklearn). The last, shorter batch of an epoch has its own ``wd`` (one more call).
+  term is a weight decay on the weights only (biases get none, as in sklearn) that depends on the
+  step's rows: the trainer takes it per step (``csrc/trainer/train_step.h``: ``SklearnTerms``), so
+  the last, shorter batch of an epoch gets its own within the same call.
 * SGD: ``lr_torch = c·lr``. sklearn's ``v = μ·v − lr·g; p += v`` (Nesterov: ``p += μ·v − lr·g``)
   is torch's ``buf = μ·buf + g; p −= lr·buf`` (nesterov=True: ``p −= lr·(g + μ·buf)``) with
   ``v = −lr·buf`` while lr is constant; when sklearn's lr changes (invscaling, adaptive: between
@@ -22,11 +23,14 @@ against sklearn in float64 by tests/test_sklearn.py):
   — so every schedule is the same update as sklearn's.
 * Adam: the scale c cancels except in eps, and sklearn adds eps to ``sqrt(v)`` before the bias
   correction while torch adds it after: sklearn's step equals torch's with
-  ``eps_torch = eps / (c·sqrt(1 − β₂ᵗ))``, which changes with the step t. The trainer reads eps
-  once per call, so calls are cut where that value drifts by more than ``_ADAM_EPS_RTOL`` (5 %)
-  and each call uses the geometric middle of its range: sklearn's eps is reproduced to ±2.5 %
-  (exactly with ``_ADAM_EPS_RTOL = 0``: one step per call). Once ``β₂ᵗ`` is small (t ≳ 2400 for
-  β₂ = 0.999) a call covers a whole epoch.
+  ``eps_torch = eps / (c·sqrt(1 − β₂ᵗ))``, which changes with the step t; the trainer computes it
+  at every step (``SklearnTerms.eps_hat``), so the update is sklearn's.
+* Loss: sklearn's epoch loss adds ``0.5·alpha·‖W‖²`` for every batch, with W as it was before the
+  batch's update; the trainer records ``‖W‖²`` before each step for it.
+
+A run of epochs up to the first one at which the stopping rule could act is one block: its steps
+run in as few trainer calls as the limit per call allows (``_MAX_STEPS_PER_CALL``), and the rule
+then reads each epoch's loss in order — the same epochs, shuffles and updates as epoch by epoch.
 """
 from __future__ import annotations
 
@@ -61,17 +65,12 @@ __all__ = ["MLPRegressor"]
 #: sklearn's hidden activation names → fusedgrad.ACTIVATIONS.
 _ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# Adam: the largest relative drift of sklearn's effective eps within one trainer call (see module docstring).
-_ADAM_EPS_RTOL = 0.05
 # Steps per trainer call at most (a long epoch is a few calls: Ctrl-C is seen between them).
 _MAX_STEPS_PER_CALL = 2048
 # Epochs run as one block at most before the stopping rule reads their losses (see _fit), and the rows
 # of a block's row orders at most (the order buffer: 8 bytes a row).
 _MAX_BLOCK_EPOCHS = 256
 _MAX_BLOCK_ROWS = 1 << 22
-# A shuffled call whose rows number fewer than 1/_GATHER_BELOW of the epoch's gathers them itself
-# instead of handing the kernel the epoch's row order (which it checks whole at every call).
-_GATHER_BELOW = 128
 
 
 def _dtype_name(dtype):
@@ -301,10 +300,8 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
                         run.order_np[j * n:(j + 1) * n] = sample_idx
                 l2 = []  # each completed epoch's L2 part of the loss
                 try:
-                    for j in range(k):
-                        l2.append(self._epoch(run, j))
+                    self._block(run, k, l2)
                 finally:
-                    # the completed epochs are recorded even after Ctrl-C (the partial one is not)
                     stop = self._epochs_end(run, l2, X_val, y_val, incremental)
                 if stop or incremental:
                     break
@@ -439,45 +436,39 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
             trainer = self._trainer = Trainer(self._net, self._opt, reduction="mean")
         return trainer
 
-    def _epoch(self, run, j):
-        """Epoch ``j`` of ``run``'s block: its mini-batches in order (the rows ``run.order(j)`` lists, or the
-        data's own order without shuffling), their losses into ``run.losses``; returns the epoch's L2 part of
-        sklearn's loss (times n)."""
-        alpha = run.alpha
-        l2_loss = 0.0
-        groups, wgroup = self._opt.param_groups, self._opt.param_groups[0]
-        adam_chunk = self._adam_chunk if self.solver == "adam" else None
-        x, y, order, bs, done, call, n = run.x, run.y, run.order(j), run.batch_size, run.done, run.call, run.n
-        losses_of, views = run.loss_slice, run.views
-        n_out = self.n_outputs_
-        base = j * run.steps  # this epoch's first loss in run.losses
-        for first, rows, steps in run.segments:
-            wgroup["weight_decay"] = 2.0 * alpha / (n_out * rows)
-            step, end = first, first + steps
-            while step < end:
-                take = min(end - step, _MAX_STEPS_PER_CALL)
-                if adam_chunk is not None:
-                    take, eps = adam_chunk(take)
-                    for g in groups:
-                        g["eps"] = eps
-                # Trainer.fit(x, y, take, batch_size=bs, shuffle=False) on the epoch's rows from its step
-                # `step`, without fit()'s per-call checks and call sizing (x, y were checked once)
-                losses = losses_of(base + step, take)
-                if order is not None and take * bs * _GATHER_BELOW < n:
-                    # a few rows of a long epoch: gathered here, cheaper than the kernel's check of the order
-                    xs, ys = run.gather(order, step, take)
-                    call(xs, ys, take, 0, bs, None, losses, done)
-                else:
-                    call(x, y, take, step, bs, order, losses, done)
-                self._adam_t += take
-                if alpha:
-                    # sum over the call's steps of ||W||² before each step, W² interpolated linearly
-                    # between the call's ends (exact for one step)
-                    sq, sq_after = run.sq, _sum_sq(views)
-                    l2_loss += 0.5 * alpha * (take * sq + 0.5 * (take - 1) * (sq_after - sq))
-                    run.sq = sq_after
+    def _block(self, run, k, l2):
+        """The ``k`` epochs of ``run``'s block: their steps in as few trainer calls as ``_MAX_STEPS_PER_CALL``
+        allows, with sklearn's step terms (module docstring), their losses into ``run.losses``; appends
+        each completed epoch's L2 part of sklearn's loss (times n) to ``l2``, even when interrupted."""
+        trainer, fn = self._get_trainer(), "fusedgrad.sklearn.MLPRegressor.fit"
+        steps, n, bs, total = run.steps, run.n, run.batch_size, k * run.steps
+        eps_hat = self._adam_eps_hat()
+        decay_per_row = 2.0 * run.alpha / self.n_outputs_
+        done0 = int(run.done)
+        try:
+            step = 0
+            while step < total:
+                take = min(total - step, _MAX_STEPS_PER_CALL)
+                order = None
+                first = step
+                if run.order_np.size:  # only the epochs the call touches: the kernel checks the order it gets
+                    e0, e1 = step // steps, (step + take - 1) // steps
+                    order = run.order_tensor[e0 * n:(e1 + 1) * n]
+                    first = step - e0 * steps
+                terms = (decay_per_row, eps_hat, run.weight_sq[step:step + take])
+                trainer._run(fn, run.x, run.y, take, first, bs, order, run.losses[step:step + take], run.done,
+                             terms)
                 step += take
-        return l2_loss
+        finally:
+            taken = int(run.done) - done0  # steps completed, also when a call was interrupted
+            self._adam_t += taken
+            for j in range(taken // steps):
+                l2.append(0.5 * run.alpha * float(run.weight_sq[j * steps:(j + 1) * steps].sum()))
+
+    def _adam_eps_hat(self):
+        """sklearn's Adam eps in the trainer's terms (eps added before the bias correction, gradients
+        scaled by c: module docstring); -1 for SGD, which has none."""
+        return float(self.epsilon) / self._c if self.solver == "adam" else -1.0
 
     def _epochs_end(self, run, l2, X_val, y_val, incremental):
         """sklearn's end of each epoch of a block, in order, for the ``len(l2)`` completed ones: loss_,
@@ -513,25 +504,6 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
                 warnings.warn("Stochastic Optimizer: Maximum iterations (%d) reached and the optimization "
                               "hasn't converged yet." % self.max_iter, ConvergenceWarning)
         return False
-
-    def _adam_chunk(self, steps):
-        """How many of the next ``steps`` Adam steps one call takes, and the torch eps for them."""
-        b2 = float(self.beta_2)
-        t1 = self._adam_t + 1
-
-        def f(t):
-            return math.sqrt(1.0 - b2 ** t)
-
-        take = steps
-        if _ADAM_EPS_RTOL == 0:
-            take = 1
-        elif b2 > 0:
-            bound = 1.0 - (1.0 + _ADAM_EPS_RTOL) ** 2 * (1.0 - b2 ** t1)  # b2^t2 must stay >= bound
-            if bound > 0:
-                t2 = math.floor(math.log(bound) / math.log(b2))
-                take = max(1, min(steps, t2 - t1 + 1))
-        f_mid = math.sqrt(f(t1) * f(t1 + take - 1))
-        return take, float(self.epsilon) / (self._c * f_mid)
 
     def _update_no_improvement_count(self, X_val, y_val):
         if self.early_stopping:
@@ -606,66 +578,29 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
 
 
 class _EpochRunner:
-    """A fit's epochs: the step layout (full batches, then the remainder), the buffers of a block of
-    epochs (the rows' order, a loss per step), the weights' live numpy views, and the trainer's call,
-    made once per fit and reused by every epoch."""
+    """A fit's epochs: the step layout (full batches, then the remainder) and the buffers of a block of
+    epochs (the rows' order, a loss and a ‖W‖² per step), made once per fit and reused by every block."""
 
     def __init__(self, est, x, y, batch_size, incremental):
         self.x, self.y, self.n, self.batch_size = x, y, x.shape[0], batch_size
         full, rest = divmod(self.n, batch_size)
-        self.full = full
-        # (first step, rows per step, steps) of each part of an epoch
-        self.segments = ([(0, batch_size, full)] if full else []) + ([(full, rest, 1)] if rest else [])
-        self.steps = full + (1 if rest else 0)
+        self.steps = full + (1 if rest else 0)  # steps of an epoch; each step's rows below
         self.weights = np.array([batch_size] * full + ([rest] if rest else []), dtype=np.float64)
         self.max_block = 1 if (incremental or est.early_stopping or (est.solver == "sgd"
                                                                      and est.learning_rate == "invscaling")) \
             else max(1, min(_MAX_BLOCK_EPOCHS, _MAX_BLOCK_ROWS // self.n))
         self.max_block = max(1, min(self.max_block, est.max_iter))
         self.losses = torch.zeros(self.max_block * self.steps, dtype=x.dtype)
+        self.weight_sq = torch.zeros(self.max_block * self.steps, dtype=torch.float64)  # ‖W‖² before each step
         self.order_np = np.empty(self.max_block * self.n if est.shuffle else 0, dtype=np.int64)
-        self._order = torch.from_numpy(self.order_np)
-        self._orders = {}
-        self._loss_slices = {}
-        self._gather = None
+        self.order_tensor = torch.from_numpy(self.order_np)
         self.done = torch.zeros(1, dtype=torch.int64)
         self.alpha = float(est.alpha)
-        self.views = [w.detach().numpy().reshape(-1) for w in est._net._weights_biases()[0]]  # live, no copies
-        self.sq = _sum_sq(self.views) if self.alpha else 0.0
-        self.call = est._get_trainer()._runner("fusedgrad.sklearn.MLPRegressor.fit")
 
     def block_epochs(self, est):
         """How many epochs the next block runs: up to the first at which the stopping rule can act."""
         return max(1, min(self.max_block, est.max_iter - est.n_iter_,
                           est.n_iter_no_change + 1 - est._no_improvement_count))
-
-    def order(self, j):
-        """The row order of the block's epoch ``j`` (None without shuffling: the rows in order)."""
-        if not self.order_np.size:
-            return None
-        out = self._orders.get(j)
-        if out is None:
-            out = self._orders[j] = self._order[j * self.n:(j + 1) * self.n]
-        return out
-
-    def loss_slice(self, start, take):
-        key = (start, take)
-        out = self._loss_slices.get(key)
-        if out is None:
-            out = self._loss_slices[key] = self.losses[start:start + take]
-        return out
-
-    def gather(self, order, step, take):
-        """The rows of ``take`` steps from ``step`` copied in order into a scratch buffer."""
-        rows = min(take * self.batch_size, self.n - step * self.batch_size)
-        if self._gather is None or self._gather[0].shape[0] < rows:
-            self._gather = (torch.empty((rows, self.x.shape[1]), dtype=self.x.dtype),
-                            torch.empty((rows, self.y.shape[1]), dtype=self.y.dtype))
-        idx = order[step * self.batch_size:step * self.batch_size + rows]
-        xs, ys = self._gather[0][:rows], self._gather[1][:rows]
-        torch.index_select(self.x, 0, idx, out=xs)
-        torch.index_select(self.y, 0, idx, out=ys)
-        return xs, ys
 
 
 def _as_tensor(a, dtype):
@@ -674,8 +609,3 @@ def _as_tensor(a, dtype):
     if not a.flags.c_contiguous or not a.flags.writeable:
         a = np.array(a, order="C", copy=True)
     return torch.from_numpy(a).to(dtype)
-
-
-def _sum_sq(views):
-    """sum ||W||² over numpy views of the weights (np.dot in their dtype, as sklearn computes it)."""
-    return float(sum(map(np.dot, views, views)))

@@ -370,9 +370,11 @@ class Trainer:
             raise ValueError(f"{fn}: argument 'x' has no rows")
         return x.detach().contiguous(), target.detach().contiguous()
 
-    def _run(self, fn, x, target, steps, first_step=0, batch_size=0, order=None, losses=None, done=None):
+    def _run(self, fn, x, target, steps, first_step=0, batch_size=0, order=None, losses=None, done=None,
+             sklearn_terms=None):
         # fit()'s calls in the common case read the optimizer in C++ (as step() does); anything
         # else (e.g. a first step, before the optimizer has state) takes the route below.
+        # sklearn_terms: fusedgrad.sklearn's step terms (csrc/trainer/train_step.h: SklearnTerms), or None.
         name = self._description.name
         if self._lbfgs:
             if batch_size:
@@ -389,40 +391,19 @@ class Trainer:
             _C.deep_train_steps(fn, self.optimizer, name, params, grads, self._pnames(), x, target, batch_size,
                                 order, first_step, steps, self.reduction == "mean", self.model_lr_scale, losses,
                                 done, self._activation(), self.num_models if self._ensemble else 0, group,
-                                rank_means)
+                                rank_means, sklearn_terms)
             self._after_run(params, grads)
             return
-        if self._fast_step and parallel is None and done is not None and _C.train_steps_fast(
+        if self._fast_step and parallel is None and sklearn_terms is None and done is not None \
+                and _C.train_steps_fast(
                 self.optimizer, name, self.net._params(), x, target, batch_size, order, first_step, steps,
                 self.reduction == "mean", self.model_lr_scale, losses, done, self._activation()):
             return
         params, grads = self._prepare(fn)
         _C.train_steps(fn, self.optimizer, name, params, grads, self._pnames(), x, target, batch_size, order,
                        first_step, steps, self.reduction == "mean", self.model_lr_scale, losses, done,
-                       self._activation(), group, rank_means)
+                       self._activation(), group, rank_means, sklearn_terms)
         self._after_run(params, grads)
-
-    def _runner(self, fn):
-        """Private (fusedgrad.sklearn's epochs): a function ``run(x, target, steps, first_step, batch_size, order,
-        losses, done)`` that does what ``_run(fn, ...)`` does, for a caller that makes many calls with data it
-        prepared as :meth:`_data` returns it, on this trainer's net and optimizer (neither replaced between
-        the calls). The lookups that cannot change between such calls are made once here: the kernel path
-        (:meth:`_deep`), the parameter tuple and the flags; the optimizer's groups and state are still read
-        at every call, and a call the C++ fast route declines takes :meth:`_run`."""
-        if self._lbfgs or self._deep() or not self._fast_step or self._parallel is not None:
-            run_ = self._run
-
-            def run(x, target, steps, first_step, batch_size, order, losses, done):
-                run_(fn, x, target, steps, first_step, batch_size, order, losses, done)
-            return run
-        fast, opt, name, params = _C.train_steps_fast, self.optimizer, self._description.name, self.net._params()
-        mean, scale, act = self.reduction == "mean", self.model_lr_scale, self._activation()
-
-        def run(x, target, steps, first_step, batch_size, order, losses, done):
-            if not fast(opt, name, params, x, target, batch_size, order, first_step, steps, mean, scale, losses, done,
-                        act):
-                self._run(fn, x, target, steps, first_step, batch_size, order, losses, done)
-        return run
 
     def _after_run(self, params, grads):
         # The gradients are the parameters' own .grad (a state tensor the first gradient

@@ -29,6 +29,20 @@ inline at::Tensor optional_tensor(pybind11::handle h) {
   return h.cast<at::Tensor>();
 }
 
+// fusedgrad.sklearn's step terms (train_step.h: SklearnTerms) from None or the tuple
+// (decay_per_row, eps_hat, weight_sq tensor or None) fusedgrad/sklearn.py passes.
+inline SklearnTerms sklearn_terms(pybind11::handle h) {
+  SklearnTerms sk;
+  if (h.is_none()) return sk;
+  const auto t = h.cast<pybind11::tuple>();
+  TORCH_CHECK_VALUE(t.size() == 3, "fusedgrad: internal: sklearn_terms is (decay_per_row, eps_hat, weight_sq)");
+  sk.on = true;
+  sk.decay_per_row = t[0].cast<double>();
+  sk.eps_hat = t[1].cast<double>();
+  sk.weight_sq = optional_tensor(t[2]);
+  return sk;
+}
+
 // What the reader does with what it cannot take: raise (strict) or decline.
 struct Reader {
   const char* fn;

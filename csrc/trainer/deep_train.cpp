@@ -16,6 +16,7 @@
 //                   each step's sums are all-reduced before the update (step_reducer.h)
 //   rank_means      with a process group: DistributedDataParallel's semantics (the mean over
 //                   ranks of each rank's loss), else the reduction over all ranks' rows
+//   sklearn         None, or fusedgrad.sklearn's step terms (train_step.h: SklearnTerms)
 // The rows of a step, the loss history and the step counting are those of the
 // one-hidden-layer trainer (train_step.h); with a process group, each rank takes the rows
 // of the step from its own shard.
@@ -47,6 +48,7 @@ struct DeepCall {
   int64_t batch_size = 0, first_step = 0, num_steps = 0;
   bool mean = true;
   std::unique_ptr<StepReducer> reducer;  // the data-parallel route's all-reduce, or null
+  SklearnTerms sklearn;                  // fusedgrad.sklearn's step terms (train_step.h), off by default
 };
 
 void check_state_tensor(const char* fn, const std::string& name, const char* key, const at::Tensor& t,
@@ -110,6 +112,11 @@ void check_call(const char* fn, const DeepCall& c, const std::vector<std::string
     const bool in_range = (c.order.min().item<int64_t>() >= 0) && (c.order.max().item<int64_t>() < N);
     TORCH_CHECK_VALUE(in_range, fn, ": internal: the batch order holds a row index outside [0, ", N, ")");
   }
+  TORCH_CHECK_VALUE(!c.sklearn.on || c.K == 1, fn, ": internal: scikit-learn's step terms are for one model");
+  TORCH_CHECK_VALUE(!c.sklearn.weight_sq.defined() ||
+                        (c.sklearn.weight_sq.scalar_type() == at::kDouble && c.sklearn.weight_sq.is_contiguous() &&
+                         c.sklearn.weight_sq.numel() >= c.num_steps),
+                    fn, ": internal: the ||W||^2 buffer must be float64 with a value per step");
   TORCH_CHECK_VALUE(!c.reducer || c.K == 1, fn, ": the data-parallel route trains one model; shard an ensemble's "
                     "models over the ranks instead (fusedgrad.distributed.shard_ensemble)");
   if (c.lr_scale.defined()) {
@@ -199,6 +206,14 @@ void run_steps(DeepCall& c) {
     }
     losses[step * K + k] = static_cast<T>(loss);
     const double scale = lr_scale ? lr_scale[k] : 1.0;
+    if (c.sklearn.weight_sq.defined()) {  // ‖W‖² before the update (one model: check_call)
+      double sq = 0;
+      for (int64_t p = 0; p < P; p += 2) {
+        const T* w = c.params[p].data_ptr<T>();
+        for (int64_t e = 0; e < per_model[p]; ++e) sq += static_cast<double>(w[e]) * w[e];
+      }
+      c.sklearn.weight_sq.data_ptr<double>()[step] = sq;
+    }
     // The step's terms (Adam: two pow) once for the parameters that share their
     // group's options and step count — usually all of them.
     const AnyOptimizer* last_rule = nullptr;
@@ -218,9 +233,13 @@ void run_steps(DeepCall& c) {
         last_rule = &st.rule;
         last_t = t_p;
       }
+      // fusedgrad.sklearn's step terms change the rule's weight decay and eps, not its terms
+      AnyOptimizer sklearn_rule;
+      if (c.sklearn.on) sklearn_rule = c.sklearn.rule_of(st.rule, p % 2 == 0, count, t_p);
+      const AnyOptimizer& rule = c.sklearn.on ? sklearn_rule : st.rule;
       StatePtrs<T> sp{};
       for (int i = 0; i < kMaxState; ++i) sp[i] = st.state[i].defined() ? st.state[i].data_ptr<T>() + off : nullptr;
-      update_kernel(st.rule, last, lr, c.params[p].data_ptr<T>() + off, g, sp, st.fresh && step == 0, n);
+      update_kernel(rule, last, lr, c.params[p].data_ptr<T>() + off, g, sp, st.fresh && step == 0, n);
     }
   };
 
@@ -253,7 +272,7 @@ void deep_train_steps(const std::string& fn, py::handle optimizer, const std::st
                       py::sequence grads, py::sequence names, const at::Tensor& x, const at::Tensor& target, int64_t batch_size,
                       py::handle order, int64_t first_step, int64_t num_steps, bool mean, py::handle lr_scale,
                       const at::Tensor& losses, py::handle steps_done, const std::string& activation, int64_t models,
-                      py::handle process_group, bool rank_means) {
+                      py::handle process_group, bool rank_means, py::handle sklearn) {
   const int64_t P = static_cast<int64_t>(params.size());
   TORCH_CHECK_VALUE(P >= 2 && P % 2 == 0 && static_cast<int64_t>(grads.size()) == P &&
                         static_cast<int64_t>(names.size()) == P,
@@ -287,6 +306,7 @@ void deep_train_steps(const std::string& fn, py::handle optimizer, const std::st
   c.lr_scale = optional_tensor(lr_scale);
   c.losses = losses;
   c.steps_done = optional_tensor(steps_done);
+  c.sklearn = sklearn_terms(sklearn);
   if (!process_group.is_none()) {
     c.reducer = make_step_reducer(fn.c_str(), process_group);
     c.reducer->rank_means = rank_means;
@@ -311,10 +331,11 @@ void register_deep_trainer(py::module& m) {
       [](const std::string& fn, py::handle optimizer, const std::string& name, py::sequence params,
          py::sequence grads, py::sequence names, const at::Tensor& x, const at::Tensor& target, int64_t batch_size, py::handle order, int64_t first_step,
          int64_t num_steps, bool mean, py::handle lr_scale, const at::Tensor& losses, py::handle steps_done,
-         const std::string& activation, int64_t models, py::handle process_group, bool rank_means) {
+         const std::string& activation, int64_t models, py::handle process_group, bool rank_means,
+         py::handle sklearn) {
         translating_errors(deep_train_steps)(fn, optimizer, name, params, grads, names, x, target, batch_size, order,
                                              first_step, num_steps, mean, lr_scale, losses, steps_done, activation,
-                                             models, process_group, rank_means);
+                                             models, process_group, rank_means, sklearn);
       },
         "Fused training steps of fusedgrad.Trainer for any depth (see csrc/trainer/deep_train.cpp).");
 }

@@ -48,7 +48,8 @@ void train_steps_py(const std::string& fn, py::handle optimizer, const std::stri
                     py::sequence grads, py::sequence names, const at::Tensor& x, const at::Tensor& target,
                     int64_t batch_size, py::handle order, int64_t first_step, int64_t num_steps, bool mean,
                     py::handle lr_scale, const at::Tensor& losses, py::handle steps_done,
-                    const std::string& activation, py::handle process_group, bool rank_means) {
+                    const std::string& activation, py::handle process_group, bool rank_means,
+                    py::handle sklearn) {
   TORCH_CHECK_VALUE(params.size() == kNumParams && grads.size() == kNumParams && names.size() == kNumParams,
                     "fusedgrad: internal: train_steps takes 4 parameters, gradients and names");
   TrainCall call;
@@ -61,6 +62,7 @@ void train_steps_py(const std::string& fn, py::handle optimizer, const std::stri
   }
   set_run(call, x, target, batch_size, order, first_step, num_steps, mean, lr_scale, losses, optional_tensor(steps_done));
   call.act = parse_activation(activation);
+  call.sklearn = sklearn_terms(sklearn);
   std::unique_ptr<StepReducer> reducer;  // the data-parallel route (step_reducer.h)
   if (!process_group.is_none()) {
     reducer = make_step_reducer(fn.c_str(), process_group);
@@ -287,10 +289,10 @@ void register_trainer(py::module& m) {
          py::sequence grads, py::sequence names, const at::Tensor& x, const at::Tensor& target, int64_t batch_size,
          py::handle order, int64_t first_step, int64_t num_steps, bool mean, py::handle lr_scale,
          const at::Tensor& losses, py::handle steps_done, const std::string& activation, py::handle process_group,
-         bool rank_means) {
+         bool rank_means, py::handle sklearn) {
         translating_errors(train_steps_py)(fn, optimizer, name, params, grads, names, x, target, batch_size, order,
                                            first_step, num_steps, mean, lr_scale, losses, steps_done, activation,
-                                           process_group, rank_means);
+                                           process_group, rank_means, sklearn);
       },
       "Fused training steps of fusedgrad.Trainer (see csrc/trainer/train_bindings.cpp).");
   m.def("_testing_fail_after_first_update", &set_fail_after_first_update,

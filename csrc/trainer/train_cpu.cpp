@@ -468,16 +468,26 @@ struct Run {
   // learning rate (the update is element-wise: the same numbers as model by
   // model, in a few long vector loops instead of many short ones), else
   // model by model.
-  void update_models(int64_t k0, int64_t k1, int64_t step) const {
+  // fusedgrad.sklearn's ‖W‖² before the step's update, where asked (one model: train_steps checks).
+  void record_weight_sq(int64_t step) const {
+    if (!call.sklearn.weight_sq.defined()) return;
+    double sq = 0;
+    for (int p : {kW1, kW2}) {
+      for (int64_t e = 0; e < per_model[p]; ++e) sq += static_cast<double>(param[p][e]) * param[p][e];
+    }
+    call.sklearn.weight_sq.data_ptr<double>()[step] = sq;
+  }
+
+  void update_models(int64_t k0, int64_t k1, int64_t step, int64_t rows) const {
     if (call.lr_scale.defined()) {
       const double* scale = call.lr_scale.data_ptr<double>();
-      for (int64_t k = k0; k < k1; ++k) update_slices(k, k + 1, step, scale[k]);
+      for (int64_t k = k0; k < k1; ++k) update_slices(k, k + 1, step, scale[k], rows);
     } else {
-      update_slices(k0, k1, step, 1.0);
+      update_slices(k0, k1, step, 1.0, rows);
     }
   }
 
-  void update_slices(int64_t k0, int64_t k1, int64_t step, double lr_scale) const {
+  void update_slices(int64_t k0, int64_t k1, int64_t step, double lr_scale, int64_t rows) const {
     // The step's terms (Adam: two pow) once for the parameters that share their group's
     // options and step count — usually all four; an ensemble's models read those
     // computed once per step (`terms`).
@@ -494,7 +504,10 @@ struct Run {
         if (!same_terms_as_previous[p]) last = step_terms(st.rule, t);
         cached = &last;
       }
-      const SliceUpdate u{&st.rule, cached, t, lr[p] * lr_scale, st.fresh && step == 0, (k1 - k0) * per_model[p]};
+      AnyOptimizer sklearn_rule;  // the rule with fusedgrad.sklearn's step terms (train_step.h), where set
+      if (call.sklearn.on) sklearn_rule = call.sklearn.rule_of(st.rule, p == kW1 || p == kW2, rows, t);
+      const SliceUpdate u{call.sklearn.on ? &sklearn_rule : &st.rule, cached, t, lr[p] * lr_scale,
+                          st.fresh && step == 0, (k1 - k0) * per_model[p]};
       StatePtrs<T> sp{};
       for (int i = 0; i < kMaxState; ++i) sp[i] = state[p][i] ? state[p][i] + off : nullptr;
       update_kernel(grad[p] + off, param[p] + off, sp, u);
@@ -547,7 +560,8 @@ struct Run {
           write_loss_and_grads(k, step, c, sums.data());
         }
       }
-      update_models(k0, k1, step);
+      record_weight_sq(step);
+      update_models(k0, k1, step, rows.count);
       if (count_steps && call.steps_done.defined()) call.steps_done.data_ptr<int64_t>()[0] += 1;
     }
   }
@@ -685,7 +699,8 @@ void gemm_step(const Run<T>& run, int64_t k, int64_t step, GemmBuffers& B, std::
   });
   at::mm_out(gw1, ds.t(), xb);
   run.write_loss_and_grads(k, step, c, out, /*weights_written=*/true);
-  run.update_models(k, k + 1, step);
+  run.record_weight_sq(step);
+  run.update_models(k, k + 1, step, n);
 }
 
 // Wide layers go to BLAS: the direct loops stream every hidden unit's row of
@@ -873,6 +888,11 @@ void train_steps(const char* fn, TrainCall& call, bool* started) {
   const Dims d = check_call(fn, call);  // writes nothing
   TORCH_CHECK_VALUE(!call.reducer || (d.K == 1 && !use_gemm_path(d)), fn,
                     ": internal: the data-parallel route runs one model on the narrow kernels here");
+  TORCH_CHECK_VALUE(!call.sklearn.on || d.K == 1, fn, ": internal: scikit-learn's step terms are for one model");
+  TORCH_CHECK_VALUE(!call.sklearn.weight_sq.defined() ||
+                        (call.sklearn.weight_sq.scalar_type() == at::kDouble &&
+                         call.sklearn.weight_sq.is_contiguous() && call.sklearn.weight_sq.numel() >= call.num_steps),
+                    fn, ": internal: the ||W||^2 buffer must be float64 with a value per step");
   if (call.num_steps == 0) return;
   if (started) *started = true;  // from here on an error may leave a step partly applied
   // The parameters are updated in place, as torch.optim does under no_grad;

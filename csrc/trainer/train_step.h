@@ -12,7 +12,9 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <cmath>
 #include <optional>
+#include <variant>
 #include <vector>
 
 #include "../common/activation.h"
@@ -22,6 +24,35 @@
 namespace fusedgrad::trainer {
 
 enum ParamIndex { kW1 = 0, kB1, kW2, kB2, kNumParams };
+
+// scikit-learn's MLPRegressor defines two terms of a step that torch.optim does not, which
+// fusedgrad.sklearn.MLPRegressor passes (fusedgrad/sklearn.py derives them): its L2 gradient
+// alpha·W / n_b, a weight decay that depends on the step's rows n_b (so the last, shorter batch of
+// an epoch has its own), and Adam's eps added to √v before the bias correction (torch adds it after:
+// sklearn's step is torch's with eps_t = eps_hat / √(1 − β2^t)). Its loss also needs ‖W‖² before each
+// step. Off unless set; one model only.
+struct SklearnTerms {
+  bool on = false;
+  double decay_per_row = 0;  // the weights' weight_decay of a step = decay_per_row / rows of the step
+  double eps_hat = -1;       // >= 0: Adam's eps of step t = eps_hat / √(1 − β2^t)
+  at::Tensor weight_sq;      // float64 (num_steps,): Σ over the weights (not biases) of ‖W‖², before each step
+
+  // A parameter's rule for one step: `rule` with the step's terms.
+  AnyOptimizer rule_of(const AnyOptimizer& rule, bool weight, int64_t rows, double t) const {
+    AnyOptimizer r = rule;
+    std::visit(
+        [&](auto& o) {
+          if constexpr (requires { o.weight_decay; }) {
+            if (weight && decay_per_row > 0) o.weight_decay = decay_per_row / static_cast<double>(rows);
+          }
+          if constexpr (requires { o.beta2; o.eps; }) {
+            if (eps_hat >= 0) o.eps = eps_hat / std::sqrt(1.0 - std::pow(o.beta2, t));
+          }
+        },
+        r);
+    return r;
+  }
+};
 
 // One parameter tensor's optimizer: its description with its group's options
 // (optimizers.h) and its state, as torch.optim keeps it (binding_helpers.h reads both).
@@ -54,6 +85,7 @@ struct TrainCall {
   // The data-parallel route (one model, narrow kernels): each step's sums all-reduced over the
   // ranks before the update (step_reducer.h); null otherwise.
   StepReducer* reducer = nullptr;
+  SklearnTerms sklearn;  // fusedgrad.sklearn's step terms (above), off by default
 };
 
 // Writes a step count back into the optimizer's one-element float32 or float64 `step` tensor.
