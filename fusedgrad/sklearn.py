@@ -95,10 +95,9 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
     the trained network as a :class:`fusedgrad.FusedMLP`.
 
     With the same ``random_state`` it draws the same initial weights, the same shuffles and the
-    same early-stopping split as sklearn, and each step is sklearn's update (for SGD exactly, for
-    Adam up to ±2.5 % in the effective epsilon, see the module docstring); in float64 the
-    coefficients after a few epochs equal sklearn's to the tolerances tests/test_sklearn.py
-    states.
+    same early-stopping split as sklearn, and each step is sklearn's update, SGD and Adam alike (see
+    the module docstring); in float64 the coefficients and ``loss_curve_`` after a few epochs equal
+    sklearn's to the tolerances tests/test_sklearn.py states (1e-12 relative).
 
     Differences from sklearn's MLPRegressor:
 
@@ -115,11 +114,6 @@ class MLPRegressor(RegressorMixin, BaseEstimator):
     * ``hidden_layer_sizes=()`` (no hidden layer) raises ValueError: FusedMLP has at least one.
     * no ``sample_weight`` in ``fit`` / ``partial_fit``; sparse ``X`` is refused (sklearn's
       dense-data TypeError) rather than accepted.
-    * the L2 part of ``loss_`` / ``loss_curve_`` sums ``||W||²`` before each batch interpolated
-      linearly between the ends of each trainer call (exact for one-step calls; the data part is
-      exact); the
-      stopping rule reads these values, so with ``alpha > 0`` it may stop an epoch apart from
-      sklearn in a borderline case.
     * the estimator's private state (the FusedMLP and torch optimizer kept for ``partial_fit``)
       is torch's; ``coefs_`` / ``intercepts_`` stay the source of truth — edits to them are
       trained on by the next ``fit(warm_start=True)`` / ``partial_fit`` as in sklearn.
