@@ -57,20 +57,22 @@ def _no_crash(results, logs):
         assert "crash" not in out, f"rank {r}:\n{out['crash']}"
 
 
-@pytest.fixture(scope="module")
-def train(tmp_path_factory):
-    results, codes, logs = run_ranks(tmp_path_factory.mktemp("train"), "train")
+def _scenario(tmp_path_factory, name):
+    """Both ranks' results of a scenario that must finish cleanly."""
+    results, codes, logs = run_ranks(tmp_path_factory.mktemp(name), name)
     _no_crash(results, logs)
     assert codes == [0, 0], logs
     return results
+
+
+@pytest.fixture(scope="module")
+def train(tmp_path_factory):
+    return _scenario(tmp_path_factory, "train")
 
 
 @pytest.fixture(scope="module")
 def ensemble(tmp_path_factory):
-    results, codes, logs = run_ranks(tmp_path_factory.mktemp("ensemble"), "ensemble")
-    _no_crash(results, logs)
-    assert codes == [0, 0], logs
-    return results
+    return _scenario(tmp_path_factory, "ensemble")
 
 
 def native(state, dtype=torch.float64, activation="tanh"):
