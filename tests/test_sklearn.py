@@ -441,3 +441,15 @@ def test_readme_example_runs():
     namespace = {}
     exec(compile(block, "README.md (For scikit-learn users)", "exec"), namespace)
     assert isinstance(namespace["net"], fusedgrad.FusedMLP)
+
+
+def test_fit_leaves_torchs_global_generator_alone():
+    """The estimator's randomness is its random_state's: building its network (whose own initialisation
+    is overwritten by sklearn's) does not advance torch's global generator."""
+    rng = np.random.RandomState(0)
+    X, y = rng.randn(40, 3), rng.randn(40)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    est = MLPRegressor(hidden_layer_sizes=(5, 4), max_iter=3, random_state=0).fit(X, y)
+    est.to_torch()
+    assert torch.equal(before, torch.get_rng_state())
