@@ -155,11 +155,12 @@ def ddp_unsupported(ddp) -> List[str]:
     if getattr(ddp, "parameters_to_ignore", None):
         problems.append("parameters excluded from synchronisation (_ddp_params_and_buffers_to_ignore)")
     logging_data = getattr(ddp, "_get_ddp_logging_data", None)
+    hook = logging_data().get("comm_hook") if logging_data is not None else None
     if logging_data is None:
         problems.append(f"no '_get_ddp_logging_data' (torch {TORCH_VERSION}), so a built-in communication hook "
                         "cannot be ruled out")
-    elif logging_data().get("comm_hook"):
-        problems.append(f"a communication hook ({logging_data()['comm_hook']})")
+    elif hook:
+        problems.append(f"a communication hook ({hook})")
     return problems
 
 

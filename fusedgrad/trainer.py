@@ -240,7 +240,7 @@ class Trainer:
                 grads.append(None)
                 continue
             if not p.requires_grad or not p.is_leaf or p.dtype not in _DTYPES or p.device.type != "cpu" \
-                    or not p.is_contiguous() or (grad_hook_flags(p) and not self._ddp_hook_only(p)):
+                    or not p.is_contiguous() or not self._hooks_allowed(grad_hook_flags(p), p):
                 self._refuse_param(fn, name, p)
             g = p.grad
             if g is None or g.shape != p.shape or g.dtype != p.dtype or not g.is_contiguous() or g.device != p.device:
@@ -250,11 +250,14 @@ class Trainer:
             prepare_state(d, opt, groups[gi], p)
         return params, grads
 
-    def _ddp_hook_only(self, p):
-        """Whether ``p``'s only hook is DistributedDataParallel's gradient all-reduce (one C++ hook on its
-        accumulator), which the data-parallel route replaces by its own all-reduce of the same sums."""
+    def _hooks_allowed(self, flags, p):
+        """Whether ``p``'s hooks (``flags``) let the trainer write its .grad: none, or — on the DDP route —
+        only DistributedDataParallel's gradient all-reduce (one C++ hook on its accumulator), which the
+        data-parallel route replaces by its own all-reduce of the same sums."""
+        if not flags:
+            return True
         return (self._parallel is not None and self._parallel.ddp is not None
-                and grad_hook_flags(p) == ACCUMULATOR_CPP_HOOK and _C.accumulator_cpp_hook_count(p) == 1)
+                and flags == ACCUMULATOR_CPP_HOOK and _C.accumulator_cpp_hook_count(p) == 1)
 
     def _refuse_param(self, fn, name, p):
         pname = self._pname(name)

@@ -196,7 +196,7 @@ def test_create_graph_through_the_derivatives_matches_autograd():
         assert rel_err(m, t) <= TOL
 
 
-class _Derivs(torch.nn.Module):
+class DerivativesModule(torch.nn.Module):
     """net.derivatives as a module's forward, for torch.func.functional_call."""
 
     def __init__(self, net):
@@ -213,7 +213,7 @@ def test_torch_func_over_a_pinn_loss(transform):
     torch.manual_seed(7)
     net = fusedgrad.FusedMLP(2, 6, 1, hidden_layers=2, activation="tanh").double()
     seq = net.to_module(copy=True)
-    wrapper = _Derivs(net)
+    wrapper = DerivativesModule(net)
     x = torch.rand(30, 2, dtype=torch.float64)
 
     def loss_of(params):

@@ -20,7 +20,7 @@ from torch import nn
 import fusedgrad
 from fusedgrad import _C
 from fusedgrad._optimizers import DESCRIPTIONS, SUPPORTED
-from test_trainer import native, problem, reference_step, rel_err, state_err
+from test_trainer import check_state_dict_round_trip, native, problem, reference_step, rel_err, state_err
 from test_deep import reference_training
 from test_trainer_ensemble import data
 
@@ -233,26 +233,7 @@ def test_interchange_with_plain_steps_and_schedulers(name, hidden):
 @pytest.mark.parametrize("name", ["rmsprop-all", "rmsprop", "adagrad-init-eps", "adagrad-fused"])
 def test_state_dict_round_trip(name):
     """Trainer → state_dict → a plain optimizer continues; and a plain optimizer's state → Trainer."""
-    x, y, net, ref = problem()
-    opt, ropt = OPTS[name](net.parameters()), OPTS[name](ref.parameters())
-    fusedgrad.Trainer(net, opt).fit(x, y, 5)
-    model = native(ref)
-    for _ in range(5):
-        reference_step(model, ropt, x, y)
-    net2 = copy.deepcopy(net)
-    opt2 = OPTS[name](net2.parameters())
-    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
-    for _ in range(5):
-        reference_step(native(net2), opt2, x, y)
-    net3 = copy.deepcopy(ref)
-    opt3 = OPTS[name](net3.parameters())
-    opt3.load_state_dict(copy.deepcopy(ropt.state_dict()))
-    fusedgrad.Trainer(net3, opt3).fit(x, y, 5)
-    for _ in range(5):
-        reference_step(model, ropt, x, y)
-    assert rel_err(list(net2.parameters()), list(ref.parameters())) < 1e-10
-    assert rel_err(list(net3.parameters()), list(ref.parameters())) < 1e-10
-    compare_states(opt3, ropt, list(net3.parameters()), list(ref.parameters()))
+    compare_states(*check_state_dict_round_trip(OPTS[name]))
 
 
 @pytest.mark.parametrize("name", ["rmsprop-all", "rmsprop", "adagrad-decay-wd", "adagrad-tensor-lr"])

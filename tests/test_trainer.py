@@ -212,30 +212,37 @@ def test_interleaved_with_plain_optimizer_steps():
     assert rel_err(list(net.parameters()), list(ref.parameters())) < 1e-10
 
 
-@pytest.mark.parametrize("name", ["adam-amsgrad-wd", "sgd-momentum"])
-def test_optimizer_state_dict_round_trip(name):
-    """Trainer → state_dict → a plain optimizer continues; and a plain optimizer's state → Trainer."""
+def check_state_dict_round_trip(make_opt):
+    """Trainer → state_dict → a plain optimizer continues; and a plain optimizer's state → Trainer: both
+    equal to the reference loop after 5 + 5 steps. Returns (trainer-continued optimizer, reference
+    optimizer, its parameters, the reference's) for further checks."""
     x, y, net, ref = problem()
-    opt, ropt = OPTIMIZERS[name](net.parameters()), OPTIMIZERS[name](ref.parameters())
+    opt, ropt = make_opt(net.parameters()), make_opt(ref.parameters())
     fusedgrad.Trainer(net, opt).fit(x, y, 5)
     model = native(ref)
     for _ in range(5):
         reference_step(model, ropt, x, y)
     # fused state → a fresh plain optimizer, which takes 5 plain steps
     net2 = copy.deepcopy(net)
-    opt2 = OPTIMIZERS[name](net2.parameters())
+    opt2 = make_opt(net2.parameters())
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict may alias the source's tensors
     for _ in range(5):
         reference_step(native(net2), opt2, x, y)
     # plain state → a fresh optimizer driven by the trainer, 5 fused steps
     net3 = copy.deepcopy(ref)
-    opt3 = OPTIMIZERS[name](net3.parameters())
+    opt3 = make_opt(net3.parameters())
     opt3.load_state_dict(copy.deepcopy(ropt.state_dict()))
     fusedgrad.Trainer(net3, opt3).fit(x, y, 5)
     for _ in range(5):
         reference_step(model, ropt, x, y)
     assert rel_err(list(net2.parameters()), list(ref.parameters())) < 1e-10
     assert rel_err(list(net3.parameters()), list(ref.parameters())) < 1e-10
+    return opt3, ropt, list(net3.parameters()), list(ref.parameters())
+
+
+@pytest.mark.parametrize("name", ["adam-amsgrad-wd", "sgd-momentum"])
+def test_optimizer_state_dict_round_trip(name):
+    check_state_dict_round_trip(OPTIMIZERS[name])
 
 
 def test_lr_scheduler_between_fit_chunks():

@@ -12,6 +12,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 
 import fusedgrad
 from fusedgrad import deep
+from test_derivatives import DerivativesModule
 
 TOL = 1e-12
 
@@ -137,15 +138,7 @@ def test_derivatives_under_vmap_run_the_stacked_jet_pass(op_calls):
     base = copy.deepcopy(models[0]).to("meta")
     x = torch.rand(10, 2, dtype=torch.float64)
 
-    class Derivs(torch.nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, xx):
-            return self.net.derivatives(xx, order=2)
-
-    wrapper = Derivs(base)
+    wrapper = DerivativesModule(base)
     prefixed = {f"net.{k}": v for k, v in params.items()}
     u, du, d2u = vmap(lambda p: functional_call(wrapper, p, (x,)))(prefixed)
     assert op_calls["derivatives"] == 1
