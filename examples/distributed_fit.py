@@ -75,6 +75,10 @@ def main():
             best = int(all_losses[-1].argmin())
             print(f"sweep of {K} learning rates over {world} rank(s): best lr {lrs[best].item():.2e}, "
                   f"final loss {all_losses[-1, best]:.4f}; the model: {trained.module(best)}")
+    # The DistributedDataParallel wrapper (held by the trainer) goes before its process group, and no
+    # rank tears the group down while another still uses it.
+    del trainer
+    dist.barrier()
     dist.destroy_process_group()
 
 
