@@ -10,6 +10,7 @@ each rank's loss). ``--sweep`` trains a learning-rate sweep of K models sharded 
 gathers the losses and the best model on rank 0. gloo on the CPU; one torch thread per rank.
 """
 import argparse
+import gc
 import time
 
 import torch
@@ -78,6 +79,7 @@ def main():
     # The DistributedDataParallel wrapper (held by the trainer) goes before its process group, and no
     # rank tears the group down while another still uses it.
     del trainer
+    gc.collect()  # not later, from a reference cycle (docs/distributed.md, "Teardown")
     dist.barrier()
     dist.destroy_process_group()
 

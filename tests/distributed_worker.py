@@ -6,6 +6,7 @@ Each scenario trains on this rank's shard with gloo and saves what it saw to OUT
 the test compares the ranks with each other and with one process (native autograd) on all rows.
 """
 import datetime
+import gc
 import os
 import sys
 import time
@@ -218,6 +219,10 @@ def main():
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     if name in ("kill", "stall"):
         os._exit(0)  # the group has a dead peer: nothing left to tear down cleanly
+    # The scenario's DDP wrappers (their Reducers hold the group) are freed before the group is torn
+    # down, and no rank tears it down while another still uses it (see fusedgrad/bench/dist.py).
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

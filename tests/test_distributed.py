@@ -258,3 +258,53 @@ def test_bench_dist_quick(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "dist.json").exists() and (tmp_path / "dist.md").exists()
     assert "native DDP" in (tmp_path / "dist.md").read_text()
+
+
+def _sleeper(queue, rank, seconds):
+    import time
+    time.sleep(seconds)
+    queue.put((rank, {"ok": True}))
+
+
+def _crasher(queue, rank):
+    os._exit(3)
+
+
+@pytest.mark.parametrize("failure", ["crash", "stuck"])
+def test_bench_dist_never_waits_forever_on_a_rank(failure):
+    """bench --dist's parent returns (and kills the ranks) when one rank dies without a result or
+    the deadline passes, instead of blocking on the queue or join (the hang CI once hit)."""
+    import time
+    import multiprocessing as mp
+    from fusedgrad.bench import dist as bench_dist
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_sleeper, args=(queue, 0, 60))]
+    procs.append(ctx.Process(target=_crasher, args=(queue, 1)) if failure == "crash"
+                 else ctx.Process(target=_sleeper, args=(queue, 1, 60)))
+    for p in procs:
+        p.start()
+    start = time.monotonic()
+    deadline = 30 if failure == "crash" else 3  # a crash ends the wait at once, a stuck rank at the deadline
+    results = bench_dist._collect(procs, queue, start + deadline)
+    assert time.monotonic() - start < (20 if failure == "crash" else 15)
+    assert results == {}
+    assert all(not p.is_alive() for p in procs)
+    assert procs[0].exitcode == -9
+    assert procs[1].exitcode == (3 if failure == "crash" else -9)
+
+
+def test_bench_dist_collects_both_ranks():
+    import time
+    import multiprocessing as mp
+    from fusedgrad.bench import dist as bench_dist
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_sleeper, args=(queue, r, 0.2 * r)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = bench_dist._collect(procs, queue, time.monotonic() + 60)
+    assert results == {0: {"ok": True}, 1: {"ok": True}}
+    assert [p.exitcode for p in procs] == [0, 0]

@@ -19,11 +19,13 @@ slower rank's where two run. ``quick=True`` is a seconds-long smoke run (10⁴ r
 measurement.
 """
 import datetime
+import gc
 import os
 import platform
 import statistics
 import tempfile
 import time
+from queue import Empty
 
 import torch
 import torch.distributed as dist
@@ -38,6 +40,9 @@ CASES = [  # (rows, D, H, O, steps per timed fit)
 ]
 QUICK = [(10_000, 1, 20, 1, 5), (10_000, 16, 64, 4, 5)]
 NATIVE_CASE = (1_000_000, 1, 20, 1)
+RANK_TIMEOUT_S = 300      # the process group's timeout: a collective waiting longer raises
+QUICK_DEADLINE_S = 120    # the most the parent waits for the two ranks of one case
+CASE_DEADLINE_S = 1800
 
 
 def shard(rows, D, O, rank, world, seed=0):
@@ -75,11 +80,12 @@ def _net(D, H, O):
 def _rank_main(rank, world, init_file, case, repeats, native, queue):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))
+                            timeout=datetime.timedelta(seconds=RANK_TIMEOUT_S))
     import fusedgrad
 
     rows, D, H, O, steps = case
     result = {}
+    trainer = ddp = None
     try:
         x, y = shard(rows, D, O, rank, world)
         net = _net(D, H, O)
@@ -120,23 +126,56 @@ def _rank_main(rank, world, init_file, case, repeats, native, queue):
             result["native_ddp_us"] = statistics.median(times)
     finally:
         queue.put((rank, result))
+        # DDP's Reducer must not hold the last reference to the process group: it is freed with the
+        # GIL held, and gloo's destructor then joins a worker thread that may need the GIL to free
+        # its last finished work -- a deadlock at teardown (seen here in 1 run of ~20; pytorch#56297).
+        # So the wrapper and the trainer go first, while the group is still registered.
+        del trainer, ddp
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
 
+def _collect(procs, queue, deadline):
+    """The ranks' results, waiting at most until `deadline` (time.monotonic()), never forever: a rank
+    that dies (a signal, a crash) or does not finish in time ends the wait; then every rank is killed."""
+    results = {}
+    try:
+        while len(results) < len(procs) and time.monotonic() < deadline:
+            try:
+                rank, result = queue.get(timeout=0.05)
+                results[rank] = result
+            except Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):  # a rank failed: its peer will not finish
+                    break
+                if all(p.exitcode is not None for p in procs) and queue.empty():  # all gone, nothing more comes
+                    break
+        if len(results) == len(procs):  # every rank is through: let them tear down, within the deadline
+            for p in procs:
+                p.join(timeout=max(0.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return results
+
+
 def _two_ranks(case, repeats, native):
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
+    budget = QUICK_DEADLINE_S if case in QUICK else CASE_DEADLINE_S
     with tempfile.TemporaryDirectory() as tmp:
         init = os.path.join(tmp, "rendezvous")
         procs = [ctx.Process(target=_rank_main, args=(r, 2, init, case, repeats, native, queue)) for r in range(2)]
         for p in procs:
             p.start()
-        results = dict(queue.get() for _ in procs)
-        for p in procs:
-            p.join()
-    if any(p.exitcode != 0 for p in procs) or any(not results[r] for r in range(2)):
-        raise RuntimeError(f"bench --dist: a rank failed on {case} (exit codes {[p.exitcode for p in procs]})")
+        results = _collect(procs, queue, time.monotonic() + budget)
+    codes = [p.exitcode for p in procs]
+    if any(c != 0 for c in codes) or any(not results.get(r) for r in range(2)):
+        raise RuntimeError(f"bench --dist: the two ranks did not finish {case} within {budget} s "
+                           f"(exit codes {codes}; a negative code is the signal that ended the rank, "
+                           f"-9 the kill after the deadline)")
     out = {"fused_us": max(results[r]["fused_us"] for r in range(2)),
            "allreduce_us": max(results[r]["allreduce_us"] for r in range(2)),
            "buffer_bytes": results[0]["buffer_bytes"], "losses": results[0]["losses"]}
