@@ -151,7 +151,7 @@ class Trainer:
             self._parallel = DataParallel(fn, process_group, ddp)
             self._parallel.check_ddp(fn)
         # Refuse a bad setup now, not at the first step: what the steps will read, read once.
-        params, _ = self._prepare(fn)
+        params, _ = self._prepare(fn, make_grads=False)  # (the gradients are made by the first step)
         if self._parallel is not None:
             # The same network, dtype and optimizer on every rank, then rank 0's parameters everywhere
             # (DDP did that when it was built).
@@ -217,7 +217,7 @@ class Trainer:
         self._membership_key, self._membership_value = key, value
         return value
 
-    def _prepare(self, fn):
+    def _prepare(self, fn, make_grads=True):
         """The parameters and their .grad buffers, with the optimizer state torch.optim would have
         made before this step (fusedgrad/_optimizers.py); the optimizer itself is read in C++
         (csrc/trainer/binding_helpers.h), which raises what is wrong with its options or state."""
@@ -243,7 +243,10 @@ class Trainer:
                     or not p.is_contiguous() or not self._hooks_allowed(grad_hook_flags(p), p):
                 self._refuse_param(fn, name, p)
             g = p.grad
-            if g is None or g.shape != p.shape or g.dtype != p.dtype or not g.is_contiguous() or g.device != p.device:
+            if g is None and not make_grads:
+                pass  # made by the C++ call (deep_train_steps), stored as .grad after its steps
+            elif g is None or g.shape != p.shape or g.dtype != p.dtype or not g.is_contiguous() \
+                    or g.device != p.device:
                 # What backward() would leave after zero_grad(): a fresh gradient of p's layout.
                 g = torch.empty_like(p, memory_format=torch.contiguous_format)
             grads.append(g)
@@ -390,7 +393,7 @@ class Trainer:
             parallel.check_ddp(fn)
             group, rank_means = parallel.group, parallel.rank_means
         if self._deep():
-            params, grads = self._prepare(fn)
+            params, grads = self._prepare(fn, make_grads=False)  # C++ makes the missing ones
             _C.deep_train_steps(fn, self.optimizer, name, params, grads, self._pnames(), x, target, batch_size,
                                 order, first_step, steps, self.reduction == "mean", self.model_lr_scale, losses,
                                 done, self._activation(), self.num_models if self._ensemble else 0, group,
@@ -412,7 +415,7 @@ class Trainer:
         # The gradients are the parameters' own .grad (a state tensor the first gradient
         # filled, SGD's momentum buffer, the C++ side stored in the optimizer's state).
         for p, g in zip(params, grads):
-            if p is not None and p.grad is not g:
+            if p is not None and g is not None and p.grad is not g:
                 p.grad = g
         # What an LR scheduler's wrapper of optimizer.step() records; without it a scheduler
         # stepped after fused steps would warn that the optimizer never stepped.

@@ -550,3 +550,42 @@ def test_refused_data():
             trainer.fit, x, y, 2, callback=print, callback_every=1.5)
     _expect(ValueError, r"Trainer.step: argument 'x' has no rows", trainer.step, torch.zeros(0, 2),
             torch.zeros(0, 3))
+
+
+@pytest.mark.parametrize("hidden", [20, [8, 6]])
+@pytest.mark.parametrize("call", ["step", "fit"])
+def test_first_call_makes_grads_like_backward(hidden, call, monkeypatch):
+    """A new Trainer leaves .grad None until its first step (as backward() would), and that first
+    call makes the gradients in C++ (the one-hidden-layer fast route, the engine's call), not in
+    Trainer._prepare: .grad afterwards is the last step's gradient, exactly the native loop's."""
+    torch.manual_seed(3)
+    x = torch.rand(30, 2, dtype=torch.float64)
+    y = torch.sin(3 * x[:, :1])
+    net = fusedgrad.FusedMLP(2, hidden, 1, dtype=torch.float64, activation="tanh")
+    ref = net.to_module(copy=True)  # nn.Sequential of Linear and Tanh: native autograd
+    trainer = fusedgrad.Trainer(net, torch.optim.Adam(net.parameters(), lr=0.05))
+    assert all(p.grad is None for p in net.parameters())
+    made = []
+    original = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: made.append(1) or original(*a, **k))
+    steps = 1 if call == "step" else 4
+    trainer.step(x, y) if call == "step" else trainer.fit(x, y, steps)
+    monkeypatch.undo()
+    assert made == [], "the first call's gradients were made in Python"
+    ropt = torch.optim.Adam(ref.parameters(), lr=0.05)
+    for _ in range(steps):
+        reference_step(ref, ropt, x, y)
+    for p, r in zip(net.parameters(), ref.parameters()):
+        assert p.grad is not None and p.grad.is_contiguous()
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("hidden", [20, [8, 6]])
+def test_first_call_refused_leaves_grads_none(hidden):
+    """A first call refused before any step (here: x of the wrong width) leaves no .grad behind."""
+    net = fusedgrad.FusedMLP(2, hidden, 1, dtype=torch.float64)
+    trainer = fusedgrad.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    with pytest.raises(ValueError):
+        trainer.fit(torch.rand(10, 3, dtype=torch.float64), torch.rand(10, 1, dtype=torch.float64), 2)
+    assert all(p.grad is None for p in net.parameters())

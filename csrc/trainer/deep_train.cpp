@@ -283,9 +283,16 @@ void deep_train_steps(const std::string& fn, py::handle optimizer, const std::st
   std::vector<at::Tensor> weights;
   std::vector<std::optional<at::Tensor>> biases;
   std::vector<std::string> pnames;
+  // A parameter whose .grad is None (a first step) gets a fresh gradient here, stored as its .grad
+  // once the steps have run (as fusedgrad.Trainer._after_run stores the ones it made).
+  std::vector<std::pair<at::Tensor, at::Tensor>> new_grads;
   for (int64_t p = 0; p < P; ++p) {
     c.params.push_back(optional_tensor(params[p]));
     c.grads.push_back(optional_tensor(grads[p]));
+    if (c.params[p].defined() && !c.grads[p].defined()) {
+      c.grads[p] = at::empty_like(c.params[p], at::MemoryFormat::Contiguous);
+      new_grads.emplace_back(c.params[p], c.grads[p]);
+    }
     pnames.push_back(names[p].cast<std::string>());
     if (p % 2 == 0) {
       TORCH_CHECK_VALUE(c.params[p].defined(), fn, ": parameter '", pnames[p], "' is missing");
@@ -321,6 +328,7 @@ void deep_train_steps(const std::string& fn, py::handle optimizer, const std::st
     }
   }
   created.store();
+  for (const auto& [param, grad] : new_grads) at::Tensor(param).mutable_grad() = grad;
 }
 
 }  // namespace

@@ -178,7 +178,16 @@ using compat::exact_tensor;
 
 // Fills call's parameters, gradients and optimizer options and state from the
 // optimizer's Python objects; false: not the plain case (nothing is changed).
-bool read_plain(PyObject* opt, const std::string& name, py::tuple params, TrainCall& call, Created& created) {
+// Gradients made for parameters whose .grad was None (a first step): stored as .grad after the run,
+// as the Python route's _after_run does, so that a new Trainer's first call takes this route too.
+using NewGrads = std::vector<std::pair<at::Tensor, at::Tensor>>;  // (parameter, its new gradient)
+
+void store_grads(const NewGrads& grads) {
+  for (const auto& [param, grad] : grads) at::Tensor(param).mutable_grad() = grad;
+}
+
+bool read_plain(PyObject* opt, const std::string& name, py::tuple params, TrainCall& call, Created& created,
+                NewGrads& new_grads) {
   if (torch::autograd::AnomalyMode::is_enabled() || params.size() != kNumParams) return false;
   if (nonempty_dict_attr<"_optimizer_step_pre_hooks">(opt) || nonempty_dict_attr<"_optimizer_step_post_hooks">(opt) ||
       nonempty_dict(global_hooks<"_global_optimizer_pre_hooks">()) ||
@@ -193,7 +202,10 @@ bool read_plain(PyObject* opt, const std::string& name, py::tuple params, TrainC
     const at::Tensor& t = compat::unpack(obj);
     if (!t.requires_grad() || !t.is_leaf() || grad_hook_flags(obj) != 0) return false;
     at::Tensor g = t.grad();
-    if (!g.defined()) return false;
+    if (!g.defined()) {  // what backward() would leave after zero_grad(): a fresh gradient of t's layout
+      g = at::empty_like(t, at::MemoryFormat::Contiguous);
+      new_grads.emplace_back(t, g);
+    }
     call.params[p] = t;
     call.grads[p] = g;
     ptrs[p] = obj;
@@ -243,7 +255,8 @@ py::object train_step_fast(py::handle optimizer, const std::string& name, py::tu
   TrainCall call;
   call.act = *act;
   Created created;
-  if (!read_plain(optimizer.ptr(), name, params, call, created)) return py::none();
+  NewGrads new_grads;
+  if (!read_plain(optimizer.ptr(), name, params, call, created, new_grads)) return py::none();
   const at::Tensor& xt = compat::unpack(x.ptr());
   const at::Tensor& tt = compat::unpack(target.ptr());
   const bool ensemble = call.params[kW1].dim() == 3;
@@ -257,6 +270,7 @@ py::object train_step_fast(py::handle optimizer, const std::string& name, py::tu
           /*steps_done=*/at::Tensor());
   if (!run_released("fusedgrad.Trainer.step", call)) return py::none();
   created.store();
+  store_grads(new_grads);
   mark_stepped(optimizer.ptr());
   return py::cast(losses);
 }
@@ -272,10 +286,12 @@ bool train_steps_fast(py::handle optimizer, const std::string& name, py::tuple p
   TrainCall call;
   call.act = *act;
   Created created;
-  if (!read_plain(optimizer.ptr(), name, params, call, created)) return false;
+  NewGrads new_grads;
+  if (!read_plain(optimizer.ptr(), name, params, call, created, new_grads)) return false;
   set_run(call, x, target, batch_size, order, first_step, num_steps, mean, lr_scale, losses, steps_done);
   if (!run_released("fusedgrad.Trainer.fit", call)) return false;
   created.store();
+  store_grads(new_grads);
   mark_stepped(optimizer.ptr());
   return true;
 }
