@@ -589,3 +589,51 @@ def test_first_call_refused_leaves_grads_none(hidden):
     with pytest.raises(ValueError):
         trainer.fit(torch.rand(10, 3, dtype=torch.float64), torch.rand(10, 1, dtype=torch.float64), 2)
     assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.parametrize("name", ["adam-amsgrad-wd", "adamw", "sgd-dampening-wd", "sgd-nesterov-maximize"])
+@pytest.mark.parametrize("hidden,bias", [([8, 6], True), ([5, 4, 3], False)])
+def test_deep_fast_route_equals_python_route(name, hidden, bias, monkeypatch):
+    """Deeper networks: fit and step read the optimizer in C++ (_C.deep_train_steps_fast, no
+    Trainer._prepare) when they can, and in Python otherwise — bitwise the same parameters, .grad,
+    optimizer state and losses, mini-batches included."""
+    torch.manual_seed(4)
+    x = torch.rand(40, 3, dtype=torch.float64)
+    y = torch.cos(2 * x[:, :2]).contiguous()
+    net_a = fusedgrad.FusedMLP(3, hidden, 2, bias=bias, dtype=torch.float64, activation="tanh")
+    net_b = copy.deepcopy(net_a)
+    opt_a, opt_b = OPTIMIZERS[name](net_a.parameters()), OPTIMIZERS[name](net_b.parameters())
+    fast, slow = fusedgrad.Trainer(net_a, opt_a), fusedgrad.Trainer(net_b, opt_b)
+    slow._fast_step = False
+
+    def no_python_route(*args, **kwargs):
+        raise AssertionError("the fast route declined")
+    ga, gb = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    for _ in range(3):
+        with monkeypatch.context() as m:
+            m.setattr(fast, "_prepare", no_python_route)
+            la = fast.fit(x, y, 4, batch_size=15, generator=ga)
+            sa = fast.step(x, y)
+        assert torch.equal(la, slow.fit(x, y, 4, batch_size=15, generator=gb))
+        assert torch.equal(sa, slow.step(x, y))
+    for a, b in zip(net_a.parameters(), net_b.parameters()):
+        assert torch.equal(a, b) and torch.equal(a.grad, b.grad)
+    assert state_err(opt_a, opt_b, list(net_a.parameters()), list(net_b.parameters())) == 0
+
+
+def test_deep_fast_route_declines_what_it_cannot_run():
+    """What the deep C++ route does not run goes to the Python route, which runs or refuses it:
+    a tensor lr runs there; a gradient hook is refused there by name."""
+    net = fusedgrad.FusedMLP(2, [4, 4], 1, dtype=torch.float64)
+    x, y = torch.rand(8, 2, dtype=torch.float64), torch.rand(8, 1, dtype=torch.float64)
+    opt = torch.optim.Adam(net.parameters(), lr=torch.tensor(0.01))
+    ref = net.to_module(copy=True)
+    ropt = torch.optim.Adam(ref.parameters(), lr=torch.tensor(0.01))
+    fusedgrad.Trainer(net, opt).fit(x, y, 3)
+    for _ in range(3):
+        reference_step(ref, ropt, x, y)
+    for p, r in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-14)
+    net.linear2.weight.register_hook(lambda g: g)
+    with pytest.raises(ValueError, match="linear2.weight"):
+        fusedgrad.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1)).fit(x, y, 1)

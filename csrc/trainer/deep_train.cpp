@@ -30,8 +30,10 @@
 #include "../common/options.h"
 #include "../common/problem.h"  // shape_str
 #include "../engine/net_args.h"
+#include "../python/grad_hooks.h"
 #include "binding_helpers.h"
 #include "optimizers.h"
+#include "plain_call.h"
 #include "step_reducer.h"
 
 namespace fusedgrad::trainer {
@@ -331,9 +333,108 @@ void deep_train_steps(const std::string& fn, py::handle optimizer, const std::st
   for (const auto& [param, grad] : new_grads) at::Tensor(param).mutable_grad() = grad;
 }
 
+// Trainer.fit's and Trainer.step's common case for one network of any depth, read
+// straight from its parameters and optimizer as train_bindings.cpp's train_steps_fast
+// does for one hidden layer: false (nothing written) sends the call to the Python
+// route, which then raises what is wrong — or runs what needs it (hooks, anomaly mode,
+// a tensor lr, a parameter's .grad of another layout). An error after the steps began
+// is raised, never declined (a rerun would apply a step twice).
+bool deep_train_steps_fast(py::handle optimizer, const std::string& name, py::tuple params, const at::Tensor& x,
+                           const at::Tensor& target, int64_t batch_size, py::handle order, int64_t first_step,
+                           int64_t num_steps, bool mean, const at::Tensor& losses, py::handle steps_done,
+                           const std::string& activation) {
+  const int64_t P = static_cast<int64_t>(params.size());
+  if (P < 4 || P % 2 != 0 || !plain_optimizer(optimizer.ptr())) return false;
+  const std::optional<Activation> act = find_activation(activation);
+  if (!act) return false;
+  DeepCall c;
+  std::vector<PyObject*> ptrs(P, nullptr);
+  std::vector<std::pair<at::Tensor, at::Tensor>> new_grads;  // as deep_train_steps makes them
+  std::vector<at::Tensor> weights;
+  std::vector<std::optional<at::Tensor>> biases;
+  for (int64_t p = 0; p < P; ++p) {
+    PyObject* obj = params[p].ptr();
+    if (obj == Py_None) {
+      if (p % 2 == 0) return false;  // a weight is never missing
+      c.params.emplace_back();
+      c.grads.emplace_back();
+      biases.push_back(std::nullopt);
+      continue;
+    }
+    if (!compat::exact_tensor(obj)) return false;
+    const at::Tensor& t = compat::unpack(obj);
+    if (!t.requires_grad() || !t.is_leaf() || grad_hook_flags(obj) != 0 || !t.device().is_cpu() ||
+        !t.is_contiguous()) {
+      return false;
+    }
+    at::Tensor g = t.grad();
+    if (!g.defined()) {
+      g = at::empty_like(t, at::MemoryFormat::Contiguous);
+      new_grads.emplace_back(t, g);
+    } else if (g.scalar_type() != t.scalar_type() || !g.sizes().equals(t.sizes()) || !g.is_contiguous() ||
+               g.device() != t.device()) {
+      return false;
+    }
+    c.params.push_back(t);
+    c.grads.push_back(g);
+    ptrs[p] = obj;
+    if (p % 2 == 0) {
+      weights.push_back(t);
+    } else {
+      biases.push_back(t);
+    }
+  }
+  // Names only for the checks' messages, which a declined call never shows.
+  std::vector<std::string> names;
+  for (int64_t p = 0; p < P; ++p) names.push_back(p % 2 == 0 ? "weight" : "bias");
+  Created created;
+  if (!read_optimizer(Reader{"fusedgrad.Trainer", false}, optimizer.ptr(), name, ptrs, names, c.state, created)) {
+    return false;
+  }
+  c.x = x;
+  c.target = target;
+  c.batch_size = batch_size;
+  c.order = optional_tensor(order);
+  c.first_step = first_step;
+  c.num_steps = num_steps;
+  c.mean = mean;
+  c.losses = losses;
+  c.steps_done = optional_tensor(steps_done);
+  try {
+    c.net = engine::check_net("fusedgrad.Trainer", weights, biases, *act, /*models=*/0);
+    check_call("fusedgrad.Trainer", c, names);
+  } catch (const c10::Error&) {
+    return false;  // nothing written: the Python route raises the error with the parameters' names
+  }
+  std::string failure;
+  {
+    py::gil_scoped_release no_gil;
+    try {
+      if (c.net.dtype == at::kFloat) {
+        run_steps<float>(c);
+      } else {
+        run_steps<double>(c);
+      }
+    } catch (const c10::Error& e) {
+      failure = e.what_without_backtrace();
+    }
+  }
+  if (!failure.empty()) {
+    throw std::runtime_error("fusedgrad.Trainer: failed after the steps had begun writing (parameters, .grad and "
+                             "optimizer state may be partly updated; the steps were not retried): " + failure);
+  }
+  created.store();
+  for (const auto& [param, grad] : new_grads) at::Tensor(param).mutable_grad() = grad;
+  mark_stepped(optimizer.ptr());
+  return true;
+}
+
 }  // namespace
 
 void register_deep_trainer(py::module& m) {
+  m.def("deep_train_steps_fast", &deep_train_steps_fast,
+        "Trainer's common case for any depth, read straight from the parameters and optimizer; False: take the "
+        "Python route (csrc/trainer/deep_train.cpp).");
   m.def(
       "deep_train_steps",
       [](const std::string& fn, py::handle optimizer, const std::string& name, py::sequence params,

@@ -22,6 +22,7 @@
 #include "../common/options.h"  // parse_activation, find_activation
 #include "train_step.h"
 #include "binding_helpers.h"  // read_optimizer, optional_tensor, translating_errors
+#include "plain_call.h"
 
 namespace fusedgrad::trainer {
 namespace {
@@ -176,6 +177,21 @@ bool nonempty_dict_attr(PyObject* obj) {
 
 using compat::exact_tensor;
 
+}  // namespace
+
+bool plain_optimizer(PyObject* opt) {
+  return !torch::autograd::AnomalyMode::is_enabled() && !nonempty_dict_attr<"_optimizer_step_pre_hooks">(opt) &&
+         !nonempty_dict_attr<"_optimizer_step_post_hooks">(opt) &&
+         !nonempty_dict(global_hooks<"_global_optimizer_pre_hooks">()) &&
+         !nonempty_dict(global_hooks<"_global_optimizer_post_hooks">());
+}
+
+void mark_stepped(PyObject* opt) {
+  if (PyObject_SetAttr(opt, interned<"_opt_called">(), Py_True) != 0) throw py::error_already_set();
+}
+
+namespace {
+
 // Fills call's parameters, gradients and optimizer options and state from the
 // optimizer's Python objects; false: not the plain case (nothing is changed).
 // Gradients made for parameters whose .grad was None (a first step): stored as .grad after the run,
@@ -188,12 +204,7 @@ void store_grads(const NewGrads& grads) {
 
 bool read_plain(PyObject* opt, const std::string& name, py::tuple params, TrainCall& call, Created& created,
                 NewGrads& new_grads) {
-  if (torch::autograd::AnomalyMode::is_enabled() || params.size() != kNumParams) return false;
-  if (nonempty_dict_attr<"_optimizer_step_pre_hooks">(opt) || nonempty_dict_attr<"_optimizer_step_post_hooks">(opt) ||
-      nonempty_dict(global_hooks<"_global_optimizer_pre_hooks">()) ||
-      nonempty_dict(global_hooks<"_global_optimizer_post_hooks">())) {
-    return false;
-  }
+  if (params.size() != kNumParams || !plain_optimizer(opt)) return false;
   std::vector<PyObject*> ptrs(kNumParams, nullptr);
   for (int p = 0; p < kNumParams; ++p) {
     PyObject* obj = params[p].ptr();
@@ -240,11 +251,6 @@ bool run_released(const char* fn, TrainCall& call) {
   throw std::runtime_error(std::string(fn) +
                            ": failed after the step had begun writing (parameters, .grad and optimizer state may "
                            "be partly updated; the step was not retried): " + failure);
-}
-
-// What an LR scheduler's wrapper of optimizer.step() records (see trainer.py).
-void mark_stepped(PyObject* opt) {
-  if (PyObject_SetAttr(opt, interned<"_opt_called">(), Py_True) != 0) throw py::error_already_set();
 }
 
 py::object train_step_fast(py::handle optimizer, const std::string& name, py::tuple params, py::handle x,
