@@ -270,6 +270,30 @@ void run_steps(DeepCall& c) {
   }
 }
 
+// What a call runs, besides the network and its optimizer.
+void set_run(DeepCall& c, const at::Tensor& x, const at::Tensor& target, int64_t batch_size, py::handle order,
+             int64_t first_step, int64_t num_steps, bool mean, const at::Tensor& losses, py::handle steps_done) {
+  c.x = x;
+  c.target = target;
+  c.batch_size = batch_size;
+  c.order = optional_tensor(order);
+  c.first_step = first_step;
+  c.num_steps = num_steps;
+  c.mean = mean;
+  c.losses = losses;
+  c.steps_done = optional_tensor(steps_done);
+}
+
+// The call's steps, with the GIL released.
+void run_released(DeepCall& c) {
+  py::gil_scoped_release no_gil;
+  if (c.net.dtype == at::kFloat) {
+    run_steps<float>(c);
+  } else {
+    run_steps<double>(c);
+  }
+}
+
 void deep_train_steps(const std::string& fn, py::handle optimizer, const std::string& name, py::sequence params,
                       py::sequence grads, py::sequence names, const at::Tensor& x, const at::Tensor& target, int64_t batch_size,
                       py::handle order, int64_t first_step, int64_t num_steps, bool mean, py::handle lr_scale,
@@ -305,30 +329,15 @@ void deep_train_steps(const std::string& fn, py::handle optimizer, const std::st
   }
   c.net = engine::check_net(fn.c_str(), weights, biases, parse_activation(activation), models);
   c.K = std::max<int64_t>(models, 1);
-  c.x = x;
-  c.target = target;
-  c.batch_size = batch_size;
-  c.order = optional_tensor(order);
-  c.first_step = first_step;
-  c.num_steps = num_steps;
-  c.mean = mean;
+  set_run(c, x, target, batch_size, order, first_step, num_steps, mean, losses, steps_done);
   c.lr_scale = optional_tensor(lr_scale);
-  c.losses = losses;
-  c.steps_done = optional_tensor(steps_done);
   c.sklearn = sklearn_terms(sklearn);
   if (!process_group.is_none()) {
     c.reducer = make_step_reducer(fn.c_str(), process_group);
     c.reducer->rank_means = rank_means;
   }
   check_call(fn.c_str(), c, pnames);
-  {
-    py::gil_scoped_release no_gil;
-    if (c.net.dtype == at::kFloat) {
-      run_steps<float>(c);
-    } else {
-      run_steps<double>(c);
-    }
-  }
+  run_released(c);
   created.store();
   for (const auto& [param, grad] : new_grads) at::Tensor(param).mutable_grad() = grad;
 }
@@ -391,15 +400,7 @@ bool deep_train_steps_fast(py::handle optimizer, const std::string& name, py::tu
   if (!read_optimizer(Reader{"fusedgrad.Trainer", false}, optimizer.ptr(), name, ptrs, names, c.state, created)) {
     return false;
   }
-  c.x = x;
-  c.target = target;
-  c.batch_size = batch_size;
-  c.order = optional_tensor(order);
-  c.first_step = first_step;
-  c.num_steps = num_steps;
-  c.mean = mean;
-  c.losses = losses;
-  c.steps_done = optional_tensor(steps_done);
+  set_run(c, x, target, batch_size, order, first_step, num_steps, mean, losses, steps_done);
   try {
     c.net = engine::check_net("fusedgrad.Trainer", weights, biases, *act, /*models=*/0);
     check_call("fusedgrad.Trainer", c, names);
@@ -407,17 +408,10 @@ bool deep_train_steps_fast(py::handle optimizer, const std::string& name, py::tu
     return false;  // nothing written: the Python route raises the error with the parameters' names
   }
   std::string failure;
-  {
-    py::gil_scoped_release no_gil;
-    try {
-      if (c.net.dtype == at::kFloat) {
-        run_steps<float>(c);
-      } else {
-        run_steps<double>(c);
-      }
-    } catch (const c10::Error& e) {
-      failure = e.what_without_backtrace();
-    }
+  try {
+    run_released(c);
+  } catch (const c10::Error& e) {
+    failure = e.what_without_backtrace();
   }
   if (!failure.empty()) {
     throw std::runtime_error("fusedgrad.Trainer: failed after the steps had begun writing (parameters, .grad and "
