@@ -397,7 +397,7 @@ class Trainer:
             # one hidden layer; anything else (hooks, a tensor lr, an ensemble, ...) declines to here.
             if self._fast_step and parallel is None and sklearn_terms is None and not self._ensemble \
                     and self.model_lr_scale is None and _C.deep_train_steps_fast(
-                    self.optimizer, name, self.net._params(), x, target, batch_size, order, first_step, steps,
+                    fn, self.optimizer, name, self.net._params(), x, target, batch_size, order, first_step, steps,
                     self.reduction == "mean", losses, done, self._activation()):
                 return
             params, grads = self._prepare(fn, make_grads=False)  # C++ makes the missing ones

@@ -27,8 +27,9 @@ OPTIMIZERS = {
 }
 # (D, H, O): the direct-loop kernel and the GEMM kernel (D·H + H·O >= 2048, a layer wider than 128,
 # else the engine takes it) of csrc/trainer/train_cpu.cpp; make() asserts the path through explain.
-SHAPES = {"narrow": (1, 20, 1), "gemm": (32, 160, 8)}
-PATHS = {(1, 20, 1): "trainer-narrow-fixed", (32, 160, 8): "trainer-gemm"}
+# "deep": two hidden layers, the engine's C++ route (csrc/trainer/deep_train.cpp: deep_train_steps_fast).
+SHAPES = {"narrow": (1, 20, 1), "gemm": (32, 160, 8), "deep": (1, (8, 6), 1)}
+PATHS = {(1, 20, 1): "trainer-narrow-fixed", (32, 160, 8): "trainer-gemm", (1, (8, 6), 1): "trainer-engine"}
 STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 STEP_FAILED = r"^fusedgrad\.Trainer\.{}: failed after the step had begun writing .*not retried.*test-only failure"
 

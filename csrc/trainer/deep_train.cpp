@@ -242,6 +242,8 @@ void run_steps(DeepCall& c) {
       StatePtrs<T> sp{};
       for (int i = 0; i < kMaxState; ++i) sp[i] = st.state[i].defined() ? st.state[i].data_ptr<T>() + off : nullptr;
       update_kernel(rule, last, lr, c.params[p].data_ptr<T>() + off, g, sp, st.fresh && step == 0, n);
+      TORCH_CHECK(!testing_fail_after_first_update(), "fusedgrad: test-only failure injected after the update of "
+                  "parameter ", p, " (fusedgrad._C._testing_fail_after_first_update)");
     }
   };
 
@@ -348,7 +350,7 @@ void deep_train_steps(const std::string& fn, py::handle optimizer, const std::st
 // route, which then raises what is wrong — or runs what needs it (hooks, anomaly mode,
 // a tensor lr, a parameter's .grad of another layout). An error after the steps began
 // is raised, never declined (a rerun would apply a step twice).
-bool deep_train_steps_fast(py::handle optimizer, const std::string& name, py::tuple params, const at::Tensor& x,
+bool deep_train_steps_fast(const std::string& fn, py::handle optimizer, const std::string& name, py::tuple params, const at::Tensor& x,
                            const at::Tensor& target, int64_t batch_size, py::handle order, int64_t first_step,
                            int64_t num_steps, bool mean, const at::Tensor& losses, py::handle steps_done,
                            const std::string& activation) {
@@ -414,8 +416,8 @@ bool deep_train_steps_fast(py::handle optimizer, const std::string& name, py::tu
     failure = e.what_without_backtrace();
   }
   if (!failure.empty()) {
-    throw std::runtime_error("fusedgrad.Trainer: failed after the steps had begun writing (parameters, .grad and "
-                             "optimizer state may be partly updated; the steps were not retried): " + failure);
+    throw std::runtime_error(fn + ": failed after the step had begun writing (parameters, .grad and optimizer "
+                             "state may be partly updated; the step was not retried): " + failure);
   }
   created.store();
   for (const auto& [param, grad] : new_grads) at::Tensor(param).mutable_grad() = grad;

@@ -16,4 +16,8 @@ bool plain_optimizer(PyObject* optimizer);
 // What an LR scheduler's wrapper of optimizer.step() records (see trainer.py).
 void mark_stepped(PyObject* optimizer);
 
+// TEST-ONLY (fusedgrad._C._testing_fail_after_first_update, train_step.h): whether a run
+// must fail right after the update of its first parameter; defined in train_cpu.cpp.
+bool testing_fail_after_first_update();
+
 }  // namespace fusedgrad::trainer

@@ -26,6 +26,7 @@
 // when the step is large enough to pay for it; for several, whole models
 // (all their steps) run in parallel, one model per task.
 #include "train_step.h"
+#include "plain_call.h"  // testing_fail_after_first_update
 
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
@@ -883,6 +884,7 @@ Dims check_call(const char* fn, const TrainCall& c) {
 }  // namespace
 
 void set_fail_after_first_update(bool on) { fail_after_first_update.store(on, std::memory_order_relaxed); }
+bool testing_fail_after_first_update() { return fail_after_first_update.load(std::memory_order_relaxed); }
 
 void train_steps(const char* fn, TrainCall& call, bool* started) {
   const Dims d = check_call(fn, call);  // writes nothing
