@@ -163,6 +163,7 @@ void run_steps(DeepCall& c) {
   const double* lr_scale = c.lr_scale.defined() ? c.lr_scale.data_ptr<double>() : nullptr;
   T* losses = c.losses.data_ptr<T>();
 
+  const bool fail_injected = testing_fail_after_first_update();  // test-only (plain_call.h), read once a call
   // Model k's step `step`: loss and gradients over the step's rows, then its update.
   auto model_step = [&](int64_t k, int64_t step, double* sums, bool parallel) {
     engine::Pass<T> pass;
@@ -242,8 +243,8 @@ void run_steps(DeepCall& c) {
       StatePtrs<T> sp{};
       for (int i = 0; i < kMaxState; ++i) sp[i] = st.state[i].defined() ? st.state[i].data_ptr<T>() + off : nullptr;
       update_kernel(rule, last, lr, c.params[p].data_ptr<T>() + off, g, sp, st.fresh && step == 0, n);
-      TORCH_CHECK(!testing_fail_after_first_update(), "fusedgrad: test-only failure injected after the update of "
-                  "parameter ", p, " (fusedgrad._C._testing_fail_after_first_update)");
+      TORCH_CHECK(!fail_injected, "fusedgrad: test-only failure injected after the update of parameter ", p,
+                  " (fusedgrad._C._testing_fail_after_first_update)");
     }
   };
 
@@ -311,16 +312,11 @@ void deep_train_steps(const std::string& fn, py::handle optimizer, const std::st
   std::vector<at::Tensor> weights;
   std::vector<std::optional<at::Tensor>> biases;
   std::vector<std::string> pnames;
-  // A parameter whose .grad is None (a first step) gets a fresh gradient here, stored as its .grad
-  // once the steps have run (as fusedgrad.Trainer._after_run stores the ones it made).
-  std::vector<std::pair<at::Tensor, at::Tensor>> new_grads;
+  NewGrads new_grads;  // for a parameter whose .grad is None (plain_call.h)
   for (int64_t p = 0; p < P; ++p) {
     c.params.push_back(optional_tensor(params[p]));
     c.grads.push_back(optional_tensor(grads[p]));
-    if (c.params[p].defined() && !c.grads[p].defined()) {
-      c.grads[p] = at::empty_like(c.params[p], at::MemoryFormat::Contiguous);
-      new_grads.emplace_back(c.params[p], c.grads[p]);
-    }
+    if (c.params[p].defined() && !c.grads[p].defined()) c.grads[p] = new_grads.make(c.params[p]);
     pnames.push_back(names[p].cast<std::string>());
     if (p % 2 == 0) {
       TORCH_CHECK_VALUE(c.params[p].defined(), fn, ": parameter '", pnames[p], "' is missing");
@@ -341,7 +337,7 @@ void deep_train_steps(const std::string& fn, py::handle optimizer, const std::st
   check_call(fn.c_str(), c, pnames);
   run_released(c);
   created.store();
-  for (const auto& [param, grad] : new_grads) at::Tensor(param).mutable_grad() = grad;
+  new_grads.store();
 }
 
 // Trainer.fit's and Trainer.step's common case for one network of any depth, read
@@ -360,7 +356,7 @@ bool deep_train_steps_fast(const std::string& fn, py::handle optimizer, const st
   if (!act) return false;
   DeepCall c;
   std::vector<PyObject*> ptrs(P, nullptr);
-  std::vector<std::pair<at::Tensor, at::Tensor>> new_grads;  // as deep_train_steps makes them
+  NewGrads new_grads;  // as deep_train_steps makes them
   std::vector<at::Tensor> weights;
   std::vector<std::optional<at::Tensor>> biases;
   for (int64_t p = 0; p < P; ++p) {
@@ -380,8 +376,7 @@ bool deep_train_steps_fast(const std::string& fn, py::handle optimizer, const st
     }
     at::Tensor g = t.grad();
     if (!g.defined()) {
-      g = at::empty_like(t, at::MemoryFormat::Contiguous);
-      new_grads.emplace_back(t, g);
+      g = new_grads.make(t);
     } else if (g.scalar_type() != t.scalar_type() || !g.sizes().equals(t.sizes()) || !g.is_contiguous() ||
                g.device() != t.device()) {
       return false;
@@ -409,18 +404,13 @@ bool deep_train_steps_fast(const std::string& fn, py::handle optimizer, const st
   } catch (const c10::Error&) {
     return false;  // nothing written: the Python route raises the error with the parameters' names
   }
-  std::string failure;
   try {
     run_released(c);
   } catch (const c10::Error& e) {
-    failure = e.what_without_backtrace();
-  }
-  if (!failure.empty()) {
-    throw std::runtime_error(fn + ": failed after the step had begun writing (parameters, .grad and optimizer "
-                             "state may be partly updated; the step was not retried): " + failure);
+    raise_partly_applied(fn, e.what_without_backtrace());
   }
   created.store();
-  for (const auto& [param, grad] : new_grads) at::Tensor(param).mutable_grad() = grad;
+  new_grads.store();
   mark_stepped(optimizer.ptr());
   return true;
 }

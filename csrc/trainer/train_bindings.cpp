@@ -190,18 +190,17 @@ void mark_stepped(PyObject* opt) {
   if (PyObject_SetAttr(opt, interned<"_opt_called">(), Py_True) != 0) throw py::error_already_set();
 }
 
+void raise_partly_applied(const std::string& fn, const std::string& failure) {
+  throw std::runtime_error(fn + ": failed after the step had begun writing (parameters, .grad and optimizer state "
+                           "may be partly updated; the step was not retried): " + failure);
+}
+
 namespace {
 
 // Fills call's parameters, gradients and optimizer options and state from the
-// optimizer's Python objects; false: not the plain case (nothing is changed).
-// Gradients made for parameters whose .grad was None (a first step): stored as .grad after the run,
-// as the Python route's _after_run does, so that a new Trainer's first call takes this route too.
-using NewGrads = std::vector<std::pair<at::Tensor, at::Tensor>>;  // (parameter, its new gradient)
-
-void store_grads(const NewGrads& grads) {
-  for (const auto& [param, grad] : grads) at::Tensor(param).mutable_grad() = grad;
-}
-
+// optimizer's Python objects; false: not the plain case (nothing is changed). A
+// .grad of None gets a gradient from new_grads, so that a new Trainer's first
+// call takes this route too.
 bool read_plain(PyObject* opt, const std::string& name, py::tuple params, TrainCall& call, Created& created,
                 NewGrads& new_grads) {
   if (params.size() != kNumParams || !plain_optimizer(opt)) return false;
@@ -213,10 +212,7 @@ bool read_plain(PyObject* opt, const std::string& name, py::tuple params, TrainC
     const at::Tensor& t = compat::unpack(obj);
     if (!t.requires_grad() || !t.is_leaf() || grad_hook_flags(obj) != 0) return false;
     at::Tensor g = t.grad();
-    if (!g.defined()) {  // what backward() would leave after zero_grad(): a fresh gradient of t's layout
-      g = at::empty_like(t, at::MemoryFormat::Contiguous);
-      new_grads.emplace_back(t, g);
-    }
+    if (!g.defined()) g = new_grads.make(t);
     call.params[p] = t;
     call.grads[p] = g;
     ptrs[p] = obj;
@@ -248,9 +244,7 @@ bool run_released(const char* fn, TrainCall& call) {
       failure = e.what_without_backtrace();
     }
   }
-  throw std::runtime_error(std::string(fn) +
-                           ": failed after the step had begun writing (parameters, .grad and optimizer state may "
-                           "be partly updated; the step was not retried): " + failure);
+  raise_partly_applied(fn, failure);
 }
 
 py::object train_step_fast(py::handle optimizer, const std::string& name, py::tuple params, py::handle x,
@@ -276,7 +270,7 @@ py::object train_step_fast(py::handle optimizer, const std::string& name, py::tu
           /*steps_done=*/at::Tensor());
   if (!run_released("fusedgrad.Trainer.step", call)) return py::none();
   created.store();
-  store_grads(new_grads);
+  new_grads.store();
   mark_stepped(optimizer.ptr());
   return py::cast(losses);
 }
@@ -297,7 +291,7 @@ bool train_steps_fast(py::handle optimizer, const std::string& name, py::tuple p
   set_run(call, x, target, batch_size, order, first_step, num_steps, mean, lr_scale, losses, steps_done);
   if (!run_released("fusedgrad.Trainer.fit", call)) return false;
   created.store();
-  store_grads(new_grads);
+  new_grads.store();
   mark_stepped(optimizer.ptr());
   return true;
 }
