@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _compat
+from . import _C, _compat
 from ._checks import ACTIVATIONS
 
 __all__ = ["mlp_loss", "mlp", "mlp_loss_and_grads", "derivatives"]
@@ -109,6 +109,25 @@ def _differentiable_backward(outputs, inputs, grad_outputs):
     return out
 
 
+def _double_backward(kind, x, params, activation, order, grads, needs):
+    """The create_graph=True backward of the prediction (kind "mlp") or of the input derivatives
+    ("derivatives"): ``[dx, *dparams]`` (None where ``needs`` is false), differentiable themselves.
+    Shared by the Python Functions here and the C++ nodes (csrc/python/deep_autograd.cpp)."""
+    L = len(params) // 2
+    weights, biases = list(params[:L]), list(params[L:])
+    with torch.enable_grad():
+        if kind == "mlp":
+            outs = [_native_prediction(x, weights, biases, activation)]
+        else:
+            outs = _native_derivatives(x, weights, biases, activation, order)
+        used = [(o, g) for o, g in zip(outs, grads) if g is not None]
+        got = _differentiable_backward([o for o, _ in used], [x, *params], [g for _, g in used])
+    return [g if n else None for g, n in zip(got, needs)]
+
+
+_C._set_differentiable_backward(_double_backward)
+
+
 def _models(weights) -> int:
     """K for stacked (K, out, in) weights, 0 for one model."""
     return weights[0].shape[0] if weights[0].dim() == 3 else 0
@@ -130,6 +149,12 @@ def _rows_grad(g, grad, K, shared):
     return _scaled(g, grad, K)
 
 
+def _outer_transform(*tensors) -> bool:
+    """Whether a transform other than vmap still wraps the tensors once a vmap rule has peeled its own
+    level: that transform must see plain torch ops. An outer vmap (nested vmap) runs the rule again."""
+    return _compat.under_functorch(*tensors) and not _compat.vmapped_only(*tensors)
+
+
 def _vmap_rule(info, x_dim, param_dims, x, params, fused, native):
     """The vmap rule of the prediction and of the input derivatives (``torch.autograd.Function.vmap``).
 
@@ -143,7 +168,7 @@ def _vmap_rule(info, x_dim, param_dims, x, params, fused, native):
     D = x.shape[-1]
     if not any(d is not None for d in param_dims):  # vmap over data: one call over all the rows
         xb = x.movedim(x_dim, 0)
-        run = native if _compat.under_functorch(xb, *params) else fused
+        run = native if _outer_transform(xb, *params) else fused
         out = run(xb, list(params))
         return out, (0,) * len(out) if isinstance(out, tuple) else 0
     stacked = [None if p is None else p.movedim(d, 0) if d is not None else p.expand(B, *p.shape)
@@ -155,7 +180,7 @@ def _vmap_rule(info, x_dim, param_dims, x, params, fused, native):
         xb = x.movedim(x_dim, 0)
         lead = xb.shape[1:-1]
         x2 = xb.reshape(B, -1, D)
-    run = native if _compat.under_functorch(x2, *stacked) else fused
+    run = native if _outer_transform(x2, *stacked) else fused
     out = run(x2, stacked)
     if isinstance(out, tuple):  # u (B, N, O); du, d2u (B, N, O, D)
         shaped = tuple(t.reshape(B, *lead, *t.shape[2:]) for t in out)
@@ -237,10 +262,9 @@ class _Mlp(torch.autograd.Function):
         weights, biases = params[:L], params[L:]
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable themselves
-            with torch.enable_grad():
-                pred = _native_prediction(x, weights, biases, ctx.activation)
-                dx, *dparams = _differentiable_backward(pred, [x, *params], grad_out)
-            return (dx if needs[0] else None, None, None, *[g if n else None for g, n in zip(dparams, needs[3:])])
+            dx, *dparams = _double_backward("mlp", x, params, ctx.activation, 0, [grad_out],
+                                            [needs[0], *needs[3:]])
+            return (dx, None, None, *dparams)
         mask = [needs[0], any(needs[3:])]
         grads = _backward_op(grad_out.contiguous(), x, weights, biases, ctx.activation, mask)
         dW = [grads[l] if needs[3 + l] else None for l in range(L)]
@@ -306,9 +330,14 @@ def mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Seque
     _check_x(fn, x)
     weights, biases = _layers(fn, weights, biases)
     _option(fn, "activation", activation, ACTIVATIONS)
-    if _compat.under_functorch(x, *weights, *biases) and not _compat.vmapped_only(x, *weights, *biases):
+    functorch = _compat.under_functorch(x, *weights, *biases)
+    if functorch and not _compat.vmapped_only(x, *weights, *biases):
         return _native_prediction(x, weights, biases, activation)
-    if torch.is_grad_enabled() or _compat.under_functorch(x, *weights, *biases):
+    if not functorch and not torch.compiler.is_compiling():
+        pred = _C.deep_mlp(x, weights, biases, activation)  # the same op, its autograd node in C++
+        if pred is not None:
+            return pred
+    if torch.is_grad_enabled() or functorch:
         return _Mlp.apply(x, activation, len(weights), *weights, *biases)
     return _mlp_op(x, weights, biases, activation)
 
@@ -471,12 +500,9 @@ class _Derivatives(torch.autograd.Function):
         if all(g is None for g in grads):
             return (None,) * (4 + len(params))
         if torch.is_grad_enabled():  # create_graph=True: the same math in torch ops, differentiated by autograd
-            with torch.enable_grad():
-                outs = _native_derivatives(x, list(weights), list(biases), ctx.activation, order)
-                used = [(o, g) for o, g in zip(outs, grads) if g is not None]
-                dx, *dparams = _differentiable_backward([o for o, _ in used], [x, *params], [g for _, g in used])
-            return (dx if needs[0] else None, None, None, None,
-                    *[g if n else None for g, n in zip(dparams, needs[4:])])
+            dx, *dparams = _double_backward("derivatives", x, params, ctx.activation, order, grads,
+                                            [needs[0], *needs[4:]])
+            return (dx, None, None, None, *dparams)
         mask = [needs[0], any(needs[4:])]
         grad_u, grad_du = grads[0], grads[1]
         grad_d2u = grads[2] if order == 2 else None
@@ -525,9 +551,14 @@ def derivatives(x: torch.Tensor, weights: Sequence[torch.Tensor],
         raise TypeError(f"{fn}: argument 'order' must be an int, 1 or 2, got {type(order).__name__}")
     if order not in (1, 2):
         raise ValueError(f"{fn}: argument 'order' must be 1 (u, du) or 2 (u, du, d2u), got {order}")
-    if _compat.under_functorch(x, *weights, *biases) and not _compat.vmapped_only(x, *weights, *biases):
+    functorch = _compat.under_functorch(x, *weights, *biases)
+    if functorch and not _compat.vmapped_only(x, *weights, *biases):
         return _native_derivatives(x, weights, biases, activation, order)
-    if torch.is_grad_enabled() or _compat.under_functorch(x, *weights, *biases):
+    if not functorch and not torch.compiler.is_compiling():
+        out = _C.deep_derivatives(x, weights, biases, activation, order)  # its autograd node in C++
+        if out is not None:
+            return out
+    if torch.is_grad_enabled() or functorch:
         return _Derivatives.apply(x, activation, order, len(weights), *weights, *biases)
     return tuple(_derivatives_op(x, weights, biases, activation, order))
 

@@ -7,7 +7,8 @@
 #include "direct_calls.h"
 
 namespace fusedgrad {
-void register_explain(pybind11::module& m);  // csrc/python/explain_bindings.cpp
+void register_explain(pybind11::module& m);         // csrc/python/explain_bindings.cpp
+void register_deep_autograd(pybind11::module_& m);  // csrc/python/deep_autograd.cpp
 }
 
 namespace fusedgrad::trainer {
@@ -24,6 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("backends") = pybind11::make_tuple("cpu");
 #endif
   fusedgrad::register_direct_calls(m);
+  fusedgrad::register_deep_autograd(m);
   fusedgrad::trainer::register_trainer(m);
   fusedgrad::trainer::register_deep_trainer(m);
   fusedgrad::trainer::register_lbfgs(m);

@@ -1,0 +1,334 @@
+// The autograd nodes of the prediction and of the input derivatives of a
+// network of any depth, in C++: fusedgrad._C.deep_mlp and
+// fusedgrad._C.deep_derivatives, called by fusedgrad/deep.py outside
+// torch.func transforms and torch.compile (which take deep.py's
+// torch.autograd.Functions, with their vmap rules and traceable bodies).
+//
+// Why: a Python torch.autograd.Function costs ~30 µs a call and ~50 µs a
+// backward on this machine. A PINN step runs three of them (the derivatives,
+// the initial and the boundary points): more than its whole fused arithmetic
+// for the small point sets.
+//
+// Both nodes compute exactly what the Python Functions compute, through the
+// same registered ops (deep_ops.cpp): forward by the op, backward by its
+// fused backward op. A backward with create_graph=True (grad mode on inside
+// backward) must return gradients that are themselves differentiable: the node
+// hands it to the Python function fusedgrad.deep registers with
+// _set_differentiable_backward, which recomputes in plain torch ops (one copy of
+// that math, shared with the Python Functions).
+//
+// Like the direct calls (direct_calls.cpp), a call is taken only when every
+// argument is an exact dense tensor (or None for a bias), no TorchFunctionMode
+// is active and the activation is a known name; otherwise None is returned and
+// deep.py takes its Python route, which also raises the argument errors.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/autograd.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "../common/options.h"
+#include "torch_compat.h"
+
+namespace fusedgrad {
+namespace {
+
+namespace py = pybind11;
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using BiasList = c10::List<std::optional<Tensor>>;
+
+using DeepMlpSig = Tensor(const Tensor&, at::TensorList, const BiasList&, c10::string_view);
+using DeepMlpBackwardSig = std::vector<Tensor>(const Tensor&, const Tensor&, at::TensorList, const BiasList&,
+                                               c10::string_view, std::array<bool, 2>);
+using DerivativesSig = std::vector<Tensor>(const Tensor&, at::TensorList, const BiasList&, c10::string_view,
+                                           int64_t);
+using DerivativesBackwardSig = std::vector<Tensor>(const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                                   const std::optional<Tensor>&, const Tensor&, at::TensorList,
+                                                   const BiasList&, c10::string_view, int64_t, std::array<bool, 2>);
+
+#define FUSEDGRAD_DEEP_HANDLE(fn, Sig, name)                                                     \
+  const c10::TypedOperatorHandle<Sig>& fn() {                                                     \
+    static const auto h = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();  \
+    return h;                                                                                     \
+  }
+FUSEDGRAD_DEEP_HANDLE(deep_mlp_op, DeepMlpSig, "fusedgrad::deep_mlp")
+FUSEDGRAD_DEEP_HANDLE(deep_mlp_backward_op, DeepMlpBackwardSig, "fusedgrad::deep_mlp_backward")
+FUSEDGRAD_DEEP_HANDLE(derivatives_op, DerivativesSig, "fusedgrad::deep_mlp_derivatives")
+FUSEDGRAD_DEEP_HANDLE(derivatives_backward_op, DerivativesBackwardSig, "fusedgrad::deep_mlp_derivatives_backward")
+#undef FUSEDGRAD_DEEP_HANDLE
+
+// fusedgrad.deep._double_backward(kind, x, params, activation, order, grads, needs) → [dx, *dparams].
+py::object& differentiable_backward() {
+  static py::object* fn = new py::object();  // leaked: never destroyed after the interpreter
+  return *fn;
+}
+
+// The parameters as the ops take them. The nodes' inputs hold only the tensors
+// given — W_1 … W_L, then the biases that exist — because an autograd input
+// must be a defined tensor; `has_bias` ("1" or "0" per layer) places them.
+struct Params {
+  std::vector<Tensor> weights;
+  BiasList biases;
+};
+Params split(at::TensorList params, const std::string& has_bias) {
+  Params p;
+  const size_t L = has_bias.size();
+  p.weights.assign(params.begin(), params.begin() + L);
+  p.biases.reserve(L);
+  size_t next = L;
+  for (size_t l = 0; l < L; ++l) {
+    p.biases.push_back(has_bias[l] == '1' ? std::optional<Tensor>(params[next++]) : std::nullopt);
+  }
+  return p;
+}
+
+// All 2L parameters in the Python functions' order (undefined: no bias).
+std::vector<Tensor> all_params(const std::vector<Tensor>& given, const std::string& has_bias) {
+  const size_t L = has_bias.size();
+  std::vector<Tensor> out(given.begin(), given.begin() + L);
+  out.resize(2 * L);
+  size_t next = L;
+  for (size_t l = 0; l < L; ++l) {
+    if (has_bias[l] == '1') out[L + l] = given[next++];
+  }
+  return out;
+}
+
+// The given parameters' entries out of a 2L list in the Python order (the inverse of all_params).
+template <typename V>
+std::vector<V> given_of(const std::vector<V>& full, const std::string& has_bias) {
+  const size_t L = has_bias.size();
+  std::vector<V> out(full.begin(), full.begin() + L);
+  for (size_t l = 0; l < L; ++l) {
+    if (has_bias[l] == '1') out.push_back(full[L + l]);
+  }
+  return out;
+}
+
+// What a node's backward reads back: x, the given parameters, the options.
+struct Saved {
+  Tensor x;
+  std::vector<Tensor> params;  // given: W_1 … W_L, then the biases that exist
+  std::string activation, has_bias;
+  std::vector<bool> needs;     // x, then each given parameter
+};
+Saved saved_of(AutogradContext* ctx) {
+  Saved s;
+  variable_list saved = ctx->get_saved_variables();
+  s.x = saved[0];
+  s.params.assign(saved.begin() + 1, saved.end());
+  s.activation = ctx->saved_data["activation"].toStringRef();
+  s.has_bias = ctx->saved_data["has_bias"].toStringRef();
+  s.needs.resize(1 + s.params.size());
+  for (size_t i = 0; i < s.needs.size(); ++i) s.needs[i] = ctx->needs_input_grad(i);
+  return s;
+}
+
+void save(AutogradContext* ctx, const Tensor& x, at::TensorList params, const std::string& activation,
+          const std::string& has_bias) {
+  std::vector<Tensor> to_save{x};
+  to_save.insert(to_save.end(), params.begin(), params.end());
+  ctx->save_for_backward(to_save);
+  ctx->saved_data["activation"] = activation;
+  ctx->saved_data["has_bias"] = has_bias;
+}
+
+bool any_param_needed(const Saved& s) {
+  for (size_t i = 1; i < s.needs.size(); ++i) {
+    if (s.needs[i]) return true;
+  }
+  return false;
+}
+
+// The node's gradients: x, the given parameters (from a 2L list), none for the `trailing` options.
+variable_list node_grads(const Saved& s, Tensor dx, const std::vector<Tensor>& full_param_grads, size_t trailing) {
+  std::vector<Tensor> given = given_of(full_param_grads, s.has_bias);
+  variable_list out;
+  out.reserve(s.needs.size() + trailing);
+  out.push_back(s.needs[0] ? std::move(dx) : Tensor());
+  for (size_t i = 0; i < given.size(); ++i) out.push_back(s.needs[1 + i] ? given[i] : Tensor());
+  out.resize(s.needs.size() + trailing);
+  return out;
+}
+
+// The create_graph=True backward, in Python (see the file comment).
+variable_list python_backward(const Saved& s, const char* kind, int64_t order, const variable_list& grads,
+                              size_t trailing) {
+  const size_t L = s.has_bias.size();
+  const std::vector<Tensor> params = all_params(s.params, s.has_bias);
+  std::vector<bool> needs(1 + 2 * L, false);
+  needs[0] = s.needs[0];
+  for (size_t l = 0, next = L; l < L; ++l) {
+    needs[1 + l] = s.needs[1 + l];
+    if (s.has_bias[l] == '1') needs[1 + L + l] = s.needs[1 + next++];
+  }
+  variable_list got;
+  {
+    py::gil_scoped_acquire gil;
+    auto to_py = [](const Tensor& t) -> py::object {
+      if (!t.defined()) return py::none();
+      return py::reinterpret_steal<py::object>(compat::wrap(t));
+    };
+    py::list py_params, py_grads;
+    for (const Tensor& t : params) py_params.append(to_py(t));
+    for (const Tensor& t : grads) py_grads.append(to_py(t));
+    py::object out = differentiable_backward()(kind, to_py(s.x), py_params, s.activation, order, py_grads, needs);
+    for (py::handle g : out) got.push_back(g.is_none() ? Tensor() : compat::unpack(g.ptr()));
+  }
+  return node_grads(s, got[0], std::vector<Tensor>(got.begin() + 1, got.end()), trailing);
+}
+
+// A backward op's list (dW…, db…, dx) as the node's gradients; x shared by K
+// stacked models gets the sum of their parts.
+variable_list from_op(const Saved& s, std::vector<Tensor> grads, size_t trailing) {
+  const size_t L = s.has_bias.size();
+  Tensor dx = s.needs[0] ? grads[2 * L] : Tensor();
+  if (dx.defined() && s.params[0].dim() == 3 && s.x.dim() == 2) dx = dx.sum(0);
+  grads.resize(2 * L);
+  return node_grads(s, std::move(dx), grads, trailing);
+}
+
+class DeepMlpFunction : public torch::autograd::Function<DeepMlpFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, at::TensorList params, const std::string& activation,
+                        const std::string& has_bias) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const Params p = split(params, has_bias);
+    Tensor pred = deep_mlp_op().call(x, p.weights, p.biases, activation);
+    save(ctx, x, params, activation, has_bias);
+    return pred;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const Saved s = saved_of(ctx);
+    if (at::GradMode::is_enabled()) return python_backward(s, "mlp", 0, grad_outputs, 2);
+    const Params p = split(s.params, s.has_bias);
+    std::vector<Tensor> grads = deep_mlp_backward_op().call(grad_outputs[0].contiguous(), s.x, p.weights, p.biases,
+                                                            s.activation, {s.needs[0], any_param_needed(s)});
+    return from_op(s, std::move(grads), 2);
+  }
+};
+
+class DeepDerivativesFunction : public torch::autograd::Function<DeepDerivativesFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, at::TensorList params,
+                               const std::string& activation, const std::string& has_bias, int64_t order) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const Params p = split(params, has_bias);
+    variable_list out = derivatives_op().call(x, p.weights, p.biases, activation, order);
+    save(ctx, x, params, activation, has_bias);
+    ctx->saved_data["order"] = order;
+    ctx->set_materialize_grads(false);  // an output the loss does not use is a zero the kernel skips
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Saved s = saved_of(ctx);
+    const int64_t order = ctx->saved_data["order"].toInt();
+    bool any_grad = false;
+    for (const Tensor& g : grads) any_grad = any_grad || g.defined();
+    if (!any_grad) return variable_list(s.needs.size() + 3);
+    if (at::GradMode::is_enabled()) return python_backward(s, "derivatives", order, grads, 3);
+    auto opt = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
+    const Params p = split(s.params, s.has_bias);
+    std::vector<Tensor> out = derivatives_backward_op().call(
+        opt(grads[0]), opt(grads[1]), order == 2 ? opt(grads[2]) : std::nullopt, s.x, p.weights, p.biases,
+        s.activation, order, {s.needs[0], any_param_needed(s)});
+    return from_op(s, std::move(out), 3);
+  }
+};
+
+// The call's tensors, or nullopt when it must take the Python route.
+struct DeepArgs {
+  Tensor x;
+  std::vector<Tensor> params;  // given: W_1 … W_L, then the biases that exist
+  std::string activation, has_bias;
+  bool any_grad = false;
+};
+
+bool plain_tensor(py::handle obj) {
+  return compat::exact_tensor(obj.ptr()) && compat::unpack(obj.ptr()).layout() == at::kStrided;
+}
+
+std::optional<DeepArgs> unpack(py::handle x, py::handle weights, py::handle biases, py::handle activation) {
+  if (compat::torch_function_mode_active() || !plain_tensor(x)) return std::nullopt;
+  if (!PyList_Check(weights.ptr()) || !PyList_Check(biases.ptr())) return std::nullopt;
+  const Py_ssize_t L = PyList_GET_SIZE(weights.ptr());
+  if (L < 1 || PyList_GET_SIZE(biases.ptr()) != L || !PyUnicode_Check(activation.ptr())) return std::nullopt;
+  DeepArgs a;
+  a.activation = activation.cast<std::string>();
+  if (!find_activation(a.activation).has_value()) return std::nullopt;
+  a.x = compat::unpack(x.ptr());
+  a.any_grad = a.x.requires_grad();
+  for (Py_ssize_t l = 0; l < L; ++l) {
+    py::handle w = PyList_GET_ITEM(weights.ptr(), l);
+    if (!plain_tensor(w)) return std::nullopt;
+    a.params.push_back(compat::unpack(w.ptr()));
+  }
+  for (Py_ssize_t l = 0; l < L; ++l) {
+    py::handle b = PyList_GET_ITEM(biases.ptr(), l);
+    a.has_bias.push_back(b.is_none() ? '0' : '1');
+    if (b.is_none()) continue;
+    if (!plain_tensor(b)) return std::nullopt;
+    a.params.push_back(compat::unpack(b.ptr()));
+  }
+  for (const Tensor& t : a.params) a.any_grad = a.any_grad || t.requires_grad();
+  a.any_grad = a.any_grad && at::GradMode::is_enabled();
+  return a;
+}
+
+py::object wrap(Tensor t) { return py::reinterpret_steal<py::object>(compat::wrap(std::move(t))); }
+
+py::object deep_mlp(py::handle x, py::handle weights, py::handle biases, py::handle activation) {
+  std::optional<DeepArgs> a = unpack(x, weights, biases, activation);
+  if (!a) return py::none();
+  Tensor pred;
+  {
+    py::gil_scoped_release no_gil;
+    if (a->any_grad) {
+      pred = DeepMlpFunction::apply(a->x, at::TensorList(a->params), a->activation, a->has_bias);
+    } else {
+      const Params p = split(a->params, a->has_bias);
+      pred = deep_mlp_op().call(a->x, p.weights, p.biases, a->activation);
+    }
+  }
+  return wrap(std::move(pred));
+}
+
+py::object deep_derivatives(py::handle x, py::handle weights, py::handle biases, py::handle activation,
+                            int64_t order) {
+  std::optional<DeepArgs> a = unpack(x, weights, biases, activation);
+  if (!a) return py::none();
+  variable_list out;
+  {
+    py::gil_scoped_release no_gil;
+    if (a->any_grad) {
+      out = DeepDerivativesFunction::apply(a->x, at::TensorList(a->params), a->activation, a->has_bias, order);
+    } else {
+      const Params p = split(a->params, a->has_bias);
+      out = derivatives_op().call(a->x, p.weights, p.biases, a->activation, order);
+    }
+  }
+  py::tuple result(out.size());
+  for (size_t i = 0; i < out.size(); ++i) result[i] = wrap(std::move(out[i]));
+  return std::move(result);
+}
+
+}  // namespace
+
+void register_deep_autograd(py::module_& m) {
+  const char* declined = " Returns None when the call must take fusedgrad.deep's Python route.";
+  m.def("deep_mlp", &deep_mlp,
+        (std::string("fusedgrad.deep.mlp with its autograd node in C++.") + declined).c_str());
+  m.def("deep_derivatives", &deep_derivatives,
+        (std::string("fusedgrad.deep.derivatives with its autograd node in C++.") + declined).c_str());
+  m.def("_set_differentiable_backward", [](py::object fn) { differentiable_backward() = std::move(fn); },
+        "Registers fusedgrad.deep's create_graph=True backward for the C++ nodes (see deep_autograd.cpp).");
+}
+
+}  // namespace fusedgrad
