@@ -86,6 +86,57 @@ def test_values_and_gradients_match_autograd(d, hidden, o, n, bias, act, order, 
         assert rel_err(m, t) <= TOL
 
 
+@SETTINGS
+@given(d=st.integers(1, 4), hidden=widths_st, n=st.integers(1, 120), bias=st.booleans(), act=st.sampled_from(ACTS),
+       use_du=st.lists(st.booleans(), min_size=4, max_size=4), use_d2u=st.lists(st.booleans(), min_size=4, max_size=4),
+       use_u=st.booleans(), seed=st.integers(0, 2**31))
+def test_a_loss_of_some_parts_matches_autograd(d, hidden, n, bias, act, use_du, use_d2u, use_u, seed):
+    """A loss that reads only some columns of du and d2u (a PDE residual reads u_xx, not u_tt): the
+    backward drops the parts whose incoming gradient is zero everywhere; the gradients stay autograd's."""
+    use_du, use_d2u = use_du[:d], use_d2u[:d]
+    if not (use_u or any(use_du) or any(use_d2u)):
+        use_u = True
+    gen = torch.Generator().manual_seed(seed)
+    weights, biases = make_net([d, *hidden, 2], bias, gen)
+    x = torch.randn(n, d, dtype=torch.float64, generator=gen, requires_grad=True)
+    cot = [torch.randn(n, 2, *shape, dtype=torch.float64, generator=gen) for shape in ((), (d,), (d,))]
+
+    def loss(u, du, d2u):
+        total = (u * cot[0]).sum() if use_u else 0.0
+        for k in range(d):
+            if use_du[k]:
+                total = total + (du[..., k] * cot[1][..., k]).pow(2).sum()
+            if use_d2u[k]:
+                total = total + (d2u[..., k] * cot[2][..., k]).sum()
+        return total
+
+    inputs = [x, *weights, *[b for b in biases if b is not None]]
+    mine = torch.autograd.grad(loss(*deep.derivatives(x, weights, biases, activation=act, order=2)), inputs)
+    theirs = torch.autograd.grad(loss(*reference_derivatives(x, weights, biases, act, 2)), inputs,
+                                 materialize_grads=True)
+    for m, t in zip(mine, theirs):
+        assert rel_err(m, t) <= TOL
+
+
+def test_the_autograd_nodes_are_cpp_outside_transforms():
+    """Outside torch.func and torch.compile the prediction and the derivatives get C++ autograd nodes
+    (csrc/python/deep_autograd.cpp); double backward through them goes to fusedgrad.deep's torch-op route."""
+    gen = torch.Generator().manual_seed(5)
+    weights, biases = make_net([2, 6, 5, 1], True, gen)
+    x = torch.randn(7, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert "DeepMlpFunction" in deep.mlp(x, weights, biases, activation="tanh").grad_fn.name()
+    assert "DeepDerivativesFunction" in deep.derivatives(x, weights, biases, activation="tanh")[0].grad_fn.name()
+    u, du, d2u = deep.derivatives(x, weights, biases, activation="tanh", order=2)
+    g, = torch.autograd.grad(d2u.sum(), x, create_graph=True)
+    assert g.grad_fn is not None  # differentiable: the torch-op route of the double backward ran
+    ur, dur, d2ur = reference_derivatives(x, weights, biases, "tanh", 2)
+    gr, = torch.autograd.grad(d2ur.sum(), x, create_graph=True)
+    assert rel_err(g, gr) <= TOL
+    mine = torch.autograd.grad(g.pow(2).sum(), weights)
+    for m, t in zip(mine, torch.autograd.grad(gr.pow(2).sum(), weights)):
+        assert rel_err(m, t) <= TOL
+
+
 @pytest.mark.parametrize("act", ACTS)
 def test_a_burgers_residual_loss_matches_autograd(act):
     """The PINN use: a loss of u, u_x, u_t, u_xx; only some outputs used (the others' gradients are None)."""

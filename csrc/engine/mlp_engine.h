@@ -97,6 +97,12 @@ struct Pass {
   T* d2u = nullptr;              // Forward, order 2: the diagonal ∂²u_o/∂x_d² (·, O, D)
   const T* grad_du = nullptr;    // Backward: ∂L/∂du (·, O, D); null: zeros (so is a null grad_out)
   const T* grad_d2u = nullptr;   // Backward, order 2: ∂L/∂d2u (·, O, D); null: zeros
+  // Backward: which tangent (∂/∂x_d) and second-derivative parts to carry, D flags each; null: all.
+  // A part whose incoming gradient is zero everywhere — and, for a tangent, whose second
+  // derivative is not carried — adds exactly zero to every gradient: the backward drops it
+  // (a Burgers residual reads u_xx but not u_tt: 4 of 5 parts).
+  const char* carry_du = nullptr;
+  const char* carry_d2u = nullptr;
 };
 
 // Runs the pass. Not reentrant per thread for the same call (uses thread-local scratch).

@@ -1,10 +1,12 @@
 // The engine's input-derivative pass (mlp_engine.h, "Input derivatives"): the
 // forward and backward epilogues on jets.
 //
-// Layout: a block of nb rows (samples) holds, for every layer, S = 1 + order·D
-// stacked parts of nb rows each — part 0 the values (h or a), part 1 + d the
-// tangents ∂/∂x_d, part 1 + D + d (order 2) the second derivatives ∂²/∂x_d² —
-// every row padded to whole lane vectors as in mlp_engine_cpu.cpp. A layer's
+// Layout: a block of nb rows (samples) holds, for every layer, S = 1 + T1 + T2
+// stacked parts of nb rows each — part 0 the values (h or a), part 1 + i the
+// tangents ∂/∂x_d for d = tdim[i], part 1 + T1 + j (order 2) the second
+// derivatives ∂²/∂x_d² for d = sdim[j] — every row padded to whole lane vectors
+// as in mlp_engine_cpu.cpp. The forward carries every part (T1 = D, T2 = order
+// 2 ? D : 0); a backward may drop the parts Pass::carry_du / carry_d2u leave out. A layer's
 // product then maps all S·nb rows in one call of the same micro-kernel
 // (engine_kernels.h); only the value rows get the bias. The activation step
 // couples the parts of a row: it reads act and its first three derivatives at
@@ -37,8 +39,10 @@ struct JetPlan {
   const Pass<T>& pass;
   const NetShape& s;
   SumLayout lay;
-  int64_t L, D, O, S, B, blocks, chunks, lanes, widest = 0;
+  int64_t L, D, O, S, T1, T2, B, blocks, chunks, lanes, widest = 0;
   std::vector<int64_t> np;
+  std::vector<int64_t> tdim, sdim;  // the dimension of each tangent / second-derivative part
+  std::vector<int64_t> second_of;   // per tangent part: its second-derivative part, or −1
   std::vector<const T*> WT, Wp, bp;
   std::vector<T> packed;
   std::vector<int64_t> a_off, h_off, j_off;  // per block: parts of a_l (l < L), h_l (l ≥ 1), act's jet at h_l
@@ -48,7 +52,16 @@ struct JetPlan {
     L = s.layers();
     D = s.in();
     O = s.out();
-    S = 1 + p.order * D;
+    for (int64_t d = 0; d < D; ++d) {
+      const bool second = p.order == 2 && (!p.carry_d2u || p.carry_d2u[d]);
+      if (!second && p.carry_du && !p.carry_du[d]) continue;
+      second_of.push_back(second ? static_cast<int64_t>(sdim.size()) : -1);
+      tdim.push_back(d);
+      if (second) sdim.push_back(d);
+    }
+    T1 = static_cast<int64_t>(tdim.size());
+    T2 = static_cast<int64_t>(sdim.size());
+    S = 1 + T1 + T2;
     lanes = VB / sizeof(T);
     pack_weights(s, p.W, p.b, lanes, np, WT, Wp, bp, packed);
     int64_t per_row = 0;
@@ -102,7 +115,7 @@ struct JetPlan {
     for (int64_t r = 0; r < nb; ++r) {
       const T* src = pass.x + row(r0 + r) * D;
       std::copy(src, src + D, a0 + r * np[0]);
-      for (int64_t d = 0; d < D; ++d) a0[((1 + d) * nb + r) * np[0] + d] = T(1);  // ∂x/∂x_d = e_d
+      for (int64_t i = 0; i < T1; ++i) a0[((1 + i) * nb + r) * np[0] + tdim[i]] = T(1);  // ∂x/∂x_d = e_d
     }
     for (int64_t l = 0; l < L; ++l) {
       const T* in = scratch + a_off[l];
@@ -117,14 +130,14 @@ struct JetPlan {
       T* j3 = j2 + B * no;
       const int64_t n = nb * no;
       activation_jet_n(s.act, h, a, j1, j2, j3, n);
-      for (int64_t d = 0; d < D; ++d) {
-        const T* dh = h + (1 + d) * n;
-        T* da = a + (1 + d) * n;
+      for (int64_t i = 0; i < T1; ++i) {
+        const T* dh = h + (1 + i) * n;
+        T* da = a + (1 + i) * n;
 #pragma omp simd
         for (int64_t k = 0; k < n; ++k) da[k] = j1[k] * dh[k];
-        if (pass.order == 2) {
-          const T* d2h = h + (1 + D + d) * n;
-          T* d2a = a + (1 + D + d) * n;
+        if (second_of[i] >= 0) {
+          const T* d2h = h + (1 + T1 + second_of[i]) * n;
+          T* d2a = a + (1 + T1 + second_of[i]) * n;
 #pragma omp simd
           for (int64_t k = 0; k < n; ++k) d2a[k] = j2[k] * dh[k] * dh[k] + j1[k] * d2h[k];
         }
@@ -142,12 +155,12 @@ struct JetPlan {
     const T* j3 = j2 + B * np[l];
 #pragma omp simd
     for (int64_t k = 0; k < n; ++k) g[k] *= j1[k];
-    for (int64_t d = 0; d < D; ++d) {
-      const T* dh = h + (1 + d) * n;
-      T* g1 = g + (1 + d) * n;
-      if (pass.order == 2) {
-        const T* d2h = h + (1 + D + d) * n;
-        T* g2 = g + (1 + D + d) * n;
+    for (int64_t i = 0; i < T1; ++i) {
+      const T* dh = h + (1 + i) * n;
+      T* g1 = g + (1 + i) * n;
+      if (second_of[i] >= 0) {
+        const T* d2h = h + (1 + T1 + second_of[i]) * n;
+        T* g2 = g + (1 + T1 + second_of[i]) * n;
 #pragma omp simd
         for (int64_t k = 0; k < n; ++k) {
           g[k] += g1[k] * j2[k] * dh[k] + g2[k] * (j3[k] * dh[k] * dh[k] + j2[k] * d2h[k]);
@@ -173,9 +186,9 @@ struct JetPlan {
         const int64_t dst = row(r0 + r) * O;
         std::copy(hL + r * npo, hL + r * npo + O, pass.pred + dst);
         for (int64_t o = 0; o < O; ++o) {
-          for (int64_t d = 0; d < D; ++d) {
-            pass.du[(dst + o) * D + d] = hL[((1 + d) * nb + r) * npo + o];
-            if (pass.order == 2) pass.d2u[(dst + o) * D + d] = hL[((1 + D + d) * nb + r) * npo + o];
+          for (int64_t i = 0; i < T1; ++i) pass.du[(dst + o) * D + tdim[i]] = hL[((1 + i) * nb + r) * npo + o];
+          for (int64_t j = 0; j < T2; ++j) {
+            pass.d2u[(dst + o) * D + sdim[j]] = hL[((1 + T1 + j) * nb + r) * npo + o];
           }
         }
       }
@@ -188,10 +201,12 @@ struct JetPlan {
       const int64_t src = row(r0 + r) * O;
       for (int64_t o = 0; o < O; ++o) {
         if (pass.grad_out) delta[r * npo + o] = pass.grad_out[src + o];
-        for (int64_t d = 0; d < D; ++d) {
-          if (pass.grad_du) delta[((1 + d) * nb + r) * npo + o] = pass.grad_du[(src + o) * D + d];
-          if (pass.order == 2 && pass.grad_d2u) {
-            delta[((1 + D + d) * nb + r) * npo + o] = pass.grad_d2u[(src + o) * D + d];
+        if (pass.grad_du) {
+          for (int64_t i = 0; i < T1; ++i) delta[((1 + i) * nb + r) * npo + o] = pass.grad_du[(src + o) * D + tdim[i]];
+        }
+        if (pass.grad_d2u) {
+          for (int64_t j = 0; j < T2; ++j) {
+            delta[((1 + T1 + j) * nb + r) * npo + o] = pass.grad_d2u[(src + o) * D + sdim[j]];
           }
         }
       }

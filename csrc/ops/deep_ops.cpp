@@ -329,6 +329,21 @@ std::vector<at::Tensor> derivatives_cpu(const at::Tensor& x, at::TensorList weig
   return out;
 }
 
+// Per input dimension d, whether a given ∂L/∂du or ∂L/∂d2u (·, O, D) is non-zero
+// anywhere at [..., d] (NaN counts as non-zero); an undefined one is zero.
+std::vector<char> nonzero_dims(const at::Tensor& g, int64_t D) {
+  std::vector<char> any(D, 0);
+  if (!g.defined()) return any;
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "fusedgrad.nonzero_dims", [&] {
+    const scalar_t* p = g.const_data_ptr<scalar_t>();
+    const int64_t rows = g.numel() / std::max<int64_t>(D, 1);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t d = 0; d < D; ++d) any[d] |= static_cast<char>(!(p[r * D + d] == scalar_t(0)));
+    }
+  });
+  return any;
+}
+
 std::vector<at::Tensor> derivatives_backward_cpu(const std::optional<at::Tensor>& grad_u,
                                                  const std::optional<at::Tensor>& grad_du,
                                                  const std::optional<at::Tensor>& grad_d2u, const at::Tensor& x,
@@ -351,6 +366,8 @@ std::vector<at::Tensor> derivatives_backward_cpu(const std::optional<at::Tensor>
   std::vector<double> sums(M * lay.size, 0.0);
   const auto opts = rows.x2.options();
   at::Tensor dx = mask[0] ? per_model_rows(rows, D, opts) : at::empty({0}, opts);
+  // The parts of the jets the backward carries: those with a gradient to pass back (engine: carry_du).
+  const std::vector<char> carry_du = nonzero_dims(gdu, D), carry_d2u = nonzero_dims(gd2u, D);
   AT_DISPATCH_FLOATING_TYPES(net.dtype, "fusedgrad.derivatives_backward", [&] {
     run_models<scalar_t>(K, [&](int64_t k) {
       engine::Pass<scalar_t> pass = model_pass<scalar_t>(net, rows, k);
@@ -359,6 +376,8 @@ std::vector<at::Tensor> derivatives_backward_cpu(const std::optional<at::Tensor>
       pass.grad_out = rows.other2.defined() ? rows.other2.const_data_ptr<scalar_t>() + k * rows.N * O : nullptr;
       pass.grad_du = gdu.defined() ? gdu.const_data_ptr<scalar_t>() + k * rows.N * O * D : nullptr;
       pass.grad_d2u = gd2u.defined() ? gd2u.const_data_ptr<scalar_t>() + k * rows.N * O * D : nullptr;
+      pass.carry_du = carry_du.data();
+      pass.carry_d2u = carry_d2u.data();
       pass.param_grads = mask[1];
       pass.dx = mask[0] ? dx.data_ptr<scalar_t>() + k * rows.N * D : nullptr;
       pass.sums = sums.data() + k * lay.size;
