@@ -109,19 +109,23 @@ def _differentiable_backward(outputs, inputs, grad_outputs):
     return out
 
 
-def _double_backward(kind, x, params, activation, order, grads, needs):
-    """The create_graph=True backward of the prediction (kind "mlp") or of the input derivatives
-    ("derivatives"): ``[dx, *dparams]`` (None where ``needs`` is false), differentiable themselves.
-    Shared by the Python Functions here and the C++ nodes (csrc/python/deep_autograd.cpp)."""
+def _double_backward(kind, x, params, activation, order, target, reduction, grads, needs):
+    """The create_graph=True backward of the loss (kind "loss"), the prediction ("mlp") or the input
+    derivatives ("derivatives"): ``[dx, *dparams]`` (then ``dtarget`` for a loss with a target; None
+    where ``needs`` is false), differentiable themselves. Shared by the Python Functions here and the
+    C++ nodes (csrc/python/deep_autograd.cpp)."""
     L = len(params) // 2
     weights, biases = list(params[:L]), list(params[L:])
+    inputs = [x, *params] + ([target] if kind == "loss" and target is not None else [])
     with torch.enable_grad():
-        if kind == "mlp":
+        if kind == "loss":
+            outs = [_native_loss(x, weights, biases, target, reduction, activation)]
+        elif kind == "mlp":
             outs = [_native_prediction(x, weights, biases, activation)]
         else:
             outs = _native_derivatives(x, weights, biases, activation, order)
         used = [(o, g) for o, g in zip(outs, grads) if g is not None]
-        got = _differentiable_backward([o for o, _ in used], [x, *params], [g for _, g in used])
+        got = _differentiable_backward([o for o, _ in used], inputs, [g for _, g in used])
     return [g if n else None for g, n in zip(got, needs)]
 
 
@@ -211,11 +215,10 @@ class _Loss(torch.autograd.Function):
         x, target, params, grads = saved[0], saved[1], saved[2:2 + 2 * L], saved[2 + 2 * L:]
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable themselves
-            with torch.enable_grad():
-                loss = _native_loss(x, params[:L], params[L:], target, ctx.reduction, ctx.activation)
-                dx, dt, *dparams = _differentiable_backward(loss, [x, target, *params], grad_loss)
-            return (dx if needs[0] else None, dt if needs[1] else None, None, None, None,
-                    *[g if n else None for g, n in zip(dparams, needs[5:])])
+            got = _double_backward("loss", x, params, ctx.activation, 0, target, ctx.reduction, [grad_loss],
+                                   [needs[0], *needs[5:]] + ([needs[1]] if target is not None else []))
+            dt = got.pop() if target is not None else None
+            return (got[0], dt, None, None, None, *got[1:])
         dx = _rows_grad(grads[2 * L], grad_loss, K, ctx.shared[0]) if needs[0] else None
         dt = _rows_grad(grads[2 * L + 1], grad_loss, K, ctx.shared[1]) if needs[1] else None
         dW = [_scaled(grads[l], grad_loss, K) if needs[5 + l] else None for l in range(L)]
@@ -262,7 +265,7 @@ class _Mlp(torch.autograd.Function):
         weights, biases = params[:L], params[L:]
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable themselves
-            dx, *dparams = _double_backward("mlp", x, params, ctx.activation, 0, [grad_out],
+            dx, *dparams = _double_backward("mlp", x, params, ctx.activation, 0, None, "", [grad_out],
                                             [needs[0], *needs[3:]])
             return (dx, None, None, *dparams)
         mask = [needs[0], any(needs[3:])]
@@ -306,6 +309,10 @@ def mlp_loss(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[
     _option(fn, "activation", activation, ACTIVATIONS)
     if _compat.under_functorch(x, target, *weights, *biases):
         return _native_loss(x, weights, biases, target, reduction, activation)
+    if not torch.compiler.is_compiling():
+        loss = _C.deep_mlp_loss(x, weights, biases, target, reduction, activation)  # its autograd node in C++
+        if loss is not None:
+            return loss
     if torch.is_grad_enabled():
         return _Loss.apply(x, target, reduction, activation, len(weights), *weights, *biases)
     loss, _ = _loss_op(x, weights, biases, target, reduction, activation, [False, False, False])
@@ -500,7 +507,7 @@ class _Derivatives(torch.autograd.Function):
         if all(g is None for g in grads):
             return (None,) * (4 + len(params))
         if torch.is_grad_enabled():  # create_graph=True: the same math in torch ops, differentiated by autograd
-            dx, *dparams = _double_backward("derivatives", x, params, ctx.activation, order, grads,
+            dx, *dparams = _double_backward("derivatives", x, params, ctx.activation, order, None, "", grads,
                                             [needs[0], *needs[4:]])
             return (dx, None, None, None, *dparams)
         mask = [needs[0], any(needs[4:])]

@@ -194,6 +194,35 @@ def test_module_loss_backward_runs_hooks():
     assert seen == [(5, 5)]
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_node_in_cpp_scales_retains_and_grads_the_target(reduction):
+    """Outside torch.func / torch.compile the loss gets a C++ autograd node (csrc/python/deep_autograd.cpp):
+    its saved gradients scaled by a non-unit incoming gradient, read twice under retain_graph, and the
+    target's gradient, each against native autograd."""
+    gen = torch.Generator().manual_seed(4)
+    weights, biases = make_net([3, 7, 5, 2], True, gen)
+    biases[1] = None
+    x = torch.randn(11, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    t = torch.randn(11, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    loss = deep.mlp_loss(x, weights, biases, t, reduction=reduction, activation="tanh")
+    assert "DeepLossFunction" in loss.grad_fn.name()
+    expected = F.mse_loss(reference(x, weights, biases, "tanh"), t, reduction=reduction)
+    inputs = [x, t, *weights, biases[0], biases[2]]
+    for scale in (1.0, -2.5):
+        mine = torch.autograd.grad(loss * scale, inputs, retain_graph=True)
+        theirs = torch.autograd.grad(expected * scale, inputs, retain_graph=True)
+        for m, e in zip(mine, theirs):
+            assert rel_err(m, e) <= 1e-12
+    # A plain backward hands the saved gradients over; a second one (retained graph) gets the same numbers.
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in inputs]
+    for p in inputs:
+        p.grad = None
+    loss.backward()
+    for p, f in zip(inputs, first):
+        assert torch.equal(p.grad, f)
+
+
 @pytest.mark.parametrize("act", ACTS)
 def test_double_backward_is_exact(act):
     # create_graph=True: the gradients are themselves differentiable (gradgradcheck, float64).

@@ -1,17 +1,19 @@
-// The autograd nodes of the prediction and of the input derivatives of a
-// network of any depth, in C++: fusedgrad._C.deep_mlp and
-// fusedgrad._C.deep_derivatives, called by fusedgrad/deep.py outside
+// The autograd nodes of the loss, the prediction and the input derivatives of
+// a network of any depth, in C++: fusedgrad._C.deep_mlp_loss, deep_mlp and
+// deep_derivatives, called by fusedgrad/deep.py outside
 // torch.func transforms and torch.compile (which take deep.py's
 // torch.autograd.Functions, with their vmap rules and traceable bodies).
 //
 // Why: a Python torch.autograd.Function costs ~30 µs a call and ~50 µs a
 // backward on this machine. A PINN step runs three of them (the derivatives,
 // the initial and the boundary points): more than its whole fused arithmetic
-// for the small point sets.
+// for the small point sets; loss().backward() on 10 000 rows spent ~150 µs
+// in them, a quarter of the call.
 //
 // Both nodes compute exactly what the Python Functions compute, through the
 // same registered ops (deep_ops.cpp): forward by the op, backward by its
-// fused backward op. A backward with create_graph=True (grad mode on inside
+// fused backward op (the loss: its forward already computed every gradient,
+// which backward scales by the incoming one). A backward with create_graph=True (grad mode on inside
 // backward) must return gradients that are themselves differentiable: the node
 // hands it to the Python function fusedgrad.deep registers with
 // _set_differentiable_backward, which recomputes in plain torch ops (one copy of
@@ -25,12 +27,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>
 
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "../common/options.h"
+#include "../ops/autograd_helpers.h"  // readable_on_host
 #include "torch_compat.h"
 
 namespace fusedgrad {
@@ -42,6 +46,9 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using BiasList = c10::List<std::optional<Tensor>>;
 
+using DeepLossSig = std::tuple<Tensor, std::vector<Tensor>>(const Tensor&, at::TensorList, const BiasList&,
+                                                            const std::optional<Tensor>&, c10::string_view,
+                                                            c10::string_view, std::array<bool, 3>);
 using DeepMlpSig = Tensor(const Tensor&, at::TensorList, const BiasList&, c10::string_view);
 using DeepMlpBackwardSig = std::vector<Tensor>(const Tensor&, const Tensor&, at::TensorList, const BiasList&,
                                                c10::string_view, std::array<bool, 2>);
@@ -56,13 +63,15 @@ using DerivativesBackwardSig = std::vector<Tensor>(const std::optional<Tensor>&,
     static const auto h = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();  \
     return h;                                                                                     \
   }
+FUSEDGRAD_DEEP_HANDLE(deep_loss_op, DeepLossSig, "fusedgrad::deep_mlp_loss_and_grads")
 FUSEDGRAD_DEEP_HANDLE(deep_mlp_op, DeepMlpSig, "fusedgrad::deep_mlp")
 FUSEDGRAD_DEEP_HANDLE(deep_mlp_backward_op, DeepMlpBackwardSig, "fusedgrad::deep_mlp_backward")
 FUSEDGRAD_DEEP_HANDLE(derivatives_op, DerivativesSig, "fusedgrad::deep_mlp_derivatives")
 FUSEDGRAD_DEEP_HANDLE(derivatives_backward_op, DerivativesBackwardSig, "fusedgrad::deep_mlp_derivatives_backward")
 #undef FUSEDGRAD_DEEP_HANDLE
 
-// fusedgrad.deep._double_backward(kind, x, params, activation, order, grads, needs) → [dx, *dparams].
+// fusedgrad.deep._double_backward(kind, x, params, activation, order, target, reduction, grads, needs)
+// → [dx, *dparams(, dtarget)].
 py::object& differentiable_backward() {
   static py::object* fn = new py::object();  // leaked: never destroyed after the interpreter
   return *fn;
@@ -112,10 +121,10 @@ std::vector<V> given_of(const std::vector<V>& full, const std::string& has_bias)
 
 // What a node's backward reads back: x, the given parameters, the options.
 struct Saved {
-  Tensor x;
+  Tensor x, target;  // target: the loss's, when given
   std::vector<Tensor> params;  // given: W_1 … W_L, then the biases that exist
   std::string activation, has_bias;
-  std::vector<bool> needs;     // x, then each given parameter
+  std::vector<bool> needs;     // x, then each given parameter (then the loss's target, when given)
 };
 Saved saved_of(AutogradContext* ctx) {
   Saved s;
@@ -146,19 +155,24 @@ bool any_param_needed(const Saved& s) {
 }
 
 // The node's gradients: x, the given parameters (from a 2L list), none for the `trailing` options.
-variable_list node_grads(const Saved& s, Tensor dx, const std::vector<Tensor>& full_param_grads, size_t trailing) {
+// With a target (the loss), its gradient dt follows the parameters'.
+variable_list node_grads(const Saved& s, Tensor dx, const std::vector<Tensor>& full_param_grads, size_t trailing,
+                         Tensor dt = Tensor()) {
   std::vector<Tensor> given = given_of(full_param_grads, s.has_bias);
   variable_list out;
-  out.reserve(s.needs.size() + trailing);
+  out.reserve(s.needs.size() + trailing + 1);
   out.push_back(s.needs[0] ? std::move(dx) : Tensor());
   for (size_t i = 0; i < given.size(); ++i) out.push_back(s.needs[1 + i] ? given[i] : Tensor());
-  out.resize(s.needs.size() + trailing);
+  // The loss's target is the first of the trailing slots (undefined when it is absent).
+  if (s.target.defined()) out.push_back(s.needs.back() ? std::move(dt) : Tensor());
+  out.resize(1 + s.params.size() + trailing);
   return out;
 }
 
 // The create_graph=True backward, in Python (see the file comment).
+// The loss (kind "loss") passes its target and reduction; its last gradient is the target's.
 variable_list python_backward(const Saved& s, const char* kind, int64_t order, const variable_list& grads,
-                              size_t trailing) {
+                              size_t trailing, const std::string& reduction = "") {
   const size_t L = s.has_bias.size();
   const std::vector<Tensor> params = all_params(s.params, s.has_bias);
   std::vector<bool> needs(1 + 2 * L, false);
@@ -167,6 +181,8 @@ variable_list python_backward(const Saved& s, const char* kind, int64_t order, c
     needs[1 + l] = s.needs[1 + l];
     if (s.has_bias[l] == '1') needs[1 + L + l] = s.needs[1 + next++];
   }
+  const bool has_target = s.target.defined();
+  if (has_target) needs.push_back(s.needs.back());
   variable_list got;
   {
     py::gil_scoped_acquire gil;
@@ -177,10 +193,13 @@ variable_list python_backward(const Saved& s, const char* kind, int64_t order, c
     py::list py_params, py_grads;
     for (const Tensor& t : params) py_params.append(to_py(t));
     for (const Tensor& t : grads) py_grads.append(to_py(t));
-    py::object out = differentiable_backward()(kind, to_py(s.x), py_params, s.activation, order, py_grads, needs);
+    py::object out = differentiable_backward()(kind, to_py(s.x), py_params, s.activation, order, to_py(s.target),
+                                               reduction, py_grads, needs);
     for (py::handle g : out) got.push_back(g.is_none() ? Tensor() : compat::unpack(g.ptr()));
   }
-  return node_grads(s, got[0], std::vector<Tensor>(got.begin() + 1, got.end()), trailing);
+  Tensor dt = has_target ? got.back() : Tensor();
+  if (has_target) got.pop_back();
+  return node_grads(s, got[0], std::vector<Tensor>(got.begin() + 1, got.end()), trailing, dt);
 }
 
 // A backward op's list (dW…, db…, dx) as the node's gradients; x shared by K
@@ -192,6 +211,72 @@ variable_list from_op(const Saved& s, std::vector<Tensor> grads, size_t trailing
   grads.resize(2 * L);
   return node_grads(s, std::move(dx), grads, trailing);
 }
+
+// The loss c Σ (p − t)² of one model: its forward already computes the
+// gradient of every input that needs one; backward scales them by the incoming
+// gradient (and hands them over as they are for a plain loss.backward(), as the
+// one-hidden-layer node does: csrc/ops/autograd.cpp).
+class DeepLossFunction : public torch::autograd::Function<DeepLossFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, at::TensorList params,
+                        const std::optional<Tensor>& target, const std::string& reduction,
+                        const std::string& activation, const std::string& has_bias) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const Params p = split(params, has_bias);
+    bool any_param = false;
+    for (const Tensor& t : params) any_param = any_param || t.requires_grad();
+    const bool has_target = target.has_value() && target->defined();
+    const std::array<bool, 3> mask = {x.requires_grad(), any_param, has_target && target->requires_grad()};
+    auto [loss, grads] = deep_loss_op().call(x, p.weights, p.biases, target, reduction, activation, mask);
+    // Saved: x, the parameters, the target (when given), then the op's dW…, db…, dx, dt.
+    std::vector<Tensor> to_save{x};
+    to_save.insert(to_save.end(), params.begin(), params.end());
+    if (has_target) to_save.push_back(*target);
+    to_save.insert(to_save.end(), grads.begin(), grads.end());
+    ctx->save_for_backward(to_save);
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["has_bias"] = has_bias;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["params"] = static_cast<int64_t>(params.size());
+    ctx->saved_data["has_target"] = has_target;
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    constexpr size_t trailing = 4;  // target, reduction, activation, has_bias
+    const variable_list saved = ctx->get_saved_variables();
+    const size_t P = static_cast<size_t>(ctx->saved_data["params"].toInt());
+    const bool has_target = ctx->saved_data["has_target"].toBool();
+    Saved s;
+    s.x = saved[0];
+    s.params.assign(saved.begin() + 1, saved.begin() + 1 + P);
+    if (has_target) s.target = saved[1 + P];
+    s.activation = ctx->saved_data["activation"].toStringRef();
+    s.has_bias = ctx->saved_data["has_bias"].toStringRef();
+    s.needs.resize(1 + P + (has_target ? 1 : 0));
+    for (size_t i = 0; i < s.needs.size(); ++i) s.needs[i] = ctx->needs_input_grad(i);
+    const std::string reduction = ctx->saved_data["reduction"].toStringRef();
+    if (at::GradMode::is_enabled()) return python_backward(s, "loss", 0, grad_outputs, trailing, reduction);
+    // The op's gradients, scaled by ∂out/∂loss: as they are when that is exactly 1 and this graph is
+    // freed after this backward (with retain_graph=True a later backward reads them again).
+    const Tensor& grad_loss = grad_outputs[0];
+    const bool unit = autograd_helpers::readable_on_host(grad_loss) && grad_loss.numel() == 1 &&
+                      grad_loss.item<double>() == 1.0;
+    const bool hand_over = unit && !torch::autograd::get_current_graph_task_keep_graph();
+    auto scaled = [&](const Tensor& g) { return hand_over ? g : unit ? g.clone() : g * grad_loss; };
+    const size_t L = s.has_bias.size(), first = 1 + P + (has_target ? 1 : 0);
+    std::vector<Tensor> full(2 * L);
+    for (size_t l = 0; l < L; ++l) {
+      if (s.needs[1 + l]) full[l] = scaled(saved[first + l]);
+    }
+    for (size_t l = 0, next = L; l < L; ++l) {
+      if (s.has_bias[l] == '1' && s.needs[1 + next++]) full[L + l] = scaled(saved[first + L + l]);
+    }
+    Tensor dx = s.needs[0] ? scaled(saved[first + 2 * L]) : Tensor();
+    Tensor dt = has_target && s.needs.back() ? scaled(saved[first + 2 * L + 1]) : Tensor();
+    return node_grads(s, std::move(dx), full, trailing, std::move(dt));
+  }
+};
 
 class DeepMlpFunction : public torch::autograd::Function<DeepMlpFunction> {
  public:
@@ -284,6 +369,32 @@ std::optional<DeepArgs> unpack(py::handle x, py::handle weights, py::handle bias
 
 py::object wrap(Tensor t) { return py::reinterpret_steal<py::object>(compat::wrap(std::move(t))); }
 
+// fusedgrad.deep.mlp_loss for one model (stacked weights take the Python route).
+py::object deep_mlp_loss(py::handle x, py::handle weights, py::handle biases, py::handle target,
+                         py::handle reduction, py::handle activation) {
+  std::optional<DeepArgs> a = unpack(x, weights, biases, activation);
+  if (!a || a->params[0].dim() != 2 || !PyUnicode_Check(reduction.ptr())) return py::none();
+  const std::string red = reduction.cast<std::string>();
+  if (!find_reduction(red).has_value()) return py::none();
+  std::optional<Tensor> t;
+  if (!target.is_none()) {
+    if (!plain_tensor(target)) return py::none();
+    t = compat::unpack(target.ptr());
+    a->any_grad = a->any_grad || (t->requires_grad() && at::GradMode::is_enabled());
+  }
+  Tensor loss;
+  {
+    py::gil_scoped_release no_gil;
+    if (a->any_grad) {
+      loss = DeepLossFunction::apply(a->x, at::TensorList(a->params), t, red, a->activation, a->has_bias);
+    } else {
+      const Params p = split(a->params, a->has_bias);
+      loss = std::get<0>(deep_loss_op().call(a->x, p.weights, p.biases, t, red, a->activation, {false, false, false}));
+    }
+  }
+  return wrap(std::move(loss));
+}
+
 py::object deep_mlp(py::handle x, py::handle weights, py::handle biases, py::handle activation) {
   std::optional<DeepArgs> a = unpack(x, weights, biases, activation);
   if (!a) return py::none();
@@ -323,6 +434,8 @@ py::object deep_derivatives(py::handle x, py::handle weights, py::handle biases,
 
 void register_deep_autograd(py::module_& m) {
   const char* declined = " Returns None when the call must take fusedgrad.deep's Python route.";
+  m.def("deep_mlp_loss", &deep_mlp_loss,
+        (std::string("fusedgrad.deep.mlp_loss (one model) with its autograd node in C++.") + declined).c_str());
   m.def("deep_mlp", &deep_mlp,
         (std::string("fusedgrad.deep.mlp with its autograd node in C++.") + declined).c_str());
   m.def("deep_derivatives", &deep_derivatives,
