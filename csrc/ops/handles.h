@@ -8,6 +8,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace fusedgrad::ops {
 
@@ -28,6 +29,18 @@ using MlpBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
     const OptTensor&, const Tensor&, Str, std::array<bool, 5>);
 
+// The ops of a network of any depth (deep_ops.cpp): lists of weights and biases.
+using BiasList = c10::List<std::optional<Tensor>>;
+using DeepLossSig = std::tuple<Tensor, std::vector<Tensor>>(const Tensor&, at::TensorList, const BiasList&,
+                                                            const OptTensor&, Str, Str, std::array<bool, 3>);
+using DeepMlpSig = Tensor(const Tensor&, at::TensorList, const BiasList&, Str);
+using DeepMlpBackwardSig = std::vector<Tensor>(const Tensor&, const Tensor&, at::TensorList, const BiasList&, Str,
+                                               std::array<bool, 2>);
+using DerivativesSig = std::vector<Tensor>(const Tensor&, at::TensorList, const BiasList&, Str, int64_t);
+using DerivativesBackwardSig = std::vector<Tensor>(const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
+                                                   at::TensorList, const BiasList&, Str, int64_t,
+                                                   std::array<bool, 2>);
+
 #define FUSEDGRAD_OP_HANDLE(fn, Sig, name)                                                          \
   inline const c10::TypedOperatorHandle<Sig>& fn() {                                                \
     static const auto h = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();    \
@@ -46,6 +59,12 @@ FUSEDGRAD_OP_HANDLE(ensemble_mlp_loss_forward, MlpLossAndGradsSig, "fusedgrad::e
 FUSEDGRAD_OP_HANDLE(ensemble_mlp, MlpSig, "fusedgrad::ensemble_mlp")
 FUSEDGRAD_OP_HANDLE(ensemble_mlp_forward, MlpForwardSig, "fusedgrad::ensemble_mlp_forward")
 FUSEDGRAD_OP_HANDLE(ensemble_mlp_backward, MlpBackwardSig, "fusedgrad::ensemble_mlp_backward")
+
+FUSEDGRAD_OP_HANDLE(deep_mlp_loss_and_grads, DeepLossSig, "fusedgrad::deep_mlp_loss_and_grads")
+FUSEDGRAD_OP_HANDLE(deep_mlp, DeepMlpSig, "fusedgrad::deep_mlp")
+FUSEDGRAD_OP_HANDLE(deep_mlp_backward, DeepMlpBackwardSig, "fusedgrad::deep_mlp_backward")
+FUSEDGRAD_OP_HANDLE(deep_mlp_derivatives, DerivativesSig, "fusedgrad::deep_mlp_derivatives")
+FUSEDGRAD_OP_HANDLE(deep_mlp_derivatives_backward, DerivativesBackwardSig, "fusedgrad::deep_mlp_derivatives_backward")
 
 #undef FUSEDGRAD_OP_HANDLE
 

@@ -35,6 +35,7 @@
 
 #include "../common/options.h"
 #include "../ops/autograd_helpers.h"  // readable_on_host
+#include "../ops/handles.h"
 #include "torch_compat.h"
 
 namespace fusedgrad {
@@ -44,31 +45,8 @@ namespace py = pybind11;
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using BiasList = c10::List<std::optional<Tensor>>;
 
-using DeepLossSig = std::tuple<Tensor, std::vector<Tensor>>(const Tensor&, at::TensorList, const BiasList&,
-                                                            const std::optional<Tensor>&, c10::string_view,
-                                                            c10::string_view, std::array<bool, 3>);
-using DeepMlpSig = Tensor(const Tensor&, at::TensorList, const BiasList&, c10::string_view);
-using DeepMlpBackwardSig = std::vector<Tensor>(const Tensor&, const Tensor&, at::TensorList, const BiasList&,
-                                               c10::string_view, std::array<bool, 2>);
-using DerivativesSig = std::vector<Tensor>(const Tensor&, at::TensorList, const BiasList&, c10::string_view,
-                                           int64_t);
-using DerivativesBackwardSig = std::vector<Tensor>(const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                                   const std::optional<Tensor>&, const Tensor&, at::TensorList,
-                                                   const BiasList&, c10::string_view, int64_t, std::array<bool, 2>);
-
-#define FUSEDGRAD_DEEP_HANDLE(fn, Sig, name)                                                     \
-  const c10::TypedOperatorHandle<Sig>& fn() {                                                     \
-    static const auto h = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();  \
-    return h;                                                                                     \
-  }
-FUSEDGRAD_DEEP_HANDLE(deep_loss_op, DeepLossSig, "fusedgrad::deep_mlp_loss_and_grads")
-FUSEDGRAD_DEEP_HANDLE(deep_mlp_op, DeepMlpSig, "fusedgrad::deep_mlp")
-FUSEDGRAD_DEEP_HANDLE(deep_mlp_backward_op, DeepMlpBackwardSig, "fusedgrad::deep_mlp_backward")
-FUSEDGRAD_DEEP_HANDLE(derivatives_op, DerivativesSig, "fusedgrad::deep_mlp_derivatives")
-FUSEDGRAD_DEEP_HANDLE(derivatives_backward_op, DerivativesBackwardSig, "fusedgrad::deep_mlp_derivatives_backward")
-#undef FUSEDGRAD_DEEP_HANDLE
+using ops::BiasList;
 
 // fusedgrad.deep._double_backward(kind, x, params, activation, order, target, reduction, grads, needs)
 // → [dx, *dparams(, dtarget)].
@@ -227,7 +205,7 @@ class DeepLossFunction : public torch::autograd::Function<DeepLossFunction> {
     for (const Tensor& t : params) any_param = any_param || t.requires_grad();
     const bool has_target = target.has_value() && target->defined();
     const std::array<bool, 3> mask = {x.requires_grad(), any_param, has_target && target->requires_grad()};
-    auto [loss, grads] = deep_loss_op().call(x, p.weights, p.biases, target, reduction, activation, mask);
+    auto [loss, grads] = ops::deep_mlp_loss_and_grads().call(x, p.weights, p.biases, target, reduction, activation, mask);
     // Saved: x, the parameters, the target (when given), then the op's dW…, db…, dx, dt.
     std::vector<Tensor> to_save{x};
     to_save.insert(to_save.end(), params.begin(), params.end());
@@ -284,7 +262,7 @@ class DeepMlpFunction : public torch::autograd::Function<DeepMlpFunction> {
                         const std::string& has_bias) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const Params p = split(params, has_bias);
-    Tensor pred = deep_mlp_op().call(x, p.weights, p.biases, activation);
+    Tensor pred = ops::deep_mlp().call(x, p.weights, p.biases, activation);
     save(ctx, x, params, activation, has_bias);
     return pred;
   }
@@ -293,7 +271,7 @@ class DeepMlpFunction : public torch::autograd::Function<DeepMlpFunction> {
     const Saved s = saved_of(ctx);
     if (at::GradMode::is_enabled()) return python_backward(s, "mlp", 0, grad_outputs, 2);
     const Params p = split(s.params, s.has_bias);
-    std::vector<Tensor> grads = deep_mlp_backward_op().call(grad_outputs[0].contiguous(), s.x, p.weights, p.biases,
+    std::vector<Tensor> grads = ops::deep_mlp_backward().call(grad_outputs[0].contiguous(), s.x, p.weights, p.biases,
                                                             s.activation, {s.needs[0], any_param_needed(s)});
     return from_op(s, std::move(grads), 2);
   }
@@ -305,7 +283,7 @@ class DeepDerivativesFunction : public torch::autograd::Function<DeepDerivatives
                                const std::string& activation, const std::string& has_bias, int64_t order) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const Params p = split(params, has_bias);
-    variable_list out = derivatives_op().call(x, p.weights, p.biases, activation, order);
+    variable_list out = ops::deep_mlp_derivatives().call(x, p.weights, p.biases, activation, order);
     save(ctx, x, params, activation, has_bias);
     ctx->saved_data["order"] = order;
     ctx->set_materialize_grads(false);  // an output the loss does not use is a zero the kernel skips
@@ -321,7 +299,7 @@ class DeepDerivativesFunction : public torch::autograd::Function<DeepDerivatives
     if (at::GradMode::is_enabled()) return python_backward(s, "derivatives", order, grads, 3);
     auto opt = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
     const Params p = split(s.params, s.has_bias);
-    std::vector<Tensor> out = derivatives_backward_op().call(
+    std::vector<Tensor> out = ops::deep_mlp_derivatives_backward().call(
         opt(grads[0]), opt(grads[1]), order == 2 ? opt(grads[2]) : std::nullopt, s.x, p.weights, p.biases,
         s.activation, order, {s.needs[0], any_param_needed(s)});
     return from_op(s, std::move(out), 3);
@@ -389,7 +367,7 @@ py::object deep_mlp_loss(py::handle x, py::handle weights, py::handle biases, py
       loss = DeepLossFunction::apply(a->x, at::TensorList(a->params), t, red, a->activation, a->has_bias);
     } else {
       const Params p = split(a->params, a->has_bias);
-      loss = std::get<0>(deep_loss_op().call(a->x, p.weights, p.biases, t, red, a->activation, {false, false, false}));
+      loss = std::get<0>(ops::deep_mlp_loss_and_grads().call(a->x, p.weights, p.biases, t, red, a->activation, {false, false, false}));
     }
   }
   return wrap(std::move(loss));
@@ -405,7 +383,7 @@ py::object deep_mlp(py::handle x, py::handle weights, py::handle biases, py::han
       pred = DeepMlpFunction::apply(a->x, at::TensorList(a->params), a->activation, a->has_bias);
     } else {
       const Params p = split(a->params, a->has_bias);
-      pred = deep_mlp_op().call(a->x, p.weights, p.biases, a->activation);
+      pred = ops::deep_mlp().call(a->x, p.weights, p.biases, a->activation);
     }
   }
   return wrap(std::move(pred));
@@ -422,7 +400,7 @@ py::object deep_derivatives(py::handle x, py::handle weights, py::handle biases,
       out = DeepDerivativesFunction::apply(a->x, at::TensorList(a->params), a->activation, a->has_bias, order);
     } else {
       const Params p = split(a->params, a->has_bias);
-      out = derivatives_op().call(a->x, p.weights, p.biases, a->activation, order);
+      out = ops::deep_mlp_derivatives().call(a->x, p.weights, p.biases, a->activation, order);
     }
   }
   py::tuple result(out.size());
