@@ -10,19 +10,20 @@
 // for the small point sets; loss().backward() on 10 000 rows spent ~150 µs
 // in them, a quarter of the call.
 //
-// Both nodes compute exactly what the Python Functions compute, through the
-// same registered ops (deep_ops.cpp): forward by the op, backward by its
-// fused backward op (the loss: its forward already computed every gradient,
-// which backward scales by the incoming one). A backward with create_graph=True (grad mode on inside
-// backward) must return gradients that are themselves differentiable: the node
-// hands it to the Python function fusedgrad.deep registers with
-// _set_differentiable_backward, which recomputes in plain torch ops (one copy of
-// that math, shared with the Python Functions).
+// The nodes compute exactly what the Python Functions compute, through the
+// same registered ops (deep_ops.cpp): forward by the op, backward by its fused
+// backward op (the loss: its forward already computed every gradient, which
+// backward scales by the incoming one). A backward with create_graph=True
+// (grad mode on inside backward) must return gradients that are themselves
+// differentiable: the node hands it to the Python function fusedgrad.deep
+// registers with _set_differentiable_backward, which recomputes in plain torch
+// ops (one copy of that math, shared with the Python Functions).
 //
 // Like the direct calls (direct_calls.cpp), a call is taken only when every
-// argument is an exact dense tensor (or None for a bias), no TorchFunctionMode
-// is active and the activation is a known name; otherwise None is returned and
-// deep.py takes its Python route, which also raises the argument errors.
+// argument is an exact dense tensor (or None for a bias or the loss's target),
+// no TorchFunctionMode is active and the options are known names (and, for the
+// loss, the weights are one model's); otherwise None is returned and deep.py
+// takes its Python route, which also raises the argument errors.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -164,6 +165,8 @@ variable_list python_backward(const Saved& s, const char* kind, int64_t order, c
   variable_list got;
   {
     py::gil_scoped_acquire gil;
+    TORCH_CHECK(differentiable_backward(), "fusedgrad: double backward needs fusedgrad.deep imported (it registers "
+                "the torch-op backward with fusedgrad._C._set_differentiable_backward)");
     auto to_py = [](const Tensor& t) -> py::object {
       if (!t.defined()) return py::none();
       return py::reinterpret_steal<py::object>(compat::wrap(t));
