@@ -62,3 +62,6 @@ def test_bench_pinn_quick(tmp_path):
     for route in ("jax_jit", "jax_scan"):
         assert route in result["us_per_step"] or route in result["skipped"]
     assert "net.derivatives(x, order=2)" in (tmp_path / "pinn.md").read_text()
+    jet = result["jet_pass_us"]  # the jet ops timed alone: parts of the fused step
+    assert 0 < jet["forward"] and 0 < jet["backward"]
+    assert "jet pass" in (tmp_path / "pinn.md").read_text()

@@ -17,6 +17,9 @@ Routes (µs per step):
 * ``jax_jit``    — JAX: the derivatives as gradients of the batch sum (``grad`` of ``grad``), one
   ``jit``-compiled step per Python call; ``jax_scan``: the same steps in one ``lax.scan`` under ``jit``.
 
+After the routes, the fused route's two jet ops are timed on their own (:func:`jet_pass_us`): the
+table then says what share of the fused step the fused pass is, and what the torch calls around it take.
+
 Each route is checked before it is timed, as in ``bench --deep`` (fusedgrad/bench/deep.py): its
 float64 run after 3 steps within 1e-8 of the native float64 run, elementwise; its float32 run
 within 1e-3 of the distance trained (or twice native float32's own error).
@@ -221,6 +224,35 @@ MAKERS = {
 }
 
 
+def jet_pass_us(problem, repeats, calls=20):
+    """µs of the fused route's two jet ops timed on their own (float32, median of `repeats` loops of
+    `calls`): the forward (u, du, d2u at the collocation points) and its backward from the cotangents
+    the Burgers residual gives (d2u's t column zero: the backward carries 4 of the 5 parts)."""
+    net = problem.fused(torch.float32)
+    xc = problem.data(torch.float32)[0]
+    outs = net.derivatives(xc, order=2)
+    u, du, d2u = outs
+    residual = _residual(u[:, 0], du[:, 0, 0], du[:, 0, 1], d2u[:, 0, 0]).pow(2).mean()
+    cot = torch.autograd.grad(residual, outs)
+    weights, biases = net._weights_biases()
+    weights, biases = [w.detach() for w in weights], [b.detach() for b in biases]
+    ops = torch.ops.fusedgrad
+    forward = lambda: ops.deep_mlp_derivatives(xc, weights, biases, "tanh", 2)  # noqa: E731
+    backward = lambda: ops.deep_mlp_derivatives_backward(*cot, xc, weights, biases, "tanh", 2,  # noqa: E731
+                                                         [False, True])
+    timed = {}
+    for name, fn in (("forward", forward), ("backward", backward)):
+        fn()
+        loops = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            loops.append((time.perf_counter() - t0) / calls * 1e6)
+        timed[name] = sorted(loops)[len(loops) // 2]
+    return timed
+
+
 def run(quick=False, threads=2, repeats=5, progress=True):
     """Every route at `threads` torch threads; returns the result (what pinn.json holds)."""
     jax_threads = _deep._limit_jax_threads(threads)
@@ -242,6 +274,7 @@ def run(quick=False, threads=2, repeats=5, progress=True):
         ref64 = ref_params()
         init = problem.init_params(torch.float64)
         _deep.check_and_time_routes(ROUTES, MAKERS, problem, ref64, init, steps, repeats, budget, out, bar)
+        out["jet_pass_us"] = jet_pass_us(problem, repeats)
     finally:
         bar.close()
         torch.set_num_threads(saved)
@@ -275,4 +308,9 @@ def markdown(result):
         lines += ["", f"fused against JAX's fastest route: {fastest_jax / us['fused']:.1f}×; "
                       f"FusedMLP dropped into the autograd code against native: "
                       f"{us['native'] / us['dropin']:.2f}×" if "dropin" in us else ""]
+    jet = result.get("jet_pass_us")
+    if jet and "fused" in us:
+        lines += ["", f"the fused step's jet pass, its two ops timed on their own: forward {jet['forward']:,.0f} µs, "
+                      f"backward {jet['backward']:,.0f} µs ({(jet['forward'] + jet['backward']) / us['fused']:.0%} "
+                      "of the step; the rest is the torch calls around it)"]
     return "\n".join(lines) + "\n"
