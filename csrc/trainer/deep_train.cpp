@@ -30,7 +30,6 @@
 #include "../common/options.h"
 #include "../common/problem.h"  // shape_str
 #include "../engine/net_args.h"
-#include "../python/grad_hooks.h"
 #include "binding_helpers.h"
 #include "optimizers.h"
 #include "plain_call.h"
@@ -368,17 +367,11 @@ bool deep_train_steps_fast(const std::string& fn, py::handle optimizer, const st
       biases.push_back(std::nullopt);
       continue;
     }
-    if (!compat::exact_tensor(obj)) return false;
-    const at::Tensor& t = compat::unpack(obj);
-    if (!t.requires_grad() || !t.is_leaf() || grad_hook_flags(obj) != 0 || !t.device().is_cpu() ||
-        !t.is_contiguous()) {
-      return false;
-    }
-    at::Tensor g = t.grad();
-    if (!g.defined()) {
-      g = new_grads.make(t);
-    } else if (g.scalar_type() != t.scalar_type() || !g.sizes().equals(t.sizes()) || !g.is_contiguous() ||
-               g.device() != t.device()) {
+    at::Tensor t, g;
+    if (!plain_param(obj, new_grads, t, g)) return false;
+    // The engine's steps read both in place: a CPU parameter and a .grad of its layout.
+    if (!t.device().is_cpu() || !t.is_contiguous() || g.scalar_type() != t.scalar_type() ||
+        !g.sizes().equals(t.sizes()) || !g.is_contiguous() || g.device() != t.device()) {
       return false;
     }
     c.params.push_back(t);

@@ -41,6 +41,11 @@ class NewGrads {
   std::vector<std::pair<at::Tensor, at::Tensor>> made_;  // (parameter, its new gradient)
 };
 
+// One parameter of a call taken in C++: an exact torch.Tensor or nn.Parameter, a leaf
+// that requires grad, with no hook backward() would run (grad_hooks.h); `param` and
+// `grad` get it and its .grad (made by new_grads when None). False: the Python route.
+bool plain_param(PyObject* obj, NewGrads& new_grads, at::Tensor& param, at::Tensor& grad);
+
 // Raises the RuntimeError of a call that failed after it began writing: parameters,
 // .grad and optimizer state may be partly updated, and the call is never declined to
 // the Python route then, since a rerun would apply a step twice

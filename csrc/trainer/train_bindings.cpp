@@ -190,6 +190,16 @@ void mark_stepped(PyObject* opt) {
   if (PyObject_SetAttr(opt, interned<"_opt_called">(), Py_True) != 0) throw py::error_already_set();
 }
 
+bool plain_param(PyObject* obj, NewGrads& new_grads, at::Tensor& param, at::Tensor& grad) {
+  if (!exact_tensor(obj)) return false;
+  const at::Tensor& t = compat::unpack(obj);
+  if (!t.requires_grad() || !t.is_leaf() || grad_hook_flags(obj) != 0) return false;
+  param = t;
+  grad = t.grad();
+  if (!grad.defined()) grad = new_grads.make(t);
+  return true;
+}
+
 void raise_partly_applied(const std::string& fn, const std::string& failure) {
   throw std::runtime_error(fn + ": failed after the step had begun writing (parameters, .grad and optimizer state "
                            "may be partly updated; the step was not retried): " + failure);
@@ -208,13 +218,7 @@ bool read_plain(PyObject* opt, const std::string& name, py::tuple params, TrainC
   for (int p = 0; p < kNumParams; ++p) {
     PyObject* obj = params[p].ptr();
     if (obj == Py_None) continue;
-    if (!exact_tensor(obj)) return false;
-    const at::Tensor& t = compat::unpack(obj);
-    if (!t.requires_grad() || !t.is_leaf() || grad_hook_flags(obj) != 0) return false;
-    at::Tensor g = t.grad();
-    if (!g.defined()) g = new_grads.make(t);
-    call.params[p] = t;
-    call.grads[p] = g;
+    if (!plain_param(obj, new_grads, call.params[p], call.grads[p])) return false;
     ptrs[p] = obj;
   }
   static const std::vector<std::string> names{"w1", "b1", "w2", "b2"};  // never shown: declines say nothing
