@@ -32,7 +32,10 @@ def explain(net_or_trainer, x: torch.Tensor, target: Optional[torch.Tensor] = No
         ``"widths"``, ``"dtype"``, ``"threads"`` (torch's thread count)
         and ``"why"``; the engine paths add ``"block_rows"``, ``"blocks"``, ``"chunks"``
         (fixed by the shape and the rows, never by the threads: the same bits for any thread
-        count) and ``"vector_bytes"``; a data-parallel trainer (``process_group``, or a
+        count) and ``"vector_bytes"``; ``"trainer-engine"`` adds ``"team_threads"``: the threads
+        kept for a whole ``fit`` of one model that run each step's chunks without a fork and join
+        per step (csrc/engine/thread_team.h; 1: none — a single step, an ensemble, a data-parallel
+        trainer, one chunk or one thread); a data-parallel trainer (``process_group``, or a
         DistributedDataParallel net) adds ``"data_parallel"``: ``world_size``, ``rank``, the
         ``semantics`` of its mean and where the all-reduce runs.
     """
@@ -67,14 +70,14 @@ def explain(net_or_trainer, x: torch.Tensor, target: Optional[torch.Tensor] = No
         "threads": torch.get_num_threads(),
     }
     if trainer is not None and trainer._lbfgs:
-        info.update(_C.explain_engine(widths, int(rows), weights[0].element_size()))
+        info.update(_engine(widths, rows, weights, None))
         info["path"] = "trainer-lbfgs"
         info["why"] = ("torch.optim.LBFGS: each step its whole iteration loop, two-loop recursion and line search "
                        "in C++ (csrc/trainer/lbfgs.cpp), each evaluation one full-batch engine pass")
         return info
     deep = net.hidden_layers != 1
     if deep:
-        info.update(_C.explain_engine(widths, int(rows), weights[0].element_size()))
+        info.update(_engine(widths, rows, weights, trainer, ensemble))
         if trainer is not None:
             info["path"] = "trainer-engine"
             info["why"] = ("more than one hidden layer: each step is one engine pass over the step's rows, then the "
@@ -91,7 +94,7 @@ def explain(net_or_trainer, x: torch.Tensor, target: Optional[torch.Tensor] = No
         if info["path"] == "trainer-gemm" and trainer._parallel is not None:
             info["path"] = "trainer-engine"  # the data-parallel route all-reduces the engine's sums
         if info["path"] == "trainer-engine":
-            info.update(_C.explain_engine(widths, int(rows), weights[0].element_size()))
+            info.update(_engine(widths, rows, weights, trainer))
         info["why"] = {"trainer-engine": "inputs and outputs >= 4 wide, layers <= 128, >= 1024 multiply-adds "
                                          "a row: the any-depth engine, measured faster there than the "
                                          "one-hidden-layer kernels",
@@ -113,6 +116,16 @@ def explain(net_or_trainer, x: torch.Tensor, target: Optional[torch.Tensor] = No
                    "small": "few multiply-adds: direct loops (csrc/cpu/small_path.cpp)",
                    "gemm": "wide enough for BLAS (csrc/ops/gemm_path.cpp)",
                    "cuda": "CUDA kernels (csrc/cuda/)"}[info["path"]]
+    return info
+
+
+def _engine(widths, rows, weights, trainer, ensemble=False) -> Dict[str, Any]:
+    """The engine's blocks and chunks for a pass of ``rows`` rows, and for a trainer of one model its
+    step team (data-parallel steps wait on an all-reduce and keep none)."""
+    info = _C.explain_engine(widths, int(rows), weights[0].element_size())
+    team = info.pop("team_threads")
+    if trainer is not None:
+        info["team_threads"] = team if trainer._parallel is None and not ensemble else 1
     return info
 
 

@@ -31,7 +31,8 @@ def net_and_data(D, H, O, N, dtype=torch.float32, **kw):
 
 def check_dict(info, call, rows, widths, dtype, engine=False):
     """The keys of the dict and the type of each value."""
-    assert set(info) == (ENGINE_KEYS if engine else KEYS), sorted(info)
+    team = {"team_threads"} if engine and info["path"] == "trainer-engine" else set()
+    assert set(info) == (ENGINE_KEYS | team if engine else KEYS), sorted(info)
     assert isinstance(info["path"], str) and info["path"] in PATHS
     assert isinstance(info["why"], str) and info["why"]
     assert info["call"] == call
@@ -41,7 +42,7 @@ def check_dict(info, call, rows, widths, dtype, engine=False):
     assert isinstance(info["dtype"], torch.dtype) and info["dtype"] == dtype
     assert type(info["threads"]) is int and info["threads"] == torch.get_num_threads()
     if engine:
-        for key in ("block_rows", "blocks", "chunks", "vector_bytes"):
+        for key in ("block_rows", "blocks", "chunks", "vector_bytes", *team):
             assert type(info[key]) is int and info[key] >= 1, key
 
 
@@ -334,9 +335,12 @@ def test_engine_blocks_and_chunks_do_not_depend_on_the_threads(dtype, restore_th
                 info = fusedgrad.explain(subject, x, y)
                 assert info["threads"] == threads
                 B, blocks, chunks = info["block_rows"], info["blocks"], info["chunks"]
-                # the rule (csrc/engine/mlp_engine_cpu.cpp): blocks of B rows, at most 16 chunks
+                # the rule (csrc/engine/mlp_engine_cpu.cpp): blocks of B rows, at least two from 16 rows
+                # and 2**15 multiply-adds (work a step's thread team splits), at most 16 chunks
                 assert B % 8 == 0 and 16 <= B <= 256
-                assert blocks == max(math.ceil(rows / B), 1) and chunks == min(blocks, 16)
+                macs = sum(a * b for a, b in zip(info["widths"], info["widths"][1:]))
+                split = 2 if rows >= 16 and rows * macs >= 2**15 else 1
+                assert blocks == max(math.ceil(rows / B), split) and chunks == min(blocks, 16)
                 seen.add((id(net), B, blocks, chunks, info["vector_bytes"]))
         assert len(seen) == len(nets), seen  # the same for 1, 2 and 3 threads
 

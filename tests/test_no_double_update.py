@@ -28,8 +28,11 @@ OPTIMIZERS = {
 # (D, H, O): the direct-loop kernel and the GEMM kernel (D·H + H·O >= 2048, a layer wider than 128,
 # else the engine takes it) of csrc/trainer/train_cpu.cpp; make() asserts the path through explain.
 # "deep": two hidden layers, the engine's C++ route (csrc/trainer/deep_train.cpp: deep_train_steps_fast).
-SHAPES = {"narrow": (1, 20, 1), "gemm": (32, 160, 8), "deep": (1, (8, 6), 1)}
-PATHS = {(1, 20, 1): "trainer-narrow-fixed", (32, 160, 8): "trainer-gemm", (1, (8, 6), 1): "trainer-engine"}
+# "deep-team": 64 rows of 4→[32]×2→4, enough work for the step team of a fit (csrc/engine/thread_team.h):
+# the failure is raised on the team's leader while its helper waits for work.
+SHAPES = {"narrow": (1, 20, 1), "gemm": (32, 160, 8), "deep": (1, (8, 6), 1), "deep-team": (4, (32, 32), 4)}
+PATHS = {(1, 20, 1): "trainer-narrow-fixed", (32, 160, 8): "trainer-gemm", (1, (8, 6), 1): "trainer-engine",
+         (4, (32, 32), 4): "trainer-engine"}
 STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 STEP_FAILED = r"^fusedgrad\.Trainer\.{}: failed after the step had begun writing .*not retried.*test-only failure"
 
@@ -55,7 +58,10 @@ def make(shape, optimizer, num_models=None, n=64, seed=0):
         net = fusedgrad.FusedMLPEnsemble(num_models, D, H, O, dtype=torch.float64)
     opt = OPTIMIZERS[optimizer](net.parameters())
     trainer = fusedgrad.Trainer(net, opt)
-    assert fusedgrad.explain(trainer, x, y)["path"] == PATHS[shape]
+    info = fusedgrad.explain(trainer, x, y)
+    assert info["path"] == PATHS[shape]
+    if shape == SHAPES["deep-team"]:
+        assert info["team_threads"] == min(2, torch.get_num_threads())
     trainer.step(x, y)  # the first step creates the optimizer state; the fast route takes the next ones
     return x, y, net, opt, trainer
 

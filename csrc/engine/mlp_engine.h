@@ -38,6 +38,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "../common/activation.h"
@@ -72,6 +73,14 @@ struct SumLayout {
 
 enum class Epilogue { LossGrads, Forward, Backward };
 
+// Runs chunk(0 … chunks − 1) of a pass, each once, possibly on several threads. A caller that keeps
+// threads across many passes supplies one (the trainer's step loop: thread_team.h); without one a
+// pass puts its chunks on at::parallel_for when its work pays for the fork and join.
+struct ChunkRunner {
+  virtual void run(int64_t chunks, const std::function<void(int64_t)>& chunk) const = 0;
+  virtual ~ChunkRunner() = default;
+};
+
 template <typename T>
 struct Pass {
   const NetShape* shape = nullptr;
@@ -91,6 +100,7 @@ struct Pass {
   T* dt = nullptr;    // LossGrads: (·, O)
   double* sums = nullptr;  // LossGrads / Backward: SumLayout(shape).size values, overwritten
   bool parallel = true;    // chunks may run on several threads (same bits either way)
+  const ChunkRunner* runner = nullptr;  // with `parallel`: the team that runs the chunks (null: at::parallel_for)
   // Input derivatives: order 1 or 2 runs the Forward / Backward epilogue on jets (above).
   int order = 0;
   T* du = nullptr;               // Forward: ∂u/∂x (·, O, D)
@@ -119,5 +129,8 @@ int64_t block_rows(const NetShape& s, int64_t element_size);
 int64_t block_count(const NetShape& s, int64_t count, int64_t element_size);
 int64_t chunk_count(const NetShape& s, int64_t count, int64_t element_size);
 int vector_bytes(const NetShape& s, int64_t element_size);
+// The threads a team (thread_team.h) should keep for many passes of `count` rows: 1 where the
+// passes run on one thread (a single chunk, or too little work to share), else up to torch's thread count.
+int64_t team_threads(const NetShape& s, int64_t count, int64_t element_size);
 
 }  // namespace fusedgrad::engine

@@ -61,7 +61,10 @@ int64_t block_rows_for(const NetShape& s, int64_t elt) {
 
 int64_t blocks_for(const NetShape& s, int64_t count, int64_t element_size) {
   const int64_t B = block_rows_for(s, element_size);
-  return std::max<int64_t>((count + B - 1) / B, 1);
+  const int64_t blocks = std::max<int64_t>((count + B - 1) / B, 1);
+  // Work two threads can share (kMinSplitMacs) is never one block: a step's team splits it.
+  if (blocks == 1 && count >= kMinSplitRows && count * s.macs_per_row() >= kMinSplitMacs) return 2;
+  return blocks;
 }
 
 
@@ -214,10 +217,11 @@ FUSEDGRAD_CPU_CLONES void chunk_kernel(const Plan<double, 32>& plan, int64_t ch,
 template <typename T, int VB>
 void run_plan(const Pass<T>& pass) {
   const Plan<T, VB> plan(pass);
+  // A team (pass.runner) has no fork or join to pay for: smaller passes go to it than to at::parallel_for.
   const bool threads = pass.parallel && plan.chunks > 1 &&
-      pass.count * pass.shape->macs_per_row() >= kMinParallelMacs;
+      pass.count * pass.shape->macs_per_row() >= (pass.runner ? kMinSplitMacs : kMinParallelMacs);
   double* sums = pass.epilogue != Epilogue::Forward ? pass.sums : nullptr;
-  run_chunks(plan.chunks, plan.lay.size, threads, sums,
+  run_chunks(plan.chunks, plan.lay.size, threads, pass.runner, sums,
              [&](int64_t ch, double* chunk_sums) { chunk_kernel(plan, ch, chunk_sums); });
 }
 
@@ -250,7 +254,11 @@ int64_t chunk_count(const NetShape& s, int64_t count, int64_t element_size) {
   return std::min(blocks_for(s, count, element_size), kMaxChunks);
 }
 
-int vector_bytes(const NetShape& s, int64_t element_size) { return vector_bytes_for(s, element_size);
+int vector_bytes(const NetShape& s, int64_t element_size) { return vector_bytes_for(s, element_size); }
+
+int64_t team_threads(const NetShape& s, int64_t count, int64_t element_size) {
+  if (count * s.macs_per_row() < kMinSplitMacs) return 1;
+  return std::min<int64_t>(chunk_count(s, count, element_size), at::get_num_threads());
 }
 
 void run(const Pass<float>& pass) { run_pass(pass); }

@@ -260,7 +260,7 @@ void run_jet_plan(const Pass<T>& pass) {
   const bool threads = pass.parallel && plan.chunks > 1 &&
       pass.count * plan.S * pass.shape->macs_per_row() >= kMinParallelMacs;
   double* sums = pass.epilogue == Epilogue::Backward ? pass.sums : nullptr;
-  run_chunks(plan.chunks, plan.lay.size, threads, sums,
+  run_chunks(plan.chunks, plan.lay.size, threads, pass.runner, sums,
              [&](int64_t ch, double* chunk_sums) { jet_chunk(plan, ch, chunk_sums); });
 }
 

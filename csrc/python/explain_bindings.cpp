@@ -9,6 +9,7 @@
 #include "../common/options.h"
 #include "../common/problem.h"
 #include "../engine/mlp_engine.h"
+#include "../engine/thread_team.h"
 #include "../ops/op_kernels.h"
 #include "../trainer/train_step.h"
 
@@ -33,6 +34,7 @@ py::dict explain_engine(const std::vector<int64_t>& widths, int64_t rows, int64_
   out["blocks"] = engine::block_count(s, rows, element_size);
   out["chunks"] = engine::chunk_count(s, rows, element_size);
   out["vector_bytes"] = engine::vector_bytes(s, element_size);
+  out["team_threads"] = engine::team_threads(s, rows, element_size);
   return out;
 }
 
@@ -44,6 +46,8 @@ void register_explain(py::module& m) {
     return std::string(trainer::train_path_name(D, H, O, parse_activation(activation)));
   }, "The kernel of the one-hidden-layer trainer for these widths.");
   m.def("explain_engine", &explain_engine, "The engine's blocks and chunks for a pass of `rows` rows.");
+  m.def("_testing_teams_led", &engine::ThreadTeam::teams_led,
+        "Test-only: how many step teams (csrc/engine/thread_team.h) the trainer has formed in this process.");
 }
 
 }  // namespace fusedgrad

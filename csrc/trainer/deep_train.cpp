@@ -30,6 +30,7 @@
 #include "../common/options.h"
 #include "../common/problem.h"  // shape_str
 #include "../engine/net_args.h"
+#include "../engine/thread_team.h"
 #include "binding_helpers.h"
 #include "optimizers.h"
 #include "plain_call.h"
@@ -164,7 +165,7 @@ void run_steps(DeepCall& c) {
 
   const bool fail_injected = testing_fail_after_first_update();  // test-only (plain_call.h), read once a call
   // Model k's step `step`: loss and gradients over the step's rows, then its update.
-  auto model_step = [&](int64_t k, int64_t step, double* sums, bool parallel) {
+  auto model_step = [&](int64_t k, int64_t step, double* sums, bool parallel, const engine::ChunkRunner* team) {
     engine::Pass<T> pass;
     pass.shape = &s;
     for (int64_t l = 0; l < L; ++l) {
@@ -200,6 +201,7 @@ void run_steps(DeepCall& c) {
     pass.epilogue = engine::Epilogue::LossGrads;
     pass.sums = sums;
     pass.parallel = parallel;
+    pass.runner = team;
     engine::run(pass);
     double loss = pre * sums[lay.loss];
     if (c.reducer) {  // the ranks' sums added (step_reducer.h)
@@ -249,9 +251,21 @@ void run_steps(DeepCall& c) {
 
   if (K == 1) {
     std::vector<double> sums(lay.size);
-    for (int64_t step = 0; step < c.num_steps; ++step) {
-      model_step(0, step, sums.data(), /*parallel=*/true);
-      if (c.steps_done.defined()) c.steps_done.data_ptr<int64_t>()[0] += 1;
+    auto steps = [&](const engine::ChunkRunner* team) {
+      for (int64_t step = 0; step < c.num_steps; ++step) {
+        model_step(0, step, sums.data(), /*parallel=*/true, team);
+        if (c.steps_done.defined()) c.steps_done.data_ptr<int64_t>()[0] += 1;
+      }
+    };
+    // Several steps whose rows split into chunks: one thread team for the whole call, which runs
+    // each step's chunks without at::parallel_for's fork and join (thread_team.h). Not under the
+    // data-parallel route, whose steps wait on an all-reduce anyway.
+    const int64_t rows = c.batch_size > 0 ? std::min(c.batch_size, N) : N;
+    const int64_t team = c.num_steps > 1 && !c.reducer ? engine::team_threads(s, rows, sizeof(T)) : 1;
+    if (team > 1) {
+      engine::ThreadTeam::lead(team, steps);
+    } else {
+      steps(nullptr);
     }
   } else {
     // Whole models in parallel, each model's steps on one thread: the chunks of
@@ -259,7 +273,7 @@ void run_steps(DeepCall& c) {
     at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
       std::vector<double> sums(lay.size);
       for (int64_t k = k0; k < k1; ++k) {
-        for (int64_t step = 0; step < c.num_steps; ++step) model_step(k, step, sums.data(), /*parallel=*/false);
+        for (int64_t step = 0; step < c.num_steps; ++step) model_step(k, step, sums.data(), /*parallel=*/false, nullptr);
       }
     });
     if (c.steps_done.defined()) c.steps_done.data_ptr<int64_t>()[0] += c.num_steps;
