@@ -33,9 +33,10 @@ def explain(net_or_trainer, x: torch.Tensor, target: Optional[torch.Tensor] = No
         and ``"why"``; the engine paths add ``"block_rows"``, ``"blocks"``, ``"chunks"``
         (fixed by the shape and the rows, never by the threads: the same bits for any thread
         count) and ``"vector_bytes"``; ``"trainer-engine"`` adds ``"team_threads"``: the threads
-        kept for a whole ``fit`` of one model that run each step's chunks without a fork and join
-        per step (csrc/engine/thread_team.h; 1: none — a single step, an ensemble, a data-parallel
-        trainer, one chunk or one thread); a data-parallel trainer (``process_group``, or a
+        a ``fit`` of one model and at least 16 steps keeps for the whole call, to run each step's
+        chunks without a fork and join per step (csrc/engine/thread_team.h; the call times its first
+        steps with and without them and keeps them where they pay; 1: none — an ensemble, a
+        data-parallel trainer, one chunk or one thread); a data-parallel trainer (``process_group``, or a
         DistributedDataParallel net) adds ``"data_parallel"``: ``world_size``, ``rank``, the
         ``semantics`` of its mean and where the all-reduce runs.
     """

@@ -118,9 +118,12 @@ def test_fit_failing_after_an_update_raises_and_updates_once(shape, optimizer):
     x, y, net, opt, trainer = make(shape, optimizer)
     before = snapshot(net, opt)
     ref_net, ref_opt = reference_step(net, opt, x, y)
+    led = _C._testing_teams_led()
     with failing_after_first_update(), pytest.raises(RuntimeError, match=STEP_FAILED.format("fit")):
-        trainer.fit(x, y, 5)
+        trainer.fit(x, y, 20)  # enough steps for the deep-team shape's thread team (at least 16)
     check_one_update_of_w1_only(net, opt, before, ref_net, ref_opt)
+    if shape == SHAPES["deep-team"] and torch.get_num_threads() > 1:
+        assert _C._testing_teams_led() == led + 1  # the failure was raised on a team's leader
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)

@@ -10,6 +10,15 @@
 // (and yield when they have spun long), as an active OpenMP team does, for as
 // long as the call runs, and leave when it returns.
 //
+// A team is not always faster. How long a step's data (the packed weights, a
+// chunk's partial sums) takes to cross between two cores depends on where the
+// host puts this machine's vCPUs: the same 100-row step ran at 10.8 µs on two
+// threads in one hour and at 17–21 µs in another, when a round trip between
+// the two cores took 320–440 ns instead of 75–130 (one thread: 14.5 µs). So a
+// call first times its steps both ways (TeamProbe) and dismisses the helpers
+// where they do not pay. Either way every chunk is computed the same, so the
+// choice changes the time, never the bits.
+//
 // Work is claimed, not assigned: every member — the calling thread (the
 // leader) and each helper — takes the next unclaimed chunk of the current
 // pass until none is left, and the leader waits only for the chunks that
@@ -22,6 +31,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <exception>
@@ -54,11 +64,14 @@ class ThreadTeam final : public ChunkRunner {
       }
       struct Dismiss {  // the helpers leave however the leader returns
         ThreadTeam& t;
-        ~Dismiss() { t.stop_.store(true, std::memory_order_release); }
+        ~Dismiss() { t.dismiss(); }
       } dismiss{team};
       leader(static_cast<const ChunkRunner*>(&team));
     });
   }
+
+  // Sends the helpers away: the leader runs every later pass alone (a null runner).
+  void dismiss() const { stop_.store(true, std::memory_order_release); }
 
   // How many teams lead() has formed in this process (tests: fusedgrad._C._testing_teams_led).
   static int64_t teams_led() { return teams_led_.load(std::memory_order_relaxed); }
@@ -129,15 +142,53 @@ class ThreadTeam final : public ChunkRunner {
     }
   }
 
+  // Each on a cache line of its own: the team lives on the leader's stack, and a helper spinning on a
+  // line the leader also writes its own locals to slowed every step (by chance of the stack's
+  // alignment: some processes ran the curve-fit step at 11 µs, others at 20).
   // The job number (high 32 bits) and its next unclaimed chunk (low 32 bits), claimed by CAS.
-  mutable std::atomic<uint64_t> state_{0};
-  mutable std::atomic<const std::function<void(int64_t)>*> fn_{nullptr};
+  alignas(64) mutable std::atomic<uint64_t> state_{0};
+  alignas(64) mutable std::atomic<const std::function<void(int64_t)>*> fn_{nullptr};
   mutable std::atomic<int64_t> chunks_{0};
-  mutable std::atomic<int64_t> done_{0};
-  std::atomic<bool> stop_{false};
+  alignas(64) mutable std::atomic<int64_t> done_{0};
+  alignas(64) mutable std::atomic<bool> stop_{false};
   mutable std::mutex error_mutex_;
   mutable std::exception_ptr error_;
+  alignas(64) char end_[1] = {};  // nothing of the leader's after the team on stop_'s line
   static inline std::atomic<int64_t> teams_led_{0};
+};
+
+// Which runner each step of a call uses: its first steps alternate between the team and the leader
+// alone (step 0, which warms the caches, is not timed), then the faster way runs the rest — the
+// helpers dismissed if it is the leader alone. Without a team (null): always null.
+class TeamProbe {
+ public:
+  explicit TeamProbe(const ThreadTeam* team) : team_(team) {}
+
+  const ChunkRunner* runner(int64_t step) const {
+    if (!team_ || solo_) return nullptr;
+    if (step < 1 || step > 2 * kProbes) return team_;
+    return step % 2 == 1 ? team_ : nullptr;
+  }
+
+  // The time of step `step`, run with runner(step).
+  void record(int64_t step, double seconds) {
+    if (!team_ || solo_ || step < 1 || step > 2 * kProbes) return;
+    double& best = step % 2 == 1 ? best_team_ : best_solo_;
+    best = std::min(best, seconds);
+    if (step == 2 * kProbes && best_solo_ < best_team_) {
+      solo_ = true;
+      team_->dismiss();
+    }
+  }
+
+  // Whether the call's steps run on the team after the probe (fusedgrad.explain cannot know it beforehand).
+  bool solo() const { return solo_; }
+
+ private:
+  static constexpr int64_t kProbes = 4;  // steps timed each way
+  const ThreadTeam* team_;
+  bool solo_ = false;
+  double best_team_ = 1e300, best_solo_ = 1e300;
 };
 
 }  // namespace fusedgrad::engine

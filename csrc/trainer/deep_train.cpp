@@ -24,6 +24,7 @@
 #include <torch/python.h>
 
 #include <algorithm>
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -38,6 +39,10 @@
 
 namespace fusedgrad::trainer {
 namespace {
+
+// A call of fewer steps keeps no thread team: the team's probe (engine::TeamProbe: 8 steps timed) would
+// be most of it. Its steps put their chunks on at::parallel_for where that pays.
+constexpr int64_t kMinTeamSteps = 16;
 
 namespace py = pybind11;
 
@@ -252,8 +257,11 @@ void run_steps(DeepCall& c) {
   if (K == 1) {
     std::vector<double> sums(lay.size);
     auto steps = [&](const engine::ChunkRunner* team) {
+      engine::TeamProbe probe(static_cast<const engine::ThreadTeam*>(team));
       for (int64_t step = 0; step < c.num_steps; ++step) {
-        model_step(0, step, sums.data(), /*parallel=*/true, team);
+        const auto start = std::chrono::steady_clock::now();
+        model_step(0, step, sums.data(), /*parallel=*/true, probe.runner(step));
+        probe.record(step, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
         if (c.steps_done.defined()) c.steps_done.data_ptr<int64_t>()[0] += 1;
       }
     };
@@ -261,7 +269,7 @@ void run_steps(DeepCall& c) {
     // each step's chunks without at::parallel_for's fork and join (thread_team.h). Not under the
     // data-parallel route, whose steps wait on an all-reduce anyway.
     const int64_t rows = c.batch_size > 0 ? std::min(c.batch_size, N) : N;
-    const int64_t team = c.num_steps > 1 && !c.reducer ? engine::team_threads(s, rows, sizeof(T)) : 1;
+    const int64_t team = c.num_steps >= kMinTeamSteps && !c.reducer ? engine::team_threads(s, rows, sizeof(T)) : 1;
     if (team > 1) {
       engine::ThreadTeam::lead(team, steps);
     } else {
