@@ -13,6 +13,7 @@ that names the torch version and the check (:func:`require`), or take the autogr
 | ``torch._C._functorch.is_functorch_wrapped_tensor`` | a call under a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...) runs the network in plain torch ops, which every transform understands, instead of the fused kernels, which no transform does | every call runs the fused kernels, and a transform raises torch's own error about them: nothing is computed wrongly |
 | ``torch._C._functorch.is_batchedtensor`` | under ``vmap`` alone (the model-ensembling recipe, or batches of data) the network runs the fused kernels through ``torch.autograd.Function.vmap`` rules — the ensemble kernel for stacked parameters (measured: K=256 1→20→1 nets, forward + backward, see tests/test_vmap.py) — and only under transforms that differentiate (``grad``, ``jacrev``, ...) in plain torch ops | every call under a transform runs in plain torch ops (exact, native speed) |
 | ``DistributedDataParallel``'s settings: ``find_unused_parameters``, ``require_backward_grad_sync`` (``no_sync()``), ``mixed_precision``, ``parameters_to_ignore``, ``_delay_all_reduce_params``, ``_comm_hooks`` and the ``comm_hook`` of ``_get_ddp_logging_data()`` (built-in hooks are registered in C++ only) | ``Trainer(DistributedDataParallel(net), opt)`` replaces DDP's reducer by one all-reduce per step and must refuse what it would not honour | the DDP route refuses (:func:`ddp_unsupported` reports the unreadable setting); ``Trainer(net, opt, process_group=...)`` still works |
+| ``torch.fx.experimental.symbolic_shapes.has_hint`` / ``hint_int`` (:func:`size_hint`) | a fake kernel runs its op's C++ argument checks at the traced sizes of a dynamic-shape trace, without adding a guard | no check at trace time for a symbolic size; the kernel's own check at run time remains |
 | each optimizer's state layout (``fusedgrad/_optimizers.py``) and ``torch.optim.optimizer._get_scalar_dtype`` (what ``step`` is kept in) | the trainer creates the state a first ``opt.step()`` would, so a fresh optimizer's first ``fit`` needs no Python step | pinned by ``tests/test_compat.py`` and ``tests/test_optimizers.py`` against torch's own first step, option by option |
 
 The C++ side's private reads (``THPVariable_Unpack``, ``THPVariableClass``/``ParameterClass``,
@@ -162,6 +163,19 @@ def ddp_unsupported(ddp) -> List[str]:
     elif hook:
         problems.append(f"a communication hook ({hook})")
     return problems
+
+
+def size_hint(size):
+    """A tensor size as an int: a symbolic one (``torch.compile`` with dynamic shapes) at its hint, the size
+    of the example being traced; None when it has none (a data-dependent size). The fake kernels check
+    arguments at these sizes (fusedgrad.deep); without a hint the kernel's own check at run time remains."""
+    if isinstance(size, int):
+        return size
+    try:
+        from torch.fx.experimental.symbolic_shapes import has_hint, hint_int
+        return hint_int(size) if has_hint(size) else None
+    except Exception:  # an API moved in a later torch: no check at trace time, never a wrong one
+        return None
 
 
 def under_functorch(*tensors) -> bool:

@@ -7,15 +7,14 @@ computing anything. Every output of the CPU kernels is a fresh contiguous
 tensor, so ``new_empty`` describes each one exactly. Shapes may be symbolic
 (``dynamic=True``): only products and indexing of sizes are used here.
 
-Argument checking lives in C++ (csrc/common/problem.cpp, options.cpp). The fake
-kernels repeat the device, dtype and shape rules (ValueError/TypeError naming
-the argument, like the C++ ones), so that meta tensors and tracing refuse what
-the real kernels refuse instead of returning a result; the string options are
-checked by the C++ parser itself (``_C.check_options``).
+Argument checking lives in C++ only (csrc/common/problem.cpp, options.cpp,
+csrc/ops/op_kernels.h, deep_checks.h): each fake kernel first runs its op's
+own rules from there on the fake or meta tensors (:func:`check_args`), so that
+tracing and meta tensors refuse what the kernels refuse, with their message.
 """
 import torch
 
-from . import _C
+from . import _C, _compat
 
 _LIB = "fusedgrad"
 check_options = _C.check_options
@@ -29,57 +28,38 @@ def _rows(x):
     return n
 
 
-def _check_same_device_and_dtype(name, x, **tensors):
-    """All tensor arguments on x's device and of x's dtype, as the real kernels demand.
-
-    Without this a call mixing, say, meta and CPU tensors would be routed to
-    this fake kernel and return a result instead of the error the real kernel
-    gives."""
-    for arg_name, t in tensors.items():
-        if t is None:
-            continue
-        torch._check_value(
-            t.device == x.device,
-            lambda: f"fusedgrad.{name}: argument '{arg_name}' is on device {t.device} but x is on device "
-            f"{x.device}; all tensor arguments must be on one device",
-        )
-        torch._check_type(
-            t.dtype == x.dtype,
-            lambda: f"fusedgrad.{name}: argument '{arg_name}' has dtype {t.dtype} but x has dtype {x.dtype}; "
-            "all tensor arguments must share one dtype",
-        )
+class _NoHint(Exception):
+    pass
 
 
-def _shapes(name, x, w1, w2):
-    """(hidden shape (*, H), prediction shape (*, O), H, O) from x (*, D), w1 (H, D), w2 (O, H) or None."""
-    torch._check_value(x.dim() >= 1, lambda: f"fusedgrad.{name}: argument 'x' must have at least one dimension")
-    torch._check_value(w1.dim() == 2,
-                       lambda: f"fusedgrad.{name}: argument 'w1' must be 2-D (H, D), got {tuple(w1.shape)}")
-    torch._check_value(w2 is None or w2.dim() == 2,
-                       lambda: f"fusedgrad.{name}: argument 'w2' must be 2-D (O, H), got {tuple(w2.shape)}")
-    torch._check_value(
-        w1.shape[1] == x.shape[-1],
-        lambda: f"fusedgrad.{name}: argument 'w1' must have shape (H, {x.shape[-1]}) to match the last "
-        f"dimension of x, got {tuple(w1.shape)}")
-    torch._check_value(
-        w2 is None or w2.shape[1] == w1.shape[0],
-        lambda: f"fusedgrad.{name}: argument 'w2' must have shape (O, {w1.shape[0]}) to match w1's "
-        f"hidden_features, got {tuple(w2.shape)}")
+def _concrete(arg):
+    """A fake argument the C++ checks can read: a tensor of symbolic size (dynamic shapes) as an empty one of
+    the sizes traced (their hints, no guard added); lists element by element; anything else as it is."""
+    if isinstance(arg, (list, tuple)):
+        return [_concrete(a) for a in arg]
+    if isinstance(arg, torch.Tensor) and not all(isinstance(size, int) for size in arg.shape):
+        hints = [_compat.size_hint(size) for size in arg.shape]
+        if any(h is None for h in hints):
+            raise _NoHint
+        return arg.new_empty(hints)
+    return arg
+
+
+def check_args(check, *args):
+    """Runs ``check`` (an op's argument rules, from ``fusedgrad._C``) on a fake kernel's arguments."""
+    try:
+        args = [_concrete(a) for a in args]
+    except _NoHint:  # a size without a hint (data-dependent): the kernel checks it when it runs
+        return
+    check(*args)
+
+
+def _shapes(x, w1, w2):
+    """(hidden shape (*, H), prediction shape (*, O), H) from x (*, D), w1 (H, D), w2 (O, H) or None."""
     hidden = w1.shape[0]
     out = hidden if w2 is None else w2.shape[0]
     lead = tuple(x.shape[:-1])
-    return lead + (hidden,), lead + (out,), hidden, out
-
-
-def _check_broadcasts(name, arg_name, t, full_shape):
-    """t must broadcast to full_shape without enlarging it (as csrc/common/problem.cpp demands)."""
-    if t is None:
-        return
-    ok = t.dim() <= len(full_shape) and all(
-        t.shape[-k] == full_shape[-k] or t.shape[-k] == 1 for k in range(1, t.dim() + 1))
-    torch._check_value(
-        ok, lambda: f"fusedgrad.{name}: argument '{arg_name}' has shape {tuple(t.shape)}, which does not "
-        f"broadcast to {tuple(full_shape)}")
+    return lead + (hidden,), lead + (out,), hidden
 
 
 def _grad_or_empty(needed, arg, like):
@@ -89,30 +69,15 @@ def _grad_or_empty(needed, arg, like):
     return like.new_empty((0,))
 
 
-def _check_operands(name, hidden_shape, out_shape, b1=None, w2=None, b2=None, target=None):
-    torch._check_value(
-        b2 is None or w2 is not None,
-        lambda: f"fusedgrad.{name}: argument 'b2' was given without 'w2'; b2 is the second layer's bias and needs w2")
-    _check_broadcasts(name, "b1", b1, hidden_shape)
-    _check_broadcasts(name, "b2", b2, out_shape)
-    _check_broadcasts(name, "target", target, out_shape)
-
-
 @torch.library.register_fake(f"{_LIB}::mlp_loss")
 def _mlp_loss_fake(x, w1, b1, w2, b2, target, reduction, activation):
-    check_options(reduction, activation)
-    _check_same_device_and_dtype("mlp_loss", x, w1=w1, b1=b1, w2=w2, b2=b2, target=target)
-    hidden_shape, out_shape, _, _ = _shapes("mlp_loss", x, w1, w2)
-    _check_operands("mlp_loss", hidden_shape, out_shape, b1=b1, w2=w2, b2=b2, target=target)
+    check_args(_C.check_problem_args, x, w1, b1, w2, b2, target, reduction, activation)
     return x.new_empty(())
 
 
 @torch.library.register_fake(f"{_LIB}::mlp_loss_and_grads")
 def _mlp_loss_and_grads_fake(x, w1, b1, w2, b2, target, reduction, activation, output_mask):
-    check_options(reduction, activation)
-    _check_same_device_and_dtype("mlp_loss_and_grads", x, w1=w1, b1=b1, w2=w2, b2=b2, target=target)
-    hidden_shape, out_shape, _, _ = _shapes("mlp_loss_and_grads", x, w1, w2)
-    _check_operands("mlp_loss_and_grads", hidden_shape, out_shape, b1=b1, w2=w2, b2=b2, target=target)
+    check_args(_C.check_problem_args, x, w1, b1, w2, b2, target, reduction, activation)
     args = (x, w1, b1, w2, b2, target)
     grads = tuple(_grad_or_empty(need, arg, x) for need, arg in zip(output_mask, args))
     return (x.new_empty(()),) + grads
@@ -120,19 +85,16 @@ def _mlp_loss_and_grads_fake(x, w1, b1, w2, b2, target, reduction, activation, o
 
 @torch.library.register_fake(f"{_LIB}::mlp")
 def _mlp_fake(x, w1, b1, w2, b2, activation):
-    check_options(None, activation)
-    _check_same_device_and_dtype("mlp", x, w1=w1, b1=b1, w2=w2, b2=b2)
-    hidden_shape, out_shape, _, _ = _shapes("mlp", x, w1, w2)
-    _check_operands("mlp", hidden_shape, out_shape, b1=b1, w2=w2, b2=b2)
+    check_args(_C.check_problem_args, x, w1, b1, w2, b2, None, None, activation)
+    _, out_shape, _ = _shapes(x, w1, w2)
     return x.new_empty(out_shape)
 
 
 @torch.library.register_fake(f"{_LIB}::mlp_forward")
 def _mlp_forward_fake(x, w1, b1, w2, b2, activation):
-    saves_input = check_options(None, activation)
-    _check_same_device_and_dtype("mlp_forward", x, w1=w1, b1=b1, w2=w2, b2=b2)
-    hidden_shape, out_shape, hidden, _ = _shapes("mlp_forward", x, w1, w2)
-    _check_operands("mlp_forward", hidden_shape, out_shape, b1=b1, w2=w2, b2=b2)
+    check_args(_C.check_problem_args, x, w1, b1, w2, b2, None, None, activation)
+    saves_input = _C.check_options(None, activation)
+    _, out_shape, hidden = _shapes(x, w1, w2)
     prediction = x.new_empty(out_shape)
     # Without w2 the prediction is s itself: the slot is empty, unless the
     # activation's derivative reads h.
@@ -142,14 +104,6 @@ def _mlp_forward_fake(x, w1, b1, w2, b2, activation):
 
 @torch.library.register_fake(f"{_LIB}::mlp_backward")
 def _mlp_backward_fake(grad_out, x, w1, b1, w2, b2, activations, activation, output_mask):
-    check_options(None, activation)
-    _check_same_device_and_dtype("mlp_backward", x, grad_out=grad_out, w1=w1, b1=b1, w2=w2, b2=b2,
-                                 activations=activations)
-    _, out_shape, _, _ = _shapes("mlp_backward", x, w1, w2)
-    torch._check_value(
-        tuple(grad_out.shape) == tuple(out_shape),
-        lambda: f"fusedgrad.mlp_backward: grad_out must have the prediction's shape {tuple(out_shape)}, "
-        f"got {tuple(grad_out.shape)}",
-    )
+    check_args(_C.check_backward_args, grad_out, x, w1, b1, w2, b2, activations, activation)
     args = (x, w1, b1, w2, b2)
     return tuple(_grad_or_empty(need, arg, x) for need, arg in zip(output_mask, args))

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _C, _compat
+from ._fake import check_args  # the C++ argument rules, run by the fake kernels
 from ._checks import ACTIVATIONS
 
 __all__ = ["mlp_loss", "mlp", "mlp_loss_and_grads", "derivatives"]
@@ -373,6 +374,9 @@ def mlp_loss_and_grads(x: torch.Tensor, weights: Sequence[torch.Tensor],
 
 
 # ---------------------------------------------------------------------------- fake kernels
+# Each fake kernel first runs its op's argument rules from C++ (csrc/ops/deep_checks.h: the functions the
+# CPU kernel runs), so that torch.compile, torch.export and meta tensors refuse what the kernel refuses,
+# with its message, instead of returning shapes for arguments it would reject.
 def _empty(like):
     return like.new_empty((0,))
 
@@ -385,6 +389,7 @@ def _rows_like(x, weights, width):
 
 @torch.library.register_fake("fusedgrad::deep_mlp_loss_and_grads")
 def _loss_fake(x, weights, biases, target, reduction, activation, output_mask):
+    check_args(_C.check_deep_mlp_loss, x, weights, biases, target, reduction, activation)
     wx, wp, wt = output_mask
     K = _models(weights)
     grads = [w.new_empty(w.shape) if wp else _empty(w) for w in weights]
@@ -396,11 +401,17 @@ def _loss_fake(x, weights, biases, target, reduction, activation, output_mask):
 
 @torch.library.register_fake("fusedgrad::deep_mlp")
 def _mlp_fake(x, weights, biases, activation):
+    check_args(_C.check_deep_mlp, x, weights, biases, activation)
     return _rows_like(x, weights, weights[-1].shape[-2])
 
 
 @torch.library.register_fake("fusedgrad::deep_mlp_backward")
 def _backward_fake(grad_out, x, weights, biases, activation, output_mask):
+    check_args(_C.check_deep_mlp_backward, grad_out, x, weights, biases, activation)
+    return _param_and_x_grads(x, weights, biases, output_mask)
+
+
+def _param_and_x_grads(x, weights, biases, output_mask):
     wx, wp = output_mask
     grads = [w.new_empty(w.shape) if wp else _empty(w) for w in weights]
     grads += [b.new_empty(b.shape) if (wp and b is not None) else _empty(x) for b in biases]
@@ -572,6 +583,7 @@ def derivatives(x: torch.Tensor, weights: Sequence[torch.Tensor],
 
 @torch.library.register_fake("fusedgrad::deep_mlp_derivatives")
 def _derivatives_fake(x, weights, biases, activation, order):
+    check_args(_C.check_deep_derivatives, x, weights, biases, activation, order)
     O, D = weights[-1].shape[-2], x.shape[-1]
     K = _models(weights)
     part = x.new_empty((K, x.shape[-2], O, D) if K else tuple(x.shape[:-1]) + (O, D))
@@ -583,4 +595,6 @@ def _derivatives_fake(x, weights, biases, activation, order):
 
 @torch.library.register_fake("fusedgrad::deep_mlp_derivatives_backward")
 def _derivatives_backward_fake(grad_u, grad_du, grad_d2u, x, weights, biases, activation, order, output_mask):
-    return _backward_fake(None, x, weights, biases, activation, output_mask)
+    check_args(_C.check_deep_derivatives_backward, grad_u, grad_du, grad_d2u, x, weights, biases, activation,
+                order)
+    return _param_and_x_grads(x, weights, biases, output_mask)

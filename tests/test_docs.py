@@ -222,6 +222,12 @@ def test_readme_quick_start_and_usage_examples_run():
     assert namespace["history"].shape == (201, 64)
 
 
+def test_ecosystem_opcheck_example_runs():
+    blocks = [b for b in python_blocks(read("docs/ecosystem.md")) if "opcheck(" in b]
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "docs/ecosystem.md (opcheck)", "exec"), {})
+
+
 def test_readme_opcheck_and_from_module_examples_run():
     readme = read("README.md")
     blocks = [b for b in python_blocks(readme) if "opcheck(" in b or "from_module(model)" in b]

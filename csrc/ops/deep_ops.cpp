@@ -26,6 +26,7 @@
 #include "../common/options.h"
 #include "../common/problem.h"  // dtype_name, shape_str
 #include "../engine/net_args.h"
+#include "deep_checks.h"
 
 namespace fusedgrad {
 namespace {
@@ -47,12 +48,13 @@ struct Rows {
 };
 
 Rows check_rows(const char* fn, const engine::NetArgs& net, int64_t K, const at::Tensor& x,
-                const std::optional<at::Tensor>& other, const char* name) {
+                const std::optional<at::Tensor>& other, const char* name, bool shapes_only) {
   TORCH_CHECK_TYPE(x.scalar_type() == net.dtype, fn, ": argument 'x' has dtype ", dtype_name(x.scalar_type()),
                    ", expected the weights' ", dtype_name(net.dtype));
   TORCH_CHECK_VALUE(x.device() == net.device, fn, ": argument 'x' is on ", x.device(), ", the weights on ",
                     net.device);
-  TORCH_CHECK_VALUE(net.device.is_cpu(), fn, ": networks of more than one hidden layer run on the CPU; the tensors "
+  TORCH_CHECK_VALUE(net.device.is_cpu() || (shapes_only && net.device.is_meta()), fn,
+                    ": networks of more than one hidden layer run on the CPU; the tensors "
                     "are on ", net.device);
   const int64_t D = net.shape.in(), O = net.shape.out();
   Rows rows;
@@ -94,6 +96,110 @@ Rows check_rows(const char* fn, const engine::NetArgs& net, int64_t K, const at:
 }
 
 int64_t models_of(at::TensorList weights) { return !weights.empty() && weights[0].dim() == 3 ? weights[0].size(0) : 0; }
+
+// The rows' derivative outputs: x's leading shape (or (K, N)) + (O, D).
+std::vector<int64_t> derivative_shape(const at::Tensor& x, const Rows& rows, int64_t O, int64_t D) {
+  std::vector<int64_t> shape;
+  if (rows.K == 0) {
+    shape.assign(x.sizes().begin(), x.sizes().end() - 1);
+  } else {
+    shape = {rows.K, rows.N};
+  }
+  shape.push_back(O);
+  shape.push_back(D);
+  return shape;
+}
+
+int64_t check_order(const char* fn, int64_t order) {
+  TORCH_CHECK_VALUE(order == 1 || order == 2, fn, ": argument 'order' must be 1 (u, du) or 2 (u, du, d2u), got ",
+                    order);
+  return order;
+}
+
+// A given ∂L/∂du or ∂L/∂d2u: the shape of du, contiguous. Undefined stays undefined (zeros).
+at::Tensor check_part_grad(const char* fn, const char* name, const std::optional<at::Tensor>& g,
+                           const engine::NetArgs& net, const std::vector<int64_t>& shape) {
+  if (!g.has_value() || !g->defined()) return at::Tensor();
+  TORCH_CHECK_TYPE(g->scalar_type() == net.dtype, fn, ": argument '", name, "' has dtype ",
+                   dtype_name(g->scalar_type()), ", expected the weights' ", dtype_name(net.dtype));
+  TORCH_CHECK_VALUE(g->device() == net.device, fn, ": argument '", name, "' is on ", g->device(), ", the weights on ",
+                    net.device);
+  TORCH_CHECK_VALUE(g->sizes().equals(shape), fn, ": argument '", name, "' must have du's shape ", shape_str(shape),
+                    ", got ", shape_str(g->sizes()));
+  return g->contiguous();
+}
+
+
+// A call's arguments, checked: what every kernel reads.
+struct Call {
+  int64_t K = 0;  // stacked models; 0: one unstacked model
+  engine::NetArgs net;
+  Rows rows;
+  bool mean = true;             // the loss: reduction "mean"
+  std::vector<int64_t> parts;   // the derivatives: du's shape
+  at::Tensor gdu, gd2u;         // the derivatives' backward: ∂L/∂du, ∂L/∂d2u, contiguous (undefined: zeros)
+};
+
+// Every rule of one op's arguments (deep_checks.h): the CPU kernels run these, the fake kernels too.
+Call check_net_call(const char* fn, const at::Tensor& x, at::TensorList weights, const ops::Biases& biases,
+                    c10::string_view activation, const std::optional<at::Tensor>& other, const char* name,
+                    bool shapes_only) {
+  Call c;
+  c.K = models_of(weights);
+  c.net = engine::check_net(fn, weights, biases, parse_activation(activation), c.K);
+  c.rows = check_rows(fn, c.net, c.K, x, other, name, shapes_only);
+  return c;
+}
+
+Call loss_call(const at::Tensor& x, at::TensorList weights, const ops::Biases& biases,
+               const std::optional<at::Tensor>& target, c10::string_view reduction, c10::string_view activation,
+               bool shapes_only) {
+  const char* fn = "fusedgrad.mlp_loss";
+  const bool mean = parse_reduction(reduction) == Reduction::Mean;
+  Call c = check_net_call(fn, x, weights, biases, activation, target, "target", shapes_only);
+  c.mean = mean;
+  return c;
+}
+
+Call mlp_call(const at::Tensor& x, at::TensorList weights, const ops::Biases& biases, c10::string_view activation,
+              bool shapes_only) {
+  return check_net_call("fusedgrad.mlp", x, weights, biases, activation, std::nullopt, "", shapes_only);
+}
+
+Call backward_call(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
+                   const ops::Biases& biases, c10::string_view activation, bool shapes_only) {
+  return check_net_call("fusedgrad.mlp (backward)", x, weights, biases, activation, grad_out, "grad_out",
+                        shapes_only);
+}
+
+Call derivatives_call(const at::Tensor& x, at::TensorList weights, const ops::Biases& biases,
+                      c10::string_view activation, int64_t order, bool shapes_only) {
+  const char* fn = "fusedgrad.derivatives";
+  Call c = check_net_call(fn, x, weights, biases, activation, std::nullopt, "", shapes_only);
+  check_order(fn, order);
+  c.parts = derivative_shape(x, c.rows, c.net.shape.out(), c.net.shape.in());
+  return c;
+}
+
+Call derivatives_backward_call(const std::optional<at::Tensor>& grad_u, const std::optional<at::Tensor>& grad_du,
+                               const std::optional<at::Tensor>& grad_d2u, const at::Tensor& x,
+                               at::TensorList weights, const ops::Biases& biases, c10::string_view activation,
+                               int64_t order, bool shapes_only) {
+  const char* fn = "fusedgrad.derivatives (backward)";
+  const int64_t K = models_of(weights);
+  const engine::NetArgs net = engine::check_net(fn, weights, biases, parse_activation(activation), K);
+  check_order(fn, order);
+  Call c;
+  c.K = K;
+  c.net = net;
+  c.rows = check_rows(fn, net, K, x, grad_u, "grad_u", shapes_only);
+  TORCH_CHECK_VALUE(K == 0 || !c.rows.other2.defined() || c.rows.other_per_model, fn,
+                    ": argument 'grad_u' must have shape (K, N, O) for K models");
+  c.parts = derivative_shape(x, c.rows, net.shape.out(), net.shape.in());
+  c.gdu = check_part_grad(fn, "grad_du", grad_du, net, c.parts);
+  c.gd2u = order == 2 ? check_part_grad(fn, "grad_d2u", grad_d2u, net, c.parts) : at::Tensor();
+  return c;
+}
 
 // Runs make(k) → a pass for every model k (k = 0 alone for an unstacked model):
 // one model's pass uses the threads for its row chunks; K models run in
@@ -171,12 +277,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> loss_and_grads_cpu(
     const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
     const std::optional<at::Tensor>& target, c10::string_view reduction, c10::string_view activation,
     std::array<bool, 3> mask) {
-  const char* fn = "fusedgrad.mlp_loss";
-  const Activation act = parse_activation(activation);
-  const bool mean = parse_reduction(reduction) == Reduction::Mean;
-  const int64_t K = models_of(weights);
-  const engine::NetArgs net = engine::check_net(fn, weights, to_vector(biases), act, K);
-  const Rows rows = check_rows(fn, net, K, x, target, "target");
+  const Call call = loss_call(x, weights, to_vector(biases), target, reduction, activation, false);
+  const engine::NetArgs& net = call.net;
+  const Rows& rows = call.rows;
+  const int64_t K = call.K;
+  const bool mean = call.mean;
   const int64_t D = net.shape.in(), O = net.shape.out(), M = std::max<int64_t>(K, 1);
   const double c = mean ? 1.0 / static_cast<double>(rows.N * O) : 1.0;
   const engine::SumLayout lay(net.shape);
@@ -214,10 +319,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> loss_and_grads_cpu(
 
 at::Tensor mlp_cpu(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
                    c10::string_view activation) {
-  const char* fn = "fusedgrad.mlp";
-  const int64_t K = models_of(weights);
-  const engine::NetArgs net = engine::check_net(fn, weights, to_vector(biases), parse_activation(activation), K);
-  const Rows rows = check_rows(fn, net, K, x, std::nullopt, "");
+  const Call call = mlp_call(x, weights, to_vector(biases), activation, false);
+  const engine::NetArgs& net = call.net;
+  const Rows& rows = call.rows;
+  const int64_t K = call.K;
   const int64_t O = net.shape.out();
   at::Tensor pred = per_model_rows(rows, O, rows.x2.options());
   AT_DISPATCH_FLOATING_TYPES(net.dtype, "fusedgrad.mlp", [&] {
@@ -237,10 +342,10 @@ at::Tensor mlp_cpu(const at::Tensor& x, at::TensorList weights, const c10::List<
 std::vector<at::Tensor> mlp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
                                          const c10::List<std::optional<at::Tensor>>& biases,
                                          c10::string_view activation, std::array<bool, 2> mask) {
-  const char* fn = "fusedgrad.mlp (backward)";
-  const int64_t K = models_of(weights);
-  const engine::NetArgs net = engine::check_net(fn, weights, to_vector(biases), parse_activation(activation), K);
-  const Rows rows = check_rows(fn, net, K, x, grad_out, "grad_out");
+  const Call call = backward_call(grad_out, x, weights, to_vector(biases), activation, false);
+  const engine::NetArgs& net = call.net;
+  const Rows& rows = call.rows;
+  const int64_t K = call.K;
   const int64_t D = net.shape.in(), O = net.shape.out(), M = std::max<int64_t>(K, 1);
   const engine::SumLayout lay(net.shape);
   std::vector<double> sums(M * lay.size, 0.0);
@@ -262,50 +367,17 @@ std::vector<at::Tensor> mlp_backward_cpu(const at::Tensor& grad_out, const at::T
   return grads;
 }
 
-// The rows' derivative outputs: x's leading shape (or (K, N)) + (O, D).
-std::vector<int64_t> derivative_shape(const at::Tensor& x, const Rows& rows, int64_t O, int64_t D) {
-  std::vector<int64_t> shape;
-  if (rows.K == 0) {
-    shape.assign(x.sizes().begin(), x.sizes().end() - 1);
-  } else {
-    shape = {rows.K, rows.N};
-  }
-  shape.push_back(O);
-  shape.push_back(D);
-  return shape;
-}
-
-int64_t check_order(const char* fn, int64_t order) {
-  TORCH_CHECK_VALUE(order == 1 || order == 2, fn, ": argument 'order' must be 1 (u, du) or 2 (u, du, d2u), got ",
-                    order);
-  return order;
-}
-
-// A given ∂L/∂du or ∂L/∂d2u: the shape of du, contiguous. Undefined stays undefined (zeros).
-at::Tensor check_part_grad(const char* fn, const char* name, const std::optional<at::Tensor>& g,
-                           const engine::NetArgs& net, const std::vector<int64_t>& shape) {
-  if (!g.has_value() || !g->defined()) return at::Tensor();
-  TORCH_CHECK_TYPE(g->scalar_type() == net.dtype, fn, ": argument '", name, "' has dtype ",
-                   dtype_name(g->scalar_type()), ", expected the weights' ", dtype_name(net.dtype));
-  TORCH_CHECK_VALUE(g->device() == net.device, fn, ": argument '", name, "' is on ", g->device(), ", the weights on ",
-                    net.device);
-  TORCH_CHECK_VALUE(g->sizes().equals(shape), fn, ": argument '", name, "' must have du's shape ", shape_str(shape),
-                    ", got ", shape_str(g->sizes()));
-  return g->contiguous();
-}
-
 std::vector<at::Tensor> derivatives_cpu(const at::Tensor& x, at::TensorList weights,
                                         const c10::List<std::optional<at::Tensor>>& biases,
                                         c10::string_view activation, int64_t order) {
-  const char* fn = "fusedgrad.derivatives";
-  const int64_t K = models_of(weights);
-  const engine::NetArgs net = engine::check_net(fn, weights, to_vector(biases), parse_activation(activation), K);
-  check_order(fn, order);
-  const Rows rows = check_rows(fn, net, K, x, std::nullopt, "");
+  const Call call = derivatives_call(x, weights, to_vector(biases), activation, order, false);
+  const engine::NetArgs& net = call.net;
+  const Rows& rows = call.rows;
+  const int64_t K = call.K;
   const int64_t D = net.shape.in(), O = net.shape.out();
   const auto opts = rows.x2.options();
   at::Tensor u = per_model_rows(rows, O, opts);
-  const std::vector<int64_t> part_shape = derivative_shape(x, rows, O, D);
+  const std::vector<int64_t>& part_shape = call.parts;
   at::Tensor du = at::empty(part_shape, opts);
   at::Tensor d2u = order == 2 ? at::empty(part_shape, opts) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(net.dtype, "fusedgrad.derivatives", [&] {
@@ -351,17 +423,14 @@ std::vector<at::Tensor> derivatives_backward_cpu(const std::optional<at::Tensor>
                                                  const c10::List<std::optional<at::Tensor>>& biases,
                                                  c10::string_view activation, int64_t order,
                                                  std::array<bool, 2> mask) {
-  const char* fn = "fusedgrad.derivatives (backward)";
-  const int64_t K = models_of(weights);
-  const engine::NetArgs net = engine::check_net(fn, weights, to_vector(biases), parse_activation(activation), K);
-  check_order(fn, order);
-  const Rows rows = check_rows(fn, net, K, x, grad_u, "grad_u");
-  TORCH_CHECK_VALUE(K == 0 || !rows.other2.defined() || rows.other_per_model, fn,
-                    ": argument 'grad_u' must have shape (K, N, O) for K models");
+  const Call call =
+      derivatives_backward_call(grad_u, grad_du, grad_d2u, x, weights, to_vector(biases), activation, order, false);
+  const engine::NetArgs& net = call.net;
+  const Rows& rows = call.rows;
+  const int64_t K = call.K;
   const int64_t D = net.shape.in(), O = net.shape.out(), M = std::max<int64_t>(K, 1);
-  const std::vector<int64_t> part_shape = derivative_shape(x, rows, O, D);
-  const at::Tensor gdu = check_part_grad(fn, "grad_du", grad_du, net, part_shape);
-  const at::Tensor gd2u = order == 2 ? check_part_grad(fn, "grad_d2u", grad_d2u, net, part_shape) : at::Tensor();
+  const at::Tensor& gdu = call.gdu;
+  const at::Tensor& gd2u = call.gd2u;
   const engine::SumLayout lay(net.shape);
   std::vector<double> sums(M * lay.size, 0.0);
   const auto opts = rows.x2.options();
@@ -390,6 +459,35 @@ std::vector<at::Tensor> derivatives_backward_cpu(const std::optional<at::Tensor>
 }
 
 }  // namespace
+
+namespace ops {
+void check_deep_mlp_loss(const at::Tensor& x, const std::vector<at::Tensor>& weights, const Biases& biases,
+                         const std::optional<at::Tensor>& target, const std::string& reduction,
+                         const std::string& activation) {
+  loss_call(x, weights, biases, target, reduction, activation, true);
+}
+void check_deep_mlp(const at::Tensor& x, const std::vector<at::Tensor>& weights, const Biases& biases,
+                    const std::string& activation) {
+  mlp_call(x, weights, biases, activation, true);
+}
+void check_deep_mlp_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                             const std::vector<at::Tensor>& weights, const Biases& biases,
+                             const std::string& activation) {
+  backward_call(grad_out, x, weights, biases, activation, true);
+}
+void check_deep_derivatives(const at::Tensor& x, const std::vector<at::Tensor>& weights, const Biases& biases,
+                            const std::string& activation, int64_t order) {
+  derivatives_call(x, weights, biases, activation, order, true);
+}
+void check_deep_derivatives_backward(const std::optional<at::Tensor>& grad_u,
+                                     const std::optional<at::Tensor>& grad_du,
+                                     const std::optional<at::Tensor>& grad_d2u, const at::Tensor& x,
+                                     const std::vector<at::Tensor>& weights, const Biases& biases,
+                                     const std::string& activation,
+                                     int64_t order) {
+  derivatives_backward_call(grad_u, grad_du, grad_d2u, x, weights, biases, activation, order, true);
+}
+}  // namespace ops
 
 TORCH_LIBRARY_FRAGMENT(fusedgrad, m) {
   m.def("deep_mlp_loss_and_grads(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor? target, str reduction, "

@@ -31,6 +31,7 @@
 #include <array>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -79,6 +80,16 @@ EnsembleProblem make_ensemble_problem(
 // The extra checks of the prediction's backward (grad_out, activations).
 void check_backward_args(const char* fn, const EnsembleProblem& e, const Tensor& grad_out,
                          const Tensor& activations);
+
+// The ensemble ops' argument rules, run by their fake kernels (fusedgrad/_fake_ensemble.py) on fake or
+// meta tensors: the options (reduction nullopt: not checked), make_ensemble_problem naming `fn`, and the
+// backward's own operands, as the kernels below run them.
+void check_ensemble_args(const std::string& fn, const Tensor& x, const Tensor& w1, const OptTensor& b1,
+                         const OptTensor& w2, const OptTensor& b2, const OptTensor& target,
+                         const std::optional<std::string>& reduction, const std::string& activation);
+void check_ensemble_backward_args(const Tensor& grad_out, const Tensor& x, const Tensor& w1, const OptTensor& b1,
+                                  const OptTensor& w2, const OptTensor& b2, const Tensor& activations,
+                                  const std::string& activation);
 
 // Model k's arguments, as the single-model ops take them.
 struct ModelArgs {

@@ -168,4 +168,19 @@ void check_backward_args(const char* fn, const EnsembleProblem& e, const at::Ten
                     ": arguments 'grad_out' and 'activations' must be on x's device ", x.device().str());
 }
 
+void check_ensemble_args(const std::string& fn, const at::Tensor& x, const at::Tensor& w1, const OptTensor& b1,
+                         const OptTensor& w2, const OptTensor& b2, const OptTensor& target,
+                         const std::optional<std::string>& reduction, const std::string& activation) {
+  if (reduction) parse_reduction(*reduction);
+  make_ensemble_problem(fn.c_str(), x, w1, b1, w2, b2, target, parse_activation(activation));
+}
+
+void check_ensemble_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1,
+                                  const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
+                                  const at::Tensor& activations, const std::string& activation) {
+  const EnsembleProblem e =
+      make_ensemble_problem("mlp", x, w1, b1, w2, b2, std::nullopt, parse_activation(activation));
+  check_backward_args("mlp", e, grad_out, activations);
+}
+
 }  // namespace fusedgrad::ensemble

@@ -39,6 +39,30 @@ std::array<at::Tensor, kNumMlpInputs> backward(
   return gemm_backward(p, grad_out, activations, need);
 }
 
+namespace {
+// mlp_backward's own arguments, beyond make_problem's.
+void check_backward_operands(const Problem& p, const at::Tensor& grad_out, const at::Tensor& activations,
+                             const at::Tensor& x) {
+  TORCH_CHECK_VALUE(
+      grad_out.sizes().equals(p.out_shape),
+      "fusedgrad: argument 'grad_out' must have the prediction's shape ", c10::IntArrayRef(p.out_shape),
+      ", got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(
+      activations.numel() == p.N * p.H,
+      "fusedgrad: argument 'activations' must hold N*H = ", p.N * p.H, " elements, got ",
+      activations.numel());
+  TORCH_CHECK_TYPE(
+      grad_out.scalar_type() == x.scalar_type() && activations.scalar_type() == x.scalar_type(),
+      "fusedgrad: arguments 'grad_out' and 'activations' must have x's dtype");
+  // The dispatcher routes by all tensor arguments, so a device kernel could
+  // otherwise be handed a grad_out on another device.
+  TORCH_CHECK_VALUE(
+      grad_out.device() == x.device() && activations.device() == x.device(),
+      "fusedgrad: arguments 'grad_out' and 'activations' must be on x's device ", x.device().str(),
+      ", got ", grad_out.device().str(), " and ", activations.device().str());
+}
+}  // namespace
+
 namespace op_kernels {
 
 Tensor mlp_loss(const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
@@ -82,23 +106,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_backward(
     const Tensor& grad_out, const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2,
     const OptTensor& b2, const Tensor& activations, Str activation, std::array<bool, 5> output_mask) {
   const Problem p = make_problem(x, w1, b1, w2, b2, std::nullopt, parse_activation(activation));
-  TORCH_CHECK_VALUE(
-      grad_out.sizes().equals(p.out_shape),
-      "fusedgrad: argument 'grad_out' must have the prediction's shape ", c10::IntArrayRef(p.out_shape),
-      ", got ", grad_out.sizes());
-  TORCH_CHECK_VALUE(
-      activations.numel() == p.N * p.H,
-      "fusedgrad: argument 'activations' must hold N*H = ", p.N * p.H, " elements, got ",
-      activations.numel());
-  TORCH_CHECK_TYPE(
-      grad_out.scalar_type() == x.scalar_type() && activations.scalar_type() == x.scalar_type(),
-      "fusedgrad: arguments 'grad_out' and 'activations' must have x's dtype");
-  // The dispatcher routes by all tensor arguments, so a device kernel could
-  // otherwise be handed a grad_out on another device.
-  TORCH_CHECK_VALUE(
-      grad_out.device() == x.device() && activations.device() == x.device(),
-      "fusedgrad: arguments 'grad_out' and 'activations' must be on x's device ", x.device().str(),
-      ", got ", grad_out.device().str(), " and ", activations.device().str());
+  check_backward_operands(p, grad_out, activations, x);
   MlpGradMask need = output_mask;
   need[kMb1] = need[kMb1] && p.b1.present();
   need[kMw2] = need[kMw2] && p.has_w2();
@@ -108,6 +116,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_backward(
 }
 
 }  // namespace op_kernels
+
+void check_problem_args(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                        const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
+                        const std::optional<at::Tensor>& target, const std::optional<std::string>& reduction,
+                        const std::string& activation) {
+  if (reduction) parse_reduction(*reduction);
+  make_problem(x, w1, b1, w2, b2, target, parse_activation(activation));
+}
+
+void check_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1,
+                         const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& w2,
+                         const std::optional<at::Tensor>& b2, const at::Tensor& activations,
+                         const std::string& activation) {
+  check_backward_operands(make_problem(x, w1, b1, w2, b2, std::nullopt, parse_activation(activation)), grad_out,
+                          activations, x);
+}
 
 TORCH_LIBRARY_IMPL(fusedgrad, CPU, m) {
   m.impl("mlp_loss", &op_kernels::mlp_loss);

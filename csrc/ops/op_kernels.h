@@ -15,6 +15,7 @@
 
 #include <array>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "../common/problem.h"
@@ -68,5 +69,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_backward(
     const Tensor& grad_out, const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2,
     const OptTensor& b2, const Tensor& activations, Str activation, std::array<bool, 5> output_mask);
 }  // namespace op_kernels
+
+// The ops' argument rules, run by their fake kernels (fusedgrad/_fake.py) on fake or meta tensors: the
+// options (reduction nullopt: not checked), make_problem, and mlp_backward's own operands, as the kernels
+// above run them, so that torch.compile, torch.export and meta tensors refuse what the kernels refuse.
+void check_problem_args(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                        const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
+                        const std::optional<at::Tensor>& target, const std::optional<std::string>& reduction,
+                        const std::string& activation);
+void check_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1,
+                         const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& w2,
+                         const std::optional<at::Tensor>& b2, const at::Tensor& activations,
+                         const std::string& activation);
 
 }  // namespace fusedgrad

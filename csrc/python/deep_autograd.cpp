@@ -36,6 +36,7 @@
 
 #include "../common/options.h"
 #include "../ops/autograd_helpers.h"  // readable_on_host
+#include "../ops/deep_checks.h"
 #include "../ops/handles.h"
 #include "torch_compat.h"
 
@@ -414,6 +415,14 @@ py::object deep_derivatives(py::handle x, py::handle weights, py::handle biases,
 }  // namespace
 
 void register_deep_autograd(py::module_& m) {
+  // The fake kernels' argument checks (ops/deep_checks.h): the CPU kernels' own rules, on fake or meta tensors.
+  const char* check_doc = "The argument rules of the op's CPU kernel, run on fake or meta tensors by its fake kernel "
+                          "(fusedgrad/deep.py): raises what the kernel would, returns None.";
+  m.def("check_deep_mlp_loss", &ops::check_deep_mlp_loss, check_doc);
+  m.def("check_deep_mlp", &ops::check_deep_mlp, check_doc);
+  m.def("check_deep_mlp_backward", &ops::check_deep_mlp_backward, check_doc);
+  m.def("check_deep_derivatives", &ops::check_deep_derivatives, check_doc);
+  m.def("check_deep_derivatives_backward", &ops::check_deep_derivatives_backward, check_doc);
   const char* declined = " Returns None when the call must take fusedgrad.deep's Python route.";
   m.def("deep_mlp_loss", &deep_mlp_loss,
         (std::string("fusedgrad.deep.mlp_loss (one model) with its autograd node in C++.") + declined).c_str());

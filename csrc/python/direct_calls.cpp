@@ -22,6 +22,8 @@
 
 #include "../common/options.h"
 #include "../ops/handles.h"
+#include "../ops/ensemble.h"    // check_ensemble_args, check_ensemble_backward_args
+#include "../ops/op_kernels.h"  // check_problem_args, check_backward_args
 #include "direct_calls.h"
 #include "grad_hooks.h"
 #include "torch_compat.h"  // every private torch internal this file reads
@@ -274,6 +276,17 @@ void register_direct_calls(py::module_& m) {
         "The ops' string options checked as the kernels check them (ValueError for an unknown name; "
         "reduction None: not checked), for the fake kernels. Returns whether the activation saves its input "
         "h (then mlp_forward's activations output holds h, even without w2).");
+  m.def("check_problem_args", &check_problem_args,
+        "The one-model ops' argument rules (csrc/ops/op_kernels.h), run by their fake kernels on fake or meta "
+        "tensors: raises what the kernel would (reduction None: not checked), returns None.");
+  m.def("check_backward_args", &check_backward_args,
+        "mlp_backward's argument rules (csrc/ops/op_kernels.h), run by its fake kernel: raises what the kernel "
+        "would, returns None.");
+  m.def("check_ensemble_args", &ensemble::check_ensemble_args,
+        "The ensemble ops' argument rules (csrc/ops/ensemble.h), run by their fake kernels; fn: the function "
+        "named in messages (mlp_loss, mlp_loss_and_grads, mlp). Raises what the kernel would, returns None.");
+  m.def("check_ensemble_backward_args", &ensemble::check_ensemble_backward_args,
+        "ensemble_mlp_backward's argument rules (csrc/ops/ensemble.h), run by its fake kernel.");
   m.def("_set_small_path_max_macs", &set_small_path_max_macs,
         "Moves the CPU's direct-loop/GEMM crossover (multiply-adds of one forward pass; negative: the measured "
         "default) and returns the previous value. For benchmarks/crossover.py only.");
