@@ -38,7 +38,8 @@ _GLOBAL_STEP_HOOKS = ("_global_optimizer_pre_hooks", "_global_optimizer_post_hoo
 _OPT_CALLED = "_opt_called"
 
 # The bits of csrc/python/grad_hooks.h (fusedgrad/_hooks.py names them).
-_TENSOR_HOOK, _ACCUMULATOR_PY_HOOK, _ACCUMULATOR_CPP_HOOK = 1 << 0, 1 << 3, 1 << 4
+_TENSOR_HOOK, _CPP_TENSOR_HOOK, _POST_ACCUMULATE_GRAD_HOOK = 1 << 0, 1 << 1, 1 << 2
+_ACCUMULATOR_PY_HOOK, _ACCUMULATOR_CPP_HOOK = 1 << 3, 1 << 4
 
 
 def _self_test() -> List[str]:
@@ -67,6 +68,13 @@ def _self_test() -> List[str]:
     handle = t.register_hook(lambda grad: grad)
     if not _C.grad_hook_flags(t) & _TENSOR_HOOK:
         failures.append("a tensor hook (Tensor.register_hook) is not seen")
+    post = torch.zeros(1, requires_grad=True)
+    post_handle = post.register_post_accumulate_grad_hook(lambda param: None)
+    flags = _C.grad_hook_flags(post)
+    post_handle.remove()
+    if not flags & _POST_ACCUMULATE_GRAD_HOOK or flags & _CPP_TENSOR_HOOK:
+        failures.append("a Python post-accumulate-grad hook is not recognised as Python (the type name of torch's "
+                        "hook object changed): it would be reported as a C++ hook")
     handle.remove()
     del accumulator
     # Tensors inside a torch.func transform are seen as such (and plain ones are not).

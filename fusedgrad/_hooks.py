@@ -23,7 +23,8 @@ What is detected (``csrc/python/grad_hooks.h``, read in C++ from torch 2.13's au
 
 * Python tensor hooks and post-accumulate-grad hooks: the tensor's hook dictionaries,
   so hooks removed again through their handles do not count;
-* tensor hooks registered from C++ (``at::Tensor::register_hook``);
+* tensor hooks registered from C++ (``at::Tensor::register_hook``), and a post-accumulate-grad
+  hook set from C++ (``impl::set_post_acc_grad_hooks``; Python's dictionary does not show it);
 * pre- and post-hooks on the accumulator node, Python ones (dictionaries, as above)
   and C++ ones (DDP's reducer, any extension's), while the node is alive. A node
   nobody holds has been freed with its hooks; ``backward()`` would build a new one
@@ -58,7 +59,8 @@ ACCUMULATOR_CPP_HOOK = 1 << 4
 
 _DESCRIPTIONS = (
     (TENSOR_HOOK, "a tensor hook (Tensor.register_hook)"),
-    (CPP_TENSOR_HOOK, "a tensor hook registered from C++ (at::Tensor::register_hook)"),
+    (CPP_TENSOR_HOOK, "a tensor hook registered from C++ (at::Tensor::register_hook, or a post-accumulate-grad "
+                      "hook set from C++)"),
     (POST_ACCUMULATE_GRAD_HOOK, "a post-accumulate-grad hook (Tensor.register_post_accumulate_grad_hook)"),
     (ACCUMULATOR_PY_HOOK, "a Python hook on its gradient accumulator (AccumulateGrad.register_hook/register_prehook)"),
     (ACCUMULATOR_CPP_HOOK, "a C++ hook on its gradient accumulator (e.g. DistributedDataParallel's gradient "

@@ -172,3 +172,37 @@ def test_hook_on_one_parameter_others_plain():
     reference_step(ref, x, t)
     assert seen == [1]
     assert_same(net, ref)
+
+
+def _cpp_post_hook_calls():
+    return fusedgrad._C._testing_cpp_post_accumulate_grad_hook_calls()
+
+
+@pytest.mark.parametrize("hidden", [H, [H, 4]], ids=["depth 1", "depth 2"])
+def test_cpp_post_accumulate_grad_hook_runs(hidden):
+    """A post-accumulate-grad hook set from C++ (as a C++ extension sets one, impl::set_post_acc_grad_hooks):
+    Python's hook dictionary does not show it, yet backward() runs it after writing .grad. It reads as a
+    C++ tensor hook: loss_backward takes the autograd route and the hook runs, as with backward(), with
+    backward()'s gradients; the fused Trainer, which writes .grad itself, refuses the parameter."""
+    torch.manual_seed(0)
+    nets = [fusedgrad.FusedMLP(D, hidden, O, dtype=torch.float64) for _ in range(3)]
+    for net in nets[1:]:
+        net.load_state_dict(nets[0].state_dict())
+    ref, via_loss_backward, via_trainer = nets
+    _, x, t = make()
+    for net in nets:
+        w = net.linear1.weight
+        assert _hooks.grad_hook_flags(w) == 0
+        fusedgrad._C._testing_set_cpp_post_accumulate_grad_hook(w)
+        assert _hooks.grad_hook_flags(w) == _hooks.CPP_TENSOR_HOOK
+        assert _hooks.grad_hooks(w) == [dict(_hooks._DESCRIPTIONS)[_hooks.CPP_TENSOR_HOOK]]
+    before = _cpp_post_hook_calls()
+    ref.loss(x, t).backward()
+    assert _cpp_post_hook_calls() == before + 1
+    via_loss_backward.loss_backward(x, t)
+    assert _cpp_post_hook_calls() == before + 2
+    assert_same(via_loss_backward, ref)
+    with pytest.raises(ValueError, match=r"^fusedgrad\.Trainer: parameter 'linear1\.weight' has a tensor hook "
+                                         r"registered from C\+\+ .*would skip it"):
+        fusedgrad.Trainer(via_trainer, torch.optim.SGD(via_trainer.parameters(), lr=0.1))
+    assert _cpp_post_hook_calls() == before + 2

@@ -18,6 +18,8 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <atomic>
+#include <memory>
 #include <optional>
 
 #include "../common/options.h"
@@ -178,6 +180,10 @@ unsigned grad_hook_flags(PyObject* obj) {
   for (const auto& hook : ag::impl::hooks(t)) {
     if (!compat::is_python_tensor_pre_hook(*hook)) flags |= kCppTensorHook;
   }
+  // A post-accumulate-grad hook set from C++ (impl::set_post_acc_grad_hooks): backward() runs it
+  // after writing .grad, and Python's dictionary above does not show it.
+  const std::unique_ptr<ag::PostAccumulateGradHook>& post = ag::impl::post_acc_grad_hooks(t);
+  if (post && !compat::is_python_post_acc_grad_hooks(*post)) flags |= kCppTensorHook;
   // An accumulator exists only while something holds it (DDP's reducer does).
   const c10::intrusive_ptr<ag::Node> acc = ag::impl::try_get_grad_accumulator(t);
   if (!acc) return flags;
@@ -197,6 +203,12 @@ unsigned grad_hook_flags(PyObject* obj) {
   }
   return flags;
 }
+
+// For tests: a post-accumulate-grad hook set from C++, as a C++ extension would set one; it counts its calls.
+std::atomic<int64_t> cpp_post_acc_hook_calls{0};
+struct CountingPostAccumulateGradHook : torch::autograd::PostAccumulateGradHook {
+  void operator()(const torch::autograd::Variable&) override { ++cpp_post_acc_hook_calls; }
+};
 
 unsigned accumulator_cpp_hook_count(PyObject* obj) {
   namespace ag = torch::autograd;
@@ -259,6 +271,15 @@ void register_direct_calls(py::module_& m) {
       },
       "The GradHook bits (csrc/python/grad_hooks.h) of a tensor: hooks backward() would run that a direct "
       ".grad write skips. fusedgrad._hooks describes them.");
+  m.def("_testing_set_cpp_post_accumulate_grad_hook", [](py::handle param) {
+        if (!compat::is_tensor(param.ptr())) throw py::type_error("expected a torch.Tensor");
+        const Tensor& t = compat::unpack(param.ptr());
+        if (!t.requires_grad() || !t.is_leaf()) throw py::value_error("expected a leaf that requires grad");
+        torch::autograd::impl::set_post_acc_grad_hooks(t, std::make_unique<CountingPostAccumulateGradHook>());
+      },
+      "For tests: sets a post-accumulate-grad hook from C++ on a leaf (replacing any Python ones); "
+      "_testing_cpp_post_accumulate_grad_hook_calls() counts its calls.");
+  m.def("_testing_cpp_post_accumulate_grad_hook_calls", [] { return cpp_post_acc_hook_calls.load(); });
   m.def("accumulator_cpp_hook_count", [](py::handle param) -> unsigned {
         if (!compat::is_tensor(param.ptr())) {
           throw py::type_error("accumulator_cpp_hook_count: expected a torch.Tensor");

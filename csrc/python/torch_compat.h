@@ -11,7 +11,8 @@
 // - at::impl::torch_function_mode_enabled: a TorchFunctionMode must see the
 //   call, so the direct calls decline while one is active.
 // - THPVariable's backward_hooks / post_accumulate_grad_hooks dictionaries, the
-//   autograd hooks of a tensor and of its gradient accumulator, and the type
+//   autograd hooks of a tensor (impl::hooks, impl::post_acc_grad_hooks) and of its
+//   gradient accumulator, and the type
 //   names of the hook objects torch builds for Python hooks: which hooks
 //   backward() would run that a direct .grad write skips (grad_hooks.h). Hook
 //   objects of any other type count as C++ hooks (refused or routed through
@@ -67,5 +68,11 @@ template <typename Hook>
 bool is_python_pre_hook(const Hook& hook) { return is_type(hook, "N5torch8autograd17PyFunctionPreHookE"); }
 template <typename Hook>
 bool is_python_post_hook(const Hook& hook) { return is_type(hook, "N5torch8autograd18PyFunctionPostHookE"); }
+// torch keeps a tensor's Python post-accumulate-grad hooks in one object of this type wrapping the
+// dictionary above; an object of any other type in that slot was set from C++.
+template <typename Hook>
+bool is_python_post_acc_grad_hooks(const Hook& hook) {
+  return is_type(hook, "N5torch8autograd32PyFunctionTensorPostAccGradHooksE");
+}
 
 }  // namespace fusedgrad::compat
