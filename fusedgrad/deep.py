@@ -17,7 +17,7 @@ Weights are ``(out_features, in_features)`` as in ``nn.Linear``; a bias is
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -353,7 +353,9 @@ def mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Seque
 def mlp_loss_and_grads(x: torch.Tensor, weights: Sequence[torch.Tensor],
                        biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
                        target: Optional[torch.Tensor] = None, *, reduction: str = "mean",
-                       activation: str = "sigmoid", x_grad: bool = False, target_grad: bool = False):
+                       activation: str = "sigmoid", x_grad: bool = False, target_grad: bool = False
+                       ) -> Tuple[torch.Tensor, List[torch.Tensor], List[Optional[torch.Tensor]],
+                                  Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Loss and every parameter gradient in one call, without the autograd engine.
 
     Returns ``(loss, weight_grads, bias_grads, dx, dtarget)``: lists of L tensors (None for a

@@ -2,16 +2,20 @@
 the tests, which assert the path they mean to exercise instead of assuming it."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 import torch
 
 from . import _C
 
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
 __all__ = ["explain"]
 
 
-def explain(net_or_trainer, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+def explain(net_or_trainer: Union[torch.nn.Module, "Trainer"], x: torch.Tensor,
+            target: Optional[torch.Tensor] = None) -> Dict[str, Any]:
     """The path ``net.loss(x, target)`` (or ``net(x)`` without a target, or a trainer's steps) takes.
 
     Args:
