@@ -129,7 +129,6 @@ at::Tensor check_part_grad(const char* fn, const char* name, const std::optional
   return g->contiguous();
 }
 
-
 // A call's arguments, checked: what every kernel reads.
 struct Call {
   int64_t K = 0;  // stacked models; 0: one unstacked model
