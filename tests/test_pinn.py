@@ -65,3 +65,5 @@ def test_bench_pinn_quick(tmp_path):
     jet = result["jet_pass_us"]  # the jet ops timed alone: parts of the fused step
     assert 0 < jet["forward"] and 0 < jet["backward"]
     assert "jet pass" in (tmp_path / "pinn.md").read_text()
+    assert result["around_jets_us"] > 0  # the loss code around the jet pass, timed with the jet pass free
+    assert "the most any kernel" in (tmp_path / "pinn.md").read_text()
