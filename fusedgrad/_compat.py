@@ -42,6 +42,15 @@ _TENSOR_HOOK, _CPP_TENSOR_HOOK, _POST_ACCUMULATE_GRAD_HOOK = 1 << 0, 1 << 1, 1 <
 _ACCUMULATOR_PY_HOOK, _ACCUMULATOR_CPP_HOOK = 1 << 3, 1 << 4
 
 
+def _flags_with_hook(tensor, register) -> int:
+    """``grad_hook_flags(tensor)`` while one no-op hook added by ``register`` is in place."""
+    handle = register(lambda *args: None)
+    try:
+        return _C.grad_hook_flags(tensor)
+    finally:
+        handle.remove()
+
+
 def _self_test() -> List[str]:
     failures = []
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
@@ -56,26 +65,20 @@ def _self_test() -> List[str]:
     if getattr(probe, _OPT_CALLED, None) is not True:
         failures.append(f"torch.optim.Optimizer.step no longer records '{_OPT_CALLED}' for LR schedulers")
     del sched
-    # A known Python hook on a gradient accumulator, and a tensor hook, must be read as Python hooks.
+    # Known Python hooks must be read as Python hooks: on a gradient accumulator, on the tensor, after
+    # accumulation.
     t = torch.zeros(2, requires_grad=True)
     accumulator = t.view_as(t).grad_fn.next_functions[0][0]
-    handle = accumulator.register_prehook(lambda grad: None)
-    flags = _C.grad_hook_flags(t)
-    handle.remove()
+    flags = _flags_with_hook(t, accumulator.register_prehook)
     if not flags & _ACCUMULATOR_PY_HOOK or flags & _ACCUMULATOR_CPP_HOOK:
         failures.append("a Python hook on a gradient accumulator is not recognised as Python (the type names of "
                         "torch's hook objects changed): it would be reported as a C++ (DDP) hook")
-    handle = t.register_hook(lambda grad: grad)
-    if not _C.grad_hook_flags(t) & _TENSOR_HOOK:
+    if not _flags_with_hook(t, t.register_hook) & _TENSOR_HOOK:
         failures.append("a tensor hook (Tensor.register_hook) is not seen")
-    post = torch.zeros(1, requires_grad=True)
-    post_handle = post.register_post_accumulate_grad_hook(lambda param: None)
-    flags = _C.grad_hook_flags(post)
-    post_handle.remove()
+    flags = _flags_with_hook(t, t.register_post_accumulate_grad_hook)
     if not flags & _POST_ACCUMULATE_GRAD_HOOK or flags & _CPP_TENSOR_HOOK:
         failures.append("a Python post-accumulate-grad hook is not recognised as Python (the type name of torch's "
                         "hook object changed): it would be reported as a C++ hook")
-    handle.remove()
     del accumulator
     # Tensors inside a torch.func transform are seen as such (and plain ones are not).
     seen = []

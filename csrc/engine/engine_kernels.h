@@ -6,8 +6,10 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -257,7 +259,8 @@ void run_chunks(int64_t chunks, int64_t size, bool threads, const ChunkRunner* r
   // one buffer of this thread's for every chunk, 11.6 against 11.0 µs in hours when a round trip
   // between the two vCPUs took ~100 ns, but 14.8–15.1 against 10.9–18.9 — worse than one thread's
   // 14.6 in most processes — in hours when it took ~450 ns.)
-  std::vector<double*> where(static_cast<size_t>(chunks), nullptr);
+  TORCH_INTERNAL_ASSERT(chunks <= kMaxChunks, "run_chunks: ", chunks, " chunks, at most ", kMaxChunks);
+  std::array<double*, kMaxChunks> where{};  // on the stack: no allocation per pass
   auto body = [&](int64_t c0, int64_t c1) {
     thread_local std::vector<double> partial;
     if (sums && partial.size() < static_cast<size_t>(chunks * size)) partial.resize(static_cast<size_t>(chunks * size));

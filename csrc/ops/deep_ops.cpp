@@ -140,13 +140,11 @@ struct Call {
 };
 
 // Every rule of one op's arguments (deep_checks.h): the CPU kernels run these, the fake kernels too.
-Call check_net_call(const char* fn, const at::Tensor& x, at::TensorList weights, const ops::Biases& biases,
-                    c10::string_view activation, const std::optional<at::Tensor>& other, const char* name,
-                    bool shapes_only) {
+// The network first (net_call), then the op's own rules, then the rows, as the kernels always checked them.
+Call net_call(const char* fn, at::TensorList weights, const ops::Biases& biases, c10::string_view activation) {
   Call c;
   c.K = models_of(weights);
   c.net = engine::check_net(fn, weights, biases, parse_activation(activation), c.K);
-  c.rows = check_rows(fn, c.net, c.K, x, other, name, shapes_only);
   return c;
 }
 
@@ -155,27 +153,34 @@ Call loss_call(const at::Tensor& x, at::TensorList weights, const ops::Biases& b
                bool shapes_only) {
   const char* fn = "fusedgrad.mlp_loss";
   const bool mean = parse_reduction(reduction) == Reduction::Mean;
-  Call c = check_net_call(fn, x, weights, biases, activation, target, "target", shapes_only);
+  Call c = net_call(fn, weights, biases, activation);
+  c.rows = check_rows(fn, c.net, c.K, x, target, "target", shapes_only);
   c.mean = mean;
   return c;
 }
 
 Call mlp_call(const at::Tensor& x, at::TensorList weights, const ops::Biases& biases, c10::string_view activation,
               bool shapes_only) {
-  return check_net_call("fusedgrad.mlp", x, weights, biases, activation, std::nullopt, "", shapes_only);
+  const char* fn = "fusedgrad.mlp";
+  Call c = net_call(fn, weights, biases, activation);
+  c.rows = check_rows(fn, c.net, c.K, x, std::nullopt, "", shapes_only);
+  return c;
 }
 
 Call backward_call(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
                    const ops::Biases& biases, c10::string_view activation, bool shapes_only) {
-  return check_net_call("fusedgrad.mlp (backward)", x, weights, biases, activation, grad_out, "grad_out",
-                        shapes_only);
+  const char* fn = "fusedgrad.mlp (backward)";
+  Call c = net_call(fn, weights, biases, activation);
+  c.rows = check_rows(fn, c.net, c.K, x, grad_out, "grad_out", shapes_only);
+  return c;
 }
 
 Call derivatives_call(const at::Tensor& x, at::TensorList weights, const ops::Biases& biases,
                       c10::string_view activation, int64_t order, bool shapes_only) {
   const char* fn = "fusedgrad.derivatives";
-  Call c = check_net_call(fn, x, weights, biases, activation, std::nullopt, "", shapes_only);
+  Call c = net_call(fn, weights, biases, activation);
   check_order(fn, order);
+  c.rows = check_rows(fn, c.net, c.K, x, std::nullopt, "", shapes_only);
   c.parts = derivative_shape(x, c.rows, c.net.shape.out(), c.net.shape.in());
   return c;
 }
@@ -185,18 +190,14 @@ Call derivatives_backward_call(const std::optional<at::Tensor>& grad_u, const st
                                at::TensorList weights, const ops::Biases& biases, c10::string_view activation,
                                int64_t order, bool shapes_only) {
   const char* fn = "fusedgrad.derivatives (backward)";
-  const int64_t K = models_of(weights);
-  const engine::NetArgs net = engine::check_net(fn, weights, biases, parse_activation(activation), K);
+  Call c = net_call(fn, weights, biases, activation);
   check_order(fn, order);
-  Call c;
-  c.K = K;
-  c.net = net;
-  c.rows = check_rows(fn, net, K, x, grad_u, "grad_u", shapes_only);
-  TORCH_CHECK_VALUE(K == 0 || !c.rows.other2.defined() || c.rows.other_per_model, fn,
+  c.rows = check_rows(fn, c.net, c.K, x, grad_u, "grad_u", shapes_only);
+  TORCH_CHECK_VALUE(c.K == 0 || !c.rows.other2.defined() || c.rows.other_per_model, fn,
                     ": argument 'grad_u' must have shape (K, N, O) for K models");
-  c.parts = derivative_shape(x, c.rows, net.shape.out(), net.shape.in());
-  c.gdu = check_part_grad(fn, "grad_du", grad_du, net, c.parts);
-  c.gd2u = order == 2 ? check_part_grad(fn, "grad_d2u", grad_d2u, net, c.parts) : at::Tensor();
+  c.parts = derivative_shape(x, c.rows, c.net.shape.out(), c.net.shape.in());
+  c.gdu = check_part_grad(fn, "grad_du", grad_du, c.net, c.parts);
+  c.gd2u = order == 2 ? check_part_grad(fn, "grad_d2u", grad_d2u, c.net, c.parts) : at::Tensor();
   return c;
 }
 
