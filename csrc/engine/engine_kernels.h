@@ -173,10 +173,15 @@ FUSEDGRAD_CPU_INLINE void column_sums(const T* a, int64_t rows, int64_t np, T* o
   }
 }
 
-// Whether a network's padded widths are much shorter with 32-byte vectors
-// than with 64-byte ones (narrow layers: 20 floats pad to 32 with 16 lanes, to
-// 24 with 8); products and activations run over the padded widths.
+// 32-byte vectors where the CPU has no wider ones: a 64-byte vector in the AVX2
+// clone is two ymm registers, so a tile's 16 accumulators want 32 of its 16
+// registers and spill (4096×32→[64]×4→8 relu, loss and backward, AVX2-only
+// EPYC: 60 ms a call with 64-byte vectors, 4.8 ms native torch). Otherwise
+// 32 where a network's padded widths are much shorter with 32-byte vectors than
+// with 64-byte ones (narrow layers: 20 floats pad to 32 with 16 lanes, to 24
+// with 8); products and activations run over the padded widths.
 inline int vector_bytes_for(const NetShape& s, int64_t elt) {
+  if (cpu_vector_bytes() < 64) return 32;
   int64_t with64 = 0, with32 = 0;
   for (int64_t n : s.width) {
     with64 += padded(n, 64 / elt);
