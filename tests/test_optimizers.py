@@ -364,13 +364,14 @@ def compare_lbfgs_states(opt, ropt, tol):
 
 # LBFGS amplifies the last-bit differences of the gradients (the engine's sums and autograd's are
 # added in different orders): measured on these problems, the parameters agree to 1e-15–4e-13 after
-# one step (7–20 iterations), to <= 2e-10 after two, and the state d to 1e-9; after five steps the
-# iterations and evaluations are still the same ones and the losses agree to 4e-9, while the
-# parameters of the strong-Wolfe runs have drifted apart (to 4e-2) — the same path, not the same bits.
+# one step (7–20 iterations), to <= 2e-10 after two, and the state d to 1e-9. After five steps
+# native's own runs part: on the same rows in another order (the same loss, other summation orders)
+# the strong-Wolfe run of 1→20→1 σ took 114, 115 or 116 evaluations. So after five the fused run must
+# land within the spread of native's runs on reordered rows — evaluations, iterations and loss.
 @pytest.mark.parametrize("name", sorted(LBFGS))
 @pytest.mark.parametrize("hidden, act", [(20, "sigmoid"), ([12, 12], "tanh")])
 def test_lbfgs_matches_torch_optim(name, hidden, act):
-    def run(steps):
+    def run(steps, perm=None):
         torch.manual_seed(0)
         net = fusedgrad.FusedMLP(1, hidden, 1, activation=act, dtype=torch.float64)
         ref = net.to_module(copy=True)
@@ -378,6 +379,8 @@ def test_lbfgs_matches_torch_optim(name, hidden, act):
         y = torch.sin(3 * x)
         opt, ropt = LBFGS[name](net.parameters()), LBFGS[name](ref.parameters())
         got = fusedgrad.Trainer(net, opt).fit(x, y, steps)
+        if perm is not None:
+            x, y = x[perm], y[perm]
         return net, ref, opt, ropt, got, lbfgs_reference(ref, ropt, x, y, steps)
 
     net, ref, opt, ropt, got, expected = run(2)
@@ -386,10 +389,17 @@ def test_lbfgs_matches_torch_optim(name, hidden, act):
     for p, q in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9)
     compare_lbfgs_states(opt, ropt, 1e-7)
-    net, ref, opt, ropt, got, expected = run(5)
-    sa, sb = opt.state[next(iter(net._params()))], ropt.state[next(iter(ref.parameters()))]
-    assert (sa["n_iter"], sa["func_evals"]) == (sb["n_iter"], sb["func_evals"])
-    assert rel_err([got], [expected]) < 1e-7
+    gen = torch.Generator().manual_seed(1)
+    natives = []
+    for perm in [None] + [torch.randperm(100, generator=gen) for _ in range(5)]:
+        net, ref, opt, ropt, got, expected = run(5, perm)
+        sb = ropt.state[next(iter(ref.parameters()))]
+        natives.append((sb["n_iter"], sb["func_evals"], expected[-1].item()))
+    sa = opt.state[next(iter(net._params()))]
+    for i, (key, value) in enumerate([("n_iter", sa["n_iter"]), ("func_evals", sa["func_evals"])]):
+        assert min(n[i] for n in natives) <= value <= max(n[i] for n in natives), (key, value, natives)
+    lo, hi = min(n[2] for n in natives), max(n[2] for n in natives)
+    assert lo - 1e-7 * abs(lo) <= got[-1].item() <= hi + 1e-7 * abs(hi), (got[-1].item(), natives)
 
 
 @pytest.mark.parametrize("make", [lambda p: torch.optim.LBFGS(p, lr=0.3, max_iter=5, history_size=3),

@@ -5,6 +5,7 @@ registers and the micro-kernel's accumulators spill (a 4096×32→[64]×4→8 lo
 60 ms there against 4.9 ms with 32-byte vectors). Both widths' code is checked against autograd on
 whatever CPU runs the tests, by forcing the width.
 """
+import copy
 import platform
 
 import pytest
@@ -60,12 +61,16 @@ def test_forcing_a_width_shows_in_explain_and_is_undone(forced_width):
         forced_width(16)
 
 
+_TORCH = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu}
+
+
 def _native(x, weights, biases, act):
+    act = _TORCH[act] if isinstance(act, str) else act
     a = x
     for l, (w, b) in enumerate(zip(weights, biases)):
         a = F.linear(a, w, b)
         if l < len(weights) - 1:
-            a = getattr(torch, act)(a)
+            a = act(a)
     return a
 
 
@@ -109,3 +114,58 @@ def test_each_width_matches_autograd(forced_width, width, widths, act):
         native = torch.autograd.grad(un.square().sum() + dun.square().sum() + d2un.square().sum(), [*ws, *bs])
         for f, n in zip(fused, native):
             torch.testing.assert_close(f, n, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------- the one-hidden-layer kernels of lane vectors (LaneVec)
+
+@pytest.mark.parametrize("width", [32, 64])
+@pytest.mark.parametrize("N, D, H, O, act", [(3000, 1, 20, 1, "sigmoid"), (40000, 16, 64, 4, "tanh"),
+                                             (2500, 3, 7, 2, "gelu")])
+def test_streaming_path_matches_autograd_with_each_width(forced_width, width, N, D, H, O, act):
+    forced_width(width)
+    gen = torch.Generator().manual_seed(N + D)
+    x = torch.randn(N, D, dtype=torch.float64, generator=gen).requires_grad_()
+    y = torch.randn(N, O, dtype=torch.float64, generator=gen)
+    w1 = (torch.randn(H, D, dtype=torch.float64, generator=gen) / D ** 0.5).requires_grad_()
+    b1 = torch.randn(H, dtype=torch.float64, generator=gen).requires_grad_()
+    w2 = (torch.randn(O, H, dtype=torch.float64, generator=gen) / H ** 0.5).requires_grad_()
+    b2 = torch.randn(O, dtype=torch.float64, generator=gen).requires_grad_()
+    params = [x, w1, b1, w2, b2]
+    assert _C.explain_op(True, x, w1, b1, w2, b2, y, act) == "stream"
+    assert _C.explain_op(False, x, w1, b1, w2, b2, None, act) == "stream"
+
+    fused = torch.autograd.grad(fusedgrad.mlp_loss(x, w1, b1, w2, b2, y, activation=act), params)
+    native = torch.autograd.grad(F.mse_loss(_native(x, [w1, w2], [b1, b2], _TORCH[act]), y), params)
+    for f, n in zip(fused, native):
+        torch.testing.assert_close(f, n, rtol=1e-10, atol=1e-12)
+    g = torch.randn(N, O, dtype=torch.float64, generator=gen)
+    fused = torch.autograd.grad(fusedgrad.mlp(x, w1, b1, w2, b2, activation=act), params, g)
+    native = torch.autograd.grad(_native(x, [w1, w2], [b1, b2], _TORCH[act]), params, g)
+    for f, n in zip(fused, native):
+        torch.testing.assert_close(f, n, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("width", [32, 64])
+@pytest.mark.parametrize("N, D, H, O, act, path", [(100, 1, 20, 1, "sigmoid", "trainer-narrow-fixed"),
+                                                   (100, 3, 7, 2, "tanh", "trainer-narrow"),
+                                                   (37, 4, 4, 4, "sigmoid", "trainer-narrow")])
+def test_narrow_trainer_matches_torch_optim_with_each_width(forced_width, width, N, D, H, O, act, path):
+    forced_width(width)
+    assert _C.explain_trainer(D, H, O, act) == path
+    torch.manual_seed(N + H)
+    net = fusedgrad.FusedMLP(D, H, O, activation=act, dtype=torch.float64)
+    ref = copy.deepcopy(net.to_module())  # to_module shares the parameters
+    x, y = torch.randn(N, D, dtype=torch.float64), torch.randn(N, O, dtype=torch.float64)
+    trainer = fusedgrad.Trainer(net, torch.optim.Adam(net.parameters(), lr=0.05))
+    losses = trainer.fit(x, y, 20)
+    opt = torch.optim.Adam(ref.parameters(), lr=0.05)
+    ref_losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = F.mse_loss(ref(x), y)
+        loss.backward()
+        opt.step()
+        ref_losses.append(loss.detach())
+    torch.testing.assert_close(losses.reshape(-1), torch.stack(ref_losses), rtol=1e-10, atol=1e-12)
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)

@@ -17,14 +17,18 @@
 // vector blends only under -fno-trapping-math (setup.py), which changes no value.
 #pragma once
 
+#include <atomic>
 #include <bit>
 #include <cstdint>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define FUSEDGRAD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// For code of 32-byte lane vectors, which runs where cpu_vector_bytes() is 32: no AVX-512 clone.
+#define FUSEDGRAD_CPU_CLONES_32 __attribute__((target_clones("arch=x86-64-v3", "default")))
 #define FUSEDGRAD_CPU_INLINE __attribute__((always_inline)) inline  // compiled into each clone
 #else
 #define FUSEDGRAD_CPU_CLONES
+#define FUSEDGRAD_CPU_CLONES_32
 #define FUSEDGRAD_CPU_INLINE inline
 #endif
 
@@ -35,6 +39,25 @@
 #endif
 
 namespace fusedgrad {
+
+namespace detail {
+inline std::atomic<int> forced_vector_bytes{0};  // tests: force_cpu_vector_bytes (csrc/engine)
+}  // namespace detail
+
+// The widest lane vector, in bytes, of the clone FUSEDGRAD_CPU_CLONES runs on
+// this CPU: 64 where the AVX-512 clone runs, else 32. The kernels written over
+// lane vectors (the engine's tiles, the trainer's and the streaming path's
+// LaneVecs) are compiled for both widths and take this one: a 64-byte vector
+// on an AVX2 CPU is two registers, and their accumulators spill.
+inline int cpu_vector_bytes() {
+  if (const int forced = detail::forced_vector_bytes.load(std::memory_order_relaxed)) return forced;
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+  static const int native = __builtin_cpu_supports("x86-64-v4") ? 64 : 32;  // the resolver's own test
+  return native;
+#else
+  return 32;
+#endif
+}
 
 // e^z for a tile of lanes, vectorisable (no calls, no branches): z = n ln2 + r
 // with n = round(z / ln2) and |r| ≤ ln2/2, e^r by a polynomial (exp_polynomial),

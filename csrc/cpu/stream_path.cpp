@@ -139,25 +139,25 @@ constexpr int64_t kFoldPartials = 256;
 // (R × C) sums of two transposed buffers (dw2 += gT sTᵀ, dw1 += dhT xTᵀ),
 // taken as lane partials in T (`lanes`: kFoldPartials vectors of scratch),
 // folded and added to the double partials.
-template <typename T>
+template <int VB, typename T>
 FUSEDGRAD_CPU_INLINE void add_outer_sums(double* FUSEDGRAD_RESTRICT acc, const T* a, int64_t R, const T* b, int64_t C,
                                             int64_t ld, int64_t n, T* lanes) {
   const int64_t per_fold = std::max<int64_t>(1, kFoldPartials / C);  // whole rows of C sums per fold
   for (int64_t r0 = 0; r0 < R; r0 += per_fold) {
     const int64_t r1 = std::min(R, r0 + per_fold);
-    for (int64_t r = r0; r < r1; ++r) lane_dots_with(a + r * ld, b, ld, C, n, lanes, (r - r0) * C, 1);
-    add_lane_sums(lanes, (r1 - r0) * C, acc + r0 * C);
+    for (int64_t r = r0; r < r1; ++r) lane_dots_with<VB>(a + r * ld, b, ld, C, n, lanes, (r - r0) * C, 1);
+    add_lane_sums<VB>(lanes, (r1 - r0) * C, acc + r0 * C);
   }
 }
 
 // acc[r] += Σ_i a[r·ld + i] over the block's n rows, for r < R (db1, Σ g).
-template <typename T>
+template <int VB, typename T>
 FUSEDGRAD_CPU_INLINE void add_row_sums(double* FUSEDGRAD_RESTRICT acc, const T* a, int64_t R, int64_t ld, int64_t n,
                                           T* lanes) {
   for (int64_t r0 = 0; r0 < R; r0 += kFoldPartials) {
     const int64_t r1 = std::min(R, r0 + kFoldPartials);
-    for (int64_t r = r0; r < r1; ++r) lane_row_sum(a + r * ld, n, lanes + (r - r0) * kLanes<T>);
-    add_lane_sums(lanes, r1 - r0, acc + r0);
+    for (int64_t r = r0; r < r1; ++r) lane_row_sum<VB>(a + r * ld, n, lanes + (r - r0) * kLanes<T, VB>);
+    add_lane_sums<VB>(lanes, r1 - r0, acc + r0);
   }
 }
 
@@ -243,7 +243,7 @@ template <typename T>
 BlockBuffers<T>& thread_buffers(const StreamPlan<T>& plan) {
   thread_local BlockBuffers<T> buf;
   const int64_t D = plan.D, H = plan.H, O = plan.O, ld = plan.ld;
-  const size_t need = static_cast<size_t>((2 * D + 2 * H + O + (plan.keep_h ? H : 0)) * ld + kFoldPartials * kLanes<T>);
+  const size_t need = static_cast<size_t>((2 * D + 2 * H + O + (plan.keep_h ? H : 0)) * ld + kFoldPartials * kLanes<T, 64>);  // room for either width's partials
   buf.xT = buf.storage.get(need);  // lanes past a block's rows are never read (kTile)
   buf.sT = buf.xT + D * ld;
   buf.gT = buf.sT + H * ld;
@@ -388,14 +388,14 @@ struct BackwardOutputs {
 
 // Everything below the output, for one block, from gT (g = dL/dp) and sT:
 // dw2, Σ g, ds, dh (in place over sT), db1, dw1, dx.
-template <typename T>
+template <int VB, typename T>
 FUSEDGRAD_CPU_INLINE void block_backward(const StreamPlan<T>& plan, const BackwardOutputs<T>& out, int64_t i0,
                                             int64_t n, BlockBuffers<T>& buf, double* FUSEDGRAD_RESTRICT partial) {
   const int64_t D = plan.D, H = plan.H, O = plan.O, ld = plan.ld, lanes = round_up(n, kTile);
   T* sT = buf.sT;
   const T* gT = buf.gT;
-  if (out.g_sums) add_row_sums(partial + plan.off_g, gT, O, ld, n, buf.lanes);
-  if (out.w2) add_outer_sums(partial + plan.off_dw2, gT, O, sT, H, ld, n, buf.lanes);  // dw2 = gᵀ s
+  if (out.g_sums) add_row_sums<VB>(partial + plan.off_g, gT, O, ld, n, buf.lanes);
+  if (out.w2) add_outer_sums<VB>(partial + plan.off_dw2, gT, O, sT, H, ld, n, buf.lanes);  // dw2 = gᵀ s
   const bool need_hidden = out.w1 || out.b1_sums || out.dx || out.db1_rows;
   if (!need_hidden) return;
   // dh = (W2ᵀ g) ⊙ act'(s) into sT, one tile of ds at a time (ds = g without w2).
@@ -426,9 +426,9 @@ FUSEDGRAD_CPU_INLINE void block_backward(const StreamPlan<T>& plan, const Backwa
     }
   }
   const T* dhT = sT;
-  if (out.b1_sums) add_row_sums(partial + plan.off_db1, dhT, H, ld, n, buf.lanes);
+  if (out.b1_sums) add_row_sums<VB>(partial + plan.off_db1, dhT, H, ld, n, buf.lanes);
   if (out.db1_rows) store_rows(dhT, ld, i0, n, H, out.db1_rows, T(1));
-  if (out.w1) add_outer_sums(partial + plan.off_dw1, dhT, H, buf.xT, D, ld, n, buf.lanes);  // dw1 = dhᵀ x
+  if (out.w1) add_outer_sums<VB>(partial + plan.off_dw1, dhT, H, buf.xT, D, ld, n, buf.lanes);  // dw1 = dhᵀ x
   if (out.dx) {  // dx = dh w1: dxT = W1ᵀ dhT, written back as rows
     tile_product(buf.dxT, ld, plan.w1t.data(), D, H, dhT, ld, lanes);
     store_rows(buf.dxT, ld, i0, n, D, out.dx, T(1));
@@ -448,7 +448,7 @@ struct LossJob {
 };
 
 // Rows [r0, r1) of the loss op, block by block (see the top of the file).
-template <typename T>
+template <int VB, typename T>
 FUSEDGRAD_CPU_INLINE void loss_chunk(const LossJob<T>& job, int64_t r0, int64_t r1, double* partial) {
   const Problem& p = *job.p;
   const StreamPlan<T>& plan = *job.plan;
@@ -497,25 +497,34 @@ FUSEDGRAD_CPU_INLINE void loss_chunk(const LossJob<T>& job, int64_t r0, int64_t 
     if (!job.need_g) continue;
     if (job.db2_rows) store_rows(buf.gT, ld, i0, n, O, job.db2_rows, T(1));
     if (job.dt_rows) store_rows(buf.gT, ld, i0, n, O, job.dt_rows, T(-1));
-    block_backward(plan, job.bo, i0, n, buf, partial);
+    block_backward<VB>(plan, job.bo, i0, n, buf, partial);
   }
 }
 
 // One function per dtype and CPU capability (target_clones, picked at load
 // time as ATen picks its kernels): the chunk bodies are where the time goes,
-// and a lambda would be compiled for the baseline ISA only.
-FUSEDGRAD_CPU_CLONES void loss_chunk_float(const LossJob<float>& job, int64_t r0, int64_t r1, double* partial) {
-  loss_chunk<float>(job, r0, r1, partial);
+// and a lambda would be compiled for the baseline ISA only. Each twice: with
+// 64-byte lane vectors (every clone: tests force them on any CPU) and with
+// 32-byte ones (no AVX-512 clone), taken by cpu_vector_bytes().
+FUSEDGRAD_CPU_CLONES void loss_chunk_64(const LossJob<float>& job, int64_t r0, int64_t r1, double* partial) {
+  loss_chunk<64>(job, r0, r1, partial);
 }
-FUSEDGRAD_CPU_CLONES void loss_chunk_double(const LossJob<double>& job, int64_t r0, int64_t r1,
-                                               double* partial) {
-  loss_chunk<double>(job, r0, r1, partial);
+FUSEDGRAD_CPU_CLONES void loss_chunk_64(const LossJob<double>& job, int64_t r0, int64_t r1, double* partial) {
+  loss_chunk<64>(job, r0, r1, partial);
 }
-inline void run_loss_chunk(const LossJob<float>& job, int64_t r0, int64_t r1, double* partial) {
-  loss_chunk_float(job, r0, r1, partial);
+FUSEDGRAD_CPU_CLONES_32 void loss_chunk_32(const LossJob<float>& job, int64_t r0, int64_t r1, double* partial) {
+  loss_chunk<32>(job, r0, r1, partial);
 }
-inline void run_loss_chunk(const LossJob<double>& job, int64_t r0, int64_t r1, double* partial) {
-  loss_chunk_double(job, r0, r1, partial);
+FUSEDGRAD_CPU_CLONES_32 void loss_chunk_32(const LossJob<double>& job, int64_t r0, int64_t r1, double* partial) {
+  loss_chunk<32>(job, r0, r1, partial);
+}
+template <typename T>
+void run_loss_chunk(const LossJob<T>& job, int64_t r0, int64_t r1, double* partial) {
+  if (cpu_vector_bytes() == 64) {
+    loss_chunk_64(job, r0, r1, partial);
+  } else {
+    loss_chunk_32(job, r0, r1, partial);
+  }
 }
 
 // The loss op over all rows.
@@ -627,7 +636,7 @@ struct BackwardJob {
   int64_t g_rs = 0, g_cs = 0, s_rs = 0, s_cs = 0;
 };
 
-template <typename T>
+template <int VB, typename T>
 FUSEDGRAD_CPU_INLINE void backward_chunk(const BackwardJob<T>& job, int64_t r0, int64_t r1, double* partial) {
   const StreamPlan<T>& plan = *job.plan;
   const int64_t ld = plan.ld;
@@ -642,23 +651,31 @@ FUSEDGRAD_CPU_INLINE void backward_chunk(const BackwardJob<T>& job, int64_t r0, 
       load_transposed(job.s, job.s_rs, job.s_cs, i0, n, plan.H, buf.sT, ld);
     }
     if (job.bo.w1) load_x(plan, i0, n, buf.xT);  // only dw1 reads x
-    block_backward(plan, job.bo, i0, n, buf, partial);
+    block_backward<VB>(plan, job.bo, i0, n, buf, partial);
   }
 }
 
-FUSEDGRAD_CPU_CLONES void backward_chunk_float(const BackwardJob<float>& job, int64_t r0, int64_t r1,
-                                                  double* partial) {
-  backward_chunk<float>(job, r0, r1, partial);
+FUSEDGRAD_CPU_CLONES void backward_chunk_64(const BackwardJob<float>& job, int64_t r0, int64_t r1, double* partial) {
+  backward_chunk<64>(job, r0, r1, partial);
 }
-FUSEDGRAD_CPU_CLONES void backward_chunk_double(const BackwardJob<double>& job, int64_t r0, int64_t r1,
-                                                   double* partial) {
-  backward_chunk<double>(job, r0, r1, partial);
+FUSEDGRAD_CPU_CLONES void backward_chunk_64(const BackwardJob<double>& job, int64_t r0, int64_t r1, double* partial) {
+  backward_chunk<64>(job, r0, r1, partial);
 }
-inline void run_backward_chunk(const BackwardJob<float>& job, int64_t r0, int64_t r1, double* partial) {
-  backward_chunk_float(job, r0, r1, partial);
+FUSEDGRAD_CPU_CLONES_32 void backward_chunk_32(const BackwardJob<float>& job, int64_t r0, int64_t r1,
+                                               double* partial) {
+  backward_chunk<32>(job, r0, r1, partial);
 }
-inline void run_backward_chunk(const BackwardJob<double>& job, int64_t r0, int64_t r1, double* partial) {
-  backward_chunk_double(job, r0, r1, partial);
+FUSEDGRAD_CPU_CLONES_32 void backward_chunk_32(const BackwardJob<double>& job, int64_t r0, int64_t r1,
+                                               double* partial) {
+  backward_chunk<32>(job, r0, r1, partial);
+}
+template <typename T>
+void run_backward_chunk(const BackwardJob<T>& job, int64_t r0, int64_t r1, double* partial) {
+  if (cpu_vector_bytes() == 64) {
+    backward_chunk_64(job, r0, r1, partial);
+  } else {
+    backward_chunk_32(job, r0, r1, partial);
+  }
 }
 
 template <typename T>

@@ -129,11 +129,9 @@ int64_t block_rows(const NetShape& s, int64_t element_size);
 int64_t block_count(const NetShape& s, int64_t count, int64_t element_size);
 int64_t chunk_count(const NetShape& s, int64_t count, int64_t element_size);
 int vector_bytes(const NetShape& s, int64_t element_size);
-// The widest lane vector of the CPU clone that runs here (cpu_vector.h's FUSEDGRAD_CPU_CLONES):
-// 64 bytes where the AVX-512 clone runs, else 32; vector_bytes() never exceeds it.
-// force_cpu_vector_bytes(32 or 64) makes the engine take that width whatever the CPU (tests: the
-// other width's code on this machine); 0 goes back to the CPU's.
-int cpu_vector_bytes();
+// cpu_vector.h's cpu_vector_bytes() (vector_bytes() never exceeds it), forced to 32 or 64 for
+// every kernel of lane vectors whatever the CPU (tests: the other width's code on this machine);
+// 0 goes back to the CPU's.
 void force_cpu_vector_bytes(int bytes);
 // The threads a team (thread_team.h) should keep for many passes of `count` rows: 1 where the
 // passes run on one thread (a single chunk, or too little work to share), else up to torch's thread count.

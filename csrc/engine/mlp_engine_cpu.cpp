@@ -20,7 +20,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <utility>
 
@@ -257,24 +256,9 @@ int64_t chunk_count(const NetShape& s, int64_t count, int64_t element_size) {
 
 int vector_bytes(const NetShape& s, int64_t element_size) { return vector_bytes_for(s, element_size); }
 
-namespace {
-std::atomic<int> forced_vector_bytes{0};
-}  // namespace
-
-int cpu_vector_bytes() {
-  if (const int forced = forced_vector_bytes.load(std::memory_order_relaxed)) return forced;
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-  // The test GCC's target_clones resolver makes to pick the "arch=x86-64-v4" clone.
-  static const int native = __builtin_cpu_supports("x86-64-v4") ? 64 : 32;
-  return native;
-#else
-  return 32;
-#endif
-}
-
 void force_cpu_vector_bytes(int bytes) {
   TORCH_CHECK(bytes == 0 || bytes == 32 || bytes == 64, "force_cpu_vector_bytes: 0, 32 or 64, got ", bytes);
-  forced_vector_bytes.store(bytes, std::memory_order_relaxed);
+  fusedgrad::detail::forced_vector_bytes.store(bytes, std::memory_order_relaxed);
 }
 
 int64_t team_threads(const NetShape& s, int64_t count, int64_t element_size) {

@@ -46,7 +46,7 @@ void register_explain(py::module& m) {
     return std::string(trainer::train_path_name(D, H, O, parse_activation(activation)));
   }, "The kernel of the one-hidden-layer trainer for these widths.");
   m.def("explain_engine", &explain_engine, "The engine's blocks and chunks for a pass of `rows` rows.");
-  m.def("cpu_vector_bytes", &engine::cpu_vector_bytes,
+  m.def("cpu_vector_bytes", &fusedgrad::cpu_vector_bytes,
         "The widest lane vector (bytes) of the CPU code that runs here: 64 with AVX-512 (x86-64-v4), else 32.");
   m.def("_testing_force_vector_bytes", &engine::force_cpu_vector_bytes,
         "Test-only: run the engine with 32- or 64-byte vectors whatever the CPU (0: the CPU's own).");

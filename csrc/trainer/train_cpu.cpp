@@ -126,12 +126,12 @@ FUSEDGRAD_CPU_INLINE void gather_transposed(const T* src, int64_t width, const S
 // kD, kO > 0: the widths D and O as compile-time constants (narrow_widths),
 // for which every loop over them unrolls and, with σ, the backward pass runs
 // fused: one pass over the rows per hidden unit with every sum in registers.
-template <typename T, int kD, int kO>
+template <typename T, int VB, int kD, int kO>
 FUSEDGRAD_CPU_INLINE void block_loss_and_grads(const Dims& d, const SumLayout& lay, const ModelPtrs<T>& m,
                                                  const StepRows& rows, int64_t r0, int64_t nb, T two_c,
                                                  T* scratch, double* FUSEDGRAD_RESTRICT sums) {
-  using V = LaneVec<T>;
-  constexpr int64_t L = kLanes<T>;
+  using V = LaneVec<T, VB>;
+  constexpr int64_t L = kLanes<T, VB>;
   constexpr bool kFixedWidths = kD > 0 && kO > 0;
   const int64_t D = kD > 0 ? kD : d.D, H = d.H, O = kO > 0 ? kO : d.O;
   const int64_t ld = (nb + L - 1) / L * L;
@@ -155,8 +155,8 @@ FUSEDGRAD_CPU_INLINE void block_loss_and_grads(const Dims& d, const SumLayout& l
     const T* wj = m.w1 + j * D;
     const T b = m.b1 ? m.b1[j] : T(0);
     for (int64_t v = 0; v < ld; v += L) {
-      V h = lanes_splat(T(0));
-      for (int64_t k = 0; k < D; ++k) h += wj[k] * lanes_load(xT + k * ld + v);
+      V h = lanes_splat<T, VB>(T(0));
+      for (int64_t k = 0; k < D; ++k) h += wj[k] * lanes_load<T, VB>(xT + k * ld + v);
       lanes_store(S + j * ld + v, h + b);
     }
   }
@@ -176,41 +176,41 @@ FUSEDGRAD_CPU_INLINE void block_loss_and_grads(const Dims& d, const SumLayout& l
     // multiply-adds (one chain waited on each multiply-add's latency).
     int64_t v = 0;
     for (; v + 4 * L <= ld; v += 4 * L) {
-      V p0 = lanes_splat(T(0)), p1 = p0, p2 = p0, p3 = p0;
+      V p0 = lanes_splat<T, VB>(T(0)), p1 = p0, p2 = p0, p3 = p0;
       for (int64_t j = 0; j < H; ++j) {
         const T* sj = S + j * ld + v;
-        p0 += wo[j] * lanes_load(sj);
-        p1 += wo[j] * lanes_load(sj + L);
-        p2 += wo[j] * lanes_load(sj + 2 * L);
-        p3 += wo[j] * lanes_load(sj + 3 * L);
+        p0 += wo[j] * lanes_load<T, VB>(sj);
+        p1 += wo[j] * lanes_load<T, VB>(sj + L);
+        p2 += wo[j] * lanes_load<T, VB>(sj + 2 * L);
+        p3 += wo[j] * lanes_load<T, VB>(sj + 3 * L);
       }
       const T* to = tT + o * ld + v;
-      lanes_store(go + v, (p0 + b) - lanes_load(to));
-      lanes_store(go + v + L, (p1 + b) - lanes_load(to + L));
-      lanes_store(go + v + 2 * L, (p2 + b) - lanes_load(to + 2 * L));
-      lanes_store(go + v + 3 * L, (p3 + b) - lanes_load(to + 3 * L));
+      lanes_store(go + v, (p0 + b) - lanes_load<T, VB>(to));
+      lanes_store(go + v + L, (p1 + b) - lanes_load<T, VB>(to + L));
+      lanes_store(go + v + 2 * L, (p2 + b) - lanes_load<T, VB>(to + 2 * L));
+      lanes_store(go + v + 3 * L, (p3 + b) - lanes_load<T, VB>(to + 3 * L));
     }
     for (; v < ld; v += L) {
-      V p = lanes_splat(T(0));
-      for (int64_t j = 0; j < H; ++j) p += wo[j] * lanes_load(S + j * ld + v);
-      lanes_store(go + v, (p + b) - lanes_load(tT + o * ld + v));
+      V p = lanes_splat<T, VB>(T(0));
+      for (int64_t j = 0; j < H; ++j) p += wo[j] * lanes_load<T, VB>(S + j * ld + v);
+      lanes_store(go + v, (p + b) - lanes_load<T, VB>(tT + o * ld + v));
     }
     for (int64_t r = nb; r < ld; ++r) go[r] = T(0);
   }
   // L += Σ r_o²;  g_o = 2c r_o;  db2[o] += Σ g_o;  dw2[o,j] += g_o · s_j
-  V sq = lanes_splat(T(0));
+  V sq = lanes_splat<T, VB>(T(0));
   for (int64_t o = 0; o < O; ++o) {
     T* go = G + o * ld;
-    V gsum = lanes_splat(T(0));
+    V gsum = lanes_splat<T, VB>(T(0));
     for (int64_t v = 0; v < ld; v += L) {
-      const V res = lanes_load(go + v);
+      const V res = lanes_load<T, VB>(go + v);
       sq += res * res;
       const V g = res * two_c;
       lanes_store(go + v, g);
       gsum += g;
     }
     lanes_store(P + (lay.db2 + o) * L, gsum);
-    if (!fused_backward) lane_dots_with(go, S, ld, H, ld, P, lay.dw2 + o * H, 1);
+    if (!fused_backward) lane_dots_with<VB>(go, S, ld, H, ld, P, lay.dw2 + o * H, 1);
   }
   lanes_store(P + lay.loss * L, sq);
 
@@ -224,26 +224,26 @@ FUSEDGRAD_CPU_INLINE void block_loss_and_grads(const Dims& d, const SumLayout& l
         const T* sj = S + j * ld;
         T w2j[kO];
         for (int o = 0; o < kO; ++o) w2j[o] = m.w2[o * H + j];
-        V db1 = lanes_splat(T(0)), dw1[kD], dw2[kO];
-        for (int k = 0; k < kD; ++k) dw1[k] = lanes_splat(T(0));
-        for (int o = 0; o < kO; ++o) dw2[o] = lanes_splat(T(0));
+        V db1 = lanes_splat<T, VB>(T(0)), dw1[kD], dw2[kO];
+        for (int k = 0; k < kD; ++k) dw1[k] = lanes_splat<T, VB>(T(0));
+        for (int o = 0; o < kO; ++o) dw2[o] = lanes_splat<T, VB>(T(0));
         for (int64_t v = 0; v < ld; v += L) {
-          const V s = lanes_load(sj + v);
-          V ds = lanes_splat(T(0));
+          const V s = lanes_load<T, VB>(sj + v);
+          V ds = lanes_splat<T, VB>(T(0));
           for (int o = 0; o < kO; ++o) {
-            const V g = lanes_load(G + o * ld + v);
+            const V g = lanes_load<T, VB>(G + o * ld + v);
             dw2[o] += g * s;
             ds += w2j[o] * g;
           }
           const V dh = ds * (s * (T(1) - s));
           db1 += dh;
-          for (int k = 0; k < kD; ++k) dw1[k] += lanes_load(xT + k * ld + v) * dh;
+          for (int k = 0; k < kD; ++k) dw1[k] += lanes_load<T, VB>(xT + k * ld + v) * dh;
         }
         lanes_store(P + (lay.db1 + j) * L, db1);
         for (int o = 0; o < kO; ++o) lanes_store(P + (lay.dw2 + o * H + j) * L, dw2[o]);
         for (int k = 0; k < kD; ++k) lanes_store(P + (lay.dw1 + j * kD + k) * L, dw1[k]);
       }
-      add_lane_sums(P, lay.size, sums);
+      add_lane_sums<VB>(P, lay.size, sums);
       return;
     }
   }
@@ -258,29 +258,29 @@ FUSEDGRAD_CPU_INLINE void block_loss_and_grads(const Dims& d, const SumLayout& l
       if (!sigmoid) {  // ds in registers, then act' from the table over the row
         T* dh = DH + q * ld;
         for (int64_t v = 0; v < ld; v += L) {
-          V ds = lanes_splat(T(0));
-          for (int64_t o = 0; o < O; ++o) ds += m.w2[o * H + j] * lanes_load(G + o * ld + v);
+          V ds = lanes_splat<T, VB>(T(0));
+          for (int64_t o = 0; o < O; ++o) ds += m.w2[o * H + j] * lanes_load<T, VB>(G + o * ld + v);
           lanes_store(dh + v, ds);
         }
         activation_backward_n(d.act, dh, (keep_h ? HS : S) + j * ld, ld);
-        lane_row_sum(dh, ld, P + (lay.db1 + j) * L);
+        lane_row_sum<VB>(dh, ld, P + (lay.db1 + j) * L);
         continue;
       }
-      V hsum = lanes_splat(T(0));
+      V hsum = lanes_splat<T, VB>(T(0));
       for (int64_t v = 0; v < ld; v += L) {
-        V ds = lanes_splat(T(0));
-        for (int64_t o = 0; o < O; ++o) ds += m.w2[o * H + j] * lanes_load(G + o * ld + v);
-        const V s = lanes_load(S + j * ld + v);
+        V ds = lanes_splat<T, VB>(T(0));
+        for (int64_t o = 0; o < O; ++o) ds += m.w2[o * H + j] * lanes_load<T, VB>(G + o * ld + v);
+        const V s = lanes_load<T, VB>(S + j * ld + v);
         const V dh = ds * (s * (T(1) - s));
         lanes_store(DH + q * ld + v, dh);
         hsum += dh;
       }
       lanes_store(P + (lay.db1 + j) * L, hsum);
     }
-    for (int64_t k = 0; k < D; ++k) lane_dots_with(xT + k * ld, DH, ld, nj, ld, P, lay.dw1 + j0 * D + k, D);
+    for (int64_t k = 0; k < D; ++k) lane_dots_with<VB>(xT + k * ld, DH, ld, nj, ld, P, lay.dw1 + j0 * D + k, D);
   }
 
-  add_lane_sums(P, lay.size, sums);
+  add_lane_sums<VB>(P, lay.size, sums);
 }
 
 // The blocks and chunks of a step of `count` rows.
@@ -292,17 +292,17 @@ struct Partition {
 };
 
 // Σ over the blocks of chunk c into `sums` (zeroed first).
-template <typename T, int kD, int kO>
+template <typename T, int VB, int kD, int kO>
 FUSEDGRAD_CPU_INLINE void chunk_sums(const Dims& d, const SumLayout& lay, const ModelPtrs<T>& m,
                                        const StepRows& rows, const Partition& part, int64_t c, T two_c,
                                        double* sums) {
   std::fill(sums, sums + lay.size, 0.0);
   const int64_t per_row = d.D + 2 * d.O + 2 * d.H + kHiddenGroup;
-  T* scratch = thread_block_scratch<T>().get(static_cast<size_t>(per_row * kBlockRows + lay.size * kLanes<T>));
+  T* scratch = thread_block_scratch<T>().get(static_cast<size_t>(per_row * kBlockRows + lay.size * kLanes<T, VB>));
   for (int64_t b = part.chunk_first_block(c); b < part.chunk_first_block(c + 1); ++b) {
     const int64_t r0 = b * kBlockRows;
     const int64_t nb = std::min(kBlockRows, rows.count - r0);
-    block_loss_and_grads<T, kD, kO>(d, lay, m, rows, r0, nb, two_c, scratch, sums);
+    block_loss_and_grads<T, VB, kD, kO>(d, lay, m, rows, r0, nb, two_c, scratch, sums);
   }
 }
 
@@ -325,29 +325,50 @@ struct SliceUpdate {
 // widths, 0.50 with constant ones. Each constant pair is another copy of the
 // block kernel per CPU clone and dtype: eight pairs took this file's compile
 // time from 12 s to 200 s.)
-template <typename T>
+template <typename T, int VB>
 FUSEDGRAD_CPU_INLINE void chunk_sums_any_widths(const Dims& d, const SumLayout& lay, const ModelPtrs<T>& m,
                                                   const StepRows& rows, const Partition& part, int64_t c, T two_c,
                                                   double* sums) {
   if (d.act == Activation::Sigmoid && d.O == 1) {  // fixed_width_kernel(d)
-    if (d.D == 1) return chunk_sums<T, 1, 1>(d, lay, m, rows, part, c, two_c, sums);
-    if (d.D == 2) return chunk_sums<T, 2, 1>(d, lay, m, rows, part, c, two_c, sums);
+    if (d.D == 1) return chunk_sums<T, VB, 1, 1>(d, lay, m, rows, part, c, two_c, sums);
+    if (d.D == 2) return chunk_sums<T, VB, 2, 1>(d, lay, m, rows, part, c, two_c, sums);
   }
-  chunk_sums<T, 0, 0>(d, lay, m, rows, part, c, two_c, sums);
+  chunk_sums<T, VB, 0, 0>(d, lay, m, rows, part, c, two_c, sums);
 }
 
 // The functions that do the arithmetic, compiled per CPU capability
 // (cpu_vector.h). Everything around them only orchestrates: their bodies are
 // inlined here, so each clone carries its own vector code.
-FUSEDGRAD_CPU_CLONES void chunk_sums_kernel(const Dims& d, const SumLayout& lay, const ModelPtrs<float>& m,
-                                              const StepRows& rows, const Partition& part, int64_t c, float two_c,
-                                              double* sums) {
-  chunk_sums_any_widths<float>(d, lay, m, rows, part, c, two_c, sums);
+// Each dtype twice: with 64-byte lane vectors (every clone, so that tests can force them on any CPU)
+// and with 32-byte ones (no AVX-512 clone); chunk_sums_kernel takes cpu_vector_bytes()'.
+FUSEDGRAD_CPU_CLONES void chunk_sums_64(const Dims& d, const SumLayout& lay, const ModelPtrs<float>& m,
+                                        const StepRows& rows, const Partition& part, int64_t c, float two_c,
+                                        double* sums) {
+  chunk_sums_any_widths<float, 64>(d, lay, m, rows, part, c, two_c, sums);
 }
-FUSEDGRAD_CPU_CLONES void chunk_sums_kernel(const Dims& d, const SumLayout& lay, const ModelPtrs<double>& m,
-                                              const StepRows& rows, const Partition& part, int64_t c, double two_c,
-                                              double* sums) {
-  chunk_sums_any_widths<double>(d, lay, m, rows, part, c, two_c, sums);
+FUSEDGRAD_CPU_CLONES void chunk_sums_64(const Dims& d, const SumLayout& lay, const ModelPtrs<double>& m,
+                                        const StepRows& rows, const Partition& part, int64_t c, double two_c,
+                                        double* sums) {
+  chunk_sums_any_widths<double, 64>(d, lay, m, rows, part, c, two_c, sums);
+}
+FUSEDGRAD_CPU_CLONES_32 void chunk_sums_32(const Dims& d, const SumLayout& lay, const ModelPtrs<float>& m,
+                                           const StepRows& rows, const Partition& part, int64_t c, float two_c,
+                                           double* sums) {
+  chunk_sums_any_widths<float, 32>(d, lay, m, rows, part, c, two_c, sums);
+}
+FUSEDGRAD_CPU_CLONES_32 void chunk_sums_32(const Dims& d, const SumLayout& lay, const ModelPtrs<double>& m,
+                                           const StepRows& rows, const Partition& part, int64_t c, double two_c,
+                                           double* sums) {
+  chunk_sums_any_widths<double, 32>(d, lay, m, rows, part, c, two_c, sums);
+}
+template <typename T>
+void chunk_sums_kernel(const Dims& d, const SumLayout& lay, const ModelPtrs<T>& m, const StepRows& rows,
+                       const Partition& part, int64_t c, T two_c, double* sums) {
+  if (cpu_vector_bytes() == 64) {
+    chunk_sums_64(d, lay, m, rows, part, c, two_c, sums);
+  } else {
+    chunk_sums_32(d, lay, m, rows, part, c, two_c, sums);
+  }
 }
 FUSEDGRAD_CPU_CLONES void update_kernel(float* grad, float* param, const StatePtrs<float>& st,
                                           const SliceUpdate& u) {
