@@ -139,15 +139,21 @@ FUSEDGRAD_CPU_INLINE void tile_rows(int64_t rows, int64_t K, const T* coef, int6
   if (i < rows) tile<T, VB, NV, 1>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
 }
 
+// The most vectors a tile spans (`product`'s max_nv): 4 with AVX-512's 32 registers, 3 with AVX2's 16
+// — a tile of 4 rows × 4 vectors holds 16 accumulators and wants 21 registers with its loads and
+// broadcast, and spilled (AVX2-only EPYC, Trainer.fit, interleaved: 4096×32→[64]×4→8 relu 4,948 →
+// 3,387 µs a step with 3, 4,266 with 2; 16384×64→[128]×4→16 81.5 → 51.4 ms with 3, 66.0 with 2).
+inline int64_t tile_vectors_max() { return cpu_vector_bytes() == 64 ? 4 : 3; }
+
 template <typename T, int VB>
 FUSEDGRAD_CPU_INLINE void product(int64_t rows, int64_t K, const T* coef, int64_t ci, int64_t ck, const T* M,
-                                  int64_t ldm, int64_t np, const T* init, T* out, int64_t ldo) {
+                                  int64_t ldm, int64_t np, const T* init, T* out, int64_t ldo, int64_t max_nv) {
   constexpr int64_t W = VB / sizeof(T);
-  for (int64_t c0 = 0; c0 < np; c0 += 4 * W) {
+  for (int64_t c0 = 0; c0 < np; c0 += std::min<int64_t>(max_nv, (np - c0) / W) * W) {
     const T* Mc = M + c0;
     const T* ic = init ? init + c0 : nullptr;
     T* oc = out + c0;
-    switch (std::min<int64_t>(4, (np - c0) / W)) {
+    switch (std::min<int64_t>(max_nv, (np - c0) / W)) {
       case 1: tile_rows<T, VB, 1>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
       case 2: tile_rows<T, VB, 2>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
       case 3: tile_rows<T, VB, 3>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;

@@ -76,6 +76,7 @@ struct Plan {
   const NetShape& s;
   SumLayout lay;
   int64_t L, B, blocks, chunks, lanes;
+  const int64_t max_nv = tile_vectors_max();  // the most vectors a tile spans on this CPU
   bool saves_input;
   std::vector<int64_t> np;                  // padded widths
   std::vector<const T*> WT, Wp, bp;         // W_lᵀ (n_l × np_{l+1}), W_l (n_{l+1} × np_l), b_l (np_{l+1}) or null
@@ -137,7 +138,7 @@ struct Plan {
     for (int64_t l = 0; l < L; ++l) {
       T* in = scratch + a_off[l];
       T* h = scratch + h_off[l + 1];
-      product<T, VB>(nb, s.width[l], in, np[l], 1, WT[l], np[l + 1], np[l + 1], bp[l], h, np[l + 1]);
+      product<T, VB>(nb, s.width[l], in, np[l], 1, WT[l], np[l + 1], np[l + 1], bp[l], h, np[l + 1], max_nv);
       T* a = scratch + a_off[l + 1];
       if (l + 1 < L && !(s.act == Activation::Identity && a == h)) activate_n(s.act, h, a, nb * np[l + 1]);
     }
@@ -179,7 +180,7 @@ struct Plan {
       const T* a = scratch + a_off[l];
       if (pass.param_grads) {
         T* dw = scratch + dw_off;
-        product<T, VB>(n_out, nb, delta, 1, np[l + 1], a, np[l], np[l], nullptr, dw, np[l]);
+        product<T, VB>(n_out, nb, delta, 1, np[l + 1], a, np[l], np[l], nullptr, dw, np[l], max_nv);
         double* dst = sums + lay.dw[l];
         for (int64_t j = 0; j < n_out; ++j) {
           for (int64_t k = 0; k < n_in; ++k) dst[j * n_in + k] += static_cast<double>(dw[j * np[l] + k]);
@@ -192,7 +193,7 @@ struct Plan {
         }
       }
       if (l == 0 && !pass.dx) break;
-      product<T, VB>(nb, n_out, delta, np[l + 1], 1, Wp[l], np[l], np[l], nullptr, next, np[l]);
+      product<T, VB>(nb, n_out, delta, np[l + 1], 1, Wp[l], np[l], np[l], nullptr, next, np[l], max_nv);
       if (l > 0) {
         activation_backward_n(s.act, next, scratch + h_off[l], nb * np[l]);
       } else {

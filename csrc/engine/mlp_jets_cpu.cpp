@@ -40,6 +40,7 @@ struct JetPlan {
   const NetShape& s;
   SumLayout lay;
   int64_t L, D, O, S, T1, T2, B, blocks, chunks, lanes, widest = 0;
+  const int64_t max_nv = tile_vectors_max();  // the most vectors a tile spans on this CPU
   std::vector<int64_t> np;
   std::vector<int64_t> tdim, sdim;  // the dimension of each tangent / second-derivative part
   std::vector<int64_t> second_of;   // per tangent part: its second-derivative part, or −1
@@ -121,8 +122,8 @@ struct JetPlan {
       const T* in = scratch + a_off[l];
       T* h = scratch + h_off[l + 1];
       const int64_t ni = np[l], no = np[l + 1];
-      product<T, VB>(nb, s.width[l], in, ni, 1, WT[l], no, no, bp[l], h, no);                           // values
-      product<T, VB>((S - 1) * nb, s.width[l], in + nb * ni, ni, 1, WT[l], no, no, nullptr, h + nb * no, no);  // parts
+      product<T, VB>(nb, s.width[l], in, ni, 1, WT[l], no, no, bp[l], h, no, max_nv);                           // values
+      product<T, VB>((S - 1) * nb, s.width[l], in + nb * ni, ni, 1, WT[l], no, no, nullptr, h + nb * no, no, max_nv);  // parts
       if (l + 1 == L) break;
       T* a = scratch + a_off[l + 1];
       T* j1 = scratch + j_off[l + 1];
@@ -217,7 +218,7 @@ struct JetPlan {
       if (pass.param_grads) {
         // dW_l = Σ over all S·nb jet rows δᵀ a_{l−1}; db_l over the value rows only (the parts have no bias).
         T* dw = scratch + dw_off;
-        product<T, VB>(n_out, S * nb, delta, 1, no, scratch + a_off[l], ni, ni, nullptr, dw, ni);
+        product<T, VB>(n_out, S * nb, delta, 1, no, scratch + a_off[l], ni, ni, nullptr, dw, ni, max_nv);
         double* dst = sums + lay.dw[l];
         for (int64_t j = 0; j < n_out; ++j) {
           for (int64_t k = 0; k < n_in; ++k) dst[j * n_in + k] += static_cast<double>(dw[j * ni + k]);
@@ -232,12 +233,12 @@ struct JetPlan {
       if (l == 0) {
         // x reaches only the value rows of a_0 (its parts are the constants e_d and 0).
         if (pass.dx) {
-          product<T, VB>(nb, n_out, delta, no, 1, Wp[0], ni, ni, nullptr, next, ni);
+          product<T, VB>(nb, n_out, delta, no, 1, Wp[0], ni, ni, nullptr, next, ni, max_nv);
           for (int64_t r = 0; r < nb; ++r) std::copy(next + r * ni, next + r * ni + D, pass.dx + row(r0 + r) * D);
         }
         break;
       }
-      product<T, VB>(S * nb, n_out, delta, no, 1, Wp[l], ni, ni, nullptr, next, ni);
+      product<T, VB>(S * nb, n_out, delta, no, 1, Wp[l], ni, ni, nullptr, next, ni, max_nv);
       activation_backward(next, l, nb, scratch);
       std::swap(delta, next);
     }
