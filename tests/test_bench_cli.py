@@ -23,6 +23,10 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     assert set(row["us_per_step"]) == {"native", "fused", "no_autograd"}
     assert all(v > 0 for v in row["us_per_step"].values())
     assert data["meta"]["torch"].startswith("2.")
+    # every saved run says which CPU kind it ran on: AVX-512 and AVX2 guests share a model name
+    from fusedgrad import _C
+    assert data["meta"]["cpu_vector_bytes"] == _C.cpu_vector_bytes()
+    assert isinstance(data["meta"]["vector_isa"], str) and data["meta"]["vector_isa"]
     table = (out / "results.md").read_text().splitlines()
     assert table[0].startswith("| N×D→H→O |") and table[2].startswith("| 10×4→4→4 | float32 | 1 | no |")
     try:

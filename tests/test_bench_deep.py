@@ -51,8 +51,10 @@ def test_deep_bench_quick_accounts_for_every_case_and_route(tmp_path):
     result = json.loads((tmp_path / "deep.json").read_text())
 
     meta = result["meta"]
-    for key in ("date", "cpu", "torch", "jax", "threads", "gemm_peak_gflops", "check"):
+    for key in ("date", "cpu", "cpu_count", "vector_isa", "cpu_vector_bytes", "torch", "jax", "threads",
+                "gemm_peak_gflops", "check"):
         assert key in meta, key
+    assert f"({meta['vector_isa']}, {meta['cpu_vector_bytes']}-byte vectors)" in (tmp_path / "deep.md").read_text()
     assert meta["quick"] is True and meta["gemm_peak_gflops"] > 0
 
     assert [c["case"] for c in result["cases"]] == CASES

@@ -169,3 +169,17 @@ def test_narrow_trainer_matches_torch_optim_with_each_width(forced_width, width,
     torch.testing.assert_close(losses.reshape(-1), torch.stack(ref_losses), rtol=1e-10, atol=1e-12)
     for p, q in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or _cpu_flags() is None,
+                    reason="reads the CPU's flags from /proc/cpuinfo (Linux x86-64)")
+def test_benchmark_runs_record_the_cpus_vector_isa():
+    from fusedgrad.bench.machine import cpu_facts, cpu_label
+
+    facts = cpu_facts()
+    assert facts["cpu_vector_bytes"] == _C.cpu_vector_bytes()
+    assert facts["vector_isa"] == ("AVX-512" if _C.cpu_vector_bytes() == 64 else
+                                   "AVX2" if {"avx2", "fma"} <= _cpu_flags() else "baseline x86-64")
+    assert cpu_label(facts).endswith(f"({facts['vector_isa']}, {facts['cpu_vector_bytes']}-byte vectors), "
+                                     f"{facts['cpu_count']} CPUs")
+    assert cpu_label({"cpu": "X", "cpu_count": 2}) == "X, 2 CPUs"  # runs saved before the ISA was recorded

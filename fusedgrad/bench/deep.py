@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .machine import cpu_facts, cpu_label
 from .steps import gemm_peak_gflops, jax_available
 
 CHECK_STEPS = 3
@@ -776,17 +777,6 @@ def bench_tall(case, sizes, repeats, progress=True):
 
 
 # ---------------------------------------------------------------------------- the whole suite
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _versions():
     found = {"python": platform.python_version(), "torch": torch.__version__, "jax": None, "optax": None}
     if jax_available():
@@ -839,8 +829,8 @@ def run(quick=False, threads=2, with_compile=False, repeats=5, progress=True):
         if not with_compile:
             c["skipped"]["compile"] = "not run (pass --compile: 10–20 s of compiling per case)"
     meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": platform.machine(), "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(), "platform": platform.platform(), **_versions(), "threads": threads,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": platform.machine(), **cpu_facts(),
+        "platform": platform.platform(), **_versions(), "threads": threads,
         "jax_threads": jax_threads, "dtype": "float32", "quick": quick, "compile": with_compile, "repeats": repeats,
         "lr": LR, "optimizer": "Adam (torch.optim / optax.adam, default betas and eps)",
         "check": {"steps": CHECK_STEPS, "reference": "the native loop in float64 (ensemble: the Python loop over "
@@ -875,7 +865,7 @@ def markdown(result):
     peak = m["gemm_peak_gflops"]
     lines = [f"Deep networks, float32, {m['threads']} torch threads (JAX: {m['jax_threads']}), torch {m['torch']}"
              + (f", JAX {m['jax']} / optax {m['optax']}" if m.get("jax") else ", JAX not installed")
-             + f"; {m['cpu']}, {m['cpu_count']} CPUs; {m['date']}" + ("; --quick (smoke sizes)" if m["quick"] else "")
+             + f"; {cpu_label(m)}; {m['date']}" + ("; --quick (smoke sizes)" if m["quick"] else "")
              + f". Adam lr {m['lr']}, full batch; µs per training step, median of up to {m['repeats']} loops. "
              f"Every route checked first against the native float64 loop, {m['check']['steps']} steps from the same "
              f"start: its float64 run to {m['check']['float64_max_rel']:.0e} of the parameters' scale, its float32 "

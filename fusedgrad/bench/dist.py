@@ -32,6 +32,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from .machine import cpu_facts
+
 CASES = [  # (rows, D, H, O, steps per timed fit)
     (1_000_000, 1, 20, 1, 20),
     (10_000_000, 1, 20, 1, 4),
@@ -227,7 +229,7 @@ def run(quick=False, repeats=3, log=print):
             + (f", native DDP {row['native_ddp_us']:,.0f} µs ({row['fused_vs_native_ddp']:.1f}× slower)"
                if "native_ddp_us" in row else ""))
     meta = {"torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
-            "cpus": os.cpu_count(), "quick": quick, "repeats": repeats,
+            "cpus": os.cpu_count(), **cpu_facts(), "quick": quick, "repeats": repeats,
             "seconds": time.perf_counter() - started}
     return {"meta": meta, "rows": rows_out}
 

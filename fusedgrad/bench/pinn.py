@@ -27,7 +27,6 @@ within 1e-3 of the distance trained (or twice native float32's own error).
 from __future__ import annotations
 
 import math
-import os
 import platform
 import time
 
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from . import deep as _deep
+from .machine import cpu_facts, cpu_label
 
 NU = 0.01 / math.pi
 WIDTHS = (2, 20, 20, 20, 1)
@@ -318,8 +318,8 @@ def run(quick=False, threads=2, repeats=5, progress=True):
     out["ratios"] = {f"{f}_x_{o}": us[o] / us[f] for f in ("fused", "dropin") if f in us
                      for o in ("native", "torch_func", "jax_jit", "jax_scan") if o in us}
     out["meta"] = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": platform.machine(), "cpu": _deep._cpu_model(),
-        "cpu_count": os.cpu_count(), **_deep._versions(), "threads": threads, "jax_threads": jax_threads,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": platform.machine(), **cpu_facts(),
+        **_deep._versions(), "threads": threads, "jax_threads": jax_threads,
         "dtype": "float32", "quick": quick, "repeats": repeats, "lr": LR,
         "check": {"steps": _deep.CHECK_STEPS, "float64_max_rel": _deep.TOL64, "float32_rel_to_distance": _deep.TOL32},
         "seconds": time.perf_counter() - started,
@@ -331,7 +331,7 @@ def markdown(result):
     us, meta = result["us_per_step"], result["meta"]
     fastest_jax = min((us[r] for r in ("jax_jit", "jax_scan") if r in us), default=None)
     lines = [f"Burgers PINN step ({result['label']}), float32, {meta['threads']} threads, "
-             f"{meta['date']} on {meta['cpu']} (torch {meta['torch']}, JAX {meta['jax']}):", "",
+             f"{meta['date']} on {cpu_label(meta)} (torch {meta['torch']}, JAX {meta['jax']}):", "",
              "| route | µs per step | fused is × faster |", "|---|---:|---:|"]
     for r in ROUTES:
         if r in us:

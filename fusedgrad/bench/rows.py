@@ -20,6 +20,7 @@ import sys
 import torch
 
 from . import steps as B
+from .machine import cpu_facts
 
 SHAPES = ((1, 20, 1), (16, 64, 4), (256, 256, 1))
 SIZES = (100, 1_000, 10_000, 100_000, 1_000_000)
@@ -126,7 +127,7 @@ def run(args):
     print_table(rows)
     os.makedirs(args.out, exist_ok=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "quick": quick, "paths": PATHS}
+            **cpu_facts(), "quick": quick, "paths": PATHS}
     with open(os.path.join(args.out, "rows.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, "rows.md"), "w") as f:

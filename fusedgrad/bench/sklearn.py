@@ -18,7 +18,6 @@ BLAS (``threads``, through threadpoolctl, which scikit-learn installs). Times ar
 median of ``repeats`` fits after an untimed one for the small cases, one fit for the 10⁶ case; ratios are of the same
 run. ``quick=True`` is a seconds-long smoke run (small sizes, few epochs), never a measurement.
 """
-import os
 import platform
 import statistics
 import time
@@ -26,6 +25,8 @@ import warnings
 
 import numpy as np
 import torch
+
+from .machine import cpu_facts, cpu_label
 
 CASES = {
     # name: (rows, hidden, activation, lr, batch, epochs, repeats)
@@ -150,7 +151,7 @@ def _run(quick, repeats, threads, progress):
                 row["r2"][route] = float(r2_score(yte, np.asarray(model.predict(Xte)).ravel()))
         rows_out.append(row)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "threads": threads, "quick": quick,
+            **cpu_facts(), "threads": threads, "quick": quick,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "sklearn": _version("sklearn"),
             "skorch": _version("skorch") if with_skorch else None}
     return {"meta": meta, "rows": rows_out}
@@ -171,7 +172,7 @@ def markdown(result):
     lines = [f"scikit-learn {meta['sklearn']} MLPRegressor vs "
              + (f"skorch {meta['skorch']} NeuralNetRegressor vs " if has_skorch else "")
              + f"fusedgrad.sklearn.MLPRegressor; torch {meta['torch']}, {meta['threads']} thread(s) (torch and BLAS), "
-             f"{meta['cpu_count']} CPUs; {meta['date']}. Adam, float32, fit wall time (median of the repeats), "
+             f"{cpu_label(meta)}; {meta['date']}. Adam, float32, fit wall time (median of the repeats), "
              "R² on the held-out split; ratios from the same run.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * 3 + "---:|" * (len(cols) - 3)]
     for r in rows:

@@ -15,6 +15,7 @@ import time
 import torch
 
 from ..bench import steps as B
+from ..bench.machine import cpu_facts
 from . import positive_int
 
 HELP = "benchmark fusedgrad against native autograd and torch.compile"
@@ -231,7 +232,7 @@ def run_ensemble(args):
     print("\nµs per model-step of one Adam step (best of the timed blocks; ratios from the same run)\n" + table)
     os.makedirs(args.out, exist_ok=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "threads": max(args.threads), "quick": args.quick, "routes": routes}
+            **cpu_facts(), "threads": max(args.threads), "quick": args.quick, "routes": routes}
     with open(os.path.join(args.out, "ensemble.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, "ensemble.md"), "w") as f:
@@ -254,7 +255,7 @@ def run_training(args):
     print("\n" + table)
     os.makedirs(args.out, exist_ok=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "threads": max(args.threads), "quick": args.quick}
+            **cpu_facts(), "threads": max(args.threads), "quick": args.quick}
     try:
         import jax
         meta["jax"] = jax.__version__
@@ -382,7 +383,7 @@ def run(args):
     print_table(rows, paths)
     os.makedirs(args.out, exist_ok=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "processor": platform.processor(), "cpu_count": os.cpu_count(), "device": args.device,
+            "processor": platform.processor(), **cpu_facts(), "device": args.device,
             "quick": args.quick, "paths": paths}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
