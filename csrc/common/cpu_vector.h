@@ -20,6 +20,7 @@
 #include <atomic>
 #include <bit>
 #include <cstdint>
+#include <utility>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define FUSEDGRAD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -57,6 +58,17 @@ inline int cpu_vector_bytes() {
 #else
   return 32;
 #endif
+}
+
+// Calls wide(args...) where cpu_vector_bytes() is 64, narrow(args...) elsewhere: the two entry
+// points of a kernel built for both lane widths.
+template <typename Wide, typename Narrow, typename... Args>
+inline void by_vector_width(Wide wide, Narrow narrow, Args&&... args) {
+  if (cpu_vector_bytes() == 64) {
+    wide(std::forward<Args>(args)...);
+  } else {
+    narrow(std::forward<Args>(args)...);
+  }
 }
 
 // e^z for a tile of lanes, vectorisable (no calls, no branches): z = n ln2 + r

@@ -502,29 +502,22 @@ FUSEDGRAD_CPU_INLINE void loss_chunk(const LossJob<T>& job, int64_t r0, int64_t 
 }
 
 // One function per dtype and CPU capability (target_clones, picked at load
-// time as ATen picks its kernels): the chunk bodies are where the time goes,
-// and a lambda would be compiled for the baseline ISA only. Each twice: with
+// time as ATen picks its kernels; GCC clones each template instance): the chunk
+// bodies are where the time goes, and a lambda would be compiled for the
+// baseline ISA only. Each twice: with
 // 64-byte lane vectors (every clone: tests force them on any CPU) and with
 // 32-byte ones (no AVX-512 clone), taken by cpu_vector_bytes().
-FUSEDGRAD_CPU_CLONES void loss_chunk_64(const LossJob<float>& job, int64_t r0, int64_t r1, double* partial) {
+template <typename T>
+FUSEDGRAD_CPU_CLONES void loss_chunk_64(const LossJob<T>& job, int64_t r0, int64_t r1, double* partial) {
   loss_chunk<64>(job, r0, r1, partial);
 }
-FUSEDGRAD_CPU_CLONES void loss_chunk_64(const LossJob<double>& job, int64_t r0, int64_t r1, double* partial) {
-  loss_chunk<64>(job, r0, r1, partial);
-}
-FUSEDGRAD_CPU_CLONES_32 void loss_chunk_32(const LossJob<float>& job, int64_t r0, int64_t r1, double* partial) {
-  loss_chunk<32>(job, r0, r1, partial);
-}
-FUSEDGRAD_CPU_CLONES_32 void loss_chunk_32(const LossJob<double>& job, int64_t r0, int64_t r1, double* partial) {
+template <typename T>
+FUSEDGRAD_CPU_CLONES_32 void loss_chunk_32(const LossJob<T>& job, int64_t r0, int64_t r1, double* partial) {
   loss_chunk<32>(job, r0, r1, partial);
 }
 template <typename T>
 void run_loss_chunk(const LossJob<T>& job, int64_t r0, int64_t r1, double* partial) {
-  if (cpu_vector_bytes() == 64) {
-    loss_chunk_64(job, r0, r1, partial);
-  } else {
-    loss_chunk_32(job, r0, r1, partial);
-  }
+  by_vector_width(loss_chunk_64<T>, loss_chunk_32<T>, job, r0, r1, partial);
 }
 
 // The loss op over all rows.
@@ -655,27 +648,17 @@ FUSEDGRAD_CPU_INLINE void backward_chunk(const BackwardJob<T>& job, int64_t r0, 
   }
 }
 
-FUSEDGRAD_CPU_CLONES void backward_chunk_64(const BackwardJob<float>& job, int64_t r0, int64_t r1, double* partial) {
+template <typename T>
+FUSEDGRAD_CPU_CLONES void backward_chunk_64(const BackwardJob<T>& job, int64_t r0, int64_t r1, double* partial) {
   backward_chunk<64>(job, r0, r1, partial);
 }
-FUSEDGRAD_CPU_CLONES void backward_chunk_64(const BackwardJob<double>& job, int64_t r0, int64_t r1, double* partial) {
-  backward_chunk<64>(job, r0, r1, partial);
-}
-FUSEDGRAD_CPU_CLONES_32 void backward_chunk_32(const BackwardJob<float>& job, int64_t r0, int64_t r1,
-                                               double* partial) {
-  backward_chunk<32>(job, r0, r1, partial);
-}
-FUSEDGRAD_CPU_CLONES_32 void backward_chunk_32(const BackwardJob<double>& job, int64_t r0, int64_t r1,
-                                               double* partial) {
+template <typename T>
+FUSEDGRAD_CPU_CLONES_32 void backward_chunk_32(const BackwardJob<T>& job, int64_t r0, int64_t r1, double* partial) {
   backward_chunk<32>(job, r0, r1, partial);
 }
 template <typename T>
 void run_backward_chunk(const BackwardJob<T>& job, int64_t r0, int64_t r1, double* partial) {
-  if (cpu_vector_bytes() == 64) {
-    backward_chunk_64(job, r0, r1, partial);
-  } else {
-    backward_chunk_32(job, r0, r1, partial);
-  }
+  by_vector_width(backward_chunk_64<T>, backward_chunk_32<T>, job, r0, r1, partial);
 }
 
 template <typename T>

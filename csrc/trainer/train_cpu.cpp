@@ -339,36 +339,24 @@ FUSEDGRAD_CPU_INLINE void chunk_sums_any_widths(const Dims& d, const SumLayout& 
 // The functions that do the arithmetic, compiled per CPU capability
 // (cpu_vector.h). Everything around them only orchestrates: their bodies are
 // inlined here, so each clone carries its own vector code.
-// Each dtype twice: with 64-byte lane vectors (every clone, so that tests can force them on any CPU)
-// and with 32-byte ones (no AVX-512 clone); chunk_sums_kernel takes cpu_vector_bytes()'.
-FUSEDGRAD_CPU_CLONES void chunk_sums_64(const Dims& d, const SumLayout& lay, const ModelPtrs<float>& m,
-                                        const StepRows& rows, const Partition& part, int64_t c, float two_c,
+// Each twice: with 64-byte lane vectors (every clone, so that tests can force them on any CPU) and
+// with 32-byte ones (no AVX-512 clone); chunk_sums_kernel takes cpu_vector_bytes()'.
+template <typename T>
+FUSEDGRAD_CPU_CLONES void chunk_sums_64(const Dims& d, const SumLayout& lay, const ModelPtrs<T>& m,
+                                        const StepRows& rows, const Partition& part, int64_t c, T two_c,
                                         double* sums) {
-  chunk_sums_any_widths<float, 64>(d, lay, m, rows, part, c, two_c, sums);
+  chunk_sums_any_widths<T, 64>(d, lay, m, rows, part, c, two_c, sums);
 }
-FUSEDGRAD_CPU_CLONES void chunk_sums_64(const Dims& d, const SumLayout& lay, const ModelPtrs<double>& m,
-                                        const StepRows& rows, const Partition& part, int64_t c, double two_c,
-                                        double* sums) {
-  chunk_sums_any_widths<double, 64>(d, lay, m, rows, part, c, two_c, sums);
-}
-FUSEDGRAD_CPU_CLONES_32 void chunk_sums_32(const Dims& d, const SumLayout& lay, const ModelPtrs<float>& m,
-                                           const StepRows& rows, const Partition& part, int64_t c, float two_c,
+template <typename T>
+FUSEDGRAD_CPU_CLONES_32 void chunk_sums_32(const Dims& d, const SumLayout& lay, const ModelPtrs<T>& m,
+                                           const StepRows& rows, const Partition& part, int64_t c, T two_c,
                                            double* sums) {
-  chunk_sums_any_widths<float, 32>(d, lay, m, rows, part, c, two_c, sums);
-}
-FUSEDGRAD_CPU_CLONES_32 void chunk_sums_32(const Dims& d, const SumLayout& lay, const ModelPtrs<double>& m,
-                                           const StepRows& rows, const Partition& part, int64_t c, double two_c,
-                                           double* sums) {
-  chunk_sums_any_widths<double, 32>(d, lay, m, rows, part, c, two_c, sums);
+  chunk_sums_any_widths<T, 32>(d, lay, m, rows, part, c, two_c, sums);
 }
 template <typename T>
 void chunk_sums_kernel(const Dims& d, const SumLayout& lay, const ModelPtrs<T>& m, const StepRows& rows,
                        const Partition& part, int64_t c, T two_c, double* sums) {
-  if (cpu_vector_bytes() == 64) {
-    chunk_sums_64(d, lay, m, rows, part, c, two_c, sums);
-  } else {
-    chunk_sums_32(d, lay, m, rows, part, c, two_c, sums);
-  }
+  by_vector_width(chunk_sums_64<T>, chunk_sums_32<T>, d, lay, m, rows, part, c, two_c, sums);
 }
 FUSEDGRAD_CPU_CLONES void update_kernel(float* grad, float* param, const StatePtrs<float>& st,
                                           const SliceUpdate& u) {
