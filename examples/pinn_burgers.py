@@ -9,7 +9,8 @@ Network 2→[20]×3→1 tanh (DeepXDE's ``FNN([2] + [20] * 3 + [1], "tanh", "Glo
 every collocation point: ``net.derivatives(x, order=2)`` computes them in one fused pass
 (and their parameter gradient in one more), where PINN code calls ``autograd.grad`` with
 ``create_graph=True`` twice. ``--native`` trains the same network the autograd way, for the
-wall-time comparison.
+wall-time comparison. As in DeepXDE (``PDE.losses``), the network runs once over one batch of
+all the points, [collocation; initial; boundary], and each term of the loss takes its rows.
 
 The reference solution is the exact one, by the Cole–Hopf transformation:
 
@@ -62,17 +63,19 @@ def points(n_domain=2540, n_initial=80, n_boundary=80, seed=0):
     return xc, xi, -torch.sin(math.pi * xi[:, 0]), xb
 
 
-def fused_pde_residual(net, xc):
-    u, du, d2u = net.derivatives(xc, order=2)           # (N, 1), (N, 1, 2), (N, 1, 2): columns x, t
-    return du[:, 0, 1] + u[:, 0] * du[:, 0, 0] - NU * d2u[:, 0, 0]
+def fused_terms(net, x):
+    """u, u_x, u_t, u_xx at every point of x, from one fused pass."""
+    u, du, d2u = net.derivatives(x, order=2)            # (M, 1), (M, 1, 2), (M, 1, 2): columns x, t
+    return u[:, 0], du[:, 0, 0], du[:, 0, 1], d2u[:, 0, 0]
 
 
-def autograd_pde_residual(net, xc):
-    x = xc.detach().requires_grad_()
+def autograd_terms(net, x):
+    """The same by autograd.grad(create_graph=True), as PINN code computes them."""
+    x = x.detach().requires_grad_()
     u = net(x)
     g, = torch.autograd.grad(u.sum(), x, create_graph=True)
     u_xx = torch.autograd.grad(g[:, 0].sum(), x, create_graph=True)[0][:, 0]
-    return g[:, 1] + u[:, 0] * g[:, 0] - NU * u_xx
+    return u[:, 0], g[:, 0], g[:, 1], u_xx
 
 
 def make_net(native: bool, seed: int) -> nn.Module:
@@ -103,11 +106,15 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     xc, xi, ui, xb = points(seed=args.seed)
+    x = torch.cat([xc, xi, xb])                         # one batch: rows [:nd] collocation, then initial, boundary
+    nd, ni = len(xc), len(xi)
     net = make_net(args.native, args.seed)
-    residual = autograd_pde_residual if args.native else fused_pde_residual
+    terms = autograd_terms if args.native else fused_terms
 
     def loss_fn():
-        return (residual(net, xc).pow(2).mean() + (net(xi)[:, 0] - ui).pow(2).mean() + net(xb).pow(2).mean())
+        u, u_x, u_t, u_xx = terms(net, x)
+        residual = u_t[:nd] + u[:nd] * u_x[:nd] - NU * u_xx[:nd]
+        return residual.pow(2).mean() + (u[nd:nd + ni] - ui).pow(2).mean() + u[nd + ni:].pow(2).mean()
 
     grid_x, grid_t = torch.meshgrid(torch.linspace(-1, 1, 256, dtype=torch.float64),
                                     torch.linspace(0, 1, 100, dtype=torch.float64), indexing="ij")

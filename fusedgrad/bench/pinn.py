@@ -6,6 +6,10 @@ The problem is DeepXDE's Burgers example (``examples/pinn_burgers.py`` trains it
 loss = mean(residual²) + mean((u − u₀)²) over the initial points + mean(u²) over the boundary
 points; one Adam step (lr 1e-3). Every route starts from the same weights on the same points.
 
+Every route evaluates the loss as DeepXDE does (``deepxde/data/pde.py``, ``PDE.losses``): the
+network and its input derivatives once over one batch of all 2 700 points, the residual's
+terms taken from the collocation rows, u₀ and u = 0 compared on the initial and boundary rows.
+
 Routes (µs per step):
 
 * ``native``     — ``nn.Sequential``; u_x, u_t from ``autograd.grad(u.sum(), x, create_graph=True)``,
@@ -40,6 +44,7 @@ NU = 0.01 / math.pi
 WIDTHS = (2, 20, 20, 20, 1)
 LR = 1e-3
 STEPS = 50  # steps per timed loop
+N_INITIAL, N_BOUNDARY = 80, 80
 QUICK = {"n_domain": 254, "steps": 3}
 ROUTES = ("native", "torch_func", "dropin", "fused", "jax_jit", "jax_scan")
 NAMES = {
@@ -52,7 +57,7 @@ NAMES = {
 }
 
 
-def burgers_points(n_domain=2540, n_initial=80, n_boundary=80, seed=0):
+def burgers_points(n_domain=2540, n_initial=N_INITIAL, n_boundary=N_BOUNDARY, seed=0):
     """(collocation (N, 2), initial points (80, 2), u₀ there (80,), boundary points (80, 2)): columns x, t;
     float64 tensors holding float32 values (every dtype trains the same problem)."""
     gen = torch.Generator().manual_seed(seed)
@@ -69,28 +74,31 @@ def _residual(u, u_x, u_t, u_xx):
     return u_t + u * u_x - NU * u_xx
 
 
-def _boundary_terms(model, xi, ui, xb):
-    return (model(xi)[:, 0] - ui).pow(2).mean() + model(xb).pow(2).mean()
+def _loss(u, u_x, u_t, u_xx, ui):
+    """The PINN loss from u and its derivatives over the batch [collocation; initial; boundary] (each (M,)):
+    the residual's mean square on the collocation rows, (u − u₀)² on the initial rows, u² on the boundary
+    rows. The derivatives of the last 160 rows are computed and not used, as in DeepXDE. Torch or JAX arrays."""
+    nd = u.shape[0] - N_INITIAL - N_BOUNDARY
+    r = _residual(u[:nd], u_x[:nd], u_t[:nd], u_xx[:nd])
+    return (r ** 2).mean() + ((u[nd:nd + N_INITIAL] - ui) ** 2).mean() + (u[nd + N_INITIAL:] ** 2).mean()
 
 
-def autograd_loss(model, xc, xi, ui, xb):
+def autograd_loss(model, x, ui):
     """The loss as PINN code writes it: derivatives by autograd.grad(create_graph=True)."""
-    x = xc.detach().requires_grad_()
+    x = x.detach().requires_grad_()
     u = model(x)
     g, = torch.autograd.grad(u.sum(), x, create_graph=True)
     u_xx = torch.autograd.grad(g[:, 0].sum(), x, create_graph=True)[0][:, 0]
-    r = _residual(u[:, 0], g[:, 0], g[:, 1], u_xx)
-    return r.pow(2).mean() + _boundary_terms(model, xi, ui, xb)
+    return _loss(u[:, 0], g[:, 0], g[:, 1], u_xx, ui)
 
 
-def fused_loss(net, xc, xi, ui, xb):
+def fused_loss(net, x, ui):
     """The loss from one fused pass: u, ∂u/∂(x, t), ∂²u/∂(x, t)² (the Hessian's diagonal)."""
-    u, du, d2u = net.derivatives(xc, order=2)
-    r = _residual(u[:, 0], du[:, 0, 0], du[:, 0, 1], d2u[:, 0, 0])
-    return r.pow(2).mean() + _boundary_terms(net, xi, ui, xb)
+    u, du, d2u = net.derivatives(x, order=2)
+    return _loss(u[:, 0], du[:, 0, 0], du[:, 0, 1], d2u[:, 0, 0], ui)
 
 
-def torch_func_loss(model, xc, xi, ui, xb):
+def torch_func_loss(model, x, ui):
     """The derivatives per point with torch.func (vmap of jacrev and hessian over the points)."""
     from torch.func import functional_call, hessian, jacrev, vmap
 
@@ -99,11 +107,9 @@ def torch_func_loss(model, xc, xi, ui, xb):
     def u_of(p, point):
         return functional_call(model, p, (point,))[0]
 
-    g = vmap(jacrev(u_of, argnums=1), in_dims=(None, 0))(params, xc)
-    hess = vmap(hessian(u_of, argnums=1), in_dims=(None, 0))(params, xc)
-    u = model(xc)[:, 0]
-    r = _residual(u, g[:, 0], g[:, 1], hess[:, 0, 0])
-    return r.pow(2).mean() + _boundary_terms(model, xi, ui, xb)
+    g = vmap(jacrev(u_of, argnums=1), in_dims=(None, 0))(params, x)
+    hess = vmap(hessian(u_of, argnums=1), in_dims=(None, 0))(params, x)
+    return _loss(model(x)[:, 0], g[:, 0], g[:, 1], hess[:, 0, 0], ui)
 
 
 class Problem:
@@ -124,7 +130,9 @@ class Problem:
         return nn.Sequential(*layers)
 
     def data(self, dtype):
-        return tuple(t.to(dtype) for t in self.points)
+        """(x, u₀): the batch [collocation; initial; boundary] (N + 160, 2) and u₀ on the initial rows (80,)."""
+        xc, xi, ui, xb = self.points
+        return torch.cat([xc, xi, xb]).to(dtype), ui.to(dtype)
 
     def init_params(self, dtype):
         return [t.to(dtype) for t in self.init]
@@ -167,14 +175,13 @@ def _jax_loss():
                 a = jnp.tanh(a)
         return a
 
-    def loss(params, xc, xi, ui, xb):
+    def loss(params, x, ui):
         def u_sum(x):
             return net(params, x).sum()
 
-        g = jax.grad(u_sum)(xc)
-        u_xx = jax.grad(lambda x: jax.grad(u_sum)(x)[:, 0].sum())(xc)[:, 0]
-        r = _residual(net(params, xc)[:, 0], g[:, 0], g[:, 1], u_xx)
-        return (r ** 2).mean() + ((net(params, xi)[:, 0] - ui) ** 2).mean() + (net(params, xb) ** 2).mean()
+        g = jax.grad(u_sum)(x)
+        u_xx = jax.grad(lambda x: jax.grad(u_sum)(x)[:, 0].sum())(x)[:, 0]
+        return _loss(net(params, x)[:, 0], g[:, 0], g[:, 1], u_xx, ui)
 
     return loss
 
@@ -226,14 +233,13 @@ MAKERS = {
 
 def jet_pass_us(problem, repeats, calls=20):
     """µs of the fused route's two jet ops timed on their own (float32, median of `repeats` loops of
-    `calls`): the forward (u, du, d2u at the collocation points) and its backward from the cotangents
-    the Burgers residual gives (d2u's t column zero: the backward carries 4 of the 5 parts)."""
+    `calls`): the forward (u, du, d2u at every point of the batch) and its backward from the cotangents
+    the loss gives (d2u's t column zero: the backward carries 4 of the 5 parts)."""
     net = problem.fused(torch.float32)
-    xc = problem.data(torch.float32)[0]
+    xc, ui = problem.data(torch.float32)
     outs = net.derivatives(xc, order=2)
     u, du, d2u = outs
-    residual = _residual(u[:, 0], du[:, 0, 0], du[:, 0, 1], d2u[:, 0, 0]).pow(2).mean()
-    cot = torch.autograd.grad(residual, outs)
+    cot = torch.autograd.grad(_loss(u[:, 0], du[:, 0, 0], du[:, 0, 1], d2u[:, 0, 0], ui), outs)
     weights, biases = net._weights_biases()
     weights, biases = [w.detach() for w in weights], [b.detach() for b in biases]
     ops = torch.ops.fusedgrad
@@ -256,16 +262,13 @@ def jet_pass_us(problem, repeats, calls=20):
 class _FreeJets:
     """The fused net with its jet pass at zero cost: ``derivatives`` returns precomputed leaf tensors (the
     same values), everything else is the net. The step built on it times only the torch code around the
-    fused call: the residual, the boundary terms, ``backward()`` and Adam."""
+    fused call: the residual, the initial and boundary terms, ``backward()`` and Adam."""
 
     def __init__(self, net, outputs):
         self.net, self.outputs = net, outputs
 
     def derivatives(self, x, order):
         return self.outputs
-
-    def __call__(self, x):
-        return self.net(x)
 
     def parameters(self):
         return self.net.parameters()
@@ -352,7 +355,7 @@ def markdown(result):
     around = result.get("around_jets_us")
     if around and "native" in us:
         lines += ["", "the fused step with its jet pass replaced by the jet pass's outputs, precomputed: "
-                      f"{around:,.0f} µs (the residual, the boundary terms, backward() and Adam around the fused "
+                      f"{around:,.0f} µs (the residual, the initial and boundary terms, backward() and Adam around the fused "
                       f"call): {us['native'] / around:.1f}× native is the most any kernel for u, du, d2u could "
                       "give with this loss code"]
     return "\n".join(lines) + "\n"
