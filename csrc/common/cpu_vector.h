@@ -104,6 +104,19 @@ struct ExpConsts<double> {
   static constexpr int degree = 13;
 };
 
+// c_n xⁿ + … + c_1 x + c_0 by Horner, the coefficients highest degree first:
+// horner(x, c_n, …, c_0) is acc = c_n, then acc = acc·x + c_k down to c_0 (one
+// multiply-add each, unrolled at compile time, as the polynomials are written
+// out in the literature).
+template <typename T>
+FUSEDGRAD_CPU_INLINE T horner(T, T acc) {
+  return acc;
+}
+template <typename T, typename... C>
+FUSEDGRAD_CPU_INLINE T horner(T x, T acc, T next, C... rest) {
+  return horner(x, acc * x + next, rest...);
+}
+
 // Σ_{m = M}^{Deg} r^(m−M) / m!, by Horner, unrolled at compile time (a loop
 // here would keep the caller's lane loop from vectorising).
 template <typename T, int M, int Deg>
@@ -126,13 +139,8 @@ FUSEDGRAD_CPU_INLINE T exp_taylor(T r) {
 template <typename T>
 FUSEDGRAD_CPU_INLINE T exp_polynomial(T r) {
   if constexpr (sizeof(T) == sizeof(float)) {
-    T p = T(0x1.6ab98p-10f);
-    p = p * r + T(0x1.126d0cp-7f);
-    p = p * r + T(0x1.55589ap-5f);
-    p = p * r + T(0x1.55540ap-3f);
-    p = p * r + T(0x1.fffffap-2f);
-    p = p * r + T(1);
-    return p * r + T(1);
+    return horner(r, T(0x1.6ab98p-10f), T(0x1.126d0cp-7f), T(0x1.55589ap-5f), T(0x1.55540ap-3f),
+                  T(0x1.fffffap-2f), T(1), T(1));
   } else {
     return exp_taylor<T, 0, ExpConsts<T>::degree>(r);
   }
@@ -185,18 +193,8 @@ FUSEDGRAD_CPU_INLINE float tanh_rational(float z) {
   // then z R(9)/9, past ±1, and the clamp at the end makes it ±1; NaN stays
   // NaN through the factor z.
   const float s = std::bit_cast<float>(std::min(std::bit_cast<int32_t>(z * z), std::bit_cast<int32_t>(81.0f)));
-  float p = 0x1.44e59p-35f;
-  p = p * s + 0x1.deda8ep-24f;
-  p = p * s + 0x1.631646p-15f;
-  p = p * s + 0x1.2233d2p-8f;
-  p = p * s + 0x1.20c918p-3f;
-  p = p * s + 1.0f;
-  float q = 0x1.97324cp-29f;
-  q = q * s + 0x1.5e2d06p-19f;
-  q = q * s + 0x1.06cd26p-11f;
-  q = q * s + 0x1.de8e74p-6f;
-  q = q * s + 0x1.e5b9e2p-2f;
-  q = q * s + 1.0f;
+  const float p = horner(s, 0x1.44e59p-35f, 0x1.deda8ep-24f, 0x1.631646p-15f, 0x1.2233d2p-8f, 0x1.20c918p-3f, 1.0f);
+  const float q = horner(s, 0x1.97324cp-29f, 0x1.5e2d06p-19f, 0x1.06cd26p-11f, 0x1.de8e74p-6f, 0x1.e5b9e2p-2f, 1.0f);
   float t = z * p / q;
   t = t > 1.0f ? 1.0f : t;
   return t < -1.0f ? -1.0f : t;
