@@ -36,7 +36,9 @@ def explain(net_or_trainer: Union[torch.nn.Module, "Trainer"], x: torch.Tensor,
         ``"widths"``, ``"dtype"``, ``"threads"`` (torch's thread count)
         and ``"why"``; the engine paths add ``"block_rows"``, ``"blocks"``, ``"chunks"``
         (fixed by the shape and the rows, never by the threads: the same bits for any thread
-        count) and ``"vector_bytes"``; ``"trainer-engine"`` adds ``"team_threads"``: the threads
+        count), ``"vector_bytes"`` and ``"layout"`` (``"padded-rows"``: each row's features padded to whole
+        lane vectors, for wide layers; ``"rows-in-lanes"``: each feature a line of the block's rows, where
+        padding would add more than a tenth to the products — widths like 1, 2, 20); ``"trainer-engine"`` adds ``"team_threads"``: the threads
         a ``fit`` of one model and at least 16 steps keeps for the whole call, to run each step's
         chunks without a fork and join per step (csrc/engine/thread_team.h; the call times its first
         steps with and without them and keeps them where they pay; 1: none — an ensemble, a

@@ -12,6 +12,7 @@ from torch import nn
 
 import fusedgrad
 from fusedgrad import deep
+from fusedgrad._C import cpu_vector_bytes
 
 ACTS = list(fusedgrad.ACTIVATIONS)
 _FN = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "silu": F.silu, "gelu": F.gelu,
@@ -76,6 +77,47 @@ def test_prediction_and_its_backward_match_autograd(widths, n, bias, act, seed):
     grad_out = torch.randn(expected.shape, dtype=torch.float64, generator=gen)
     for g, e in zip(torch.autograd.grad(got, inputs, grad_out), torch.autograd.grad(expected, inputs, grad_out)):
         assert rel_err(g, e) <= 1e-10
+
+
+# (widths, dtype, layout): the layout is picked by how much padding to whole lane vectors (4 doubles
+# or 8 floats in 32-byte vectors) would add to the products; float32 is checked against the float64
+# reference at float32's rounding.
+LAYOUT_CASES = [([5, 1, 7, 2], torch.float64, "rows-in-lanes"), ([3, 10, 10, 2], torch.float64, "rows-in-lanes"),
+                ([32, 64, 64, 8], torch.float64, "padded-rows"), ([4, 16, 16, 4], torch.float64, "padded-rows"),
+                ([1, 20, 20, 20, 1], torch.float32, "rows-in-lanes"), ([32, 64, 64, 8], torch.float32, "padded-rows")]
+
+
+@pytest.mark.parametrize("widths, dtype, layout", LAYOUT_CASES)
+@pytest.mark.parametrize("n", [1, 7, 50, 301, 5000])  # a lane's worth, blocks with padded columns, many chunks
+def test_both_block_layouts_match_autograd(widths, dtype, layout, n):
+    """Each of the engine's two block layouts (fusedgrad.explain's "layout") against autograd: the loss,
+    every gradient, dx and the prediction's backward."""
+    gen = torch.Generator().manual_seed(n)
+    weights, biases = make_net(widths, True, gen)
+    biases[-2] = None  # one layer without a bias
+    x = torch.randn(n, widths[0], dtype=torch.float64, generator=gen, requires_grad=True)
+    t = torch.randn(n, widths[-1], dtype=torch.float64, generator=gen)
+    if cpu_vector_bytes() == 32:  # the layout follows the vector width (64-byte vectors pad more)
+        net = fusedgrad.FusedMLP(widths[0], widths[1:-1], widths[-1], activation="tanh", dtype=dtype)
+        assert fusedgrad.explain(net, x.detach().to(dtype), t.to(dtype))["layout"] == layout
+    # float32: the worst gradient measured 7.3e-7 relative, the prediction below 1e-6 (2026-12-06)
+    tol, tol_pred = (1e-10, 1e-12) if dtype == torch.float64 else (5e-6, 2e-6)
+    cast = [w.detach().to(dtype).requires_grad_() for w in weights]
+    cast_b = [b.detach().to(dtype).requires_grad_() if b is not None else None for b in biases]
+    xs = x.detach().to(dtype).requires_grad_()
+    inputs = [x, *weights, *[b for b in biases if b is not None]]
+    ours = [xs, *cast, *[b for b in cast_b if b is not None]]
+    expected = F.mse_loss(reference(x, weights, biases, "tanh"), t)
+    got = deep.mlp_loss(xs, cast, cast_b, t.to(dtype), activation="tanh")
+    assert abs(got.item() - expected.item()) <= tol * abs(expected.item())
+    for g, e in zip(torch.autograd.grad(got, ours), torch.autograd.grad(expected, inputs)):
+        assert rel_err(g.double(), e) <= tol
+    grad_out = torch.randn(n, widths[-1], dtype=torch.float64, generator=gen)
+    pred, ref = deep.mlp(xs, cast, cast_b, activation="tanh"), reference(x, weights, biases, "tanh")
+    assert rel_err(pred.double(), ref) <= tol_pred
+    pairs = zip(torch.autograd.grad(pred, ours, grad_out.to(dtype)), torch.autograd.grad(ref, inputs, grad_out))
+    for g, e in pairs:
+        assert rel_err(g.double(), e) <= tol
 
 
 def test_loss_and_grads_without_autograd():

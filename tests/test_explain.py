@@ -15,7 +15,7 @@ import fusedgrad
 from fusedgrad import _C
 
 KEYS = {"path", "why", "call", "rows", "widths", "dtype", "threads"}
-ENGINE_KEYS = KEYS | {"block_rows", "blocks", "chunks", "vector_bytes"}
+ENGINE_KEYS = KEYS | {"block_rows", "blocks", "chunks", "vector_bytes", "layout"}
 # Every value "path" takes (fusedgrad/explain.py's docstring).
 PATHS = {"stream", "small", "gemm", "cuda", "ensemble", "engine", "trainer-narrow", "trainer-narrow-fixed",
          "trainer-gemm", "trainer-engine", "trainer-lbfgs"}
@@ -237,6 +237,7 @@ def test_deep_net_runs_the_engine(layers):
     assert info["path"] == "engine" and info["widths"] == [2] + [20] * layers + [1]
     assert info["blocks"] >= info["chunks"] >= 1 and info["block_rows"] * info["blocks"] >= 2540
     assert info["vector_bytes"] in (32, 64)
+    assert info["layout"] == "rows-in-lanes"  # widths 2, 20, 1 pad to 8, 24, 8 lanes: > 10 % more products
     assert fusedgrad.explain(net, x)["path"] == "engine"
     names, _ = recorded(lambda: net.loss(x, y))
     assert "fusedgrad::deep_mlp_loss_and_grads" in names and "fusedgrad::mlp_loss_and_grads" not in names

@@ -389,9 +389,12 @@ def test_lbfgs_matches_torch_optim(name, hidden, act):
     for p, q in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9)
     compare_lbfgs_states(opt, ropt, 1e-7)
+    # Over 121 evaluations the line search amplifies rounding: the band is the spread of native's own
+    # rounding (its runs over row orders). Five orders measured too narrow a band: a summation order of
+    # the engine's (rows in lanes, 2026-12) fell 1e-7 below their least and inside the spread of 30.
     gen = torch.Generator().manual_seed(1)
     natives = []
-    for perm in [None] + [torch.randperm(100, generator=gen) for _ in range(5)]:
+    for perm in [None] + [torch.randperm(100, generator=gen) for _ in range(30)]:
         net, ref, opt, ropt, got, expected = run(5, perm)
         sb = ropt.state[next(iter(ref.parameters()))]
         natives.append((sb["n_iter"], sb["func_evals"], expected[-1].item()))

@@ -57,15 +57,25 @@ FUSEDGRAD_CPU_INLINE void store(T* p, const Vec<T, VB>& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+template <typename T, int VB>
+FUSEDGRAD_CPU_INLINE Vec<T, VB> splat(T x) {
+  Vec<T, VB> v;
+#pragma GCC unroll 16
+  for (int q = 0; q < static_cast<int>(VB / sizeof(T)); ++q) v[q] = x;
+  return v;
+}
+
 // out[i, 0 : NV vectors] = init + Σ_{k < K} coef[i·ci + k·ck] · M[k·ldm, 0 : NV vectors] for RI rows i.
 // With few accumulators (RI·NV < 8) each would wait on its own previous multiply-add (4 cycles):
 // KU accumulators per output then take every KU-th k and are added at the end (a fixed order:
 // the result depends on the shape, never on the threads). Measured: the 1-row tiles of a 1-wide
 // input layer's weight gradient were 5 % of a 1→[20]×3→1 pass as one chain.
+// With row_init instead of init, row i of the tile starts from the scalar row_init[i] (a bias per
+// output row: the rows-in-lanes layout, mlp_rows_cpu.cpp).
 template <typename T, int VB, int NV, int RI>
 FUSEDGRAD_CPU_INLINE void tile(int64_t K, const T* FUSEDGRAD_RESTRICT coef, int64_t ci, int64_t ck,
                                const T* FUSEDGRAD_RESTRICT M, int64_t ldm, const T* FUSEDGRAD_RESTRICT init,
-                               T* FUSEDGRAD_RESTRICT out, int64_t ldo) {
+                               T* FUSEDGRAD_RESTRICT out, int64_t ldo, const T* FUSEDGRAD_RESTRICT row_init) {
   constexpr int64_t W = VB / sizeof(T);
   constexpr int KU = RI * NV >= 8 ? 1 : RI * NV >= 4 ? 2 : RI * NV >= 2 ? 4 : 8;
   Vec<T, VB> acc[KU][RI][NV];
@@ -74,7 +84,7 @@ FUSEDGRAD_CPU_INLINE void tile(int64_t K, const T* FUSEDGRAD_RESTRICT coef, int6
     const Vec<T, VB> b = init ? load<T, VB>(init + v * W) : Vec<T, VB>{};
 #pragma GCC unroll 8
     for (int i = 0; i < RI; ++i) {
-      acc[0][i][v] = b;
+      acc[0][i][v] = row_init ? splat<T, VB>(row_init[i]) : b;
 #pragma GCC unroll 8
       for (int u = 1; u < KU; ++u) acc[u][i][v] = Vec<T, VB>{};
     }
@@ -122,21 +132,24 @@ FUSEDGRAD_CPU_INLINE void tile(int64_t K, const T* FUSEDGRAD_RESTRICT coef, int6
 // rows left over go in tiles of 4, 2 and 1.
 template <typename T, int VB, int NV>
 FUSEDGRAD_CPU_INLINE void tile_rows(int64_t rows, int64_t K, const T* coef, int64_t ci, int64_t ck, const T* M,
-                                    int64_t ldm, const T* init, T* out, int64_t ldo) {
+                                    int64_t ldm, const T* init, T* out, int64_t ldo, const T* row_init) {
   constexpr int RI = NV == 1 ? 8 : 4;
+  auto at = [&](int64_t i) { return row_init ? row_init + i : nullptr; };
   int64_t i = 0;
-  for (; i + RI <= rows; i += RI) tile<T, VB, NV, RI>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
+  for (; i + RI <= rows; i += RI) {
+    tile<T, VB, NV, RI>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo, at(i));
+  }
   if constexpr (RI == 8) {
     if (i + 4 <= rows) {
-      tile<T, VB, NV, 4>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
+      tile<T, VB, NV, 4>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo, at(i));
       i += 4;
     }
   }
   if (i + 2 <= rows) {
-    tile<T, VB, NV, 2>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
+    tile<T, VB, NV, 2>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo, at(i));
     i += 2;
   }
-  if (i < rows) tile<T, VB, NV, 1>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo);
+  if (i < rows) tile<T, VB, NV, 1>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo, at(i));
 }
 
 // The most vectors a tile spans (`product`'s max_nv): 4 with AVX-512's 32 registers, 3 with AVX2's 16
@@ -147,19 +160,73 @@ inline int64_t tile_vectors_max() { return cpu_vector_bytes() == 64 ? 4 : 3; }
 
 template <typename T, int VB>
 FUSEDGRAD_CPU_INLINE void product(int64_t rows, int64_t K, const T* coef, int64_t ci, int64_t ck, const T* M,
-                                  int64_t ldm, int64_t np, const T* init, T* out, int64_t ldo, int64_t max_nv) {
+                                  int64_t ldm, int64_t np, const T* init, T* out, int64_t ldo, int64_t max_nv,
+                                  const T* row_init = nullptr) {
   constexpr int64_t W = VB / sizeof(T);
   for (int64_t c0 = 0; c0 < np; c0 += std::min<int64_t>(max_nv, (np - c0) / W) * W) {
     const T* Mc = M + c0;
     const T* ic = init ? init + c0 : nullptr;
     T* oc = out + c0;
     switch (std::min<int64_t>(max_nv, (np - c0) / W)) {
-      case 1: tile_rows<T, VB, 1>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
-      case 2: tile_rows<T, VB, 2>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
-      case 3: tile_rows<T, VB, 3>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
-      default: tile_rows<T, VB, 4>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo); break;
+      case 1: tile_rows<T, VB, 1>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo, row_init); break;
+      case 2: tile_rows<T, VB, 2>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo, row_init); break;
+      case 3: tile_rows<T, VB, 3>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo, row_init); break;
+      default: tile_rows<T, VB, 4>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo, row_init); break;
     }
   }
+}
+
+// The weight gradient of the rows-in-lanes layout (mlp_rows_cpu.cpp, and its jets), a dot of two
+// lines of C values (a multiple of the lanes) over each of `parts` parts:
+// partials[(i·n_k + k)·W + lane], i < JR, k < KR: lane-wise Σ_part Σ_c P[part·pp + i·C + c] · Q[part·qp + k·C + c].
+// Nine independent chains of multiply-adds hide their latency.
+template <typename T, int VB, int JR, int KR>
+FUSEDGRAD_CPU_INLINE void dot_tile(int64_t C, int64_t parts, const T* FUSEDGRAD_RESTRICT P, int64_t pp,
+                                   const T* FUSEDGRAD_RESTRICT Q, int64_t qp, T* FUSEDGRAD_RESTRICT partials,
+                                   int64_t n_k) {
+  constexpr int64_t W = VB / sizeof(T);
+  Vec<T, VB> acc[JR][KR] = {};
+  for (int64_t part = 0; part < parts; ++part) {
+    const T* Pp = P + part * pp;
+    const T* Qp = Q + part * qp;
+    for (int64_t c = 0; c < C; c += W) {
+      Vec<T, VB> p[JR], q[KR];
+#pragma GCC unroll 4
+      for (int i = 0; i < JR; ++i) p[i] = load<T, VB>(Pp + i * C + c);
+#pragma GCC unroll 4
+      for (int k = 0; k < KR; ++k) q[k] = load<T, VB>(Qp + k * C + c);
+#pragma GCC unroll 4
+      for (int i = 0; i < JR; ++i) {
+#pragma GCC unroll 4
+        for (int k = 0; k < KR; ++k) acc[i][k] += p[i] * q[k];
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < JR; ++i) {
+#pragma GCC unroll 4
+    for (int k = 0; k < KR; ++k) store<T, VB>(partials + (i * n_k + k) * W, acc[i][k]);
+  }
+}
+
+template <typename T, int VB, int JR>
+FUSEDGRAD_CPU_INLINE void dot_rows_of(int64_t K, int64_t C, int64_t parts, const T* P, int64_t pp, const T* Q,
+                                      int64_t qp, T* partials) {
+  constexpr int64_t W = VB / sizeof(T);
+  int64_t k = 0;
+  for (; k + 3 <= K; k += 3) dot_tile<T, VB, JR, 3>(C, parts, P, pp, Q + k * C, qp, partials + k * W, K);
+  if (K - k == 2) dot_tile<T, VB, JR, 2>(C, parts, P, pp, Q + k * C, qp, partials + k * W, K);
+  if (K - k == 1) dot_tile<T, VB, JR, 1>(C, parts, P, pp, Q + k * C, qp, partials + k * W, K);
+}
+
+// The lane partials of `rows` ≤ 3 rows of dW (every k < K) from `rows` lines of δ at P and the K lines
+// of a at Q, in each of `parts` parts (P + part·pp, Q + part·qp).
+template <typename T, int VB>
+FUSEDGRAD_CPU_INLINE void dot_rows(int64_t rows, int64_t K, int64_t C, int64_t parts, const T* P, int64_t pp,
+                                   const T* Q, int64_t qp, T* partials) {
+  if (rows == 3) dot_rows_of<T, VB, 3>(K, C, parts, P, pp, Q, qp, partials);
+  if (rows == 2) dot_rows_of<T, VB, 2>(K, C, parts, P, pp, Q, qp, partials);
+  if (rows == 1) dot_rows_of<T, VB, 1>(K, C, parts, P, pp, Q, qp, partials);
 }
 
 // Column sums of rows 0 .. rows − 1 of a (rows × np) block into out (np), in
@@ -196,6 +263,20 @@ inline int vector_bytes_for(const NetShape& s, int64_t elt) {
   return with64 * 10 > with32 * 11 ? 32 : 64;
 }
 
+// Whether a network's blocks hold their rows in the lanes (mlp_rows_cpu.cpp: a_l stored (n_l, rows),
+// every product a loop over rows) instead of its features (mlp_engine_cpu.cpp: a_l stored (rows,
+// n_l padded to whole vectors)). The features layout pads each width to whole lane vectors and its
+// products run over the padding: a 1→[20]×3→1 network does 1 144 multiply-adds a row forward for
+// its 840 (20 → 24 lanes, 1 → 8), its activations 72 values for 60. Rows in lanes pad nothing but a
+// block's last vector of rows. Taken where the padding adds more than a tenth to the products.
+inline bool rows_in_lanes(const NetShape& s, int64_t elt) {
+  const int64_t lanes = vector_bytes_for(s, elt) / elt;
+  int64_t padded_macs = 0;
+  for (int64_t l = 0; l < s.layers(); ++l) {
+    padded_macs += s.width[l] * padded(s.width[l + 1], lanes) + s.width[l + 1] * padded(s.width[l], lanes);
+  }
+  return padded_macs * 10 > 2 * s.macs_per_row() * 11;
+}
 
 // A network's weights in the two padded layouts `product` reads — W_lᵀ
 // (n_l × np_{l+1}) for the forward, W_l (n_{l+1} × np_l) for backward-data —

@@ -48,6 +48,16 @@ namespace {
 using namespace kernels;
 
 int64_t block_rows_for(const NetShape& s, int64_t elt) {
+  if (rows_in_lanes(s, elt)) {  // mlp_rows_cpu.cpp: every a_l (and h_l where kept) and two δ lines, unpadded
+    const bool saves_input = activation_saves_input(s.act);
+    int64_t per_row = 0, widest = 0;
+    for (int64_t l = 0; l <= s.layers(); ++l) {
+      per_row += s.width[l] * (l > 0 && l < s.layers() && saves_input ? 2 : 1);
+      widest = std::max(widest, s.width[l]);
+    }
+    per_row += 2 * widest;
+    return std::clamp<int64_t>(kScratchBytes / (elt * per_row) / 16 * 16, 16, 256);
+  }
   const int64_t lanes = 64 / elt;
   int64_t per_row = 0, widest = 0;
   for (int64_t n : s.width) {
@@ -236,6 +246,10 @@ void run_pass(const Pass<T>& pass) {
     if (pass.sums) std::fill(pass.sums, pass.sums + SumLayout(*pass.shape).size, 0.0);
     return;
   }
+  if (rows_in_lanes(*pass.shape, sizeof(T))) {
+    run_rows(pass);
+    return;
+  }
   if (vector_bytes_for(*pass.shape, sizeof(T)) == 32) {
     run_plan<T, 32>(pass);
   } else {
@@ -256,6 +270,8 @@ int64_t chunk_count(const NetShape& s, int64_t count, int64_t element_size) {
 }
 
 int vector_bytes(const NetShape& s, int64_t element_size) { return vector_bytes_for(s, element_size); }
+
+bool rows_in_lanes_layout(const NetShape& s, int64_t element_size) { return rows_in_lanes(s, element_size); }
 
 void force_cpu_vector_bytes(int bytes) {
   TORCH_CHECK(bytes == 0 || bytes == 32 || bytes == 64, "force_cpu_vector_bytes: 0, 32 or 64, got ", bytes);

@@ -34,6 +34,7 @@ py::dict explain_engine(const std::vector<int64_t>& widths, int64_t rows, int64_
   out["blocks"] = engine::block_count(s, rows, element_size);
   out["chunks"] = engine::chunk_count(s, rows, element_size);
   out["vector_bytes"] = engine::vector_bytes(s, element_size);
+  out["layout"] = engine::rows_in_lanes_layout(s, element_size) ? "rows-in-lanes" : "padded-rows";
   out["team_threads"] = engine::team_threads(s, rows, element_size);
   return out;
 }
