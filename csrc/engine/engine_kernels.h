@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "../common/cpu_vector.h"
-#include "../common/lane_vector.h"  // LaneBuffer: 64-byte aligned scratch
+#include "../common/lane_vector.h"  // LaneBuffer (64-byte aligned scratch), add_lane_sums, lane_row_sum
 #include "mlp_engine.h"
 
 namespace fusedgrad::engine::kernels {
@@ -71,7 +71,7 @@ FUSEDGRAD_CPU_INLINE Vec<T, VB> splat(T x) {
 // the result depends on the shape, never on the threads). Measured: the 1-row tiles of a 1-wide
 // input layer's weight gradient were 5 % of a 1→[20]×3→1 pass as one chain.
 // With row_init instead of init, row i of the tile starts from the scalar row_init[i] (a bias per
-// output row: the rows-in-lanes layout, mlp_rows_cpu.cpp).
+// output row: the rows-in-lanes layout of BlockLayout, below).
 template <typename T, int VB, int NV, int RI>
 FUSEDGRAD_CPU_INLINE void tile(int64_t K, const T* FUSEDGRAD_RESTRICT coef, int64_t ci, int64_t ck,
                                const T* FUSEDGRAD_RESTRICT M, int64_t ldm, const T* FUSEDGRAD_RESTRICT init,
@@ -176,7 +176,7 @@ FUSEDGRAD_CPU_INLINE void product(int64_t rows, int64_t K, const T* coef, int64_
   }
 }
 
-// The weight gradient of the rows-in-lanes layout (mlp_rows_cpu.cpp, and its jets), a dot of two
+// The weight gradient of the rows-in-lanes layout (BlockLayout, below), a dot of two
 // lines of C values (a multiple of the lanes) over each of `parts` parts:
 // partials[(i·n_k + k)·W + lane], i < JR, k < KR: lane-wise Σ_part Σ_c P[part·pp + i·C + c] · Q[part·qp + k·C + c].
 // Nine independent chains of multiply-adds hide their latency.
@@ -263,7 +263,7 @@ inline int vector_bytes_for(const NetShape& s, int64_t elt) {
   return with64 * 10 > with32 * 11 ? 32 : 64;
 }
 
-// Whether a network's blocks hold their rows in the lanes (mlp_rows_cpu.cpp: a_l stored (n_l, rows),
+// Whether a network's blocks hold their rows in the lanes (BlockLayout: a_l stored (n_l, rows),
 // every product a loop over rows) instead of its features (mlp_engine_cpu.cpp: a_l stored (rows,
 // n_l padded to whole vectors)). The features layout pads each width to whole lane vectors and its
 // products run over the padding: a 1→[20]×3→1 network does 1 144 multiply-adds a row forward for
@@ -321,6 +321,148 @@ void pack_weights(const NetShape& s, const std::vector<const T*>& W, const std::
     base += np[l + 1];
   }
 }
+
+// How a block holds a layer's quantities, and the three products of a layer on it — one copy for
+// the plain pass (mlp_engine_cpu.cpp) and the jet pass (mlp_jets_cpu.cpp), whose blocks hold S ≥ 1
+// parts of each quantity, part q at q · part_size (the plain pass: S = 1).
+//
+// Padded rows (Rows = false): row r of a part is np_l values (n_l padded to whole lane vectors), and
+//
+//   forward          h[r, :]   = b + Σ_k a[r, k] · W_lᵀ[k, :]        (W_lᵀ packed, padded)
+//   backward-data    δ'[r, :]  =     Σ_j δ[r, j]   · W_l[j, :]        (W_l packed, padded)
+//   weight gradient  dW[j, :]  =     Σ_r δ[r, j]   · a[r, :]          (over every part's rows)
+//
+// all on `product`; padded lanes of the weights and biases are zero, so those of h, δ and g are
+// zero and never reach a result. Rows in lanes (Rows = true, kernels::rows_in_lanes): feature j of
+// a part is a line of C values, one per row (C = nb rounded up to whole vectors), and
+//
+//   forward          hᵀ[j, :]  = b[j] + Σ_k W_l[j, k] · aᵀ[k, :]     (W_l and b_l read where they lie)
+//   backward-data    δ'ᵀ[k, :] =        Σ_j W_l[j, k] · δᵀ[j, :]
+//   weight gradient  dW[j, k]  =        Σ_r δᵀ[j, r] · aᵀ[k, r]      (lane-wise dots, dot_rows)
+//
+// the columns past nb zero in x and ∂L/∂p and zeroed after each activation step in every a and δ
+// (zero_columns), so they add exactly zero to every sum.
+template <typename T, int VB, bool Rows>
+struct BlockLayout {
+  const NetShape& s;
+  const std::vector<const T*>& W;  // the pass's weights (n_{l+1}, n_l) and biases (or null)
+  const std::vector<const T*>& b;
+  const int64_t lanes = VB / sizeof(T);
+  const int64_t max_nv = tile_vectors_max();  // the most vectors a tile spans on this CPU
+  std::vector<int64_t> np;                  // widths as a row holds them: padded, or (Rows) as they are
+  std::vector<const T*> WT, Wp, bp;         // padded rows: W_lᵀ (n_l × np_{l+1}), W_l (n_{l+1} × np_l), b_l
+  std::vector<T> packed;                    // storage of WT, Wp, bp
+
+  BlockLayout(const NetShape& shape, const std::vector<const T*>& weights, const std::vector<const T*>& biases)
+      : s(shape), W(weights), b(biases) {
+    if constexpr (Rows) {
+      np = s.width;
+    } else {
+      pack_weights(s, W, b, lanes, np, WT, Wp, bp, packed);
+    }
+  }
+
+  // Scratch (T's) a layer-gradient step needs (weight_grads' `work`) for a block.
+  int64_t work_size() const {
+    int64_t widest = 0, dw = 0;
+    for (int64_t l = 0; l < s.layers(); ++l) {
+      widest = std::max({widest, s.width[l], s.width[l + 1]});
+      dw = std::max(dw, s.width[l + 1] * np[l]);
+    }
+    return Rows ? 3 * widest * lanes : dw + widest;
+  }
+
+  // The values one part of layer l's quantity holds for a block of nb rows.
+  int64_t part_size(int64_t l, int64_t nb) const { return Rows ? np[l] * padded(nb, lanes) : nb * np[l]; }
+  // Where row r's feature j sits in a part of layer l.
+  int64_t at(int64_t r, int64_t j, int64_t l, int64_t nb) const {
+    return Rows ? j * padded(nb, lanes) + r : r * np[l] + j;
+  }
+
+  // Rows: zeroes the columns past nb of `parts` parts of layer l's quantity.
+  void zero_columns(T* q, int64_t l, int64_t parts, int64_t nb) const {
+    const int64_t C = padded(nb, lanes);
+    if (!Rows || nb == C) return;
+    for (int64_t line = 0; line < parts * s.width[l]; ++line) std::fill(q + line * C + nb, q + (line + 1) * C, T(0));
+  }
+
+  // h_l's parts from a_{l−1}'s (the bias on part 0, the values, only).
+  FUSEDGRAD_CPU_INLINE void forward_product(int64_t l, int64_t nb, int64_t parts, const T* in, T* h) const {
+    const int64_t n_in = s.width[l], n_out = s.width[l + 1];
+    if constexpr (Rows) {
+      const int64_t C = padded(nb, lanes);
+      for (int64_t q = 0; q < parts; ++q) {
+        product<T, VB>(n_out, n_in, W[l], n_in, 1, in + q * n_in * C, C, C, nullptr, h + q * n_out * C, C, max_nv,
+                       q == 0 ? b[l] : nullptr);
+      }
+    } else {
+      const int64_t ni = np[l], no = np[l + 1];
+      product<T, VB>(nb, n_in, in, ni, 1, WT[l], no, no, bp[l], h, no, max_nv);  // the values
+      if (parts > 1) {  // every other part's rows in one call
+        product<T, VB>((parts - 1) * nb, n_in, in + nb * ni, ni, 1, WT[l], no, no, nullptr, h + nb * no, no, max_nv);
+      }
+    }
+  }
+
+  // δ of a_{l−1}'s first `parts` parts from δ of h_l's.
+  FUSEDGRAD_CPU_INLINE void backward_product(int64_t l, int64_t nb, int64_t parts, const T* delta, T* out) const {
+    const int64_t n_in = s.width[l], n_out = s.width[l + 1];
+    if constexpr (Rows) {
+      const int64_t C = padded(nb, lanes);
+      for (int64_t q = 0; q < parts; ++q) {
+        product<T, VB>(n_in, n_out, W[l], 1, n_in, delta + q * n_out * C, C, C, nullptr, out + q * n_in * C, C,
+                       max_nv);
+      }
+    } else {
+      product<T, VB>(parts * nb, n_out, delta, np[l + 1], 1, Wp[l], np[l], np[l], nullptr, out, np[l], max_nv);
+    }
+  }
+
+  // dW_l += Σ over the rows of all `parts` parts δᵀ a_{l−1} (dw: n_{l+1} × n_l doubles); db_l (or null)
+  // += Σ over the value rows of δ (the other parts have no bias). `work`: work_size() T's.
+  FUSEDGRAD_CPU_INLINE void weight_grads(int64_t l, int64_t nb, int64_t parts, const T* delta, const T* a, T* work,
+                                         double* dw, double* db) const {
+    const int64_t n_in = s.width[l], n_out = s.width[l + 1];
+    if constexpr (Rows) {
+      const int64_t C = padded(nb, lanes);
+      for (int64_t j0 = 0; j0 < n_out; j0 += 3) {
+        const int64_t rows = std::min<int64_t>(3, n_out - j0);
+        dot_rows<T, VB>(rows, n_in, C, parts, delta + j0 * C, n_out * C, a, n_in * C, work);
+        add_lane_sums<VB>(work, rows * n_in, dw + j0 * n_in);
+      }
+      if (db) {
+        for (int64_t j = 0; j < n_out; ++j) lane_row_sum<VB>(delta + j * C, C, work + j * lanes);
+        add_lane_sums<VB>(work, n_out, db);
+      }
+    } else {
+      const int64_t ni = np[l], no = np[l + 1];
+      product<T, VB>(n_out, parts * nb, delta, 1, no, a, ni, ni, nullptr, work, ni, max_nv);
+      for (int64_t j = 0; j < n_out; ++j) {
+        for (int64_t k = 0; k < n_in; ++k) dw[j * n_in + k] += static_cast<double>(work[j * ni + k]);
+      }
+      if (db) {
+        T* sums = work + n_out * ni;
+        column_sums<T, VB>(delta, nb, no, sums);
+        for (int64_t j = 0; j < n_out; ++j) db[j] += static_cast<double>(sums[j]);
+      }
+    }
+  }
+};
+
+// The CPU clones' entry points of a plan template PLAN<T, VB, Rows> (the plain pass's, the jet
+// pass's): NAME(plan, chunk, sums) runs one chunk, compiled per CPU level for every element type,
+// vector width and layout — the plan's block inlines into each.
+#define FUSEDGRAD_ENGINE_CHUNK_CLONE(NAME, PLAN, T, VB, ROWS) \
+  FUSEDGRAD_CPU_CLONES void NAME(const PLAN<T, VB, ROWS>& plan, int64_t ch, double* sums) { plan.chunk(ch, sums); }
+#define FUSEDGRAD_ENGINE_CHUNK_CLONES(NAME, PLAN)               \
+  FUSEDGRAD_ENGINE_CHUNK_CLONE(NAME, PLAN, float, 64, false)    \
+  FUSEDGRAD_ENGINE_CHUNK_CLONE(NAME, PLAN, float, 32, false)    \
+  FUSEDGRAD_ENGINE_CHUNK_CLONE(NAME, PLAN, double, 64, false)   \
+  FUSEDGRAD_ENGINE_CHUNK_CLONE(NAME, PLAN, double, 32, false)   \
+  FUSEDGRAD_ENGINE_CHUNK_CLONE(NAME, PLAN, float, 64, true)     \
+  FUSEDGRAD_ENGINE_CHUNK_CLONE(NAME, PLAN, float, 32, true)     \
+  FUSEDGRAD_ENGINE_CHUNK_CLONE(NAME, PLAN, double, 64, true)    \
+  FUSEDGRAD_ENGINE_CHUNK_CLONE(NAME, PLAN, double, 32, true)
 
 // Chunk ch of a pass's plan (the plain pass's or the jet pass's): its rows, block by block —
 // plan.block(scratch, r0, rows, chunk_sums) — on this thread's scratch of plan.scratch_size T's, with

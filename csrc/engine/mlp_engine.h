@@ -118,10 +118,6 @@ struct Pass {
 // Runs the pass. Not reentrant per thread for the same call (uses thread-local scratch).
 void run(const Pass<float>& pass);
 void run(const Pass<double>& pass);
-// The plain pass on blocks with their rows in the lanes (mlp_rows_cpu.cpp), called by run() for
-// the networks kernels::rows_in_lanes picks.
-void run_rows(const Pass<float>& pass);
-void run_rows(const Pass<double>& pass);
 // The jet passes (order > 0), called by run().
 void run_jets(const Pass<float>& pass);
 void run_jets(const Pass<double>& pass);
@@ -133,8 +129,8 @@ int64_t block_rows(const NetShape& s, int64_t element_size);
 int64_t block_count(const NetShape& s, int64_t count, int64_t element_size);
 int64_t chunk_count(const NetShape& s, int64_t count, int64_t element_size);
 int vector_bytes(const NetShape& s, int64_t element_size);
-// Whether a block holds each feature as a line of its rows (mlp_rows_cpu.cpp) rather than its rows
-// padded to whole lane vectors (engine_kernels.h, rows_in_lanes: where the padding would add more
+// Whether a block holds each feature as a line of its rows rather than its rows padded to whole
+// lane vectors (engine_kernels.h, BlockLayout and rows_in_lanes: where the padding would add more
 // than a tenth to the products). Fixed by the shape and the CPU's vector width.
 bool rows_in_lanes_layout(const NetShape& s, int64_t element_size);
 // cpu_vector.h's cpu_vector_bytes() (vector_bytes() never exceeds it), forced to 32 or 64 for

@@ -1,20 +1,17 @@
-// The CPU engine of mlp_engine.h.
+// The CPU engine of mlp_engine.h: the plain pass (loss + gradients, forward,
+// backward) over blocks of rows.
 //
-// Layout: within a block, every per-row quantity is stored row-major with its
-// width padded to a whole number of lane vectors (np = n rounded up to 16
-// floats / 8 doubles), so that the three products of a layer are one kernel,
+// Every product of a layer is one kernel (`tile`, engine_kernels.h),
 //
-//   out[i, :] = init + Σ_k c(i, k) · M[k, :]          (a row of M is np wide)
+//   out[i, :] = init + Σ_k c(i, k) · M[k, :]
 //
-//   forward          h_l[r, :]   = b_l + Σ_k a_{l−1}[r, k] · W_lᵀ[k, :]
-//   backward-data    δ_{l−1}[r, :] =     Σ_j δ_l[r, j]     · W_l[j, :]
-//   weight gradient  dW_l[j, :]  =       Σ_r δ_l[r, j]     · a_{l−1}[r, :]
-//
-// and that kernel (`tile`) keeps a tile of `out` in registers while it walks
-// k: each step loads one row of M (≤ 4 vectors) and broadcasts one coefficient
-// per row of the tile — the shape of a BLAS micro-kernel. Padded lanes of the
-// weights and biases are zero, so padded lanes of h, δ and g are zero and
-// never reach a result; padded lanes of dW are computed and dropped.
+// which keeps a tile of `out` in registers while it walks k: each step loads
+// one row of M (≤ 4 vectors) and broadcasts one coefficient per row of the
+// tile — the shape of a BLAS micro-kernel. A block holds its quantities in one
+// of two layouts (BlockLayout, engine_kernels.h): rows padded to whole lane
+// vectors, where M is W_lᵀ or W_l and the coefficients a block's values; or,
+// for networks whose widths pad badly (rows_in_lanes), each feature as a line of
+// the block's rows, where M is a block's lines and the coefficients the weights.
 #include "mlp_engine.h"
 
 #include <ATen/Parallel.h>
@@ -24,7 +21,7 @@
 #include <utility>
 
 #include "../cpu/activation_cpu.h"   // activate_n, activation_backward_n: the activation table's vector forms
-#include "engine_kernels.h"           // tile, product, column_sums: the micro-kernel
+#include "engine_kernels.h"           // BlockLayout: the products of a layer in either layout
 
 namespace fusedgrad::engine {
 
@@ -48,7 +45,7 @@ namespace {
 using namespace kernels;
 
 int64_t block_rows_for(const NetShape& s, int64_t elt) {
-  if (rows_in_lanes(s, elt)) {  // mlp_rows_cpu.cpp: every a_l (and h_l where kept) and two δ lines, unpadded
+  if (rows_in_lanes(s, elt)) {  // every a_l (and h_l where kept) and two δ lines, unpadded
     const bool saves_input = activation_saves_input(s.act);
     int64_t per_row = 0, widest = 0;
     for (int64_t l = 0; l <= s.layers(); ++l) {
@@ -78,34 +75,29 @@ int64_t blocks_for(const NetShape& s, int64_t count, int64_t element_size) {
 }
 
 
-// A pass's weights in the two padded layouts the kernel reads, and its layout
-// of per-block scratch. Built once per pass, read by every chunk.
-template <typename T, int VB>
+// A pass's block layout (engine_kernels.h: padded rows, or rows in lanes) and its per-block
+// scratch. Built once per pass, read by every chunk.
+template <typename T, int VB, bool Rows>
 struct Plan {
   const Pass<T>& pass;
   const NetShape& s;
   SumLayout lay;
-  int64_t L, B, blocks, chunks, lanes;
-  const int64_t max_nv = tile_vectors_max();  // the most vectors a tile spans on this CPU
-  bool saves_input;
-  std::vector<int64_t> np;                  // padded widths
-  std::vector<const T*> WT, Wp, bp;         // W_lᵀ (n_l × np_{l+1}), W_l (n_{l+1} × np_l), b_l (np_{l+1}) or null
-  std::vector<int64_t> a_off, h_off;        // scratch offsets of a_l and h_l (per row block)
-  int64_t d0_off, d1_off, dw_off, db_off, scratch_size;
-  std::vector<T> packed;                    // storage of WT, Wp, bp
+  BlockLayout<T, VB, Rows> layout;
+  int64_t L, B, blocks, chunks;
+  std::vector<int64_t> a_off, h_off;  // scratch offsets of a_l and h_l (per row block)
+  int64_t d0_off, d1_off, work_off, scratch_size;
 
-  explicit Plan(const Pass<T>& p) : pass(p), s(*p.shape), lay(*p.shape) {
+  explicit Plan(const Pass<T>& p) : pass(p), s(*p.shape), lay(*p.shape), layout(*p.shape, p.W, p.b) {
     L = s.layers();
-    lanes = VB / sizeof(T);
     B = block_rows_for(s, sizeof(T));
     blocks = blocks_for(s, p.count, sizeof(T));
     chunks = std::min(blocks, kMaxChunks);
-    saves_input = activation_saves_input(s.act);
-    pack_weights(s, p.W, p.b, lanes, np, WT, Wp, bp, packed);
+    const bool saves_input = activation_saves_input(s.act);
+    const std::vector<int64_t>& np = layout.np;
     int64_t widest = 0;
     for (int64_t n : np) widest = std::max(widest, n);
     // Scratch of one block: a_0 … a_{L−1}, h_1 … h_L (h_l is a_l where the
-    // activation does not keep its input), two δ buffers, one dW_l and db_l.
+    // activation does not keep its input), two δ buffers, the weight gradient's work.
     int64_t off = 0;
     a_off.assign(L + 1, 0);
     h_off.assign(L + 1, 0);
@@ -123,12 +115,8 @@ struct Plan {
     off += B * widest;
     d1_off = off;
     off += B * widest;
-    dw_off = off;
-    int64_t dw_max = 0;
-    for (int64_t l = 0; l < L; ++l) dw_max = std::max(dw_max, s.width[l + 1] * np[l]);
-    off += dw_max;
-    db_off = off;
-    off += widest;
+    work_off = off;
+    off += layout.work_size();
     scratch_size = off;
   }
 
@@ -138,76 +126,67 @@ struct Plan {
   FUSEDGRAD_CPU_INLINE void block(T* scratch, int64_t r0, int64_t nb, double* sums) const {
     const int64_t D = s.in(), O = s.out();
     T* a0 = scratch + a_off[0];
+    std::fill(a0, a0 + layout.part_size(0, nb), T(0));
     for (int64_t r = 0; r < nb; ++r) {
       const T* src = pass.x + row(r0 + r) * D;
-      T* dst = a0 + r * np[0];
-      std::copy(src, src + D, dst);
-      std::fill(dst + D, dst + np[0], T(0));
+      for (int64_t k = 0; k < D; ++k) a0[layout.at(r, k, 0, nb)] = src[k];
     }
     // Forward.
     for (int64_t l = 0; l < L; ++l) {
-      T* in = scratch + a_off[l];
       T* h = scratch + h_off[l + 1];
-      product<T, VB>(nb, s.width[l], in, np[l], 1, WT[l], np[l + 1], np[l + 1], bp[l], h, np[l + 1], max_nv);
+      layout.forward_product(l, nb, 1, scratch + a_off[l], h);
+      if (l + 1 == L) break;
       T* a = scratch + a_off[l + 1];
-      if (l + 1 < L && !(s.act == Activation::Identity && a == h)) activate_n(s.act, h, a, nb * np[l + 1]);
+      if (!(s.act == Activation::Identity && a == h)) activate_n(s.act, h, a, layout.part_size(l + 1, nb));
+      layout.zero_columns(a, l + 1, 1, nb);
     }
     const T* p = scratch + h_off[L];
-    const int64_t npo = np[L];
     if (pass.epilogue == Epilogue::Forward) {
-      for (int64_t r = 0; r < nb; ++r) std::copy(p + r * npo, p + r * npo + O, pass.pred + row(r0 + r) * O);
+      for (int64_t r = 0; r < nb; ++r) {
+        T* dst = pass.pred + row(r0 + r) * O;
+        for (int64_t o = 0; o < O; ++o) dst[o] = p[layout.at(r, o, L, nb)];
+      }
       return;
     }
-    // ∂L/∂p of the block's rows (padded lanes zero).
+    // ∂L/∂p of the block's rows (zero in the padding).
     T* g = scratch + d0_off;
+    std::fill(g, g + layout.part_size(L, nb), T(0));
     if (pass.epilogue == Epilogue::LossGrads) {
       double loss = 0;
       for (int64_t r = 0; r < nb; ++r) {
         const int64_t src = row(r0 + r) * O;
-        T* gr = g + r * npo;
-        const T* pr = p + r * npo;
         for (int64_t o = 0; o < O; ++o) {
-          const T res = pr[o] - (pass.target ? pass.target[src + o] : T(0));
+          const int64_t e = layout.at(r, o, L, nb);
+          const T res = p[e] - (pass.target ? pass.target[src + o] : T(0));
           loss += static_cast<double>(res) * static_cast<double>(res);
-          gr[o] = pass.two_c * res;
-          if (pass.dt) pass.dt[src + o] = -gr[o];
+          g[e] = pass.two_c * res;
+          if (pass.dt) pass.dt[src + o] = -g[e];
         }
-        std::fill(gr + O, gr + npo, T(0));
       }
       sums[lay.loss] += loss;
     } else {
       for (int64_t r = 0; r < nb; ++r) {
         const T* src = pass.grad_out + row(r0 + r) * O;
-        std::copy(src, src + O, g + r * npo);
-        std::fill(g + r * npo + O, g + (r + 1) * npo, T(0));
+        for (int64_t o = 0; o < O; ++o) g[layout.at(r, o, L, nb)] = src[o];
       }
     }
     // Backward, layer by layer from the top.
     T* delta = g;
     T* next = scratch + d1_off;
     for (int64_t l = L - 1; l >= 0; --l) {
-      const int64_t n_in = s.width[l], n_out = s.width[l + 1];
-      const T* a = scratch + a_off[l];
       if (pass.param_grads) {
-        T* dw = scratch + dw_off;
-        product<T, VB>(n_out, nb, delta, 1, np[l + 1], a, np[l], np[l], nullptr, dw, np[l], max_nv);
-        double* dst = sums + lay.dw[l];
-        for (int64_t j = 0; j < n_out; ++j) {
-          for (int64_t k = 0; k < n_in; ++k) dst[j * n_in + k] += static_cast<double>(dw[j * np[l] + k]);
-        }
-        if (lay.db[l] >= 0) {
-          T* db = scratch + db_off;
-          column_sums<T, VB>(delta, nb, np[l + 1], db);
-          double* dbs = sums + lay.db[l];
-          for (int64_t j = 0; j < n_out; ++j) dbs[j] += static_cast<double>(db[j]);
-        }
+        layout.weight_grads(l, nb, 1, delta, scratch + a_off[l], scratch + work_off, sums + lay.dw[l],
+                            lay.db[l] >= 0 ? sums + lay.db[l] : nullptr);
       }
       if (l == 0 && !pass.dx) break;
-      product<T, VB>(nb, n_out, delta, np[l + 1], 1, Wp[l], np[l], np[l], nullptr, next, np[l], max_nv);
+      layout.backward_product(l, nb, 1, delta, next);
       if (l > 0) {
-        activation_backward_n(s.act, next, scratch + h_off[l], nb * np[l]);
+        activation_backward_n(s.act, next, scratch + h_off[l], layout.part_size(l, nb));
+        layout.zero_columns(next, l, 1, nb);
       } else {
-        for (int64_t r = 0; r < nb; ++r) std::copy(next + r * np[0], next + r * np[0] + D, pass.dx + row(r0 + r) * D);
+        for (int64_t r = 0; r < nb; ++r) {
+          for (int64_t k = 0; k < D; ++k) pass.dx[row(r0 + r) * D + k] = next[layout.at(r, k, 0, nb)];
+        }
       }
       std::swap(delta, next);
     }
@@ -219,15 +198,11 @@ struct Plan {
   }
 };
 
-// The clones' entry points: one chunk, compiled per CPU level.
-FUSEDGRAD_CPU_CLONES void chunk_kernel(const Plan<float, 64>& plan, int64_t ch, double* sums) { plan.chunk(ch, sums); }
-FUSEDGRAD_CPU_CLONES void chunk_kernel(const Plan<float, 32>& plan, int64_t ch, double* sums) { plan.chunk(ch, sums); }
-FUSEDGRAD_CPU_CLONES void chunk_kernel(const Plan<double, 64>& plan, int64_t ch, double* sums) { plan.chunk(ch, sums); }
-FUSEDGRAD_CPU_CLONES void chunk_kernel(const Plan<double, 32>& plan, int64_t ch, double* sums) { plan.chunk(ch, sums); }
+FUSEDGRAD_ENGINE_CHUNK_CLONES(chunk_kernel, Plan)
 
-template <typename T, int VB>
+template <typename T, int VB, bool Rows>
 void run_plan(const Pass<T>& pass) {
-  const Plan<T, VB> plan(pass);
+  const Plan<T, VB, Rows> plan(pass);
   // A team (pass.runner) has no fork or join to pay for: smaller passes go to it than to at::parallel_for.
   const bool threads = pass.parallel && plan.chunks > 1 &&
       pass.count * pass.shape->macs_per_row() >= (pass.runner ? kMinSplitMacs : kMinParallelMacs);
@@ -246,14 +221,11 @@ void run_pass(const Pass<T>& pass) {
     if (pass.sums) std::fill(pass.sums, pass.sums + SumLayout(*pass.shape).size, 0.0);
     return;
   }
-  if (rows_in_lanes(*pass.shape, sizeof(T))) {
-    run_rows(pass);
-    return;
-  }
+  const bool rows = rows_in_lanes(*pass.shape, sizeof(T));
   if (vector_bytes_for(*pass.shape, sizeof(T)) == 32) {
-    run_plan<T, 32>(pass);
+    rows ? run_plan<T, 32, true>(pass) : run_plan<T, 32, false>(pass);
   } else {
-    run_plan<T, 64>(pass);
+    rows ? run_plan<T, 64, true>(pass) : run_plan<T, 64, false>(pass);
   }
 }
 
