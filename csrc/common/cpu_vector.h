@@ -195,9 +195,17 @@ FUSEDGRAD_CPU_INLINE float tanh_rational(float z) {
   const float s = std::bit_cast<float>(std::min(std::bit_cast<int32_t>(z * z), std::bit_cast<int32_t>(81.0f)));
   const float p = horner(s, 0x1.44e59p-35f, 0x1.deda8ep-24f, 0x1.631646p-15f, 0x1.2233d2p-8f, 0x1.20c918p-3f, 1.0f);
   const float q = horner(s, 0x1.97324cp-29f, 0x1.5e2d06p-19f, 0x1.06cd26p-11f, 0x1.de8e74p-6f, 0x1.e5b9e2p-2f, 1.0f);
-  float t = z * p / q;
-  t = t > 1.0f ? 1.0f : t;
-  return t < -1.0f ? -1.0f : t;
+  // The clamp on the magnitude, the sign put back by integer ops: one compare
+  // and one blend (NaN > 1 is false: NaN stays), where clamping at +1 and at −1
+  // as two float selects compiled to nine vector operations — 0.47 → 0.41 ns a
+  // value in a loop of 7 200 (AVX2 Zen 3), the same bits. (Degree 4/4 would
+  // take it to 0.34 at the same worst case and rms error over the floats, but
+  // moves which values round badly: a 7-row float32 bias gradient of
+  // test_against_autograd, a sum that cancels, then fell outside its bound.)
+  const uint32_t bits = std::bit_cast<uint32_t>(z * p / q);
+  float mag = std::bit_cast<float>(bits & 0x7fffffffu);
+  mag = mag > 1.0f ? 1.0f : mag;
+  return std::bit_cast<float>(std::bit_cast<uint32_t>(mag) | (bits & 0x80000000u));
 }
 
 // tanh(z) in double, vectorisable, from one reduction of y = −2|z| as in vec_exp:
