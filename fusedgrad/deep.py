@@ -99,6 +99,8 @@ def _differentiable_backward(outputs, inputs, grad_outputs):
     create_graph=True. Exact (native autograd's own formulas, second derivatives included), at
     native speed; None for inputs that need no gradient."""
     wanted = [t for t in inputs if t is not None and t.requires_grad]
+    if not wanted:
+        return [None] * len(inputs)
     grads = iter(torch.autograd.grad(outputs, wanted, grad_outputs, create_graph=True, allow_unused=True))
     out = []
     for t in inputs:
@@ -126,7 +128,9 @@ def _double_backward(kind, x, params, activation, order, target, reduction, grad
         else:
             outs = _native_derivatives(x, weights, biases, activation, order)
         used = [(o, g) for o, g in zip(outs, grads) if g is not None]
-        got = _differentiable_backward([o for o, _ in used], inputs, [g for _, g in used])
+        # Only what this backward needs: torch.autograd.grad(u, x) needs dx alone, not the parameters'.
+        wanted = [t if n else None for t, n in zip(inputs, needs)]
+        got = _differentiable_backward([o for o, _ in used], wanted, [g for _, g in used])
     return [g if n else None for g, n in zip(got, needs)]
 
 

@@ -243,3 +243,27 @@ def _native_loss(x, w1, b1, w2, b2, target, reduction, activation):
     sq = (_native_prediction(x, w1, b1, w2, b2, activation) - (0 if target is None else target)) ** 2
     dims = tuple(range(1, sq.dim())) if w1.dim() == 3 else tuple(range(sq.dim()))  # K models: (K,) losses
     return sq.mean(dims) if option("mlp_loss", "reduction", reduction) == "mean" else sq.sum(dims)
+
+
+def _recompute_backward(kind, inputs, reduction, activation, grad, needs):
+    """The create_graph=True backward of the one-hidden-layer ops and their ensembles (their C++ nodes call it:
+    csrc/ops/autograd_helpers.h): the op recomputed in plain torch ops from its inputs ``(x, w1, b1, w2, b2[,
+    target])``, differentiated with ``create_graph=True`` with respect to the inputs that ``needs`` names —
+    gradients that are themselves differentiable (a PINN's u_x, then u_xx; gradient penalties; gradgradcheck),
+    exact, at native speed. One entry per input: None where none is needed."""
+    x, w1, b1, w2, b2 = inputs[:5]
+    wanted = [t for t, n in zip(inputs, needs) if n]
+    if not wanted:
+        return [None] * len(inputs)
+    with torch.enable_grad():
+        out = (_native_loss(x, w1, b1, w2, b2, inputs[5], reduction, activation) if kind == "mlp_loss"
+               else _native_prediction(x, w1, b1, w2, b2, activation))
+        got = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
+    result = []
+    for t, n in zip(inputs, needs):
+        g = next(got) if n else None
+        result.append(None if not n else torch.zeros_like(t) if g is None else g)
+    return result
+
+
+_C._set_recompute_backward(_recompute_backward)

@@ -255,14 +255,26 @@ def test_no_grad_and_unit_gradient_hand_over():
     assert torch.equal(g2, expected) and expected.abs().max() > 0
 
 
-def test_double_backward_is_refused():
-    args = make_args(2, 4, 2, 3, 2, "shared", "per_model", True, "per_model", "shared", seed=2)
-    loss = fusedgrad.mlp_loss(*args)
-    with pytest.raises(RuntimeError, match=r"fusedgrad\.mlp_loss: double backward"):
-        torch.autograd.grad(loss.sum(), args[1], create_graph=True)
-    pred = fusedgrad.mlp(*args[:5])
-    with pytest.raises(RuntimeError, match=r"fusedgrad\.mlp: double backward"):
-        torch.autograd.grad(pred.sum(), args[1], create_graph=True)
+@pytest.mark.parametrize("x_kind", ["shared", "per_model"])
+def test_double_backward_matches_native(x_kind):
+    """create_graph=True through the ensemble ops: the gradient of a loss built from dx (a gradient
+    penalty) and from d(loss)/dw1 is native autograd's, per model, in float64."""
+    args = make_args(3, 4, 2, 5, 2, x_kind, "per_model", True, "per_model", "shared", seed=2)
+
+    def penalty(loss_fn, pred_fn):
+        dx, dw1 = torch.autograd.grad(loss_fn().sum(), [args[0], args[1]], create_graph=True)
+        gx, = torch.autograd.grad(pred_fn().pow(2).sum(), [args[0]], create_graph=True)
+        return dx.pow(2).sum() + dw1.pow(3).sum() + gx.sin().sum()
+
+    fused = grads_of(args, lambda: penalty(lambda: fusedgrad.mlp_loss(*args),
+                                           lambda: fusedgrad.mlp(*args[:5])).backward())
+    native = grads_of(args, lambda: penalty(lambda: native_losses(*args, "mean", "sigmoid"),
+                                            lambda: native_preds(*args[:5], "sigmoid")).backward())
+    for name, f, n in zip(["x", "w1", "b1", "w2", "b2", "target"], fused, native):
+        assert (f is None) == (n is None), name
+        if n is not None:
+            assert n.abs().max() > 0, name
+            assert_rel(f, n, f"d{name}", rtol=1e-10)
 
 
 @pytest.mark.parametrize("K,N", [(0, 4), (3, 0)])

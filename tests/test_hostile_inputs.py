@@ -525,8 +525,9 @@ def test_no_grad_and_inference_mode(mode):
 
 
 def test_inference_tensors_as_inputs():
-    """Inference tensors (made under inference_mode) used outside it: mlp_loss saves only
-    the gradients it computed, so it works where native autograd refuses; mlp saves its
+    """Inference tensors (made under inference_mode) used outside it: mlp_loss saves the
+    gradients it computed and keeps its inputs for a create_graph=True backward outside
+    autograd's saved variables, so it works where native autograd refuses; mlp saves its
     inputs and refuses exactly as native does."""
     args = make()
     with torch.inference_mode():

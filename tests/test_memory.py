@@ -104,17 +104,20 @@ def test_graph_freed_when_output_dropped_without_backward(kind, no_gc):
         assert v.grad is None
 
 
-def test_mlp_loss_keeps_no_input_alive(no_gc):
-    """The loss node saves only the gradients it computed, not its inputs: a non-leaf input
-    is freed as soon as the caller drops it, before backward."""
+def test_mlp_loss_releases_its_inputs_with_the_graph(no_gc):
+    """The loss node keeps its inputs (as native autograd's nodes keep theirs) for a create_graph=True
+    backward, which recomputes from them — and nothing else of size N but the gradients it computed:
+    a non-leaf input lives until the graph is freed by backward, then goes."""
     p = make()
     leaves, inputs = fresh_inputs(p)
     x_ref = weakref.ref(inputs["x"])
     loss = fusedgrad.mlp_loss(*(inputs[a] for a in ARGS))
     del inputs
-    assert x_ref() is None
+    assert x_ref() is not None
     loss.backward()
     assert leaves["x"].grad is not None
+    del loss
+    assert x_ref() is None
 
 
 @pytest.mark.parametrize("kind", ["loss", "mlp", "module"])
@@ -247,7 +250,7 @@ def test_rss_flat_over_training_steps(kind, steps):
 
 
 def test_rss_flat_over_failing_calls():
-    """Error paths (argument checks in C++ and Python, refused double backward) leak nothing."""
+    """Error paths (argument checks in C++ and Python, a refused create_graph backward) leak nothing."""
     x, w1, w2 = torch.randn(10, 4), torch.randn(4, 4, requires_grad=True), torch.randn(4, 4)
     bad = [
         lambda: fusedgrad.mlp_loss(x, w1, None, w2, None, torch.randn(10, 3)),  # C++ ValueError
@@ -257,11 +260,14 @@ def test_rss_flat_over_failing_calls():
         lambda: torch.ops.fusedgrad.mlp_loss(x, w1, None, None, None, None, "median", "sigmoid"),  # bad reduction
     ]
 
-    def double_backward():
-        loss = fusedgrad.mlp_loss(x, w1, None, w2)
-        torch.autograd.grad(loss, w1, create_graph=True)
+    def double_backward_after_in_place_change():  # the recompute refuses an input modified since the forward
+        w = w1.detach().clone().requires_grad_()
+        loss = fusedgrad.mlp_loss(x, w, None, w2)
+        with torch.no_grad():
+            w.add_(1.0)
+        torch.autograd.grad(loss, w, create_graph=True)
 
-    bad.append(double_backward)
+    bad.append(double_backward_after_in_place_change)
     k = [0]
 
     def step():

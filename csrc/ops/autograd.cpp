@@ -8,6 +8,8 @@
 // (the loss is a scalar, so dL/d(input) is known at forward time); the node
 // only scales them by the incoming gradient, and does nothing when it is 1.
 // mlp: a classic pair, forward saves s, backward runs the fused backward op.
+// Both keep their inputs for a create_graph=True backward, which recomputes in
+// plain torch ops (autograd_helpers.h: recompute_gradients).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/graph_task.h>
@@ -63,19 +65,28 @@ class MlpLossFunction : public torch::autograd::Function<MlpLossFunction> {
     int64_t present_bits = 0;
     for (size_t k = 0; k < 6; ++k) present_bits |= int64_t(present[k]) << k;
     ctx->saved_data["present"] = present_bits;  // which optional arguments were given
+    keep_inputs<6>(ctx, {x, w1, b1, w2, b2, target});
+    ctx->saved_data["reduction"] = std::string(reduction);
+    ctx->saved_data["activation"] = std::string(activation);
     return loss;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    refuse_double_backward("mlp_loss");
     const Tensor& grad_loss = grad_outputs[0];
-    const bool unit = cpu_scalar_or_nan(grad_loss) == 1.0;
-    variable_list saved = ctx->get_saved_variables();
     const int64_t present_bits = ctx->saved_data["present"].toInt();
     std::array<bool, 6> present;
     for (size_t k = 0; k < 6; ++k) present[k] = (present_bits >> k) & 1;
     const auto needs = needs_grad_by_position(ctx, present);
     variable_list grads(8);  // 6 tensors + reduction + activation
+    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable gradients (autograd_helpers.h)
+      const variable_list got = recompute_gradients(ctx, "mlp_loss", "mlp_loss", ctx->saved_data["reduction"].toStringRef(),
+                                                    ctx->saved_data["activation"].toStringRef(), grad_loss,
+                                                    std::vector<bool>(needs.begin(), needs.end()));
+      std::copy(got.begin(), got.end(), grads.begin());
+      return grads;
+    }
+    const bool unit = cpu_scalar_or_nan(grad_loss) == 1.0;
+    variable_list saved = ctx->get_saved_variables();
     // The saved gradients can be handed over as they are only when this
     // graph is freed after this backward; with retain_graph=True a later
     // backward needs them again, and the caller may modify what it receives.
@@ -109,17 +120,23 @@ class MlpFunction : public torch::autograd::Function<MlpFunction> {
     ctx->saved_data["b1"] = b1;
     ctx->saved_data["b2"] = b2;
     ctx->saved_data["activation"] = std::string(activation);
+    keep_inputs<5>(ctx, {x, w1, b1, w2, b2});
     return pred;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    refuse_double_backward("mlp");
     variable_list saved = ctx->get_saved_variables();
     const OptTensor b1 = ctx->saved_data["b1"].toOptional<Tensor>();
     const OptTensor b2 = ctx->saved_data["b2"].toOptional<Tensor>();
     const OptTensor w2 = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
     const auto need = needs_grad_by_position<5>(
         ctx, {true, true, b1.has_value(), w2.has_value(), b2.has_value()});
+    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable gradients (autograd_helpers.h)
+      variable_list out = recompute_gradients(ctx, "mlp", "mlp", "", ctx->saved_data["activation"].toStringRef(),
+                                              grad_outputs[0], std::vector<bool>(need.begin(), need.end()));
+      out.resize(6);  // 5 tensors + activation
+      return out;
+    }
     auto [dx, dw1, db1, dw2, db2] = ops::mlp_backward().call(
         grad_outputs[0], saved[0], saved[1], b1, w2, b2, saved[3],
         ctx->saved_data["activation"].toStringRef(), need);

@@ -7,7 +7,10 @@
 #include <torch/autograd.h>
 
 #include <array>
+#include <functional>
 #include <optional>
+#include <string>
+#include <vector>
 
 namespace fusedgrad::autograd_helpers {
 
@@ -17,15 +20,67 @@ inline bool present(const OptTensor& t) { return t.has_value() && t->defined(); 
 inline bool requires_grad(const OptTensor& t) { return present(t) && t->requires_grad(); }
 
 // The engine runs backward with grad mode on only for create_graph=True, i.e.
-// when a differentiable gradient is asked for. The saved gradients are not
-// functions of the inputs in any graph, so refuse rather than return a
-// gradient whose own derivative would silently be wrong. `what` is appended to
-// "is not supported" (e.g. " for ensembles").
-inline void refuse_double_backward(const char* op, const char* what = "") {
-  TORCH_CHECK(
-      !at::GradMode::is_enabled(),
-      "fusedgrad.", op, ": double backward (create_graph=True, e.g. a gradient penalty or a Hessian) "
-      "is not supported", what, "; use native autograd for higher-order derivatives");
+// when a differentiable gradient is asked for (a PINN's u_x, a gradient
+// penalty, gradgradcheck). The gradients the fused ops compute are not
+// functions of the inputs in any graph, so the one-hidden-layer nodes then
+// recompute: the op in plain torch ops from its inputs, differentiated with
+// create_graph=True — native autograd's own formulas, second derivatives
+// included, at native speed — by the Python function fusedgrad.functional
+// registers at import (_C._set_recompute_backward):
+//   fn(kind, inputs, reduction, activation, grad, needs) → one gradient per input
+// with kind "mlp_loss" (inputs x, w1, b1, w2, b2, target) or "mlp" (x … b2),
+// undefined where an input is absent or needs none. The same route as the
+// deeper nets' nodes (csrc/python/deep_autograd.cpp).
+using RecomputeBackward = std::function<torch::autograd::variable_list(
+    const std::string& kind, const torch::autograd::variable_list& inputs, const std::string& reduction,
+    const std::string& activation, const at::Tensor& grad, const std::vector<bool>& needs)>;
+
+inline RecomputeBackward& recompute_backward() {
+  static RecomputeBackward* fn = new RecomputeBackward();  // leaked: it holds a Python object past the interpreter
+  return *fn;
+}
+
+// Keeps a node's inputs for the recompute, with their versions at forward time.
+// In saved_data, not as version-checked saved variables: a first-order backward
+// reads only what the forward computed and behaves as before if an input is
+// modified in place afterwards; the recompute checks the versions itself.
+// An inference tensor has no version counter (-1: not checked; it cannot be
+// modified outside inference mode, where no graph is built).
+inline int64_t version_of(const OptTensor& t) {
+  return present(t) && !t->is_inference() ? t->_version() : -1;
+}
+
+template <size_t N>
+void keep_inputs(torch::autograd::AutogradContext* ctx, const std::array<OptTensor, N>& inputs) {
+  c10::List<OptTensor> list;
+  std::vector<int64_t> versions;
+  for (const OptTensor& t : inputs) {
+    list.push_back(present(t) ? t : std::nullopt);
+    versions.push_back(version_of(t));
+  }
+  ctx->saved_data["inputs"] = std::move(list);
+  ctx->saved_data["versions"] = std::move(versions);
+}
+
+// The create_graph=True backward of a node that kept its inputs (keep_inputs):
+// the gradients of the inputs that need one, themselves differentiable.
+inline torch::autograd::variable_list recompute_gradients(torch::autograd::AutogradContext* ctx, const char* op,
+                                                          const std::string& kind, const std::string& reduction,
+                                                          const std::string& activation, const at::Tensor& grad,
+                                                          std::vector<bool> needs) {
+  const c10::List<OptTensor> list = ctx->saved_data["inputs"].toOptionalTensorList();
+  const std::vector<int64_t> versions = ctx->saved_data["versions"].toIntVector();
+  torch::autograd::variable_list inputs;
+  for (size_t k = 0; k < list.size(); ++k) {
+    const OptTensor t = list.get(k);
+    TORCH_CHECK(versions[k] < 0 || version_of(t) == versions[k], "fusedgrad.", op, ": an input of the forward "
+                "(argument ", k, ") was modified in place before this create_graph=True backward, which recomputes "
+                "from it (version ", versions[k], " then, ", version_of(t), " now)");
+    inputs.push_back(present(t) ? *t : at::Tensor());
+  }
+  TORCH_CHECK(static_cast<bool>(recompute_backward()), "fusedgrad.", op, ": a create_graph=True backward needs the "
+              "fusedgrad Python package imported (it registers the recompute with _C._set_recompute_backward)");
+  return recompute_backward()(kind, inputs, reduction, activation, grad, needs);
 }
 
 // ctx->needs_input_grad(k) counts only tensor arguments that were given

@@ -74,19 +74,28 @@ class EnsembleMlpLossFunction : public torch::autograd::Function<EnsembleMlpLoss
     for (size_t k = 0; k < 6; ++k) given_bits |= int64_t(given[k]) << k;
     ctx->saved_data["given"] = given_bits;
     ctx->saved_data["shared"] = shared_bits;
+    keep_inputs<6>(ctx, {x, w1, b1, w2, b2, target});
+    ctx->saved_data["reduction"] = std::string(reduction);
+    ctx->saved_data["activation"] = std::string(activation);
     return loss;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    refuse_double_backward("mlp_loss", " for ensembles");
     const Tensor& w = grad_outputs[0];  // (K,): dℓ/dL_k
-    const bool unit = all_ones(w);
-    variable_list saved = ctx->get_saved_variables();
     const int64_t given_bits = ctx->saved_data["given"].toInt();
-    const int64_t shared_bits = ctx->saved_data["shared"].toInt();
     std::array<bool, 6> given;
     for (size_t k = 0; k < 6; ++k) given[k] = (given_bits >> k) & 1;
     const auto needs = needs_grad_by_position(ctx, given);
+    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable gradients (autograd_helpers.h)
+      variable_list out = recompute_gradients(ctx, "mlp_loss", "mlp_loss", ctx->saved_data["reduction"].toStringRef(),
+                                              ctx->saved_data["activation"].toStringRef(), w,
+                                              std::vector<bool>(needs.begin(), needs.end()));
+      out.resize(8);  // 6 tensors + reduction + activation
+      return out;
+    }
+    const bool unit = all_ones(w);
+    variable_list saved = ctx->get_saved_variables();
+    const int64_t shared_bits = ctx->saved_data["shared"].toInt();
     // Saved gradients are handed over as they are only when the graph is freed
     // after this backward (see autograd.cpp).
     const bool hand_over = unit && !torch::autograd::get_current_graph_task_keep_graph();
@@ -119,16 +128,22 @@ class EnsembleMlpFunction : public torch::autograd::Function<EnsembleMlpFunction
     ctx->saved_data["b1"] = b1;
     ctx->saved_data["b2"] = b2;
     ctx->saved_data["activation"] = std::string(activation);
+    keep_inputs<5>(ctx, {x, w1, b1, w2, b2});
     return pred;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    refuse_double_backward("mlp", " for ensembles");
     variable_list saved = ctx->get_saved_variables();
     const OptTensor b1 = ctx->saved_data["b1"].toOptional<Tensor>();
     const OptTensor b2 = ctx->saved_data["b2"].toOptional<Tensor>();
     const OptTensor w2 = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
     const auto need = needs_grad_by_position<5>(ctx, {true, true, b1.has_value(), w2.has_value(), b2.has_value()});
+    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable gradients (autograd_helpers.h)
+      variable_list out = recompute_gradients(ctx, "mlp", "mlp", "", ctx->saved_data["activation"].toStringRef(),
+                                              grad_outputs[0], std::vector<bool>(need.begin(), need.end()));
+      out.resize(6);  // 5 tensors + activation
+      return out;
+    }
     auto [dx, dw1, db1, dw2, db2] = ops::ensemble_mlp_backward().call(
         grad_outputs[0].contiguous(), saved[0], saved[1], b1, w2, b2, saved[3],
         ctx->saved_data["activation"].toStringRef(), need);

@@ -432,6 +432,31 @@ void register_deep_autograd(py::module_& m) {
         (std::string("fusedgrad.deep.derivatives with its autograd node in C++.") + declined).c_str());
   m.def("_set_differentiable_backward", [](py::object fn) { differentiable_backward() = std::move(fn); },
         "Registers fusedgrad.deep's create_graph=True backward for the C++ nodes (see deep_autograd.cpp).");
+  m.def(
+      "_set_recompute_backward",
+      [](py::object fn) {
+        // Leaked with the std::function that holds it (autograd_helpers.h): never released after the interpreter.
+        auto* held = new py::object(std::move(fn));
+        autograd_helpers::recompute_backward() = [held](const std::string& kind, const variable_list& inputs,
+                                                        const std::string& reduction, const std::string& activation,
+                                                        const Tensor& grad, const std::vector<bool>& needs) {
+          py::gil_scoped_acquire gil;
+          auto to_py = [](const Tensor& t) -> py::object {
+            if (!t.defined()) return py::none();
+            return py::reinterpret_steal<py::object>(compat::wrap(t));
+          };
+          py::list py_inputs;
+          for (const Tensor& t : inputs) py_inputs.append(to_py(t));
+          py::object out = (*held)(kind, py_inputs, reduction, activation, to_py(grad), needs);
+          variable_list got;
+          for (py::handle g : out) got.push_back(g.is_none() ? Tensor() : compat::unpack(g.ptr()));
+          TORCH_CHECK(got.size() == inputs.size(), "fusedgrad: the recompute returned ", got.size(),
+                      " gradients for ", inputs.size(), " inputs");
+          return got;
+        };
+      },
+      "Registers fusedgrad.functional's create_graph=True backward for the one-hidden-layer ops' nodes "
+      "(csrc/ops/autograd_helpers.h).");
 }
 
 }  // namespace fusedgrad
