@@ -96,14 +96,17 @@ def _self_test() -> List[str]:
     return failures
 
 
+# Looked up once: every op call asks (two getattrs per tensor per call were ~5 µs of a small call).
+_IS_BATCHED = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+_IS_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
 def _batched(t) -> bool:
-    probe = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
-    return bool(probe(t)) if probe is not None else False
+    return bool(_IS_BATCHED(t)) if _IS_BATCHED is not None else False
 
 
 def _functorch_wrapped(t) -> bool:
-    probe = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return bool(probe(t)) if probe is not None else False
+    return bool(_IS_WRAPPED(t)) if _IS_WRAPPED is not None else False
 
 
 #: The checks that failed on this torch (empty when every internal reads as expected).
@@ -192,9 +195,12 @@ def size_hint(size):
 def under_functorch(*tensors) -> bool:
     """Whether any of ``tensors`` is a ``torch.func`` transform's wrapper (``grad``, ``vjp``, ``jacrev``,
     ``vmap``, ...): the ops then run in plain torch ops, which the transforms differentiate and batch."""
-    if torch.compiler.is_compiling():  # dynamo traces the fused ops themselves (and cannot trace the probe)
+    if _IS_WRAPPED is None or torch.compiler.is_compiling():  # dynamo traces the fused ops (not the probe)
         return False
-    return any(t is not None and isinstance(t, torch.Tensor) and _functorch_wrapped(t) for t in tensors)
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and _IS_WRAPPED(t):
+            return True
+    return False
 
 
 def vmapped_only(*tensors) -> bool:
