@@ -2,6 +2,8 @@
 (gradgradcheck, and native autograd's create_graph gradients)."""
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
 import fusedgrad
@@ -161,6 +163,44 @@ def test_create_graph_pinn_loss_matches_autograd(H, bias, activation):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=0)
     for (name, p), q in zip(net.named_parameters(), ref.parameters()):
         scale = max(q.grad.abs().max().item(), 1e-300)
+        assert (p.grad - q.grad).abs().max().item() <= 1e-10 * scale, name
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(N=st.integers(1, 40), D=st.integers(1, 4), H=st.integers(1, 40), O=st.integers(1, 3),
+       bias=st.booleans(), activation=st.sampled_from(fusedgrad.ACTIVATIONS), seed=st.integers(0, 2**16))
+def test_create_graph_input_derivatives_match_autograd(N, D, H, O, bias, activation, seed):
+    """The loss of u and of its first and second input derivatives (every output, every input, by
+    autograd.grad(create_graph=True)) through FusedMLP(D, H, O) and through its nn.Sequential: the same
+    loss and parameter gradients in float64 (1e-10 of each gradient's scale), over shapes."""
+    gen = torch.Generator().manual_seed(seed)
+    net = fusedgrad.FusedMLP(D, H, O, bias=bias, activation=activation, dtype=torch.float64)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    ref = net.to_module()
+    x = torch.randn(N, D, generator=gen, dtype=torch.float64)
+
+    def loss_of(model):
+        xx = x.clone().requires_grad_()
+        u = model(xx)
+        total = u.pow(2).mean()
+        for o in range(O):
+            du = torch.autograd.grad(u[:, o].sum(), xx, create_graph=True, materialize_grads=True)[0]
+            for d in range(D):
+                d2 = torch.autograd.grad(du[:, d].sum(), xx, create_graph=True, materialize_grads=True)[0][:, d]
+                total = total + (du[:, d] * d2).sin().mean()
+        return total
+
+    got, expected = loss_of(net), loss_of(ref)
+    got.backward()
+    expected.backward()
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    for (name, p), q in zip(net.named_parameters(), ref.parameters()):
+        if q.grad is None:  # identity / relu: a parameter u's derivatives do not reach
+            assert p.grad is None or p.grad.abs().max() == 0, name
+            continue
+        scale = max(q.grad.abs().max().item(), 1e-12)
         assert (p.grad - q.grad).abs().max().item() <= 1e-10 * scale, name
 
 
