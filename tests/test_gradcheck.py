@@ -58,6 +58,12 @@ LOSS_NAMES = ("x", "w1", "b1", "w2", "b2", "target")
 MLP_NAMES = LOSS_NAMES[:5]
 
 
+def _mlp_inputs(cfg, seed):
+    """The prediction's arguments of a configuration (its target dropped): leaves and rebuild."""
+    lead, H, O, b1, b2, _ = cfg
+    return _inputs(_problem((lead, H, O, b1, b2, "none"), seed=seed), MLP_NAMES)
+
+
 @pytest.mark.parametrize("activation", fusedgrad.ACTIVATIONS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_ids)
@@ -94,9 +100,7 @@ def test_gradcheck_mlp_loss_scaled_output():
 @pytest.mark.parametrize("activation", fusedgrad.ACTIVATIONS)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_ids)
 def test_gradcheck_mlp(cfg, activation):
-    lead, H, O, b1, b2, _ = cfg
-    p = _problem((lead, H, O, b1, b2, "none"), seed=4)
-    leaves, rebuild = _inputs(p, MLP_NAMES)
+    leaves, rebuild = _mlp_inputs(cfg, seed=4)
     assert gradcheck(lambda *t: fusedgrad.mlp(*rebuild(*t), activation=activation), leaves,
                      eps=1e-6, atol=1e-8, rtol=1e-6)
 
@@ -132,9 +136,7 @@ def test_gradgradcheck_mlp_loss(cfg, activation):
 @pytest.mark.parametrize("activation", SMOOTH)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_ids)
 def test_gradgradcheck_mlp(cfg, activation):
-    lead, H, O, b1, b2, _ = cfg
-    p = _problem((lead, H, O, b1, b2, "none"), seed=7)
-    leaves, rebuild = _inputs(p, MLP_NAMES)
+    leaves, rebuild = _mlp_inputs(cfg, seed=7)
     assert gradgradcheck(lambda *t: fusedgrad.mlp(*rebuild(*t), activation=activation), leaves,
                          eps=1e-6, atol=1e-7, rtol=1e-5)
 
