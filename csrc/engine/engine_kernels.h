@@ -468,15 +468,24 @@ struct BlockLayout {
 // plan.block(scratch, r0, rows, chunk_sums) — on this thread's scratch of plan.scratch_size T's, with
 // chunk_sums (plan.lay.size doubles, or null) zeroed first. The plan's blocks split its rows evenly
 // (none much smaller than the others) and chunk ch takes a run of them: fixed by the row count, never
-// by the threads. (A plan, not a lambda: the block must inline into the caller's CPU clone.)
+// by the threads. Where a block holds its rows in the lanes (PlanT::row_align = the lanes), the
+// blocks split whole lane vectors of rows: each block's lines pad to whole vectors, so 100 rows in
+// two blocks are 48 + 52 (13 vectors) rather than 50 + 50 (7 + 7), and no block exceeds B rows
+// (B is a multiple of the lanes and blocks·B ≥ count). (A plan, not a lambda: the block must inline
+// into the caller's CPU clone.)
 template <typename T, typename PlanT>
 FUSEDGRAD_CPU_INLINE void run_chunk_blocks(const PlanT& plan, int64_t ch, double* chunk_sums) {
   thread_local LaneBuffer<T> buffer;
   T* scratch = buffer.get(static_cast<size_t>(plan.scratch_size));
   if (chunk_sums) std::fill(chunk_sums, chunk_sums + plan.lay.size, 0.0);
   const int64_t blocks = plan.blocks, chunks = plan.chunks, count = plan.pass.count;
+  const int64_t align = PlanT::row_align, vectors = (count + align - 1) / align;
+  const bool whole_vectors = align > 1 && vectors >= blocks;  // else a block could be empty
+  auto start = [&](int64_t b) {
+    return whole_vectors ? std::min(count, vectors * b / blocks * align) : count * b / blocks;
+  };
   for (int64_t b = blocks * ch / chunks; b < blocks * (ch + 1) / chunks; ++b) {
-    const int64_t r0 = count * b / blocks, r1 = count * (b + 1) / blocks;
+    const int64_t r0 = start(b), r1 = start(b + 1);
     plan.block(scratch, r0, r1 - r0, chunk_sums);
   }
 }

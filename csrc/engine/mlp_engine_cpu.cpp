@@ -79,6 +79,8 @@ int64_t blocks_for(const NetShape& s, int64_t count, int64_t element_size) {
 // scratch. Built once per pass, read by every chunk.
 template <typename T, int VB, bool Rows>
 struct Plan {
+  // Block boundaries fall on whole lane vectors of rows in the rows-in-lanes layout (run_chunk_blocks).
+  static constexpr int64_t row_align = Rows ? VB / static_cast<int64_t>(sizeof(T)) : 1;
   const Pass<T>& pass;
   const NetShape& s;
   SumLayout lay;

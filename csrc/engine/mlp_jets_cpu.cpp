@@ -87,6 +87,8 @@ FUSEDGRAD_CPU_INLINE void jet_backward_step(T* g, const T* h, const T* j1, const
 
 template <typename T, int VB, bool Rows>
 struct JetPlan {
+  // Block boundaries fall on whole lane vectors of rows in the rows-in-lanes layout (run_chunk_blocks).
+  static constexpr int64_t row_align = Rows ? VB / static_cast<int64_t>(sizeof(T)) : 1;
   const Pass<T>& pass;
   const NetShape& s;
   SumLayout lay;
