@@ -252,18 +252,11 @@ def _recompute_backward(kind, inputs, reduction, activation, grad, needs):
     gradients that are themselves differentiable (a PINN's u_x, then u_xx; gradient penalties; gradgradcheck),
     exact, at native speed. One entry per input: None where none is needed."""
     x, w1, b1, w2, b2 = inputs[:5]
-    wanted = [t for t, n in zip(inputs, needs) if n]
-    if not wanted:
-        return [None] * len(inputs)
     with torch.enable_grad():
         out = (_native_loss(x, w1, b1, w2, b2, inputs[5], reduction, activation) if kind == "mlp_loss"
                else _native_prediction(x, w1, b1, w2, b2, activation))
-        got = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
-    result = []
-    for t, n in zip(inputs, needs):
-        g = next(got) if n else None
-        result.append(None if not n else torch.zeros_like(t) if g is None else g)
-    return result
+        wanted = [t if n else None for t, n in zip(inputs, needs)]
+        return _deep()._differentiable_backward([out], wanted, [grad])  # the deeper nets' route
 
 
 _C._set_recompute_backward(_recompute_backward)

@@ -79,7 +79,7 @@ class MlpLossFunction : public torch::autograd::Function<MlpLossFunction> {
     const auto needs = needs_grad_by_position(ctx, present);
     variable_list grads(8);  // 6 tensors + reduction + activation
     if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable gradients (autograd_helpers.h)
-      const variable_list got = recompute_gradients(ctx, "mlp_loss", "mlp_loss", ctx->saved_data["reduction"].toStringRef(),
+      const variable_list got = recompute_gradients(ctx, "mlp_loss", ctx->saved_data["reduction"].toStringRef(),
                                                     ctx->saved_data["activation"].toStringRef(), grad_loss,
                                                     std::vector<bool>(needs.begin(), needs.end()));
       std::copy(got.begin(), got.end(), grads.begin());
@@ -132,7 +132,7 @@ class MlpFunction : public torch::autograd::Function<MlpFunction> {
     const auto need = needs_grad_by_position<5>(
         ctx, {true, true, b1.has_value(), w2.has_value(), b2.has_value()});
     if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable gradients (autograd_helpers.h)
-      variable_list out = recompute_gradients(ctx, "mlp", "mlp", "", ctx->saved_data["activation"].toStringRef(),
+      variable_list out = recompute_gradients(ctx, "mlp", "", ctx->saved_data["activation"].toStringRef(),
                                               grad_outputs[0], std::vector<bool>(need.begin(), need.end()));
       out.resize(6);  // 5 tensors + activation
       return out;

@@ -64,8 +64,9 @@ void keep_inputs(torch::autograd::AutogradContext* ctx, const std::array<OptTens
 
 // The create_graph=True backward of a node that kept its inputs (keep_inputs):
 // the gradients of the inputs that need one, themselves differentiable.
+// `op` ("mlp_loss" or "mlp") is also the kind the recompute is told.
 inline torch::autograd::variable_list recompute_gradients(torch::autograd::AutogradContext* ctx, const char* op,
-                                                          const std::string& kind, const std::string& reduction,
+                                                          const std::string& reduction,
                                                           const std::string& activation, const at::Tensor& grad,
                                                           std::vector<bool> needs) {
   const c10::List<OptTensor> list = ctx->saved_data["inputs"].toOptionalTensorList();
@@ -80,7 +81,7 @@ inline torch::autograd::variable_list recompute_gradients(torch::autograd::Autog
   }
   TORCH_CHECK(static_cast<bool>(recompute_backward()), "fusedgrad.", op, ": a create_graph=True backward needs the "
               "fusedgrad Python package imported (it registers the recompute with _C._set_recompute_backward)");
-  return recompute_backward()(kind, inputs, reduction, activation, grad, needs);
+  return recompute_backward()(op, inputs, reduction, activation, grad, needs);
 }
 
 // ctx->needs_input_grad(k) counts only tensor arguments that were given

@@ -87,7 +87,7 @@ class EnsembleMlpLossFunction : public torch::autograd::Function<EnsembleMlpLoss
     for (size_t k = 0; k < 6; ++k) given[k] = (given_bits >> k) & 1;
     const auto needs = needs_grad_by_position(ctx, given);
     if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable gradients (autograd_helpers.h)
-      variable_list out = recompute_gradients(ctx, "mlp_loss", "mlp_loss", ctx->saved_data["reduction"].toStringRef(),
+      variable_list out = recompute_gradients(ctx, "mlp_loss", ctx->saved_data["reduction"].toStringRef(),
                                               ctx->saved_data["activation"].toStringRef(), w,
                                               std::vector<bool>(needs.begin(), needs.end()));
       out.resize(8);  // 6 tensors + reduction + activation
@@ -139,7 +139,7 @@ class EnsembleMlpFunction : public torch::autograd::Function<EnsembleMlpFunction
     const OptTensor w2 = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
     const auto need = needs_grad_by_position<5>(ctx, {true, true, b1.has_value(), w2.has_value(), b2.has_value()});
     if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable gradients (autograd_helpers.h)
-      variable_list out = recompute_gradients(ctx, "mlp", "mlp", "", ctx->saved_data["activation"].toStringRef(),
+      variable_list out = recompute_gradients(ctx, "mlp", "", ctx->saved_data["activation"].toStringRef(),
                                               grad_outputs[0], std::vector<bool>(need.begin(), need.end()));
       out.resize(6);  // 5 tensors + activation
       return out;

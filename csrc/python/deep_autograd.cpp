@@ -52,6 +52,12 @@ using ops::BiasList;
 
 // fusedgrad.deep._double_backward(kind, x, params, activation, order, target, reduction, grads, needs)
 // → [dx, *dparams(, dtarget)].
+// A tensor for a Python call (None where undefined); the GIL held.
+py::object to_py(const Tensor& t) {
+  if (!t.defined()) return py::none();
+  return py::reinterpret_steal<py::object>(compat::wrap(t));
+}
+
 py::object& differentiable_backward() {
   static py::object* fn = new py::object();  // leaked: never destroyed after the interpreter
   return *fn;
@@ -168,10 +174,6 @@ variable_list python_backward(const Saved& s, const char* kind, int64_t order, c
     py::gil_scoped_acquire gil;
     TORCH_CHECK(differentiable_backward(), "fusedgrad: double backward needs fusedgrad.deep imported (it registers "
                 "the torch-op backward with fusedgrad._C._set_differentiable_backward)");
-    auto to_py = [](const Tensor& t) -> py::object {
-      if (!t.defined()) return py::none();
-      return py::reinterpret_steal<py::object>(compat::wrap(t));
-    };
     py::list py_params, py_grads;
     for (const Tensor& t : params) py_params.append(to_py(t));
     for (const Tensor& t : grads) py_grads.append(to_py(t));
@@ -441,10 +443,6 @@ void register_deep_autograd(py::module_& m) {
                                                         const std::string& reduction, const std::string& activation,
                                                         const Tensor& grad, const std::vector<bool>& needs) {
           py::gil_scoped_acquire gil;
-          auto to_py = [](const Tensor& t) -> py::object {
-            if (!t.defined()) return py::none();
-            return py::reinterpret_steal<py::object>(compat::wrap(t));
-          };
           py::list py_inputs;
           for (const Tensor& t : inputs) py_inputs.append(to_py(t));
           py::object out = (*held)(kind, py_inputs, reduction, activation, to_py(grad), needs);
