@@ -1,22 +1,23 @@
-"""Where the direct-loop path stops beating the GEMM path (csrc/cpu/small_path.cpp).
+"""Where the one-hidden-layer ops' engine path stops beating the GEMM path (csrc/ops/engine_path.cpp).
 
     python benchmarks/crossover.py [--threads 1 2]
 
 Times the fused loss-and-gradients op on shapes around the threshold twice, in
-subprocesses forced onto each path (fusedgrad._C._set_small_path_max_macs(0 / huge)),
-and prints µs per call and the MACs N·(D·H + H·O) of each shape."""
+subprocesses forced onto each path (fusedgrad._C._set_engine_path_max_macs(huge / 0)),
+and prints µs per call and the multiply-adds a row D·H + H·O of each shape (the rule's measure)."""
 import argparse
 import json
 import subprocess
 import sys
 
-SHAPES = [(10, 4, 4, 4), (100, 1, 20, 1), (64, 16, 32, 4), (128, 16, 32, 8), (256, 16, 32, 8),
-          (128, 32, 64, 8), (256, 32, 64, 8), (512, 32, 64, 8), (1024, 32, 64, 8)]
+SHAPES = [(10, 4, 4, 4), (100, 1, 20, 1), (256, 32, 64, 8), (2048, 64, 128, 16), (4096, 100, 100, 10),
+          (1000, 256, 32, 1), (2048, 128, 96, 32), (1024, 16, 512, 16), (2048, 32, 256, 32),
+          (4096, 128, 128, 128), (4096, 256, 256, 64)]
 
 CHILD = r"""
 import json, sys, time, torch, fusedgrad
 torch.set_num_threads(int(sys.argv[1]))
-fusedgrad._C._set_small_path_max_macs(int(sys.argv[3]))
+fusedgrad._C._set_engine_path_max_macs(int(sys.argv[3]))
 op = torch.ops.fusedgrad.mlp_loss_and_grads.default
 out = {}
 for N, D, H, O in json.loads(sys.argv[2]):
@@ -47,14 +48,14 @@ def main():
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     args = parser.parse_args()
     for threads in args.threads:
-        small, gemm = run(threads, 1 << 62), run(threads, 0)
+        engine, gemm = run(threads, 1 << 62), run(threads, 0)
         print(f"\n{threads} thread(s): µs per fused loss+gradients call (best of 7)")
-        print(f"{'N×D×H×O':<16}{'MACs':>10}{'direct':>10}{'GEMM':>10}  faster")
+        print(f"{'N×D×H×O':<18}{'MACs/row':>10}{'engine':>10}{'GEMM':>10}  faster")
         for (N, D, H, O) in SHAPES:
             key = f"{N}x{D}x{H}x{O}"
-            macs = N * (D * H + H * O)
-            print(f"{key:<16}{macs:>10}{small[key]:>10.1f}{gemm[key]:>10.1f}  "
-                  f"{'direct' if small[key] < gemm[key] else 'GEMM'}")
+            macs = D * H + H * O
+            print(f"{key:<18}{macs:>10}{engine[key]:>10.1f}{gemm[key]:>10.1f}  "
+                  f"{'engine' if engine[key] < gemm[key] else 'GEMM'}")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ def explain(net_or_trainer: Union[torch.nn.Module, "Trainer"], x: torch.Tensor,
 
     Returns:
         A dict with ``"path"`` — ``"engine"`` (any depth: row blocks through the register-blocked
-        products of csrc/engine/), ``"stream"`` / ``"small"`` / ``"gemm"`` / ``"cuda"`` (the
-        one-hidden-layer ops), ``"ensemble"`` (the one-hidden-layer ensemble ops),
+        products of csrc/engine/; the one-hidden-layer ops too, up to the width where BLAS pays),
+        ``"gemm"`` / ``"cuda"`` (the one-hidden-layer ops), ``"ensemble"`` (the one-hidden-layer ensemble ops),
         ``"trainer-narrow"`` / ``"trainer-narrow-fixed"`` / ``"trainer-gemm"`` (the
         one-hidden-layer trainer), ``"trainer-engine"`` (the trainer at any depth), ``"trainer-lbfgs"``
         (a trainer of torch.optim.LBFGS), ``"meta"``
@@ -119,9 +119,12 @@ def explain(net_or_trainer: Union[torch.nn.Module, "Trainer"], x: torch.Tensor,
         info["why"] = f"{x.device.type} tensors run the fake kernels (fusedgrad/_fake.py): shapes, no arithmetic"
         return info
     info["path"] = _C.explain_op(target is not None, x, w1, b1, w2, b2, target, net.activation)
-    info["why"] = {"stream": "narrow layers: rows streamed through cache-sized blocks (csrc/cpu/stream_path.cpp)",
-                   "small": "few multiply-adds: direct loops (csrc/cpu/small_path.cpp)",
-                   "gemm": "wide enough for BLAS (csrc/ops/gemm_path.cpp)",
+    if info["path"] == "engine":
+        info.update(_engine(widths, rows, weights, None))
+    info["why"] = {"engine": "the any-depth engine at one hidden layer: row blocks through the register-blocked "
+                             "products of csrc/engine/ (csrc/ops/engine_path.cpp)",
+                   "gemm": "wide enough for BLAS, or an operand the engine does not read directly "
+                           "(csrc/ops/gemm_path.cpp)",
                    "cuda": "CUDA kernels (csrc/cuda/)"}[info["path"]]
     return info
 

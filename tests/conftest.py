@@ -66,6 +66,22 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def engine_crossover():
+    """set(macs) moves the one-hidden-layer ops' engine/GEMM crossover for one test
+    (fusedgrad._C._set_engine_path_max_macs: 0 runs the GEMM path always, None the measured default);
+    restored after the test."""
+    from fusedgrad import _C
+    previous = []
+
+    def set_to(macs):
+        previous.append(_C._set_engine_path_max_macs(-1 if macs is None else macs))
+
+    yield set_to
+    if previous:
+        _C._set_engine_path_max_macs(previous[0])
+
+
 def pytest_terminal_summary(terminalreporter):
     """Reports the worst relative errors the comparisons observed (tests/problems.WORST)."""
     problems = sys.modules.get("problems")

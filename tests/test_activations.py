@@ -29,26 +29,25 @@ def _h(n_random):
     return h.unsqueeze(1)  # (N, 1): x with w1 = [[1]], so h = x exactly
 
 
-@pytest.fixture(params=["small", "gemm", "stream"])
-def path(request):
-    """The kernel path the loss op takes: the direct loops, the GEMM path, the streaming path (tall
-    data). The stream path is tried first wherever it applies (D ≤ 32, H ≤ 128, O ≤ 16 and narrow
-    rows), so the small and GEMM cases feed h through a 33-wide x (see rows_for); each test asserts
-    the path through fusedgrad._C.explain_op, the dispatch's own test."""
-    n = {"small": 30, "gemm": 30, "stream": 20000}[request.param]
-    previous = _C._set_small_path_max_macs(0 if request.param == "gemm" else -1)
-    yield request.param, n
-    _C._set_small_path_max_macs(previous)
+@pytest.fixture
+def crossover(engine_crossover):
+    """force(name): the GEMM path always for "gemm" (the engine's crossover at 0), else the default."""
+    return lambda name: engine_crossover(0 if name == "gemm" else None)
+
+
+@pytest.fixture(params=["engine", "engine-tall", "gemm"])
+def path(request, crossover):
+    """The kernel path the ops take: the any-depth engine (a few rows, and tall data: many row
+    blocks), and the GEMM path (forced by moving the engine's crossover to 0). Each test asserts the
+    path through fusedgrad._C.explain_op, the dispatch's own test."""
+    crossover(request.param)
+    n = {"engine": 30, "engine-tall": 20000, "gemm": 30}[request.param]
+    yield request.param.split("-")[0], n
 
 
 def rows_for(name, h):
-    """(x, w1) with x w1ᵀ = h exactly: h itself with w1 = [[1]] for the stream path; for the others h
-    beside 32 zero columns with w1 = [[1, 0, …, 0]] (33 inputs: more than the stream path takes)."""
-    one = torch.ones(1, 1, dtype=h.dtype)
-    if name == "stream":
-        return h, one
-    zeros = torch.zeros(h.shape[0], 32, dtype=h.dtype)
-    return torch.cat([h, zeros], 1), torch.cat([one, torch.zeros(1, 32, dtype=h.dtype)], 1)
+    """(x, w1) with x w1ᵀ = h exactly: h itself with w1 = [[1]]."""
+    return h, torch.ones(1, 1, dtype=h.dtype)
 
 
 def assert_path(loss, expected, x, w1, w2=None, activation="sigmoid"):
@@ -61,11 +60,11 @@ def test_value_and_derivative_match_torch(activation, path):
     name, n = path
     h = _h(n).requires_grad_()
     x, w1 = rows_for(name, h)
-    assert_path(True, name, x, w1, activation=activation)
-    assert_path(False, "stream" if name == "stream" else "gemm", x, w1, activation=activation)  # no small forward
+    one = torch.ones(1, 1, dtype=h.dtype)  # w2 = [[1]]: the prediction is act(h) itself
+    assert_path(True, name, x, w1, one, activation=activation)
+    assert_path(False, name, x, w1, one, activation=activation)
     act = REF_ACTIVATIONS[activation]
-    # mlp without w2: the prediction is act(h) itself
-    pred = fusedgrad.mlp(x, w1, activation=activation)
+    pred = fusedgrad.mlp(x, w1, None, one, activation=activation)
     expected = act(h)
     assert_close_rel(pred, expected, 1e-12, "value")
     go = torch.linspace(-1, 1, h.numel(), dtype=F64).unsqueeze(1)
@@ -73,12 +72,15 @@ def test_value_and_derivative_match_torch(activation, path):
     (want,) = torch.autograd.grad(expected, h, go)
     assert_close_rel(got, want, 1e-12, "mlp derivative")
     # the loss op: L = Σ act(h)², dL/dh = 2 act(h) act'(h)
-    loss = fusedgrad.mlp_loss(x, w1, reduction="sum", activation=activation)
+    loss = fusedgrad.mlp_loss(x, w1, None, one, reduction="sum", activation=activation)
     (got,) = torch.autograd.grad(loss, h)
     ref = (act(h) ** 2).sum()
     (want,) = torch.autograd.grad(ref, h)
     assert_close_rel(loss, ref, 1e-12, "loss")
     assert_close_rel(got, want, 1e-12, "loss derivative")
+    # without a second layer (the GEMM path's alone): the prediction is act(h)
+    assert_path(False, "gemm", x, w1, activation=activation)
+    assert_close_rel(fusedgrad.mlp(x, w1, activation=activation), expected, 1e-12, "value without w2")
 
 
 def test_relu_derivative_at_zero_is_zero():
@@ -87,12 +89,13 @@ def test_relu_derivative_at_zero_is_zero():
     assert g.flatten().tolist() == [0.0, 0.0, 1.0]
 
 
-@pytest.mark.parametrize("name", ["gemm", "stream"])  # the prediction's forward paths (it has no small path)
-def test_float32_sigmoid_within_two_ulp(name):
+@pytest.mark.parametrize("name", ["gemm", "engine"])
+def test_float32_sigmoid_within_two_ulp(name, crossover):
     """σ in float32 (cpu_vector.h: vec_exp's degree-6 polynomial, measured within 2 ulp
     of the correctly rounded σ over every float in [−87, 88]) on each forward path, over
     a dense grid of h and the special values: mlp(x) with x w1ᵀ = h and w2 = [[1]] is σ(h) exactly."""
-    n = 20000 if name == "stream" else 30
+    crossover(name)
+    n = 20000
     h = torch.cat([torch.linspace(-87, 88, 200_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 17.0, -17.0])])
     ones = torch.ones(1, 1)
     x, w1 = rows_for(name, h.unsqueeze(1))
@@ -104,12 +107,13 @@ def test_float32_sigmoid_within_two_ulp(name):
     assert out[h > 17].min() > 0.99999 and out[h < -87 + 1e-3].max() < 2e-38  # saturation, no NaN
 
 
-@pytest.mark.parametrize("name", ["gemm", "stream"])
-def test_float32_tanh_within_six_ulp(name):
+@pytest.mark.parametrize("name", ["gemm", "engine"])
+def test_float32_tanh_within_six_ulp(name, crossover):
     """tanh in float32 (cpu_vector.h: tanh_rational, z P(z²)/Q(z²), measured within 5.5 ulp of the
     correctly rounded tanh over every float in [0, 10]) on each forward path, over a dense grid and
     the special values; |tanh| ≤ 1 everywhere, so the derivative 1 − tanh² is never negative."""
-    n = 20000 if name == "stream" else 30
+    crossover(name)
+    n = 20000
     special = [0.0, 1e-30, -1e-30, 1e-4, -1e-4, 9.0, -9.0, 9.02, -9.02, 30.0, -30.0, float("inf"), float("-inf")]
     h = torch.cat([torch.linspace(-10, 10, 400_001), torch.tensor(special)])
     ones = torch.ones(1, 1)

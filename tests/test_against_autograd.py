@@ -160,9 +160,9 @@ def test_other_broadcast_shapes(lead, hidden, out, which, shape, dtype):
 
 
 # ---------------------------------------------------------------------------
-# Problems for the GEMM path (rows of 40·16 + 16·10 = 800 multiply-adds: wider than the
-# streaming path takes below 32 768 rows; N·(DH + HO) far above the direct-loop path's
-# range; assert_path checks) and for the row-block parallel reductions (N·cols > 16384).
+# Large problems (N·cols > 16384: many row blocks and parallel reductions): per-column biases run the
+# any-depth engine, full-shape and (N, 1) biases and a missing second layer the GEMM path
+# (csrc/ops/engine_path.cpp; assert_path checks).
 def assert_path(p, expected, loss=True, activation="sigmoid"):
     args = [a.detach() if a is not None else None for a in p.loss_args()]
     got = fusedgrad._C.explain_op(loss, *args[:5], args[5] if loss else None, activation)
@@ -177,8 +177,9 @@ def test_large_problems(kinds, lead, dtype):
     b1, b2 = kinds
     for layout in ("contig", "noncontig"):
         p = make_problem(lead, 40, 16, 10, b1=b1, b2=b2, target="grad", layout=layout, dtype=dtype, seed=3)
-        assert_path(p, "gemm")
-        assert_path(p, "gemm", loss=False)
+        path = "engine" if kinds in (("vec", "vec"), ("row", "none")) else "gemm"
+        assert_path(p, path)
+        assert_path(p, path, loss=False)
         for reduction in ("mean", "sum"):
             compare_loss(p, reduction)
         go = upstream_grad(tuple(lead) + (10,), dtype, 5)
@@ -198,13 +199,13 @@ def two_threads():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_large_problems_two_threads(two_threads, dtype):
-    """The parallel row loops and block reductions with more than one thread: of the streaming
-    path (8→16→10 rows, 288 multiply-adds) and, with an (N, 1) "col" b2 that it does not take,
-    of the GEMM path (assert_path checks each)."""
+    """The parallel row loops and block reductions with more than one thread: of the engine
+    (per-column biases) and, with an (N, 1) "col" b2 that it does not read, of the GEMM path
+    (assert_path checks each)."""
     assert torch.get_num_threads() == 2
-    p = make_problem((5000,), 8, 16, 10, b1="vec", b2="full", target="grad", dtype=dtype, seed=6)
-    assert_path(p, "stream")
-    assert_path(p, "stream", loss=False)
+    p = make_problem((5000,), 8, 16, 10, b1="vec", b2="vec", target="grad", dtype=dtype, seed=6)
+    assert_path(p, "engine")
+    assert_path(p, "engine", loss=False)
     compare_loss(p, "mean")
     compare_mlp(p, upstream_grad((5000, 10), dtype, 6), "sigmoid")
     p = make_problem((50, 100), 8, 16, 10, b1="full", b2="col", target="grad", layout="noncontig",

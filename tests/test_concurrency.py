@@ -67,23 +67,24 @@ def assert_bitwise(a, b, label):
         assert torch.equal(x, y), f"{label}: result {k} differs (max diff {(x - y).abs().max().item():.3e})"
 
 
-SHAPES = {  # the loss op's small direct-loop path (33 inputs: more than the streaming path, tried
-    # first, takes) and its GEMM path (N·(DH + HO) = 1.3M multiply-adds, far above the crossover);
-    # the prediction has no small path: both shapes' forwards run the GEMM path. assert_path checks.
-    "small": dict(N=10, D=33, H=4, O=4),
-    "gemm": dict(N=1031, D=32, H=32, O=8),
+SHAPES = {  # the engine (few multiply-adds a row) and the GEMM path (128·128 + 128·8 multiply-adds a row,
+    # above the engine's crossover, csrc/ops/engine_path.cpp). assert_path checks.
+    "engine": dict(N=10, D=33, H=4, O=4),
+    "gemm": dict(N=200, D=128, H=128, O=8),
 }
 
 
-def assert_path(p, shape, kind, expected=None):
-    """The path of the case's op: the loss op's is the shape's name, the prediction's "gemm" (it has no
-    small path) unless `expected` says otherwise."""
+def expected_path(shape, bias):
+    """The engine reads biases of one value per column; full-shape and (N, 1) biases are the GEMM path's."""
+    return "engine" if shape == "engine" and bias in ("vec", "row") else "gemm"
+
+
+def assert_path(p, shape, kind, expected):
+    """The path of the case's op (loss and prediction ops take the same one)."""
     loss = kind != "mlp"
     got = fusedgrad._C.explain_op(loss, p["x"], p["w1"], p["b1"], p["w2"], p["b2"], p["target"] if loss else None,
                                   "sigmoid")
-    expected = expected or (shape if loss else "gemm")
     assert got == expected, f"{shape} {kind}: the op takes {got!r}, the test means {expected!r}"
-
 
 
 CASES = [(s, kind, bw) for s in SHAPES for kind, bw in
@@ -91,19 +92,18 @@ CASES = [(s, kind, bw) for s in SHAPES for kind, bw in
 
 
 def case_id(shape, kind, backward):
-    """The path the case's op takes (the small shape's prediction takes the GEMM path), then N x D x H x O."""
-    path = shape if kind != "mlp" else "gemm"
-    return f"{path}-{'x'.join(str(v) for v in SHAPES[shape].values())}-{kind}-{'bw' if backward else 'fw'}"
+    """The shape's path (with its per-column biases), then N x D x H x O."""
+    return f"{shape}-{'x'.join(str(v) for v in SHAPES[shape].values())}-{kind}-{'bw' if backward else 'fw'}"
 
 
 @pytest.mark.parametrize("shape,kind,backward", CASES, ids=[case_id(*c) for c in CASES])
 def test_threads_match_sequential_bitwise(shape, kind, backward):
     n_threads, calls = 8, 50
-    # (N, 1) "col" biases broadcast in a way only the GEMM path takes: the small shape goes without them
+    # (N, 1) "col" biases broadcast in a way only the GEMM path takes: the engine shape goes without them
     kinds = ("vec", "full", "col", "row") if shape == "gemm" else ("vec", "full", "row")
     problems = [problem(**SHAPES[shape], seed=s, bias=kinds[s % len(kinds)]) for s in range(n_threads)]
-    for p in problems:
-        assert_path(p, shape, kind)
+    for s, p in enumerate(problems):
+        assert_path(p, shape, kind, expected_path(shape, kinds[s % len(kinds)]))
     expected = [step(p, kind, backward) for p in problems]
     errors, mismatches = [], []
     barrier = threading.Barrier(n_threads)
@@ -135,11 +135,11 @@ def test_threads_mixed_ops_and_dtypes():
     """Different ops, dtypes and shapes interleaved in 6 threads."""
     jobs = []
     for s, (shape, dtype, kind) in enumerate(
-            [("small", F32, "loss"), ("gemm", F64, "loss"), ("small", F64, "mlp"),
-             ("gemm", F32, "mlp"), ("small", F32, "op"), ("gemm", F64, "op")]):
+            [("engine", F32, "loss"), ("gemm", F64, "loss"), ("engine", F64, "mlp"),
+             ("gemm", F32, "mlp"), ("engine", F32, "op"), ("gemm", F64, "op")]):
         kinds = ("vec", "col", "full") if shape == "gemm" else ("vec", "row", "full")  # "col": GEMM path only
         p = problem(**SHAPES[shape], dtype=dtype, seed=100 + s, bias=kinds[s % 3])
-        assert_path(p, shape, kind)
+        assert_path(p, shape, kind, expected_path(shape, kinds[s % 3]))
         jobs.append((p, kind, kind != "op", step(p, kind, kind != "op")))
     failures = []
 
@@ -176,16 +176,16 @@ def restore_threads():
 
 
 THREAD_CASES = [
-    # (N, D, H, O, bias, path): N·cols well above the 16384-element row block, so the
-    # per-column reductions run many blocks; per-column biases use the blocked sums.
-    # 16→64→8 rows (1536 multiply-adds) are the GEMM path's below 32768 rows, 8→16→3 and
-    # 7→5→3 rows (176, 50) the streaming path's (its blocks in fixed chunks); assert_path checks.
-    (4096, 16, 64, 8, "vec", "gemm"),
-    (4096, 16, 64, 8, "row", "gemm"),
-    (8192, 8, 16, 3, "vec", "stream"),
+    # (N, D, H, O, bias, path): N·cols well above a block's rows, so the per-column reductions run
+    # many blocks. Per-column biases: the engine (its blocks in chunks fixed by the rows); full-shape
+    # and (N, 1) biases the GEMM path's; 128→128→8 rows are BLAS's (assert_path checks).
+    (4096, 16, 64, 8, "vec", "engine"),
+    (4096, 16, 64, 8, "row", "engine"),
+    (8192, 8, 16, 3, "vec", "engine"),
     (4096, 16, 64, 8, "full", "gemm"),
     (4096, 16, 64, 8, "col", "gemm"),  # (N, 1) biases: gradients through a plain sum over columns
-    (300, 7, 5, 3, "vec", "stream"),  # one chunk of the streaming path, whatever the thread count
+    (300, 7, 5, 3, "vec", "engine"),  # one chunk, whatever the thread count
+    (1024, 128, 128, 8, "vec", "gemm"),
 ]
 
 

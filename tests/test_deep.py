@@ -154,6 +154,32 @@ def test_same_bits_for_any_thread_count():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("hidden", [[20], [100], [7], [32, 32], [20, 20, 20], [64, 48]])
+@pytest.mark.parametrize("d,o", [(1, 1), (5, 1), (3, 2), (64, 8)])
+def test_a_rows_results_do_not_depend_on_its_batch(hidden, d, o, dtype):
+    """A row's prediction, its input derivatives and its dx are the same bits alone, in any slice of
+    a batch and at any place in a block (both layouts; one hidden layer runs the same engine):
+    scikit-learn's subset-invariance check reads exactly this."""
+    torch.manual_seed(d * 100 + o)
+    net = fusedgrad.FusedMLP(d, hidden, o, activation="tanh", dtype=dtype)
+    x = torch.randn(203, d, dtype=dtype)
+    with torch.no_grad():
+        full = net(x)
+        du, d2u = net.derivatives(x, order=2)[1:]
+    xg = x.clone().requires_grad_()
+    (dx,) = torch.autograd.grad(net(xg).square().sum(), xg)
+    for start, n in [(0, 1), (5, 1), (202, 1), (1, 2), (3, 7), (0, 9), (17, 33), (40, 100), (100, 103)]:
+        rows = slice(start, start + n)
+        with torch.no_grad():
+            assert torch.equal(net(x[rows]), full[rows]), (start, n)
+            _, du_s, d2u_s = net.derivatives(x[rows], order=2)
+        assert torch.equal(du_s, du[rows]) and torch.equal(d2u_s, d2u[rows]), (start, n)
+        xs = x[rows].clone().requires_grad_()
+        (dx_s,) = torch.autograd.grad(net(xs).square().sum(), xs)
+        assert torch.equal(dx_s, dx[rows]), (start, n)
+
+
 # ---------------------------------------------------------------------------- the module
 @pytest.mark.parametrize("hidden", [[5, 7], [20, 20, 20], [3, 64, 1, 9, 130, 2]])
 @pytest.mark.parametrize("act", ["tanh", "relu", "gelu"])

@@ -171,10 +171,10 @@ def test_mlp_matches_native_per_model(p):
 
 def test_each_model_is_computed_exactly_as_alone():
     """Model k of the ensemble runs the single-model kernels on its slices: bitwise the same
-    loss and gradients as the single-model op, on each kernel path of the loss (the streaming
-    path, the small direct loops with 33 inputs — more than the streaming path takes — and the
-    GEMMs; model_path asserts each)."""
-    for (N, D, H, O), path in (((100, 1, 20, 1), "stream"), ((10, 33, 4, 2), "small"), ((256, 32, 64, 8), "gemm")):
+    loss and gradients as the single-model op, on each kernel path of the loss (the engine, tall and
+    small, and the GEMMs of rows above its crossover; model_path asserts each)."""
+    for (N, D, H, O), path in (((100, 1, 20, 1), "engine"), ((10, 33, 4, 2), "engine"),
+                               ((64, 128, 128, 8), "gemm")):
         K = 3
         args = make_args(K, N, D, H, O, "shared", "per_model", True, "per_model", "per_model", seed=N, dtype=torch.float32,
                          grad=False)
@@ -190,7 +190,7 @@ def test_each_model_is_computed_exactly_as_alone():
 
 def test_bitwise_identical_with_one_and_two_threads():
     args = make_args(64, 100, 1, 20, 1, "shared", "per_model", True, "per_model", "shared", seed=3, grad=False)
-    assert model_path(args) == "stream"
+    assert model_path(args) == "engine"
     saved = torch.get_num_threads()
     try:
         results = []
@@ -218,8 +218,8 @@ def model_path(args, k=0):
                                    model_k(b2, bias), model_k(target, data), "sigmoid")
 
 
-@pytest.mark.parametrize("shape,path", [((4, 256, 32, 64, 8), "gemm"), ((64, 100, 1, 20, 1), "stream")],
-                         ids=["gemm_path", "stream_path"])
+@pytest.mark.parametrize("shape,path", [((4, 64, 128, 128, 8), "gemm"), ((64, 100, 1, 20, 1), "engine")],
+                         ids=["gemm_path", "engine_path"])
 def test_models_on_two_threads_under_autograd(shape, path):
     """Models spread over threads, arguments requiring grad: the worker threads run below
     autograd like the calling thread (no autograd views of the slices, no out= errors)."""

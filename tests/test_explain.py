@@ -17,7 +17,7 @@ from fusedgrad import _C
 KEYS = {"path", "why", "call", "rows", "widths", "dtype", "threads"}
 ENGINE_KEYS = KEYS | {"block_rows", "blocks", "chunks", "vector_bytes", "layout"}
 # Every value "path" takes (fusedgrad/explain.py's docstring).
-PATHS = {"stream", "small", "gemm", "cuda", "ensemble", "engine", "trainer-narrow", "trainer-narrow-fixed",
+PATHS = {"gemm", "cuda", "ensemble", "engine", "trainer-narrow", "trainer-narrow-fixed",
          "trainer-gemm", "trainer-engine", "trainer-lbfgs"}
 TRAINER_ROUTES = ("deep_train_steps", "deep_train_steps_fast", "train_steps", "train_steps_fast", "train_step_fast")
 ENGINE_ROUTES = {"deep_train_steps", "deep_train_steps_fast"}  # the engine's entry points: Python route, C++ route
@@ -79,10 +79,13 @@ def restore_threads():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_keys_and_types_of_each_kind_of_call(dtype):
     net, x, y = net_and_data(3, 5, 2, 11, dtype)
-    check_dict(fusedgrad.explain(net, x, y), "loss", 11, [3, 5, 2], dtype)
-    check_dict(fusedgrad.explain(net, x), "forward", 11, [3, 5, 2], dtype)
+    check_dict(fusedgrad.explain(net, x, y), "loss", 11, [3, 5, 2], dtype, engine=True)
+    check_dict(fusedgrad.explain(net, x), "forward", 11, [3, 5, 2], dtype, engine=True)
     # leading dimensions of x are rows
-    check_dict(fusedgrad.explain(net, x.reshape(1, 11, 3), y.reshape(1, 11, 2)), "loss", 11, [3, 5, 2], dtype)
+    check_dict(fusedgrad.explain(net, x.reshape(1, 11, 3), y.reshape(1, 11, 2)), "loss", 11, [3, 5, 2], dtype,
+               engine=True)
+    wide, xw, yw = net_and_data(3, 4096, 2, 11, dtype)  # 3·4096 + 4096·2 multiply-adds a row: BLAS's
+    check_dict(fusedgrad.explain(wide, xw, yw), "loss", 11, [3, 4096, 2], dtype)
     trainer = fusedgrad.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1))
     check_dict(fusedgrad.explain(trainer, x, y), "train", 11, [3, 5, 2], dtype)
     deep, x, y = net_and_data(3, 5, 2, 11, dtype, hidden_layers=2)
@@ -107,46 +110,51 @@ def test_explain_runs_nothing():
 
 # ------------------------------------------------------------------- the one-hidden-layer op paths
 
-# (D, H, O, N, loss path, forward path): narrow rows stream at any N; 33 inputs are more than the
-# streaming path takes, and 10 rows of 33·4 + 4·2 multiply-adds few enough for the direct loops
-# (the loss only: the prediction has no small path); 64→32→8 over 1031 rows is BLAS's.
+# (D, H, O, N, path): the any-depth engine takes every one-hidden-layer problem it reads directly up
+# to 16 384 multiply-adds a row (csrc/ops/engine_path.cpp), tall or small; wider rows are BLAS's.
 OP_SHAPES = {
-    "stream": (1, 20, 1, 4096, "stream", "stream"),
-    "small": (33, 4, 2, 10, "small", "gemm"),
-    "gemm": (64, 32, 8, 1031, "gemm", "gemm"),
+    "engine-tall": (1, 20, 1, 4096, "engine"),
+    "engine-small": (33, 4, 2, 10, "engine"),
+    "engine-mid": (64, 32, 8, 1031, "engine"),
+    "gemm": (128, 128, 8, 300, "gemm"),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", list(OP_SHAPES))
 def test_op_paths(case, dtype):
-    D, H, O, N, loss_path, forward_path = OP_SHAPES[case]
+    D, H, O, N, path = OP_SHAPES[case]
     net, x, y = net_and_data(D, H, O, N, dtype)
-    assert fusedgrad.explain(net, x, y)["path"] == loss_path
-    assert fusedgrad.explain(net, x)["path"] == forward_path
+    assert fusedgrad.explain(net, x, y)["path"] == path
+    assert fusedgrad.explain(net, x)["path"] == path
     # the same answer as the op-level form, on the module's own tensors
     w1, b1, w2, b2 = net._params()
-    assert _C.explain_op(True, x, w1, b1, w2, b2, y, net.activation) == loss_path
-    assert _C.explain_op(False, x, w1, b1, w2, b2, None, net.activation) == forward_path
+    assert _C.explain_op(True, x, w1, b1, w2, b2, y, net.activation) == path
+    assert _C.explain_op(False, x, w1, b1, w2, b2, None, net.activation) == path
 
 
-def test_stream_loss_runs_no_product_and_keeps_no_row_buffer():
-    """The streaming path takes rows through cache-sized blocks: no BLAS product, and no (N, H) buffer
+def test_engine_loss_runs_no_product_and_keeps_no_row_buffer():
+    """The engine takes rows through cache-sized blocks: no BLAS product, and no (N, H) buffer
     (its largest allocation is far below N·H elements; the GEMM path's holds h, N·H)."""
     D, H, O, N = 1, 20, 1, 4096
     net, x, y = net_and_data(D, H, O, N)
-    assert fusedgrad.explain(net, x, y)["path"] == "stream"
+    assert fusedgrad.explain(net, x, y)["path"] == "engine"
     names, largest = recorded(lambda: net.loss(x, y))
     assert "fusedgrad::mlp_loss_and_grads" in names and "aten::mm" not in names
     assert largest < N * H * x.element_size() // 4, largest
-    # the forward streams too (no product; it saves s for the backward, an (N, H) tensor)
-    assert fusedgrad.explain(net, x)["path"] == "stream"
+    # the forward runs on the engine too (no product; it saves s for the backward, an (N, H) tensor)
+    assert fusedgrad.explain(net, x)["path"] == "engine"
     names, _ = recorded(lambda: net(x))
     assert "fusedgrad::mlp_forward" in names and "aten::mm" not in names
+    # without autograd the prediction keeps nothing of (N, H)
+    with torch.no_grad():
+        names, largest = recorded(lambda: net(x))
+    assert "fusedgrad::mlp" in names and "aten::mm" not in names
+    assert largest < N * H * x.element_size() // 4, largest
 
 
 def test_gemm_loss_runs_products_into_row_buffers():
-    D, H, O, N = 64, 32, 8, 1031
+    D, H, O, N = 128, 128, 8, 300
     net, x, y = net_and_data(D, H, O, N)
     assert fusedgrad.explain(net, x, y)["path"] == "gemm"
     names, largest = recorded(lambda: net.loss(x, y))
@@ -157,38 +165,41 @@ def test_gemm_loss_runs_products_into_row_buffers():
     assert "fusedgrad::mlp_forward" in names and "aten::mm" in names
 
 
-def test_small_path_follows_its_crossover():
-    """33 inputs (more than the streaming path takes), few multiply-adds: the direct loops, no BLAS
-    product. With the crossover at 0 multiply-adds (fusedgrad._C._set_small_path_max_macs, as
-    benchmarks/crossover.py forces a path) the same call is the GEMM path's, products and all."""
+def test_engine_path_follows_its_crossover():
+    """With the crossover at 0 multiply-adds (fusedgrad._C._set_engine_path_max_macs, as
+    benchmarks/crossover.py forces a path) a call the engine took is the GEMM path's, products and all."""
     net, x, y = net_and_data(33, 4, 2, 10)
-    assert fusedgrad.explain(net, x, y)["path"] == "small"
+    assert fusedgrad.explain(net, x, y)["path"] == "engine"
     names, _ = recorded(lambda: net.loss(x, y))
     assert "fusedgrad::mlp_loss_and_grads" in names and "aten::mm" not in names
-    previous = _C._set_small_path_max_macs(0)
+    previous = _C._set_engine_path_max_macs(0)
     try:
         assert fusedgrad.explain(net, x, y)["path"] == "gemm"
         names, _ = recorded(lambda: net.loss(x, y))
         assert "aten::mm" in names
     finally:
-        _C._set_small_path_max_macs(previous)
-    assert fusedgrad.explain(net, x, y)["path"] == "small"
+        _C._set_engine_path_max_macs(previous)
+    assert fusedgrad.explain(net, x, y)["path"] == "engine"
 
 
-def test_stream_rule_boundaries():
-    """The streaming rule (D ≤ 32, H ≤ 128, O ≤ 16, D·H + H·O ≤ 512 at any N, ≤ 2048 from 32768
-    rows) as explain reports it, with the small path's crossover out of the way."""
-    previous = _C._set_small_path_max_macs(0)
-    try:
-        for (D, H, O, N), want in [((32, 8, 16, 100), "stream"), ((33, 8, 16, 100), "gemm"),
-                                   ((1, 128, 1, 100), "stream"), ((1, 129, 1, 100), "gemm"),
-                                   ((4, 8, 17, 100), "gemm"), ((16, 24, 16, 100), "gemm"),
-                                   ((16, 64, 4, 32767), "gemm"), ((16, 64, 4, 32768), "stream")]:
-            net = fusedgrad.FusedMLP(D, H, O)
-            x, y = torch.empty(N, D), torch.empty(N, O)
-            assert fusedgrad.explain(net, x, y)["path"] == want, (D, H, O, N)
-    finally:
-        _C._set_small_path_max_macs(previous)
+def test_engine_rule_boundaries():
+    """The engine's rule as explain reports it: D·H + H·O ≤ 16 384 at any N, a second layer, biases absent or
+    one per column, a target absent or of the prediction's shape; anything else is the GEMM path's."""
+    for (D, H, O, N), want in [((64, 128, 64, 100), "engine"), ((64, 128, 65, 100), "gemm"),
+                               ((1, 8192, 1, 3), "engine"), ((1, 8193, 1, 3), "gemm"),
+                               ((1, 20, 1, 1), "engine"), ((1, 20, 1, 10 ** 6), "engine")]:
+        net = fusedgrad.FusedMLP(D, H, O)
+        x, y = torch.empty(N, D), torch.empty(N, O)
+        assert fusedgrad.explain(net, x, y)["path"] == want, (D, H, O, N)
+    x, w1, w2 = torch.randn(50, 3), torch.randn(20, 3), torch.randn(2, 20)
+    b1, b2, t = torch.randn(20), torch.randn(2), torch.randn(50, 2)
+    assert _C.explain_op(True, x, w1, b1, w2, b2, t, "tanh") == "engine"
+    assert _C.explain_op(True, x, w1, None, w2, None, None, "tanh") == "engine"
+    assert _C.explain_op(True, x, w1, b1.reshape(1, 20), w2, b2.reshape(1, 2), t, "tanh") == "engine"
+    assert _C.explain_op(True, x, w1, b1, w2, b2, t[:1], "tanh") == "gemm"  # a (1, O) target: per column
+    assert _C.explain_op(True, x, w1, b1, w2, b2, t[:, :1], "tanh") == "gemm"  # (N, 1): "Other"
+    assert _C.explain_op(True, x, w1, torch.randn(50, 20), w2, b2, t, "tanh") == "gemm"  # a full-shape bias
+    assert _C.explain_op(True, x, w1, b1, None, None, torch.randn(50, 20), "tanh") == "gemm"  # no second layer
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and "cuda" in fusedgrad.backends),

@@ -388,9 +388,9 @@ def test_zero_size_dimensions_match_autograd(case, reduction, bias):
 ZERO_ROW_PROBE = """
 import torch, fusedgrad
 z = torch.zeros
-# 3 inputs: the streaming path (tried first) takes the empty batch; 33: more than it takes, the small path.
-for D, path in [(3, "stream"), (33, "small")]:
-    for b1, b2, t in [(z(0, 4), None, None), (None, z(0, 2), None), (None, None, z(0, 2))]:
+# a full-shape bias over zero rows is the GEMM path's; a full-shape target the engine's (csrc/ops/engine_path.cpp)
+for D in (3, 33):
+    for b1, b2, t, path in [(z(0, 4), None, None, "gemm"), (None, z(0, 2), None, "gemm"), (None, None, z(0, 2), "engine")]:
         got = fusedgrad._C.explain_op(True, z(0, D), z(4, D), b1, z(2, 4), b2, t, "sigmoid")
         assert got == path, (D, got, path)
         args = [None if a is None else a.requires_grad_() for a in (b1, b2, t)]
@@ -404,10 +404,9 @@ print("survived")
 
 def test_zero_rows_full_shape_gradient_no_crash():
     """Regression (fixed in 67c01be): N = 0 rows and the gradient of a full-shape
-    b1 (N, H), b2 (N, O) or target (N, O) requested made the small path write column sums
-    through the empty gradient's null data pointer (SIGSEGV). The probe asserts the path of each
-    case (the small path with 33 inputs, the streaming path with 3). Run in a subprocess so that a
-    regression fails this test instead of killing the session."""
+    b1 (N, H), b2 (N, O) or target (N, O) requested made the (since removed) small path write column
+    sums through the empty gradient's null data pointer (SIGSEGV). The probe asserts the path of each
+    case. Run in a subprocess so that a regression fails this test instead of killing the session."""
     r = run_probe(ZERO_ROW_PROBE)
     assert r.returncode == 0 and "survived" in r.stdout, f"exit code {r.returncode}: {(r.stderr or '')[-2000:]}"
 
@@ -415,10 +414,9 @@ def test_zero_rows_full_shape_gradient_no_crash():
 # --------------------------------------------------------------------------- NaN and ±Inf
 
 def _sizes(path):
-    # the small direct-loop path (33 inputs: more than the streaming path, tried first, takes),
-    # and the GEMM path: N·(DH + HO) = 2.4M multiply-adds, far above the crossover
-    # (csrc/cpu/small_path.cpp); _assert_path checks each through the dispatch's own test.
-    return dict(N=5, D=33, H=4, O=2) if path == "small" else dict(N=1031, D=64, H=32, O=8)
+    # the engine (few multiply-adds a row) and the GEMM path: 128·128 + 128·8 multiply-adds a row, above
+    # the engine's crossover (csrc/ops/engine_path.cpp); _assert_path checks each through the dispatch's own test.
+    return dict(N=5, D=33, H=4, O=2) if path == "engine" else dict(N=64, D=128, H=128, O=8)
 
 
 def _assert_path(args, path, activation="sigmoid"):
@@ -427,7 +425,7 @@ def _assert_path(args, path, activation="sigmoid"):
     assert got == path, f"the loss op takes {got!r}, the test means {path!r}"
 
 
-@pytest.mark.parametrize("path", ["small", "gemm"])
+@pytest.mark.parametrize("path", ["engine", "gemm"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("name", LOSS_ARGS)
 @pytest.mark.parametrize("activation", ["sigmoid", "identity"])
@@ -455,7 +453,7 @@ def test_non_finite_per_sample_bias_row():
 
 # --------------------------------------------------------------------------- huge magnitudes
 
-@pytest.mark.parametrize("path", ["small", "gemm"])
+@pytest.mark.parametrize("path", ["engine", "gemm"])
 @pytest.mark.parametrize("magnitude", [1e4, 1e10, 1e30, 1e300])
 @pytest.mark.parametrize("where", ["x", "b1", "w1"])
 def test_saturated_sigmoid_float64_matches_autograd(where, magnitude, path):
@@ -471,7 +469,7 @@ def test_saturated_sigmoid_float64_matches_autograd(where, magnitude, path):
     assert torch.isfinite(pred).all()
 
 
-@pytest.mark.parametrize("path", ["small", "gemm"])
+@pytest.mark.parametrize("path", ["engine", "gemm"])
 @pytest.mark.parametrize("magnitude", [1e4, 1e10, 1e30])
 def test_saturated_sigmoid_float32_no_nan(magnitude, path):
     """float32, |h| up to 1e30: no NaN, values within float32 rounding of native float32."""

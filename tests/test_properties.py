@@ -12,11 +12,12 @@ from reference import assert_close_rel, ref_mlp, ref_mlp_loss
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-# N includes 1 and primes. With widths up to 17 about half the draws take the streaming path (rows of
-# at most 512 multiply-adds and at most 16 outputs: csrc/cpu/stream_path.cpp), most others the GEMM
-# path (wider rows, 17 outputs, broadcast kinds that neither the streaming nor the small path takes)
-# and a few (~2 %) the small direct-loop path; PATH_CASES below runs the same checks on shapes of this
-# family that reach each path, asserted through the dispatch's own test (fusedgrad._C.explain_op).
+# N includes 1 and primes. With widths up to 17 every draw whose operands the any-depth engine reads
+# directly (a second layer, biases absent or per column, a target absent or of full shape:
+# csrc/ops/engine_path.cpp) takes the engine; the others (full-shape or broadcast biases, per-column
+# targets, no second layer) the GEMM path. PATH_CASES below runs the same checks on shapes of this family
+# that reach each path, asserted through the dispatch's own test (fusedgrad._C.explain_op), the GEMM path
+# of plain operands too (with the engine's crossover moved to 0, as benchmarks/crossover.py does).
 # The property tests record each draw's path (hypothesis events: pytest --hypothesis-show-statistics).
 ROWS = st.sampled_from([1, 2, 3, 5, 7, 11, 13, 17, 64, 257, 401])
 WIDTH = st.integers(1, 17)
@@ -114,22 +115,23 @@ def test_mlp_matches_autograd(problem, activation, go_style):
 
 
 # Shapes of the family above (N from ROWS or a 3-D lead of dims <= 5, widths <= 17) that reach each
-# path of the loss op and of the prediction op (which has no small path): (lead, D, H, O, b1, loss
-# path, prediction path). 17 outputs are more than the streaming path takes; 17→17→17 rows hold 578
-# multiply-adds, more than it takes below 32768 rows; the small path takes N·578 <= 2^16.
+# path of the loss op and of the prediction op: (lead, D, H, O, b1, path, engine crossover: None for the
+# default, 0 for the GEMM path always).
 PATH_CASES = {
-    "stream": ((64,), 5, 7, 3, "vec", "stream", "stream"),
-    "small": ((64,), 17, 17, 17, "vec", "small", "gemm"),
-    "small-17-outputs": ((3, 5), 3, 4, 17, "row", "small", "gemm"),
-    "gemm": ((401,), 17, 17, 17, "vec", "gemm", "gemm"),
-    "gemm-col-bias": ((257,), 9, 12, 5, "col", "gemm", "gemm"),  # (N, 1) b1: neither stream nor small takes it
+    "engine": ((64,), 5, 7, 3, "vec", "engine", None),
+    "engine-17": ((401,), 17, 17, 17, "vec", "engine", None),
+    "engine-17-outputs": ((3, 5), 3, 4, 17, "row", "engine", None),
+    "gemm": ((401,), 17, 17, 17, "vec", "gemm", 0),
+    "gemm-col-bias": ((257,), 9, 12, 5, "col", "gemm", None),  # (N, 1) b1: the engine does not read it
 }
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(PATH_CASES))
-def test_each_path_of_the_family(case, dtype):
-    lead, D, H, O, b1, loss_path, pred_path = PATH_CASES[case]
+def test_each_path_of_the_family(case, dtype, engine_crossover):
+    lead, D, H, O, b1, path, macs = PATH_CASES[case]
+    loss_path = pred_path = path
+    engine_crossover(macs)
     for layout in ("contig", "noncontig"):
         p = make_problem(lead, D, H, O, b1=b1, b2="vec", target="grad", layout=layout, dtype=dtype, seed=D * H)
         requires_grad = set(p.leaves)

@@ -1,12 +1,12 @@
-"""The streaming path (csrc/cpu/stream_path.cpp): tall data through narrow networks.
+"""Tall data through the one-hidden-layer ops: the any-depth engine at L = 2 (csrc/ops/engine_path.cpp,
+csrc/engine/) streams the rows through cache-sized blocks, nothing of size N kept but the outputs asked for.
 
-Shapes here are inside the path's rule (csrc/cpu/stream_path.cpp,
-stream_path_applies: widths D ≤ 32, H ≤ 128, O ≤ 16, no "Other" broadcast
-kind, and D·H + H·O ≤ 512 at any N or ≤ 2048 from 32768 rows on), so every
-call below runs it, except the "Other" kinds and the wider shape below 32768 rows,
-checked on their fallback; assert_path checks each through the dispatch's own test
-(fusedgrad._C.explain_op). Rows go in blocks of BLOCK[(D, H, O)] rows and the
-blocks in up to 16 fixed chunks; N is chosen around both boundaries.
+The engine takes every problem of this file whose operands it reads directly — a second layer, biases absent or
+one value per column, a target absent or of the prediction's full shape; the others (a full-shape bias, an
+(O,) target, an "Other" broadcast such as an (N, 1) column, no second layer) are the GEMM path's and are
+checked here all the same. assert_path checks each through the dispatch's own test
+(fusedgrad._C.explain_op). Rows go in blocks of block_rows(...) rows (the engine's own figure,
+fusedgrad._C.explain_engine) and the blocks in at most 16 fixed chunks; N is chosen around both boundaries.
 
 Everything is compared with native autograd (tests/reference.py) on the same
 leaves: float64 to 1e-12 relative (sums in another order only), float32
@@ -24,20 +24,15 @@ from reference import LOSS_ARGS, assert_close_rel, ref_mlp, ref_mlp_loss
 
 RTOL64 = 1e-12
 
-# Rows per block, as block_rows_for computes it: 16384 // max(D, H, O), at most
-# max(512, ⌈N / 16⌉ rounded up to 32) so that the chunks balance, clamped to
-# [64, 1024], rounded down to a multiple of 32. N=None: the block of a large N.
-def block_rows(D, H, O, N=None):
-    rows = 16384 // max(D, H, O, 1)
-    if N is not None:
-        rows = min(rows, max(512, (-(-N // 16) + 31) // 32 * 32))
-    rows = min(max(rows, 64), 1024)
-    return rows // 32 * 32
+
+def block_rows(D, H, O, N=None, dtype=torch.float64):
+    """Rows per block of the engine for this network (fixed by the shape, whatever the rows)."""
+    return fusedgrad._C.explain_engine([D, H, O or H], N or 1, dtype.itemsize)["block_rows"]
 
 
 NARROW = (1, 20, 1)
-MEDIUM = (8, 32, 4)      # D·H + H·O = 384: streamed at any N
-WIDER = (16, 64, 4)      # 1280: streamed from 32768 rows on
+MEDIUM = (8, 32, 4)
+WIDER = (16, 64, 4)
 CHUNKS = 16
 
 
@@ -75,16 +70,20 @@ def native_loss_grads(args, wrt, reduction="mean", activation="sigmoid"):
 
 
 def expected_path(args):
-    """"stream" for the shapes of this file, unless an operand broadcasts as "Other" (an (N, 1)
-    column against a wider layer): the streaming path and the small path leave it to the GEMM path."""
+    """"engine" where the engine reads every operand directly (a second layer; biases None, (cols,) or
+    (1, cols); a target None or of the prediction's shape), else "gemm"."""
     x, w1, b1, w2, b2, t = args
     out = w2.shape[0] if w2 is not None else w1.shape[0]
-    other = any(a is not None and a.dim() == 2 and a.shape[1] == 1 < cols
-                for a, cols in ((b1, w1.shape[0]), (b2, out), (t, out)))
-    return "gemm" if other else "stream"
+
+    def per_column(a, cols):
+        return a is None or (a.numel() == cols and a.shape[-1] == cols)
+
+    full_target = t is None or tuple(t.shape) == tuple(x.shape[:-1]) + (out,)
+    engine = w2 is not None and per_column(b1, w1.shape[0]) and per_column(b2, out) and full_target
+    return "engine" if engine else "gemm"
 
 
-def assert_path(args, want="stream", loss=True, activation="sigmoid", label=""):
+def assert_path(args, want="engine", loss=True, activation="sigmoid", label=""):
     """The path the loss op (loss=True; args: the six loss arguments) or the prediction op (loss=False;
     the first five) takes, by the dispatch's own test (fusedgrad._C.explain_op)."""
     args = [a.detach() if a is not None else None for a in args]
@@ -123,12 +122,11 @@ def test_block_and_chunk_boundaries(shape):
         check_loss(make(N, *shape, seed=N), label=f"N={N} {shape}")
 
 
-def test_wider_shape_from_its_row_threshold():
-    B = block_rows(*WIDER)  # 256: 128 blocks = 8 per chunk, 129 = 9 per chunk (15 chunks, the last short)
-    for N in (32767, 32768, 128 * B + 1, 129 * B - 1, 129 * B + 1):
-        # the medium-width rows stream from 32 768 rows on (stream_path.cpp: kMediumMinRows); below, BLAS
-        check_loss(make(N, *WIDER, b1="full", seed=N), label=f"N={N} {WIDER}",
-                   path="stream" if N >= 32768 else "gemm")
+def test_wider_shape_across_blocks_and_chunks():
+    B = block_rows(*WIDER)
+    for N in (B * CHUNKS - 1, B * CHUNKS + 1, 8 * B * CHUNKS + 1, 32768):
+        check_loss(make(N, *WIDER, seed=N), label=f"N={N} {WIDER}")
+    check_loss(make(4099, *WIDER, b1="full", seed=3), label="a full-shape b1: the GEMM path")
 
 
 @pytest.mark.parametrize("b1", ["none", "vec", "row", "full", "col"])
@@ -194,11 +192,11 @@ def test_loss_only_and_autograd_route():
 
 @pytest.mark.parametrize("activation", fusedgrad.ACTIVATIONS)
 def test_mlp_op_every_activation(activation):
-    """The prediction op's streaming forward saves what act' reads (s, or h), with and without w2."""
+    """The prediction op's forward saves what act' reads (s, or h), with and without w2 (the GEMM path)."""
     for shape in (NARROW, (3, 10, None)):
         args = make(block_rows(3, 10, 1) + 3, *shape, b1="vec", b2="vec" if shape[2] else "none", target="none",
                     seed=8)[:5]
-        assert_path(args, loss=False, activation=activation, label=f"{activation} {shape}")
+        assert_path(args, expected_path(args + [None]), loss=False, activation=activation, label=f"{activation} {shape}")
         present = [a for a in args if a is not None]
         pred = fusedgrad.mlp(*args, activation=activation)
         ref = ref_mlp(*args, activation=activation)
@@ -211,11 +209,12 @@ def test_mlp_op_every_activation(activation):
 @pytest.mark.parametrize("b2", ["none", "vec", "full"])
 @pytest.mark.parametrize("b1", ["none", "vec", "full"])
 def test_mlp_op_forward_backward(b1, b2):
-    """The prediction op streams too: forward (prediction and saved s) and backward."""
+    """The prediction op on the engine too: forward (prediction and saved s) and backward (a full-shape bias:
+    the GEMM path)."""
     for shape in (NARROW, MEDIUM):
         for N in (1, block_rows(*shape) + 1, 4099):
             args = make(N, *shape, b1=b1, b2=b2, target="none", seed=N)[:5]
-            assert_path(args, loss=False, label=f"{shape} N={N}")
+            assert_path(args, expected_path(args + [None]), loss=False, label=f"{shape} N={N}")
             present = [a for a in args if a is not None]
             pred = fusedgrad.mlp(*args)
             ref = ref_mlp(*args)
@@ -229,7 +228,7 @@ def test_mlp_op_forward_backward(b1, b2):
 
 def test_mlp_op_no_second_layer_and_strided_grad_out():
     args = make(1500, 3, 10, None, b1="vec", target="none", seed=6)[:5]
-    assert_path(args, loss=False)
+    assert_path(args, "gemm", loss=False)
     present = [a for a in args if a is not None]
     pred = fusedgrad.mlp(*args)
     ref = ref_mlp(*args)
@@ -328,8 +327,8 @@ def test_deterministic_across_thread_counts():
 @pytest.mark.parametrize("target", ["full", "vec"])
 def test_empty_batch(target):
     """N = 0: the mean is NaN (as nn.MSELoss), the sums zero, every gradient of the right shape."""
-    args = make(0, *NARROW, b1="full", b2="vec", target=target)
-    assert_path(args)
+    args = make(0, *NARROW, b1="vec", b2="vec", target=target)
+    assert_path(args, expected_path(args))
     loss, grads = fusedgrad.mlp_loss_and_grads(*args, wrt=LOSS_ARGS, reduction="sum")
     ref_loss, ref_grads = native_loss_grads(args, [True] * 6, reduction="sum")
     assert loss.item() == 0.0

@@ -121,7 +121,8 @@ def test_each_width_matches_autograd(forced_width, width, widths, act):
 @pytest.mark.parametrize("width", [32, 64])
 @pytest.mark.parametrize("N, D, H, O, act", [(3000, 1, 20, 1, "sigmoid"), (40000, 16, 64, 4, "tanh"),
                                              (2500, 3, 7, 2, "gelu")])
-def test_streaming_path_matches_autograd_with_each_width(forced_width, width, N, D, H, O, act):
+def test_one_hidden_layer_ops_match_autograd_with_each_width(forced_width, width, N, D, H, O, act):
+    """The one-hidden-layer ops on the engine (csrc/ops/engine_path.cpp), tall data, each vector width."""
     forced_width(width)
     gen = torch.Generator().manual_seed(N + D)
     x = torch.randn(N, D, dtype=torch.float64, generator=gen).requires_grad_()
@@ -131,8 +132,8 @@ def test_streaming_path_matches_autograd_with_each_width(forced_width, width, N,
     w2 = (torch.randn(O, H, dtype=torch.float64, generator=gen) / H ** 0.5).requires_grad_()
     b2 = torch.randn(O, dtype=torch.float64, generator=gen).requires_grad_()
     params = [x, w1, b1, w2, b2]
-    assert _C.explain_op(True, x, w1, b1, w2, b2, y, act) == "stream"
-    assert _C.explain_op(False, x, w1, b1, w2, b2, None, act) == "stream"
+    assert _C.explain_op(True, x, w1, b1, w2, b2, y, act) == "engine"
+    assert _C.explain_op(False, x, w1, b1, w2, b2, None, act) == "engine"
 
     fused = torch.autograd.grad(fusedgrad.mlp_loss(x, w1, b1, w2, b2, y, activation=act), params)
     native = torch.autograd.grad(F.mse_loss(_native(x, [w1, w2], [b1, b2], _TORCH[act]), y), params)

@@ -1,6 +1,5 @@
-// Code generation for the CPU kernels' vector loops, shared by the small-shape
-// path (cpu/small_path.cpp), the streaming path (cpu/stream_path.cpp) and
-// the fused trainer (trainer/train_cpu.cpp).
+// Code generation for the CPU kernels' vector loops, shared by the engine
+// (engine/) and the fused trainer (trainer/train_cpu.cpp).
 //
 // FUSEDGRAD_CPU_CLONES compiles a function for AVX-512 (x86-64-v4), AVX2 + FMA
 // (x86-64-v3) and baseline x86-64, and picks one at load time by the CPU's

@@ -1,6 +1,5 @@
 // Lane-wise sums over rows, for the CPU kernels that stream rows through
-// blocks (the fused trainer, trainer/train_cpu.cpp, and the streaming path,
-// cpu/stream_path.cpp).
+// blocks (the fused trainer, trainer/train_cpu.cpp, and the engine, engine/).
 //
 // A LaneVec<T, VB> is a VB-byte vector of T — 64 bytes (16 float, 8 double)
 // where the CPU has AVX-512, 32 elsewhere (cpu_vector_bytes(); the kernels are

@@ -70,14 +70,19 @@ FUSEDGRAD_CPU_INLINE Vec<T, VB> splat(T x) {
 // KU accumulators per output then take every KU-th k and are added at the end (a fixed order:
 // the result depends on the shape, never on the threads). Measured: the 1-row tiles of a 1-wide
 // input layer's weight gradient were 5 % of a 1→[20]×3→1 pass as one chain.
+// Only where SplitK: the products whose outputs are per-row values (the forward, the backward of
+// the data, the jets) keep one chain per output, since the tile a row falls in depends on its place in
+// the block (padded rows: the leftover tiles of 4, 2, 1 rows; rows in lanes: the last column group's
+// vectors), and a row's prediction must not depend on which other rows share its call — one row alone
+// gives the bits it gets in a batch (scikit-learn's subset-invariance check reads exactly that).
 // With row_init instead of init, row i of the tile starts from the scalar row_init[i] (a bias per
 // output row: the rows-in-lanes layout of BlockLayout, below).
-template <typename T, int VB, int NV, int RI>
+template <typename T, int VB, int NV, int RI, bool SplitK>
 FUSEDGRAD_CPU_INLINE void tile(int64_t K, const T* FUSEDGRAD_RESTRICT coef, int64_t ci, int64_t ck,
                                const T* FUSEDGRAD_RESTRICT M, int64_t ldm, const T* FUSEDGRAD_RESTRICT init,
                                T* FUSEDGRAD_RESTRICT out, int64_t ldo, const T* FUSEDGRAD_RESTRICT row_init) {
   constexpr int64_t W = VB / sizeof(T);
-  constexpr int KU = RI * NV >= 8 ? 1 : RI * NV >= 4 ? 2 : RI * NV >= 2 ? 4 : 8;
+  constexpr int KU = !SplitK || RI * NV >= 8 ? 1 : RI * NV >= 4 ? 2 : RI * NV >= 2 ? 4 : 8;
   Vec<T, VB> acc[KU][RI][NV];
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
@@ -130,26 +135,26 @@ FUSEDGRAD_CPU_INLINE void tile(int64_t K, const T* FUSEDGRAD_RESTRICT coef, int6
 // Rows 0 .. rows − 1 of out (each np wide, np a multiple of the lanes), as `tile`.
 // A tile holds up to 16 accumulators: 8 rows of one vector, or 4 rows of 2–4; the
 // rows left over go in tiles of 4, 2 and 1.
-template <typename T, int VB, int NV>
+template <typename T, int VB, int NV, bool SplitK>
 FUSEDGRAD_CPU_INLINE void tile_rows(int64_t rows, int64_t K, const T* coef, int64_t ci, int64_t ck, const T* M,
                                     int64_t ldm, const T* init, T* out, int64_t ldo, const T* row_init) {
   constexpr int RI = NV == 1 ? 8 : 4;
   auto at = [&](int64_t i) { return row_init ? row_init + i : nullptr; };
   int64_t i = 0;
   for (; i + RI <= rows; i += RI) {
-    tile<T, VB, NV, RI>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo, at(i));
+    tile<T, VB, NV, RI, SplitK>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo, at(i));
   }
   if constexpr (RI == 8) {
     if (i + 4 <= rows) {
-      tile<T, VB, NV, 4>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo, at(i));
+      tile<T, VB, NV, 4, SplitK>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo, at(i));
       i += 4;
     }
   }
   if (i + 2 <= rows) {
-    tile<T, VB, NV, 2>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo, at(i));
+    tile<T, VB, NV, 2, SplitK>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo, at(i));
     i += 2;
   }
-  if (i < rows) tile<T, VB, NV, 1>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo, at(i));
+  if (i < rows) tile<T, VB, NV, 1, SplitK>(K, coef + i * ci, ci, ck, M, ldm, init, out + i * ldo, ldo, at(i));
 }
 
 // The most vectors a tile spans (`product`'s max_nv): 4 with AVX-512's 32 registers, 3 with AVX2's 16
@@ -158,7 +163,7 @@ FUSEDGRAD_CPU_INLINE void tile_rows(int64_t rows, int64_t K, const T* coef, int6
 // 3,387 µs a step with 3, 4,266 with 2; 16384×64→[128]×4→16 81.5 → 51.4 ms with 3, 66.0 with 2).
 inline int64_t tile_vectors_max() { return cpu_vector_bytes() == 64 ? 4 : 3; }
 
-template <typename T, int VB>
+template <typename T, int VB, bool SplitK = true>
 FUSEDGRAD_CPU_INLINE void product(int64_t rows, int64_t K, const T* coef, int64_t ci, int64_t ck, const T* M,
                                   int64_t ldm, int64_t np, const T* init, T* out, int64_t ldo, int64_t max_nv,
                                   const T* row_init = nullptr) {
@@ -168,10 +173,10 @@ FUSEDGRAD_CPU_INLINE void product(int64_t rows, int64_t K, const T* coef, int64_
     const T* ic = init ? init + c0 : nullptr;
     T* oc = out + c0;
     switch (std::min<int64_t>(max_nv, (np - c0) / W)) {
-      case 1: tile_rows<T, VB, 1>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo, row_init); break;
-      case 2: tile_rows<T, VB, 2>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo, row_init); break;
-      case 3: tile_rows<T, VB, 3>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo, row_init); break;
-      default: tile_rows<T, VB, 4>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo, row_init); break;
+      case 1: tile_rows<T, VB, 1, SplitK>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo, row_init); break;
+      case 2: tile_rows<T, VB, 2, SplitK>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo, row_init); break;
+      case 3: tile_rows<T, VB, 3, SplitK>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo, row_init); break;
+      default: tile_rows<T, VB, 4, SplitK>(rows, K, coef, ci, ck, Mc, ldm, ic, oc, ldo, row_init); break;
     }
   }
 }
@@ -392,14 +397,14 @@ struct BlockLayout {
     if constexpr (Rows) {
       const int64_t C = padded(nb, lanes);
       for (int64_t q = 0; q < parts; ++q) {
-        product<T, VB>(n_out, n_in, W[l], n_in, 1, in + q * n_in * C, C, C, nullptr, h + q * n_out * C, C, max_nv,
+        product<T, VB, false>(n_out, n_in, W[l], n_in, 1, in + q * n_in * C, C, C, nullptr, h + q * n_out * C, C, max_nv,
                        q == 0 ? b[l] : nullptr);
       }
     } else {
       const int64_t ni = np[l], no = np[l + 1];
-      product<T, VB>(nb, n_in, in, ni, 1, WT[l], no, no, bp[l], h, no, max_nv);  // the values
+      product<T, VB, false>(nb, n_in, in, ni, 1, WT[l], no, no, bp[l], h, no, max_nv);  // the values
       if (parts > 1) {  // every other part's rows in one call
-        product<T, VB>((parts - 1) * nb, n_in, in + nb * ni, ni, 1, WT[l], no, no, nullptr, h + nb * no, no, max_nv);
+        product<T, VB, false>((parts - 1) * nb, n_in, in + nb * ni, ni, 1, WT[l], no, no, nullptr, h + nb * no, no, max_nv);
       }
     }
   }
@@ -410,11 +415,11 @@ struct BlockLayout {
     if constexpr (Rows) {
       const int64_t C = padded(nb, lanes);
       for (int64_t q = 0; q < parts; ++q) {
-        product<T, VB>(n_in, n_out, W[l], 1, n_in, delta + q * n_out * C, C, C, nullptr, out + q * n_in * C, C,
+        product<T, VB, false>(n_in, n_out, W[l], 1, n_in, delta + q * n_out * C, C, C, nullptr, out + q * n_in * C, C,
                        max_nv);
       }
     } else {
-      product<T, VB>(parts * nb, n_out, delta, np[l + 1], 1, Wp[l], np[l], np[l], nullptr, out, np[l], max_nv);
+      product<T, VB, false>(parts * nb, n_out, delta, np[l + 1], 1, Wp[l], np[l], np[l], nullptr, out, np[l], max_nv);
     }
   }
 

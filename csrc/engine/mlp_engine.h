@@ -96,6 +96,9 @@ struct Pass {
   bool param_grads = true;      // compute dW, db (into sums)
   // Outputs, indexed by the source row (row index[r] or first + r); null: not wanted.
   T* pred = nullptr;  // Forward: p (·, O)
+  // Forward: the first hidden layer (·, n_1) as the one-hidden-layer ops' backward reads it (their
+  // mlp_forward's saved activations): a_1, or h_1 where the activation's derivative reads its input.
+  T* hidden = nullptr;
   T* dx = nullptr;    // LossGrads / Backward: (·, D)
   T* dt = nullptr;    // LossGrads: (·, O)
   double* sums = nullptr;  // LossGrads / Backward: SumLayout(shape).size values, overwritten

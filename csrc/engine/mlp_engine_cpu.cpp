@@ -141,6 +141,14 @@ struct Plan {
       T* a = scratch + a_off[l + 1];
       if (!(s.act == Activation::Identity && a == h)) activate_n(s.act, h, a, layout.part_size(l + 1, nb));
       layout.zero_columns(a, l + 1, 1, nb);
+      if (l == 0 && pass.hidden) {
+        const T* src = activation_saves_input(s.act) ? h : a;
+        const int64_t n1 = s.width[1];
+        for (int64_t r = 0; r < nb; ++r) {
+          T* dst = pass.hidden + row(r0 + r) * n1;
+          for (int64_t j = 0; j < n1; ++j) dst[j] = src[layout.at(r, j, 1, nb)];
+        }
+      }
     }
     const T* p = scratch + h_off[L];
     if (pass.epilogue == Epilogue::Forward) {

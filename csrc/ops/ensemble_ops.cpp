@@ -26,7 +26,7 @@ struct CpuPerModel {
     return fusedgrad::loss_and_grads(make_problem(a.x, a.w1, a.b1, a.w2, a.b2, a.target, act), r, need);
   }
   static std::array<Tensor, 2> forward(const ModelArgs& a, Activation act) {
-    return fusedgrad::forward(make_problem(a.x, a.w1, a.b1, a.w2, a.b2, std::nullopt, act));
+    return fusedgrad::forward(make_problem(a.x, a.w1, a.b1, a.w2, a.b2, std::nullopt, act), /*activations=*/true);
   }
   static std::array<Tensor, kNumMlpInputs> backward(const ModelArgs& a, const Tensor& grad_out,
                                                     const Tensor& activations, Activation act,

@@ -3,39 +3,32 @@
 
 #include <torch/library.h>
 
-#include "../cpu/cpu_paths.h"
+#include "engine_path.h"
 #include "gemm_path.h"
+
 
 namespace fusedgrad {
 
 LossAndGrads loss_and_grads(const Problem& p, Reduction reduction, const LossGradMask& need) {
-  if (p.x2.is_cpu()) {
-    if (stream_path_applies(p)) return mlp_loss_and_grads_cpu_stream(p, reduction, need);
-    if (small_path_applies(p)) return mlp_loss_and_grads_cpu_small(p, reduction, need);
-  }
+  if (engine_path_applies(p)) return engine_loss_and_grads(p, reduction, need);
   return gemm_loss_and_grads(p, reduction, need);
 }
 
 const char* loss_path_name(const Problem& p) {
   if (!p.x2.is_cpu()) return "cuda";
-  if (stream_path_applies(p)) return "stream";
-  if (small_path_applies(p)) return "small";
-  return "gemm";
+  return engine_path_applies(p) ? "engine" : "gemm";
 }
 
-const char* forward_path_name(const Problem& p) {
-  if (!p.x2.is_cpu()) return "cuda";
-  return stream_path_applies(p) ? "stream" : "gemm";
-}
+const char* forward_path_name(const Problem& p) { return loss_path_name(p); }
 
-std::array<at::Tensor, 2> forward(const Problem& p) {
-  if (p.x2.is_cpu() && stream_path_applies(p)) return mlp_forward_cpu_stream(p);
+std::array<at::Tensor, 2> forward(const Problem& p, bool activations) {
+  if (engine_path_applies(p)) return engine_forward(p, activations);
   return gemm_forward(p);
 }
 
 std::array<at::Tensor, kNumMlpInputs> backward(
     const Problem& p, const at::Tensor& grad_out, const at::Tensor& activations, const MlpGradMask& need) {
-  if (p.x2.is_cpu() && stream_path_applies(p)) return mlp_backward_cpu_stream(p, grad_out, activations, need);
+  if (engine_path_applies(p)) return engine_backward(p, grad_out, need);
   return gemm_backward(p, grad_out, activations, need);
 }
 
@@ -92,13 +85,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_loss_and_
 Tensor mlp(const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
            Str activation) {
   const Problem p = make_problem(x, w1, b1, w2, b2, std::nullopt, parse_activation(activation));
-  return forward(p)[0];
+  return forward(p, false)[0];
 }
 
 std::tuple<Tensor, Tensor> mlp_forward(const Tensor& x, const Tensor& w1, const OptTensor& b1,
                                        const OptTensor& w2, const OptTensor& b2, Str activation) {
   const Problem p = make_problem(x, w1, b1, w2, b2, std::nullopt, parse_activation(activation));
-  auto out = forward(p);
+  auto out = forward(p, true);
   return {std::move(out[0]), std::move(out[1])};
 }
 

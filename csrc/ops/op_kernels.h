@@ -2,9 +2,9 @@
 // (make_problem, gradients of None arguments dropped, results in schema
 // order) and the choice of kernel path:
 //
-//   CPU   the streaming path (cpu/stream_path.cpp) for tall data through narrow networks,
-//         the direct-loop path (cpu/small_path.cpp) for problems too small for BLAS,
-//         else the GEMM path (gemm_path.cpp) with the CPU's element-wise kernels;
+//   CPU   the any-depth engine at L = 2 (engine_path.cpp) for every problem it reads directly
+//         up to the row width where BLAS pays, else the GEMM path (gemm_path.cpp) with the
+//         CPU's element-wise kernels;
 //   CUDA  the GEMM path with the CUDA element-wise kernels (cuda/elementwise_cuda.cpp).
 //
 // Registered on the CPU key here (op_kernels.cpp) and on the CUDA key in a CUDA
@@ -38,14 +38,15 @@ using MlpGradMask = std::array<bool, kNumMlpInputs>;
 // L = c · Σ (s w2ᵀ + b2 − t)², s = act(x w1ᵀ + b1), and, in the same pass,
 // dL/d(input) for every input whose mask entry is true; on the problem's device.
 LossAndGrads loss_and_grads(const Problem& p, Reduction reduction, const LossGradMask& need);
-// The kernel path loss_and_grads / forward take for p ("stream", "small", "gemm"; "cuda" off the
+// The kernel path loss_and_grads / forward take for p ("engine", "gemm"; "cuda" off the
 // CPU): the same tests as the dispatch below, for fusedgrad.explain.
 const char* loss_path_name(const Problem& p);
 const char* forward_path_name(const Problem& p);
 // Prediction (shape (*, O)) and what the backward reads to differentiate the
 // activation (N, H): s, or h where the activation saves its input; empty
 // without w2 when it is s (the prediction itself).
-std::array<at::Tensor, 2> forward(const Problem& p);
+// Without `activations` the second slot may be a (0,) placeholder (the prediction alone).
+std::array<at::Tensor, 2> forward(const Problem& p, bool activations);
 // Gradients of Σ grad_out ⊙ pred for (x, w1, b1, w2, b2), from forward's activations.
 std::array<at::Tensor, kNumMlpInputs> backward(
     const Problem& p, const at::Tensor& grad_out, const at::Tensor& activations, const MlpGradMask& need);

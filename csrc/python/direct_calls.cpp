@@ -29,7 +29,7 @@
 #include "direct_calls.h"
 #include "grad_hooks.h"
 #include "torch_compat.h"  // every private torch internal this file reads
-#include "../cpu/cpu_paths.h"
+#include "../ops/engine_path.h"
 
 namespace fusedgrad {
 namespace {
@@ -308,9 +308,10 @@ void register_direct_calls(py::module_& m) {
         "named in messages (mlp_loss, mlp_loss_and_grads, mlp). Raises what the kernel would, returns None.");
   m.def("check_ensemble_backward_args", &ensemble::check_ensemble_backward_args,
         "ensemble_mlp_backward's argument rules (csrc/ops/ensemble.h), run by its fake kernel.");
-  m.def("_set_small_path_max_macs", &set_small_path_max_macs,
-        "Moves the CPU's direct-loop/GEMM crossover (multiply-adds of one forward pass; negative: the measured "
-        "default) and returns the previous value. For benchmarks/crossover.py only.");
+  m.def("_set_engine_path_max_macs", &set_engine_path_max_macs,
+        "Moves the CPU's engine/GEMM crossover of the one-hidden-layer ops (multiply-adds of one row's "
+        "forward, D·H + H·O; 0: the GEMM path always; negative: the measured default) and returns the "
+        "previous value. For benchmarks/crossover.py and the tests.");
 }
 
 }  // namespace fusedgrad
