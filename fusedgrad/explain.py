@@ -28,7 +28,7 @@ def explain(net_or_trainer: Union[torch.nn.Module, "Trainer"], x: torch.Tensor,
         A dict with ``"path"`` — ``"engine"`` (any depth: row blocks through the register-blocked
         products of csrc/engine/; the one-hidden-layer ops too, up to the width where BLAS pays),
         ``"gemm"`` / ``"cuda"`` (the one-hidden-layer ops), ``"ensemble"`` (the one-hidden-layer ensemble ops),
-        ``"trainer-narrow"`` / ``"trainer-narrow-fixed"`` / ``"trainer-gemm"`` (the
+        ``"trainer-narrow"`` / ``"trainer-narrow-fixed"`` (the
         one-hidden-layer trainer), ``"trainer-engine"`` (the trainer at any depth), ``"trainer-lbfgs"``
         (a trainer of torch.optim.LBFGS), ``"meta"``
         (fake tensors: shapes only) — and
@@ -98,14 +98,11 @@ def explain(net_or_trainer: Union[torch.nn.Module, "Trainer"], x: torch.Tensor,
     if trainer is not None:
         D, H, O = widths
         info["path"] = _C.explain_trainer(D, H, O, net.activation)
-        if info["path"] == "trainer-gemm" and trainer._parallel is not None:
-            info["path"] = "trainer-engine"  # the data-parallel route all-reduces the engine's sums
         if info["path"] == "trainer-engine":
             info.update(_engine(widths, rows, weights, trainer))
         info["why"] = {"trainer-engine": "inputs and outputs >= 4 wide, layers <= 128, >= 1024 multiply-adds "
-                                         "a row: the any-depth engine, measured faster there than the "
-                                         "one-hidden-layer kernels",
-                       "trainer-gemm": "a row holds >= 2048 multiply-adds: BLAS products into buffers kept across steps",
+                                         "a row, or any row of >= 2048: the any-depth engine, measured faster "
+                                         "there than the one-hidden-layer kernels",
                        "trainer-narrow-fixed": "σ with 1–2 inputs and 1 output: the compile-time-width block kernel",
                        "trainer-narrow": "narrow layers: the block kernel over rows"}[info["path"]]
         return _data_parallel(info, trainer)

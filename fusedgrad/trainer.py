@@ -184,10 +184,7 @@ class Trainer:
         key = (w1.shape[-1], w1.shape[-2], w2.shape[-2], self._activation())
         if key != self._engine_key:
             self._engine_key, self._engine_value = key, _C.explain_trainer(*key)
-        # The data-parallel route all-reduces the sums of the engine or of the narrow kernels, not
-        # of the one-hidden-layer GEMM orchestration (whose wide steps the engine runs as well).
-        return self._engine_value == "trainer-engine" or (self._parallel is not None
-                                                           and self._engine_value == "trainer-gemm")
+        return self._engine_value == "trainer-engine"
 
     def _activation(self):
         """The hidden layer's activation: FusedMLP's own (any of the table's), an ensemble's sigmoid."""

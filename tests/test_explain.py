@@ -18,7 +18,7 @@ KEYS = {"path", "why", "call", "rows", "widths", "dtype", "threads"}
 ENGINE_KEYS = KEYS | {"block_rows", "blocks", "chunks", "vector_bytes", "layout"}
 # Every value "path" takes (fusedgrad/explain.py's docstring).
 PATHS = {"gemm", "cuda", "ensemble", "engine", "trainer-narrow", "trainer-narrow-fixed",
-         "trainer-gemm", "trainer-engine", "trainer-lbfgs"}
+         "trainer-engine", "trainer-lbfgs"}
 TRAINER_ROUTES = ("deep_train_steps", "deep_train_steps_fast", "train_steps", "train_steps_fast", "train_step_fast")
 ENGINE_ROUTES = {"deep_train_steps", "deep_train_steps_fast"}  # the engine's entry points: Python route, C++ route
 
@@ -261,7 +261,7 @@ def test_deep_net_runs_the_engine(layers):
 # (D, H, O, activation, path) at one hidden layer (csrc/trainer/train_cpu.cpp train_path_name):
 # σ with 1–2 inputs and 1 output: the compile-time-width kernel; other narrow layers the run-time
 # one; rows of >= 1024 multiply-adds with in/out >= 4 wide and layers <= 128 the engine; >= 2048
-# multiply-adds otherwise (a layer wider than 128, or 1–3 outputs) BLAS.
+# multiply-adds otherwise (a layer wider than 128, or 1–3 outputs) the engine too.
 TRAINER_SHAPES = [
     (1, 20, 1, "sigmoid", "trainer-narrow-fixed"),
     (2, 20, 1, "sigmoid", "trainer-narrow-fixed"),
@@ -270,8 +270,8 @@ TRAINER_SHAPES = [
     (4, 4, 4, "sigmoid", "trainer-narrow"),
     (32, 64, 8, "sigmoid", "trainer-engine"),
     (16, 64, 4, "relu", "trainer-engine"),
-    (32, 160, 8, "relu", "trainer-gemm"),
-    (32, 64, 2, "sigmoid", "trainer-gemm"),
+    (32, 160, 8, "relu", "trainer-engine"),
+    (32, 64, 2, "sigmoid", "trainer-engine"),
 ]
 
 
@@ -279,7 +279,7 @@ TRAINER_SHAPES = [
                                                                 for t in TRAINER_SHAPES])
 def test_trainer_paths_at_one_hidden_layer(D, H, O, act, path, trainer_routes):
     """The path explain names is the route the trainer takes: the engine's entry point for
-    trainer-engine, the one-hidden-layer kernels' otherwise, with BLAS products only on trainer-gemm
+    trainer-engine, the one-hidden-layer kernels' otherwise, with no BLAS product on any
     (trainer-narrow and trainer-narrow-fixed differ only inside train_cpu.cpp: not observable here)."""
     net, x, y = net_and_data(D, H, O, 300, torch.float64, activation=act)
     trainer = fusedgrad.Trainer(net, torch.optim.Adam(net.parameters(), lr=0.01))
@@ -296,7 +296,7 @@ def test_trainer_paths_at_one_hidden_layer(D, H, O, act, path, trainer_routes):
             assert set(trainer_routes) == {"deep_train_steps_fast"}, trainer_routes
         else:
             assert not ENGINE_ROUTES & set(trainer_routes), trainer_routes
-        assert ("aten::mm" in names) == (path == "trainer-gemm"), (path, sorted(names))
+        assert "aten::mm" not in names, (path, sorted(names))
 
 
 @pytest.mark.parametrize("layers", [2, 3])

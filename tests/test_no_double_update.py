@@ -31,7 +31,7 @@ OPTIMIZERS = {
 # "deep-team": 64 rows of 4→[32]×2→4, enough work for the step team of a fit (csrc/engine/thread_team.h):
 # the failure is raised on the team's leader while its helper waits for work.
 SHAPES = {"narrow": (1, 20, 1), "gemm": (32, 160, 8), "deep": (1, (8, 6), 1), "deep-team": (4, (32, 32), 4)}
-PATHS = {(1, 20, 1): "trainer-narrow-fixed", (32, 160, 8): "trainer-gemm", (1, (8, 6), 1): "trainer-engine",
+PATHS = {(1, 20, 1): "trainer-narrow-fixed", (32, 160, 8): "trainer-engine", (1, (8, 6), 1): "trainer-engine",
          (4, (32, 32), 4): "trainer-engine"}
 STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 STEP_FAILED = r"^fusedgrad\.Trainer\.{}: failed after the step had begun writing .*not retried.*test-only failure"

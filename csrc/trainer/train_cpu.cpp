@@ -41,7 +41,6 @@
 
 #include "../common/cpu_vector.h"
 #include "../cpu/activation_cpu.h"  // activate_n, activation_backward_n: the table's vector forms
-#include "../cpu/elementwise_rows.h"  // the GEMM path's row passes, shared with the ops
 #include "../common/lane_vector.h"  // lane-wise row sums: LaneVec, lane_dots_with, add_lane_sums
 #include "../common/problem.h"  // shape_str
 
@@ -55,7 +54,10 @@ constexpr int64_t kBlockRows = 256;    // rows per block (scratch of a block sta
 constexpr int64_t kHiddenGroup = 4;    // hidden units whose backward runs together
 constexpr int64_t kMaxChunks = 16;     // row chunks of a step: fixed, not the thread count
 constexpr int64_t kMinTaskMacs = 1 << 15;  // multiply-adds below which a parallel task does not pay
-constexpr int64_t kGemmMinMacsPerRow = 2048;  // D·H + H·O from which BLAS wins (use_gemm_path)
+// D·H + H·O from which the engine runs a row faster than the narrow kernels (train_path_name): they
+// stream every hidden unit's row of a block once per input and output unit, which loses to register
+// blocking once a row holds ~2 000 multiply-adds (256×32→64→8: 195 µs a step here, 73 on BLAS).
+constexpr int64_t kNarrowMaxMacsPerRow = 2048;
 // Models of an ensemble that step together (Run::run_models): their optimizer
 // updates run as one long slice per parameter, and their parameters and state
 // (~1 KiB a model at 1→20→1) stay in L1 from one step to the next.
@@ -458,14 +460,12 @@ struct Run {
     return {nullptr, first, count};
   }
 
-  // Writes model k's loss and its gradients from the double sums (but for
-  // the weights' when `weights_written`: the GEMM path wrote them).
-  void write_loss_and_grads(int64_t k, int64_t step, double c, const double* sums,
-                            bool weights_written = false, double grad_scale = 1.0) const {
+  // Writes model k's loss and its gradients from the double sums.
+  void write_loss_and_grads(int64_t k, int64_t step, double c, const double* sums, double grad_scale = 1.0) const {
     losses[step * d.K + k] = static_cast<T>(c * sums[lay.loss]);
     const int64_t offsets[kNumParams] = {lay.dw1, lay.db1, lay.dw2, lay.db2};
     for (int p = 0; p < kNumParams; ++p) {
-      if (!param[p] || (weights_written && (p == kW1 || p == kW2))) continue;
+      if (!param[p]) continue;
       const int64_t n = per_model[p];
       T* g = grad[p] + k * n;
       const double* from = sums + offsets[p];
@@ -565,7 +565,7 @@ struct Run {
         }
         if (call.reducer) {  // the ranks' sums added (step_reducer.h); one model only
           const double post = call.reducer->reduce(sums.data(), lay.size, lay.loss, c, rows.count, call.mean, d.O);
-          write_loss_and_grads(k, step, post, sums.data(), false, post);
+          write_loss_and_grads(k, step, post, sums.data(), post);
         } else {
           write_loss_and_grads(k, step, c, sums.data());
         }
@@ -586,172 +586,12 @@ void write_step_counts(const TrainCall& call, const std::array<double, kNumParam
   }
 }
 
-// ---------------------------------------------------------------------------
-// The GEMM path, for wide layers: the same step with its four products done
-// by BLAS (at::mm_out) into buffers that live across steps, and the element-
-// wise work between them in fused, row-parallel passes:
-//
-//   h = x w1ᵀ (BLAS);  s = σ(h + b1)                       (pass 1, in place)
-//   p = s w2ᵀ (BLAS);  r = (p + b2) − t, L, g = 2c r, Σ g  (pass 2, in place)
-//   dw2 = gᵀ s, ds = g w2 (BLAS, dw2 straight into .grad)
-//   dh = ds ⊙ (s ⊙ (1 − s)), Σ dh                         (pass 3, in place)
-//   dw1 = dhᵀ x (BLAS, into .grad)
-//
-// Row sums go over fixed blocks of rows combined in block order (the passes
-// are deterministic; the GEMMs are BLAS's, as native autograd's are).
-
-struct GemmBuffers {
-  at::Tensor xb, tb, s, p, ds;  // (rows, D), (rows, O), (rows, H), (rows, O), (rows, H)
-  at::Tensor h;                 // (rows, H): h, for an activation whose derivative reads it
-  std::vector<double> partials;
-  void reserve(int64_t rows, const Dims& d, const at::TensorOptions& opts) {
-    if (!s.defined() || s.size(0) < rows || s.size(1) != d.H || p.size(1) != d.O || xb.size(1) != d.D ||
-        s.scalar_type() != opts.dtype().toScalarType()) {
-      xb = at::empty({rows, d.D}, opts);
-      tb = at::empty({rows, d.O}, opts);
-      s = at::empty({rows, d.H}, opts);
-      p = at::empty({rows, d.O}, opts);
-      ds = at::empty({rows, d.H}, opts);
-      h = at::Tensor();
-    }
-    if (activation_saves_input(d.act) && !h.defined()) h = at::empty_like(s);
-  }
-};
-
-GemmBuffers& thread_gemm_buffers() {
-  thread_local GemmBuffers buffers;
-  return buffers;
-}
-
-// Runs fn(block, row0, row1, partial) over fixed blocks of kBlockRows rows in
-// parallel, then sums the blocks' `width` partials into out (double) in order.
-template <typename Fn>
-void blocked_row_sums(int64_t rows, int64_t width, int64_t macs_per_row, std::vector<double>& partials,
-                      double* out, const Fn& fn) {
-  const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
-  if (partials.size() < static_cast<size_t>(blocks * width)) partials.resize(static_cast<size_t>(blocks * width));
-  std::fill(partials.begin(), partials.begin() + blocks * width, 0.0);
-  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, kBlockRows * macs_per_row));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      fn(b * kBlockRows, std::min(rows, (b + 1) * kBlockRows), partials.data() + b * width);
-    }
-  });
-  std::fill(out, out + width, 0.0);
-  for (int64_t b = 0; b < blocks; ++b) {
-    for (int64_t e = 0; e < width; ++e) out[e] += partials[b * width + e];
-  }
-}
-
-// r = (p + b2) − t, Σ r² → acc[O], g = 2c r in place, Σ g → acc[0..O)
-template <typename T>
-FUSEDGRAD_CPU_INLINE void residual_rows(T* p, const T* t, const T* b2, T two_c, int64_t r0, int64_t r1, int64_t O,
-                                          double* acc) {
-  for (int64_t i = r0; i < r1; ++i) {
-    T* row = p + i * O;
-    const T* ti = t + i * O;
-    for (int64_t o = 0; o < O; ++o) {
-      const T r = (row[o] + (b2 ? b2[o] : T(0))) - ti[o];
-      acc[O] += static_cast<double>(r) * static_cast<double>(r);
-      row[o] = r * two_c;
-      acc[o] += static_cast<double>(row[o]);
-    }
-  }
-}
-
-// One step of model k on the GEMM path; sums gets db1 | db2 | Σ r² at the
-// SumLayout offsets (the weight gradients go straight into .grad).
-template <typename T>
-void gemm_step(const Run<T>& run, int64_t k, int64_t step, GemmBuffers& B, std::vector<double>& sums) {
-  const TrainCall& call = run.call;
-  const Dims& d = run.d;
-  const StepRows rows = run.rows_of(step);
-  const int64_t n = rows.count;
-  const double c = run.loss_scale(rows);
-  auto slice = [&](const at::Tensor& t) { return t.dim() == 3 || (d.K > 1 && t.defined()) ? t.select(0, k) : t; };
-  const at::Tensor xk = call.x.dim() == 3 ? call.x.select(0, k) : call.x;
-  const at::Tensor tk = call.target.dim() == 3 ? call.target.select(0, k) : call.target;
-  const at::Tensor w1 = slice(call.params[kW1]), w2 = slice(call.params[kW2]);
-  B.reserve(call.batch_size > 0 ? std::min(call.batch_size, d.N) : d.N, d, xk.options());
-  at::Tensor xb, tb;
-  if (rows.index) {
-    const at::Tensor idx = at::from_blob(const_cast<int64_t*>(rows.index), {n}, at::TensorOptions().dtype(at::kLong));
-    xb = B.xb.narrow(0, 0, n);
-    tb = B.tb.narrow(0, 0, n);
-    at::index_select_out(xb, xk, 0, idx);
-    at::index_select_out(tb, tk, 0, idx);
-  } else {
-    xb = xk.narrow(0, rows.first, n);
-    tb = tk.narrow(0, rows.first, n);
-  }
-  at::Tensor s = B.s.narrow(0, 0, n), p = B.p.narrow(0, 0, n), ds = B.ds.narrow(0, 0, n);
-  const ModelPtrs<T> m = run.model(k);
-  const SumLayout& lay = run.lay;
-
-  // h = x w1ᵀ lands in s, or in B.h where the activation's derivative reads h; s = act(h + b1).
-  at::Tensor h = activation_saves_input(d.act) ? B.h.narrow(0, 0, n) : s;
-  at::mm_out(h, xb, w1.t());
-  const OperandReader<T> b1 = OperandReader<T>::per_column(m.b1);
-  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(d.H, 1)), [&](int64_t r0, int64_t r1) {
-    run_bias_activation_rows(h.data_ptr<T>(), s.data_ptr<T>(), r0, r1, d.H, b1, d.act);
-  });
-  at::mm_out(p, s, w2.t());
-  double* out = sums.data();
-  // Σ g (O) then Σ r² at lay.db2 .. lay.loss: contiguous in SumLayout.
-  blocked_row_sums(n, d.O + 1, d.O, B.partials, out + lay.db2, [&](int64_t r0, int64_t r1, double* acc) {
-    residual_rows(p.data_ptr<T>(), tb.data_ptr<T>(), m.b2, static_cast<T>(2.0 * c), r0, r1, d.O, acc);
-  });
-  at::Tensor gw2 = slice(call.grads[kW2]), gw1 = slice(call.grads[kW1]);
-  at::mm_out(gw2, p.t(), s);
-  at::mm_out(ds, p, w2);
-  blocked_row_sums(n, d.H, d.H, B.partials, out + lay.db1, [&](int64_t r0, int64_t r1, double* acc) {
-    run_hidden_backward_rows(ds.data_ptr<T>(), h.data_ptr<T>(), r0, r1, d.H, d.act, acc);  // act' from s, or h
-  });
-  at::mm_out(gw1, ds.t(), xb);
-  run.write_loss_and_grads(k, step, c, out, /*weights_written=*/true);
-  run.record_weight_sq(step);
-  run.update_models(k, k + 1, step, n);
-}
-
-// Wide layers go to BLAS: the direct loops stream every hidden unit's row of
-// a block once per input and output unit, which loses to a GEMM's register
-// blocking once a row holds ~2 000 multiply-adds (measured with fit on this
-// machine: 256×32→64→8, 2 560 per row, took 195 µs a step on the direct loops
-// and 73 µs on the GEMM path).
-bool use_gemm_path(const Dims& d) { return d.macs_per_row() >= kGemmMinMacsPerRow; }
-
 // Whether the compile-time narrow kernel runs (chunk_sums_any_widths).
 bool fixed_width_kernel(const Dims& d) { return d.act == Activation::Sigmoid && d.O == 1 && (d.D == 1 || d.D == 2); }
 
 template <typename T>
 void run_all(const TrainCall& call, const Dims& d) {
   Run<T> run(call, d);
-  if (use_gemm_path(d)) {
-    auto model_steps = [&](int64_t k0, int64_t k1, bool count_steps) {
-      thread_local std::vector<double> sums;
-      if (sums.size() != static_cast<size_t>(run.lay.size)) sums.assign(static_cast<size_t>(run.lay.size), 0.0);
-      GemmBuffers& buffers = thread_gemm_buffers();
-      for (int64_t step = 0; step < call.num_steps; ++step) {
-        for (int64_t k = k0; k < k1; ++k) gemm_step(run, k, step, buffers, sums);
-        if (count_steps && call.steps_done.defined()) call.steps_done.data_ptr<int64_t>()[0] += 1;
-      }
-    };
-    if (d.K == 1) {
-      model_steps(0, 1, true);  // BLAS spreads each product over the cores
-    } else {
-      // Several models: whole models per thread, each running all its steps
-      // (small products gain more from a core each than from splitting them;
-      // inside the parallel region BLAS runs on the calling thread). Grad mode
-      // is thread-local: each worker needs its own guard for the out= products.
-      at::parallel_for(0, d.K, 1, [&](int64_t k0, int64_t k1) {
-        at::NoGradGuard no_grad;
-        model_steps(k0, k1, false);
-      });
-      if (call.steps_done.defined()) call.steps_done.data_ptr<int64_t>()[0] += call.num_steps;
-    }
-    write_step_counts(call, run.step0);
-    return;
-  }
   // Per-thread buffers, kept across calls: a step allocates nothing once they have grown.
   const size_t n = static_cast<size_t>(run.lay.size);
   auto buffers = [n]() -> std::pair<std::vector<double>&, std::vector<double>&> {
@@ -897,7 +737,7 @@ bool testing_fail_after_first_update() { return fail_after_first_update.load(std
 
 void train_steps(const char* fn, TrainCall& call, bool* started) {
   const Dims d = check_call(fn, call);  // writes nothing
-  TORCH_CHECK_VALUE(!call.reducer || (d.K == 1 && !use_gemm_path(d)), fn,
+  TORCH_CHECK_VALUE(!call.reducer || d.K == 1, fn,
                     ": internal: the data-parallel route runs one model on the narrow kernels here");
   TORCH_CHECK_VALUE(!call.sklearn.on || d.K == 1, fn, ": internal: scikit-learn's step terms are for one model");
   TORCH_CHECK_VALUE(!call.sklearn.weight_sq.defined() ||
@@ -906,8 +746,7 @@ void train_steps(const char* fn, TrainCall& call, bool* started) {
                     fn, ": internal: the ||W||^2 buffer must be float64 with a value per step");
   if (call.num_steps == 0) return;
   if (started) *started = true;  // from here on an error may leave a step partly applied
-  // The parameters are updated in place, as torch.optim does under no_grad;
-  // the GEMM path's out= products must not be recorded by autograd.
+  // The parameters are updated in place, as torch.optim does under no_grad.
   at::NoGradGuard no_grad;
   if (call.params[kW1].scalar_type() == at::kFloat) {
     run_all<float>(call, d);
@@ -930,14 +769,15 @@ const char* train_path_name(int64_t D, int64_t H, int64_t O, Activation act) {
   // The any-depth engine (csrc/engine/, run by deep_train.cpp) where it was measured faster
   // (Trainer.fit, float32, 2 threads, interleaved: 256×32→64→8 77 → 33 µs a step, 1024×64→128→16
   // 452 → 346, 256×16→64→4 34 → 21, 2048×32→48→4 190 → 150): inputs and outputs at least 4 wide
-  // and no layer wider than 128, with at least 1024 multiply-adds a row. Narrower outer layers pad the
-  // engine's row-major vectors (1000×1→20→1: 9 µs here, 37 there); wider ones are BLAS's
-  // (16384×512→512→128: 5 % faster here); smaller rows keep this file's kernels and Trainer.step's
-  // C++ route (10×4→4→4: 4.7 µs a step here, 41 through the engine's Python-read optimizer).
-  if (!fixed_width_kernel(d) && std::min(D, O) >= 4 && std::max({D, H, O}) <= 128 && d.macs_per_row() >= 1024) {
-    return "trainer-engine";
-  }
-  if (use_gemm_path(d)) return "trainer-gemm";
+  // and no layer wider than 128, with at least 1024 multiply-adds a row; and every row of at least
+  // 2048, where this file once ran its own BLAS orchestration (the engine against it, 2 threads,
+  // AVX2 guest: 256×32→160→8 517–604 → 164–169 µs a step, 256×32→64→2 305–326 → 58–67,
+  // 1000×1→2048→1 8.0–8.2 → 3.7–4.4 ms, 2048×64→256→16 5.3–5.4 → 3.9–4.5 ms, 4096×256→256→64 even,
+  // 16384×512→512→128 356–360 → 392–442 ms). Narrower outer layers keep this file's kernels
+  // (1000×1→20→1: 9 µs here, 37 there), as do smaller rows, with Trainer.step's C++ route (10×4→4→4:
+  // 4.7 µs a step here, 41 through the engine's Python-read optimizer).
+  const bool engine_widths = std::min(D, O) >= 4 && std::max({D, H, O}) <= 128 && d.macs_per_row() >= 1024;
+  if (!fixed_width_kernel(d) && (engine_widths || d.macs_per_row() >= kNarrowMaxMacsPerRow)) return "trainer-engine";
   return fixed_width_kernel(d) ? "trainer-narrow-fixed" : "trainer-narrow";
 }
 

@@ -109,8 +109,8 @@ void train_steps(const char* fn, TrainCall& call, bool* started = nullptr);
 
 // The kernel a trainer of one hidden layer runs for these widths (fusedgrad.explain, and
 // fusedgrad.Trainer's choice of route): "trainer-engine" (the any-depth engine, through
-// deep_train.cpp), else this file's "trainer-gemm" (BLAS products), "trainer-narrow-fixed"
-// (the compile-time 1–2-input, 1-output σ kernel) or "trainer-narrow".
+// deep_train.cpp), else this file's "trainer-narrow-fixed" (the compile-time 1–2-input, 1-output σ
+// kernel) or "trainer-narrow".
 const char* train_path_name(int64_t D, int64_t H, int64_t O, Activation act);
 
 // Whether train_path_name picks this file's narrow kernels ("trainer-narrow", "trainer-narrow-fixed").
