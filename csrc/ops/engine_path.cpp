@@ -4,7 +4,6 @@
 #include "engine_path.h"
 
 #include <atomic>
-#include <cmath>
 
 #include "../engine/mlp_engine.h"
 
@@ -12,11 +11,11 @@ namespace fusedgrad {
 namespace {
 
 // Above this many multiply-adds a row (D·H + H·O) the GEMM path's BLAS products
-// beat the engine's blocks. Measured (2 threads, AVX2 guest, loss + every gradient,
-// GEMM against engine): up to 16 384 the engine is as fast or faster — 2048×64→128→16
-// float32 1.16×, float64 1.55×; 1024×16→512→16 1.11× and 1.80×; 1000×256→32→1 0.93×
-// and 0.90× (the one loss), forward 1.31× and 1.58× — and from 4096×128→128→128
-// (32 768) and 4096×256→256→64 float32 on, BLAS is (0.96×, 0.98×).
+// beat the engine's blocks. Measured (benchmarks/crossover.py's shapes, 2 threads,
+// AVX2 guest, loss + every gradient, the engine's speed-up over GEMM, float32 /
+// float64): 2048×64→128→16 1.16× / 1.55×, 1024×16→512→16 (16 384 a row) 1.11× /
+// 1.80×, 1000×256→32→1 0.93× / 0.90× (its forward 1.31× / 1.58×); beyond,
+// 4096×128→128→128 (32 768) 0.96× / 1.34× and 4096×256→256→64 0.98× / 0.88×.
 constexpr int64_t kEngineMaxRowMacs = 16 * 1024;
 std::atomic<int64_t> engine_max_row_macs{kEngineMaxRowMacs};
 
@@ -54,8 +53,8 @@ struct EngineNet {
   }
 };
 
-// The engine's double sums of (dW1, db1, dW2, db2) into the gradients `need` asks for, in their
-// arguments' shapes (a per-column bias's own shape). `grads` is indexed by `slot` (loss or mlp order).
+// The engine's double sums of dW1, db1, dW2, db2 into those of the gradients the flags ask for, in
+// their arguments' shapes (a per-column bias's own shape), in the kernel's type.
 template <typename T>
 void write_param_grads(const Problem& p, const engine::SumLayout& lay, const std::vector<double>& sums,
                        bool w1, bool b1, bool w2, bool b2, at::Tensor* out_w1, at::Tensor* out_b1,
