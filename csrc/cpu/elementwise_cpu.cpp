@@ -13,6 +13,7 @@
 #include "activation_cpu.h"
 
 namespace fusedgrad {
+namespace {
 
 // Element (i, j) of a broadcast operand: row(i)[j * col_stride].
 template <typename T>
@@ -30,21 +31,6 @@ struct OperandReader {
   bool present() const { return data != nullptr; }
   const T* row(int64_t i) const { return data + i * row_stride; }
 };
-
-// Rows [i0, i1) of h (H columns): h += b, then s = act(h) (s may be h).
-void run_bias_activation_rows(float* h, float* s, int64_t i0, int64_t i1, int64_t H, const OperandReader<float>& b,
-                              Activation act);
-void run_bias_activation_rows(double* h, double* s, int64_t i0, int64_t i1, int64_t H,
-                              const OperandReader<double>& b, Activation act);
-
-// Rows [i0, i1) of ds (H columns): dh = ds ⊙ act'(saved) in place (saved: s, or
-// h where the activation saves its input), and Σ_rows dh into acc (if not null).
-void run_hidden_backward_rows(float* ds, const float* saved, int64_t i0, int64_t i1, int64_t H, Activation act,
-                              double* acc);
-void run_hidden_backward_rows(double* ds, const double* saved, int64_t i0, int64_t i1, int64_t H, Activation act,
-                              double* acc);
-
-namespace {
 
 // Elements of work below which splitting across threads does not pay.
 constexpr int64_t kElemsPerTask = 16384;
@@ -126,6 +112,24 @@ FUSEDGRAD_CPU_CLONES void hidden_backward_rows_double(double* ds, const double* 
                                                       int64_t H, Activation act, double* acc) {
   hidden_backward_rows<double>(ds, saved, i0, i1, H, act, acc);
 }
+// One overload per element type, for the dispatch macros below.
+inline void run_bias_activation_rows(float* h, float* s, int64_t i0, int64_t i1, int64_t H,
+                              const OperandReader<float>& b, Activation act) {
+  bias_activation_rows_float(h, s, i0, i1, H, b, act);
+}
+inline void run_bias_activation_rows(double* h, double* s, int64_t i0, int64_t i1, int64_t H,
+                              const OperandReader<double>& b, Activation act) {
+  bias_activation_rows_double(h, s, i0, i1, H, b, act);
+}
+inline void run_hidden_backward_rows(float* ds, const float* saved, int64_t i0, int64_t i1, int64_t H,
+                              Activation act, double* acc) {
+  hidden_backward_rows_float(ds, saved, i0, i1, H, act, acc);
+}
+inline void run_hidden_backward_rows(double* ds, const double* saved, int64_t i0, int64_t i1, int64_t H,
+                              Activation act, double* acc) {
+  hidden_backward_rows_double(ds, saved, i0, i1, H, act, acc);
+}
+
 // Where the residual pass writes what it derives from g = 2c r.
 template <typename T>
 struct ResidualPointers {
@@ -231,25 +235,6 @@ struct CpuElementwise final : ElementwiseKernels {
 };
 
 }  // namespace
-
-// The row passes, one overload per element type for the dispatch macros above.
-void run_bias_activation_rows(float* h, float* s, int64_t i0, int64_t i1, int64_t H,
-                              const OperandReader<float>& b, Activation act) {
-  bias_activation_rows_float(h, s, i0, i1, H, b, act);
-}
-void run_bias_activation_rows(double* h, double* s, int64_t i0, int64_t i1, int64_t H,
-                              const OperandReader<double>& b, Activation act) {
-  bias_activation_rows_double(h, s, i0, i1, H, b, act);
-}
-void run_hidden_backward_rows(float* ds, const float* saved, int64_t i0, int64_t i1, int64_t H,
-                              Activation act, double* acc) {
-  hidden_backward_rows_float(ds, saved, i0, i1, H, act, acc);
-}
-void run_hidden_backward_rows(double* ds, const double* saved, int64_t i0, int64_t i1, int64_t H,
-                              Activation act, double* acc) {
-  hidden_backward_rows_double(ds, saved, i0, i1, H, act, acc);
-}
-
 
 const ElementwiseKernels& cpu_elementwise_kernels() {
   static const CpuElementwise kernels;

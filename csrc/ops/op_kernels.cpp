@@ -6,7 +6,6 @@
 #include "engine_path.h"
 #include "gemm_path.h"
 
-
 namespace fusedgrad {
 
 LossAndGrads loss_and_grads(const Problem& p, Reduction reduction, const LossGradMask& need) {
@@ -14,12 +13,10 @@ LossAndGrads loss_and_grads(const Problem& p, Reduction reduction, const LossGra
   return gemm_loss_and_grads(p, reduction, need);
 }
 
-const char* loss_path_name(const Problem& p) {
+const char* path_name(const Problem& p) {
   if (!p.x2.is_cpu()) return "cuda";
   return engine_path_applies(p) ? "engine" : "gemm";
 }
-
-const char* forward_path_name(const Problem& p) { return loss_path_name(p); }
 
 std::array<at::Tensor, 2> forward(const Problem& p, bool activations) {
   if (engine_path_applies(p)) return engine_forward(p, activations);

@@ -38,10 +38,9 @@ using MlpGradMask = std::array<bool, kNumMlpInputs>;
 // L = c · Σ (s w2ᵀ + b2 − t)², s = act(x w1ᵀ + b1), and, in the same pass,
 // dL/d(input) for every input whose mask entry is true; on the problem's device.
 LossAndGrads loss_and_grads(const Problem& p, Reduction reduction, const LossGradMask& need);
-// The kernel path loss_and_grads / forward take for p ("engine", "gemm"; "cuda" off the
-// CPU): the same tests as the dispatch below, for fusedgrad.explain.
-const char* loss_path_name(const Problem& p);
-const char* forward_path_name(const Problem& p);
+// The kernel path loss_and_grads, forward and backward take for p ("engine", "gemm"; "cuda" off the
+// CPU): the same test as their dispatch, for fusedgrad.explain.
+const char* path_name(const Problem& p);
 // Prediction (shape (*, O)) and what the backward reads to differentiate the
 // activation (N, H): s, or h where the activation saves its input; empty
 // without w2 when it is s (the prediction itself).

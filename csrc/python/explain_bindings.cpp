@@ -22,7 +22,7 @@ std::string explain_op(bool loss, const at::Tensor& x, const at::Tensor& w1, con
                        const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
                        const std::optional<at::Tensor>& target, const std::string& activation) {
   const Problem p = make_problem(x, w1, b1, w2, b2, target, parse_activation(activation));
-  return loss ? loss_path_name(p) : forward_path_name(p);
+  return path_name(p);  // the loss and the prediction take the same path; `loss` says whether target is read
 }
 
 py::dict explain_engine(const std::vector<int64_t>& widths, int64_t rows, int64_t element_size) {
