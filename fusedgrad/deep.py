@@ -112,19 +112,27 @@ def _differentiable_backward(outputs, inputs, grad_outputs):
     return out
 
 
-def _double_backward(kind, x, params, activation, order, target, reduction, grads, needs):
-    """The create_graph=True backward of the loss (kind "loss"), the prediction ("mlp") or the input
-    derivatives ("derivatives"): ``[dx, *dparams]`` (then ``dtarget`` for a loss with a target; None
-    where ``needs`` is false), differentiable themselves. Shared by the Python Functions here and the
-    C++ nodes (csrc/python/deep_autograd.cpp)."""
+def _double_backward(kind, x, params, activation, order, target, reduction, grads, needs, extras=()):
+    """The create_graph=True backward of the loss (kind "loss"), the prediction ("mlp"), the input
+    derivatives ("derivatives") or the prediction's nested gradients (C++ nodes only: "input_vjp",
+    J(x)ᵀḡ with ``extras`` (ḡ,); "hvp", ḡᵀH(x)v with ``extras`` (ḡ, v)): ``[dx, *dparams]`` (then
+    ``dtarget`` for a loss with a target, or the extras' gradients; None where ``needs`` is false),
+    differentiable themselves. Shared by the Python Functions here and the C++ nodes
+    (csrc/python/deep_autograd.cpp)."""
     L = len(params) // 2
     weights, biases = list(params[:L]), list(params[L:])
-    inputs = [x, *params] + ([target] if kind == "loss" and target is not None else [])
+    inputs = [x, *params] + ([target] if kind == "loss" and target is not None else []) + list(extras)
     with torch.enable_grad():
         if kind == "loss":
             outs = [_native_loss(x, weights, biases, target, reduction, activation)]
         elif kind == "mlp":
             outs = [_native_prediction(x, weights, biases, activation)]
+        elif kind in ("input_vjp", "hvp"):
+            # x as a fresh leaf when it needs no gradient here: autograd.grad(u, x) needs x in the graph.
+            xx = x if x.requires_grad else x.detach().requires_grad_()
+            u = _native_prediction(xx, weights, biases, activation)
+            dx, = torch.autograd.grad(u, xx, extras[0], create_graph=True)
+            outs = [dx if kind == "input_vjp" else torch.autograd.grad(dx, xx, extras[1], create_graph=True)[0]]
         else:
             outs = _native_derivatives(x, weights, biases, activation, order)
         used = [(o, g) for o, g in zip(outs, grads) if g is not None]
@@ -422,6 +430,24 @@ def _param_and_x_grads(x, weights, biases, output_mask):
     grads = [w.new_empty(w.shape) if wp else _empty(w) for w in weights]
     grads += [b.new_empty(b.shape) if (wp and b is not None) else _empty(x) for b in biases]
     grads.append(_rows_like(x, weights, x.shape[-1]) if wx else _empty(x))
+    return grads
+
+
+@torch.library.register_fake("fusedgrad::deep_mlp_jvp")
+def _jvp_fake(x, weights, biases, activation, directions, pairs):
+    check_args(_C.check_deep_mlp_jvp, x, weights, biases, activation, directions, pairs)
+    lead, O = tuple(x.shape[:-1]), weights[-1].shape[-2]
+    return [x.new_empty(lead + (O,)), x.new_empty(lead + (O, directions.shape[-2])),
+            x.new_empty(lead + (O, len(pairs) // 2))]
+
+
+@torch.library.register_fake("fusedgrad::deep_mlp_jvp_backward")
+def _jvp_backward_fake(grad_u, grad_tangents, grad_seconds, x, weights, biases, activation, directions, pairs,
+                       output_mask):
+    check_args(_C.check_deep_mlp_jvp_backward, grad_u, grad_tangents, grad_seconds, x, weights, biases, activation,
+               directions, pairs)
+    grads = _param_and_x_grads(x, weights, biases, output_mask[:2])
+    grads.append(directions.new_empty(directions.shape) if output_mask[2] else _empty(x))
     return grads
 
 

@@ -245,6 +245,14 @@ def _native_loss(x, w1, b1, w2, b2, target, reduction, activation):
     return sq.mean(dims) if option("mlp_loss", "reduction", reduction) == "mean" else sq.sum(dims)
 
 
+def _nested_route(x, w1, b1, w2, b2, grad, needs):
+    """Whether a create_graph backward of the prediction takes the fused nested node: x's gradient alone, one
+    CPU model with a second layer, biases of one value per column (the deeper nets' op rules)."""
+    return (needs[0] and not any(needs[1:]) and grad is not None and w2 is not None and w1.dim() == 2
+            and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and all(b is None or b.dim() == 1 for b in (b1, b2)))
+
+
 def _recompute_backward(kind, inputs, reduction, activation, grad, needs):
     """The create_graph=True backward of the one-hidden-layer ops and their ensembles (their C++ nodes call it:
     csrc/ops/autograd_helpers.h): the op recomputed in plain torch ops from its inputs ``(x, w1, b1, w2, b2[,
@@ -252,6 +260,10 @@ def _recompute_backward(kind, inputs, reduction, activation, grad, needs):
     gradients that are themselves differentiable (a PINN's u_x, then u_xx; gradient penalties; gradgradcheck),
     exact, at native speed. One entry per input: None where none is needed."""
     x, w1, b1, w2, b2 = inputs[:5]
+    if kind == "mlp" and _nested_route(x, w1, b1, w2, b2, grad, needs):
+        # autograd.grad(u, x, create_graph=True): J(x)ᵀḡ as the deeper nets' node, whose own backward
+        # (u_xx, then the parameters' gradient) is fused (csrc/python/deep_autograd.cpp).
+        return [_C._input_vjp(x, [w1, w2], [b1, b2], activation, grad), None, None, None, None]
     with torch.enable_grad():
         out = (_native_loss(x, w1, b1, w2, b2, inputs[5], reduction, activation) if kind == "mlp_loss"
                else _native_prediction(x, w1, b1, w2, b2, activation))

@@ -35,6 +35,16 @@
 //   δh   = ḡa act' + Σ_d ḡ∂a_d act'' ∂h_d + Σ_d ḡ∂²a_d (act''' ∂h_d² + act'' ∂²h_d)
 //   δ∂h_d  = ḡ∂a_d act' + 2 ḡ∂²a_d act'' ∂h_d,      δ∂²h_d = ḡ∂²a_d act'
 //   dW_l = Σ over every jet row δᵀ a_{l−1},   db_l = Σ over the value rows δh,   dx = δh_1 W_1
+//
+// Directional jets generalise both: tangents along per-row directions v_i (∂a_0 = v_i) and second
+// parts D²h[v_p, v_q] for given pairs (p, q): ∂²a_pq = act'' ∂h_p ∂h_q + act' ∂²h_pq, reversed as
+//
+//   δh += Σ_pq ḡ∂²a_pq (act''' ∂h_p ∂h_q + act'' ∂²h_pq),   δ∂h_p += ḡ∂²a_pq act'' ∂h_q,
+//   δ∂h_q += ḡ∂²a_pq act'' ∂h_p,   dv_i = δ∂h_1,i W_1
+//
+// (derivatives() is the case v_i = e_d, pairs (d, d)). These are the nested gradients of the
+// prediction: J(x)ᵀḡ's own backward along v is the reverse of the jet along v (ḡᵀ H v and ∂/∂θ of
+// ḡᵀ J v), and that one's backward along w the reverse of the mixed jet D²u[v, w].
 #pragma once
 
 #include <cstdint>
@@ -116,6 +126,16 @@ struct Pass {
   // (a Burgers residual reads u_xx but not u_tt: 4 of 5 parts).
   const char* carry_du = nullptr;
   const char* carry_d2u = nullptr;
+  // Directional jets (the create_graph backward of the prediction, deep_mlp_jvp): the tangent parts
+  // start from each row's own directions v_i, dirs (·, ndirs, D), instead of e_d, and the second parts
+  // are the mixed D²h[v_p, v_q] of the npairs pairs (p, q) in `pairs` (2·npairs entries). du and
+  // grad_du are then (·, O, ndirs), d2u and grad_d2u (·, O, npairs); nothing is dropped (no carry_*).
+  // Backward: ddirs (·, ndirs, D), the gradient of dirs; null: not wanted.
+  const T* dirs = nullptr;
+  int64_t ndirs = 0;
+  const int64_t* pairs = nullptr;
+  int64_t npairs = 0;
+  T* ddirs = nullptr;
 };
 
 // Runs the pass. Not reentrant per thread for the same call (uses thread-local scratch).

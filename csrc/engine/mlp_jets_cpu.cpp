@@ -2,18 +2,18 @@
 // forward and backward epilogues on jets.
 //
 // Layout: a block of nb rows (samples) holds, for every layer, S = 1 + T1 + T2
-// stacked parts — part 0 the values (h or a), part 1 + i the tangents ∂/∂x_d
-// for d = tdim[i], part 1 + T1 + j (order 2) the second derivatives ∂²/∂x_d²
-// for d = sdim[j] — each part laid out as the plain pass lays out a layer (its
-// rows padded to whole lane vectors, or each feature a line of its rows:
-// BlockLayout, engine_kernels.h). The forward carries every part (T1 = D,
-// T2 = order 2 ? D : 0); a backward may drop the parts Pass::carry_du /
-// carry_d2u leave out. A layer's product maps every part with the same
-// micro-kernel; only the values get the bias. The activation step
+// stacked parts — part 0 the values (h or a), part 1 + i the tangents (∂/∂x_d,
+// or along the row's direction v_i), part 1 + T1 + j the second derivatives
+// (∂²/∂x_d², or the mixed D²[v_p, v_q]) — each part laid out as the plain pass
+// lays out a layer (its rows padded to whole lane vectors, or each feature a
+// line of its rows: BlockLayout, engine_kernels.h). derivatives()' forward
+// carries every part (T1 = D, T2 = order 2 ? D : 0); its backward may drop the
+// parts Pass::carry_du / carry_d2u leave out. A layer's product maps every part
+// with the same micro-kernel; only the values get the bias. The activation step
 // couples the parts of a row: it reads act and its first three derivatives at
 // the value h (the activation table's jet()) and writes
 //
-//   a = act(h),   ∂a_d = act' ∂h_d,   ∂²a_d = act'' ∂h_d² + act' ∂²h_d
+//   a = act(h),   ∂a_i = act' ∂h_i,   ∂²a_pq = act'' ∂h_p ∂h_q + act' ∂²h_pq
 //
 // The backward recomputes the forward of the block (nothing of size N is kept)
 // and reverses each step: the products transposed, the activation step by the
@@ -36,39 +36,60 @@ namespace {
 
 using namespace kernels;
 
+// A second-derivative part: D²h[v_p, v_q] for the tangent parts p and q (the diagonal ∂²/∂x_d² of
+// derivatives(): p = q, the tangent of e_d), and its column in the caller's (·, O, ·) arrays.
+struct SecondPart {
+  int64_t p, q;
+};
+
 // The activation step of a hidden layer on jets, forward, over parts of n values each (part p of h
 // and a at p·n): a = act(h) and act's first three derivatives j1, j2, j3 at h, then
-// ∂a_d = j1 ∂h_d and ∂²a_d = j2 ∂h_d² + j1 ∂²h_d.
+// ∂a_i = j1 ∂h_i and ∂²a_pq = j2 ∂h_p ∂h_q + j1 ∂²h_pq. `diag[i]`: the second part (i, i) handled in
+// tangent i's loop (−1: none); the other second parts follow.
 template <typename T>
 FUSEDGRAD_CPU_INLINE void jet_forward_step(Activation act, const T* h, T* a, T* j1, T* j2, T* j3, int64_t n,
-                                           int64_t T1, const std::vector<int64_t>& second_of) {
+                                           int64_t T1, const std::vector<int64_t>& diag,
+                                           const std::vector<SecondPart>& second,
+                                           const std::vector<int64_t>& mixed) {
   activation_jet_n(act, h, a, j1, j2, j3, n);
   for (int64_t i = 0; i < T1; ++i) {
     const T* dh = h + (1 + i) * n;
     T* da = a + (1 + i) * n;
 #pragma omp simd
     for (int64_t k = 0; k < n; ++k) da[k] = j1[k] * dh[k];
-    if (second_of[i] >= 0) {
-      const T* d2h = h + (1 + T1 + second_of[i]) * n;
-      T* d2a = a + (1 + T1 + second_of[i]) * n;
+    if (diag[i] >= 0) {
+      const T* d2h = h + (1 + T1 + diag[i]) * n;
+      T* d2a = a + (1 + T1 + diag[i]) * n;
 #pragma omp simd
       for (int64_t k = 0; k < n; ++k) d2a[k] = j2[k] * dh[k] * dh[k] + j1[k] * d2h[k];
     }
   }
+  for (int64_t s : mixed) {
+    const T* dp = h + (1 + second[s].p) * n;
+    const T* dq = h + (1 + second[s].q) * n;
+    const T* d2h = h + (1 + T1 + s) * n;
+    T* d2a = a + (1 + T1 + s) * n;
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) d2a[k] = j2[k] * dp[k] * dq[k] + j1[k] * d2h[k];
+  }
 }
 
-// The same step reversed, in place: g holds ḡ (the gradient of a's parts) and becomes δ (that of h's).
+// The same step reversed, in place: g holds ḡ (the gradient of a's parts) and becomes δ (that of h's):
+//   δh = ḡa j1 + Σ_i ḡ∂a_i j2 ∂h_i + Σ_pq ḡ∂²a_pq (j3 ∂h_p ∂h_q + j2 ∂²h_pq)
+//   δ∂h_i = ḡ∂a_i j1 + Σ_pq ḡ∂²a_pq j2 (∂h_q [p = i] + ∂h_p [q = i]),   δ∂²h_pq = ḡ∂²a_pq j1
 template <typename T>
 FUSEDGRAD_CPU_INLINE void jet_backward_step(T* g, const T* h, const T* j1, const T* j2, const T* j3, int64_t n,
-                                            int64_t T1, const std::vector<int64_t>& second_of) {
+                                            int64_t T1, const std::vector<int64_t>& diag,
+                                            const std::vector<SecondPart>& second,
+                                            const std::vector<int64_t>& mixed) {
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) g[k] *= j1[k];
   for (int64_t i = 0; i < T1; ++i) {
     const T* dh = h + (1 + i) * n;
     T* g1 = g + (1 + i) * n;
-    if (second_of[i] >= 0) {
-      const T* d2h = h + (1 + T1 + second_of[i]) * n;
-      T* g2 = g + (1 + T1 + second_of[i]) * n;
+    if (diag[i] >= 0) {
+      const T* d2h = h + (1 + T1 + diag[i]) * n;
+      T* g2 = g + (1 + T1 + diag[i]) * n;
 #pragma omp simd
       for (int64_t k = 0; k < n; ++k) {
         g[k] += g1[k] * j2[k] * dh[k] + g2[k] * (j3[k] * dh[k] * dh[k] + j2[k] * d2h[k]);
@@ -83,6 +104,31 @@ FUSEDGRAD_CPU_INLINE void jet_backward_step(T* g, const T* h, const T* j1, const
       }
     }
   }
+  // Mixed parts after every tangent's own scaling: their terms add to δ∂h_p and δ∂h_q as they are.
+  for (int64_t s : mixed) {
+    const T* dp = h + (1 + second[s].p) * n;
+    const T* dq = h + (1 + second[s].q) * n;
+    const T* d2h = h + (1 + T1 + s) * n;
+    T* gp = g + (1 + second[s].p) * n;
+    T* gq = g + (1 + second[s].q) * n;
+    T* g2 = g + (1 + T1 + s) * n;
+    if (gp == gq) {  // a repeated diagonal pair
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) {
+        g[k] += g2[k] * (j3[k] * dp[k] * dp[k] + j2[k] * d2h[k]);
+        gp[k] += T(2) * g2[k] * j2[k] * dp[k];
+        g2[k] *= j1[k];
+      }
+      continue;
+    }
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      g[k] += g2[k] * (j3[k] * dp[k] * dq[k] + j2[k] * d2h[k]);
+      gp[k] += g2[k] * j2[k] * dq[k];
+      gq[k] += g2[k] * j2[k] * dp[k];
+      g2[k] *= j1[k];
+    }
+  }
 }
 
 template <typename T, int VB, bool Rows>
@@ -94,8 +140,13 @@ struct JetPlan {
   SumLayout lay;
   BlockLayout<T, VB, Rows> layout;
   int64_t L, D, O, S, T1, T2, B, blocks, chunks;
-  std::vector<int64_t> tdim, sdim;  // the dimension of each tangent / second-derivative part
-  std::vector<int64_t> second_of;   // per tangent part: its second-derivative part, or −1
+  // Each tangent / second part's column in du, d2u and their gradients, whose rows are tcols / scols wide:
+  // derivatives() keeps the carried dimensions d of (·, O, D); directional jets every part of (·, O, T1 | T2).
+  std::vector<int64_t> tcol, scol;
+  int64_t tcols = 0, scols = 0;
+  std::vector<SecondPart> second;  // per second part: its two tangent parts
+  std::vector<int64_t> diag;       // per tangent part i: the first second part (i, i), or −1
+  std::vector<int64_t> mixed;      // the other second parts
   std::vector<int64_t> a_off, h_off, j_off;  // per block: parts of a_l (l < L), h_l (l ≥ 1), act's jet at h_l
   int64_t d0_off, d1_off, work_off, scratch_size;
 
@@ -103,15 +154,37 @@ struct JetPlan {
     L = s.layers();
     D = s.in();
     O = s.out();
-    for (int64_t d = 0; d < D; ++d) {
-      const bool second = p.order == 2 && (!p.carry_d2u || p.carry_d2u[d]);
-      if (!second && p.carry_du && !p.carry_du[d]) continue;
-      second_of.push_back(second ? static_cast<int64_t>(sdim.size()) : -1);
-      tdim.push_back(d);
-      if (second) sdim.push_back(d);
+    if (p.dirs) {
+      tcols = p.ndirs;
+      scols = p.npairs;
+      for (int64_t i = 0; i < p.ndirs; ++i) tcol.push_back(i);
+      for (int64_t j = 0; j < p.npairs; ++j) {
+        second.push_back({p.pairs[2 * j], p.pairs[2 * j + 1]});
+        scol.push_back(j);
+      }
+    } else {
+      tcols = scols = D;
+      for (int64_t d = 0; d < D; ++d) {
+        const bool sec = p.order == 2 && (!p.carry_d2u || p.carry_d2u[d]);
+        if (!sec && p.carry_du && !p.carry_du[d]) continue;
+        const int64_t i = static_cast<int64_t>(tcol.size());
+        tcol.push_back(d);
+        if (sec) {
+          second.push_back({i, i});
+          scol.push_back(d);
+        }
+      }
     }
-    T1 = static_cast<int64_t>(tdim.size());
-    T2 = static_cast<int64_t>(sdim.size());
+    T1 = static_cast<int64_t>(tcol.size());
+    T2 = static_cast<int64_t>(second.size());
+    diag.assign(T1, -1);
+    for (int64_t j = 0; j < T2; ++j) {
+      if (second[j].p == second[j].q && diag[second[j].p] < 0) {
+        diag[second[j].p] = j;
+      } else {
+        mixed.push_back(j);
+      }
+    }
     S = 1 + T1 + T2;
     const std::vector<int64_t>& np = layout.np;
     int64_t per_row = 0, widest = 0;
@@ -165,7 +238,14 @@ struct JetPlan {
     for (int64_t r = 0; r < nb; ++r) {
       const T* src = pass.x + row(r0 + r) * D;
       for (int64_t k = 0; k < D; ++k) a0[layout.at(r, k, 0, nb)] = src[k];
-      for (int64_t i = 0; i < T1; ++i) a0[(1 + i) * n0 + layout.at(r, tdim[i], 0, nb)] = T(1);  // ∂x/∂x_d = e_d
+      if (pass.dirs) {  // the row's own directions v_i: ∂x/∂v_i = v_i
+        const T* v = pass.dirs + row(r0 + r) * T1 * D;
+        for (int64_t i = 0; i < T1; ++i) {
+          for (int64_t k = 0; k < D; ++k) a0[(1 + i) * n0 + layout.at(r, k, 0, nb)] = v[i * D + k];
+        }
+      } else {
+        for (int64_t i = 0; i < T1; ++i) a0[(1 + i) * n0 + layout.at(r, tcol[i], 0, nb)] = T(1);  // ∂x/∂x_d = e_d
+      }
     }
     for (int64_t l = 0; l < L; ++l) {
       T* h = scratch + h_off[l + 1];
@@ -174,7 +254,8 @@ struct JetPlan {
       T* a = scratch + a_off[l + 1];
       T* j1 = scratch + j_off[l + 1];
       const int64_t jstride = B * layout.np[l + 1];
-      jet_forward_step(s.act, h, a, j1, j1 + jstride, j1 + 2 * jstride, layout.part_size(l + 1, nb), T1, second_of);
+      jet_forward_step(s.act, h, a, j1, j1 + jstride, j1 + 2 * jstride, layout.part_size(l + 1, nb), T1, diag, second,
+                       mixed);
       layout.zero_columns(a, l + 1, S, nb);
     }
   }
@@ -189,8 +270,8 @@ struct JetPlan {
         for (int64_t o = 0; o < O; ++o) {
           const int64_t e = layout.at(r, o, L, nb);
           pass.pred[dst + o] = hL[e];
-          for (int64_t i = 0; i < T1; ++i) pass.du[(dst + o) * D + tdim[i]] = hL[(1 + i) * nL + e];
-          for (int64_t j = 0; j < T2; ++j) pass.d2u[(dst + o) * D + sdim[j]] = hL[(1 + T1 + j) * nL + e];
+          for (int64_t i = 0; i < T1; ++i) pass.du[(dst + o) * tcols + tcol[i]] = hL[(1 + i) * nL + e];
+          for (int64_t j = 0; j < T2; ++j) pass.d2u[(dst + o) * scols + scol[j]] = hL[(1 + T1 + j) * nL + e];
         }
       }
       return;
@@ -204,10 +285,10 @@ struct JetPlan {
         const int64_t e = layout.at(r, o, L, nb);
         if (pass.grad_out) delta[e] = pass.grad_out[src + o];
         if (pass.grad_du) {
-          for (int64_t i = 0; i < T1; ++i) delta[(1 + i) * nL + e] = pass.grad_du[(src + o) * D + tdim[i]];
+          for (int64_t i = 0; i < T1; ++i) delta[(1 + i) * nL + e] = pass.grad_du[(src + o) * tcols + tcol[i]];
         }
         if (pass.grad_d2u) {
-          for (int64_t j = 0; j < T2; ++j) delta[(1 + T1 + j) * nL + e] = pass.grad_d2u[(src + o) * D + sdim[j]];
+          for (int64_t j = 0; j < T2; ++j) delta[(1 + T1 + j) * nL + e] = pass.grad_d2u[(src + o) * scols + scol[j]];
         }
       }
     }
@@ -218,11 +299,18 @@ struct JetPlan {
                             lay.db[l] >= 0 ? sums + lay.db[l] : nullptr);
       }
       if (l == 0) {
-        // x reaches only the values of a_0 (its other parts are the constants e_d and 0).
-        if (pass.dx) {
-          layout.backward_product(0, nb, 1, delta, next);
-          for (int64_t r = 0; r < nb; ++r) {
-            for (int64_t k = 0; k < D; ++k) pass.dx[row(r0 + r) * D + k] = next[layout.at(r, k, 0, nb)];
+        // x reaches only the values of a_0 (its other parts are the directions and 0); the directions
+        // (ddirs) the tangent parts.
+        const int64_t parts = pass.ddirs ? 1 + T1 : 1;
+        if (pass.dx || pass.ddirs) layout.backward_product(0, nb, parts, delta, next);
+        const int64_t n0 = layout.part_size(0, nb);
+        for (int64_t r = 0; r < nb && pass.dx; ++r) {
+          for (int64_t k = 0; k < D; ++k) pass.dx[row(r0 + r) * D + k] = next[layout.at(r, k, 0, nb)];
+        }
+        for (int64_t r = 0; r < nb && pass.ddirs; ++r) {
+          T* dv = pass.ddirs + row(r0 + r) * T1 * D;
+          for (int64_t i = 0; i < T1; ++i) {
+            for (int64_t k = 0; k < D; ++k) dv[i * D + k] = next[(1 + i) * n0 + layout.at(r, k, 0, nb)];
           }
         }
         break;
@@ -231,7 +319,7 @@ struct JetPlan {
       const T* j1 = scratch + j_off[l];
       const int64_t jstride = B * layout.np[l];
       jet_backward_step(next, scratch + h_off[l], j1, j1 + jstride, j1 + 2 * jstride, layout.part_size(l, nb), T1,
-                        second_of);
+                        diag, second, mixed);
       layout.zero_columns(next, l, S, nb);
       std::swap(delta, next);
     }

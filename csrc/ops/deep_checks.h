@@ -33,5 +33,14 @@ void check_deep_derivatives_backward(const std::optional<at::Tensor>& grad_u,
                                      const std::vector<at::Tensor>& weights, const Biases& biases,
                                      const std::string& activation,
                                      int64_t order);
+void check_deep_mlp_jvp(const at::Tensor& x, const std::vector<at::Tensor>& weights, const Biases& biases,
+                        const std::string& activation, const at::Tensor& directions,
+                        const std::vector<int64_t>& pairs);
+void check_deep_mlp_jvp_backward(const std::optional<at::Tensor>& grad_u,
+                                 const std::optional<at::Tensor>& grad_tangents,
+                                 const std::optional<at::Tensor>& grad_seconds, const at::Tensor& x,
+                                 const std::vector<at::Tensor>& weights, const Biases& biases,
+                                 const std::string& activation, const at::Tensor& directions,
+                                 const std::vector<int64_t>& pairs);
 
 }  // namespace fusedgrad::ops

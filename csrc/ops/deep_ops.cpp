@@ -11,6 +11,11 @@
 //                             derivatives ∂u_o/∂x_d (and ∂²u_o/∂x_d²), order 1 or 2
 //   deep_mlp_derivatives_backward
 //                             ∂L/∂parameters and ∂L/∂x from ∂L/∂u, ∂L/∂du, ∂L/∂d2u
+//   deep_mlp_jvp              [u, tangents, seconds]: u, its derivatives along each
+//                             row's directions v_i and the mixed D²u[v_p, v_q] of the
+//                             given pairs (the prediction's nested create_graph gradients)
+//   deep_mlp_jvp_backward     ∂L/∂parameters, ∂L/∂x and ∂L/∂directions from the
+//                             gradients of those three
 //
 // Gradient lists: dW_1 … dW_L, db_1 … db_L, then dx (and dt for the loss);
 // an entry that is not computed (masked off, or a layer without a bias) is an
@@ -118,13 +123,13 @@ int64_t check_order(const char* fn, int64_t order) {
 
 // A given ∂L/∂du or ∂L/∂d2u: the shape of du, contiguous. Undefined stays undefined (zeros).
 at::Tensor check_part_grad(const char* fn, const char* name, const std::optional<at::Tensor>& g,
-                           const engine::NetArgs& net, const std::vector<int64_t>& shape) {
+                           const engine::NetArgs& net, const std::vector<int64_t>& shape, const char* of = "du's") {
   if (!g.has_value() || !g->defined()) return at::Tensor();
   TORCH_CHECK_TYPE(g->scalar_type() == net.dtype, fn, ": argument '", name, "' has dtype ",
                    dtype_name(g->scalar_type()), ", expected the weights' ", dtype_name(net.dtype));
   TORCH_CHECK_VALUE(g->device() == net.device, fn, ": argument '", name, "' is on ", g->device(), ", the weights on ",
                     net.device);
-  TORCH_CHECK_VALUE(g->sizes().equals(shape), fn, ": argument '", name, "' must have du's shape ", shape_str(shape),
+  TORCH_CHECK_VALUE(g->sizes().equals(shape), fn, ": argument '", name, "' must have ", of, " shape ", shape_str(shape),
                     ", got ", shape_str(g->sizes()));
   return g->contiguous();
 }
@@ -135,8 +140,11 @@ struct Call {
   engine::NetArgs net;
   Rows rows;
   bool mean = true;             // the loss: reduction "mean"
-  std::vector<int64_t> parts;   // the derivatives: du's shape
-  at::Tensor gdu, gd2u;         // the derivatives' backward: ∂L/∂du, ∂L/∂d2u, contiguous (undefined: zeros)
+  std::vector<int64_t> parts;   // the derivatives: du's shape; directional jets: tangents' shape
+  std::vector<int64_t> seconds; // directional jets: the seconds' shape
+  at::Tensor gdu, gd2u;         // the backward: ∂L/∂du (∂L/∂tangents), ∂L/∂d2u (∂L/∂seconds), contiguous
+  at::Tensor dirs;              // directional jets: (N, T, D), contiguous
+  std::vector<int64_t> pairs;   // directional jets: 2 · P tangent indices
 };
 
 // Every rule of one op's arguments (deep_checks.h): the CPU kernels run these, the fake kernels too.
@@ -198,6 +206,60 @@ Call derivatives_backward_call(const std::optional<at::Tensor>& grad_u, const st
   c.parts = derivative_shape(x, c.rows, c.net.shape.out(), c.net.shape.in());
   c.gdu = check_part_grad(fn, "grad_du", grad_du, c.net, c.parts);
   c.gd2u = order == 2 ? check_part_grad(fn, "grad_d2u", grad_d2u, c.net, c.parts) : at::Tensor();
+  return c;
+}
+
+// The directional jets' own arguments: `directions` x.shape[:-1] + (T, D), `pairs` 2·P indices in [0, T);
+// c.parts and c.seconds the shapes x.shape[:-1] + (O, T) and + (O, P).
+void check_directions(const char* fn, Call& c, const at::Tensor& x, const at::Tensor& directions,
+                      at::IntArrayRef pairs) {
+  TORCH_CHECK_VALUE(c.K == 0, fn, ": stacked weights (K models) are not supported; got weights of shape ",
+                    shape_str(c.net.W[0].sizes()));
+  TORCH_CHECK_TYPE(directions.scalar_type() == c.net.dtype, fn, ": argument 'directions' has dtype ",
+                   dtype_name(directions.scalar_type()), ", expected the weights' ", dtype_name(c.net.dtype));
+  TORCH_CHECK_VALUE(directions.device() == c.net.device, fn, ": argument 'directions' is on ", directions.device(),
+                    ", the weights on ", c.net.device);
+  const int64_t D = c.net.shape.in(), O = c.net.shape.out();
+  std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - 1);
+  const bool ok = directions.dim() == x.dim() + 1 && directions.size(-1) == D &&
+                  directions.sizes().slice(0, lead.size()).equals(lead);
+  TORCH_CHECK_VALUE(ok, fn, ": argument 'directions' must have shape x.shape[:-1] + (T, in_features) = ",
+                    shape_str(lead), " + (T, ", D, "), got ", shape_str(directions.sizes()));
+  const int64_t T = directions.size(-2);
+  TORCH_CHECK_VALUE(pairs.size() % 2 == 0, fn, ": argument 'pairs' must hold 2 tangent indices a pair, got ",
+                    pairs.size(), " values");
+  for (int64_t p : pairs) {
+    TORCH_CHECK_VALUE(p >= 0 && p < T, fn, ": argument 'pairs' holds ", p, ", expected tangent indices in [0, ", T,
+                      ") (T = directions.shape[-2])");
+  }
+  c.dirs = directions.reshape({-1, T, D}).contiguous();
+  c.pairs.assign(pairs.begin(), pairs.end());
+  c.parts = lead;
+  c.parts.push_back(O);
+  c.seconds = c.parts;
+  c.parts.push_back(T);
+  c.seconds.push_back(static_cast<int64_t>(pairs.size() / 2));
+}
+
+Call jvp_call(const at::Tensor& x, at::TensorList weights, const ops::Biases& biases, c10::string_view activation,
+              const at::Tensor& directions, at::IntArrayRef pairs, bool shapes_only) {
+  const char* fn = "fusedgrad.deep_mlp_jvp";
+  Call c = net_call(fn, weights, biases, activation);
+  c.rows = check_rows(fn, c.net, c.K, x, std::nullopt, "", shapes_only);
+  check_directions(fn, c, x, directions, pairs);
+  return c;
+}
+
+Call jvp_backward_call(const std::optional<at::Tensor>& grad_u, const std::optional<at::Tensor>& grad_tangents,
+                       const std::optional<at::Tensor>& grad_seconds, const at::Tensor& x, at::TensorList weights,
+                       const ops::Biases& biases, c10::string_view activation, const at::Tensor& directions,
+                       at::IntArrayRef pairs, bool shapes_only) {
+  const char* fn = "fusedgrad.deep_mlp_jvp (backward)";
+  Call c = net_call(fn, weights, biases, activation);
+  c.rows = check_rows(fn, c.net, c.K, x, grad_u, "grad_u", shapes_only);
+  check_directions(fn, c, x, directions, pairs);
+  c.gdu = check_part_grad(fn, "grad_tangents", grad_tangents, c.net, c.parts, "the tangents'");
+  c.gd2u = check_part_grad(fn, "grad_seconds", grad_seconds, c.net, c.seconds, "the seconds'");
   return c;
 }
 
@@ -458,9 +520,86 @@ std::vector<at::Tensor> derivatives_backward_cpu(const std::optional<at::Tensor>
   return grads;
 }
 
+// The directional jets of one model: a pass with the call's directions and pairs.
+template <typename T>
+engine::Pass<T> jvp_pass(const Call& call) {
+  engine::Pass<T> pass = model_pass<T>(call.net, call.rows, 0);
+  pass.dirs = call.dirs.const_data_ptr<T>();
+  pass.ndirs = call.dirs.size(1);
+  pass.pairs = call.pairs.data();
+  pass.npairs = static_cast<int64_t>(call.pairs.size() / 2);
+  pass.order = pass.npairs > 0 ? 2 : 1;
+  return pass;
+}
+
+std::vector<at::Tensor> jvp_cpu(const at::Tensor& x, at::TensorList weights,
+                                const c10::List<std::optional<at::Tensor>>& biases, c10::string_view activation,
+                                const at::Tensor& directions, at::IntArrayRef pairs) {
+  const Call call = jvp_call(x, weights, to_vector(biases), activation, directions, pairs, false);
+  const auto opts = call.rows.x2.options();
+  std::vector<int64_t> u_shape(x.sizes().begin(), x.sizes().end() - 1);
+  u_shape.push_back(call.net.shape.out());
+  at::Tensor u = at::empty(u_shape, opts), tangents = at::empty(call.parts, opts);
+  at::Tensor seconds = at::empty(call.seconds, opts);
+  AT_DISPATCH_FLOATING_TYPES(call.net.dtype, "fusedgrad.deep_mlp_jvp", [&] {
+    engine::Pass<scalar_t> pass = jvp_pass<scalar_t>(call);
+    pass.epilogue = engine::Epilogue::Forward;
+    pass.pred = u.data_ptr<scalar_t>();
+    pass.du = tangents.data_ptr<scalar_t>();
+    pass.d2u = seconds.data_ptr<scalar_t>();
+    engine::run(pass);
+  });
+  return {u, tangents, seconds};
+}
+
+std::vector<at::Tensor> jvp_backward_cpu(const std::optional<at::Tensor>& grad_u,
+                                         const std::optional<at::Tensor>& grad_tangents,
+                                         const std::optional<at::Tensor>& grad_seconds, const at::Tensor& x,
+                                         at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                                         c10::string_view activation, const at::Tensor& directions,
+                                         at::IntArrayRef pairs, std::array<bool, 3> mask) {
+  const Call call = jvp_backward_call(grad_u, grad_tangents, grad_seconds, x, weights, to_vector(biases), activation,
+                                      directions, pairs, false);
+  const engine::NetArgs& net = call.net;
+  const engine::SumLayout lay(net.shape);
+  std::vector<double> sums(lay.size, 0.0);
+  const auto opts = call.rows.x2.options();
+  at::Tensor dx = mask[0] ? at::empty(x.sizes(), opts) : at::empty({0}, opts);
+  at::Tensor ddirs = mask[2] ? at::empty(directions.sizes(), opts) : at::empty({0}, opts);
+  AT_DISPATCH_FLOATING_TYPES(net.dtype, "fusedgrad.deep_mlp_jvp_backward", [&] {
+    engine::Pass<scalar_t> pass = jvp_pass<scalar_t>(call);
+    pass.epilogue = engine::Epilogue::Backward;
+    pass.grad_out = call.rows.other2.defined() ? call.rows.other2.const_data_ptr<scalar_t>() : nullptr;
+    pass.grad_du = call.gdu.defined() ? call.gdu.const_data_ptr<scalar_t>() : nullptr;
+    pass.grad_d2u = call.gd2u.defined() ? call.gd2u.const_data_ptr<scalar_t>() : nullptr;
+    pass.param_grads = mask[1];
+    pass.dx = mask[0] ? dx.data_ptr<scalar_t>() : nullptr;
+    pass.ddirs = mask[2] ? ddirs.data_ptr<scalar_t>() : nullptr;
+    pass.sums = sums.data();
+    engine::run(pass);
+  });
+  std::vector<at::Tensor> grads = param_grads(net, 0, sums, mask[1]);
+  grads.push_back(dx);
+  grads.push_back(ddirs);
+  return grads;
+}
+
 }  // namespace
 
 namespace ops {
+void check_deep_mlp_jvp(const at::Tensor& x, const std::vector<at::Tensor>& weights, const Biases& biases,
+                        const std::string& activation, const at::Tensor& directions,
+                        const std::vector<int64_t>& pairs) {
+  jvp_call(x, weights, biases, activation, directions, pairs, true);
+}
+void check_deep_mlp_jvp_backward(const std::optional<at::Tensor>& grad_u,
+                                 const std::optional<at::Tensor>& grad_tangents,
+                                 const std::optional<at::Tensor>& grad_seconds, const at::Tensor& x,
+                                 const std::vector<at::Tensor>& weights, const Biases& biases,
+                                 const std::string& activation, const at::Tensor& directions,
+                                 const std::vector<int64_t>& pairs) {
+  jvp_backward_call(grad_u, grad_tangents, grad_seconds, x, weights, biases, activation, directions, pairs, true);
+}
 void check_deep_mlp_loss(const at::Tensor& x, const std::vector<at::Tensor>& weights, const Biases& biases,
                          const std::optional<at::Tensor>& target, const std::string& reduction,
                          const std::string& activation) {
@@ -498,6 +637,11 @@ TORCH_LIBRARY_FRAGMENT(fusedgrad, m) {
   m.def("deep_mlp_derivatives(Tensor x, Tensor[] weights, Tensor?[] biases, str activation, int order) -> Tensor[]");
   m.def("deep_mlp_derivatives_backward(Tensor? grad_u, Tensor? grad_du, Tensor? grad_d2u, Tensor x, "
         "Tensor[] weights, Tensor?[] biases, str activation, int order, bool[2] output_mask) -> Tensor[]");
+  m.def("deep_mlp_jvp(Tensor x, Tensor[] weights, Tensor?[] biases, str activation, Tensor directions, "
+        "int[] pairs) -> Tensor[]");
+  m.def("deep_mlp_jvp_backward(Tensor? grad_u, Tensor? grad_tangents, Tensor? grad_seconds, Tensor x, "
+        "Tensor[] weights, Tensor?[] biases, str activation, Tensor directions, int[] pairs, "
+        "bool[3] output_mask) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fusedgrad, CPU, m) {
@@ -506,6 +650,8 @@ TORCH_LIBRARY_IMPL(fusedgrad, CPU, m) {
   m.impl("deep_mlp_backward", &mlp_backward_cpu);
   m.impl("deep_mlp_derivatives", &derivatives_cpu);
   m.impl("deep_mlp_derivatives_backward", &derivatives_backward_cpu);
+  m.impl("deep_mlp_jvp", &jvp_cpu);
+  m.impl("deep_mlp_jvp_backward", &jvp_backward_cpu);
 }
 
 }  // namespace fusedgrad

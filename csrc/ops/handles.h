@@ -40,6 +40,10 @@ using DerivativesSig = std::vector<Tensor>(const Tensor&, at::TensorList, const 
 using DerivativesBackwardSig = std::vector<Tensor>(const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
                                                    at::TensorList, const BiasList&, Str, int64_t,
                                                    std::array<bool, 2>);
+using JvpSig = std::vector<Tensor>(const Tensor&, at::TensorList, const BiasList&, Str, const Tensor&, at::IntArrayRef);
+using JvpBackwardSig = std::vector<Tensor>(const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
+                                           at::TensorList, const BiasList&, Str, const Tensor&, at::IntArrayRef,
+                                           std::array<bool, 3>);
 
 #define FUSEDGRAD_OP_HANDLE(fn, Sig, name)                                                          \
   inline const c10::TypedOperatorHandle<Sig>& fn() {                                                \
@@ -65,6 +69,8 @@ FUSEDGRAD_OP_HANDLE(deep_mlp, DeepMlpSig, "fusedgrad::deep_mlp")
 FUSEDGRAD_OP_HANDLE(deep_mlp_backward, DeepMlpBackwardSig, "fusedgrad::deep_mlp_backward")
 FUSEDGRAD_OP_HANDLE(deep_mlp_derivatives, DerivativesSig, "fusedgrad::deep_mlp_derivatives")
 FUSEDGRAD_OP_HANDLE(deep_mlp_derivatives_backward, DerivativesBackwardSig, "fusedgrad::deep_mlp_derivatives_backward")
+FUSEDGRAD_OP_HANDLE(deep_mlp_jvp, JvpSig, "fusedgrad::deep_mlp_jvp")
+FUSEDGRAD_OP_HANDLE(deep_mlp_jvp_backward, JvpBackwardSig, "fusedgrad::deep_mlp_jvp_backward")
 
 #undef FUSEDGRAD_OP_HANDLE
 

@@ -157,8 +157,11 @@ variable_list node_grads(const Saved& s, Tensor dx, const std::vector<Tensor>& f
 
 // The create_graph=True backward, in Python (see the file comment).
 // The loss (kind "loss") passes its target and reduction; its last gradient is the target's.
+// The nested gradients of the prediction ("input_vjp", "hvp") pass their extra tensors (ḡ, v) in
+// `extras`, whose gradients follow the parameters' (`extra_needs`).
 variable_list python_backward(const Saved& s, const char* kind, int64_t order, const variable_list& grads,
-                              size_t trailing, const std::string& reduction = "") {
+                              size_t trailing, const std::string& reduction = "",
+                              const std::vector<Tensor>& extras = {}, const std::vector<bool>& extra_needs = {}) {
   const size_t L = s.has_bias.size();
   const std::vector<Tensor> params = all_params(s.params, s.has_bias);
   std::vector<bool> needs(1 + 2 * L, false);
@@ -169,17 +172,27 @@ variable_list python_backward(const Saved& s, const char* kind, int64_t order, c
   }
   const bool has_target = s.target.defined();
   if (has_target) needs.push_back(s.needs.back());
+  needs.insert(needs.end(), extra_needs.begin(), extra_needs.end());
   variable_list got;
   {
     py::gil_scoped_acquire gil;
     TORCH_CHECK(differentiable_backward(), "fusedgrad: double backward needs fusedgrad.deep imported (it registers "
                 "the torch-op backward with fusedgrad._C._set_differentiable_backward)");
-    py::list py_params, py_grads;
+    py::list py_params, py_grads, py_extras;
     for (const Tensor& t : params) py_params.append(to_py(t));
     for (const Tensor& t : grads) py_grads.append(to_py(t));
+    for (const Tensor& t : extras) py_extras.append(to_py(t));
     py::object out = differentiable_backward()(kind, to_py(s.x), py_params, s.activation, order, to_py(s.target),
-                                               reduction, py_grads, needs);
+                                               reduction, py_grads, needs, py_extras);
     for (py::handle g : out) got.push_back(g.is_none() ? Tensor() : compat::unpack(g.ptr()));
+  }
+  if (!extras.empty()) {  // the nested nodes: [dx, *dparams, *dextras] → x, the given parameters, the extras
+    const std::vector<Tensor> extra_grads(got.end() - extras.size(), got.end());
+    got.resize(got.size() - extras.size());
+    variable_list out = node_grads(s, got[0], std::vector<Tensor>(got.begin() + 1, got.end()), 0);
+    out.insert(out.end(), extra_grads.begin(), extra_grads.end());
+    out.resize(out.size() + trailing);
+    return out;
   }
   Tensor dt = has_target ? got.back() : Tensor();
   if (has_target) got.pop_back();
@@ -262,6 +275,174 @@ class DeepLossFunction : public torch::autograd::Function<DeepLossFunction> {
   }
 };
 
+// The nested gradients of the prediction u = net(x) (PINN code: autograd.grad(u, x, ḡ,
+// create_graph=True), then autograd.grad of that with respect to x again, then loss.backward()),
+// each a node whose backward is the engine's directional jets (mlp_engine.h) instead of a graph of
+// plain torch ops:
+//
+//   DeepInputVjpFunction   dx = J(x)ᵀḡ                 (the prediction's backward, made differentiable)
+//     its backward along v: ∂/∂x = ḡᵀH v, ∂/∂θ of ḡᵀJ v, ∂/∂ḡ = J v    (the reverse of the jet along v)
+//   DeepHvpFunction        y = ḡᵀH v                   (that backward's x part, made differentiable)
+//     its backward along w: ∂/∂x = ḡᵀD³u[v, w, ·], ∂/∂θ of ḡᵀD²u[v, w], ∂/∂ḡ = D²u[v, w],
+//                           ∂/∂v = ḡᵀH w               (the reverse of the mixed jet D²u[v, w])
+//
+// A create_graph backward past these (a third nested gradient, or one that wants the parameters'
+// or ḡ's part differentiable) recomputes in plain torch ops, as every other create_graph backward.
+
+// The one input dimension d off which every row of v and w is zero, if there is one (DeepXDE's
+// hessian(u, x, i=d, j=d) and the PINN code's u_xx = grad(u_x, x)[:, d]: v = e_d, w ∥ e_d).
+std::optional<int64_t> common_axis(const Tensor& v, const Tensor& w) {
+  const int64_t D = v.size(-1);
+  const Tensor vv = v.reshape({-1, D}).contiguous(), ww = w.reshape({-1, D}).contiguous();
+  std::vector<char> used(D, 0);
+  AT_DISPATCH_FLOATING_TYPES(vv.scalar_type(), "fusedgrad.common_axis", [&] {
+    const scalar_t *a = vv.const_data_ptr<scalar_t>(), *b = ww.const_data_ptr<scalar_t>();
+    for (int64_t e = 0; e < vv.numel(); ++e) used[e % D] |= static_cast<char>(!(a[e] == 0) || !(b[e] == 0));
+  });
+  std::optional<int64_t> axis;
+  for (int64_t d = 0; d < D; ++d) {
+    if (!used[d]) continue;
+    if (axis) return std::nullopt;
+    axis = d;
+  }
+  return axis ? axis : std::optional<int64_t>(0);
+}
+
+// One model's weights (the nested nodes take no stacked ensembles).
+bool one_model(const std::vector<Tensor>& params) { return params[0].dim() == 2; }
+
+std::optional<Tensor> none() { return std::nullopt; }
+
+// The nested nodes' saved state: Saved, then their extra inputs ḡ (and v).
+Saved nested_saved(AutogradContext* ctx, size_t extras, std::vector<Tensor>& extra, std::vector<bool>& extra_needs) {
+  variable_list saved = ctx->get_saved_variables();
+  Saved s;
+  s.x = saved[0];
+  s.params.assign(saved.begin() + 1, saved.end() - extras);
+  extra.assign(saved.end() - extras, saved.end());
+  s.activation = ctx->saved_data["activation"].toStringRef();
+  s.has_bias = ctx->saved_data["has_bias"].toStringRef();
+  s.needs.resize(1 + s.params.size());
+  for (size_t i = 0; i < s.needs.size(); ++i) s.needs[i] = ctx->needs_input_grad(i);
+  extra_needs.clear();
+  for (size_t e = 0; e < extras; ++e) extra_needs.push_back(ctx->needs_input_grad(1 + s.params.size() + e));
+  return s;
+}
+
+void nested_save(AutogradContext* ctx, const Tensor& x, at::TensorList params, std::vector<Tensor> extras,
+                 const std::string& activation, const std::string& has_bias) {
+  std::vector<Tensor> to_save{x};
+  to_save.insert(to_save.end(), params.begin(), params.end());
+  to_save.insert(to_save.end(), extras.begin(), extras.end());
+  ctx->save_for_backward(to_save);
+  ctx->saved_data["activation"] = activation;
+  ctx->saved_data["has_bias"] = has_bias;
+}
+
+// The jvp backward op's list (dW…, db…, dx, ddirections) as x's and the given parameters' gradients.
+variable_list jvp_grads(const Saved& s, std::vector<Tensor> out) {
+  const size_t L = s.has_bias.size();
+  Tensor dx = s.needs[0] ? out[2 * L] : Tensor();
+  out.resize(2 * L);
+  return node_grads(s, std::move(dx), out, 0);
+}
+
+class DeepHvpFunction : public torch::autograd::Function<DeepHvpFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, at::TensorList params, const Tensor& gbar,
+                        const Tensor& v, const std::string& activation, const std::string& has_bias) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const Params p = split(params, has_bias);
+    std::vector<Tensor> out = ops::deep_mlp_jvp_backward().call(none(), gbar.unsqueeze(-1), none(), x, p.weights,
+                                                                p.biases, activation, v.unsqueeze(-2), {},
+                                                                {true, false, false});
+    nested_save(ctx, x, params, {gbar, v}, activation, has_bias);
+    return out[2 * has_bias.size()];
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    std::vector<Tensor> extra;
+    std::vector<bool> extra_needs;
+    const Saved s = nested_saved(ctx, 2, extra, extra_needs);
+    const Tensor &gbar = extra[0], &v = extra[1];
+    const Tensor& w = grads[0];
+    if (!w.defined()) return variable_list(s.needs.size() + 4);
+    if (at::GradMode::is_enabled()) return python_backward(s, "hvp", 0, grads, 2, "", extra, extra_needs);
+    const Params p = split(s.params, s.has_bias);
+    if (!extra_needs[0] && !extra_needs[1]) {
+      if (const std::optional<int64_t> d = common_axis(v, w)) {
+        // D²u[v, w] = v_d w_d ∂²u/∂x_d²: the derivatives' diagonal jet, 3 parts where the mixed pair takes 4.
+        std::vector<int64_t> shape = gbar.sizes().vec();  // d2u's: x.shape[:-1] + (O, D)
+        shape.push_back(s.x.size(-1));
+        Tensor g2 = at::zeros(shape, gbar.options());
+        g2.select(-1, *d).copy_(gbar * (v.select(-1, *d) * w.select(-1, *d)).unsqueeze(-1));
+        std::vector<Tensor> out = ops::deep_mlp_derivatives_backward().call(
+            none(), none(), g2, s.x, p.weights, p.biases, s.activation, 2, {s.needs[0], any_param_needed(s)});
+        variable_list result = jvp_grads(s, std::move(out));
+        result.resize(result.size() + 4);  // ḡ, v, activation, has_bias
+        return result;
+      }
+    }
+    const Tensor dirs = at::stack({v, w}, -2);
+    const std::vector<int64_t> pairs{0, 1};
+    std::vector<Tensor> out = ops::deep_mlp_jvp_backward().call(
+        none(), none(), gbar.unsqueeze(-1), s.x, p.weights, p.biases, s.activation, dirs, pairs,
+        {s.needs[0], any_param_needed(s), static_cast<bool>(extra_needs[1])});
+    const Tensor ddirs = out.back();
+    variable_list result = jvp_grads(s, std::move(out));
+    Tensor dgbar;
+    if (extra_needs[0]) {
+      dgbar = ops::deep_mlp_jvp().call(s.x, p.weights, p.biases, s.activation, dirs, pairs)[2].squeeze(-1);
+    }
+    result.push_back(dgbar);
+    result.push_back(extra_needs[1] ? ddirs.select(-2, 0) : Tensor());
+    result.resize(result.size() + 2);  // activation, has_bias
+    return result;
+  }
+};
+
+class DeepInputVjpFunction : public torch::autograd::Function<DeepInputVjpFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, at::TensorList params, const Tensor& gbar,
+                        const std::string& activation, const std::string& has_bias) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const Params p = split(params, has_bias);
+    std::vector<Tensor> out =
+        ops::deep_mlp_backward().call(gbar, x, p.weights, p.biases, activation, {true, false});
+    nested_save(ctx, x, params, {gbar}, activation, has_bias);
+    return out.back();
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    std::vector<Tensor> extra;
+    std::vector<bool> extra_needs;
+    const Saved s = nested_saved(ctx, 1, extra, extra_needs);
+    const Tensor& gbar = extra[0];
+    const Tensor& v = grads[0];
+    if (!v.defined()) return variable_list(s.needs.size() + 3);
+    if (at::GradMode::is_enabled()) {
+      // x alone (the PINN's second derivative): ḡᵀH v as a node of its own; anything more in plain torch.
+      if (any_param_needed(s) || extra_needs[0]) {
+        return python_backward(s, "input_vjp", 0, grads, 2, "", extra, extra_needs);
+      }
+      variable_list result(s.needs.size() + 3);
+      result[0] = DeepHvpFunction::apply(s.x, at::TensorList(s.params), gbar, v, s.activation, s.has_bias);
+      return result;
+    }
+    const Params p = split(s.params, s.has_bias);
+    const Tensor dirs = v.contiguous().unsqueeze(-2);
+    std::vector<Tensor> out = ops::deep_mlp_jvp_backward().call(none(), gbar.unsqueeze(-1), none(), s.x, p.weights,
+                                                                p.biases, s.activation, dirs, {},
+                                                                {s.needs[0], any_param_needed(s), false});
+    variable_list result = jvp_grads(s, std::move(out));
+    Tensor dgbar;
+    if (extra_needs[0]) dgbar = ops::deep_mlp_jvp().call(s.x, p.weights, p.biases, s.activation, dirs, {})[1].squeeze(-1);
+    result.push_back(dgbar);
+    result.resize(result.size() + 2);  // activation, has_bias
+    return result;
+  }
+};
+
 class DeepMlpFunction : public torch::autograd::Function<DeepMlpFunction> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& x, at::TensorList params, const std::string& activation,
@@ -275,7 +456,16 @@ class DeepMlpFunction : public torch::autograd::Function<DeepMlpFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const Saved s = saved_of(ctx);
-    if (at::GradMode::is_enabled()) return python_backward(s, "mlp", 0, grad_outputs, 2);
+    if (at::GradMode::is_enabled()) {
+      // autograd.grad(u, x, ḡ, create_graph=True) of one model: J(x)ᵀḡ as a node whose own backward is fused.
+      if (s.needs[0] && !any_param_needed(s) && one_model(s.params) && grad_outputs[0].defined()) {
+        variable_list result(s.needs.size() + 2);
+        result[0] = DeepInputVjpFunction::apply(s.x, at::TensorList(s.params), grad_outputs[0].contiguous(),
+                                                s.activation, s.has_bias);
+        return result;
+      }
+      return python_backward(s, "mlp", 0, grad_outputs, 2);
+    }
     const Params p = split(s.params, s.has_bias);
     std::vector<Tensor> grads = ops::deep_mlp_backward().call(grad_outputs[0].contiguous(), s.x, p.weights, p.biases,
                                                             s.activation, {s.needs[0], any_param_needed(s)});
@@ -414,6 +604,20 @@ py::object deep_derivatives(py::handle x, py::handle weights, py::handle biases,
   return std::move(result);
 }
 
+// J(x)ᵀḡ of the prediction as a differentiable node (DeepInputVjpFunction): the one-hidden-layer
+// ops' create_graph backward (fusedgrad/functional.py) for autograd.grad(u, x, ḡ, create_graph=True).
+Tensor input_vjp(const Tensor& x, const std::vector<Tensor>& weights, const std::vector<std::optional<Tensor>>& biases,
+                 const std::string& activation, const Tensor& gbar) {
+  std::vector<Tensor> params = weights;
+  std::string has_bias;
+  for (const std::optional<Tensor>& b : biases) {
+    has_bias.push_back(b.has_value() ? '1' : '0');
+    if (b.has_value()) params.push_back(*b);
+  }
+  py::gil_scoped_release no_gil;
+  return DeepInputVjpFunction::apply(x, at::TensorList(params), gbar.contiguous(), activation, has_bias);
+}
+
 }  // namespace
 
 void register_deep_autograd(py::module_& m) {
@@ -425,6 +629,8 @@ void register_deep_autograd(py::module_& m) {
   m.def("check_deep_mlp_backward", &ops::check_deep_mlp_backward, check_doc);
   m.def("check_deep_derivatives", &ops::check_deep_derivatives, check_doc);
   m.def("check_deep_derivatives_backward", &ops::check_deep_derivatives_backward, check_doc);
+  m.def("check_deep_mlp_jvp", &ops::check_deep_mlp_jvp, check_doc);
+  m.def("check_deep_mlp_jvp_backward", &ops::check_deep_mlp_jvp_backward, check_doc);
   const char* declined = " Returns None when the call must take fusedgrad.deep's Python route.";
   m.def("deep_mlp_loss", &deep_mlp_loss,
         (std::string("fusedgrad.deep.mlp_loss (one model) with its autograd node in C++.") + declined).c_str());
@@ -432,6 +638,10 @@ void register_deep_autograd(py::module_& m) {
         (std::string("fusedgrad.deep.mlp with its autograd node in C++.") + declined).c_str());
   m.def("deep_derivatives", &deep_derivatives,
         (std::string("fusedgrad.deep.derivatives with its autograd node in C++.") + declined).c_str());
+  m.def("_input_vjp", &input_vjp, py::arg("x"), py::arg("weights"), py::arg("biases"), py::arg("activation"),
+        py::arg("gbar"),
+        "J(x)ᵀḡ of one model's prediction as an autograd node whose backward (and its backward's x part) "
+        "are fused: the one-hidden-layer ops' create_graph backward (fusedgrad/functional.py).");
   m.def("_set_differentiable_backward", [](py::object fn) { differentiable_backward() = std::move(fn); },
         "Registers fusedgrad.deep's create_graph=True backward for the C++ nodes (see deep_autograd.cpp).");
   m.def(
