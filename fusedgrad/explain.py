@@ -44,8 +44,30 @@ def explain(net_or_trainer: Union[torch.nn.Module, "Trainer"], x: torch.Tensor,
         steps with and without them and keeps them where they pay; 1: none — an ensemble, a
         data-parallel trainer, one chunk or one thread); a data-parallel trainer (``process_group``, or a
         DistributedDataParallel net) adds ``"data_parallel"``: ``world_size``, ``rank``, the
-        ``semantics`` of its mean and where the all-reduce runs.
+        ``semantics`` of its mean and where the all-reduce runs. The forward (no target, no trainer)
+        adds ``"create_graph"``: the route of ``autograd.grad(net(x), x, create_graph=True)`` and
+        of that result's own x-gradient — ``"nested-jets"`` (one CPU model: nodes whose backward is
+        the engine's directional jets, csrc/python/deep_autograd.cpp) or ``"torch-recompute"``
+        (ensembles, CUDA: the first backward recomputed in plain torch ops) — with
+        ``"create_graph_why"``.
     """
+    info = _explain(net_or_trainer, x, target)
+    if info["call"] == "forward":
+        from .ensemble import FusedMLPEnsemble
+
+        if isinstance(net_or_trainer, FusedMLPEnsemble) or x.device.type != "cpu":
+            info["create_graph"] = "torch-recompute"
+            info["create_graph_why"] = ("an ensemble or a non-CPU tensor: the create_graph backward recomputes the "
+                                        "forward in plain torch ops and differentiates it (native speed)")
+        else:
+            info["create_graph"] = "nested-jets"
+            info["create_graph_why"] = ("one CPU model: J(x)ᵀḡ and ḡᵀH(x)v are autograd nodes whose backward is one "
+                                        "engine pass on directional jets; other create_graph gradients (the "
+                                        "parameters', a third level) recompute in plain torch ops")
+    return info
+
+
+def _explain(net_or_trainer, x, target) -> Dict[str, Any]:
     from .ensemble import FusedMLPEnsemble
     from .module import FusedMLP
     from .trainer import Trainer

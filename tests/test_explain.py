@@ -32,7 +32,8 @@ def net_and_data(D, H, O, N, dtype=torch.float32, **kw):
 def check_dict(info, call, rows, widths, dtype, engine=False):
     """The keys of the dict and the type of each value."""
     team = {"team_threads"} if engine and info["path"] == "trainer-engine" else set()
-    assert set(info) == (ENGINE_KEYS | team if engine else KEYS), sorted(info)
+    team |= {"create_graph", "create_graph_why"} if call == "forward" else set()
+    assert set(info) == ((ENGINE_KEYS if engine else KEYS) | team), sorted(info)
     assert isinstance(info["path"], str) and info["path"] in PATHS
     assert isinstance(info["why"], str) and info["why"]
     assert info["call"] == call
@@ -41,8 +42,10 @@ def check_dict(info, call, rows, widths, dtype, engine=False):
     assert info["widths"] == widths
     assert isinstance(info["dtype"], torch.dtype) and info["dtype"] == dtype
     assert type(info["threads"]) is int and info["threads"] == torch.get_num_threads()
+    if call == "forward":
+        assert info["create_graph"] in ("nested-jets", "torch-recompute") and info["create_graph_why"]
     if engine:
-        for key in ("block_rows", "blocks", "chunks", "vector_bytes", *team):
+        for key in ("block_rows", "blocks", "chunks", "vector_bytes", *(team - {"create_graph", "create_graph_why"})):
             assert type(info[key]) is int and info[key] >= 1, key
 
 

@@ -277,3 +277,17 @@ def test_hessian_diagonal_takes_the_three_part_jet_and_matches_native():
     assert "fusedgrad::deep_mlp_derivatives_backward" in {e.name for e in prof.events()}  # the 3-part route ran
     for a, b in zip(got, run(ref)):
         assert rel_err(a, b) <= TOL
+
+
+def test_explain_names_the_create_graph_route():
+    x = torch.randn(4, 2)
+    for net in (fusedgrad.FusedMLP(2, 5, 1), fusedgrad.FusedMLP(2, 5, 1, hidden_layers=3)):
+        info = fusedgrad.explain(net, x)
+        assert info["create_graph"] == "nested-jets"
+        u = net(x.requires_grad_())
+        g, = torch.autograd.grad(u.sum(), x, create_graph=True)
+        assert "DeepInputVjpFunction" in g.grad_fn.name()  # what explain said
+        x = x.detach()
+    ens = fusedgrad.FusedMLPEnsemble(3, 2, 5, 1)
+    assert fusedgrad.explain(ens, x)["create_graph"] == "torch-recompute"
+    assert "create_graph" not in fusedgrad.explain(fusedgrad.FusedMLP(2, 5, 1), x, torch.randn(4, 1))
