@@ -8,8 +8,9 @@ Network 2→[20]×3→1 tanh (DeepXDE's ``FNN([2] + [20] * 3 + [1], "tanh", "Glo
 (``torch.optim.LBFGS`` with the strong-Wolfe line search). The loss needs u, u_x, u_t and u_xx at
 every collocation point: ``net.derivatives(x, order=2)`` computes them in one fused pass
 (and their parameter gradient in one more), where PINN code calls ``autograd.grad`` with
-``create_graph=True`` twice. ``--native`` trains the same network the autograd way, for the
-wall-time comparison. As in DeepXDE (``PDE.losses``), the network runs once over one batch of
+``create_graph=True`` twice. ``--native`` trains the same network the autograd way (``nn.Sequential``),
+for the wall-time comparison; ``--dropin`` keeps the autograd code and drops FusedMLP in (its nested
+input gradients run on the engine: README, "Nested input gradients"). As in DeepXDE (``PDE.losses``), the network runs once over one batch of
 all the points, [collocation; initial; boundary], and each term of the loss takes its rows.
 
 The reference solution is the exact one, by the Cole–Hopf transformation:
@@ -22,6 +23,7 @@ evaluated by quadrature on a 256 × 100 grid, and the example reports the L2 rel
 
     python examples/pinn_burgers.py                      # fused, 15 000 Adam + up to 5 000 L-BFGS iterations
     python examples/pinn_burgers.py --native             # the same with autograd.grad(create_graph=True)
+    python examples/pinn_burgers.py --dropin             # that autograd code on FusedMLP
     python examples/pinn_burgers.py --adam 2000 --lbfgs 0
 """
 from __future__ import annotations
@@ -98,7 +100,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adam", type=int, default=15000, help="Adam steps (lr 1e-3)")
     parser.add_argument("--lbfgs", type=int, default=5000, help="L-BFGS iterations at most (0: none)")
-    parser.add_argument("--native", action="store_true", help="derivatives by autograd.grad(create_graph=True)")
+    routes = parser.add_mutually_exclusive_group()
+    routes.add_argument("--native", action="store_true",
+                        help="derivatives by autograd.grad(create_graph=True) on nn.Sequential")
+    routes.add_argument("--dropin", action="store_true",
+                        help="derivatives by autograd.grad(create_graph=True) on FusedMLP")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
@@ -109,7 +115,7 @@ def main(argv=None):
     x = torch.cat([xc, xi, xb])                         # one batch: rows [:nd] collocation, then initial, boundary
     nd, ni = len(xc), len(xi)
     net = make_net(args.native, args.seed)
-    terms = autograd_terms if args.native else fused_terms
+    terms = autograd_terms if args.native or args.dropin else fused_terms
 
     def loss_fn():
         u, u_x, u_t, u_xx = terms(net, x)
@@ -120,7 +126,8 @@ def main(argv=None):
                                     torch.linspace(0, 1, 100, dtype=torch.float64), indexing="ij")
     exact = cole_hopf(grid_x, grid_t)
 
-    route = "autograd.grad(create_graph=True)" if args.native else "net.derivatives(x, order=2)"
+    route = ("autograd.grad(create_graph=True) on nn.Sequential" if args.native else
+             "autograd.grad(create_graph=True) on FusedMLP" if args.dropin else "net.derivatives(x, order=2)")
     print(f"Burgers PINN, 2→[20]×3→1 tanh, derivatives by {route}, {torch.get_num_threads()} threads")
     start = time.perf_counter()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -149,7 +156,7 @@ def main(argv=None):
 
         lbfgs.step(closure)
     total_s = time.perf_counter() - start
-    with torch.no_grad() if not args.native else torch.enable_grad():
+    with torch.enable_grad() if args.native or args.dropin else torch.no_grad():
         final_loss = loss_fn().item()
     err = l2_relative_error(net, grid_x, grid_t, exact)
     print(f"final loss {final_loss:.3e}; L2 relative error {err:.3e} against the Cole–Hopf solution")

@@ -71,3 +71,29 @@ def assert_close_rel(actual, expected, rtol, name=""):
     err = (actual - expected).abs().max().item() if expected.numel() else 0.0
     assert err <= rtol * max(scale, 1e-300), f"{name}: max abs err {err:.3e} > {rtol:.0e} × scale {scale:.3e}"
     return err / scale if scale else 0.0
+
+
+def ref_deep_mlp(x, weights, biases, activation):
+    """Linear → act → … → Linear over lists (a bias may be None), as native torch ops."""
+    a = x
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        a = F.linear(a, w, b)
+        if l < len(weights) - 1:
+            a = REF_ACTIVATIONS[activation](a)
+    return a
+
+
+def deep_net(widths, bias, gen, dtype=torch.float64):
+    """Weights (n_{l+1}, n_l) scaled by 1/√n_l and biases (or None), each a leaf that requires grad."""
+    weights = [(torch.randn(widths[l + 1], widths[l], dtype=dtype, generator=gen) / widths[l] ** 0.5)
+               .requires_grad_() for l in range(len(widths) - 1)]
+    biases = [torch.randn(widths[l + 1], dtype=dtype, generator=gen).requires_grad_() if bias else None
+              for l in range(len(widths) - 1)]
+    return weights, biases
+
+
+def rel_err(actual, expected):
+    """max|a − e| / max(max|e|, 1): one number for a whole tensor (0 for empty ones)."""
+    if not expected.numel():
+        return 0.0
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1.0)).item()

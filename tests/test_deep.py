@@ -10,23 +10,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from reference import deep_net as make_net
+from reference import ref_deep_mlp as reference
+
 import fusedgrad
 from fusedgrad import deep
 from fusedgrad._C import cpu_vector_bytes
 
 ACTS = list(fusedgrad.ACTIVATIONS)
-_FN = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "silu": F.silu, "gelu": F.gelu,
-       "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "identity": lambda z: z}
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def reference(x, weights, biases, act):
-    a = x
-    for l, (w, b) in enumerate(zip(weights, biases)):
-        a = F.linear(a, w, b)
-        if l < len(weights) - 1:
-            a = _FN[act](a)
-    return a
 
 
 def rel_err(a, b):
@@ -37,12 +31,6 @@ def rel_err(a, b):
 widths_st = st.lists(st.one_of(st.integers(1, 24), st.sampled_from([33, 64, 100, 256])), min_size=2, max_size=7)
 
 
-def make_net(widths, bias, gen):
-    weights = [torch.randn(widths[l + 1], widths[l], dtype=torch.float64, generator=gen) / widths[l] ** 0.5
-               for l in range(len(widths) - 1)]
-    biases = [torch.randn(widths[l + 1], dtype=torch.float64, generator=gen) if bias else None
-              for l in range(len(widths) - 1)]
-    return [w.requires_grad_() for w in weights], [b.requires_grad_() if b is not None else None for b in biases]
 
 
 @SETTINGS

@@ -7,27 +7,21 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from reference import deep_net as make_net
+from reference import ref_deep_mlp as reference_prediction
+from reference import rel_err
 
 import fusedgrad
 from fusedgrad import deep
 
 ACTS = list(fusedgrad.ACTIVATIONS)
-_FN = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "silu": F.silu, "gelu": F.gelu,
-       "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "identity": lambda z: z}
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TOL = 1e-10
 
 
-def reference_prediction(x, weights, biases, act):
-    a = x
-    for l, (w, b) in enumerate(zip(weights, biases)):
-        a = F.linear(a, w, b)
-        if l < len(weights) - 1:
-            a = _FN[act](a)
-    return a
 
 
 def reference_derivatives(x, weights, biases, act, order):
@@ -46,16 +40,8 @@ def reference_derivatives(x, weights, biases, act, order):
     return out + (torch.stack(d2u, -2),) if order == 2 else out
 
 
-def make_net(widths, bias, gen):
-    weights = [(torch.randn(widths[l + 1], widths[l], dtype=torch.float64, generator=gen) / widths[l] ** 0.5)
-               .requires_grad_() for l in range(len(widths) - 1)]
-    biases = [torch.randn(widths[l + 1], dtype=torch.float64, generator=gen).requires_grad_() if bias else None
-              for l in range(len(widths) - 1)]
-    return weights, biases
 
 
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
 
 
 widths_st = st.lists(st.one_of(st.integers(1, 24), st.sampled_from([33, 64])), min_size=1, max_size=5)

@@ -5,45 +5,32 @@ widths, activations, biases, D and O (hypothesis); the directional-jet ops thems
 ``torch.func.jvp``; opcheck, gradgradcheck past the fused levels, the routes taken, and the errors."""
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import deep_net as make_net
+from reference import ref_deep_mlp as reference
+from reference import rel_err
 
 import fusedgrad
 from fusedgrad import deep
 
 ACTS = list(fusedgrad.ACTIVATIONS)
-_FN = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "silu": F.silu, "gelu": F.gelu,
-       "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "identity": lambda z: z}
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TOL = 1e-10
 jvp_op = torch.ops.fusedgrad.deep_mlp_jvp.default
 jvp_backward_op = torch.ops.fusedgrad.deep_mlp_jvp_backward.default
 
 
-def reference(x, weights, biases, act):
-    a = x
-    for l, (w, b) in enumerate(zip(weights, biases)):
-        a = F.linear(a, w, b)
-        if l < len(weights) - 1:
-            a = _FN[act](a)
-    return a
-
-
-def make_net(widths, bias, gen):
-    weights = [(torch.randn(widths[l + 1], widths[l], dtype=torch.float64, generator=gen) / widths[l] ** 0.5)
-               .requires_grad_() for l in range(len(widths) - 1)]
-    biases = [torch.randn(widths[l + 1], dtype=torch.float64, generator=gen).requires_grad_() if bias else None
-              for l in range(len(widths) - 1)]
-    return weights, biases
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1.0)).item() if b.numel() else 0.0
-
-
 def params_of(weights, biases):
     return list(weights) + [b for b in biases if b is not None]
+
+
+def second_derivative(model, x0, d):
+    """(x, u, g = ∂u/∂x, ∂²u/∂x_d²) as PINN code computes them: autograd.grad(create_graph=True) twice."""
+    x = x0.clone().requires_grad_()
+    u = model(x)
+    g, = torch.autograd.grad(u.sum(), x, create_graph=True)
+    return x, u, g, torch.autograd.grad(g[:, d].sum(), x, create_graph=True)[0][:, d]
 
 
 net_cases = st.fixed_dictionaries({
@@ -152,10 +139,7 @@ def test_burgers_residual_through_the_module_takes_the_nested_nodes():
     x0 = torch.rand(50, 2, dtype=torch.float64)
 
     def step(model):
-        x = x0.clone().requires_grad_()
-        u = model(x)
-        du, = torch.autograd.grad(u.sum(), x, create_graph=True)
-        u_xx = torch.autograd.grad(du[:, 0].sum(), x, create_graph=True)[0][:, 0]
+        x, u, du, u_xx = second_derivative(model, x0, 0)
         loss = ((du[:, 1] + u[:, 0] * du[:, 0] - 0.003 * u_xx) ** 2).mean()
         loss.backward()
         return du, u_xx, loss, x.grad
@@ -264,10 +248,7 @@ def test_hessian_diagonal_takes_the_three_part_jet_and_matches_native():
     x0 = torch.randn(9, 3, dtype=torch.float64)
 
     def run(model):
-        x = x0.clone().requires_grad_()
-        u = model(x)
-        g, = torch.autograd.grad(u.sum(), x, create_graph=True)
-        u_zz = torch.autograd.grad(g[:, 2].sum(), x, create_graph=True)[0][:, 2]
+        x, u, g, u_zz = second_derivative(model, x0, 2)
         loss = (u_zz * torch.arange(9.0, dtype=torch.float64)).sum() + (g[:, 0] ** 2).sum()
         return [u_zz, loss, *torch.autograd.grad(loss, [x, *model.parameters()], allow_unused=True,
                                                  materialize_grads=True)]

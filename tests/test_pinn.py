@@ -47,7 +47,9 @@ def test_example_trains_fused_and_native_alike():
     ex = load_example()
     fused = ex.main(["--adam", "15", "--lbfgs", "5", "--threads", "1"])
     native = ex.main(["--adam", "15", "--lbfgs", "5", "--threads", "1", "--native"])
+    dropin = ex.main(["--adam", "15", "--lbfgs", "5", "--threads", "1", "--dropin"])
     assert math.isfinite(fused) and abs(fused - native) < 1e-3 * native
+    assert abs(dropin - native) < 1e-3 * native
 
 
 def test_bench_pinn_quick(tmp_path):
