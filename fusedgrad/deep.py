@@ -344,7 +344,10 @@ def mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Seque
         *, activation: str = "sigmoid") -> torch.Tensor:
     """Prediction ``(*, O)`` of an MLP of ``len(weights)`` linear layers, with a fused backward.
 
-    Arguments as in :func:`mlp_loss`.
+    Arguments as in :func:`mlp_loss`. For one model (2-D weights), ``autograd.grad(u, x, ḡ,
+    create_graph=True)`` returns J(x)ᵀḡ from a node whose backward is fused, and that result's own
+    ``create_graph`` x-gradient ḡᵀH(x)v another (PINN code's u_x, then u_xx; README, "Nested input
+    gradients"); other ``create_graph`` gradients recompute in plain torch ops (exact, native speed).
     """
     fn = "fusedgrad.mlp"
     _check_x(fn, x)

@@ -257,8 +257,9 @@ def _recompute_backward(kind, inputs, reduction, activation, grad, needs):
     """The create_graph=True backward of the one-hidden-layer ops and their ensembles (their C++ nodes call it:
     csrc/ops/autograd_helpers.h): the op recomputed in plain torch ops from its inputs ``(x, w1, b1, w2, b2[,
     target])``, differentiated with ``create_graph=True`` with respect to the inputs that ``needs`` names —
-    gradients that are themselves differentiable (a PINN's u_x, then u_xx; gradient penalties; gradgradcheck),
-    exact, at native speed. One entry per input: None where none is needed."""
+    gradients that are themselves differentiable (gradient penalties; gradgradcheck), exact, at native speed —
+    except the prediction's x-gradient alone (a PINN's u_x, then u_xx), which takes the fused nested node
+    (_nested_route). One entry per input: None where none is needed."""
     x, w1, b1, w2, b2 = inputs[:5]
     if kind == "mlp" and _nested_route(x, w1, b1, w2, b2, grad, needs):
         # autograd.grad(u, x, create_graph=True): J(x)ᵀḡ as the deeper nets' node, whose own backward

@@ -272,3 +272,28 @@ def test_explain_names_the_create_graph_route():
     ens = fusedgrad.FusedMLPEnsemble(3, 2, 5, 1)
     assert fusedgrad.explain(ens, x)["create_graph"] == "torch-recompute"
     assert "create_graph" not in fusedgrad.explain(fusedgrad.FusedMLP(2, 5, 1), x, torch.randn(4, 1))
+
+
+def test_leading_dimensions_of_x():
+    # x (B, N, D): the nodes take x's leading shape as rows, as the prediction does.
+    gen = torch.Generator().manual_seed(5)
+    weights, biases = make_net([3, 5, 4, 2], True, gen)
+    x0 = torch.randn(2, 6, 3, dtype=torch.float64, generator=gen)
+    gbar = torch.randn(2, 6, 2, dtype=torch.float64, generator=gen)
+    c = [torch.randn(2, 6, n, dtype=torch.float64, generator=gen) for n in (2, 3, 3, 3)]
+    params = params_of(weights, biases)
+    axis = torch.zeros(2, 6, 3, dtype=torch.float64).index_fill_(-1, torch.tensor([1]), 1.0)
+    # A general v, then v and w along one axis (the 3-part diagonal route: y's loss reads column 1 only).
+    for v, c[2] in ((torch.randn(2, 6, 3, dtype=torch.float64, generator=gen), c[2]), (axis, c[2] * axis)):
+        results = []
+        for model in (lambda z: deep.mlp(z, weights, biases, activation="gelu"),
+                      lambda z: reference(z, weights, biases, "gelu")):
+            x = x0.clone().requires_grad_()
+            loss, g, y = nested_losses(model, x, gbar, v, c)
+            with torch.profiler.profile() as prof:
+                results.append([g, y, *torch.autograd.grad(loss, [x, *params])])
+            ran = "fusedgrad::deep_mlp_derivatives_backward" in {e.name for e in prof.events()}
+            assert ran == (v is axis and not results[1:]), "the 3-part route runs exactly for the one-axis case"
+        assert "DeepHvpFunction" in results[0][1].grad_fn.name()
+        for a, b in zip(*results):
+            assert a.shape == b.shape and rel_err(a, b) <= TOL
