@@ -37,7 +37,7 @@ namespace {
 using namespace kernels;
 
 // A second-derivative part: D²h[v_p, v_q] for the tangent parts p and q (the diagonal ∂²/∂x_d² of
-// derivatives(): p = q, the tangent of e_d), and its column in the caller's (·, O, ·) arrays.
+// derivatives(): p = q, the tangent of e_d).
 struct SecondPart {
   int64_t p, q;
 };
