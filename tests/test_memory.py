@@ -159,7 +159,20 @@ def test_failed_calls_leave_no_references(no_gc):
 
 # --------------------------------------------------------------------------- resident memory
 
+def _malloc_trim():
+    """glibc's malloc_trim(0), or a no-op: hands free heap pages back to the system before RSS is read.
+
+    Without it RSS also counts free memory malloc keeps touched: a clean-clone CI run once saw RSS grow
+    by 3.86 MiB over the raw op's 20 000 steps while bytes in use stayed flat. A leak is live memory,
+    which no trim releases, so it still shows in both measures."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def rss_bytes():
+    _malloc_trim()
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
