@@ -307,6 +307,14 @@ def test_opcheck():
         cot = [torch.randn_like(t) for t in outs] + [None] * (3 - len(outs))
         torch.library.opcheck(torch.ops.fusedgrad.deep_mlp_derivatives_backward.default,
                               (*cot, x, weights, biases, "tanh", order, [True, True]))
+    # The directional jets (the prediction's nested create_graph gradients), with and without mixed pairs.
+    dirs = torch.randn(7, 2, 3, dtype=torch.float64, generator=gen)
+    for pairs in ([], [0, 1], [1, 1, 0, 1]):
+        torch.library.opcheck(torch.ops.fusedgrad.deep_mlp_jvp.default, (x, weights, biases, "tanh", dirs, pairs))
+        outs = torch.ops.fusedgrad.deep_mlp_jvp(x, weights, biases, "tanh", dirs, pairs)
+        cot = [torch.randn_like(t) for t in outs]
+        torch.library.opcheck(torch.ops.fusedgrad.deep_mlp_jvp_backward.default,
+                              (*cot, x, weights, biases, "tanh", dirs, pairs, [True, True, True]))
 
 
 def test_compiled_pinn_step_equals_eager():

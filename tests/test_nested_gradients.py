@@ -2,7 +2,8 @@
 dropped in): ``J(x)ᵀḡ`` and ``ḡᵀH(x)v`` as autograd nodes whose backward is the engine's directional
 jets (csrc/python/deep_autograd.cpp, ``deep_mlp_jvp``), against native autograd in float64 over depths,
 widths, activations, biases, D and O (hypothesis); the directional-jet ops themselves against
-``torch.func.jvp``; opcheck, gradgradcheck past the fused levels, the routes taken, and the errors."""
+``torch.func.jvp``; gradgradcheck past the fused levels, the routes taken, and the errors (the ops'
+opcheck is tests/test_derivatives.py's, beside the derivatives ops')."""
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -179,21 +180,6 @@ def test_gradgradcheck_past_the_fused_levels(act):
     if act != "relu":  # relu's kink: finite differences of its second derivative do not hold at 1e-6
         assert torch.autograd.gradcheck(hvp, (x, *params))
         assert torch.autograd.gradgradcheck(hvp, (x, *params))
-
-
-def test_opcheck_of_the_directional_jets():
-    gen = torch.Generator().manual_seed(9)
-    weights, biases = make_net([3, 6, 5, 2], True, gen)
-    weights = [w.detach() for w in weights]
-    biases = [b.detach() for b in biases]
-    biases[1] = None
-    x = torch.randn(7, 3, dtype=torch.float64, generator=gen)
-    dirs = torch.randn(7, 2, 3, dtype=torch.float64, generator=gen)
-    for pairs in ([], [0, 1], [1, 1, 0, 1]):
-        torch.library.opcheck(jvp_op, (x, weights, biases, "tanh", dirs, pairs))
-        outs = jvp_op(x, weights, biases, "tanh", dirs, pairs)
-        cot = [torch.randn_like(t) for t in outs]
-        torch.library.opcheck(jvp_backward_op, (*cot, x, weights, biases, "tanh", dirs, pairs, [True, True, True]))
 
 
 def test_directional_jets_bad_arguments_name_the_op_and_the_argument():
