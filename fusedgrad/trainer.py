@@ -441,9 +441,15 @@ class Trainer:
         # it declines (None) anything else, which the route below handles or refuses. It declines only
         # before writing anything: an error after the update began is raised, never rerun here
         # (a rerun would apply the step twice; tests/test_no_double_update.py).
-        if self._fast_step and not self._lbfgs and self._parallel is None and not self._deep():
-            loss = _C.train_step_fast(self.optimizer, self._description.name, self.net._params(), x, target,
-                                      self.reduction == "mean", self.model_lr_scale, self._activation())
+        if self._fast_step and not self._lbfgs and self._parallel is None:
+            if not self._deep():
+                loss = _C.train_step_fast(self.optimizer, self._description.name, self.net._params(), x, target,
+                                          self.reduction == "mean", self.model_lr_scale, self._activation())
+            elif not self._ensemble and self.model_lr_scale is None:
+                loss = _C.deep_train_step_fast(self.optimizer, self._description.name, self.net._params(), x,
+                                               target, self.reduction == "mean", self._activation())
+            else:
+                loss = None
             if loss is not None:
                 return loss
         fn = "fusedgrad.Trainer.step"

@@ -19,8 +19,10 @@ ENGINE_KEYS = KEYS | {"block_rows", "blocks", "chunks", "vector_bytes", "layout"
 # Every value "path" takes (fusedgrad/explain.py's docstring).
 PATHS = {"gemm", "cuda", "ensemble", "engine", "trainer-narrow", "trainer-narrow-fixed",
          "trainer-engine", "trainer-lbfgs"}
-TRAINER_ROUTES = ("deep_train_steps", "deep_train_steps_fast", "train_steps", "train_steps_fast", "train_step_fast")
-ENGINE_ROUTES = {"deep_train_steps", "deep_train_steps_fast"}  # the engine's entry points: Python route, C++ route
+TRAINER_ROUTES = ("deep_train_steps", "deep_train_steps_fast", "deep_train_step_fast", "train_steps",
+                  "train_steps_fast", "train_step_fast")
+# the engine's entry points: the Python route, the C++ routes of fit and of step
+ENGINE_ROUTES = {"deep_train_steps", "deep_train_steps_fast", "deep_train_step_fast"}
 
 
 def net_and_data(D, H, O, N, dtype=torch.float32, **kw):
@@ -263,14 +265,21 @@ def test_deep_net_runs_the_engine(layers):
 
 # (D, H, O, activation, path) at one hidden layer (csrc/trainer/train_cpu.cpp train_path_name):
 # σ with 1–2 inputs and 1 output: the compile-time-width kernel; other narrow layers the run-time
-# one; rows of >= 1024 multiply-adds with in/out >= 4 wide and layers <= 128 the engine; >= 2048
-# multiply-adds otherwise (a layer wider than 128, or 1–3 outputs) the engine too.
+# one; the engine from 4 inputs and 192 multiply-adds a row, from 4 outputs and 320, and from 2048
+# whatever the widths (a layer wider than 128, 1–3 outputs).
 TRAINER_SHAPES = [
     (1, 20, 1, "sigmoid", "trainer-narrow-fixed"),
     (2, 20, 1, "sigmoid", "trainer-narrow-fixed"),
+    (2, 300, 1, "sigmoid", "trainer-narrow-fixed"),
     (1, 20, 1, "tanh", "trainer-narrow"),
     (3, 20, 1, "sigmoid", "trainer-narrow"),
     (4, 4, 4, "sigmoid", "trainer-narrow"),
+    (4, 32, 1, "tanh", "trainer-narrow"),   # 160 multiply-adds a row
+    (1, 32, 4, "tanh", "trainer-narrow"),   # 160
+    (2, 64, 2, "tanh", "trainer-narrow"),   # 256, 1–3 inputs and outputs
+    (4, 32, 2, "tanh", "trainer-engine"),   # 192
+    (16, 16, 1, "relu", "trainer-engine"),  # 272
+    (1, 80, 4, "tanh", "trainer-engine"),   # 400, 4 outputs
     (32, 64, 8, "sigmoid", "trainer-engine"),
     (16, 64, 4, "relu", "trainer-engine"),
     (32, 160, 8, "relu", "trainer-engine"),
@@ -290,13 +299,15 @@ def test_trainer_paths_at_one_hidden_layer(D, H, O, act, path, trainer_routes):
     check_dict(info, "train", 300, [D, H, O], torch.float64, engine=path == "trainer-engine")
     assert info["path"] == path
     assert _C.explain_trainer(D, H, O, act) == path
-    for run in (lambda: trainer.step(x, y), lambda: trainer.fit(x, y, 2), lambda: trainer.fit(x, y, 2, batch_size=64)):
+    runs = [("deep_train_step_fast", lambda: trainer.step(x, y)), ("deep_train_steps_fast", lambda: trainer.fit(x, y, 2)),
+            ("deep_train_steps_fast", lambda: trainer.fit(x, y, 2, batch_size=64))]
+    for engine_route, run in runs:
         trainer_routes.clear()
         names, _ = recorded(run)
         assert trainer_routes, "no C++ trainer entry point ran"
         if path == "trainer-engine":
-            # one network, nothing that needs Python: the engine's C++ route takes every call
-            assert set(trainer_routes) == {"deep_train_steps_fast"}, trainer_routes
+            # one network, nothing that needs Python: the engine's C++ route of step or fit takes the call
+            assert trainer_routes == [engine_route], trainer_routes
         else:
             assert not ENGINE_ROUTES & set(trainer_routes), trainer_routes
         assert "aten::mm" not in names, (path, sorted(names))
@@ -310,8 +321,9 @@ def test_deep_trainer(layers, trainer_routes):
     check_dict(info, "train", 500, [2] + [20] * layers + [1], torch.float32, engine=True)
     assert info["path"] == "trainer-engine"
     trainer.fit(x, y, 2)
+    assert trainer_routes == ["deep_train_steps_fast"]
     trainer.step(x, y)
-    assert set(trainer_routes) == {"deep_train_steps_fast"}
+    assert trainer_routes == ["deep_train_steps_fast", "deep_train_step_fast"]
 
 
 def test_ensemble_trainer(trainer_routes):

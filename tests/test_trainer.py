@@ -8,6 +8,7 @@ Float64 parameters must agree to 1e-10 (relative to the largest parameter) after
 below). The largest errors measured are reported by the assertions' messages.
 """
 import copy
+import functools
 import re
 import signal
 import threading
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fusedgrad
+from fusedgrad import _C
 from fusedgrad._optimizers import SUPPORTED
 
 # Optimizer factories: every option of SGD / Adam / AdamW that the trainer takes.
@@ -636,3 +638,41 @@ def test_deep_fast_route_declines_what_it_cannot_run():
     net.linear2.weight.register_hook(lambda g: g)
     with pytest.raises(ValueError, match="linear2.weight"):
         fusedgrad.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1)).fit(x, y, 1)
+
+
+@pytest.mark.parametrize("layout", ["plain", "leading-dims", "non-contiguous", "x-requires-grad", "float32-x"])
+def test_deep_step_fast_route(layout, monkeypatch):
+    """Trainer.step on the engine takes one C++ call (_C.deep_train_step_fast) for 2-D contiguous
+    data, and the Python route for the rest ((*, D) inputs, strided or grad-requiring tensors),
+    which prepares them or raises: the same steps as torch.optim either way."""
+    torch.manual_seed(1)
+    net = fusedgrad.FusedMLP(3, [6, 5], 2, dtype=torch.float64, activation="tanh")
+    ref = net.to_module(copy=True)
+    opt, ropt = torch.optim.Adam(net.parameters(), lr=0.02), torch.optim.Adam(ref.parameters(), lr=0.02)
+    x, y = torch.rand(12, 3, dtype=torch.float64), torch.rand(12, 2, dtype=torch.float64)
+    taken = []
+    real = _C.deep_train_step_fast
+    monkeypatch.setattr(_C, "deep_train_step_fast", functools.partial(_spy, real, taken))
+    trainer = fusedgrad.Trainer(net, opt)
+    xs, ys = {"plain": (x, y), "leading-dims": (x.view(3, 4, 3), y.view(3, 4, 2)),
+              "non-contiguous": (x.t().contiguous().t(), y), "x-requires-grad": (x.clone().requires_grad_(), y),
+              "float32-x": (x.float(), y)}[layout]
+    if layout == "float32-x":
+        with pytest.raises(TypeError, match=r"fusedgrad\.Trainer\.step: arguments 'x' and 'target' must have"):
+            trainer.step(xs, ys)
+        assert taken == [False] and all(p.grad is None for p in net.parameters())
+        return
+    for _ in range(3):
+        loss = trainer.step(xs, ys)
+        ref_loss = reference_step(ref, ropt, x, y)
+        assert loss.shape == () and abs(loss.item() - ref_loss.item()) <= 1e-12 * abs(ref_loss.item())
+    assert taken == [layout == "plain"] * 3
+    for p, r in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-14)
+
+
+def _spy(real, taken, *args):
+    """Calls the C++ route and records whether it took the call (None: declined)."""
+    out = real(*args)
+    taken.append(out is not None)
+    return out

@@ -766,19 +766,24 @@ void train_steps(const char* fn, TrainCall& call, bool* started) {
 
 const char* train_path_name(int64_t D, int64_t H, int64_t O, Activation act) {
   const Dims d{1, 1, D, H, O, act};
-  // The any-depth engine (csrc/engine/, run by deep_train.cpp) where it was measured faster
-  // (Trainer.fit, float32, 2 threads, interleaved: 256×32→64→8 77 → 33 µs a step, 1024×64→128→16
-  // 452 → 346, 256×16→64→4 34 → 21, 2048×32→48→4 190 → 150): inputs and outputs at least 4 wide
-  // and no layer wider than 128, with at least 1024 multiply-adds a row; and every row of at least
-  // 2048, where this file once ran its own BLAS orchestration (the engine against it, 2 threads,
-  // AVX2 guest: 256×32→160→8 517–604 → 164–169 µs a step, 256×32→64→2 305–326 → 58–67,
-  // 1000×1→2048→1 8.0–8.2 → 3.7–4.4 ms, 2048×64→256→16 5.3–5.4 → 3.9–4.5 ms, 4096×256→256→64 even,
-  // 16384×512→512→128 356–360 → 392–442 ms). Narrower outer layers keep this file's kernels
-  // (1000×1→20→1: 9 µs here, 37 there), as do smaller rows, with Trainer.step's C++ route (10×4→4→4:
-  // 4.7 µs a step here, 41 through the engine's Python-read optimizer).
-  const bool engine_widths = std::min(D, O) >= 4 && std::max({D, H, O}) <= 128 && d.macs_per_row() >= 1024;
-  if (!fixed_width_kernel(d) && (engine_widths || d.macs_per_row() >= kNarrowMaxMacsPerRow)) return "trainer-engine";
-  return fixed_width_kernel(d) ? "trainer-narrow-fixed" : "trainer-narrow";
+  const int64_t macs = d.macs_per_row();
+  // The any-depth engine (csrc/engine/, run by deep_train.cpp) where it was measured faster than
+  // this file's kernels (docs/bench/trainer_crossover.md: Trainer.fit, float32, 2 threads, Adam,
+  // both routes interleaved in one process; engine / narrow at 100 and 2 000 rows):
+  //   4 or more inputs and H·(D + O) >= 192 multiply-adds a row: 32×16→1 0.55–0.57, 16×32→2
+  //   0.64–0.69, 8×32→1 0.77–0.96, 16×16→1 0.66–0.89, 8×16→4 0.84–1.03, 4×32→2 0.99–1.08; below it
+  //   this file's kernels (4×32→1 1.04–1.13, 4×16→1 1.15–1.23; the smallest nets at 100 rows, 8×8→1
+  //   1.15–1.23, though the engine wins with 2 000 rows: 0.78–0.85), as with 1–3 inputs and 1–2
+  //   outputs (1×20→1 tanh 1.25–1.35, 2×32→2 1.06–1.12);
+  //   4 or more outputs and >= 320: 3×64→4 0.75–1.02, 1×64→4 0.93–1.10 (1×32→4 1.05–1.16 keeps this
+  //   file's);
+  //   every row of >= 2048 (this file once ran its own BLAS orchestration there; the engine against
+  //   it, 256×32→160→8 517–604 → 164–169 µs a step, 1000×1→2048→1 8.0–8.2 → 3.7–4.4 ms).
+  // The compile-time-width σ kernel (1–2 inputs, 1 output) keeps its nets whatever their width:
+  // the engine was 1.12–1.73× slower there (1×20→1, 2×64→1, 1×256→1).
+  const bool engine = (D >= 4 && macs >= 192) || (O >= 4 && macs >= 320) || macs >= kNarrowMaxMacsPerRow;
+  if (fixed_width_kernel(d)) return "trainer-narrow-fixed";
+  return engine ? "trainer-engine" : "trainer-narrow";
 }
 
 bool narrow_kernel(int64_t D, int64_t H, int64_t O, Activation act) {
