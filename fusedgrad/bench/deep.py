@@ -53,7 +53,8 @@ smallest N to 1e-10; float32, at every N, against the float64 gradients of the s
 
 Timing: each route is warmed up with one loop of the timed length (JAX and ``torch.compile``
 compile there or in the check; those first calls' seconds are reported), then the median of
-``repeats`` loops (fewer past a time budget). FLOPs of a step: forward 2N·Σ n_{l−1}n_l, backward
+``repeats`` loops (fewer past a time budget), the routes of a case interleaved: each round times one
+loop of every route in turn (``time_interleaved``), so that a ratio compares the same minutes. FLOPs of a step: forward 2N·Σ n_{l−1}n_l, backward
 twice that less the first layer's input gradient (2N·n₀n₁, which no route computes):
 6N·Σ n_{l−1}n_l − 2N·n₀n₁; activations, loss and the Adam update not counted. GFLOP/s are against
 a square SGEMM (``torch.mm``) timed in the same run at the same thread count (the better of a
@@ -413,24 +414,35 @@ def _reason(exc):
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _median_seconds_per_step(run, steps, repeats, budget_s):
-    """Median seconds per step over `repeats` loops of `steps` steps (fewer once over `budget_s`)."""
-    times, start = [], time.perf_counter()
+def time_interleaved(runs, repeats, budget_s, failed):
+    """Median seconds per step of each route of `runs` ({name: (run, steps)}), timed in rounds: each round
+    runs one loop of `steps` steps of every route in turn, so that every route's loops fall in the same
+    minutes and a ratio between two routes does not measure the machine's drift between them (on the
+    2-vCPU guest the same step took 1.5–2× longer in some minutes than in others). `repeats` rounds,
+    fewer once past `budget_s` seconds a route. A route that raises is dropped, its reason put in
+    `failed`, and the others go on."""
+    times = {name: [] for name in runs}
+    live, start = dict(runs), time.perf_counter()
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        run(steps)
-        times.append((time.perf_counter() - t0) / steps)
-        if time.perf_counter() - start > budget_s:
+        for name, (run, steps) in list(live.items()):
+            try:
+                t0 = time.perf_counter()
+                run(steps)
+                times[name].append((time.perf_counter() - t0) / steps)
+            except Exception as exc:  # reported, not fatal
+                failed[name] = _reason(exc)
+                del live[name]
+        if not live or time.perf_counter() - start > budget_s * len(runs):
             break
-    return statistics.median(times)
+    return {name: statistics.median(t) for name, t in times.items() if name in live and t}
 
 
-def _check_and_time(name, make64, make32, ref64, init, native32, steps, repeats, budget_s, out, timing_steps=None,
-                    check64=True):
+def _check(name, make64, make32, ref64, init, native32, out, timing_steps, check64=True):
     """Check route `name` against the float64 reference `ref64` (its float64 run elementwise to TOL64, unless
     `check64` is False; its float32 run to max(TOL32, 2 × `native32`), the native float32 loop's own error, or
-    only recorded when `native32` is None: the native route itself), then time that float32 instance.
-    Fills out['us_per_step'|'failed'|'check'|'first_call_s']; returns the float32 error (None: failed)."""
+    only recorded when `native32` is None: the native route itself), then warm that float32 instance up at
+    the timed length `timing_steps`. Fills out['failed'|'check'|'first_call_s']; returns (float32 error,
+    its run), or None where it failed."""
     try:
         e64 = None
         if check64:
@@ -454,14 +466,12 @@ def _check_and_time(name, make64, make32, ref64, init, native32, steps, repeats,
                                    f"trained from the float64 reference (tolerance {tol32:.1e}: the larger of "
                                    f"{TOL32:.0e} and twice the native float32 loop's {native32:.1e})")
             return None
-        n = timing_steps or steps
         t0 = time.perf_counter()
-        run(n)  # warm-up at the timed length (JAX's scan compiles per length)
+        run(timing_steps)  # warm-up at the timed length (JAX's scan compiles per length)
         if name in JAX_ROUTES or name == "compile":
             out["first_call_s"][name] = first_call + (time.perf_counter() - t0 if name in ("jax_scan", "jax_vmap")
-                                                      and n != CHECK_STEPS else 0.0)
-        out["us_per_step"][name] = _median_seconds_per_step(run, n, repeats, budget_s) * 1e6
-        return e32
+                                                      and timing_steps != CHECK_STEPS else 0.0)
+        return e32, run
     except Exception as exc:  # a route that raises is reported, not fatal: the others still run
         out["failed"][name] = _reason(exc)
         return None
@@ -502,22 +512,28 @@ def _ratios(us, fused_routes, others):
 
 
 def check_and_time_routes(routes, makers, problem, ref64, init, steps, repeats, budget_s, out, bar):
-    """Checks and times each route of `routes` (makers[name](problem, dtype) -> (run, params)), the native
-    route first (its float32 error sets the others' tolerance); JAX routes skipped without JAX."""
-    native32 = None
+    """Checks each route of `routes` (makers[name](problem, dtype) -> (run, params)), the native route first
+    (its float32 error sets the others' tolerance; JAX routes skipped without JAX), then times the checked
+    ones interleaved (time_interleaved) into out['us_per_step']."""
+    native32, runs = None, {}
     for name in ["native"] + [r for r in routes if r != "native"]:
         bar.route(name)
         if name in JAX_ROUTES and not jax_available():
             out["skipped"][name] = JAX_MISSING
         else:
-            e32 = _check_and_time(name, lambda: makers[name](problem, torch.float64),
-                                  lambda: makers[name](problem, torch.float32), ref64, init, native32,
-                                  steps, repeats, budget_s, out, check64=name != "native")
+            checked = _check(name, lambda: makers[name](problem, torch.float64),
+                             lambda: makers[name](problem, torch.float32), ref64, init, native32, out, steps,
+                             check64=name != "native")
             if name == "native":
-                if e32 is None:
+                if checked is None:
                     raise RuntimeError(f"the native route (the reference) failed: {out['failed'].get('native')}")
-                native32 = e32
+                native32 = checked[0]
+            if checked is not None:
+                runs[name] = (checked[1], steps)
         bar.done()
+    bar.route("timing, interleaved")
+    for name, seconds in time_interleaved(runs, repeats, budget_s, out["failed"]).items():
+        out["us_per_step"][name] = seconds * 1e6
 
 
 def bench_case(case, routes, repeats, budget_s, progress=True):
@@ -675,6 +691,7 @@ def bench_ensemble(case, K, steps, loop_models, repeats, budget_s, progress=True
         native32 = _err32(params(), ref64, init)
         out["check"]["loop"] = {"float64_max_rel": None, "float32_rel_to_distance": native32,
                                 "float32_tolerance": None}
+        runs, models = {}, {}
         for name in ENSEMBLE_ROUTES:
             bar.route(name)
             if name in JAX_ROUTES and not jax_available():
@@ -682,24 +699,27 @@ def bench_ensemble(case, K, steps, loop_models, repeats, budget_s, progress=True
                 bar.done()
                 continue
             make = ENSEMBLE_MAKERS[name]
-            sub = {"us_per_step": {}, "check": {}, "failed": {}, "first_call_s": {}}
+            n = timing_steps.get(name, steps)
             if name == "loop":  # the reference, checked above: timed on a subset, with a subset's error
                 k = loop_models
-                _check_and_time(name, None, lambda: make(prob, torch.float32, k), [t[:k] for t in ref64],
-                                [t[:k] for t in init], None, steps, repeats, budget_s, sub, timing_steps.get(name),
-                                check64=False)
-                sub["check"] = {}
+                sub = {"check": {}, "failed": {}, "first_call_s": {}}
+                checked = _check(name, None, lambda: make(prob, torch.float32, k), [t[:k] for t in ref64],
+                                 [t[:k] for t in init], None, sub, n, check64=False)
+                out["failed"].update(sub["failed"])
+                if checked is None:
+                    raise RuntimeError(f"the Python loop (the reference) failed: {sub['failed'].get(name)}")
             else:
                 k = K
-                _check_and_time(name, lambda: make(prob, torch.float64, K), lambda: make(prob, torch.float32, K),
-                                ref64, init, native32, steps, repeats, budget_s, sub, timing_steps.get(name))
-            for key in ("check", "failed", "first_call_s"):
-                out[key].update(sub[key])
-            if name in sub["us_per_step"]:
-                out["us_per_model_step"][name] = sub["us_per_step"][name] / k
-            elif name == "loop":
-                raise RuntimeError(f"the Python loop (the reference) failed: {sub['failed'].get(name)}")
+                checked = _check(name, lambda: make(prob, torch.float64, K), lambda: make(prob, torch.float32, K),
+                                 ref64, init, native32, out, n)
+            if checked is not None:
+                runs[name], models[name] = (checked[1], n), k
             bar.done()
+        bar.route("timing, interleaved")
+        for name, seconds in time_interleaved(runs, repeats, budget_s, out["failed"]).items():
+            out["us_per_model_step"][name] = seconds * 1e6 / models[name]
+        if "loop" not in out["us_per_model_step"]:
+            raise RuntimeError(f"the Python loop (the reference) failed: {out['failed'].get('loop')}")
     finally:
         bar.close()
     out["ratios"] = _ratios(out["us_per_model_step"], ("fit",), ("loop", "torch_func", "jax_vmap"))
@@ -866,7 +886,8 @@ def markdown(result):
     lines = [f"Deep networks, float32, {m['threads']} torch threads (JAX: {m['jax_threads']}), torch {m['torch']}"
              + (f", JAX {m['jax']} / optax {m['optax']}" if m.get("jax") else ", JAX not installed")
              + f"; {cpu_label(m)}; {m['date']}" + ("; --quick (smoke sizes)" if m["quick"] else "")
-             + f". Adam lr {m['lr']}, full batch; µs per training step, median of up to {m['repeats']} loops. "
+             + f". Adam lr {m['lr']}, full batch; µs per training step, median of up to {m['repeats']} loops, "
+             "the routes of a case interleaved (one loop of each in turn). "
              f"Every route checked first against the native float64 loop, {m['check']['steps']} steps from the same "
              f"start: its float64 run to {m['check']['float64_max_rel']:.0e} of the parameters' scale, its float32 "
              f"run to {m['check']['float32_rel_to_distance']:.0e} of the distance trained or twice the native "

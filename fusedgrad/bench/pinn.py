@@ -334,7 +334,8 @@ def markdown(result):
     us, meta = result["us_per_step"], result["meta"]
     fastest_jax = min((us[r] for r in ("jax_jit", "jax_scan") if r in us), default=None)
     lines = [f"Burgers PINN step ({result['label']}), float32, {meta['threads']} threads, "
-             f"{meta['date']} on {cpu_label(meta)} (torch {meta['torch']}, JAX {meta['jax']}):", "",
+             f"{meta['date']} on {cpu_label(meta)} (torch {meta['torch']}, JAX {meta['jax']}); median of up to "
+             f"{meta['repeats']} loops of each route, the routes interleaved (one loop of each in turn):", "",
              "| route | µs per step | fused is × faster |", "|---|---:|---:|"]
     for r in ROUTES:
         if r in us:
