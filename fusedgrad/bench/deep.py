@@ -739,14 +739,16 @@ def bench_tall(case, sizes, repeats, progress=True):
         loss_of(x, y).backward()
         return [p.grad.detach().clone() for p in model.parameters()]
 
-    def ns_per_row(model, loss_of, x, y, reps):
-        times = []
+    def ns_per_row(routes, x, y, reps):
+        """Median ns per row of each (model, loss_of) of `routes`, timed in turn, one call each a round."""
+        times = [[] for _ in routes]
         for _ in range(reps):
-            model.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            loss_of(x, y).backward()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) / x.shape[0] * 1e9
+            for i, (model, loss_of) in enumerate(routes):
+                model.zero_grad(set_to_none=True)
+                t0 = time.perf_counter()
+                loss_of(x, y).backward()
+                times[i].append(time.perf_counter() - t0)
+        return [statistics.median(t) / x.shape[0] * 1e9 for t in times]
 
     try:
         for i, n in enumerate(sizes):
@@ -766,8 +768,7 @@ def bench_tall(case, sizes, repeats, progress=True):
                 return F.mse_loss(native(xx), yy)
 
             row["native_float32_grad_err"] = _err64(grads(native, native_loss, x, y), g64)  # and a warm-up
-            row["native_ns_per_row"] = ns_per_row(native, native_loss, x, y, reps)
-            try:  # the fused route: checked (gradients), then timed
+            try:  # the fused route: checked (gradients), then both timed, interleaved
                 fused = problem.fused(torch.float32)
 
                 def fused_loss(xx, yy):
@@ -785,10 +786,12 @@ def bench_tall(case, sizes, repeats, progress=True):
                     raise RuntimeError(f"float32 gradients at N={n} differ from the float64 ones by "
                                        f"{row['fused_float32_grad_err']:.2e} of their scale (tolerance "
                                        f"{TOL_TALL32:.0e}; native's float32: {row['native_float32_grad_err']:.2e})")
-                row["fused_ns_per_row"] = ns_per_row(fused, fused_loss, x, y, reps)
+                row["native_ns_per_row"], row["fused_ns_per_row"] = ns_per_row(
+                    [(native, native_loss), (fused, fused_loss)], x, y, reps)
                 row["fused_x_native"] = row["native_ns_per_row"] / row["fused_ns_per_row"]
             except Exception as exc:
                 out["failed"][f"N={n}"] = _reason(exc)
+                row["native_ns_per_row"] = ns_per_row([(native, native_loss)], x, y, reps)[0]
             out["rows"].append(row)
             bar.done()
     finally:
@@ -923,7 +926,7 @@ def markdown(result):
               f"{_times(ratios.get('fit_x_jax_vmap'))} |"]
 
     t = result["tall"]
-    lines += ["", f"Tall data, {t['label']}, ns per row (median):", "",
+    lines += ["", f"Tall data, {t['label']}, ns per row (median; native and fused called in turn):", "",
               "| N | native | fused | fused × native |", "|---:|---:|---:|---:|"]
     for r in t["rows"]:
         fused = f"{r['fused_ns_per_row']:.1f}" if "fused_ns_per_row" in r else "FAILED"
