@@ -18,10 +18,10 @@ import fusedgrad
 from fusedgrad import _C
 
 # (D, H, O) around the rule's edges: 1–3 inputs and 1–2 outputs (narrow), 4+ inputs from 192
-# multiply-adds a row, 4+ outputs from 320 (engine).
+# multiply-adds a row, 16+ inputs from 128, 4+ outputs from 320 (engine).
 SHAPES = [(1, 20, 1), (2, 64, 1), (1, 256, 1), (2, 32, 2), (1, 32, 4), (1, 64, 4), (3, 64, 4), (4, 16, 1),
           (4, 32, 1), (4, 32, 2), (4, 16, 4), (8, 8, 1), (8, 16, 1), (8, 16, 4), (8, 32, 1), (16, 4, 1),
-          (16, 8, 1), (16, 16, 1), (32, 16, 1), (4, 128, 1), (16, 32, 2)]
+          (16, 8, 1), (32, 4, 1), (16, 16, 1), (32, 16, 1), (4, 128, 1), (16, 32, 2)]
 
 
 def trainer(D, H, O, N, activation, engine):

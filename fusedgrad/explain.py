@@ -122,9 +122,9 @@ def _explain(net_or_trainer, x, target) -> Dict[str, Any]:
         info["path"] = _C.explain_trainer(D, H, O, net.activation)
         if info["path"] == "trainer-engine":
             info.update(_engine(widths, rows, weights, trainer))
-        info["why"] = {"trainer-engine": ">= 4 inputs and >= 192 multiply-adds a row, >= 4 outputs and >= 320, "
-                                         "or any row of >= 2048: the any-depth engine, measured faster there "
-                                         "than the one-hidden-layer kernels",
+        info["why"] = {"trainer-engine": ">= 4 inputs and >= 192 multiply-adds a row, >= 16 inputs and >= 128, "
+                                         ">= 4 outputs and >= 320, or any row of >= 2048: the any-depth engine, "
+                                         "measured faster there than the one-hidden-layer kernels",
                        "trainer-narrow-fixed": "σ with 1–2 inputs and 1 output: the compile-time-width block kernel",
                        "trainer-narrow": "narrow layers: the block kernel over rows"}[info["path"]]
         return _data_parallel(info, trainer)

@@ -265,8 +265,8 @@ def test_deep_net_runs_the_engine(layers):
 
 # (D, H, O, activation, path) at one hidden layer (csrc/trainer/train_cpu.cpp train_path_name):
 # σ with 1–2 inputs and 1 output: the compile-time-width kernel; other narrow layers the run-time
-# one; the engine from 4 inputs and 192 multiply-adds a row, from 4 outputs and 320, and from 2048
-# whatever the widths (a layer wider than 128, 1–3 outputs).
+# one; the engine from 4 inputs and 192 multiply-adds a row, from 16 inputs and 128, from 4 outputs
+# and 320, and from 2048 whatever the widths (a layer wider than 128, 1–3 outputs).
 TRAINER_SHAPES = [
     (1, 20, 1, "sigmoid", "trainer-narrow-fixed"),
     (2, 20, 1, "sigmoid", "trainer-narrow-fixed"),
@@ -280,6 +280,8 @@ TRAINER_SHAPES = [
     (4, 32, 2, "tanh", "trainer-engine"),   # 192
     (16, 16, 1, "relu", "trainer-engine"),  # 272
     (1, 80, 4, "tanh", "trainer-engine"),   # 400, 4 outputs
+    (16, 8, 1, "tanh", "trainer-engine"),   # 136, 16 inputs
+    (16, 4, 1, "tanh", "trainer-narrow"),   # 68
     (32, 64, 8, "sigmoid", "trainer-engine"),
     (16, 64, 4, "relu", "trainer-engine"),
     (32, 160, 8, "relu", "trainer-engine"),

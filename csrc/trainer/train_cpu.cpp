@@ -769,19 +769,22 @@ const char* train_path_name(int64_t D, int64_t H, int64_t O, Activation act) {
   const int64_t macs = d.macs_per_row();
   // The any-depth engine (csrc/engine/, run by deep_train.cpp) where it was measured faster than
   // this file's kernels (docs/bench/trainer_crossover.md: Trainer.fit, float32, 2 threads, Adam,
-  // both routes interleaved in one process; engine / narrow at 100 and 2 000 rows):
-  //   4 or more inputs and H·(D + O) >= 192 multiply-adds a row: 32×16→1 0.55–0.57, 16×32→2
-  //   0.64–0.69, 8×32→1 0.77–0.96, 16×16→1 0.66–0.89, 8×16→4 0.84–1.03, 4×32→2 0.99–1.08; below it
-  //   this file's kernels (4×32→1 1.04–1.13, 4×16→1 1.15–1.23; the smallest nets at 100 rows, 8×8→1
-  //   1.15–1.23, though the engine wins with 2 000 rows: 0.78–0.85), as with 1–3 inputs and 1–2
-  //   outputs (1×20→1 tanh 1.25–1.35, 2×32→2 1.06–1.12);
-  //   4 or more outputs and >= 320: 3×64→4 0.75–1.02, 1×64→4 0.93–1.10 (1×32→4 1.05–1.16 keeps this
+  // both routes interleaved in one process; engine / narrow over two runs, 100 and 2 000 rows):
+  //   4 or more inputs and H·(D + O) >= 192 multiply-adds a row: 32×16→1 0.54–0.58, 16×32→2
+  //   0.54–0.82, 16×16→1 0.66–0.89, 8×32→1 0.76–0.96, 8×16→4 0.84–1.03, 4×32→2 0.86–1.08; below it
+  //   this file's kernels (4×16→1 1.04–1.23, 4×32→1 0.93–1.13; 8×8→1 1.15–1.34 at 100 rows, though
+  //   0.74–0.85 at 2 000: the rule does not see the rows), as with 1–3 inputs and 1–2 outputs
+  //   (1×20→1 tanh 1.25–1.38, 2×32→2 1.01–1.12);
+  //   16 or more inputs and >= 128: 16×8→1 0.68–0.96, 32×4→1 0.91–0.94 (16×4→1, 68, keeps this
+  //   file's: 1.04–1.17, but 0.70–0.74 at 2 000 rows in one run);
+  //   4 or more outputs and >= 320: 3×64→4 0.72–1.02, 1×64→4 0.93–1.10 (1×32→4 1.03–1.16 keeps this
   //   file's);
   //   every row of >= 2048 (this file once ran its own BLAS orchestration there; the engine against
   //   it, 256×32→160→8 517–604 → 164–169 µs a step, 1000×1→2048→1 8.0–8.2 → 3.7–4.4 ms).
   // The compile-time-width σ kernel (1–2 inputs, 1 output) keeps its nets whatever their width:
   // the engine was 1.12–1.73× slower there (1×20→1, 2×64→1, 1×256→1).
-  const bool engine = (D >= 4 && macs >= 192) || (O >= 4 && macs >= 320) || macs >= kNarrowMaxMacsPerRow;
+  const bool engine = (D >= 4 && macs >= 192) || (D >= 16 && macs >= 128) || (O >= 4 && macs >= 320) ||
+                      macs >= kNarrowMaxMacsPerRow;
   if (fixed_width_kernel(d)) return "trainer-narrow-fixed";
   return engine ? "trainer-engine" : "trainer-narrow";
 }
