@@ -51,11 +51,13 @@ def main():
             opt.step()
 
         calls = max(20, min(2000, int(4e6 / (N * sum(widths)))))
-        routes = [lambda: fast.step(x, y), lambda: slow.step(x, y), None, native_step]
+        # (a loop: `repeat` calls of fn, each `steps` steps) per route
+        routes = [(lambda: fast.step(x, y), calls, 1), (lambda: slow.step(x, y), calls, 1),
+                  (lambda: fit.fit(x, y, calls), 1, calls), (native_step, calls, 1)]
         loops = [[] for _ in routes]
         for rep in range(6):
-            for i, fn in enumerate(routes):
-                us = timed(fn, calls) if fn else timed(lambda: fit.fit(x, y, calls), 1) / calls
+            for i, (fn, repeat, steps) in enumerate(routes):
+                us = timed(fn, repeat) / steps
                 if rep:  # the first loop warms up (optimizer state, caches)
                     loops[i].append(us)
         a, b, c, d = (sorted(t)[2] for t in loops)

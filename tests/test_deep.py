@@ -21,16 +21,12 @@ ACTS = list(fusedgrad.ACTIVATIONS)
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-
-
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
 # Widths: mostly narrow (the curve-fit / PINN regime), sometimes wide (the BLAS regime), in one net.
 widths_st = st.lists(st.one_of(st.integers(1, 24), st.sampled_from([33, 64, 100, 256])), min_size=2, max_size=7)
-
-
 
 
 @SETTINGS

@@ -22,8 +22,6 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 TOL = 1e-10
 
 
-
-
 def reference_derivatives(x, weights, biases, act, order):
     """(u, du, d2u) by native autograd: one autograd.grad(create_graph=True) per output and input."""
     u = reference_prediction(x, weights, biases, act)
@@ -38,10 +36,6 @@ def reference_derivatives(x, weights, biases, act, order):
             d2u.append(torch.stack(cols, -1))
     out = (u, torch.stack(du, -2))
     return out + (torch.stack(d2u, -2),) if order == 2 else out
-
-
-
-
 
 
 widths_st = st.lists(st.one_of(st.integers(1, 24), st.sampled_from([33, 64])), min_size=1, max_size=5)
