@@ -79,3 +79,5 @@ def test_deep_bench_quick_accounts_for_every_case_and_route(tmp_path):
     md = (tmp_path / "deep.md").read_text()
     assert "| case |" in md and "Ensemble" in md and "Tall data" in md
     assert f"timed on {ens['loop_models_timed']} of the {ens['K']} models" in md
+    if "fit" in ens["us_per_model_step"]:  # the ensemble's GFLOP/s against the same run's peak
+        assert "Trainer.fit's ensemble" in md and "% of the same run's SGEMM peak" in md

@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+from fusedgrad.bench import pinn
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -69,3 +71,16 @@ def test_bench_pinn_quick(tmp_path):
     assert "jet pass" in (tmp_path / "pinn.md").read_text()
     assert result["around_jets_us"] > 0  # the loss code around the jet pass, timed with the jet pass free
     assert "the most any kernel" in (tmp_path / "pinn.md").read_text()
+    # the jet pass's products against the same run's SGEMM peak, and the step that peak would allow
+    assert result["jet_pass_macs"] == pinn.jet_pass_macs(pinn.QUICK["n_domain"] + pinn.N_INITIAL + pinn.N_BOUNDARY) and result["gemm_peak_gflops"] > 0
+    assert "of the same run's SGEMM peak" in (tmp_path / "pinn.md").read_text()
+
+
+def test_jet_pass_macs_counts_each_product():
+    # 2→[20]×3→1: a row's layers are 40 + 400 + 400 + 20 = 860 multiply-adds. Forward: u and two
+    # tangents and two second derivatives (5 parts). Backward: 4 parts, each through the forward, the
+    # weight gradients and the products back to the first layer's output (820: no input gradient).
+    assert pinn.jet_pass_macs(1) == {"forward": 5 * 860, "backward": 4 * (860 + 860 + 820)}
+    assert pinn.jet_pass_macs(10) == {"forward": 10 * 5 * 860, "backward": 10 * 4 * (860 + 860 + 820)}
+    # order 1 carries u and the tangents only
+    assert pinn.jet_pass_macs(1, order=1, backward_parts=3)["forward"] == 3 * 860

@@ -39,6 +39,7 @@ from torch import nn
 
 from . import deep as _deep
 from .machine import cpu_facts, cpu_label
+from .steps import gemm_peak_gflops
 
 NU = 0.01 / math.pi
 WIDTHS = (2, 20, 20, 20, 1)
@@ -259,6 +260,21 @@ def jet_pass_us(problem, repeats, calls=20):
     return timed
 
 
+def jet_pass_macs(rows, widths=WIDTHS, order=2, backward_parts=4):
+    """Multiply-adds of the fused route's two jet ops over `rows` points (the products only: the
+    activation steps' elementwise work is left out, so a time computed from this is a floor).
+
+    Forward: every layer's product on each of the 1 + D + D parts (u, ∂u/∂x_d, ∂²u/∂x_d²). Backward:
+    the parts the loss's cotangents reach (``backward_parts``; the PINN loss leaves ∂²u/∂t² out: 4 of
+    5), each through the forward again, the weight gradients, and the products back to the first
+    layer's output (no gradient for x)."""
+    D = widths[0]
+    layer = [a * b for a, b in zip(widths, widths[1:])]
+    forward = (1 + D + (D if order == 2 else 0)) * sum(layer)
+    backward = backward_parts * (2 * sum(layer) + sum(layer[1:]))
+    return {"forward": forward * rows, "backward": backward * rows}
+
+
 class _FreeJets:
     """The fused net with its jet pass at zero cost: ``derivatives`` returns precomputed leaf tensors (the
     same values), everything else is the net. The step built on it times only the torch code around the
@@ -314,6 +330,8 @@ def run(quick=False, threads=2, repeats=5, progress=True):
         _deep.check_and_time_routes(ROUTES, MAKERS, problem, ref64, init, steps, repeats, budget, out, bar)
         out["jet_pass_us"] = jet_pass_us(problem, repeats)
         out["around_jets_us"] = around_jets_us(problem, steps, repeats)
+        out["jet_pass_macs"] = jet_pass_macs(problem.data(torch.float32)[0].shape[0])
+        out["gemm_peak_gflops"] = gemm_peak_gflops(torch.float32, n=256 if quick else 1536)
     finally:
         bar.close()
         torch.set_num_threads(saved)
@@ -359,4 +377,17 @@ def markdown(result):
                       f"{around:,.0f} µs (the residual, the initial and boundary terms, backward() and Adam around the fused "
                       f"call): {us['native'] / around:.1f}× native is the most any kernel for u, du, d2u could "
                       "give with this loss code"]
+    macs, peak = result.get("jet_pass_macs"), result.get("gemm_peak_gflops")
+    if jet and macs and peak and around and "native" in us:
+        gflop = {k: 2 * v / 1e9 for k, v in macs.items()}
+        rate = {k: gflop[k] / (jet[k] * 1e-6) for k in gflop}
+        floor_us = sum(gflop.values()) / peak * 1e6
+        lines += ["", f"the jet pass's products: {gflop['forward'] * 1e3:.0f} + {gflop['backward'] * 1e3:.0f} MFLOP "
+                      f"(forward + backward), {rate['forward']:.0f} and {rate['backward']:.0f} GFLOP/s: "
+                      f"{100 * rate['forward'] / peak:.0f} % and {100 * rate['backward'] / peak:.0f} % of the same "
+                      f"run's SGEMM peak ({peak:.0f} GFLOP/s). At that peak they would take {floor_us:,.0f} µs: "
+                      f"with this loss code around them the step could be at most "
+                      f"{us['native'] / (around + floor_us):.1f}× native and "
+                      + (f"{fastest_jax / (around + floor_us):.1f}× JAX's fastest route"
+                         if fastest_jax else "(JAX not run)")]
     return "\n".join(lines) + "\n"
