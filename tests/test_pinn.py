@@ -84,3 +84,20 @@ def test_jet_pass_macs_counts_each_product():
     assert pinn.jet_pass_macs(10) == {"forward": 10 * 5 * 860, "backward": 10 * 4 * (860 + 860 + 820)}
     # order 1 carries u and the tangents only
     assert pinn.jet_pass_macs(1, order=1, backward_parts=3)["forward"] == 3 * 860
+
+
+def test_pinn_markdown_bounds_the_step_by_the_peak():
+    # Synthetic figures: 50 + 100 MFLOP of products at a 100 GFLOP/s peak take 1 500 µs; with 500 µs of
+    # loss code around them the step is at most 10 000 / 2 000 = 5.0× native and 4 000 / 2 000 = 2.0× JAX.
+    result = {
+        "label": "synthetic", "us_per_step": {"native": 10_000.0, "fused": 2_500.0, "jax_scan": 4_000.0},
+        "failed": {}, "skipped": {}, "jet_pass_us": {"forward": 1_000.0, "backward": 1_000.0},
+        "around_jets_us": 500.0, "jet_pass_macs": {"forward": 25_000_000, "backward": 50_000_000},
+        "gemm_peak_gflops": 100.0,
+        "meta": {"threads": 2, "date": "today", "torch": "t", "jax": "j", "repeats": 1, "cpu": "c",
+                 "cpu_count": 2, "vector_isa": "AVX2", "cpu_vector_bytes": 32},
+    }
+    md = pinn.markdown(result)
+    assert "50 + 100 MFLOP (forward + backward), 50 and 100 GFLOP/s: 50 % and 100 %" in md
+    assert "they would take 1,500 µs" in md
+    assert "at most 5.0× native and 2.0× JAX's fastest route" in md
