@@ -67,6 +67,14 @@ def single_thread():
 
 
 @pytest.fixture
+def restore_threads():
+    """For a test that sets torch's thread count: puts it back afterwards."""
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def engine_crossover():
     """set(macs) moves the one-hidden-layer ops' engine/GEMM crossover for one test
     (fusedgrad._C._set_engine_path_max_macs: 0 runs the GEMM path always, None the measured default);

@@ -168,13 +168,6 @@ def test_repeated_calls_bitwise_identical(kind, bias):
         assert_bitwise(step(p, kind, kind != "op"), first, "repeat")
 
 
-@pytest.fixture
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 THREAD_CASES = [
     # (N, D, H, O, bias, path): N·cols well above a block's rows, so the per-column reductions run
     # many blocks. Per-column biases: the engine (its blocks in chunks fixed by the rows); full-shape

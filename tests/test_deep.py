@@ -530,6 +530,34 @@ def test_deep_ensemble_trainer_matches_each_model_trained_alone():
             assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_deep_ensemble_same_bits_for_any_thread_count(dtype, restore_threads):
+    """K = 37 models: on two threads each claims runs of models (csrc/engine/model_runs.h) — runs of 2
+    here, the last one short. Which thread trains a model must not change its bits: the trainer's fit
+    and the ensemble ops' loss().backward() give the same at 1 and 2 threads, and each member ends
+    where it ends trained alone."""
+    K, steps = 37, 6
+    x = torch.linspace(-1, 1, 50, dtype=dtype).unsqueeze(1)
+    y = torch.sin(3 * x)
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        torch.manual_seed(5)
+        ens = fusedgrad.FusedMLPEnsemble(K, 1, [12, 9], 1, activation="tanh", dtype=dtype)
+        alone = [ens.module(k) for k in range(K)]
+        losses = fusedgrad.Trainer(ens, torch.optim.Adam(ens.parameters(), lr=1e-2)).fit(x, y, steps)
+        ens.zero_grad()
+        ens.loss(x, y).sum().backward()
+        runs.append([losses] + [t.detach().clone() for p in ens.parameters() for t in (p, p.grad)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    for k, net in enumerate(alone):
+        got = fusedgrad.Trainer(net, torch.optim.Adam(net.parameters(), lr=1e-2)).fit(x, y, steps)
+        assert torch.equal(got.view(-1), runs[1][0][:, k]), f"member {k}"
+        for p, q in zip(ens.module(k).parameters(), net.parameters()):
+            assert torch.equal(p, q), f"member {k}"
+
+
 def test_deep_ensemble_from_modules_round_trip():
     nets = [fusedgrad.FusedMLP(2, [5, 4], 1, activation="relu") for _ in range(3)]
     ens = fusedgrad.FusedMLPEnsemble.from_modules([n.to_module() for n in nets])

@@ -72,13 +72,6 @@ def trainer_routes(monkeypatch):
     return calls
 
 
-@pytest.fixture
-def restore_threads():
-    previous = torch.get_num_threads()
-    yield
-    torch.set_num_threads(previous)
-
-
 # ----------------------------------------------------------------------------------------- the dict
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

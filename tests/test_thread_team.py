@@ -18,13 +18,6 @@ CASES = {"curve": dict(D=1, H=20, O=1, layers=3, act="tanh", N=100, batch=None),
 STEPS = 20
 
 
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(case, dtype=torch.float64):
     c = CASES[case]
     g = torch.Generator().manual_seed(1)
