@@ -532,10 +532,9 @@ def test_deep_ensemble_trainer_matches_each_model_trained_alone():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_deep_ensemble_same_bits_for_any_thread_count(dtype, restore_threads):
-    """K = 37 models: on two threads each claims runs of models (csrc/engine/model_runs.h) — runs of 2
-    here, the last one short. Which thread trains a model must not change its bits: the trainer's fit
-    and the ensemble ops' loss().backward() give the same at 1 and 2 threads, and each member ends
-    where it ends trained alone."""
+    """K = 37 models, split over two threads (19 + 18). Which thread trains a model must not change its
+    bits: the trainer's fit and the ensemble ops' loss().backward() give the same at 1 and 2 threads,
+    and each member ends where it ends trained alone."""
     K, steps = 37, 6
     x = torch.linspace(-1, 1, 50, dtype=dtype).unsqueeze(1)
     y = torch.sin(3 * x)

@@ -30,7 +30,6 @@
 
 #include "../common/options.h"
 #include "../common/problem.h"  // dtype_name, shape_str
-#include "../engine/model_runs.h"
 #include "../engine/net_args.h"
 #include "deep_checks.h"
 
@@ -274,7 +273,7 @@ void run_models(int64_t K, F make) {
     engine::run(pass);
     return;
   }
-  engine::for_model_runs(K, [&](int64_t k0, int64_t k1) {
+  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       engine::Pass<T> pass = make(k);
       pass.parallel = false;

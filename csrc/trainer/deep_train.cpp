@@ -30,7 +30,6 @@
 
 #include "../common/options.h"
 #include "../common/problem.h"  // shape_str
-#include "../engine/model_runs.h"
 #include "../engine/net_args.h"
 #include "../engine/thread_team.h"
 #include "binding_helpers.h"
@@ -279,7 +278,7 @@ void run_steps(DeepCall& c) {
   } else {
     // Whole models in parallel, each model's steps on one thread: the chunks of
     // a pass are the same either way, so are the bits.
-    engine::for_model_runs(K, [&](int64_t k0, int64_t k1) {
+    at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
       std::vector<double> sums(lay.size);
       for (int64_t k = k0; k < k1; ++k) {
         for (int64_t step = 0; step < c.num_steps; ++step) model_step(k, step, sums.data(), /*parallel=*/false, nullptr);
