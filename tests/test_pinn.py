@@ -72,7 +72,8 @@ def test_bench_pinn_quick(tmp_path):
     assert result["around_jets_us"] > 0  # the loss code around the jet pass, timed with the jet pass free
     assert "the most any kernel" in (tmp_path / "pinn.md").read_text()
     # the jet pass's products against the same run's SGEMM peak, and the step that peak would allow
-    assert result["jet_pass_macs"] == pinn.jet_pass_macs(pinn.QUICK["n_domain"] + pinn.N_INITIAL + pinn.N_BOUNDARY) and result["gemm_peak_gflops"] > 0
+    rows = pinn.QUICK["n_domain"] + pinn.N_INITIAL + pinn.N_BOUNDARY
+    assert result["jet_pass_macs"] == pinn.jet_pass_macs(rows) and result["gemm_peak_gflops"] > 0
     assert "of the same run's SGEMM peak" in (tmp_path / "pinn.md").read_text()
 
 

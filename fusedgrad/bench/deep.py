@@ -677,7 +677,8 @@ def bench_ensemble(case, K, steps, loop_models, repeats, budget_s, progress=True
     prob = EnsembleProblem(case, K)
     out = {"case": "ensemble", "label": f"K={K} × {case.label}", "K": K, "steps_per_loop": steps,
            "loop_models_timed": loop_models, "us_per_model_step": {}, "check": {}, "failed": {}, "skipped": {},
-           "first_call_s": {}}
+           "first_call_s": {}, "flops_per_model_step": case.flops(), "activations_per_model_step":
+           case.N * case.H * case.layers}
     timing_steps = {"loop": max(1, steps // 20), "torch_func": max(1, steps // 4)}
     bar = _Bar("ensemble", len(ENSEMBLE_ROUTES), progress)
     try:
@@ -923,14 +924,13 @@ def markdown(result):
               "| " + " | ".join(_route_cell(e, r, "us_per_model_step", "{:,.2f}") for r in ENSEMBLE_ROUTES)
               + f" | {_times(ratios.get('fit_x_loop'))} | {_times(ratios.get('fit_x_torch_func'))} | "
               f"{_times(ratios.get('fit_x_jax_vmap'))} |"]
-    fit_us = e["us_per_model_step"].get("fit")
-    if fit_us:  # the ensemble trains the curve case's network on its data
-        curve = CASES["curve"]
-        flops, rate = curve.flops(), curve.flops() / (fit_us * 1e-6) / 1e9
+    fit_us, flops = e["us_per_model_step"].get("fit"), e.get("flops_per_model_step")
+    if fit_us and flops:
+        rate = flops / (fit_us * 1e-6) / 1e9
         lines += ["", f"Trainer.fit's ensemble: {flops / 1e6:.3f} MFLOP a model-step (the formula above), {rate:.0f} "
                       f"GFLOP/s, {100 * rate / peak:.0f} % of the same run's SGEMM peak; at that peak the products "
                       f"alone would take {flops / (peak * 1e9) * 1e6:.2f} µs a model-step, before its "
-                      f"{curve.N * curve.H * curve.layers:,} activations and the optimizer"]
+                      f"{e['activations_per_model_step']:,} activations and the optimizer"]
 
     t = result["tall"]
     lines += ["", f"Tall data, {t['label']}, ns per row (median; native and fused called in turn):", "",
