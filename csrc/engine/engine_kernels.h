@@ -214,6 +214,31 @@ FUSEDGRAD_CPU_INLINE void dot_tile(int64_t C, int64_t parts, const T* FUSEDGRAD_
   }
 }
 
+// out[j·L + l] = lane partials of line j (a + j·ld, n values, n a whole number of lane vectors) for
+// j < lines, each the sum lane_row_sum takes, in its order (the same bits), four lines at a time:
+// one line's adds form a single chain, each waiting on the last (3–4 cycles). Measured against one
+// line at a time (the bias gradients of the rows-in-lanes layout; Trainer.fit, float32, the two
+// interleaved in one process, AVX-512 EPYC): 2540×2→[20]×3→1 tanh 213.3 → 210.7 µs a step on one
+// thread, 121.6 → 120.0 on two; a K = 64 ensemble of 100×1→[20]×3→1 11.55 → 11.40 and 5.76 → 5.69 µs
+// a model-step.
+template <int VB, typename T>
+FUSEDGRAD_CPU_INLINE void lane_row_sums(const T* a, int64_t lines, int64_t ld, int64_t n, T* out) {
+  constexpr int64_t L = kLanes<T, VB>;
+  int64_t j = 0;
+  for (; j + 4 <= lines; j += 4) {
+    LaneVec<T, VB> acc[4];
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) acc[q] = lanes_splat<T, VB>(T(0));
+    for (int64_t r = 0; r < n; r += L) {
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) acc[q] += lanes_load<T, VB>(a + (j + q) * ld + r);
+    }
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) lanes_store(out + (j + q) * L, acc[q]);
+  }
+  for (; j < lines; ++j) lane_row_sum<VB>(a + j * ld, n, out + j * L);
+}
+
 template <typename T, int VB, int JR>
 FUSEDGRAD_CPU_INLINE void dot_rows_of(int64_t K, int64_t C, int64_t parts, const T* P, int64_t pp, const T* Q,
                                       int64_t qp, T* partials) {
@@ -289,7 +314,7 @@ inline bool rows_in_lanes(const NetShape& s, int64_t elt) {
 // a lane-vector boundary; np: the widths padded to whole lane vectors.
 template <typename T>
 void pack_weights(const NetShape& s, const std::vector<const T*>& W, const std::vector<const T*>& b, int64_t lanes,
-                  std::vector<int64_t>& np, std::vector<const T*>& WT, std::vector<const T*>& Wp,
+                  c10::SmallVectorImpl<int64_t>& np, std::vector<const T*>& WT, std::vector<const T*>& Wp,
                   std::vector<const T*>& bp, std::vector<T>& storage) {
   const int64_t L = s.layers();
   np.resize(L + 1);
@@ -354,14 +379,14 @@ struct BlockLayout {
   const std::vector<const T*>& b;
   const int64_t lanes = VB / sizeof(T);
   const int64_t max_nv = tile_vectors_max();  // the most vectors a tile spans on this CPU
-  std::vector<int64_t> np;                  // widths as a row holds them: padded, or (Rows) as they are
+  c10::SmallVector<int64_t, 8> np;          // widths as a row holds them: padded, or (Rows) as they are
   std::vector<const T*> WT, Wp, bp;         // padded rows: W_lᵀ (n_l × np_{l+1}), W_l (n_{l+1} × np_l), b_l
   std::vector<T> packed;                    // storage of WT, Wp, bp
 
   BlockLayout(const NetShape& shape, const std::vector<const T*>& weights, const std::vector<const T*>& biases)
       : s(shape), W(weights), b(biases) {
     if constexpr (Rows) {
-      np = s.width;
+      np.assign(s.width.begin(), s.width.end());
     } else {
       pack_weights(s, W, b, lanes, np, WT, Wp, bp, packed);
     }
@@ -436,7 +461,7 @@ struct BlockLayout {
         add_lane_sums<VB>(work, rows * n_in, dw + j0 * n_in);
       }
       if (db) {
-        for (int64_t j = 0; j < n_out; ++j) lane_row_sum<VB>(delta + j * C, C, work + j * lanes);
+        lane_row_sums<VB>(delta, n_out, C, C, work);
         add_lane_sums<VB>(work, n_out, db);
       }
     } else {
@@ -522,6 +547,16 @@ void run_chunks(int64_t chunks, int64_t size, bool threads, const ChunkRunner* r
     runner->run(chunks, [&](int64_t ch) { body(ch, ch + 1); });
   } else if (threads) {
     at::parallel_for(0, chunks, 1, body);
+  } else if (sums) {
+    // On this thread alone, chunk 0 sums straight into `sums` — what the copy below would put there
+    // (an ensemble's model-steps and the one-thread passes skip copying every sum once).
+    chunk(0, sums);
+    body(1, chunks);
+    for (int64_t ch = 1; ch < chunks; ++ch) {
+      const double* cs = where[ch];
+      for (int64_t e = 0; e < size; ++e) sums[e] += cs[e];
+    }
+    return;
   } else {
     body(0, chunks);
   }

@@ -47,6 +47,8 @@
 // ḡᵀ J v), and that one's backward along w the reverse of the mixed jet D²u[v, w].
 #pragma once
 
+#include <c10/util/SmallVector.h>
+
 #include <cstdint>
 #include <functional>
 #include <vector>
@@ -76,7 +78,7 @@ struct NetShape {
 // per layer dW_l (n_{l+1} × n_l, row-major as the weight) then db_l (n_{l+1},
 // when the layer has a bias), then the loss Σ r².
 struct SumLayout {
-  std::vector<int64_t> dw, db;  // offsets; db[l] = −1 without a bias
+  c10::SmallVector<int64_t, 8> dw, db;  // offsets; db[l] = −1 without a bias (inline up to depth 7: no allocation)
   int64_t loss = 0, size = 0;
   explicit SumLayout(const NetShape& s);
 };

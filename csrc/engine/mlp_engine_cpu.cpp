@@ -97,7 +97,7 @@ struct Plan {
   SumLayout lay;
   BlockLayout<T, VB, Rows> layout;
   int64_t L, B, blocks, chunks;
-  std::vector<int64_t> a_off, h_off;  // scratch offsets of a_l and h_l (per row block)
+  c10::SmallVector<int64_t, 8> a_off, h_off;  // scratch offsets of a_l and h_l (per row block)
   int64_t d0_off, d1_off, work_off, scratch_size;
 
   explicit Plan(const Pass<T>& p) : pass(p), s(*p.shape), lay(*p.shape), layout(*p.shape, p.W, p.b) {
@@ -106,7 +106,7 @@ struct Plan {
     blocks = blocks_for(s, p.count, sizeof(T));
     chunks = std::min(blocks, kMaxChunks);
     const bool saves_input = activation_saves_input(s.act);
-    const std::vector<int64_t>& np = layout.np;
+    const auto& np = layout.np;
     int64_t widest = 0;
     for (int64_t n : np) widest = std::max(widest, n);
     // Scratch of one block: a_0 … a_{L−1}, h_1 … h_L (h_l is a_l where the

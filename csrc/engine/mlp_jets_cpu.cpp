@@ -186,7 +186,7 @@ struct JetPlan {
       }
     }
     S = 1 + T1 + T2;
-    const std::vector<int64_t>& np = layout.np;
+    const auto& np = layout.np;
     int64_t per_row = 0, widest = 0;
     for (int64_t l = 0; l <= L; ++l) {
       widest = std::max(widest, np[l]);
