@@ -170,6 +170,9 @@ class TeamProbe {
     return step % 2 == 1 ? team_ : nullptr;
   }
 
+  // Whether step `step` is one of the probe's timed steps (the caller reads the clock only for those).
+  bool timing(int64_t step) const { return team_ && !solo_ && step >= 1 && step <= 2 * kProbes; }
+
   // The time of step `step`, run with runner(step).
   void record(int64_t step, double seconds) {
     if (!team_ || solo_ || step < 1 || step > 2 * kProbes) return;
