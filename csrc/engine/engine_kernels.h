@@ -566,17 +566,13 @@ void run_chunks(int64_t chunks, int64_t size, bool threads, const ChunkRunner* r
     // On this thread alone, chunk 0 sums straight into `sums` — what the copy below would put there
     // (an ensemble's model-steps and the one-thread passes skip copying every sum once).
     chunk(0, sums);
+    where[0] = sums;
     body(1, chunks);
-    for (int64_t ch = 1; ch < chunks; ++ch) {
-      const double* cs = where[ch];
-      for (int64_t e = 0; e < size; ++e) sums[e] += cs[e];
-    }
-    return;
   } else {
     body(0, chunks);
   }
   if (!sums) return;
-  std::copy(where[0], where[0] + size, sums);
+  if (where[0] != sums) std::copy(where[0], where[0] + size, sums);
   for (int64_t ch = 1; ch < chunks; ++ch) {
     const double* cs = where[ch];
     for (int64_t e = 0; e < size; ++e) sums[e] += cs[e];

@@ -274,11 +274,10 @@ void run_steps(DeepCall& c) {
     auto steps = [&](const engine::ChunkRunner* team) {
       engine::TeamProbe probe(static_cast<const engine::ThreadTeam*>(team));
       for (int64_t step = 0; step < c.num_steps; ++step) {
-        if (!probe.timing(step)) {
-          model_step(pass, 0, step, sums.data(), /*parallel=*/true, probe.runner(step));
-        } else {
-          const auto start = std::chrono::steady_clock::now();
-          model_step(pass, 0, step, sums.data(), /*parallel=*/true, probe.runner(step));
+        const bool timed = probe.timing(step);  // the clock is read only for the probe's steps
+        const auto start = timed ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+        model_step(pass, 0, step, sums.data(), /*parallel=*/true, probe.runner(step));
+        if (timed) {
           probe.record(step, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
         }
         if (c.steps_done.defined()) c.steps_done.data_ptr<int64_t>()[0] += 1;
