@@ -165,5 +165,8 @@ void force_cpu_vector_bytes(int bytes);
 // The threads a team (thread_team.h) should keep for many passes of `count` rows: 1 where the
 // passes run on one thread (a single chunk, or too little work to share), else up to torch's thread count.
 int64_t team_threads(const NetShape& s, int64_t count, int64_t element_size);
+// Whether passes of `count` rows are work a second thread always pays for (kMinParallelMacs): a team
+// then runs them from the first step, without timing them alone first (TeamProbe).
+bool team_always_pays(const NetShape& s, int64_t count);
 
 }  // namespace fusedgrad::engine

@@ -276,6 +276,8 @@ int64_t team_threads(const NetShape& s, int64_t count, int64_t element_size) {
   return std::min<int64_t>(chunk_count(s, count, element_size), at::get_num_threads());
 }
 
+bool team_always_pays(const NetShape& s, int64_t count) { return count * s.macs_per_row() >= kMinParallelMacs; }
+
 void run(const Pass<float>& pass) { run_pass(pass); }
 void run(const Pass<double>& pass) { run_pass(pass); }
 

@@ -159,23 +159,26 @@ class ThreadTeam final : public ChunkRunner {
 
 // Which runner each step of a call uses: its first steps alternate between the team and the leader
 // alone (step 0, which warms the caches, is not timed), then the faster way runs the rest — the
-// helpers dismissed if it is the leader alone. Without a team (null): always null.
+// helpers dismissed if it is the leader alone. Without a team (null): always null. With `probing`
+// false (steps a second thread always pays for: team_always_pays) the team runs every step. The
+// probe's solo steps are its cost: the PINN-sized step (2 540 rows) took 208 µs alone against 113
+// on the team, so its four solo steps added ~380 µs to every call (fit(50): 120 against 113 µs a step).
 class TeamProbe {
  public:
-  explicit TeamProbe(const ThreadTeam* team) : team_(team) {}
+  TeamProbe(const ThreadTeam* team, bool probing) : team_(team), probing_(probing) {}
 
   const ChunkRunner* runner(int64_t step) const {
     if (!team_ || solo_) return nullptr;
-    if (step < 1 || step > 2 * kProbes) return team_;
+    if (!probing_ || step < 1 || step > 2 * kProbes) return team_;
     return step % 2 == 1 ? team_ : nullptr;
   }
 
   // Whether step `step` is one of the probe's timed steps (the caller reads the clock only for those).
-  bool timing(int64_t step) const { return team_ && !solo_ && step >= 1 && step <= 2 * kProbes; }
+  bool timing(int64_t step) const { return team_ && probing_ && !solo_ && step >= 1 && step <= 2 * kProbes; }
 
   // The time of step `step`, run with runner(step).
   void record(int64_t step, double seconds) {
-    if (!team_ || solo_ || step < 1 || step > 2 * kProbes) return;
+    if (!timing(step)) return;
     double& best = step % 2 == 1 ? best_team_ : best_solo_;
     best = std::min(best, seconds);
     if (step == 2 * kProbes && best_solo_ < best_team_) {
@@ -190,6 +193,7 @@ class TeamProbe {
  private:
   static constexpr int64_t kProbes = 4;  // steps timed each way
   const ThreadTeam* team_;
+  bool probing_;
   bool solo_ = false;
   double best_team_ = 1e300, best_solo_ = 1e300;
 };

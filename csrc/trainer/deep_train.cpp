@@ -271,8 +271,9 @@ void run_steps(DeepCall& c) {
   if (K == 1) {
     std::vector<double> sums(lay.size);
     engine::Pass<T> pass;
+    const int64_t rows = c.batch_size > 0 ? std::min(c.batch_size, N) : N;
     auto steps = [&](const engine::ChunkRunner* team) {
-      engine::TeamProbe probe(static_cast<const engine::ThreadTeam*>(team));
+      engine::TeamProbe probe(static_cast<const engine::ThreadTeam*>(team), !engine::team_always_pays(s, rows));
       for (int64_t step = 0; step < c.num_steps; ++step) {
         const bool timed = probe.timing(step);  // the clock is read only for the probe's steps
         const auto start = timed ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
@@ -286,7 +287,6 @@ void run_steps(DeepCall& c) {
     // Several steps whose rows split into chunks: one thread team for the whole call, which runs
     // each step's chunks without at::parallel_for's fork and join (thread_team.h). Not under the
     // data-parallel route, whose steps wait on an all-reduce anyway.
-    const int64_t rows = c.batch_size > 0 ? std::min(c.batch_size, N) : N;
     const int64_t team = c.num_steps >= kMinTeamSteps && !c.reducer ? engine::team_threads(s, rows, sizeof(T)) : 1;
     if (team > 1) {
       engine::ThreadTeam::lead(team, steps);
