@@ -120,20 +120,16 @@ def test_loss_and_grads_without_autograd():
     assert not loss.requires_grad
 
 
-def test_same_bits_for_any_thread_count():
+def test_same_bits_for_any_thread_count(restore_threads):
     gen = torch.Generator().manual_seed(0)
     weights, biases = make_net([2, 20, 20, 20, 1], True, gen)
     x = torch.randn(20_000, 2, dtype=torch.float64, generator=gen)  # several chunks
     t = torch.randn(20_000, 1, dtype=torch.float64, generator=gen)
-    threads = torch.get_num_threads()
     results = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            loss = deep.mlp_loss(x, weights, biases, t, activation="tanh")
-            results.append([loss.detach(), *torch.autograd.grad(loss, weights)])
-    finally:
-        torch.set_num_threads(threads)
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        loss = deep.mlp_loss(x, weights, biases, t, activation="tanh")
+        results.append([loss.detach(), *torch.autograd.grad(loss, weights)])
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
@@ -418,19 +414,15 @@ def test_long_training_runs_at_measured_tolerances(seed):
         assert ((got - expected).abs() / expected.abs()).max().item() <= tol, (dtype, steps)
 
 
-def test_trainer_same_bits_for_any_thread_count():
+def test_trainer_same_bits_for_any_thread_count(restore_threads):
     results = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            torch.manual_seed(0)
-            net = fusedgrad.FusedMLP(2, 20, 1, activation="tanh", hidden_layers=3)
-            x, y = torch.randn(6000, 2), torch.randn(6000, 1)
-            losses = fusedgrad.Trainer(net, torch.optim.Adam(net.parameters(), lr=1e-3)).fit(x, y, 5)
-            results.append([losses, *[p.detach().clone() for p in net.parameters()]])
-    finally:
-        torch.set_num_threads(threads)
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        torch.manual_seed(0)
+        net = fusedgrad.FusedMLP(2, 20, 1, activation="tanh", hidden_layers=3)
+        x, y = torch.randn(6000, 2), torch.randn(6000, 1)
+        losses = fusedgrad.Trainer(net, torch.optim.Adam(net.parameters(), lr=1e-3)).fit(x, y, 5)
+        results.append([losses, *[p.detach().clone() for p in net.parameters()]])
     for a, b in zip(*results):
         assert torch.equal(a, b)
 

@@ -266,24 +266,19 @@ def test_torch_func_over_a_pinn_loss(transform):
         assert rel_err(g, e) <= TOL, name
 
 
-def test_bitwise_the_same_for_any_thread_count():
+def test_bitwise_the_same_for_any_thread_count(restore_threads):
     gen = torch.Generator().manual_seed(8)
     weights, biases = make_net([2, 20, 20, 20, 1], True, gen)
     weights = [w.detach().float() for w in weights]
     biases = [b.detach().float() for b in biases]
     x = torch.rand(5000, 2, generator=gen)
     cot = [torch.randn(s, generator=gen) for s in [(5000, 1), (5000, 1, 2), (5000, 1, 2)]]
-    threads = torch.get_num_threads()
     results = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            outs = torch.ops.fusedgrad.deep_mlp_derivatives(x, weights, biases, "tanh", 2)
-            grads = torch.ops.fusedgrad.deep_mlp_derivatives_backward(*cot, x, weights, biases, "tanh", 2,
-                                                                       [True, True])
-            results.append([*outs, *[g for g in grads if g.numel()]])
-    finally:
-        torch.set_num_threads(threads)
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        outs = torch.ops.fusedgrad.deep_mlp_derivatives(x, weights, biases, "tanh", 2)
+        grads = torch.ops.fusedgrad.deep_mlp_derivatives_backward(*cot, x, weights, biases, "tanh", 2, [True, True])
+        results.append([*outs, *[g for g in grads if g.numel()]])
     for a, b in zip(*results):
         assert torch.equal(a, b)
 

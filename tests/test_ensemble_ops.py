@@ -188,17 +188,13 @@ def test_each_model_is_computed_exactly_as_alone():
                 assert torch.equal(g[k], g1)
 
 
-def test_bitwise_identical_with_one_and_two_threads():
+def test_bitwise_identical_with_one_and_two_threads(restore_threads):
     args = make_args(64, 100, 1, 20, 1, "shared", "per_model", True, "per_model", "shared", seed=3, grad=False)
     assert model_path(args) == "engine"
-    saved = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append(fusedgrad.mlp_loss_and_grads(*args, wrt=("x", "w1", "b1", "w2", "b2", "target")))
-    finally:
-        torch.set_num_threads(saved)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results.append(fusedgrad.mlp_loss_and_grads(*args, wrt=("x", "w1", "b1", "w2", "b2", "target")))
     (l1, g1), (l2, g2) = results
     assert torch.equal(l1, l2)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
@@ -220,19 +216,15 @@ def model_path(args, k=0):
 
 @pytest.mark.parametrize("shape,path", [((4, 64, 128, 128, 8), "gemm"), ((64, 100, 1, 20, 1), "engine")],
                          ids=["gemm_path", "engine_path"])
-def test_models_on_two_threads_under_autograd(shape, path):
+def test_models_on_two_threads_under_autograd(shape, path, restore_threads):
     """Models spread over threads, arguments requiring grad: the worker threads run below
     autograd like the calling thread (no autograd views of the slices, no out= errors)."""
     K, N, D, H, O = shape
     args = make_args(K, N, D, H, O, "shared", "per_model", True, "per_model", "per_model", seed=9)
     assert model_path(args) == path
-    saved = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        fused = grads_of(args, lambda: fusedgrad.mlp_loss(*args).sum().backward())
-        fused_mlp = grads_of(args[:5], lambda: fusedgrad.mlp(*args[:5]).sum().backward())
-    finally:
-        torch.set_num_threads(saved)
+    fused = grads_of(args, lambda: fusedgrad.mlp_loss(*args).sum().backward())
+    fused_mlp = grads_of(args[:5], lambda: fusedgrad.mlp(*args[:5]).sum().backward())
     native = grads_of(args, lambda: native_losses(*args, "mean", "sigmoid").sum().backward())
     native_mlp = grads_of(args[:5], lambda: native_preds(*args[:5], "sigmoid").sum().backward())
     for name, gf, gn in zip(("x", "w1", "b1", "w2", "b2", "target"), fused, native):
