@@ -42,15 +42,107 @@ struct SecondPart {
   int64_t p, q;
 };
 
+// The forward activation step below in one pass over the values, for at most kFusedTangents tangent
+// parts whose second parts are their own diagonals (derivatives() with D ≤ 3; a direction's jet with a
+// common axis): act's jet stays in registers between the parts, and the step's forward-only form keeps
+// none of it. Measured on a 48-row block of 20 features, 2 tangents and their diagonals (float, AVX-512
+// clone): 0.93 ns a value for the loops of jet_forward_step, 0.64 here keeping j1 … j3 (the backward's
+// recomputed forward), 0.54 not keeping them (the forward op); the same bits.
+constexpr int kFusedTangents = 3;
+
+template <typename T>
+struct FusedJetStep {
+  const T* h;
+  T* a;
+  T *j1, *j2, *j3;  // act's derivatives at h, kept for the backward step (null: the forward op)
+  int64_t n;
+  int tangents;  // T1
+  bool second;   // whether the parts carry second derivatives
+  // Per tangent i: its second part's h and a (a tangent without one writes a scratch part, `sink`).
+  const T* d2h[kFusedTangents];
+  T* d2a[kFusedTangents];
+};
+
+template <class A, int T1, bool Second, bool Keep, typename T>
+FUSEDGRAD_CPU_INLINE void jet_forward_fused(const FusedJetStep<T>& st) {
+  const int64_t n = st.n;
+  const T* FUSEDGRAD_RESTRICT h = st.h;
+  T* FUSEDGRAD_RESTRICT a = st.a;
+  T *FUSEDGRAD_RESTRICT j1 = st.j1, *FUSEDGRAD_RESTRICT j2 = st.j2, *FUSEDGRAD_RESTRICT j3 = st.j3;
+  const T* d2h[T1];  // local copies: stores through them cannot move them
+  T* d2a[T1];
+  for (int i = 0; i < T1; ++i) {
+    d2h[i] = st.d2h[i];
+    d2a[i] = st.d2a[i];
+  }
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    T d0, d1, d2, d3;
+    A::template jet<VectorMath>(h[k], d0, d1, d2, d3);
+    a[k] = d0;
+    if constexpr (Keep) {
+      j1[k] = d1;
+      j2[k] = d2;
+      j3[k] = d3;
+    }
+    for (int i = 0; i < T1; ++i) {
+      const T dh = h[(1 + i) * n + k];
+      a[(1 + i) * n + k] = d1 * dh;
+      if constexpr (Second) d2a[i][k] = d2 * dh * dh + d1 * d2h[i][k];
+    }
+  }
+}
+
+template <class A, typename T>
+FUSEDGRAD_CPU_INLINE void jet_forward_fused(const FusedJetStep<T>& st) {
+  const bool keep = st.j1 != nullptr;
+#define FUSEDGRAD_FUSED_JET(T1)                                                                    if (st.tangents == T1) {                                                                           if (st.second) {                                                                                   keep ? jet_forward_fused<A, T1, true, true>(st) : jet_forward_fused<A, T1, true, false>(st);       } else {                                                                                           keep ? jet_forward_fused<A, T1, false, true>(st) : jet_forward_fused<A, T1, false, false>(st);     }                                                                                                return;                                                                                        }
+  FUSEDGRAD_FUSED_JET(1)
+  FUSEDGRAD_FUSED_JET(2)
+  FUSEDGRAD_FUSED_JET(3)
+#undef FUSEDGRAD_FUSED_JET
+}
+
+// One function a value type and CPU level (not inlined into each of the jet pass's eight chunk kernels):
+// the activation chosen at run time, outside the loop.
+template <typename T>
+FUSEDGRAD_CPU_INLINE void jet_forward_fused_any(Activation act, const FusedJetStep<T>& st) {
+  switch (act) {
+#define FUSEDGRAD_ACTIVATION_CASE(E, S) \
+  case Activation::E:                   \
+    jet_forward_fused<S>(st);           \
+    return;
+    FUSEDGRAD_ACTIVATIONS(FUSEDGRAD_ACTIVATION_CASE)
+#undef FUSEDGRAD_ACTIVATION_CASE
+  }
+}
+FUSEDGRAD_CPU_CLONES void jet_forward_fused_step(Activation act, const FusedJetStep<float>& st) {
+  jet_forward_fused_any(act, st);
+}
+FUSEDGRAD_CPU_CLONES void jet_forward_fused_step(Activation act, const FusedJetStep<double>& st) {
+  jet_forward_fused_any(act, st);
+}
+
 // The activation step of a hidden layer on jets, forward, over parts of n values each (part p of h
 // and a at p·n): a = act(h) and act's first three derivatives j1, j2, j3 at h, then
 // ∂a_i = j1 ∂h_i and ∂²a_pq = j2 ∂h_p ∂h_q + j1 ∂²h_pq. `diag[i]`: the second part (i, i) handled in
-// tangent i's loop (−1: none); the other second parts follow.
+// tangent i's loop (−1: none); the other second parts follow. `keep`: j1 … j3 are wanted after the
+// step (the backward's recomputed forward); `sink`: n values of scratch.
 template <typename T>
 FUSEDGRAD_CPU_INLINE void jet_forward_step(Activation act, const T* h, T* a, T* j1, T* j2, T* j3, int64_t n,
                                            int64_t T1, const std::vector<int64_t>& diag,
                                            const std::vector<SecondPart>& second,
-                                           const std::vector<int64_t>& mixed) {
+                                           const std::vector<int64_t>& mixed, bool keep, T* sink) {
+  if (mixed.empty() && T1 >= 1 && T1 <= kFusedTangents) {
+    FusedJetStep<T> st{h, a, keep ? j1 : nullptr, j2, j3, n, static_cast<int>(T1), !second.empty(), {}, {}};
+    for (int64_t i = 0; i < T1; ++i) {
+      // A tangent without a second part computes one from its own (finite) values into the sink.
+      st.d2h[i] = diag[i] >= 0 ? h + (1 + T1 + diag[i]) * n : h + (1 + i) * n;
+      st.d2a[i] = diag[i] >= 0 ? a + (1 + T1 + diag[i]) * n : sink;
+    }
+    jet_forward_fused_step(act, st);
+    return;
+  }
   activation_jet_n(act, h, a, j1, j2, j3, n);
   for (int64_t i = 0; i < T1; ++i) {
     const T* dh = h + (1 + i) * n;
@@ -74,6 +166,71 @@ FUSEDGRAD_CPU_INLINE void jet_forward_step(Activation act, const T* h, T* a, T* 
   }
 }
 
+// The backward step below in one pass over the values, for at most kFusedTangents tangent parts whose
+// second parts (those of the tangents in `diag_mask`) are their own diagonals: ḡ of the values is read
+// and written once, and act's derivatives loaded once for all parts. The same sums in the same order.
+template <typename T>
+struct FusedJetBackStep {
+  T* g;
+  const T *h, *j1, *j2, *j3;
+  int64_t n;
+  int tangents;        // T1
+  unsigned diag_mask;  // bit i: tangent i has its second part (i, i)
+  T* d2g[kFusedTangents];
+  const T* d2h[kFusedTangents];
+};
+
+template <int T1, unsigned Mask, typename T>
+FUSEDGRAD_CPU_INLINE void jet_backward_fused(const FusedJetBackStep<T>& st) {
+  const int64_t n = st.n;
+  T* FUSEDGRAD_RESTRICT g = st.g;
+  const T *FUSEDGRAD_RESTRICT h = st.h, *FUSEDGRAD_RESTRICT j1 = st.j1, *FUSEDGRAD_RESTRICT j2 = st.j2,
+          *FUSEDGRAD_RESTRICT j3 = st.j3;
+  T* d2g[T1];
+  const T* d2h[T1];
+  for (int i = 0; i < T1; ++i) {
+    d2g[i] = st.d2g[i];
+    d2h[i] = st.d2h[i];
+  }
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const T a1 = j1[k], a2 = j2[k], a3 = j3[k];
+    T gv = g[k] * a1;
+    for (int i = 0; i < T1; ++i) {
+      const T dh = h[(1 + i) * n + k];
+      T g1 = g[(1 + i) * n + k];
+      if ((Mask >> i) & 1u) {  // constant once the loop over i is unrolled
+        const T g2 = d2g[i][k];
+        gv += g1 * a2 * dh + g2 * (a3 * dh * dh + a2 * d2h[i][k]);
+        g1 = g1 * a1 + T(2) * g2 * a2 * dh;
+        d2g[i][k] = g2 * a1;
+      } else {
+        gv += g1 * a2 * dh;
+        g1 *= a1;
+      }
+      g[(1 + i) * n + k] = g1;
+    }
+    g[k] = gv;
+  }
+}
+
+template <int T1, unsigned Mask = 0, typename T>
+FUSEDGRAD_CPU_INLINE void jet_backward_fused_masks(const FusedJetBackStep<T>& st) {
+  if constexpr (Mask < (1u << T1)) {
+    if (st.diag_mask == Mask) return jet_backward_fused<T1, Mask>(st);
+    jet_backward_fused_masks<T1, Mask + 1>(st);
+  }
+}
+
+template <typename T>
+FUSEDGRAD_CPU_INLINE void jet_backward_fused_any(const FusedJetBackStep<T>& st) {
+  if (st.tangents == 1) jet_backward_fused_masks<1>(st);
+  if (st.tangents == 2) jet_backward_fused_masks<2>(st);
+  if (st.tangents == 3) jet_backward_fused_masks<3>(st);
+}
+FUSEDGRAD_CPU_CLONES void jet_backward_fused_step(const FusedJetBackStep<float>& st) { jet_backward_fused_any(st); }
+FUSEDGRAD_CPU_CLONES void jet_backward_fused_step(const FusedJetBackStep<double>& st) { jet_backward_fused_any(st); }
+
 // The same step reversed, in place: g holds ḡ (the gradient of a's parts) and becomes δ (that of h's):
 //   δh = ḡa j1 + Σ_i ḡ∂a_i j2 ∂h_i + Σ_pq ḡ∂²a_pq (j3 ∂h_p ∂h_q + j2 ∂²h_pq)
 //   δ∂h_i = ḡ∂a_i j1 + Σ_pq ḡ∂²a_pq j2 (∂h_q [p = i] + ∂h_p [q = i]),   δ∂²h_pq = ḡ∂²a_pq j1
@@ -82,6 +239,17 @@ FUSEDGRAD_CPU_INLINE void jet_backward_step(T* g, const T* h, const T* j1, const
                                             int64_t T1, const std::vector<int64_t>& diag,
                                             const std::vector<SecondPart>& second,
                                             const std::vector<int64_t>& mixed) {
+  if (mixed.empty() && T1 >= 1 && T1 <= kFusedTangents) {
+    FusedJetBackStep<T> st{g, h, j1, j2, j3, n, static_cast<int>(T1), 0u, {}, {}};
+    for (int64_t i = 0; i < T1; ++i) {
+      if (diag[i] < 0) continue;
+      st.diag_mask |= 1u << i;
+      st.d2g[i] = g + (1 + T1 + diag[i]) * n;
+      st.d2h[i] = h + (1 + T1 + diag[i]) * n;
+    }
+    jet_backward_fused_step(st);
+    return;
+  }
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) g[k] *= j1[k];
   for (int64_t i = 0; i < T1; ++i) {
@@ -148,7 +316,7 @@ struct JetPlan {
   std::vector<int64_t> diag;       // per tangent part i: the first second part (i, i), or −1
   std::vector<int64_t> mixed;      // the other second parts
   std::vector<int64_t> a_off, h_off, j_off;  // per block: parts of a_l (l < L), h_l (l ≥ 1), act's jet at h_l
-  int64_t d0_off, d1_off, work_off, scratch_size;
+  int64_t d0_off, d1_off, sink_off, work_off, scratch_size;
 
   explicit JetPlan(const Pass<T>& p) : pass(p), s(*p.shape), lay(*p.shape), layout(*p.shape, p.W, p.b) {
     L = s.layers();
@@ -194,7 +362,7 @@ struct JetPlan {
       if (l > 0) per_row += S * np[l];               // h_l
       if (l > 0 && l < L) per_row += 3 * np[l];      // the first three derivatives of act at h_l
     }
-    per_row += 2 * S * widest;  // two δ buffers
+    per_row += 2 * S * widest + widest;  // two δ buffers, the sink
     // Rows: a multiple of every lane count, so that a block's lines are B values at most.
     const int64_t multiple = Rows ? 16 : 8;
     B = std::clamp<int64_t>(kScratchBytes / (static_cast<int64_t>(sizeof(T)) * per_row) / multiple * multiple,
@@ -223,6 +391,8 @@ struct JetPlan {
     off += S * B * widest;
     d1_off = off;
     off += S * B * widest;
+    sink_off = off;  // jet_forward_step's: a second part no tangent keeps
+    off += B * widest;
     work_off = off;
     off += layout.work_size();
     scratch_size = off;
@@ -255,7 +425,7 @@ struct JetPlan {
       T* j1 = scratch + j_off[l + 1];
       const int64_t jstride = B * layout.np[l + 1];
       jet_forward_step(s.act, h, a, j1, j1 + jstride, j1 + 2 * jstride, layout.part_size(l + 1, nb), T1, diag, second,
-                       mixed);
+                       mixed, pass.epilogue != Epilogue::Forward, scratch + sink_off);
       layout.zero_columns(a, l + 1, S, nb);
     }
   }
