@@ -40,9 +40,10 @@ def explain(net_or_trainer: Union[torch.nn.Module, "Trainer"], x: torch.Tensor,
         lane vectors, for wide layers; ``"rows-in-lanes"``: each feature a line of the block's rows, where
         padding would add more than a tenth to the products — widths like 1, 2, 20); ``"trainer-engine"`` adds ``"team_threads"``: the threads
         a ``fit`` of one model and at least 16 steps keeps for the whole call, to run each step's
-        chunks without a fork and join per step (csrc/engine/thread_team.h; the call times its first
-        steps with and without them and keeps them where they pay; 1: none — an ensemble, a
-        data-parallel trainer, one chunk or one thread); a data-parallel trainer (``process_group``, or a
+        chunks without a fork and join per step (csrc/engine/thread_team.h; below 2**18 multiply-adds a
+        pass the call times its first steps with and without them and keeps them where they pay; 1:
+        none — an ensemble, a data-parallel trainer, one chunk or one thread); a data-parallel trainer
+        (``process_group``, or a
         DistributedDataParallel net) adds ``"data_parallel"``: ``world_size``, ``rank``, the
         ``semantics`` of its mean and where the all-reduce runs. The forward (no target, no trainer)
         adds ``"create_graph"``: the route of ``autograd.grad(net(x), x, create_graph=True)`` and
