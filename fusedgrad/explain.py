@@ -43,9 +43,8 @@ def explain(net_or_trainer: Union[torch.nn.Module, "Trainer"], x: torch.Tensor,
         chunks without a fork and join per step (csrc/engine/thread_team.h; below 2**18 multiply-adds a
         pass the call times its first steps with and without them and keeps them where they pay; 1:
         none — an ensemble, a data-parallel trainer, one chunk or one thread); a data-parallel trainer
-        (``process_group``, or a
-        DistributedDataParallel net) adds ``"data_parallel"``: ``world_size``, ``rank``, the
-        ``semantics`` of its mean and where the all-reduce runs. The forward (no target, no trainer)
+        (``process_group``, or a DistributedDataParallel net) adds ``"data_parallel"``: ``world_size``,
+        ``rank``, the ``semantics`` of its mean and where the all-reduce runs. The forward (no target, no trainer)
         adds ``"create_graph"``: the route of ``autograd.grad(net(x), x, create_graph=True)`` and
         of that result's own x-gradient — ``"nested-jets"`` (one CPU model: nodes whose backward is
         the engine's directional jets, csrc/python/deep_autograd.cpp) or ``"torch-recompute"``
