@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -558,8 +559,31 @@ void run_chunks(int64_t chunks, int64_t size, bool threads, const ChunkRunner* r
       where[ch] = dst;
     }
   };
+  // The chunks' sums in chunk order, copied or added into `sums` — as each chunk is done, where a team
+  // runs them: this thread adds up the chunks done so far while the others finish theirs (the same
+  // adds in the same order). The PINN-sized fit (10 chunks of 256 rows, 2 threads, alternating
+  // processes in four calm pairs): 111.4–112.0 → 110.0–110.5 µs a step; the curve fit (2 chunks) unchanged.
+  int64_t merged = 0;
+  auto merge = [&](int64_t ch) {
+    if (ch == 0) {
+      if (where[0] != sums) std::copy(where[0], where[0] + size, sums);
+      return;
+    }
+    const double* cs = where[ch];
+    for (int64_t e = 0; e < size; ++e) sums[e] += cs[e];
+  };
   if (threads && runner) {
-    runner->run(chunks, [&](int64_t ch) { body(ch, ch + 1); });
+    std::array<std::atomic<bool>, kMaxChunks> done{};
+    const std::function<void()> waiting = [&] {
+      while (merged < chunks && done[merged].load(std::memory_order_acquire)) merge(merged++);
+    };
+    runner->run(
+        chunks,
+        [&](int64_t ch) {
+          body(ch, ch + 1);
+          done[ch].store(true, std::memory_order_release);  // its sums and where[ch] are written
+        },
+        sums ? &waiting : nullptr);
   } else if (threads) {
     at::parallel_for(0, chunks, 1, body);
   } else if (sums) {
@@ -572,11 +596,7 @@ void run_chunks(int64_t chunks, int64_t size, bool threads, const ChunkRunner* r
     body(0, chunks);
   }
   if (!sums) return;
-  if (where[0] != sums) std::copy(where[0], where[0] + size, sums);
-  for (int64_t ch = 1; ch < chunks; ++ch) {
-    const double* cs = where[ch];
-    for (int64_t e = 0; e < size; ++e) sums[e] += cs[e];
-  }
+  while (merged < chunks) merge(merged++);
 }
 
 }  // namespace fusedgrad::engine::kernels

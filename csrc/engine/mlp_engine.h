@@ -88,8 +88,11 @@ enum class Epilogue { LossGrads, Forward, Backward };
 // Runs chunk(0 … chunks − 1) of a pass, each once, possibly on several threads. A caller that keeps
 // threads across many passes supplies one (the trainer's step loop: thread_team.h); without one a
 // pass puts its chunks on at::parallel_for when its work pays for the fork and join.
+// `waiting`, where given, is called by the calling thread again and again while it waits for chunks
+// other threads are running (run_chunks adds up the sums of the chunks done so far).
 struct ChunkRunner {
-  virtual void run(int64_t chunks, const std::function<void(int64_t)>& chunk) const = 0;
+  virtual void run(int64_t chunks, const std::function<void(int64_t)>& chunk,
+                   const std::function<void()>* waiting = nullptr) const = 0;
   virtual ~ChunkRunner() = default;
 };
 

@@ -77,7 +77,8 @@ class ThreadTeam final : public ChunkRunner {
   static int64_t teams_led() { return teams_led_.load(std::memory_order_relaxed); }
 
   // Called by the leader only: chunk(0 … chunks − 1), each exactly once, on whichever members claim them.
-  void run(int64_t chunks, const std::function<void(int64_t)>& chunk) const override {
+  void run(int64_t chunks, const std::function<void(int64_t)>& chunk,
+           const std::function<void()>* waiting = nullptr) const override {
     if (chunks <= 0) return;
     fn_.store(&chunk, std::memory_order_relaxed);
     chunks_.store(chunks, std::memory_order_relaxed);
@@ -85,7 +86,10 @@ class ThreadTeam final : public ChunkRunner {
     const uint64_t job = (state_.load(std::memory_order_relaxed) >> 32) + 1;
     state_.store(job << 32, std::memory_order_release);  // publishes the job: claims start at chunk 0
     work(job);
-    for (int64_t spins = 0; done_.load(std::memory_order_acquire) != chunks; ++spins) pause(spins);
+    for (int64_t spins = 0; done_.load(std::memory_order_acquire) != chunks; ++spins) {
+      if (waiting) (*waiting)();
+      pause(spins);
+    }
     std::lock_guard<std::mutex> lock(error_mutex_);
     if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
   }
