@@ -574,9 +574,11 @@ void run_chunks(int64_t chunks, int64_t size, bool threads, const ChunkRunner* r
   };
   if (threads && runner) {
     std::array<std::atomic<bool>, kMaxChunks> done{};
-    const std::function<void()> waiting = [&] {
+    auto merge_done = [&] {
       while (merged < chunks && done[merged].load(std::memory_order_acquire)) merge(merged++);
     };
+    // One reference captured: std::function keeps it inline (four, by [&], were a heap allocation a pass).
+    const std::function<void()> waiting = [&merge_done] { merge_done(); };
     runner->run(
         chunks,
         [&](int64_t ch) {
