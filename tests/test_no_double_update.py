@@ -126,10 +126,12 @@ def test_fit_failing_after_an_update_raises_and_updates_once(shape, optimizer):
         assert _C._testing_teams_led() == led + 1  # the failure was raised on a team's leader
 
 
+@pytest.mark.parametrize("shape", ["narrow", "deep"])
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_ensemble_step_failing_after_an_update_raises_and_updates_once(optimizer):
-    """K models: the failure is raised inside the parallel loop over models."""
-    x, y, net, opt, trainer = make(SHAPES["narrow"], optimizer, num_models=4)
+def test_ensemble_step_failing_after_an_update_raises_and_updates_once(shape, optimizer):
+    """K models: the failure is raised inside the parallel loop over models, after the update of w1 for a
+    group of models that step together (all four here: kModelGroup of train_cpu.cpp and deep_train.cpp)."""
+    x, y, net, opt, trainer = make(SHAPES[shape], optimizer, num_models=4)
     before = snapshot(net, opt)
     ref_net, ref_opt = reference_step(net, opt, x, y)
     with failing_after_first_update(), pytest.raises(RuntimeError, match=STEP_FAILED.format("step")):

@@ -43,6 +43,9 @@ namespace {
 // A call of fewer steps keeps no thread team: the team's probe (engine::TeamProbe: 8 steps timed) would
 // be most of it. Its steps put their chunks on at::parallel_for where that pays.
 constexpr int64_t kMinTeamSteps = 16;
+// Models of an ensemble that step together: their updates run as one slice a parameter
+// (update_kernel's fixed cost and tail paid once a group, not once a model).
+constexpr int64_t kModelGroup = 16;
 
 namespace py = pybind11;
 
@@ -181,10 +184,11 @@ void run_steps(DeepCall& c) {
       if (c.state[p].state[i].defined()) state_data[p][i] = c.state[p].state[i].data_ptr<T>();
     }
   }
-  // Model k's step `step`: loss and gradients over the step's rows, then its update. `pass`: the
-  // calling thread's, reused from step to step (its weight lists allocated once).
-  auto model_step = [&](engine::Pass<T>& pass, int64_t k, int64_t step, double* sums, bool parallel,
-                        const engine::ChunkRunner* team) {
+  // Model k's step `step`: loss and gradients over the step's rows, the gradients written into .grad;
+  // returns the step's row count. `pass`: the calling thread's, reused from step to step (its weight
+  // lists allocated once).
+  auto model_grads = [&](engine::Pass<T>& pass, int64_t k, int64_t step, double* sums, bool parallel,
+                         const engine::ChunkRunner* team) -> int64_t {
     pass.shape = &s;
     pass.W.resize(L);
     pass.b.resize(L);
@@ -228,7 +232,6 @@ void run_steps(DeepCall& c) {
       loss = post * sums[lay.loss];
     }
     losses[step * K + k] = static_cast<T>(loss);
-    const double scale = lr_scale ? lr_scale[k] : 1.0;
     if (c.sklearn.weight_sq.defined()) {  // ‖W‖² before the update (one model: check_call)
       double sq = 0;
       for (int64_t p = 0; p < P; p += 2) {
@@ -237,6 +240,16 @@ void run_steps(DeepCall& c) {
       }
       c.sklearn.weight_sq.data_ptr<double>()[step] = sq;
     }
+    for (int64_t p = 0; p < P; ++p) {
+      if (!c.params[p].defined()) continue;
+      T* g = grad_data[p] + k * per_model[p];
+      const double* from = sums + sum_off[p];
+      for (int64_t e = 0; e < per_model[p]; ++e) g[e] = static_cast<T>(from[e] * post);
+    }
+    return count;
+  };
+  auto update_slices = [&](int64_t k0, int64_t k1, int64_t step, int64_t count) {
+    const double scale = lr_scale ? lr_scale[k0] : 1.0;
     // The step's terms (Adam: two pow) once for the parameters that share their
     // group's options and step count — usually all of them.
     const AnyOptimizer* last_rule = nullptr;
@@ -244,10 +257,7 @@ void run_steps(DeepCall& c) {
     AnyTerms last;
     for (int64_t p = 0; p < P; ++p) {
       if (!c.params[p].defined()) continue;
-      const int64_t n = per_model[p], off = k * n;
-      T* g = grad_data[p] + off;
-      const double* from = sums + sum_off[p];
-      for (int64_t e = 0; e < n; ++e) g[e] = static_cast<T>(from[e] * post);
+      const int64_t n = per_model[p], off = k0 * n;
       const ParamState& st = c.state[p];
       const double lr = optimizer_lr(st.rule) * scale;
       const double t_p = step0[p] + static_cast<double>(step + 1);
@@ -262,12 +272,22 @@ void run_steps(DeepCall& c) {
       const AnyOptimizer& rule = c.sklearn.on ? sklearn_rule : st.rule;
       StatePtrs<T> sp{};
       for (int i = 0; i < kMaxState; ++i) sp[i] = state_data[p][i] ? state_data[p][i] + off : nullptr;
-      update_kernel(rule, last, lr, param_data[p] + off, g, sp, st.fresh && step == 0, n);
+      update_kernel(rule, last, lr, param_data[p] + off, grad_data[p] + off, sp, st.fresh && step == 0,
+                    (k1 - k0) * n);
       TORCH_CHECK(!fail_injected, "fusedgrad: test-only failure injected after the update of parameter ", p,
                   " (fusedgrad._C._testing_fail_after_first_update)");
     }
   };
-
+  // The update of step `step` for models k0 … k1 − 1 (`count` rows a model): one update_kernel call a
+  // parameter over the models' adjacent slices (an element-wise rule: each element's numbers are the
+  // same as in a slice of its own model alone), or one a model where each has its own lr scale.
+  auto update = [&](int64_t k0, int64_t k1, int64_t step, int64_t count) {
+    if (lr_scale && k1 - k0 > 1) {
+      for (int64_t k = k0; k < k1; ++k) update_slices(k, k + 1, step, count);
+      return;
+    }
+    update_slices(k0, k1, step, count);
+  };
   if (K == 1) {
     std::vector<double> sums(lay.size);
     engine::Pass<T> pass;
@@ -277,7 +297,7 @@ void run_steps(DeepCall& c) {
       for (int64_t step = 0; step < c.num_steps; ++step) {
         const bool timed = probe.timing(step);  // the clock is read only for the probe's steps
         const auto start = timed ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
-        model_step(pass, 0, step, sums.data(), /*parallel=*/true, probe.runner(step));
+        update(0, 1, step, model_grads(pass, 0, step, sums.data(), /*parallel=*/true, probe.runner(step)));
         if (timed) {
           probe.record(step, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
         }
@@ -295,13 +315,17 @@ void run_steps(DeepCall& c) {
     }
   } else {
     // Whole models in parallel, each model's steps on one thread: the chunks of
-    // a pass are the same either way, so are the bits.
+    // a pass are the same either way, so are the bits. A group of kModelGroup models
+    // steps together: each model's gradients, then one update of the group's slices.
     at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
       std::vector<double> sums(lay.size);
       engine::Pass<T> pass;
-      for (int64_t k = k0; k < k1; ++k) {
+      for (int64_t g0 = k0; g0 < k1; g0 += kModelGroup) {
+        const int64_t g1 = std::min(k1, g0 + kModelGroup);
         for (int64_t step = 0; step < c.num_steps; ++step) {
-          model_step(pass, k, step, sums.data(), /*parallel=*/false, nullptr);
+          int64_t count = 0;
+          for (int64_t k = g0; k < g1; ++k) count = model_grads(pass, k, step, sums.data(), /*parallel=*/false, nullptr);
+          update(g0, g1, step, count);
         }
       }
     });
@@ -377,7 +401,11 @@ void deep_train_steps(const std::string& fn, py::handle optimizer, const std::st
     c.reducer->rank_means = rank_means;
   }
   check_call(fn.c_str(), c, pnames);
-  run_released(c);
+  try {
+    run_released(c);
+  } catch (const c10::Error& e) {  // writing may have begun: raised as such, never rerun (plain_call.h)
+    raise_partly_applied(fn, e.what_without_backtrace());
+  }
   created.store();
   new_grads.store();
 }
