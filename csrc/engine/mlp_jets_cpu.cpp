@@ -93,14 +93,27 @@ FUSEDGRAD_CPU_INLINE void jet_forward_fused(const FusedJetStep<T>& st) {
   }
 }
 
+// The loop above for T1 tangents, with or without second parts and kept derivatives.
+template <class A, int T1, typename T>
+FUSEDGRAD_CPU_INLINE void jet_forward_fused_tangents(const FusedJetStep<T>& st) {
+  const bool keep = st.j1 != nullptr;
+  if (st.second) {
+    keep ? jet_forward_fused<A, T1, true, true>(st) : jet_forward_fused<A, T1, true, false>(st);
+  } else {
+    keep ? jet_forward_fused<A, T1, false, true>(st) : jet_forward_fused<A, T1, false, false>(st);
+  }
+}
+
 template <class A, typename T>
 FUSEDGRAD_CPU_INLINE void jet_forward_fused(const FusedJetStep<T>& st) {
-  const bool keep = st.j1 != nullptr;
-#define FUSEDGRAD_FUSED_JET(T1)                                                                    if (st.tangents == T1) {                                                                           if (st.second) {                                                                                   keep ? jet_forward_fused<A, T1, true, true>(st) : jet_forward_fused<A, T1, true, false>(st);       } else {                                                                                           keep ? jet_forward_fused<A, T1, false, true>(st) : jet_forward_fused<A, T1, false, false>(st);     }                                                                                                return;                                                                                        }
-  FUSEDGRAD_FUSED_JET(1)
-  FUSEDGRAD_FUSED_JET(2)
-  FUSEDGRAD_FUSED_JET(3)
-#undef FUSEDGRAD_FUSED_JET
+  switch (st.tangents) {
+    case 1:
+      return jet_forward_fused_tangents<A, 1>(st);
+    case 2:
+      return jet_forward_fused_tangents<A, 2>(st);
+    case 3:
+      return jet_forward_fused_tangents<A, 3>(st);
+  }
 }
 
 // One function a value type and CPU level (not inlined into each of the jet pass's eight chunk kernels):

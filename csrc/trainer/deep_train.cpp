@@ -248,45 +248,40 @@ void run_steps(DeepCall& c) {
     }
     return count;
   };
-  auto update_slices = [&](int64_t k0, int64_t k1, int64_t step, int64_t count) {
-    const double scale = lr_scale ? lr_scale[k0] : 1.0;
-    // The step's terms (Adam: two pow) once for the parameters that share their
-    // group's options and step count — usually all of them.
-    const AnyOptimizer* last_rule = nullptr;
-    double last_t = -1;
-    AnyTerms last;
-    for (int64_t p = 0; p < P; ++p) {
-      if (!c.params[p].defined()) continue;
-      const int64_t n = per_model[p], off = k0 * n;
-      const ParamState& st = c.state[p];
-      const double lr = optimizer_lr(st.rule) * scale;
-      const double t_p = step0[p] + static_cast<double>(step + 1);
-      if (!(last_rule && t_p == last_t && *last_rule == st.rule)) {
-        last = step_terms(st.rule, t_p);
-        last_rule = &st.rule;
-        last_t = t_p;
-      }
-      // fusedgrad.sklearn's step terms change the rule's weight decay and eps, not its terms
-      AnyOptimizer sklearn_rule;
-      if (c.sklearn.on) sklearn_rule = c.sklearn.rule_of(st.rule, p % 2 == 0, count, t_p);
-      const AnyOptimizer& rule = c.sklearn.on ? sklearn_rule : st.rule;
-      StatePtrs<T> sp{};
-      for (int i = 0; i < kMaxState; ++i) sp[i] = state_data[p][i] ? state_data[p][i] + off : nullptr;
-      update_kernel(rule, last, lr, param_data[p] + off, grad_data[p] + off, sp, st.fresh && step == 0,
-                    (k1 - k0) * n);
-      TORCH_CHECK(!fail_injected, "fusedgrad: test-only failure injected after the update of parameter ", p,
-                  " (fusedgrad._C._testing_fail_after_first_update)");
-    }
-  };
   // The update of step `step` for models k0 … k1 − 1 (`count` rows a model): one update_kernel call a
   // parameter over the models' adjacent slices (an element-wise rule: each element's numbers are the
-  // same as in a slice of its own model alone), or one a model where each has its own lr scale.
+  // same as in a slice of its own model alone) — one call a model where each has its own lr scale.
   auto update = [&](int64_t k0, int64_t k1, int64_t step, int64_t count) {
-    if (lr_scale && k1 - k0 > 1) {
-      for (int64_t k = k0; k < k1; ++k) update_slices(k, k + 1, step, count);
-      return;
+    const int64_t run = lr_scale ? 1 : k1 - k0;  // models that share their lr
+    for (int64_t r0 = k0; r0 < k1; r0 += run) {
+      const double scale = lr_scale ? lr_scale[r0] : 1.0;
+      // The step's terms (Adam: two pow) once for the parameters that share their
+      // group's options and step count — usually all of them.
+      const AnyOptimizer* last_rule = nullptr;
+      double last_t = -1;
+      AnyTerms last;
+      for (int64_t p = 0; p < P; ++p) {
+        if (!c.params[p].defined()) continue;
+        const int64_t n = per_model[p], off = r0 * n;
+        const ParamState& st = c.state[p];
+        const double lr = optimizer_lr(st.rule) * scale;
+        const double t_p = step0[p] + static_cast<double>(step + 1);
+        if (!(last_rule && t_p == last_t && *last_rule == st.rule)) {
+          last = step_terms(st.rule, t_p);
+          last_rule = &st.rule;
+          last_t = t_p;
+        }
+        // fusedgrad.sklearn's step terms change the rule's weight decay and eps, not its terms
+        AnyOptimizer sklearn_rule;
+        if (c.sklearn.on) sklearn_rule = c.sklearn.rule_of(st.rule, p % 2 == 0, count, t_p);
+        const AnyOptimizer& rule = c.sklearn.on ? sklearn_rule : st.rule;
+        StatePtrs<T> sp{};
+        for (int i = 0; i < kMaxState; ++i) sp[i] = state_data[p][i] ? state_data[p][i] + off : nullptr;
+        update_kernel(rule, last, lr, param_data[p] + off, grad_data[p] + off, sp, st.fresh && step == 0, run * n);
+        TORCH_CHECK(!fail_injected, "fusedgrad: test-only failure injected after the update of parameter ", p,
+                    " (fusedgrad._C._testing_fail_after_first_update)");
+      }
     }
-    update_slices(k0, k1, step, count);
   };
   if (K == 1) {
     std::vector<double> sums(lay.size);
@@ -323,8 +318,10 @@ void run_steps(DeepCall& c) {
       for (int64_t g0 = k0; g0 < k1; g0 += kModelGroup) {
         const int64_t g1 = std::min(k1, g0 + kModelGroup);
         for (int64_t step = 0; step < c.num_steps; ++step) {
-          int64_t count = 0;
-          for (int64_t k = g0; k < g1; ++k) count = model_grads(pass, k, step, sums.data(), /*parallel=*/false, nullptr);
+          int64_t count = 0;  // the same for every model: the step's rows
+          for (int64_t k = g0; k < g1; ++k) {
+            count = model_grads(pass, k, step, sums.data(), /*parallel=*/false, nullptr);
+          }
           update(g0, g1, step, count);
         }
       }
@@ -354,12 +351,18 @@ void set_run(DeepCall& c, const at::Tensor& x, const at::Tensor& target, int64_t
 }
 
 // The call's steps, with the GIL released.
-void run_released(DeepCall& c) {
-  py::gil_scoped_release no_gil;
-  if (c.net.dtype == at::kFloat) {
-    run_steps<float>(c);
-  } else {
-    run_steps<double>(c);
+// A failure once the steps began (after the checks: parameters, .grad and optimizer state may
+// be partly written) is raised as such and never declined to the Python route (plain_call.h).
+void run_released(const std::string& fn, DeepCall& c) {
+  try {
+    py::gil_scoped_release no_gil;
+    if (c.net.dtype == at::kFloat) {
+      run_steps<float>(c);
+    } else {
+      run_steps<double>(c);
+    }
+  } catch (const c10::Error& e) {
+    raise_partly_applied(fn, e.what_without_backtrace());
   }
 }
 
@@ -401,11 +404,7 @@ void deep_train_steps(const std::string& fn, py::handle optimizer, const std::st
     c.reducer->rank_means = rank_means;
   }
   check_call(fn.c_str(), c, pnames);
-  try {
-    run_released(c);
-  } catch (const c10::Error& e) {  // writing may have begun: raised as such, never rerun (plain_call.h)
-    raise_partly_applied(fn, e.what_without_backtrace());
-  }
+  run_released(fn, c);
   created.store();
   new_grads.store();
 }
@@ -468,11 +467,7 @@ bool deep_train_steps_fast(const std::string& fn, py::handle optimizer, const st
   } catch (const c10::Error&) {
     return false;  // nothing written: the Python route raises the error with the parameters' names
   }
-  try {
-    run_released(c);
-  } catch (const c10::Error& e) {
-    raise_partly_applied(fn, e.what_without_backtrace());
-  }
+  run_released(fn, c);
   created.store();
   new_grads.store();
   mark_stepped(optimizer.ptr());
