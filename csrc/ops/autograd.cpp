@@ -7,7 +7,8 @@
 // mlp_loss: the forward already computes every gradient some input needs
 // (the loss is a scalar, so dL/d(input) is known at forward time); the node
 // only scales them by the incoming gradient, and does nothing when it is 1.
-// mlp: a classic pair, forward saves s, backward runs the fused backward op.
+// mlp: a classic pair, forward saves s, backward runs the fused backward op
+// (autograd_helpers.h: MlpPairFunction, shared with the ensemble op).
 // Both keep their inputs for a create_graph=True backward, which recomputes in
 // plain torch ops (autograd_helpers.h: recompute_gradients).
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -103,52 +104,6 @@ class MlpLossFunction : public torch::autograd::Function<MlpLossFunction> {
   }
 };
 
-class MlpFunction : public torch::autograd::Function<MlpFunction> {
- public:
-  static Tensor forward(
-      AutogradContext* ctx, const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2,
-      const OptTensor& b2, Str activation) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [pred, activations] = ops::mlp_forward().call(x, w1, b1, w2, b2, activation);
-    const bool has_w2 = w2.has_value() && w2->defined();
-    // Without w2 the prediction is s itself: save the output, not a copy
-    // (unless the activation's derivative reads h, which is then the second output).
-    const bool saved_is_output = !has_w2 && !activation_saves_input(parse_activation(activation));
-    ctx->save_for_backward({x, w1, has_w2 ? *w2 : Tensor(), saved_is_output ? pred : activations});
-    // Only the biases' shapes matter to backward; keep them out of the
-    // version-checked saved tensors.
-    ctx->saved_data["b1"] = b1;
-    ctx->saved_data["b2"] = b2;
-    ctx->saved_data["activation"] = std::string(activation);
-    keep_inputs<5>(ctx, {x, w1, b1, w2, b2});
-    return pred;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list saved = ctx->get_saved_variables();
-    const OptTensor b1 = ctx->saved_data["b1"].toOptional<Tensor>();
-    const OptTensor b2 = ctx->saved_data["b2"].toOptional<Tensor>();
-    const OptTensor w2 = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
-    const auto need = needs_grad_by_position<5>(
-        ctx, {true, true, b1.has_value(), w2.has_value(), b2.has_value()});
-    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable gradients (autograd_helpers.h)
-      variable_list out = recompute_gradients(ctx, "mlp", "", ctx->saved_data["activation"].toStringRef(),
-                                              grad_outputs[0], std::vector<bool>(need.begin(), need.end()));
-      out.resize(6);  // 5 tensors + activation
-      return out;
-    }
-    auto [dx, dw1, db1, dw2, db2] = ops::mlp_backward().call(
-        grad_outputs[0], saved[0], saved[1], b1, w2, b2, saved[3],
-        ctx->saved_data["activation"].toStringRef(), need);
-    std::array<Tensor, 5> grads = {dx, dw1, db1, dw2, db2};
-    variable_list out(6);  // 5 tensors + activation
-    for (size_t k = 0; k < 5; ++k) {
-      if (need[k]) out[k] = grads[k];
-    }
-    return out;
-  }
-};
-
 Tensor mlp_loss_autograd(
     const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
     const OptTensor& target, Str reduction, Str activation) {
@@ -162,24 +117,11 @@ Tensor mlp_loss_autograd(
   return MlpLossFunction::apply(x, w1, b1, w2, b2, target, reduction, activation);
 }
 
-Tensor mlp_autograd(
-    const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
-    Str activation) {
-  const bool any_grad = at::GradMode::is_enabled() &&
-      (x.requires_grad() || w1.requires_grad() || requires_grad(b1) || requires_grad(w2) ||
-       requires_grad(b2));
-  if (!any_grad) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return ops::mlp().call(x, w1, b1, w2, b2, activation);
-  }
-  return MlpFunction::apply(x, w1, b1, w2, b2, activation);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedgrad, Autograd, m) {
   m.impl("mlp_loss", &mlp_loss_autograd);
-  m.impl("mlp", &mlp_autograd);
+  m.impl("mlp", &prediction_autograd<&ops::mlp, MlpPairFunction<&ops::mlp_forward, &ops::mlp_backward, false>>);
   m.impl("mlp_loss_and_grads", &NonDifferentiable<ops::MlpLossAndGradsSig, &ops::mlp_loss_and_grads>::call);
   m.impl("mlp_forward", &NonDifferentiable<ops::MlpForwardSig, &ops::mlp_forward>::call);
   m.impl("mlp_backward", &NonDifferentiable<ops::MlpBackwardSig, &ops::mlp_backward>::call);

@@ -12,6 +12,9 @@
 #include <string>
 #include <vector>
 
+#include "../common/options.h"  // parse_activation, activation_saves_input
+#include "handles.h"
+
 namespace fusedgrad::autograd_helpers {
 
 using OptTensor = std::optional<at::Tensor>;
@@ -118,5 +121,71 @@ struct NonDifferentiable<Ret(Args...), Handle> {
     return Handle().call(args...);
   }
 };
+
+// The autograd node of a prediction op over (x, w1, b1, w2, b2, activation) — `mlp` for one model,
+// `ensemble_mlp` for K stacked ones: the classic pair. Forward runs the op's `_forward` (the
+// prediction and the hidden activations) and saves s (or h, where the activation's derivative reads
+// it); backward runs its `_backward`, or recomputes in plain torch ops for create_graph=True.
+// ContiguousGrad: the backward op is handed a contiguous incoming gradient (the ensemble op's rule).
+template <const c10::TypedOperatorHandle<ops::MlpForwardSig>& (*Forward)(),
+          const c10::TypedOperatorHandle<ops::MlpBackwardSig>& (*Backward)(), bool ContiguousGrad>
+class MlpPairFunction : public torch::autograd::Function<MlpPairFunction<Forward, Backward, ContiguousGrad>> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w1,
+                            const OptTensor& b1, const OptTensor& w2, const OptTensor& b2, ops::Str activation) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [pred, activations] = Forward().call(x, w1, b1, w2, b2, activation);
+    const bool has_w2 = present(w2);
+    // Without w2 the prediction is s itself: save the output, not a copy
+    // (unless the activation's derivative reads h, which is then the second output).
+    const bool saved_is_output = !has_w2 && !activation_saves_input(parse_activation(activation));
+    ctx->save_for_backward({x, w1, has_w2 ? *w2 : at::Tensor(), saved_is_output ? pred : activations});
+    // Only the biases' shapes matter to backward; keep them out of the
+    // version-checked saved tensors.
+    ctx->saved_data["b1"] = b1;
+    ctx->saved_data["b2"] = b2;
+    ctx->saved_data["activation"] = std::string(activation);
+    keep_inputs<5>(ctx, {x, w1, b1, w2, b2});
+    return pred;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const OptTensor b1 = ctx->saved_data["b1"].toOptional<at::Tensor>();
+    const OptTensor b2 = ctx->saved_data["b2"].toOptional<at::Tensor>();
+    const OptTensor w2 = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
+    const auto need = needs_grad_by_position<5>(ctx, {true, true, b1.has_value(), w2.has_value(), b2.has_value()});
+    torch::autograd::variable_list out(6);  // 5 tensors + activation
+    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable gradients (above)
+      out = recompute_gradients(ctx, "mlp", "", ctx->saved_data["activation"].toStringRef(), grad_outputs[0],
+                                std::vector<bool>(need.begin(), need.end()));
+      out.resize(6);
+      return out;
+    }
+    const at::Tensor grad = ContiguousGrad ? grad_outputs[0].contiguous() : grad_outputs[0];
+    auto [dx, dw1, db1, dw2, db2] = Backward().call(grad, saved[0], saved[1], b1, w2, b2, saved[3],
+                                                    ctx->saved_data["activation"].toStringRef(), need);
+    const std::array<at::Tensor, 5> grads = {dx, dw1, db1, dw2, db2};
+    for (size_t k = 0; k < 5; ++k) {
+      if (need[k]) out[k] = grads[k];
+    }
+    return out;
+  }
+};
+
+// The Autograd kernel of a prediction op: its node (Node, above) where an input needs a gradient,
+// else the op itself below autograd (no graph to build).
+template <const c10::TypedOperatorHandle<ops::MlpSig>& (*Op)(), class Node>
+at::Tensor prediction_autograd(const at::Tensor& x, const at::Tensor& w1, const OptTensor& b1, const OptTensor& w2,
+                               const OptTensor& b2, ops::Str activation) {
+  const bool any_grad = at::GradMode::is_enabled() &&
+      (x.requires_grad() || w1.requires_grad() || requires_grad(b1) || requires_grad(w2) || requires_grad(b2));
+  if (!any_grad) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return Op().call(x, w1, b1, w2, b2, activation);
+  }
+  return Node::apply(x, w1, b1, w2, b2, activation);
+}
 
 }  // namespace fusedgrad::autograd_helpers

@@ -7,7 +7,7 @@
 //   * for an argument shared by all models: Σ_k w_k · (model k's gradient),
 //     from the per-model gradients the forward op returned, (K, *shape).
 // ensemble_mlp: the classic pair, forward saves s, backward runs the fused
-// backward op of every model.
+// backward op of every model (autograd_helpers.h: MlpPairFunction, shared with mlp).
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
@@ -115,47 +115,6 @@ class EnsembleMlpLossFunction : public torch::autograd::Function<EnsembleMlpLoss
   }
 };
 
-class EnsembleMlpFunction : public torch::autograd::Function<EnsembleMlpFunction> {
- public:
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w1, const OptTensor& b1,
-                        const OptTensor& w2, const OptTensor& b2, ops::Str activation) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [pred, activations] = ops::ensemble_mlp_forward().call(x, w1, b1, w2, b2, activation);
-    const bool has_w2 = present(w2);
-    // Without w2 the prediction is s itself: save the output, not a copy.
-    const bool saved_is_output = !has_w2 && !activation_saves_input(parse_activation(activation));
-    ctx->save_for_backward({x, w1, has_w2 ? *w2 : Tensor(), saved_is_output ? pred : activations});
-    ctx->saved_data["b1"] = b1;
-    ctx->saved_data["b2"] = b2;
-    ctx->saved_data["activation"] = std::string(activation);
-    keep_inputs<5>(ctx, {x, w1, b1, w2, b2});
-    return pred;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list saved = ctx->get_saved_variables();
-    const OptTensor b1 = ctx->saved_data["b1"].toOptional<Tensor>();
-    const OptTensor b2 = ctx->saved_data["b2"].toOptional<Tensor>();
-    const OptTensor w2 = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
-    const auto need = needs_grad_by_position<5>(ctx, {true, true, b1.has_value(), w2.has_value(), b2.has_value()});
-    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable gradients (autograd_helpers.h)
-      variable_list out = recompute_gradients(ctx, "mlp", "", ctx->saved_data["activation"].toStringRef(),
-                                              grad_outputs[0], std::vector<bool>(need.begin(), need.end()));
-      out.resize(6);  // 5 tensors + activation
-      return out;
-    }
-    auto [dx, dw1, db1, dw2, db2] = ops::ensemble_mlp_backward().call(
-        grad_outputs[0].contiguous(), saved[0], saved[1], b1, w2, b2, saved[3],
-        ctx->saved_data["activation"].toStringRef(), need);
-    const std::array<Tensor, 5> grads = {dx, dw1, db1, dw2, db2};
-    variable_list out(6);  // 5 tensors + activation
-    for (size_t k = 0; k < 5; ++k) {
-      if (need[k]) out[k] = grads[k];
-    }
-    return out;
-  }
-};
-
 Tensor ensemble_mlp_loss_autograd(const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2,
                                   const OptTensor& b2, const OptTensor& target, ops::Str reduction,
                                   ops::Str activation) {
@@ -169,22 +128,12 @@ Tensor ensemble_mlp_loss_autograd(const Tensor& x, const Tensor& w1, const OptTe
   return EnsembleMlpLossFunction::apply(x, w1, b1, w2, b2, target, reduction, activation);
 }
 
-Tensor ensemble_mlp_autograd(const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2,
-                             const OptTensor& b2, ops::Str activation) {
-  const bool any_grad = at::GradMode::is_enabled() &&
-      (x.requires_grad() || w1.requires_grad() || requires_grad(b1) || requires_grad(w2) || requires_grad(b2));
-  if (!any_grad) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return ops::ensemble_mlp().call(x, w1, b1, w2, b2, activation);
-  }
-  return EnsembleMlpFunction::apply(x, w1, b1, w2, b2, activation);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedgrad, Autograd, m) {
   m.impl("ensemble_mlp_loss", &ensemble_mlp_loss_autograd);
-  m.impl("ensemble_mlp", &ensemble_mlp_autograd);
+  m.impl("ensemble_mlp", &prediction_autograd<&ops::ensemble_mlp,
+                                              MlpPairFunction<&ops::ensemble_mlp_forward, &ops::ensemble_mlp_backward, true>>);
   m.impl("ensemble_mlp_loss_and_grads",
          &NonDifferentiable<ops::MlpLossAndGradsSig, &ops::ensemble_mlp_loss_and_grads>::call);
   m.impl("ensemble_mlp_loss_forward",
