@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>  // get_current_graph_task_keep_graph
 
 #include <array>
 #include <functional>
@@ -122,6 +123,98 @@ struct NonDifferentiable<Ret(Args...), Handle> {
   }
 };
 
+// The autograd node of a loss op over (x, w1, b1, w2, b2, target, reduction, activation) — `mlp_loss`
+// for one model (one loss), `ensemble_mlp_loss` for K stacked ones (K losses). The loss is a scalar
+// per model, so its forward op (Forward) already returns every gradient an input needs; the node saves
+// them and its backward only scales them by the incoming gradient — nothing at all when that is 1.
+// A gradient that came back with one more dimension than its input is a shared argument's, per model
+// (the ensemble's (K, *shape)): backward weights and sums it. Scale holds the model count's rules:
+//   Scale::unit(g)          whether the incoming gradient is known to be all ones (read on the host);
+//   Scale::scaled(grad, g)  a saved gradient scaled by it;
+//   Scale::summed(grad, g)  a shared argument's per-model gradients weighted by it and summed.
+template <const c10::TypedOperatorHandle<ops::MlpLossAndGradsSig>& (*Forward)(), class Scale>
+class MlpLossNode : public torch::autograd::Function<MlpLossNode<Forward, Scale>> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w1,
+                            const OptTensor& b1, const OptTensor& w2, const OptTensor& b2, const OptTensor& target,
+                            ops::Str reduction, ops::Str activation) {
+    const std::array<bool, 6> need = {x.requires_grad(), w1.requires_grad(), requires_grad(b1),
+                                      requires_grad(w2),  requires_grad(b2), requires_grad(target)};
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, dx, dw1, db1, dw2, db2, dt] = Forward().call(x, w1, b1, w2, b2, target, reduction, activation, need);
+    const std::array<at::Tensor, 6> grads = {dx, dw1, db1, dw2, db2, dt};
+    const std::array<const at::Tensor*, 6> inputs = {&x, &w1, present(b1) ? &*b1 : nullptr,
+                                                     present(w2) ? &*w2 : nullptr, present(b2) ? &*b2 : nullptr,
+                                                     present(target) ? &*target : nullptr};
+    torch::autograd::variable_list to_save(6);
+    int64_t shared_bits = 0, given_bits = 0;
+    for (size_t k = 0; k < 6; ++k) {
+      if (inputs[k]) given_bits |= int64_t(1) << k;  // which optional arguments were given
+      if (!need[k]) continue;
+      to_save[k] = grads[k];
+      if (grads[k].dim() == inputs[k]->dim() + 1) shared_bits |= int64_t(1) << k;
+    }
+    ctx->save_for_backward(to_save);
+    ctx->saved_data["given"] = given_bits;
+    ctx->saved_data["shared"] = shared_bits;
+    keep_inputs<6>(ctx, {x, w1, b1, w2, b2, target});
+    ctx->saved_data["reduction"] = std::string(reduction);
+    ctx->saved_data["activation"] = std::string(activation);
+    return loss;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const at::Tensor& g = grad_outputs[0];
+    const int64_t given_bits = ctx->saved_data["given"].toInt();
+    std::array<bool, 6> given;
+    for (size_t k = 0; k < 6; ++k) given[k] = (given_bits >> k) & 1;
+    const auto needs = needs_grad_by_position(ctx, given);
+    torch::autograd::variable_list grads(8);  // 6 tensors + reduction + activation
+    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable gradients (above)
+      grads = recompute_gradients(ctx, "mlp_loss", ctx->saved_data["reduction"].toStringRef(),
+                                  ctx->saved_data["activation"].toStringRef(), g,
+                                  std::vector<bool>(needs.begin(), needs.end()));
+      grads.resize(8);
+      return grads;
+    }
+    const bool unit = Scale::unit(g);
+    torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const int64_t shared_bits = ctx->saved_data["shared"].toInt();
+    // The saved gradients can be handed over as they are only when this
+    // graph is freed after this backward; with retain_graph=True a later
+    // backward needs them again, and the caller may modify what it receives.
+    const bool hand_over = unit && !torch::autograd::get_current_graph_task_keep_graph();
+    for (size_t k = 0; k < 6; ++k) {
+      const at::Tensor& grad = saved[k];
+      if (!grad.defined() || !needs[k]) continue;
+      if ((shared_bits >> k) & 1) {
+        grads[k] = Scale::summed(grad, g);
+      } else if (hand_over) {
+        grads[k] = grad;
+      } else {
+        grads[k] = unit ? grad.clone() : Scale::scaled(grad, g);
+      }
+    }
+    return grads;
+  }
+};
+
+// The Autograd kernel of a loss op: its node (Node, above) where an input needs a gradient, else the
+// op itself below autograd (no graph to build: the loss alone).
+template <const c10::TypedOperatorHandle<ops::MlpLossSig>& (*Op)(), class Node>
+at::Tensor loss_autograd(const at::Tensor& x, const at::Tensor& w1, const OptTensor& b1, const OptTensor& w2,
+                         const OptTensor& b2, const OptTensor& target, ops::Str reduction, ops::Str activation) {
+  const bool any_grad = at::GradMode::is_enabled() &&
+      (x.requires_grad() || w1.requires_grad() || requires_grad(b1) || requires_grad(w2) || requires_grad(b2) ||
+       requires_grad(target));
+  if (!any_grad) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return Op().call(x, w1, b1, w2, b2, target, reduction, activation);
+  }
+  return Node::apply(x, w1, b1, w2, b2, target, reduction, activation);
+}
+
 // The autograd node of a prediction op over (x, w1, b1, w2, b2, activation) — `mlp` for one model,
 // `ensemble_mlp` for K stacked ones: the classic pair. Forward runs the op's `_forward` (the
 // prediction and the hidden activations) and saves s (or h, where the activation's derivative reads
@@ -129,7 +222,7 @@ struct NonDifferentiable<Ret(Args...), Handle> {
 // ContiguousGrad: the backward op is handed a contiguous incoming gradient (the ensemble op's rule).
 template <const c10::TypedOperatorHandle<ops::MlpForwardSig>& (*Forward)(),
           const c10::TypedOperatorHandle<ops::MlpBackwardSig>& (*Backward)(), bool ContiguousGrad>
-class MlpPairFunction : public torch::autograd::Function<MlpPairFunction<Forward, Backward, ContiguousGrad>> {
+class MlpPredictionNode : public torch::autograd::Function<MlpPredictionNode<Forward, Backward, ContiguousGrad>> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w1,
                             const OptTensor& b1, const OptTensor& w2, const OptTensor& b2, ops::Str activation) {
