@@ -276,18 +276,15 @@ def jet_pass_macs(rows, widths=WIDTHS, order=2, backward_parts=4):
 
 
 class _FreeJets:
-    """The fused net with its jet pass at zero cost: ``derivatives`` returns precomputed leaf tensors (the
-    same values), everything else is the net. The step built on it times only the torch code around the
-    fused call: the residual, the initial and boundary terms, ``backward()`` and Adam."""
+    """The fused net's jet pass at zero cost: ``derivatives`` returns precomputed leaf tensors (the same
+    values). The step built on it times only the torch code around the fused call: the residual, the
+    initial and boundary terms, ``backward()`` and Adam."""
 
-    def __init__(self, net, outputs):
-        self.net, self.outputs = net, outputs
+    def __init__(self, outputs):
+        self.outputs = outputs
 
     def derivatives(self, x, order):
         return self.outputs
-
-    def parameters(self):
-        return self.net.parameters()
 
 
 def around_jets_us(problem, steps, repeats):
@@ -303,7 +300,7 @@ def around_jets_us(problem, steps, repeats):
     fused_loss(net, x, ui).backward()
     grads = [p.grad.detach().clone() for p in params]
     outputs = tuple(t.detach().requires_grad_() for t in net.derivatives(x, order=2))
-    free = _FreeJets(net, outputs)
+    free = _FreeJets(outputs)
     opt = torch.optim.Adam(params, lr=LR, fused=True)
 
     def run(steps):
