@@ -13,11 +13,10 @@
 // Both keep their inputs for a create_graph=True backward, which recomputes in
 // plain torch ops (autograd_helpers.h: recompute_gradients).
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
-#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
-#include "../common/options.h"
+#include <limits>
+
 #include "autograd_helpers.h"
 #include "handles.h"
 
@@ -25,10 +24,6 @@ namespace fusedgrad {
 namespace {
 
 using at::Tensor;
-using ops::OptTensor;
-using ops::Str;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 using namespace autograd_helpers;
 
 // Reads a 0-dim CPU gradient; NaN when it cannot be read (readable_on_host)

@@ -9,11 +9,8 @@
 // ensemble_mlp: the classic pair, forward saves s, backward runs the fused
 // backward op of every model. Both nodes are autograd_helpers.h's, shared with
 // the single-model ops; this file gives them the ensemble ops and the rules above.
-#include <torch/autograd.h>
-#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
-#include "../common/options.h"
 #include "autograd_helpers.h"
 #include "handles.h"
 #include "op_kernels.h"
@@ -22,9 +19,6 @@ namespace fusedgrad {
 namespace {
 
 using at::Tensor;
-using ops::OptTensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 using namespace autograd_helpers;
 
 // True when `w` is a CPU tensor of ones that can be read (under tracing its
